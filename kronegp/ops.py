@@ -1,0 +1,348 @@
+"""The two Kronecker products, the only door to every backend.
+
+* :func:`kron_matmul` ``(factors, x) = (F_1 ⊗ … ⊗ F_N) · x``
+* :func:`matmul_kron` ``(x, factors) = x · (F_1 ⊗ … ⊗ F_N)``
+
+The forward of each is a ``torch.library`` custom op (``kronegp::kron_matmul``,
+``kronegp::matmul_kron``) with a fake implementation, so ``torch.compile`` sees one opaque
+node of known shape. Differentiation is a ``torch.autograd.Function`` around that op with
+``setup_context`` and a ``vmap`` rule, the form that both autograd and ``torch.func``
+(``grad``, ``vjp``, ``vmap``) accept; its backward calls the public ops again, so the
+gradients run on the same backend as the forward. Inputs are checked here, once, with errors that name the argument;
+below this module nobody checks again.
+
+Dtypes: float32 and float64. Half precision (float16, bfloat16) is rejected rather than
+silently computed in another precision; cast explicitly if you want it.
+
+Backward (``g`` the incoming gradient):
+
+* ``y = x·(⊗F)``: ``dx = g·(⊗F_iᵀ)``; ``dF_j[p, q] = Σ Z_j[…, p, …] g[…, q, …]`` where
+  ``Z_j`` is ``x`` with every factor but ``F_j`` applied.
+* ``y = (⊗F)·x``: ``dx = (⊗F_iᵀ)·g``; ``dF_j[p, q] = Σ g[…, p, …] Z_j[…, q, …]`` likewise.
+
+``Z_j`` is recomputed from ``x`` with two Kronecker products (the factors before ``j`` and
+those after it), never stored, so the forward saves only its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kronegp import _backend
+
+__all__ = ["kron_matmul", "matmul_kron"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_factors(factors: Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(factors, Tensor) or not isinstance(factors, (list, tuple)):
+        raise TypeError(
+            "factors must be a list or tuple of 2-D tensors (P_i, Q_i), "
+            f"got {type(factors).__name__}"
+        )
+    if len(factors) == 0:
+        raise ValueError("factors must hold at least one matrix, got an empty sequence")
+    for i, f in enumerate(factors):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"factors[{i}] must be a torch.Tensor, got {type(f).__name__}")
+        if f.dim() < 2:
+            raise ValueError(
+                f"factors[{i}] must be a matrix of shape (P, Q) (optionally with leading batch "
+                f"dimensions), got shape {tuple(f.shape)}"
+            )
+    return list(factors)
+
+
+def _check_dtype_device(factors: list[Tensor], x: Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"x must be float32 or float64, got {x.dtype}; kronegp does not compute in half "
+            "precision: cast with x.float() or x.double()"
+        )
+    for i, f in enumerate(factors):
+        if f.dtype != x.dtype:
+            raise TypeError(
+                f"factors[{i}] has dtype {f.dtype} but x has dtype {x.dtype}; kronegp does not "
+                "promote dtypes: cast them to the same one"
+            )
+        if f.device != x.device:
+            raise ValueError(
+                f"factors[{i}] is on {f.device} but x is on {x.device}; kronegp does not move "
+                "tensors between devices: put them on one"
+            )
+
+
+def _check_batch(factors: list[Tensor], x_batch: torch.Size) -> None:
+    try:
+        torch.broadcast_shapes(x_batch, *(f.shape[:-2] for f in factors))
+    except RuntimeError:
+        shapes = ", ".join(str(tuple(f.shape[:-2])) for f in factors)
+        raise ValueError(
+            f"batch dimensions do not broadcast: x has batch shape {tuple(x_batch)}, "
+            f"factors have batch shapes {shapes}"
+        ) from None
+
+
+def _shapes(factors: list[Tensor]) -> str:
+    return ", ".join(f"({f.shape[-2]}, {f.shape[-1]})" for f in factors)
+
+
+def _needs_function(x: Tensor, factors: list[Tensor]) -> bool:
+    """Whether to go through the autograd.Function or straight to the custom op.
+
+    Eagerly the Function is always used: ``torch.func`` transforms need it even when no
+    input has ``requires_grad``. Under ``torch.compile`` with nothing to differentiate the
+    bare op is used, because dynamo (torch 2.13) mis-traces an autograd.Function with
+    ``setup_context`` when no input requires grad.
+    """
+    if not torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors))
+
+
+def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
+    """``(F_1 ⊗ … ⊗ F_N) · x``.
+
+    Args:
+        factors: matrices ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, one or more.
+        x: ``(*batch, ΠQ_i, T)``, or a vector of length ``ΠQ_i``.
+
+    Returns:
+        ``(*batch', ΠP_i, T)`` (a vector of length ``ΠP_i`` for a vector ``x``), where
+        ``batch'`` broadcasts the batch shapes of ``x`` and the factors.
+    """
+    factors = _check_factors(factors)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dtype_device(factors, x)
+    q_total = math.prod([f.shape[-1] for f in factors])
+    vector = x.dim() == 1
+    if vector:
+        x = x.unsqueeze(-1)
+    if x.shape[-2] != q_total:
+        raise ValueError(
+            f"x must have shape (..., ΠQ_i, T) with ΠQ_i = {q_total} for factor shapes "
+            f"{_shapes(factors)}; got x.shape[-2] = {x.shape[-2]} (x.shape = {tuple(x.shape)})"
+        )
+    _check_batch(factors, x.shape[:-2])
+    if _needs_function(x, factors):
+        out = _KronMatmul.apply(x, *factors)
+    else:
+        out = torch.ops.kronegp.kron_matmul(factors, x)
+    return out.squeeze(-1) if vector else out
+
+
+def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """``x · (F_1 ⊗ … ⊗ F_N)``.
+
+    Args:
+        x: ``(*batch, M, ΠP_i)``, or a vector of length ``ΠP_i``.
+        factors: matrices ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, one or more.
+
+    Returns:
+        ``(*batch', M, ΠQ_i)`` (a vector of length ``ΠQ_i`` for a vector ``x``).
+    """
+    factors = _check_factors(factors)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dtype_device(factors, x)
+    p_total = math.prod([f.shape[-2] for f in factors])
+    vector = x.dim() == 1
+    if vector:
+        x = x.unsqueeze(0)
+    if x.shape[-1] != p_total:
+        raise ValueError(
+            f"x must have shape (..., M, ΠP_i) with ΠP_i = {p_total} for factor shapes "
+            f"{_shapes(factors)}; got x.shape[-1] = {x.shape[-1]} (x.shape = {tuple(x.shape)})"
+        )
+    _check_batch(factors, x.shape[:-2])
+    if _needs_function(x, factors):
+        out = _MatmulKron.apply(x, *factors)
+    else:
+        out = torch.ops.kronegp.matmul_kron(x, factors)
+    return out.squeeze(0) if vector else out
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _out_batch(factors: Sequence[Tensor], x: Tensor) -> torch.Size:
+    return torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+
+
+@torch.library.custom_op("kronegp::kron_matmul", mutates_args=())
+def _kron_matmul_op(factors: list[Tensor], x: Tensor) -> Tensor:
+    return _backend.for_tensor(x).kron_matmul(factors, x)
+
+
+@_kron_matmul_op.register_fake
+def _(factors: list[Tensor], x: Tensor) -> Tensor:
+    p_total = math.prod([f.shape[-2] for f in factors])
+    return x.new_empty((*_out_batch(factors, x), p_total, x.shape[-1]))
+
+
+@torch.library.custom_op("kronegp::matmul_kron", mutates_args=())
+def _matmul_kron_op(x: Tensor, factors: list[Tensor]) -> Tensor:
+    return _backend.for_tensor(x).matmul_kron(x, factors)
+
+
+@_matmul_kron_op.register_fake
+def _(x: Tensor, factors: list[Tensor]) -> Tensor:
+    q_total = math.prod([f.shape[-1] for f in factors])
+    return x.new_empty((*_out_batch(factors, x), x.shape[-2], q_total))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Undo broadcasting: sum ``grad`` down to ``shape``."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(extra))) if extra > 0 else grad
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def _below_rows(f: Tensor) -> Tensor:
+    """A factor whose batch dims must skip one extra leading-row dimension of x."""
+    return f.unsqueeze(-3) if f.dim() > 2 else f
+
+
+def _setup_context(ctx, inputs, output):
+    x, *factors = inputs
+    ctx.save_for_backward(x, *factors)
+
+
+def _raw_matmul_kron(x: Tensor, factors: list[Tensor]) -> Tensor:
+    # Backward passes call the custom ops directly: their inputs are already checked, and
+    # double backward is not offered, so no autograd.Function is nested in a backward.
+    return torch.ops.kronegp.matmul_kron(x, factors)
+
+
+def _raw_kron_matmul(factors: list[Tensor], x: Tensor) -> Tensor:
+    return torch.ops.kronegp.kron_matmul(factors, x)
+
+
+def _matmul_kron_backward(ctx, grad: Tensor):
+    x, *factors = ctx.saved_tensors
+    n = len(factors)
+    m = x.shape[-2]
+    batch = grad.shape[:-2]
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _sum_to(_raw_matmul_kron(grad, [f.mT for f in factors]), x.shape)
+    dfs = []
+    for j, f in enumerate(factors):
+        if not ctx.needs_input_grad[1 + j]:
+            dfs.append(None)
+            continue
+        p_j, q_j = f.shape[-2:]
+        before, after = factors[:j], factors[j + 1 :]
+        pa = math.prod([g.shape[-2] for g in before])
+        qa = math.prod([g.shape[-1] for g in before])
+        pb = math.prod([g.shape[-2] for g in after])
+        qb = math.prod([g.shape[-1] for g in after])
+        z, zb = x, x.shape[:-2]
+        if after:  # (…, M·Pa·P_j, Pb) · (⊗F_after)
+            z = _raw_matmul_kron(z.reshape(*zb, m * pa * p_j, pb), after)
+            zb = z.shape[:-2]
+        if before:  # (⊗F_beforeᵀ) acting on the Pa axis of (…, M, Pa, P_j·Qb)
+            z = _raw_kron_matmul([_below_rows(g.mT) for g in before], z.reshape(*zb, m, pa, p_j * qb))
+            zb = z.shape[:-3]
+        z = z.reshape(*zb, m * qa, p_j, qb)
+        g = grad.reshape(*batch, m * qa, q_j, qb)
+        dfs.append(_sum_to(torch.einsum("...lpb,...lqb->...pq", z, g), f.shape))
+    return (dx, *dfs)
+
+
+def _kron_matmul_backward(ctx, grad: Tensor):
+    x, *factors = ctx.saved_tensors
+    t = x.shape[-1]
+    batch = grad.shape[:-2]
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _sum_to(_raw_kron_matmul([f.mT for f in factors], grad), x.shape)
+    dfs = []
+    for j, f in enumerate(factors):
+        if not ctx.needs_input_grad[1 + j]:
+            dfs.append(None)
+            continue
+        p_j, q_j = f.shape[-2:]
+        before, after = factors[:j], factors[j + 1 :]
+        pa = math.prod([g.shape[-2] for g in before])
+        qa = math.prod([g.shape[-1] for g in before])
+        pb = math.prod([g.shape[-2] for g in after])
+        qb = math.prod([g.shape[-1] for g in after])
+        z, zb = x, x.shape[:-2]
+        if after:  # ⊗F_after acting on the Qb axis of (…, Qa·Q_j, Qb, T)
+            z = _raw_kron_matmul([_below_rows(g) for g in after], z.reshape(*zb, qa * q_j, qb, t))
+            zb = z.shape[:-3]
+        if before:  # ⊗F_before acting on the Qa axis of (…, Qa, Q_j·Pb·T)
+            z = _raw_kron_matmul(before, z.reshape(*zb, qa, q_j * pb * t))
+            zb = z.shape[:-2]
+        z = z.reshape(*zb, pa, q_j, pb * t)
+        g = grad.reshape(*batch, pa, p_j, pb * t)
+        dfs.append(_sum_to(torch.einsum("...apb,...aqb->...pq", g, z), f.shape))
+    return (dx, *dfs)
+
+
+def _vmap_inputs(in_dims, x: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """Move every vmapped dimension to the front as an ordinary leading batch dimension.
+
+    Our ops broadcast batch dimensions from the right, so the vmapped dimension of x and
+    of each batched factor is padded with singleton dimensions until they line up.
+    """
+    x_dim, *f_dims = in_dims
+    size = next(t.shape[d] for t, d in zip((x, *factors), in_dims) if d is not None)
+    x = x.movedim(x_dim, 0) if x_dim is not None else x.unsqueeze(0).expand(size, *x.shape)
+    rank = max([x.dim() - 3] + [f.dim() - 3 for f, d in zip(factors, f_dims) if d is not None])
+    x = x.reshape(size, *([1] * (rank - (x.dim() - 3))), *x.shape[1:])
+    moved = []
+    for f, d in zip(factors, f_dims):
+        if d is not None:
+            f = f.movedim(d, 0)
+            f = f.reshape(size, *([1] * (rank - (f.dim() - 3))), *f.shape[1:])
+        moved.append(f)
+    return x, moved
+
+
+class _MatmulKron(torch.autograd.Function):
+    """Differentiation (autograd, torch.func) around the opaque custom op."""
+
+    @staticmethod
+    def forward(x, *factors):
+        return torch.ops.kronegp.matmul_kron(x, [*factors])  # list(...) trips dynamo
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_matmul_kron_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, x, *factors):
+        x, factors = _vmap_inputs(in_dims, x, factors)
+        return matmul_kron(x, factors), 0
+
+
+class _KronMatmul(torch.autograd.Function):
+    """Differentiation (autograd, torch.func) around the opaque custom op."""
+
+    @staticmethod
+    def forward(x, *factors):
+        return torch.ops.kronegp.kron_matmul([*factors], x)  # list(...) trips dynamo
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_kron_matmul_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, x, *factors):
+        x, factors = _vmap_inputs(in_dims, x, factors)
+        return kron_matmul(factors, x), 0
