@@ -1,0 +1,29 @@
+"""Kronecker-structured LinearOperators whose products run through :mod:`kronegp.ops`.
+
+One operator per module, as in linear_operator:
+
+* :class:`KroneckerOperator` — ``F_1 ⊗ … ⊗ F_N`` (a ``KroneckerProductLinearOperator``);
+* :class:`KroneckerAddedDiagOperator` — ``K + D``: exact eigen solves for constant or
+  Kronecker diagonals, preconditioned CG otherwise;
+* :class:`KroneckerTriangularOperator` — Kronecker product of triangular factors (what
+  ``KroneckerOperator.cholesky()`` returns).
+"""
+
+from kronegp.operators.kronecker_added_diag_operator import KroneckerAddedDiagOperator, iterative_solve
+from kronegp.operators.kronecker_operator import (
+    DENSE_FACTOR_MAX_NUMEL,
+    KroneckerOperator,
+    apply_along_axes,
+    factor_as_matrix,
+)
+from kronegp.operators.kronecker_triangular_operator import KroneckerTriangularOperator
+
+__all__ = [
+    "DENSE_FACTOR_MAX_NUMEL",
+    "KroneckerAddedDiagOperator",
+    "KroneckerOperator",
+    "KroneckerTriangularOperator",
+    "apply_along_axes",
+    "factor_as_matrix",
+    "iterative_solve",
+]
