@@ -1,0 +1,220 @@
+// Fused kernel: NF consecutive small factors applied to a tile of x held in shared memory.
+//
+// A block owns TM rows × TS slices of one batch entry. It loads the tile (TM·TS·PG elements,
+// PG = ΠP_i) once, applies F_{NF-1}, …, F_0 in shared memory and writes TM·TS·QG elements once:
+// one pass over device memory for NF factors.
+//
+// Inside the block every factor is applied like the global step: the per-row data is a matrix of
+// R rows × P (the factor's axis is innermost), the product row r, column q is written at linear
+// position q·R + r, which makes the next factor's axis innermost (the same rotation as FastKron's
+// global store). After the last factor the per-row layout is (qg, s), exactly the order of the
+// output, so the global store writes runs of TS consecutive slices.
+//
+// Bank conflicts: a step's input rows are stored with an odd leading dimension (P, or P+1 when P
+// is even); the lanes of a warp read consecutive rows at one column, so their addresses differ by
+// an odd number of words and fall in distinct banks (also for 8-byte doubles, taken per half-warp).
+// The factors are read as broadcast vectors (every lane of a warp reads the same columns).
+#pragma once
+#include "kron_common.cuh"
+
+template <class Spec>
+struct FusedGeom {
+    typedef typename Spec::T T;
+    static constexpr int NF = Spec::NF;
+    static constexpr int TM = Spec::TM;
+    static constexpr int TS = Spec::TS;
+    static constexpr int VEC = Vec<T>::N;
+    static constexpr int prod_p() { int r = 1; for (int i = 0; i < NF; ++i) r *= Spec::P[i]; return r; }
+    static constexpr int prod_q() { int r = 1; for (int i = 0; i < NF; ++i) r *= Spec::Q[i]; return r; }
+    static constexpr int PG = prod_p();
+    static constexpr int QG = prod_q();
+    // rows of the per-row matrix when factor f is applied (factors f+1.. already applied)
+    static constexpr int rows(int f) {
+        int r = TS;
+        for (int i = 0; i < f; ++i) r *= Spec::P[i];
+        for (int i = f + 1; i < NF; ++i) r *= Spec::Q[i];
+        return r;
+    }
+    static constexpr int ld(int f) { return (Spec::P[f] % 2 == 0) ? Spec::P[f] + 1 : Spec::P[f]; }
+    static constexpr int in_size(int f) { return TM * rows(f) * ld(f); }
+    static constexpr int out_size() { return TM * TS * QG; }
+    static constexpr int buf_size() {
+        int r = out_size();
+        for (int i = 0; i < NF; ++i) r = cmax(r, in_size(i));
+        return round_up(r, VEC);
+    }
+    // outputs per thread: RQ consecutive columns (a multiple of VEC, for vector factor reads)
+    static constexpr int rq(int f) { return Spec::Q[f] <= VEC ? VEC : (Spec::Q[f] <= 2 * VEC ? 2 * VEC : cmin(8, round_up(Spec::Q[f], VEC))); }
+    static constexpr int qstride(int f) { return round_up(Spec::Q[f], rq(f)); }
+    static constexpr int f_off(int f) {
+        int r = 0;
+        for (int i = 0; i < f; ++i) r += Spec::P[i] * qstride(i);
+        return r;
+    }
+    static constexpr int f_total() { return round_up(f_off(NF), VEC); }
+    static constexpr int smem_elems() { return f_total() + 2 * buf_size(); }
+};
+
+// Position of per-row linear index j of the layout that feeds factor f (or the final layout).
+template <class Spec, int f>
+__device__ __forceinline__ int fused_pos(int m_l, int j) {
+    typedef FusedGeom<Spec> G;
+    if constexpr (f < 0) {
+        return m_l * (G::TS * G::QG) + j;
+    } else {
+        constexpr int P = Spec::P[f];
+        constexpr int R = G::rows(f);
+        constexpr int LD = G::ld(f);
+        return (m_l * R + j / P) * LD + j % P;
+    }
+}
+
+template <class Spec, int f>
+__device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ in,
+                                           typename Spec::T* __restrict__ out,
+                                           const typename Spec::T* __restrict__ F) {
+    typedef typename Spec::T T;
+    typedef FusedGeom<Spec> G;
+    typedef typename Vec<T>::type V;
+    constexpr int VEC = G::VEC;
+    constexpr int P = Spec::P[f], Q = Spec::Q[f];
+    constexpr int R = G::rows(f), LD = G::ld(f);
+    constexpr int U = G::TM * R;              // rows over the whole tile
+    constexpr int RQ = G::rq(f);
+    constexpr int QS = G::qstride(f);
+    constexpr int NQG = QS / RQ;
+    constexpr int NT = Spec::NT;
+    constexpr int RR = cmax(1, cmin(4, cdiv(U * NQG, NT)));
+    constexpr int NUG = cdiv(U, RR);
+    for (int w = threadIdx.x; w < NUG * NQG; w += NT) {
+        const int ug = w % NUG;
+        const int q0 = (w / NUG) * RQ;
+        int base[RR];
+#pragma unroll
+        for (int i = 0; i < RR; ++i) base[i] = cmin(ug + i * NUG, U - 1) * LD;  // clamp: read, discard
+        T acc[RR][RQ];
+#pragma unroll
+        for (int i = 0; i < RR; ++i)
+#pragma unroll
+            for (int j = 0; j < RQ; ++j) acc[i][j] = T(0);
+#pragma unroll(P <= 32 ? P : 8)
+        for (int p = 0; p < P; ++p) {
+            T a[RR];
+#pragma unroll
+            for (int i = 0; i < RR; ++i) a[i] = in[base[i] + p];
+            T fr[RQ];
+            const V* fv = reinterpret_cast<const V*>(F + p * QS + q0);
+#pragma unroll
+            for (int v = 0; v < RQ / VEC; ++v) {
+                V t = fv[v];
+                if constexpr (VEC == 4) {
+                    fr[4 * v] = t.x; fr[4 * v + 1] = t.y; fr[4 * v + 2] = t.z; fr[4 * v + 3] = t.w;
+                } else {
+                    fr[2 * v] = t.x; fr[2 * v + 1] = t.y;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < RR; ++i)
+#pragma unroll
+                for (int j = 0; j < RQ; ++j) acc[i][j] = fma(a[i], fr[j], acc[i][j]);
+        }
+#pragma unroll
+        for (int i = 0; i < RR; ++i) {
+            const int u = ug + i * NUG;
+            if (u < U) {
+                const int m_l = u / R, r = u % R;
+#pragma unroll
+                for (int j = 0; j < RQ; ++j) {
+                    const int q = q0 + j;
+                    if (q < Q) out[fused_pos<Spec, f - 1>(m_l, q * R + r)] = acc[i][j];
+                }
+            }
+        }
+    }
+}
+
+template <class Spec, int f>
+__device__ __forceinline__ void fused_steps(typename Spec::T* buf0, typename Spec::T* buf1,
+                                            const typename Spec::T* fsm) {
+    typedef FusedGeom<Spec> G;
+    constexpr int OFF = G::f_off(f);
+    fused_step<Spec, f>(buf0, buf1, fsm + OFF);
+    __syncthreads();
+    if constexpr (f > 0) fused_steps<Spec, f - 1>(buf1, buf0, fsm);
+}
+
+template <class Spec, int f>
+__device__ __forceinline__ void load_factors(const KronArgs& a, i64 b, typename Spec::T* fsm) {
+    typedef typename Spec::T T;
+    typedef FusedGeom<Spec> G;
+    constexpr int P = Spec::P[f], Q = Spec::Q[f];
+    constexpr int QS = G::qstride(f);
+    constexpr int OFF = G::f_off(f);
+    const T* fp = reinterpret_cast<const T*>(a.f[f]) + b * a.fb[f];
+    const i64 s0 = a.f0[f], s1 = a.f1[f];
+    for (int e = threadIdx.x; e < P * QS; e += Spec::NT) {
+        const int p = e / QS, q = e % QS;
+        fsm[OFF + e] = (q < Q) ? fp[p * s0 + q * s1] : T(0);
+    }
+    if constexpr (f + 1 < Spec::NF) load_factors<Spec, f + 1>(a, b, fsm);
+}
+
+template <class Spec>
+__device__ __forceinline__ void kron_fused(const KronArgs& a) {
+    typedef typename Spec::T T;
+    typedef FusedGeom<Spec> G;
+    constexpr int NF = Spec::NF, TM = Spec::TM, TS = Spec::TS, NT = Spec::NT;
+    constexpr int PG = G::PG, QG = G::QG;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* fsm = reinterpret_cast<T*>(smem_raw);
+    constexpr int FT = G::f_total(), BS = G::buf_size();
+    T* buf0 = fsm + FT;
+    T* buf1 = buf0 + BS;
+
+    const i64 tiles_s = (a.S + TS - 1) / TS;
+    i64 tile = blockIdx.x;
+    i64 st, mt;
+    if constexpr (Spec::IN_COL) { mt = tile % ((a.M + TM - 1) / TM); st = tile / ((a.M + TM - 1) / TM); }
+    else { st = tile % tiles_s; mt = tile / tiles_s; }
+    const i64 m0 = mt * TM, s0 = st * TS;
+    const i64 b = blockIdx.z;
+
+    // factors -> shared memory, rows padded with zeros to a multiple of RQ columns
+    load_factors<Spec, 0>(a, b, fsm);
+
+    // x tile -> buf0 in the layout that feeds F_{NF-1}
+    {
+        const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
+        constexpr int E = TM * TS * PG;
+#pragma unroll 4
+        for (int e = threadIdx.x; e < E; e += NT) {
+            int m_l, j;
+            if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
+            else { m_l = e / (TS * PG); j = e % (TS * PG); }
+            const i64 m = m0 + m_l;
+            const i64 s = s0 + j / PG;
+            T v = T(0);
+            if (m < a.M && s < a.S) v = xp[m * a.xm + (s * PG + j % PG) * a.xk];
+            buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
+        }
+    }
+    __syncthreads();
+    fused_steps<Spec, NF - 1>(buf0, buf1, fsm);
+    T* res = (NF % 2 == 1) ? buf1 : buf0;
+
+    // (qg, s) per row -> y[m, qg*S + s]
+    {
+        T* yp = reinterpret_cast<T*>(a.y) + b * a.yb;
+        constexpr int E = TM * TS * QG;
+#pragma unroll 4
+        for (int e = threadIdx.x; e < E; e += NT) {
+            int m_l, j;
+            if constexpr (Spec::OUT_COL) { m_l = e % TM; j = e / TM; }
+            else { m_l = e / (TS * QG); j = e % (TS * QG); }
+            const i64 m = m0 + m_l;
+            const int qg = j / TS, s_l = j % TS;
+            const i64 s = s0 + s_l;
+            if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * (TS * QG) + j];
+        }
+    }
+}

@@ -1,0 +1,138 @@
+"""The CUDA backend: our fused Kron-Matmul kernels, compiled at run time for the GPU at hand.
+
+Layers (one module each):
+
+* :mod:`kronegp._cuda.plan` — :func:`~kronegp._cuda.plan.plan_tiles`: which factors each launch
+  fuses and with which tile; the kernel specs and the source text that specialises them.
+* :mod:`kronegp._cuda.compiler` — NVRTC (``cuda.bindings.nvrtc``) to cubin, disk cache keyed by
+  source hash, architecture, NVRTC version and specialisation.
+* :mod:`kronegp._cuda.launch` — module loading and launches through the CUDA driver API on
+  torch's current stream, with data pointers only.
+
+:func:`load` returns the object :mod:`kronegp._backend` calls; inputs reaching it were checked
+by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable batches).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kronegp import reference
+from kronegp._cuda.compiler import cache_dir, nvrtc_version, source_dir
+from kronegp._cuda.launch import DeviceKernels, Operand, RowProduct, _check, run_row_product
+from kronegp._cuda.plan import plan_tiles
+
+__all__ = ["load", "CudaBackend", "plan_tiles"]
+
+_MIN_ARCH = 70  # the kernels use nothing newer than Volta; NVRTC decides the upper end
+
+
+def _batch_strides(t: Tensor, batch: torch.Size) -> tuple[int, ...]:
+    """``t``'s strides over the broadcast batch shape (0 where ``t`` is broadcast)."""
+    tb = t.shape[:-2]
+    lead = len(batch) - len(tb)
+    out = []
+    for d in range(len(batch)):
+        i = d - lead
+        out.append(0 if i < 0 or tb[i] == 1 else t.stride(i))
+    return tuple(out)
+
+
+class CudaBackend:
+    """``kron_matmul`` / ``matmul_kron`` on CUDA tensors through the fused kernels."""
+
+    def __init__(self):
+        self._devices: dict[int, DeviceKernels] = {}
+
+    def _device(self, t: Tensor) -> DeviceKernels:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        dev = self._devices.get(index)
+        if dev is None:
+            dev = self._devices[index] = DeviceKernels(index)
+        return dev
+
+    def _run(self, x: Tensor, prod: RowProduct) -> None:
+        run_row_product(self._device(x), prod)
+
+    def describe(self) -> str:
+        major, minor = nvrtc_version()
+        return (
+            f"fused CUDA Kron-Matmul kernels (NVRTC {major}.{minor}, sources {source_dir()}, "
+            f"cache {cache_dir()})"
+        )
+
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+        """``x · (F_1 ⊗ … ⊗ F_N)``: rows of x times the Kronecker product, ``G_i = F_i``."""
+        batch = torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+        m = x.shape[-2]
+        q_total = math.prod(int(f.shape[-1]) for f in factors)
+        if m == 0 or x.shape[-1] == 0 or q_total == 0 or math.prod(batch) == 0:
+            return reference.matmul_kron(x, factors)  # empty: nothing to launch
+        out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
+        in_col = m > 1 and x.stride(-2) == 1 and x.stride(-1) != 1
+        prod = RowProduct(
+            x=Operand(x, _batch_strides(x, batch), x.stride(-2), x.stride(-1)),
+            factors=[Operand(f, _batch_strides(f, batch), f.stride(-2), f.stride(-1)) for f in factors],
+            shapes=tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors),
+            y=Operand(out, _batch_strides(out, batch), out.stride(-2), out.stride(-1)),
+            batch=tuple(batch),
+            m=m,
+            in_col=in_col,
+            out_col=False,
+        )
+        self._run(x, prod)
+        return out
+
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor) -> Tensor:
+        """``(F_1 ⊗ … ⊗ F_N) · x``: each column of x is a row times ``⊗F_iᵀ`` (``G_i = F_iᵀ``)."""
+        batch = torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+        t = x.shape[-1]
+        p_total = math.prod(int(f.shape[-2]) for f in factors)
+        if t == 0 or x.shape[-2] == 0 or p_total == 0 or math.prod(batch) == 0:
+            return reference.kron_matmul(factors, x)
+        out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
+        # rows of the row form are the columns t of x: row stride x.stride(-1)
+        in_col = t > 1 and x.stride(-1) == 1 and x.stride(-2) != 1
+        prod = RowProduct(
+            x=Operand(x, _batch_strides(x, batch), x.stride(-1), x.stride(-2)),
+            factors=[Operand(f, _batch_strides(f, batch), f.stride(-1), f.stride(-2)) for f in factors],
+            shapes=tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors),
+            y=Operand(out, _batch_strides(out, batch), out.stride(-1), out.stride(-2)),
+            batch=tuple(batch),
+            m=t,
+            in_col=in_col,
+            out_col=t > 1,
+        )
+        self._run(x, prod)
+        return out
+
+
+def load() -> CudaBackend:
+    """The backend, after checking that the driver, NVRTC, the sources and the GPU all fit.
+
+    Raises (``ImportError``, ``RuntimeError``, ``FileNotFoundError``) with the cause otherwise;
+    :mod:`kronegp._backend` turns that into one warning and the reference.
+    """
+    from cuda.bindings import driver, nvrtc  # noqa: F401  (ImportError names the package)
+
+    _check(driver.cuInit(0), "cuInit")
+    major, minor = nvrtc_version()
+    source_dir()
+    backend = CudaBackend()
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        arch = cap[0] * 10 + cap[1]
+        if arch < _MIN_ARCH:
+            raise RuntimeError(f"GPU sm_{arch} is older than the kernels' minimum sm_{_MIN_ARCH}")
+        err, n = nvrtc.nvrtcGetNumSupportedArchs()
+        err, archs = nvrtc.nvrtcGetSupportedArchs()
+        if archs and arch not in archs:
+            raise RuntimeError(
+                f"NVRTC {major}.{minor} cannot compile for this GPU's sm_{arch} "
+                f"(supported: sm_{min(archs)}..sm_{max(archs)})"
+            )
+    return backend

@@ -1,0 +1,324 @@
+"""Which kernel runs which factors with which tile: :func:`plan_tiles`, and the kernel specs.
+
+All products are planned in the row form ``y = x·(G_1 ⊗ … ⊗ G_N)``: every row of ``x`` (``M``
+rows of ``K = ΠP_i`` elements) is multiplied independently. (``(⊗F)·x`` is the same with rows =
+columns of ``x`` and ``G_i = F_iᵀ``.) The kernels apply the factors last to first, each launch
+a group of consecutive factors, in FastKron's rotated order::
+
+    x[m, s·PG + pg]  →  y[m, qg·S + s] = Σ_pg x[m, s·PG + pg] · (G_a ⊗ … ⊗ G_b)[pg, qg]
+
+with ``PG = ΠP``, ``QG = ΠQ`` over the group and ``S = K_in / PG``. After the first group
+has run the row is ordered ``(qg_last, p_1, …)``; after all of them it is ``(q_1, …, q_N)``.
+
+Two kernels exist (sources in ``cuda_ext/``):
+
+* :class:`FusedSpec` — several small factors (P, Q ≤ 32) of a tile held in shared memory: one
+  pass over device memory for the whole group. Memory-bound regime.
+* :class:`GemmSpec` — one factor of any size as a register-tiled GEMM with the rotated store.
+  Compute-bound regime (P ≥ 64) and factors too large to fuse.
+
+Everything here is plain Python (no GPU): CI plans and compiles every spec on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["FusedSpec", "GemmSpec", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED"]
+
+#: Largest P or Q that the fused kernel takes (its factors live whole in shared memory).
+FUSE_MAX = 32
+#: Most factors one fused launch applies (the kernel's argument block holds this many).
+MAX_FUSED = 8
+
+_CTYPE = {4: "float", 8: "double"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+# --------------------------------------------------------------------------- fused kernel
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """A fused launch: factors ``(P[i], Q[i])`` applied to tiles of ``TM`` rows × ``TS`` slices."""
+
+    itemsize: int
+    P: tuple[int, ...]
+    Q: tuple[int, ...]
+    TM: int
+    TS: int
+    NT: int
+    in_col: bool  # x's rows are its contiguous axis (x[m, k] at m + k·ld): load m-fastest
+    out_col: bool
+
+    kind = "fused"
+
+    # The geometry below mirrors FusedGeom in cuda_ext/kron_fused.cuh; the generated source
+    # static_asserts that both agree on the shared-memory size.
+    @property
+    def vec(self) -> int:
+        return 16 // self.itemsize
+
+    def rows(self, f: int) -> int:
+        return self.TS * math.prod(self.P[:f]) * math.prod(self.Q[f + 1 :])
+
+    def ld(self, f: int) -> int:
+        return self.P[f] + 1 if self.P[f] % 2 == 0 else self.P[f]
+
+    def rq(self, f: int) -> int:
+        q, v = self.Q[f], self.vec
+        return v if q <= v else (2 * v if q <= 2 * v else min(8, _round_up(q, v)))
+
+    def buf_elems(self) -> int:
+        sizes = [self.TM * self.TS * math.prod(self.Q)]
+        sizes += [self.TM * self.rows(f) * self.ld(f) for f in range(len(self.P))]
+        return _round_up(max(sizes), self.vec)
+
+    def factor_elems(self) -> int:
+        total = sum(p * _round_up(q, self.rq(f)) for f, (p, q) in enumerate(zip(self.P, self.Q)))
+        return _round_up(total, self.vec)
+
+    @property
+    def smem_bytes(self) -> int:
+        return (self.factor_elems() + 2 * self.buf_elems()) * self.itemsize
+
+    @property
+    def PG(self) -> int:
+        return math.prod(self.P)
+
+    @property
+    def QG(self) -> int:
+        return math.prod(self.Q)
+
+    def grid(self, m: int, s: int) -> tuple[int, int]:
+        return _cdiv(m, self.TM) * _cdiv(s, self.TS), 1
+
+    def source(self, name: str) -> str:
+        nf = len(self.P)
+        ps = ", ".join(map(str, self.P))
+        qs = ", ".join(map(str, self.Q))
+        t = _CTYPE[self.itemsize]
+        return f"""
+namespace {name}_ns {{
+struct Spec {{
+    typedef {t} T;
+    static constexpr int NF = {nf};
+    static constexpr int P[{nf}] = {{{ps}}};
+    static constexpr int Q[{nf}] = {{{qs}}};
+    static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
+    static constexpr bool IN_COL = {str(self.in_col).lower()}, OUT_COL = {str(self.out_col).lower()};
+}};
+static_assert(FusedGeom<Spec>::smem_elems() * sizeof({t}) == {self.smem_bytes}, "smem size mismatch");
+}}
+extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
+    kron_fused<{name}_ns::Spec>(a);
+}}
+"""
+
+
+# --------------------------------------------------------------------------- GEMM kernel
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """A single-factor launch as a GEMM over rows (m, s) with block tile ``BR × BQ``."""
+
+    itemsize: int
+    P: int
+    Q: int
+    BR: int
+    BQ: int
+    KC: int
+    TR: int
+    TQ: int
+    in_col: bool
+    out_col: bool
+
+    kind = "gemm"
+
+    @property
+    def NT(self) -> int:
+        return (self.BR // self.TR) * (self.BQ // self.TQ)
+
+    @property
+    def m_fast(self) -> bool:
+        return self.in_col or self.out_col
+
+    @property
+    def smem_bytes(self) -> int:
+        vec = 16 // self.itemsize
+        return self.KC * ((self.BR + vec) + self.BQ) * self.itemsize
+
+    @property
+    def PG(self) -> int:
+        return self.P
+
+    @property
+    def QG(self) -> int:
+        return self.Q
+
+    def grid(self, m: int, s: int) -> tuple[int, int]:
+        return _cdiv(m * s, self.BR), _cdiv(self.Q, self.BQ)
+
+    def source(self, name: str) -> str:
+        t = _CTYPE[self.itemsize]
+        b = lambda v: str(v).lower()  # noqa: E731
+        return f"""
+namespace {name}_ns {{
+struct Spec {{
+    typedef {t} T;
+    static constexpr int P = {self.P}, Q = {self.Q};
+    static constexpr int BR = {self.BR}, BQ = {self.BQ}, KC = {self.KC}, TR = {self.TR}, TQ = {self.TQ};
+    static constexpr int NT = {self.NT};
+    static constexpr bool IN_COL = {b(self.in_col)}, OUT_COL = {b(self.out_col)}, M_FAST = {b(self.m_fast)};
+}};
+}}
+extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
+    kron_gemm<{name}_ns::Spec>(a);
+}}
+"""
+
+
+def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> GemmSpec:
+    vec = 16 // itemsize
+    if itemsize == 4:
+        tq = 8 if q > 8 else 4
+        tr = 8
+    else:
+        tq = 4 if q > 2 else 2
+        tr = 4
+    # Columns per block: the factor's width rounded up to whole thread tiles, at most 128.
+    bq = min(128 if itemsize == 4 else 64, _round_up(q, tq * 4)) if q > tq else tq
+    ntq = bq // tq
+    ntr = 256 // ntq
+    br = ntr * tr
+    kc_max = 16 if itemsize == 4 else 8
+    kc = min(kc_max, max(1, 2048 // br), p)
+    return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Step:
+    """One launch: factors ``first … first+len-1`` (row-form indices) by ``spec``."""
+
+    first: int
+    count: int
+    spec: FusedSpec | GemmSpec
+    k_in: int  # row length before the step
+    s: int  # slices per row: k_in / PG
+
+    @property
+    def k_out(self) -> int:
+        return self.s * self.spec.QG
+
+
+def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_elems):
+    """The largest (TM, TS) within budget for a fused group, or None if even the least fails."""
+    elem_run = 32 // itemsize  # a 32-byte sector of consecutive elements
+    if in_col or out_col:
+        tm_opts = [t for t in (32, 16, 8, 4, 2, 1) if t <= max(1, min(m, 32))]
+        if m <= 32:
+            tm_opts = [m]  # the whole row range: the tile is one contiguous span of memory
+        ts_opts = [1, 2, 4, 8, 16, 32, 64, 128]
+    else:
+        tm_opts = [1]
+        ts_opts = [128, 64, 32, 16, 8, 4, 2, 1]
+    best = None
+    for tm in tm_opts:
+        for ts in sorted(ts_opts):
+            ts = min(ts, s)
+            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, 256, in_col, out_col)
+            if spec.smem_bytes > smem_budget:
+                break
+            elems = tm * ts * max(spec.PG, spec.QG)
+            run_ok = (tm >= min(m, elem_run)) if (in_col or out_col) else (ts >= min(s, elem_run))
+            score = (run_ok, min(elems, target_elems), -elems)
+            if best is None or score > best[0]:
+                best = (score, spec)
+            if elems >= target_elems:
+                break
+    return None if best is None else best[1]
+
+
+def plan_tiles(
+    shapes: Sequence[tuple[int, int]],
+    m: int,
+    itemsize: int,
+    in_col: bool,
+    out_col: bool,
+    smem_budget: int = 100 * 1024,
+) -> list[Step]:
+    """Plan ``x·(G_1 ⊗ … ⊗ G_N)`` for factor shapes ``shapes[i] = (P_i, Q_i)`` and ``m`` rows.
+
+    Returns the launches in execution order (last factors first). Heuristic:
+
+    * a factor with P or Q above :data:`FUSE_MAX` gets its own GEMM launch;
+    * runs of small factors are fused greedily from the right, as many as fit a tile of at least
+      one 32-byte sector of consecutive output (``TS`` slices in row layout, ``TM`` rows in
+      column layout) within ``smem_budget`` bytes of shared memory; the tile then grows towards
+      ~8K elements per buffer (fewer blocks, each factor load amortised over more data).
+
+    ``in_col``/``out_col`` say that the rows of x / y are their contiguous axis (``(⊗F)·x``
+    with ``x`` of shape ``(K, T)``); the intermediates follow the output's layout.
+    """
+    n = len(shapes)
+    k_total = math.prod(p for p, _ in shapes)
+    target = 8192 if itemsize == 4 else 4096
+    steps: list[Step] = []
+    dims = [p for p, _ in shapes]  # current size of each factor's axis (P before, Q after)
+    i = n - 1
+    cur_in_col = in_col
+    while i >= 0:
+        k_in = math.prod(dims)
+        p, q = shapes[i]
+        if p > FUSE_MAX or q > FUSE_MAX:
+            spec = _gemm_spec(itemsize, p, q, cur_in_col, out_col)
+            steps.append(Step(i, 1, spec, k_in, k_in // p))
+            dims[i] = q
+            i -= 1
+            cur_in_col = out_col
+            continue
+        group_first = i
+        spec = _fused_tile(itemsize, [p], [q], m, k_in // p, cur_in_col, out_col, smem_budget, target)
+        if spec is None:
+            raise ValueError(f"no fused tile fits {smem_budget} bytes for factor {(p, q)}")
+        while group_first - 1 >= 0 and i - group_first + 1 < MAX_FUSED:
+            pp, qq = shapes[group_first - 1]
+            if pp > FUSE_MAX or qq > FUSE_MAX:
+                break
+            ps = [s[0] for s in shapes[group_first - 1 : i + 1]]
+            qs = [s[1] for s in shapes[group_first - 1 : i + 1]]
+            s_cand = k_in // math.prod(ps)
+            cand = _fused_tile(itemsize, ps, qs, m, s_cand, cur_in_col, out_col, smem_budget, target)
+            if cand is None or not _runs_ok(cand, m, s_cand, itemsize):
+                break
+            spec = cand
+            group_first -= 1
+        s = k_in // spec.PG
+        steps.append(Step(group_first, i - group_first + 1, spec, k_in, s))
+        for j in range(group_first, i + 1):
+            dims[j] = shapes[j][1]
+        i = group_first - 1
+        cur_in_col = out_col
+    assert math.prod(dims) == math.prod(q for _, q in shapes) and steps[0].k_in == k_total
+    return steps
+
+
+def _runs_ok(spec: FusedSpec, m: int, s: int, itemsize: int) -> bool:
+    """Does the tile still move whole 32-byte sectors (else fusing more costs bandwidth)?"""
+    elem_run = 32 // itemsize
+    if spec.in_col or spec.out_col:
+        return spec.TM >= min(m, elem_run)
+    return spec.TS >= min(s, elem_run)

@@ -1,0 +1,281 @@
+"""The fused CUDA kernels against the pure-torch reference, on the GPU (marker ``cuda``).
+
+Every case builds fresh random inputs, poisons the memory the caching allocator will hand to
+the output with NaN, runs the public op (so the backend is the one users get), and compares
+with :mod:`kronegp.reference` evaluated in float64 on the same GPU by relative error.
+
+The case list is generated (seeded) here and reused by ``tests/test_cuda_compile.py``, which
+compiles every kernel specialisation these cases use on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import kronegp
+from kronegp import reference
+
+SIZES = [1, 2, 3, 5, 8, 12, 16, 31, 32, 61, 64, 100, 128, 256, 365, 1024]
+SMALL = [1, 2, 3, 5, 8, 12, 16]
+ROWS = [1, 3, 11, 16, 1024]
+MAX_ELEMS = 1 << 22  # per tensor of a case, so the whole list runs in seconds
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@dataclass(frozen=True)
+class Case:
+    side: str  # "kron_matmul": (⊗F)·x with x (…, ΠQ, T); "matmul_kron": x·(⊗F) with x (…, M, ΠP)
+    dtype: str
+    shapes: tuple[tuple[int, int], ...]
+    rows: int  # T for kron_matmul, M for matmul_kron
+    x_batch: tuple[int, ...] = ()
+    f_batch: tuple[tuple[int, ...], ...] = field(default=())  # per factor, () if none
+    x_layout: str = "contiguous"  # or "transposed" (a .mT view) or "strided" (every other column)
+    f_transposed: bool = False  # factors given as .mT views
+    grad: bool = False
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    def __str__(self):
+        shp = "x".join(f"{p}:{q}" for p, q in self.shapes)
+        extra = []
+        if self.x_batch or any(self.f_batch):
+            extra.append(f"b{self.x_batch}{self.f_batch}")
+        if self.x_layout != "contiguous":
+            extra.append(self.x_layout)
+        if self.f_transposed:
+            extra.append("fT")
+        if self.grad:
+            extra.append("grad")
+        return f"{self.side}-{self.dtype}-r{self.rows}-{shp}" + ("-" + "-".join(extra) if extra else "")
+
+
+def _size_ok(shapes, rows, batch=1) -> bool:
+    # bounds every intermediate: each axis is at most max(P, Q) long
+    return rows * batch * math.prod(max(p, q) for p, q in shapes) <= MAX_ELEMS
+
+
+def kernel_cases() -> list[Case]:
+    rng = random.Random(20261124)
+    sides = ("kron_matmul", "matmul_kron")
+    dtypes = ("float32", "float64")
+    cases: list[Case] = []
+    # every size as one factor, P ≠ Q, both sides and dtypes, every row count
+    for i, p in enumerate(SIZES):
+        for j in range(2):
+            q = SIZES[(i * 7 + 3 + 5 * j) % len(SIZES)]
+            rows = ROWS[(i + j) % len(ROWS)]
+            while not _size_ok([(p, q)], rows):
+                rows = ROWS[ROWS.index(rows) - 1]
+            cases.append(Case(sides[(i + j) % 2], dtypes[(i // 2 + j) % 2], ((p, q),), rows))
+    # random products of 1..8 mixed factors
+    while len(cases) < 32 + 48:
+        n = rng.randint(1, 8)
+        shapes = tuple(
+            (rng.choice(SMALL if rng.random() < 0.75 else SIZES), rng.choice(SMALL if rng.random() < 0.75 else SIZES))
+            for _ in range(n)
+        )
+        rows = rng.choice(ROWS)
+        if not _size_ok(shapes, rows) or math.prod(max(p, q) for p, q in shapes) < 2:
+            continue
+        cases.append(
+            Case(
+                rng.choice(sides),
+                rng.choice(dtypes),
+                shapes,
+                rows,
+                x_layout=rng.choice(["contiguous", "contiguous", "transposed", "strided"]),
+                f_transposed=rng.random() < 0.3,
+            )
+        )
+    # square powers: the fused paths of the benchmark shapes at small M
+    for shapes in ([(8, 8)] * 6, [(16, 16)] * 4, [(32, 32)] * 3, [(8, 8)] * 7, [(16, 16)] * 5):
+        for side in sides:
+            for dt in dtypes:
+                cases.append(Case(side, dt, tuple(shapes), 3 if dt == "float64" else 16))
+    # batches: x batched, factors broadcast against it
+    cases += [
+        Case("matmul_kron", "float32", ((3, 5), (8, 8), (12, 2)), 11, (2, 3), ((3,), (1, 1), (2, 1))),
+        Case("kron_matmul", "float64", ((3, 5), (8, 8), (12, 2)), 11, (2, 3), ((3,), (1, 1), (2, 1))),
+        Case("kron_matmul", "float32", ((61, 64), (5, 3)), 16, (4,), ((4,), ())),
+        Case("matmul_kron", "float64", ((61, 64), (5, 3)), 3, (), ((2, 1), (3,))),
+        Case("kron_matmul", "float32", ((16, 16), (16, 16)), 1, (3,), ((), ())),
+    ]
+    # gradients: x and every factor
+    cases += [
+        Case("kron_matmul", "float64", ((3, 5), (12, 8), (7, 6)), 11, grad=True),
+        Case("matmul_kron", "float64", ((3, 5), (12, 8), (7, 6)), 11, grad=True),
+        Case("kron_matmul", "float32", ((8, 8), (64, 61), (16, 16)), 16, grad=True),
+        Case("matmul_kron", "float32", ((8, 8), (64, 61), (16, 16)), 3, grad=True),
+        Case("matmul_kron", "float64", ((2, 3), (5, 5)), 4, (2,), ((2,), ()), grad=True),
+        Case("kron_matmul", "float32", ((100, 31), (3, 12)), 1, grad=True),
+    ]
+    return cases
+
+
+CASES = kernel_cases()
+
+
+def make_inputs(case: Case, device, generator=None, fill: bool = True):
+    """Random ``(x, factors)`` for ``case`` on ``device``, with the case's layouts.
+
+    ``fill=False`` leaves them uninitialised (the compile test only needs their shapes)."""
+    dt = case.torch_dtype
+    fb = case.f_batch or tuple(() for _ in case.shapes)
+
+    def randn(*shape):
+        if not fill or str(device) == "meta":
+            return torch.empty(shape, dtype=dt, device=device)
+        return torch.randn(*shape, dtype=dt, device=device, generator=generator)
+
+    factors = []
+    for (p, q), b in zip(case.shapes, fb):
+        f = randn(*b, q, p).mT if case.f_transposed else randn(*b, p, q)
+        factors.append(f)
+    if case.side == "kron_matmul":
+        inner = (math.prod(q for _, q in case.shapes), case.rows)
+    else:
+        inner = (case.rows, math.prod(p for p, _ in case.shapes))
+    if case.x_layout == "transposed":
+        x = randn(*case.x_batch, inner[1], inner[0]).mT
+    elif case.x_layout == "strided":
+        x = randn(*case.x_batch, inner[0], 2 * inner[1])[..., ::2]
+    else:
+        x = randn(*case.x_batch, *inner)
+    return x, factors
+
+
+def call(case: Case, x, factors):
+    if case.side == "kron_matmul":
+        return kronegp.kron_matmul(factors, x)
+    return kronegp.matmul_kron(x, factors)
+
+
+def call_reference(case: Case, x, factors):
+    if case.side == "kron_matmul":
+        return reference.kron_matmul(factors, x)
+    return reference.matmul_kron(x, factors)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def poison(nbytes: int, device=None) -> None:
+    """Fill memory the caching allocator will hand out next with NaN (then free it)."""
+    n = max(1, nbytes // 4 + 1024)
+    block = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    del block
+
+
+def _expected_bytes(case: Case) -> int:
+    p_tot = math.prod(p for p, _ in case.shapes)
+    q_tot = math.prod(q for _, q in case.shapes)
+    return 2 * case.rows * max(p_tot, q_tot) * max(1, math.prod(case.x_batch)) * 8 * 4
+
+
+def _check_case(case: Case, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x, factors = make_inputs(case, "cuda", gen)
+    poison(_expected_bytes(case), "cuda")
+    out = call(case, x, factors)
+    torch.cuda.synchronize()
+    ref = call_reference(case, x.double(), [f.double() for f in factors])
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert torch.isfinite(out).all(), f"{case}: unwritten (NaN) output elements"
+    err = rel_err(out, ref)
+    assert err <= TOL[x.dtype], f"{case}: relative error {err:.3g} > {TOL[x.dtype]:.0e}"
+
+
+@pytest.mark.cuda
+def test_backend_is_the_kernel():
+    info = kronegp.backend_info()
+    assert info["cuda"] == "kernel", info
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [c for c in CASES if not c.grad], ids=str)
+def test_forward_matches_reference(case):
+    _check_case(case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c.grad], ids=str)
+def test_gradients_match_reference(case):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x, factors = make_inputs(case, "cuda", gen)
+    w = None
+    leaves = [x.detach().clone().requires_grad_(True)] + [f.detach().clone().requires_grad_(True) for f in factors]
+    out = call(case, leaves[0], leaves[1:])
+    w = torch.randn(out.shape, dtype=out.dtype, device="cuda", generator=gen)
+    poison(_expected_bytes(case), "cuda")
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = call_reference(case, ref_leaves[0], ref_leaves[1:])
+    ref_grads = torch.autograd.grad((ref * w.double()).sum(), ref_leaves)
+    tol = 10 * TOL[x.dtype]
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert torch.isfinite(g).all(), f"{case}: grad {i} has NaN"
+        err = rel_err(g, r)
+        assert err <= tol, f"{case}: grad {i} relative error {err:.3g} > {tol:.0e}"
+
+
+@pytest.mark.cuda
+def test_non_default_stream_and_device_index():
+    case = Case("matmul_kron", "float32", ((8, 8), (12, 5), (16, 16)), 1024)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    with torch.cuda.device(0):
+        x, factors = make_inputs(case, "cuda:0", gen)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            poison(_expected_bytes(case), "cuda:0")
+            out = kronegp.matmul_kron(x, factors)
+            # a second product queued behind the first on the same side stream
+            out2 = kronegp.kron_matmul([f.mT for f in factors], out.mT.contiguous())
+        stream.synchronize()
+        ref = reference.matmul_kron(x.double(), [f.double() for f in factors])
+        ref2 = reference.kron_matmul([f.double().mT for f in factors], ref.mT)
+        assert rel_err(out, ref) <= 1e-5
+        assert rel_err(out2, ref2) <= 1e-5
+
+
+BIG_CASES = [
+    # more than 2^31 elements of x: 64-bit indexing, K = 2^28
+    Case("matmul_kron", "float32", ((16, 16),) * 7, 9),
+    Case("kron_matmul", "float32", ((16, 16),) * 7, 9),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BIG_CASES, ids=str)
+def test_more_than_2_31_elements(case):
+    free, _ = torch.cuda.mem_get_info()
+    k = math.prod(p for p, _ in case.shapes)
+    need = 4 * case.rows * k * 4 + 8 * k * 2
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, found {free / 2**30:.0f}")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x, factors = make_inputs(case, "cuda", gen)
+    assert x.numel() > 2**31
+    out = call(case, x, factors)
+    torch.cuda.synchronize()
+    fd = [f.double() for f in factors]
+    for r in (0, case.rows - 1):  # the first and the last row (beyond element 2^31)
+        if case.side == "kron_matmul":
+            ref = reference.kron_matmul(fd, x[:, r : r + 1].double())
+            got = out[:, r : r + 1]
+        else:
+            ref = reference.matmul_kron(x[r : r + 1].double(), fd)
+            got = out[r : r + 1]
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) <= 1e-5
+        del ref
