@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import unittest
 
+import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, ToeplitzLinearOperator
 from linear_operator.test.linear_operator_test_case import (
@@ -182,6 +183,35 @@ class TestKroneckerOperatorRectangularTwoFactors(TestKroneckerOperatorRectangula
             DenseLinearOperator(torch.randn(1, 7, requires_grad=True)),
             DenseLinearOperator(torch.randn(12, 3, requires_grad=True)),
         )
+
+
+# ------------------------------------------------------------------ on the GPU
+
+
+@pytest.mark.cuda
+class TestKroneckerOperatorSquareCuda(TestKroneckerOperatorSquare):
+    """The square suite with every tensor the suite creates on the GPU (default device)."""
+
+    def setUp(self):
+        self._old_device = torch.get_default_device()
+        torch.set_default_device("cuda")
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        torch.set_default_device(self._old_device)
+
+
+@pytest.mark.cuda
+class TestKroneckerOperatorRectangularMultiBatchCuda(TestKroneckerOperatorRectangularMultiBatch):
+    def setUp(self):
+        self._old_device = torch.get_default_device()
+        torch.set_default_device("cuda")
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        torch.set_default_device(self._old_device)
 
 
 if __name__ == "__main__":
