@@ -140,6 +140,39 @@ class TestKroneckerOperatorStructuredKeptFloat64(_Float64, TestKroneckerOperator
     pass
 
 
+class TestKroneckerOperatorNestedKronecker(TestKroneckerOperatorSquare):
+    """A Kronecker factor inside a Kronecker product (GPyTorch's MultitaskKernel over a
+    GridKernel), with the threshold at 0 so the inner product is flattened into the outer
+    one and its gradient comes from its own ``_bilinear_derivative``."""
+
+    def setUp(self):
+        self._old_limit = ko_module.DENSE_FACTOR_MAX_NUMEL
+        ko_module.DENSE_FACTOR_MAX_NUMEL = 0
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        ko_module.DENSE_FACTOR_MAX_NUMEL = self._old_limit
+
+    def create_linear_op(self):
+        inner = KroneckerOperator(spd(3).requires_grad_(True), spd(2).requires_grad_(True))
+        return KroneckerOperator(inner, DenseLinearOperator(spd(4).requires_grad_(True)))
+
+    def evaluate_linear_op(self, linear_op):
+        inner, outer = linear_op.linear_ops
+        return dense_kron([f.to_dense() for f in inner.linear_ops] + [outer.to_dense()])
+
+    def test_is_kronecker_operator(self):
+        op = self.create_linear_op()
+        mats, owners = op._flat_matrices()
+        self.assertEqual(owners, [0, 0, 1])
+        self.assertTrue(all(isinstance(m, torch.Tensor) for m in mats))
+
+
+class TestKroneckerOperatorNestedKroneckerFloat64(_Float64, TestKroneckerOperatorNestedKronecker):
+    pass
+
+
 # ------------------------------------------------------------------ rectangular
 
 

@@ -15,6 +15,7 @@ from kronegp.operators.kronecker_operator import (
     KroneckerOperator,
     apply_along_axes,
     factor_as_matrix,
+    flat_factor_matrices,
 )
 from kronegp.operators.kronecker_triangular_operator import KroneckerTriangularOperator
 
@@ -25,5 +26,6 @@ __all__ = [
     "KroneckerTriangularOperator",
     "apply_along_axes",
     "factor_as_matrix",
+    "flat_factor_matrices",
     "iterative_solve",
 ]

@@ -27,10 +27,14 @@ The fused product wants plain matrices. Each factor is turned into one by
   product. A grid axis is short (tens to a few thousand points), so the ``P_i·Q_i`` cost
   of densifying is small next to the ``ΠP_i · T`` product it feeds, and a dense factor
   lets all the factors run as one kernel;
-* a larger LinearOperator keeps its structure: it is applied along its own axis with its
-  own ``_matmul`` (e.g. an FFT for Toeplitz), while the runs of dense factors around it
-  still go through kronegp's product. That costs an extra transpose of the block per
-  structured factor, which is what its structure saves against ``P_i·Q_i`` memory.
+* a larger Kronecker product (a GPyTorch ``GridKernel`` covariance used as the data
+  factor of a ``MultitaskKernel``, say) is flattened: its own factors join the list, so
+  ``(A ⊗ B) ⊗ C`` runs as the one product ``A ⊗ B ⊗ C``;
+* any other larger LinearOperator keeps its structure: it is applied along its own axis
+  with its own ``_matmul`` (e.g. an FFT for Toeplitz), while the runs of dense factors
+  around it still go through kronegp's product. That costs an extra transpose of the
+  block per structured factor, which is what its structure saves against ``P_i·Q_i``
+  memory.
 
 Nothing in this module builds the dense ``ΠP_i × ΠQ_i`` matrix.
 """
@@ -54,7 +58,13 @@ from torch import Tensor
 
 from kronegp import ops
 
-__all__ = ["DENSE_FACTOR_MAX_NUMEL", "KroneckerOperator", "factor_as_matrix"]
+__all__ = [
+    "DENSE_FACTOR_MAX_NUMEL",
+    "KroneckerOperator",
+    "apply_along_axes",
+    "factor_as_matrix",
+    "flat_factor_matrices",
+]
 
 #: LinearOperator factors with at most this many entries (``P_i · Q_i``) are densified
 #: before a product; larger ones keep their structure. 2^22 entries is a 2048 × 2048
@@ -62,6 +72,21 @@ __all__ = ["DENSE_FACTOR_MAX_NUMEL", "KroneckerOperator", "factor_as_matrix"]
 DENSE_FACTOR_MAX_NUMEL = 2**22
 
 Matrix = Union[Tensor, LinearOperator]
+
+
+def flat_factor_matrices(factor: LinearOperator) -> list[Matrix]:
+    """``factor`` as the list of matrices it contributes to a product along its axis.
+
+    One entry (:func:`factor_as_matrix`) unless ``factor`` is a Kronecker product too large
+    to densify, whose own factors are then listed in order (recursively): a product with
+    ``A ⊗ B`` along one axis is the product with ``A`` and ``B`` along two.
+    """
+    if (
+        isinstance(factor, KroneckerProductLinearOperator)
+        and factor.size(-2) * factor.size(-1) > DENSE_FACTOR_MAX_NUMEL
+    ):
+        return [m for sub in factor.linear_ops for m in flat_factor_matrices(sub)]
+    return [factor_as_matrix(factor)]
 
 
 def factor_as_matrix(factor: LinearOperator) -> Matrix:
@@ -144,6 +169,14 @@ def apply_along_axes(
     return x
 
 
+def _leaf_factors(op: KroneckerProductLinearOperator) -> list[LinearOperator]:
+    """The factors of ``op`` with nested Kronecker products expanded (``⊗`` is associative)."""
+    out = []
+    for f in op.linear_ops:
+        out.extend(_leaf_factors(f) if isinstance(f, KroneckerProductLinearOperator) else [f])
+    return out
+
+
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back down to ``shape`` (undoing batch broadcasting)."""
     if grad.shape == shape:
@@ -190,8 +223,18 @@ class KroneckerOperator(KroneckerProductLinearOperator):
     # ------------------------------------------------------------------ structure
 
     def factor_matrices(self) -> list[Matrix]:
-        """Each factor as it enters a product (see :func:`factor_as_matrix`)."""
+        """Each factor as it enters a product (see :func:`factor_as_matrix`), one per factor."""
         return [factor_as_matrix(f) for f in self.linear_ops]
+
+    def _flat_matrices(self) -> tuple[list[Matrix], list[int]]:
+        """The matrices a product applies, nested Kronecker factors flattened
+        (:func:`flat_factor_matrices`), and for each the index of the factor it came from."""
+        mats, owners = [], []
+        for j, f in enumerate(self.linear_ops):
+            sub = flat_factor_matrices(f)
+            mats.extend(sub)
+            owners.extend([j] * len(sub))
+        return mats, owners
 
     @property
     def factor_shapes(self) -> list[tuple[int, int]]:
@@ -200,17 +243,18 @@ class KroneckerOperator(KroneckerProductLinearOperator):
 
     # ------------------------------------------------------------------ products
 
+    def _product(self, mats: list[Matrix], x: Tensor) -> Tensor:
+        if all(isinstance(m, Tensor) for m in mats):
+            return ops.kron_matmul(mats, x)
+        return apply_along_axes(mats, [m.size(-1) for m in mats], x)
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         r"""``(F_1 ⊗ … ⊗ F_N) · rhs`` for ``rhs`` of shape ``(*batch, ΠQ_i, T)`` or ``(ΠQ_i,)``."""
         if not isinstance(rhs, Tensor):
             return super()._matmul(rhs)
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
-        mats = self.factor_matrices()
-        if all(isinstance(m, Tensor) for m in mats):
-            out = ops.kron_matmul(mats, x)
-        else:
-            out = apply_along_axes(mats, [q for _, q in self.factor_shapes], x)
+        out = self._product(self._flat_matrices()[0], x)
         return out.squeeze(-1) if vector else out
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
@@ -219,11 +263,7 @@ class KroneckerOperator(KroneckerProductLinearOperator):
             return super()._t_matmul(rhs)
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
-        mats = [m.mT for m in self.factor_matrices()]
-        if all(isinstance(m, Tensor) for m in mats):
-            out = ops.kron_matmul(mats, x)
-        else:
-            out = apply_along_axes(mats, [p for p, _ in self.factor_shapes], x)
+        out = self._product([m.mT for m in self._flat_matrices()[0]], x)
         return out.squeeze(-1) if vector else out
 
     def rmatmul(self, other: Union[Tensor, LinearOperator]) -> Union[Tensor, LinearOperator]:
@@ -235,7 +275,7 @@ class KroneckerOperator(KroneckerProductLinearOperator):
         of the transposed operator through kronegp.
         """
         if isinstance(other, Tensor) and other.dim() >= 1:
-            mats = self.factor_matrices()
+            mats = self._flat_matrices()[0]
             if all(isinstance(m, Tensor) for m in mats):
                 return ops.matmul_kron(other, mats)
         return super().rmatmul(other)
@@ -269,22 +309,25 @@ class KroneckerOperator(KroneckerProductLinearOperator):
         onto ``V``, each side with one Kronecker product, and the contraction over every
         axis but ``j`` is one GEMM. Nothing from the forward product is stored.
 
-        The matrix ``G_j = ∂/∂F_j`` is then passed to the factor itself: a dense factor's
-        gradient is ``G_j``; a structured factor gets
-        ``F_j._bilinear_derivative(G_j, I_{Q_j})`` (since ``Σ_{pq} G[p,q] F[p,q] =
-        Σ_c (G e_c)ᵀ F e_c``), which chains through its own parameters (a Toeplitz
-        column, a diagonal, …).
+        ``G_j = ∂/∂F_j`` then goes to the factor itself: a dense factor's gradient is
+        ``G_j``; a small structured factor gets ``F_j._bilinear_derivative(G_j, I_{Q_j})``
+        (since ``Σ_{pq} G[p,q] F[p,q] = Σ_c (G e_c)ᵀ F e_c``), which chains through its own
+        parameters (a Toeplitz column, a diagonal, …). A factor too large to densify never
+        has ``G_j`` formed: it gets the ``K = D·ΠQ_{<j}·ΠP_{>j}`` columns themselves,
+        ``F_j._bilinear_derivative(Ũ_j, Ṽ_j)`` with ``Ũ_j`` as ``(P_j, K)`` and ``Ṽ_j`` as
+        ``(Q_j, K)`` (for a nested Kronecker factor that is this same method again).
         """
         if left_vecs.dim() == 1:
             left_vecs = left_vecs.unsqueeze(-1)
             right_vecs = right_vecs.unsqueeze(-1)
         factors = self.linear_ops
-        n = len(factors)
         needs = [any(t.requires_grad for t in f.representation()) for f in factors]
         if not any(needs):
             return tuple(None for f in factors for _ in f.representation())
 
-        mats = self.factor_matrices()
+        mats, owners = self._flat_matrices()
+        flat_ps = [m.size(-2) for m in mats]
+        flat_qs = [m.size(-1) for m in mats]
         ps = [p for p, _ in self.factor_shapes]
         qs = [q for _, q in self.factor_shapes]
         d = left_vecs.shape[-1]
@@ -298,20 +341,28 @@ class KroneckerOperator(KroneckerProductLinearOperator):
             u = left_vecs
             if j > 0:
                 u = apply_along_axes(
-                    [m.mT for m in mats[:j]] + [None] * (n - j), ps, left_vecs
+                    [m.mT if o < j else None for m, o in zip(mats, owners)], flat_ps, left_vecs
                 )
             v = right_vecs
-            if j < n - 1:
-                v = apply_along_axes([None] * (j + 1) + list(mats[j + 1 :]), qs, right_vecs)
+            if j < len(factors) - 1:
+                v = apply_along_axes([m if o > j else None for m, o in zip(mats, owners)], flat_qs, right_vecs)
             u = u.reshape(*u.shape[:-2], qa, ps[j], pb * d)
             v = v.reshape(*v.shape[:-2], qa, qs[j], pb * d)
-            g = torch.einsum("...apb,...aqb->...pq", u, v)
-            g = _sum_to_shape(g, factor.shape)
-            if isinstance(factor, DenseLinearOperator):
-                grads.append(g if factor.tensor.requires_grad else None)
+            own = [m for m, o in zip(mats, owners) if o == j]
+            if len(own) == 1 and isinstance(own[0], Tensor):
+                g = _sum_to_shape(torch.einsum("...apb,...aqb->...pq", u, v), factor.shape)
+                if isinstance(factor, DenseLinearOperator):
+                    grads.append(g)
+                else:
+                    eye = torch.eye(qs[j], dtype=g.dtype, device=g.device)
+                    grads.extend(factor._bilinear_derivative(g, eye.expand(*g.shape[:-2], *eye.shape)))
             else:
-                eye = torch.eye(qs[j], dtype=g.dtype, device=g.device)
-                grads.extend(factor._bilinear_derivative(g, eye.expand(*g.shape[:-2], *eye.shape)))
+                u_cols = u.movedim(-2, -3).reshape(*u.shape[:-3], ps[j], qa * pb * d)
+                v_cols = v.movedim(-2, -3).reshape(*v.shape[:-3], qs[j], qa * pb * d)
+                batch = torch.broadcast_shapes(u_cols.shape[:-2], v_cols.shape[:-2], factor.batch_shape)
+                u_cols = u_cols.expand(*batch, *u_cols.shape[-2:])
+                v_cols = v_cols.expand(*batch, *v_cols.shape[-2:])
+                grads.extend(factor._bilinear_derivative(u_cols, v_cols))
         return tuple(grads)
 
     # ------------------------------------------------------------------ algebra
@@ -373,7 +424,10 @@ class KroneckerOperator(KroneckerProductLinearOperator):
 
     @cached(name="cholesky")
     def _cholesky(self, upper: bool = False) -> LinearOperator:
-        r"""``chol(F_1 ⊗ … ⊗ F_N) = chol(F_1) ⊗ … ⊗ chol(F_N)``, kept on kronegp's products."""
+        r"""``chol(F_1 ⊗ … ⊗ F_N) = chol(F_1) ⊗ … ⊗ chol(F_N)``, kept on kronegp's products.
+
+        Nested Kronecker factors are flattened first (``chol((A ⊗ B) ⊗ C) = chol A ⊗ chol B
+        ⊗ chol C``), so every factor of the result is a plain triangular matrix."""
         from kronegp.operators.kronecker_triangular_operator import KroneckerTriangularOperator
 
-        return KroneckerTriangularOperator(*(f.cholesky(upper=upper) for f in self.linear_ops), upper=upper)
+        return KroneckerTriangularOperator(*(f.cholesky(upper=upper) for f in _leaf_factors(self)), upper=upper)
