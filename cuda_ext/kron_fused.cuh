@@ -186,16 +186,41 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     {
         const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
         constexpr int E = TM * TS * PG;
-#pragma unroll 4
-        for (int e = threadIdx.x; e < E; e += NT) {
-            int m_l, j;
-            if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
-            else { m_l = e / (TS * PG); j = e % (TS * PG); }
-            const i64 m = m0 + m_l;
-            const i64 s = s0 + j / PG;
-            T v = T(0);
-            if (m < a.M && s < a.S) v = xp[m * a.xm + (s * PG + j % PG) * a.xk];
-            buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
+        if constexpr (Spec::IN_VEC) {
+            // 16-byte loads: VEC consecutive k of one row (row layout, PG % VEC == 0) or VEC
+            // consecutive rows (column layout, TM % VEC == 0, M % VEC == 0); the launcher
+            // checked the alignment of the pointer and strides.
+            typedef typename Vec<T>::type V;
+            constexpr int VEC = G::VEC;
+#pragma unroll 8
+            for (int e = threadIdx.x; e < E / VEC; e += NT) {
+                int m_l, j;
+                if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
+                else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
+                const i64 m = m0 + m_l;
+                const i64 s = s0 + j / PG;
+                V v;
+                if (m < a.M && s < a.S) v = *reinterpret_cast<const V*>(xp + m * a.xm + (s * PG + j % PG) * a.xk);
+                else v = V{};
+                const T* vs = reinterpret_cast<const T*>(&v);
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) {
+                    if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
+                    else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
+                }
+            }
+        } else {
+#pragma unroll 8
+            for (int e = threadIdx.x; e < E; e += NT) {
+                int m_l, j;
+                if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
+                else { m_l = e / (TS * PG); j = e % (TS * PG); }
+                const i64 m = m0 + m_l;
+                const i64 s = s0 + j / PG;
+                T v = T(0);
+                if (m < a.M && s < a.S) v = xp[m * a.xm + (s * PG + j % PG) * a.xk];
+                buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
+            }
         }
     }
     __syncthreads();
@@ -206,15 +231,41 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     {
         T* yp = reinterpret_cast<T*>(a.y) + b * a.yb;
         constexpr int E = TM * TS * QG;
-#pragma unroll 4
-        for (int e = threadIdx.x; e < E; e += NT) {
-            int m_l, j;
-            if constexpr (Spec::OUT_COL) { m_l = e % TM; j = e / TM; }
-            else { m_l = e / (TS * QG); j = e % (TS * QG); }
-            const i64 m = m0 + m_l;
-            const int qg = j / TS, s_l = j % TS;
-            const i64 s = s0 + s_l;
-            if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * (TS * QG) + j];
+        if constexpr (Spec::OUT_VEC) {
+            // 16-byte stores: VEC consecutive slices (row layout, TS % VEC == 0, S % VEC == 0)
+            // or VEC consecutive rows (column layout)
+            typedef typename Vec<T>::type V;
+            constexpr int VEC = G::VEC;
+#pragma unroll 8
+            for (int e = threadIdx.x; e < E / VEC; e += NT) {
+                int m_l, j;
+                if constexpr (Spec::OUT_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
+                else { m_l = (e * VEC) / (TS * QG); j = (e * VEC) % (TS * QG); }
+                const i64 m = m0 + m_l;
+                const int qg = j / TS, s_l = j % TS;
+                const i64 s = s0 + s_l;
+                if (m < a.M && s < a.S) {
+                    V v;
+                    T* vs = reinterpret_cast<T*>(&v);
+#pragma unroll
+                    for (int c = 0; c < VEC; ++c) {
+                        if constexpr (Spec::OUT_COL) vs[c] = res[(m_l + c) * (TS * QG) + j];
+                        else vs[c] = res[m_l * (TS * QG) + j + c];
+                    }
+                    *reinterpret_cast<V*>(yp + m * a.ym + (qg * a.S + s) * a.yk) = v;
+                }
+            }
+        } else {
+#pragma unroll 8
+            for (int e = threadIdx.x; e < E; e += NT) {
+                int m_l, j;
+                if constexpr (Spec::OUT_COL) { m_l = e % TM; j = e / TM; }
+                else { m_l = e / (TS * QG); j = e % (TS * QG); }
+                const i64 m = m0 + m_l;
+                const int qg = j / TS, s_l = j % TS;
+                const i64 s = s0 + s_l;
+                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * (TS * QG) + j];
+            }
         }
     }
 }

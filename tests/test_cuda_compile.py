@@ -25,11 +25,15 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC)
 from kronegp import _backend  # noqa: E402
 from kronegp._cuda import CudaBackend  # noqa: E402
 from kronegp._cuda.compiler import compile_specs, kernel_name  # noqa: E402
-from kronegp._cuda.launch import _plan  # noqa: E402
+from kronegp._cuda.launch import _plan, run_row_product  # noqa: E402
 from kronegp._cuda.plan import FusedSpec, GemmSpec, plan_tiles  # noqa: E402
 from test_cuda_kernel import BIG_CASES, CASES, call, make_inputs  # noqa: E402
 
 SMEM_BUDGET = 100 * 1024  # what DeviceKernels plans with on sm_80/sm_90
+
+
+class _FakeDevice:
+    smem_budget = SMEM_BUDGET
 
 
 class _RecordingBackend(CudaBackend):
@@ -38,8 +42,12 @@ class _RecordingBackend(CudaBackend):
         self.specs: set = set()
 
     def _run(self, x, prod):
-        steps = _plan(prod.shapes, prod.m, x.element_size(), prod.in_col, prod.out_col, SMEM_BUDGET)
-        self.specs.update(st.spec for st in steps)
+        if x.device.type == "meta":  # no pointers: the plan's specs (the launcher may vectorize)
+            steps = _plan(prod.shapes, prod.m, x.element_size(), prod.in_col, prod.out_col, SMEM_BUDGET)
+            self.specs.update(st.spec for st in steps)
+            self.specs.update(st.spec.vectorized(prod.m, st.s, 0, 0, 1 if prod.in_col else st.k_in, prod.m if prod.in_col else 1, 0, 0, 1 if prod.out_col else st.k_out, prod.m if prod.out_col else 1) for st in steps)
+        else:
+            run_row_product(_FakeDevice(), prod, record=self.specs.add)
 
 
 def _used_specs() -> list:

@@ -31,6 +31,12 @@ __all__ = ["load", "CudaBackend", "plan_tiles"]
 _MIN_ARCH = 70  # the kernels use nothing newer than Volta; NVRTC decides the upper end
 
 
+def _batch_shape(x: Tensor, factors: Sequence[Tensor]) -> torch.Size:
+    if x.dim() == 2 and all(f.dim() == 2 for f in factors):
+        return torch.Size()  # the common case, without broadcast_shapes' cost
+    return torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+
+
 def _batch_strides(t: Tensor, batch: torch.Size) -> tuple[int, ...]:
     """``t``'s strides over the broadcast batch shape (0 where ``t`` is broadcast)."""
     tb = t.shape[:-2]
@@ -67,7 +73,7 @@ class CudaBackend:
 
     def matmul_kron(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         """``x · (F_1 ⊗ … ⊗ F_N)``: rows of x times the Kronecker product, ``G_i = F_i``."""
-        batch = torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+        batch = _batch_shape(x, factors)
         m = x.shape[-2]
         q_total = math.prod(int(f.shape[-1]) for f in factors)
         if m == 0 or x.shape[-1] == 0 or q_total == 0 or math.prod(batch) == 0:
@@ -89,7 +95,7 @@ class CudaBackend:
 
     def kron_matmul(self, factors: Sequence[Tensor], x: Tensor) -> Tensor:
         """``(F_1 ⊗ … ⊗ F_N) · x``: each column of x is a row times ``⊗F_iᵀ`` (``G_i = F_iᵀ``)."""
-        batch = torch.broadcast_shapes(x.shape[:-2], *(f.shape[:-2] for f in factors))
+        batch = _batch_shape(x, factors)
         t = x.shape[-1]
         p_total = math.prod(int(f.shape[-2]) for f in factors)
         if t == 0 or x.shape[-2] == 0 or p_total == 0 or math.prod(batch) == 0:

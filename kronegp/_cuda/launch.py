@@ -129,6 +129,14 @@ class _CtxGuard:
         return False
 
 
+class _NoCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 @dataclass
 class Operand:
     """A tensor viewed as ``(*batch, rows, cols)`` with explicit strides (elements)."""
@@ -179,9 +187,13 @@ def _merge_batch(sizes: Sequence[int], strides: Sequence[Sequence[int]]):
     return merged
 
 
-def run_row_product(dev: DeviceKernels, prod: RowProduct) -> None:
-    """Plan and launch every step of ``prod`` on the current stream of the tensors' device."""
-    driver = _drv()
+def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
+    """Plan and launch every step of ``prod`` on the current stream of the tensors' device.
+
+    ``record``: instead of launching, call ``record(spec)`` for each launch (CI uses this on CPU
+    tensors to list the specs that a GPU would compile, through this very code path).
+    """
+    driver = _drv() if record is None else None
     x, y = prod.x, prod.y
     dtype = x.tensor.dtype
     itemsize = x.tensor.element_size()
@@ -210,7 +222,7 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct) -> None:
     merged = _merge_batch(prod.batch, all_strides)
     inner = merged[-1] if merged else (1, [0] * len(all_strides))
     outer = merged[:-1]
-    stream = torch.cuda.current_stream(x.tensor.device).cuda_stream
+    stream = torch.cuda.current_stream(x.tensor.device).cuda_stream if record is None else 0
     n_ops = len(operands)
 
     def ptr(t: torch.Tensor) -> int:
@@ -220,7 +232,9 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct) -> None:
 
     args = KronArgs()
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-    with dev.current():
+    params_ptr = ctypes.addressof(params)
+    success = driver.CUresult.CUDA_SUCCESS if record is None else None
+    with dev.current() if record is None else _NoCtx():
         for outer_idx in itertools.product(*(range(n) for n, _ in outer)):
             offs = [0] * len(all_strides)
             for (n, st), i in zip(outer, outer_idx):
@@ -231,7 +245,6 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct) -> None:
                 zoffs = [o + z0 * s for o, s in zip(offs, inner[1])]
                 for j, st in enumerate(steps):
                     spec = st.spec
-                    fn = dev.function(spec)
                     # input of this step
                     if j == 0:
                         args.x = base_ptrs[0] + zoffs[0] * itemsize
@@ -256,16 +269,19 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct) -> None:
                         args.fb[g] = inner[1][2 + fi]
                         args.f0[g], args.f1[g] = f.s_row, f.s_col
                     args.M, args.S = m, st.s
+                    spec = spec.vectorized(m, st.s, args.x, args.xb, args.xm, args.xk, args.y, args.yb, args.ym, args.yk)
+                    if record is not None:
+                        record(spec)
+                        continue
+                    fn = dev.function(spec)
                     gx, gy = spec.grid(m, st.s)
                     if gx > _MAX_GRID_X:
                         raise ValueError(f"kronegp: problem too large for one launch ({gx} blocks)")
-                    _check(
-                        driver.cuLaunchKernel(
-                            fn, gx, gy, nz, spec.NT, 1, 1, spec.smem_bytes, stream,
-                            ctypes.addressof(params), 0,
-                        ),
-                        f"cuLaunchKernel({kernel_name(spec)})",
+                    err = driver.cuLaunchKernel(
+                        fn, gx, gy, nz, spec.NT, 1, 1, spec.smem_bytes, stream, params_ptr, 0
                     )
+                    if err[0] != success:
+                        _check(err, f"cuLaunchKernel({kernel_name(spec)})")
     # The intermediates were allocated on this stream: the caching allocator reuses them only
     # after this stream's queued kernels, so dropping them here is safe.
 

@@ -59,6 +59,8 @@ class FusedSpec:
     NT: int
     in_col: bool  # x's rows are its contiguous axis (x[m, k] at m + k·ld): load m-fastest
     out_col: bool
+    in_vec: bool = False  # 16-byte global loads (set per launch from pointer/stride alignment)
+    out_vec: bool = False  # 16-byte global stores
 
     kind = "fused"
 
@@ -102,6 +104,24 @@ class FusedSpec:
     def grid(self, m: int, s: int) -> tuple[int, int]:
         return _cdiv(m, self.TM) * _cdiv(s, self.TS), 1
 
+    def vectorized(self, m, s, x_ptr, xb, xm, xk, y_ptr, yb, ym, yk) -> "FusedSpec":
+        """This spec with 16-byte global loads/stores where the operands' alignment allows."""
+        v = self.vec
+        if self.in_col:
+            iv = xm == 1 and xk % v == 0 and self.TM % v == 0 and m % v == 0
+        else:
+            iv = xk == 1 and (xm % v == 0 or m == 1) and self.PG % v == 0
+        iv = iv and xb % v == 0 and x_ptr % 16 == 0
+        if self.out_col:
+            ov = ym == 1 and yk % v == 0 and self.TM % v == 0 and m % v == 0
+        else:
+            ov = yk == 1 and (ym % v == 0 or m == 1) and self.TS % v == 0 and s % v == 0
+        ov = ov and yb % v == 0 and y_ptr % 16 == 0
+        if (iv, ov) == (self.in_vec, self.out_vec):
+            return self
+        return FusedSpec(self.itemsize, self.P, self.Q, self.TM, self.TS, self.NT, self.in_col,
+                         self.out_col, iv, ov)
+
     def source(self, name: str) -> str:
         nf = len(self.P)
         ps = ", ".join(map(str, self.P))
@@ -116,6 +136,7 @@ struct Spec {{
     static constexpr int Q[{nf}] = {{{qs}}};
     static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
     static constexpr bool IN_COL = {str(self.in_col).lower()}, OUT_COL = {str(self.out_col).lower()};
+    static constexpr bool IN_VEC = {str(self.in_vec).lower()}, OUT_VEC = {str(self.out_vec).lower()};
 }};
 static_assert(FusedGeom<Spec>::smem_elems() * sizeof({t}) == {self.smem_bytes}, "smem size mismatch");
 }}
@@ -168,6 +189,9 @@ class GemmSpec:
 
     def grid(self, m: int, s: int) -> tuple[int, int]:
         return _cdiv(m * s, self.BR), _cdiv(self.Q, self.BQ)
+
+    def vectorized(self, *args) -> "GemmSpec":
+        return self
 
     def source(self, name: str) -> str:
         t = _CTYPE[self.itemsize]

@@ -1,0 +1,220 @@
+"""Benchmark kronegp's Kron-Matmul against linear_operator and a plain torch loop (DESIGN.md).
+
+For every case of the DESIGN.md list, both dtypes and both sides:
+
+* ours: ``kronegp.kron_matmul(F, x)`` with x ``(K, T)`` and ``kronegp.matmul_kron(x, F)`` with
+  x ``(M, K)`` (the public ops, so dispatch overhead is included);
+* linear_operator: ``KroneckerProductLinearOperator(F)._matmul(x)`` and ``x @ op`` (rmatmul);
+* torch loop: ``kronegp.reference`` (one batched GEMM per factor).
+
+The floor is measured in the same run: ``floor = max(bytes / B, flops / R, 5 µs)`` with B the
+device-to-device copy bandwidth (bytes read + written) and R torch's GEMM rate in the dtype
+(TF32 off). Times are medians of ``--reps`` CUDA-event timings after warm-up, rotating over
+two fresh random input sets. Errors are relative to a float64 reference.
+
+    python benchmarks/kron_matmul.py --out results.json [--quick] [--dtypes float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+import kronegp
+from kronegp import reference
+
+CASES = [
+    ("(1024, 8^6)", 1024, [8] * 6),
+    ("(1024, 16^4)", 1024, [16] * 4),
+    ("(1024, 32^3)", 1024, [32] * 3),
+    ("(1024, 64^3)", 1024, [64] * 3),
+    ("(1024, 128^2)", 1024, [128] * 2),
+    ("(320, 16^5)", 320, [16] * 5),
+    ("(16, 8^8)", 16, [8] * 8),
+    ("(16, 16^6)", 16, [16] * 6),
+    ("(16, 64^4)", 16, [64] * 4),
+    ("GP 64^3, T=11", 11, [64] * 3),
+    ("GP 128^3, T=11", 11, [128] * 3),
+    ("GP 256^3, T=11", 11, [256] * 3),
+    ("GP [64,128,365], T=11", 11, [64, 128, 365]),
+    ("GP [24,24,72], T=11", 11, [24, 24, 72]),
+]
+
+
+def time_ms(fn, inputs, reps: int, warmup: int = 3) -> float:
+    """Median CUDA-event time of ``fn(*inputs[i % len])`` in milliseconds."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        args = inputs[i % len(inputs)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_ceilings(reps: int) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = 1 << 28  # 1 GiB of float32
+    a = torch.randn(n, device="cuda")
+    b = torch.empty_like(a)
+    t = time_ms(lambda: b.copy_(a), [()], reps)
+    bw = 2 * n * 4 / (t * 1e-3)
+    del a, b
+    rates = {}
+    for dt in (torch.float32, torch.float64):
+        s = 8192
+        x = torch.randn(s, s, device="cuda", dtype=dt)
+        y = torch.randn(s, s, device="cuda", dtype=dt)
+        t = time_ms(lambda: x @ y, [()], max(3, reps // 2))
+        rates[str(dt)] = 2 * s**3 / (t * 1e-3)
+        del x, y
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "gemm_flops_per_s": rates}
+
+
+def case_flops(m: int, sizes: list[int]) -> float:
+    # Σ_i 2·M·(Π_{j<i} Q_j)·P_i·Q_i·(Π_{j>i} P_j), square factors here
+    total = 0
+    for i in range(len(sizes)):
+        total += 2 * m * math.prod(sizes[:i]) * sizes[i] * sizes[i] * math.prod(sizes[i + 1 :])
+    return total
+
+
+def lo_operator(factors):
+    from linear_operator.operators import DenseLinearOperator, KroneckerProductLinearOperator
+
+    return KroneckerProductLinearOperator(*[DenseLinearOperator(f) for f in factors])
+
+
+def run(args) -> dict:
+    dev = torch.cuda.get_device_name()
+    ceil = measure_ceilings(args.reps)
+    print(f"# {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"# copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s; GEMM "
+        + ", ".join(f"{k.split('.')[-1]} {v / 1e12:.1f} TFLOP/s" for k, v in ceil["gemm_flops_per_s"].items()),
+        flush=True,
+    )
+    print(f"# backend: {kronegp.backend_info().get('cuda_reason')}", flush=True)
+    rows = []
+    cases = CASES[: args.limit] if args.limit else CASES
+    for dtname in args.dtypes:
+        dt = getattr(torch, dtname)
+        rate = ceil["gemm_flops_per_s"][str(dt)]
+        for name, m, sizes in cases:
+            k = math.prod(sizes)
+            for side in args.sides:
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                inputs = []
+                for _ in range(2):
+                    fs = [torch.randn(p, p, device="cuda", dtype=dt, generator=gen) / math.sqrt(p) for p in sizes]
+                    shape = (k, m) if side == "kron_matmul" else (m, k)
+                    x = torch.randn(*shape, device="cuda", dtype=dt, generator=gen)
+                    inputs.append((x, fs))
+                if side == "kron_matmul":
+                    ours = lambda x, fs: kronegp.kron_matmul(fs, x)  # noqa: E731
+                    loop = lambda x, fs: reference.kron_matmul(fs, x)  # noqa: E731
+                    lo = lambda x, op: op._matmul(x)  # noqa: E731
+                else:
+                    ours = lambda x, fs: kronegp.matmul_kron(x, fs)  # noqa: E731
+                    loop = lambda x, fs: reference.matmul_kron(x, fs)  # noqa: E731
+                    lo = lambda x, op: x @ op  # noqa: E731
+                nbytes = (2 * m * k + sum(p * p for p in sizes)) * x.element_size()
+                flops = case_flops(m, sizes)
+                floor_s = max(nbytes / ceil["copy_bytes_per_s"], flops / rate, 5e-6)
+                with torch.no_grad():
+                    x0, f0 = inputs[0]
+                    out = ours(x0, f0)
+                    ref = (
+                        reference.kron_matmul([f.double() for f in f0], x0.double())
+                        if side == "kron_matmul"
+                        else reference.matmul_kron(x0.double(), [f.double() for f in f0])
+                    )
+                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    nan = bool(torch.isnan(out).any())
+                    del out, ref
+                    t_ours = time_ms(ours, inputs, args.reps)
+                    t_loop = time_ms(loop, inputs, args.reps)
+                    lo_inputs = [(x, lo_operator(fs)) for x, fs in inputs]
+                    try:
+                        t_lo = time_ms(lo, lo_inputs, args.reps)
+                    except Exception as e:  # noqa: BLE001 — an anchor that fails is reported, not fatal
+                        print(f"  linear_operator failed on {name}: {e}", file=sys.stderr)
+                        t_lo = float("nan")
+                del inputs, lo_inputs
+                torch.cuda.empty_cache()
+                row = {
+                    "case": name,
+                    "dtype": dtname,
+                    "side": side,
+                    "M": m,
+                    "factors": sizes,
+                    "bytes": nbytes,
+                    "flops": flops,
+                    "floor_ms": floor_s * 1e3,
+                    "ours_ms": t_ours,
+                    "lo_ms": t_lo,
+                    "loop_ms": t_loop,
+                    "time_over_floor": t_ours / (floor_s * 1e3),
+                    "lo_over_floor": t_lo / (floor_s * 1e3),
+                    "speedup_vs_lo": t_lo / t_ours,
+                    "speedup_vs_loop": t_loop / t_ours,
+                    "rel_err": err,
+                    "nan": nan,
+                }
+                rows.append(row)
+                print(
+                    f"{name:24s} {dtname:8s} {side:11s} ours {t_ours:9.4f} ms  floor {floor_s * 1e3:8.4f}  "
+                    f"x{row['time_over_floor']:5.2f}  LO {t_lo:9.3f} (x{row['lo_over_floor']:5.1f})  "
+                    f"vsLO {row['speedup_vs_lo']:5.2f}  vsloop {row['speedup_vs_loop']:5.2f}  err {err:.1e}",
+                    flush=True,
+                )
+    summary = {}
+    for dtname in args.dtypes:
+        sel = [r for r in rows if r["dtype"] == dtname]
+        if not sel:
+            continue
+        gm = lambda key: math.exp(statistics.fmean(math.log(r[key]) for r in sel if r[key] == r[key]))  # noqa: E731
+        summary[dtname] = {
+            "geomean_time_over_floor": gm("time_over_floor"),
+            "geomean_lo_over_floor": gm("lo_over_floor"),
+            "geomean_speedup_vs_lo": gm("speedup_vs_lo"),
+            "geomean_speedup_vs_loop": gm("speedup_vs_loop"),
+            "max_rel_err": max(r["rel_err"] for r in sel),
+            "slower_than_lo": [f"{r['case']} {r['side']}" for r in sel if r["speedup_vs_lo"] < 1],
+        }
+        print(f"# {dtname}: " + json.dumps(summary[dtname]), flush=True)
+    return {"device": dev, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ceilings": ceil,
+            "backend": kronegp.backend_info(), "rows": rows, "summary": summary}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="kron_matmul_results.json")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--sides", nargs="+", default=["matmul_kron", "kron_matmul"])
+    ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kron_matmul.py needs a CUDA GPU")
+    result = run(args)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"# wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
