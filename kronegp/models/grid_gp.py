@@ -1,0 +1,681 @@
+"""GridGP: Gaussian-process regression on a grid (n_1 × … × n_d), missing cells allowed.
+
+Model (in standardised units when ``standardize=True``)::
+
+    y_c = μ(x_c) + f(x_c) + ε_c,   f ~ GP(0, s² Π_k k_k(x_k, x_k')),   ε_c ~ N(0, d_c)
+
+over the cells ``c`` of the grid ``x = (axes[0][i_1], …, axes[d-1][i_d])``. The covariance
+of ``f`` on the grid is ``K = s² (K_1 ⊗ … ⊗ K_d)``, ``K_k`` the ``n_k × n_k`` matrix of the
+kernel of dimension ``k`` on its axis. ``d_c = σ²`` (learned) unless per-cell noise is given.
+
+Two inference paths, chosen from the data:
+
+* **exact** (every cell observed, homoskedastic noise): eigendecompose each ``K_k``;
+  the likelihood, its analytic gradients, the posterior mean and the exact posterior
+  variance on the grid cost a few Kronecker matmuls (:mod:`kronegp.models._exact`).
+* **cg** (missing cells and/or per-cell noise): preconditioned block CG on
+  ``B = I + W^{½} K W^{½}``, log-determinant by stochastic Lanczos quadrature, gradients
+  by stochastic trace estimation (:mod:`kronegp.models._masked`).
+
+No dense ``N × N`` matrix is ever formed: every product with ``K`` or its eigenvectors is
+:func:`kronegp.kron_matmul` / :func:`kronegp.matmul_kron`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import gpytorch
+import torch
+from gpytorch.constraints import GreaterThan, Positive
+from torch import Tensor
+
+from kronegp.models._data import parse_grid_data
+from kronegp.models._exact import exact_lml
+from kronegp.models._kron import KronEigen, kron_vector
+from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.ops import kron_matmul, matmul_kron
+from kronegp.solvers import local_inner
+
+__all__ = ["GridGP"]
+
+# Points per chunk in predictions at arbitrary points and in exact CG variances: bounds
+# the (chunk × N / n_k) temporaries of the row-wise Kronecker products.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class GridGP(torch.nn.Module):
+    """A Gaussian process on a grid, with a kernel per dimension.
+
+    Args:
+        values: grid-shaped data ``(n_1, …, n_d)``: numpy array, torch tensor, or
+            ``xarray.DataArray`` (its coordinates become the axes; datetime coordinates
+            become days since their first entry). NaN marks a missing cell.
+        axes: one strictly monotone 1-D coordinate array per dimension (any spacing);
+            default ``arange(n_k)``.
+        mask: optional boolean grid, True = observed (combined with the NaNs of ``values``).
+        noise: optional per-cell noise variances (scalar or grid-shaped, data units); fixed,
+            not learned. Without it a homoskedastic noise variance is learned.
+        kernels: one GPyTorch kernel per dimension, each taking 1-D inputs (default:
+            Matérn-5/2 with the lengthscale initialised to ``√(spacing · extent)`` of its axis).
+            Do not wrap them in ``ScaleKernel``: the model has one output scale ``s²``.
+        mean: ``None`` (a learned constant), or a ``gpytorch.means.Mean`` evaluated on
+            ``(n, d)`` coordinates, in data units.
+        standardize: fit standardised values (``(y − mean) / std`` over observed cells);
+            everything reported (likelihood, predictions, hyperparameters) is in data units.
+        dtype, device: default: those of a float tensor ``values``, else float64 on CPU.
+        num_probes: probe vectors of the stochastic estimates (cg path).
+        cg_tol, cg_max_iters: CG stopping rule (relative residual) for the cg path.
+        precondition: use the Kronecker-eigendecomposition preconditioner (cg path).
+        seed: seed of the probe vectors. The same probes are used at every evaluation, so
+            the cg-path objective is a deterministic function of the hyperparameters
+            (L-BFGS needs that); set ``resample_probes = True`` to draw fresh ones each time.
+        exact_variance_limit: on the cg path, grid variances are exact (one CG solve per
+            cell) for grids of at most this many cells, else a Monte Carlo estimate with
+            ``variance_samples`` samples and a control variate (see :meth:`predict`).
+
+    Attributes:
+        path: ``"exact"`` or ``"cg"``.
+        cg_iterations: iterations of the last CG run (``None`` before any, 0 on the exact path).
+        history: loss (negative log marginal likelihood per observed cell, data units) at
+            every optimiser step of every :meth:`fit`.
+    """
+
+    def __init__(
+        self,
+        values: Any,
+        axes: Optional[Sequence[Any]] = None,
+        *,
+        mask: Any = None,
+        noise: Any = None,
+        kernels: Optional[Sequence[gpytorch.kernels.Kernel]] = None,
+        mean: Optional[gpytorch.means.Mean] = None,
+        standardize: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device | str] = None,
+        num_probes: int = 16,
+        cg_tol: float = 1e-5,
+        cg_max_iters: int = 1000,
+        precondition: bool = True,
+        seed: int = 0,
+        exact_variance_limit: int = 4096,
+        variance_samples: int = 64,
+    ):
+        super().__init__()
+        data = parse_grid_data(values, axes, mask=mask, noise=noise, dtype=dtype, device=device)
+        self.shape = tuple(data.values.shape)
+        self.ndim = len(self.shape)
+        self.n_cells = math.prod(self.shape)
+        self.axis_names = data.axis_names
+        self.axis_units = data.axis_units
+        self.axis_origins = data.axis_origins
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+        self.num_probes = int(num_probes)
+        self.cg_tol = float(cg_tol)
+        self.cg_max_iters = int(cg_max_iters)
+        self.precondition = bool(precondition)
+        self.seed = int(seed)
+        self.resample_probes = False
+        self.exact_variance_limit = int(exact_variance_limit)
+        self.variance_samples = int(variance_samples)
+        self.cg_iterations: Optional[int] = None
+        self.cg_residual: Optional[float] = None
+        self.history: list[float] = []
+        self._probe_generator: Optional[torch.Generator] = None
+
+        values_t = data.values.reshape(-1)
+        observed = data.mask.reshape(-1) if data.mask is not None else None
+        self.n_observed = int(observed.sum()) if observed is not None else self.n_cells
+        obs_vals = values_t[observed] if observed is not None else values_t
+        if standardize:
+            self.shift = float(obs_vals.mean())
+            std = float(obs_vals.std()) if obs_vals.numel() > 1 else 0.0
+            self.scale = std if std > 0 else 1.0
+        else:
+            self.shift, self.scale = 0.0, 1.0
+        y = (values_t - self.shift) / self.scale
+        if observed is not None:
+            y = torch.where(observed, y, torch.zeros_like(y))
+        self.register_buffer("y", y)
+        self.register_buffer("observed", observed)
+        self.register_buffer(
+            "cell_noise", data.noise.reshape(-1) / self.scale**2 if data.noise is not None else None
+        )
+        for k, ax in enumerate(data.axes):
+            self.register_buffer(f"axis_{k}", ax)
+
+        y_obs = y[observed] if observed is not None else y
+        var0 = float(y_obs.var()) if y_obs.numel() > 1 else 1.0
+        var0 = var0 if var0 > 0 else 1.0
+        dt, dev = values_t.dtype, values_t.device
+
+        # ---- kernels
+        if kernels is None:
+            kernels = [self._default_kernel(ax) for ax in data.axes]
+        if isinstance(kernels, gpytorch.kernels.Kernel) or not isinstance(kernels, (list, tuple)):
+            raise TypeError(
+                f"kernels must be a list of {self.ndim} GPyTorch kernels (one per dimension), "
+                f"got {type(kernels).__name__}"
+            )
+        if len(kernels) != self.ndim:
+            raise ValueError(f"kernels must hold one kernel per dimension: {self.ndim} needed, got {len(kernels)}")
+        self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
+        for k, (kern, ax) in enumerate(zip(self.kernels, data.axes)):
+            self._check_kernel(k, kern, ax)
+
+        # ---- output scale, noise, mean
+        self.outputscale_constraint = Positive()
+        self.raw_outputscale = torch.nn.Parameter(
+            self.outputscale_constraint.inverse_transform(torch.tensor(var0, dtype=dt, device=dev))
+        )
+        self.learn_noise = data.noise is None
+        if self.learn_noise:
+            self.noise_constraint = GreaterThan(1e-6)
+            self.raw_noise = torch.nn.Parameter(
+                self.noise_constraint.inverse_transform(torch.tensor(0.1 * var0, dtype=dt, device=dev))
+            )
+        self.user_mean = mean is not None
+        if mean is None:
+            mean = gpytorch.means.ConstantMean()
+            with torch.no_grad():
+                mean.constant.fill_(float(y_obs.mean()))
+        elif not isinstance(mean, gpytorch.means.Mean):
+            raise TypeError(f"mean must be a gpytorch.means.Mean or None, got {type(mean).__name__}")
+        self.mean_module = mean.to(dtype=dt, device=dev)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _default_kernel(axis: Tensor) -> gpytorch.kernels.Kernel:
+        kern = gpytorch.kernels.MaternKernel(nu=2.5)
+        n = axis.shape[0]
+        if n > 1:
+            extent = float((axis[-1] - axis[0]).abs())
+            spacing = float(axis.diff().abs().median())
+            # Between the grid spacing (finest resolvable scale) and the extent (coarsest).
+            init = math.sqrt(spacing * extent)
+        else:
+            init = 1.0
+        kern.lengthscale = init
+        return kern
+
+    def _check_kernel(self, k: int, kern: Any, axis: Tensor) -> None:
+        if not isinstance(kern, gpytorch.kernels.Kernel):
+            raise TypeError(f"kernels[{k}] must be a gpytorch.kernels.Kernel, got {type(kern).__name__}")
+        ard = getattr(kern, "ard_num_dims", None)
+        if ard not in (None, 1):
+            raise ValueError(
+                f"kernels[{k}] has ard_num_dims={ard}, but each GridGP kernel takes 1-D inputs "
+                "(one kernel per grid dimension): use ard_num_dims=None or 1"
+            )
+        x = axis[: min(2, axis.shape[0])].unsqueeze(-1)
+        try:
+            with torch.no_grad():
+                out = kern(x, x).to_dense()
+        except Exception as err:  # any failure here means: the kernel cannot take 1-D inputs
+            raise ValueError(
+                f"kernels[{k}] ({type(kern).__name__}) does not accept 1-D inputs of shape (n, 1): "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        if tuple(out.shape) != (x.shape[0], x.shape[0]):
+            raise ValueError(
+                f"kernels[{k}] ({type(kern).__name__}) returned shape {tuple(out.shape)} for 1-D inputs of "
+                f"shape {tuple(x.shape)}; expected {(x.shape[0], x.shape[0])} (batched kernels are not supported)"
+            )
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def path(self) -> str:
+        return "exact" if self.observed is None and self.cell_noise is None else "cg"
+
+    @property
+    def axes(self) -> list[Tensor]:
+        return [getattr(self, f"axis_{k}") for k in range(self.ndim)]
+
+    @property
+    def outputscale(self) -> Tensor:
+        """``s²`` in model (standardised) units."""
+        return self.outputscale_constraint.transform(self.raw_outputscale)
+
+    @property
+    def noise(self) -> Optional[Tensor]:
+        """Learned homoskedastic ``σ²`` in model units (``None`` with per-cell noise)."""
+        return self.noise_constraint.transform(self.raw_noise) if self.learn_noise else None
+
+    def _factors(self) -> list[Tensor]:
+        """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it)."""
+        out = []
+        for kern, ax in zip(self.kernels, self.axes):
+            x = ax.unsqueeze(-1)
+            mat = kern(x, x).to_dense()
+            out.append(0.5 * (mat + mat.mT))
+        return out
+
+    def _grid_points(self) -> Tensor:
+        mesh = torch.meshgrid(*self.axes, indexing="ij")
+        return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+
+    def _mean_grid(self) -> Tensor:
+        """``μ`` on the grid in model units (length ``N``)."""
+        if not self.user_mean:
+            return self.mean_module.constant.expand(self.n_cells)
+        return (self.mean_module(self._grid_points()) - self.shift) / self.scale
+
+    def _mean_points(self, points: Tensor) -> Tensor:
+        if not self.user_mean:
+            return self.mean_module.constant.expand(points.shape[0])
+        return (self.mean_module(points) - self.shift) / self.scale
+
+    def _fill_noise(self) -> Tensor:
+        """``d̃`` on the full grid in model units, with gradient: σ² everywhere, or the per-cell
+        noise at observed cells and its geometric mean at missing ones (any positive value
+        there leaves ``C_OO`` unchanged)."""
+        if self.cell_noise is None:
+            return self.noise.expand(self.n_cells)
+        if self.observed is None:
+            return self.cell_noise
+        obs = self.observed
+        safe = torch.where(obs, self.cell_noise, torch.ones_like(self.cell_noise))
+        fill = torch.exp(torch.log(safe)[obs].mean())
+        return torch.where(obs, self.cell_noise, fill)
+
+    def _full_cov(self, factors: list[Tensor]) -> FullGridCovariance:
+        return FullGridCovariance(
+            factors,
+            self.outputscale.detach(),
+            self._fill_noise().detach(),
+            homoskedastic=self.cell_noise is None,
+            tol=self.cg_tol,
+            max_iters=self.cg_max_iters,
+            precondition=self.precondition,
+        )
+
+    def _std_normal(self, rows: int, cols: int, offset: int = 0) -> Tensor:
+        dev = self.y.device
+        if self._probe_generator is None or not self.resample_probes or self._probe_generator.device != dev:
+            self._probe_generator = torch.Generator(device=dev)
+            self._probe_generator.manual_seed(self.seed + offset)
+        return torch.randn(rows, cols, generator=self._probe_generator, dtype=self.y.dtype, device=dev)
+
+    # ------------------------------------------------------------------ likelihood
+
+    def _lml_model_units(self) -> Tensor:
+        factors = self._factors()
+        resid = self.y - self._mean_grid()
+        if self.path == "exact":
+            self.cg_iterations = 0
+            return exact_lml(resid, self.noise, self.outputscale, factors)
+        cov = self._full_cov(factors)
+        n, sp = self.n_cells, self.num_probes
+        if self.precondition:
+            pieces = cg_lml_pieces(
+                cov,
+                resid.detach(),
+                self.observed,
+                self.n_observed,
+                probes_c=None if cov.homoskedastic else self._std_normal(n, sp),
+                probes_g=None if self.observed is None else self._std_normal(n, sp, offset=1),
+                tol=self.cg_tol,
+                max_iters=self.cg_max_iters,
+            )
+        else:
+            pieces = plain_cg_lml_pieces(
+                cov.matvec, resid.detach(), self.observed, self.n_observed, self._std_normal(n, sp),
+                tol=self.cg_tol, max_iters=self.cg_max_iters,
+            )
+        self.cg_iterations = pieces.iterations
+        self.cg_inner_iterations = pieces.inner_iterations
+        self.cg_residual = pieces.residual
+        # Surrogate: its gradient is the estimated gradient (bilinear derivatives with the
+        # CG vectors held fixed); its value is discarded.
+        left_w = pieces.left * pieces.weights
+        surrogate = self.outputscale * (left_w * kron_matmul(factors, pieces.right)).sum()
+        surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
+        surrogate = surrogate + (pieces.alpha * self._mean_grid()).sum()
+        if pieces.exact_logdet and self.precondition:
+            # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
+            # preconditioner's fixed σ̄² (per-cell noise, control variate).
+            level = self.noise if cov.homoskedastic else cov.sigma_bar2
+            surrogate = surrogate + exact_lml(torch.zeros_like(resid), level, self.outputscale, factors)
+        return pieces.value + (surrogate - surrogate.detach())
+
+    def log_marginal_likelihood(self) -> Tensor:
+        """``log p(y_O)`` in data units (0-dim tensor, differentiable in the hyperparameters).
+
+        Exact on the exact path; on the cg path an estimate whose log-determinant is
+        stochastic (SLQ with ``num_probes`` probes) and whose gradient is the stochastic
+        trace estimate (see :mod:`kronegp.models._masked`).
+        """
+        return self._lml_model_units() - self.n_observed * math.log(self.scale)
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(
+        self,
+        iters: int = 100,
+        optimizer: str = "adam",
+        lr: Optional[float] = None,
+        progress: bool = True,
+        *,
+        patience: Optional[int] = None,
+        min_delta: float = 1e-5,
+    ) -> list[float]:
+        """Maximise the log marginal likelihood over every hyperparameter.
+
+        The loss is ``−log p(y_O) / n_observed`` (data units). Stops early once the loss
+        has not improved by more than ``min_delta`` for ``patience`` steps (default 10 for
+        Adam, 3 for L-BFGS).
+
+        Args:
+            iters: optimiser steps (for L-BFGS each step is one quasi-Newton update with a
+                strong-Wolfe line search, i.e. several evaluations).
+            optimizer: ``"adam"`` or ``"lbfgs"``.
+            lr: learning rate (default 0.1 for Adam, 1.0 for L-BFGS).
+            progress: show a tqdm progress bar with the loss.
+
+        Returns:
+            :attr:`history`, the loss after every step of every fit so far.
+        """
+        from tqdm.auto import tqdm
+
+        if optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        params = [p for p in self.parameters() if p.requires_grad]
+        if optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=0.1 if lr is None else lr)
+            patience = 10 if patience is None else patience
+        else:
+            opt = torch.optim.LBFGS(
+                params, lr=1.0 if lr is None else lr, max_iter=1, line_search_fn="strong_wolfe", history_size=20
+            )
+            patience = 3 if patience is None else patience
+
+        def closure():
+            opt.zero_grad()
+            loss = -self.log_marginal_likelihood() / self.n_observed
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"GridGP.fit: the loss became {float(loss)}; hyperparameters: {self.hyperparameters()}"
+                )
+            loss.backward()
+            return loss
+
+        self.train()
+        best, waited = math.inf, 0
+        bar = tqdm(range(iters), disable=not progress, desc=f"GridGP ({self.path})")
+        for _ in bar:
+            loss = float(opt.step(closure))
+            self.history.append(loss)
+            bar.set_postfix(loss=f"{loss:.5g}", cg=self.cg_iterations)
+            if loss < best - min_delta:
+                best, waited = loss, 0
+            else:
+                waited += 1
+                if waited >= patience:
+                    break
+        bar.close()
+        self.eval()
+        return self.history
+
+    # ------------------------------------------------------------------ prediction
+
+    def _cross_factors(self, points: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``a_k = k_k(x*_k, axis_k)`` (``n × n_k`` each) and the prior variance ``Π_k k_k(x*_k, x*_k)``."""
+        cross, prior = [], None
+        for k, (kern, ax) in enumerate(zip(self.kernels, self.axes)):
+            xk = points[:, k : k + 1]
+            cross.append(kern(xk, ax.unsqueeze(-1)).to_dense())
+            dk = kern(xk, xk, diag=True)
+            prior = dk if prior is None else prior * dk
+        return cross, prior
+
+    def _check_points(self, points: Any) -> Tensor:
+        pts = points if isinstance(points, Tensor) else torch.as_tensor(points)
+        if pts.dim() != 2 or pts.shape[1] != self.ndim:
+            raise ValueError(f"points must have shape (n, {self.ndim}) (one coordinate per grid dimension), got {tuple(pts.shape)}")
+        if not (pts.is_floating_point() or pts.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"points must be real-valued, got dtype {pts.dtype}")
+        if pts.is_floating_point() and pts.dtype != self.y.dtype:
+            raise TypeError(f"points has dtype {pts.dtype} but the model is {self.y.dtype}; cast them (nothing is promoted silently)")
+        if pts.device != self.y.device and isinstance(points, Tensor):
+            raise ValueError(f"points is on {pts.device} but the model is on {self.y.device}; move one of them")
+        return pts.to(dtype=self.y.dtype, device=self.y.device)
+
+    def _point_chunks(self, n: int):
+        per_point = max(1, self.n_cells // max(self.shape))
+        size = max(1, _CHUNK_ELEMENTS // per_point)
+        for start in range(0, n, size):
+            yield slice(start, min(n, start + size))
+
+    @staticmethod
+    def _rowwise_kron_dot(grid_vec: Tensor, rows: list[Tensor]) -> Tensor:
+        """``out_i = Σ_j g_j Π_k rows_k[i, j_k]``: ``g`` against row ``i`` of ``⊙``-Kronecker rows.
+
+        One batched :func:`matmul_kron` with factors ``rows_k[i]ᵀ`` (``n_k × 1``), batch ``i``.
+        """
+        factors = [r.unsqueeze(-1) for r in rows]
+        return matmul_kron(grid_vec.reshape(1, 1, -1), factors).reshape(-1)
+
+    @staticmethod
+    def _rowwise_kron_columns(rows: list[Tensor]) -> Tensor:
+        """The grid vectors ``⊗_k rows_k[i]`` as columns of an ``(N, n)`` matrix."""
+        factors = [r.unsqueeze(-1) for r in rows]
+        one = rows[0].new_ones(1, 1)
+        return kron_matmul(factors, one).squeeze(-1).mT
+
+    @torch.no_grad()
+    def predict(
+        self,
+        points: Any = None,
+        *,
+        include_noise: bool = False,
+        variance: str = "auto",
+    ) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of ``f`` (data units) on the grid or at points.
+
+        On the grid: ``m = μ + K α`` and ``v = diag(K − K W^{½} B⁻¹ W^{½} K)``; on the exact
+        path ``v = (Q∘Q)(λσ²/(λ+σ²))`` (exact). At points ``x*`` (``(n, d)``):
+        ``m* = μ(x*) + k*ᵀα`` and ``v* = k(x*, x*) − k*ᵀ C_O⁻¹ k*``, where the rows
+        ``k*ᵀ = s² ⊗_k k_k(x*_k, axis_k)`` are row-wise Kronecker products (never dense).
+
+        Args:
+            points: ``None`` for the grid, or ``(n, d)`` coordinates in axis units.
+            include_noise: add the observation noise (σ², or the per-cell noise on the grid)
+                to the variance, for predictive intervals of new observations.
+            variance: on the cg path, ``"exact"`` (one CG solve per predicted cell/point),
+                ``"mc"`` (grid only: Monte Carlo with ``variance_samples`` posterior samples
+                and the exact homoskedastic posterior as control variate, unbiased, error
+                ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
+                else mc with a warning). Ignored on the exact path.
+
+        Returns:
+            ``(mean, var)``: grid-shaped, or ``(n,)`` for points.
+        """
+        if variance not in ("auto", "exact", "mc"):
+            raise ValueError(f"variance must be 'auto', 'exact' or 'mc', got {variance!r}")
+        factors = self._factors()
+        s2 = self.outputscale
+        resid = self.y - self._mean_grid()
+        if self.path == "exact":
+            eig = KronEigen(factors)
+            lam = s2 * eig.eigvals()
+            w = 1.0 / (lam + self.noise)
+            alpha = eig.apply_function(w, resid.unsqueeze(-1)).squeeze(-1)
+            system = None
+        else:
+            system = self._full_cov(factors)
+            eig, lam = system.eig, system.lam
+            alpha = self._solve_observed(system, self._obs_zero(resid).unsqueeze(-1)).squeeze(-1)
+
+        if points is None:
+            mean = self._mean_grid() + s2 * kron_matmul(factors, alpha.unsqueeze(-1)).squeeze(-1)
+            if system is None:
+                var = eig.diag_of(lam * self.noise * w)
+            else:
+                var = self._masked_grid_variance(system, factors, variance)
+            if include_noise:
+                var = var + self._grid_noise_for_prediction()
+            shape = self.shape
+        else:
+            pts = self._check_points(points)
+            means, vars_ = [], []
+            for sl in self._point_chunks(pts.shape[0]):
+                cross, prior = self._cross_factors(pts[sl])
+                means.append(self._mean_points(pts[sl]) + s2 * self._rowwise_kron_dot(alpha, cross))
+                if system is None:
+                    proj = [c @ q for c, q in zip(cross, eig.vecs)]
+                    red = s2 * s2 * self._rowwise_kron_dot(w, [p * p for p in proj])
+                else:
+                    cols = s2 * self._rowwise_kron_columns(cross)
+                    red = self._masked_reduction(system, cols)
+                vars_.append(s2 * prior - red)
+            mean, var = torch.cat(means), torch.cat(vars_)
+            if include_noise:
+                if not self.learn_noise:
+                    raise ValueError(
+                        "include_noise=True at arbitrary points needs a homoskedastic noise; this model has "
+                        "per-cell noise, known only on the grid"
+                    )
+                var = var + self.noise
+            shape = (pts.shape[0],)
+        var = var.clamp_min(0)
+        return (mean * self.scale + self.shift).reshape(shape), (var * self.scale**2).reshape(shape)
+
+    def _grid_noise_for_prediction(self) -> Tensor:
+        if self.learn_noise:
+            return self.noise.expand(self.n_cells)
+        if self.observed is not None and not bool(self.observed.all()):
+            raise ValueError(
+                "include_noise=True on the grid needs the noise at every cell, but per-cell noise is "
+                "known only at observed cells"
+            )
+        return self.cell_noise
+
+    def _obs_zero(self, vec: Tensor) -> Tensor:
+        """Zero a grid vector (or ``(N, t)`` block) at missing cells."""
+        if self.observed is None:
+            return vec
+        obs = self.observed.to(vec.dtype)
+        return obs * vec if vec.dim() == 1 else obs.unsqueeze(-1) * vec
+
+    def _solve_observed(self, cov: FullGridCovariance, rhs: Tensor) -> Tensor:
+        """``C_OO⁻¹ b_O`` zero-filled, for ``(N, t)`` columns zero at missing cells."""
+        out, iters = solve_observed(cov, rhs, self.observed, tol=self.cg_tol, max_iters=self.cg_max_iters)
+        self.cg_iterations = iters
+        return out
+
+    def _masked_reduction(self, cov: FullGridCovariance, kcols: Tensor) -> Tensor:
+        """``diag(k_Oᵀ C_OO⁻¹ k_O)`` for grid columns ``k`` (``(N, c)``)."""
+        rhs = self._obs_zero(kcols)
+        return (rhs * self._solve_observed(cov, rhs)).sum(0)
+
+    def _masked_grid_variance(self, cov: FullGridCovariance, factors: list[Tensor], method: str) -> Tensor:
+        s2 = cov.outputscale
+        if method == "auto":
+            method = "exact" if self.n_cells <= self.exact_variance_limit else "mc"
+            if method == "mc":
+                warnings.warn(
+                    f"GridGP.predict: the grid has {self.n_cells} cells > exact_variance_limit="
+                    f"{self.exact_variance_limit}, so the cg-path variance is a Monte Carlo estimate with "
+                    f"{self.variance_samples} samples (pass variance='exact' for one CG solve per cell)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        prior = s2 * kron_vector([f.diagonal() for f in factors])
+        if method == "exact":
+            n = self.n_cells
+            chunk = max(1, min(n, _CHUNK_ELEMENTS // n, 1024))
+            red = []
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                unit = torch.zeros(n, stop - start, dtype=prior.dtype, device=prior.device)
+                unit[torch.arange(start, stop, device=prior.device), torch.arange(stop - start, device=prior.device)] = 1
+                red.append(self._masked_reduction(cov, cov.kernel_matvec(unit)))
+            return prior - torch.cat(red)
+        # Monte Carlo with a control variate: the deviation of a posterior sample from the
+        # posterior mean, for this model and for the full-grid homoskedastic model with noise
+        # σ̄² (exact variance known), driven by the same random numbers so the two correlate.
+        s = self.variance_samples
+        lam, eig, sb2 = cov.lam, cov.eig, cov.sigma_bar2
+        f0 = eig.apply_function(lam.sqrt(), self._std_normal(self.n_cells, s, offset=2))
+        eps = self._std_normal(self.n_cells, s, offset=3)
+        noise_sd = self._fill_noise().detach().sqrt().unsqueeze(-1)
+        sol = self._solve_observed(cov, self._obs_zero(f0 + noise_sd * eps))
+        dev_model = f0 - cov.kernel_matvec(sol)
+        dev_control = f0 - eig.apply_function(lam / (lam + sb2), f0 + sb2.sqrt() * eps)
+        var_control = eig.diag_of(lam * sb2 / (lam + sb2))
+        return var_control + (dev_model * dev_model - dev_control * dev_control).mean(-1)
+
+    @torch.no_grad()
+    def sample(self, n: int = 1) -> Tensor:
+        """``n`` joint posterior samples of ``f`` on the grid, shape ``(n, *grid)`` (data units).
+
+        Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. cg path: pathwise conditioning
+        (Matheron's rule), ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O`` with ``f₀ ~ N(0, K)``
+        and ``ε ~ N(0, D)``, one block solve for all samples.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        factors = self._factors()
+        s2 = self.outputscale
+        mu = self._mean_grid()
+        resid = self.y - mu
+        g = torch.Generator(device=self.y.device)
+        g.manual_seed(int(torch.randint(0, 2**62, (1,))))
+        xi = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+        if self.path == "exact":
+            eig = KronEigen(factors)
+            lam = s2 * eig.eigvals()
+            w = 1.0 / (lam + self.noise)
+            mean = mu + s2 * kron_matmul(factors, eig.apply_function(w, resid.unsqueeze(-1))).squeeze(-1)
+            out = mean.unsqueeze(-1) + eig.apply_function((lam * self.noise * w).sqrt(), xi)
+        else:
+            cov = self._full_cov(factors)
+            f0 = cov.eig.apply_function(cov.lam.sqrt(), xi)
+            eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+            noise_sd = self._fill_noise().sqrt().unsqueeze(-1)
+            sol = self._solve_observed(cov, self._obs_zero(resid.unsqueeze(-1) - f0 - noise_sd * eps))
+            out = mu.unsqueeze(-1) + f0 + cov.kernel_matvec(sol)
+        return (out.mT * self.scale + self.shift).reshape(n, *self.shape)
+
+    # ------------------------------------------------------------------ reporting
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Current hyperparameters in data units, for printing.
+
+        Keys: ``lengthscales`` (one per dimension, axis units; ``None`` for a kernel
+        without one), ``outputscale`` (variance of ``f``), ``noise`` (learned variance, or
+        ``"per-cell (fixed)"``), ``mean`` (the constant, or ``"user"``), ``kernels`` (every
+        constrained kernel parameter by dimension), ``path``.
+        """
+        with torch.no_grad():
+            lengthscales, kern_params = [], []
+            for kern in self.kernels:
+                ls = getattr(kern, "lengthscale", None)
+                lengthscales.append(ls.reshape(-1).tolist()[0] if isinstance(ls, Tensor) and ls.numel() == 1 else (ls.reshape(-1).tolist() if isinstance(ls, Tensor) else None))
+                params = {}
+                for name, raw, constraint in kern.named_parameters_and_constraints():
+                    value = constraint.transform(raw) if constraint is not None else raw
+                    params[name.replace("raw_", "")] = value.reshape(-1).tolist() if value.numel() > 1 else float(value)
+                kern_params.append(params)
+            out = {
+                "lengthscales": lengthscales,
+                "outputscale": float(self.outputscale) * self.scale**2,
+                "noise": float(self.noise) * self.scale**2 if self.learn_noise else "per-cell (fixed)",
+                "mean": float(self.mean_module.constant) * self.scale + self.shift if not self.user_mean else "user",
+                "kernels": kern_params,
+                "path": self.path,
+            }
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"shape={self.shape}, observed={self.n_observed}/{self.n_cells}, path={self.path}, "
+            f"dtype={self.y.dtype}, device={self.y.device}"
+        )
