@@ -272,6 +272,73 @@ def _check_batch(factors: list[Tensor], x_batch: torch.Size, name: str) -> None:
         ) from None
 
 
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch without DTensor: nothing can be one
+        return None
+    return DTensor, Replicate, Shard
+
+
+def _unwrap_dtensors(factors, x, group, grid_dim: int):
+    """Local tensors for DTensor inputs; ``(factors, x, group, mesh)``, ``mesh`` None if none.
+
+    ``x`` may be a DTensor on a 1-D mesh sharded on its grid dimension (``grid_dim``,
+    counted from the end); factors may be DTensors replicated on it.
+    """
+    types = _dtensor_types()
+    if types is None:
+        return factors, x, group, None
+    DTensor, Replicate, Shard = types
+    unwrapped = []
+    for i, f in enumerate(factors):
+        if isinstance(f, DTensor):
+            if not all(isinstance(pl, Replicate) for pl in f.placements):
+                raise ValueError(
+                    f"factors[{i}] is a DTensor with placements {f.placements}; factors must be "
+                    "replicated (Replicate()) on every rank"
+                )
+            f = f.to_local()
+        unwrapped.append(f)
+    if not isinstance(x, DTensor):
+        return unwrapped, x, group, None
+    mesh = x.device_mesh
+    dim = x.dim() - grid_dim
+    if mesh.ndim != 1 or len(x.placements) != 1:
+        raise ValueError(f"x_local as a DTensor must live on a 1-D device mesh, got {mesh}")
+    placement = x.placements[0]
+    if not isinstance(placement, Shard) or placement.dim % x.dim() != dim:
+        raise ValueError(
+            f"x_local as a DTensor must be sharded on its grid dimension (Shard({dim})), "
+            f"got placements {x.placements}"
+        )
+    if group is not None:
+        raise ValueError("pass group=None with a DTensor x_local: its device mesh gives the group")
+    return unwrapped, x.to_local(), mesh.get_group(), mesh
+
+
+def _wrap_dtensor(y: Tensor, mesh, grid_dim: int, out_sh: GridSharding) -> Tensor:
+    """Rewrap this rank's block as a DTensor sharded like the input (even splits only)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    dim = y.dim() - grid_dim
+    shape = list(y.shape)
+    shape[dim] = out_sh.numel
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(y, mesh, [Shard(dim)], shape=torch.Size(shape), stride=stride)
+
+
+def _check_dtensor_split(in_sh: GridSharding, out_sh: GridSharding) -> None:
+    # DTensor's Shard cuts as torch.chunk does; that agrees with our blocks only when the
+    # flattened grid divides evenly, which plan_shardings then guarantees.
+    if not (in_sh.even and out_sh.even):
+        raise ValueError(
+            f"a DTensor x_local needs grids that split evenly over {in_sh.world_size} ranks "
+            f"(torch.chunk's cut, which DTensor uses, differs from an uneven one); got "
+            f"{in_sh.sizes} -> {out_sh.sizes}: pass the local tensor instead"
+        )
+
+
 def _below_rows(f: Tensor) -> Tensor:
     """A factor whose batch dims must skip one extra leading dimension of the data."""
     return f.unsqueeze(-3) if f.dim() > 2 else f
@@ -331,7 +398,9 @@ def kron_matmul(
             :func:`~kronegp.distributed.plan_shardings` says — for ``G`` dividing
             ``ΠQ_i`` and ``ΠP_i`` (along some common leading axes), rows
             ``r·ΠQ_i/G … (r+1)·ΠQ_i/G − 1``.
-        group: the process group (default: the world).
+            May be a ``DTensor`` on a 1-D mesh with placement ``Shard`` on the row
+            dimension (even splits only); the result is then one too.
+        group: the process group (default: the world; with a DTensor, its mesh's).
         split_axes: force how many leading grid axes are split.
 
     Returns:
@@ -339,6 +408,7 @@ def kron_matmul(
         grid ``(P_1, …, P_N)`` along the same number of axes.
     """
     factors = _check_factors(factors)
+    factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=2)
     _check_x(x_local, "x_local")
     _check_dtype_device(factors, x_local)
     group, rank, world_size = _group_info(group, x_local, "x_local")
@@ -347,6 +417,8 @@ def kron_matmul(
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("kron_matmul", shapes, x.shape[:-2], x.shape[-1], world_size,
                       x.element_size(), split_axes)
+    if mesh is not None:
+        _check_dtensor_split(plan.in_sh, plan.out_sh)
     _check_rows(x.shape[-2], plan.in_sh, rank, "x_local", "rows (x_local.shape[-2])")
     _check_batch(factors, x.shape[:-2], "x_local")
     factors = replicate_factors(factors, group)
@@ -367,6 +439,8 @@ def kron_matmul(
     x_rows = x.reshape(*x.shape[:-2], 1, plan.in_sh.lead_counts[rank], plan.in_sh.rest * t)
     y = _run(plan, x_rows, apply_lead, apply_trail, rank, group)
     y = y.reshape(*y.shape[:-3], plan.out_sh.local_size(rank), t)
+    if mesh is not None:
+        return _wrap_dtensor(y, mesh, 2, plan.out_sh)
     return y.squeeze(-1) if vector else y
 
 
@@ -382,8 +456,9 @@ def matmul_kron(
     Args:
         x_local: this rank's block of columns of ``x``, ``(*batch, M, K_r)`` (or a vector
             of length ``K_r``), the grid ``(P_1, …, P_N)`` split as in :func:`kron_matmul`.
+            May be a ``DTensor`` sharded on the last dimension, as there.
         factors: ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, the same on every rank.
-        group: the process group (default: the world).
+        group: the process group (default: the world; with a DTensor, its mesh's).
         split_axes: force how many leading grid axes are split.
 
     Returns:
@@ -391,6 +466,7 @@ def matmul_kron(
         grid ``(Q_1, …, Q_N)`` along the same number of axes.
     """
     factors = _check_factors(factors)
+    factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=1)
     _check_x(x_local, "x_local")
     _check_dtype_device(factors, x_local)
     group, rank, world_size = _group_info(group, x_local, "x_local")
@@ -399,6 +475,8 @@ def matmul_kron(
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("matmul_kron", shapes, x.shape[:-2], x.shape[-2], world_size,
                       x.element_size(), split_axes)
+    if mesh is not None:
+        _check_dtensor_split(plan.in_sh, plan.out_sh)
     _check_rows(x.shape[-1], plan.in_sh, rank, "x_local", "columns (x_local.shape[-1])")
     _check_batch(factors, x.shape[:-2], "x_local")
     factors = replicate_factors(factors, group)
@@ -419,4 +497,6 @@ def matmul_kron(
     x_rows = x.reshape(*x.shape[:-2], m, plan.in_sh.lead_counts[rank], plan.in_sh.rest)
     y = _run(plan, x_rows, apply_lead, apply_trail, rank, group)
     y = y.reshape(*y.shape[:-3], m, plan.out_sh.local_size(rank))
+    if mesh is not None:
+        return _wrap_dtensor(y, mesh, 1, plan.out_sh)
     return y.squeeze(0) if vector else y
