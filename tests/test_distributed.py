@@ -117,6 +117,8 @@ def test_communication_bytes_rejects_bad_shapes():
         kd.communication_bytes([(2, 2)], (2, 1), 2, side="both")
     with pytest.raises(ValueError, match=r"x_shape\[-2\] must be 6"):
         kd.communication_bytes([(2, 2), (3, 3)], (5, 1), 2)
+    with pytest.raises(ValueError, match="batch dimensions do not broadcast"):
+        kd.communication_bytes([(2, 3, 3), (2, 2)], (4, 6, 1), 2)
 
 
 def test_ops_need_an_initialised_group():

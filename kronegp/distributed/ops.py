@@ -137,6 +137,13 @@ def _make_plan(
     in_sh, out_sh = plan_shardings(grid_in, grid_out, world_size, split_axes)
     a = in_sh.split_axes
     fb = _batch_of(factor_shapes)
+    try:
+        torch.broadcast_shapes(x_batch, *fb)
+    except RuntimeError:
+        raise ValueError(
+            f"batch dimensions do not broadcast: x has batch shape {tuple(x_batch)}, "
+            f"factors have batch shapes {[tuple(b) for b in fb]}"
+        ) from None
     b_lead = torch.broadcast_shapes(x_batch, *fb[:a])
     b_trail = torch.broadcast_shapes(x_batch, *fb[a:])
     b_all = torch.broadcast_shapes(x_batch, *fb)
@@ -414,13 +421,13 @@ def kron_matmul(
     group, rank, world_size = _group_info(group, x_local, "x_local")
     vector = x_local.dim() == 1
     x = x_local.unsqueeze(-1) if vector else x_local
+    _check_batch(factors, x.shape[:-2], "x_local")
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("kron_matmul", shapes, x.shape[:-2], x.shape[-1], world_size,
                       x.element_size(), split_axes)
     if mesh is not None:
         _check_dtensor_split(plan.in_sh, plan.out_sh)
     _check_rows(x.shape[-2], plan.in_sh, rank, "x_local", "rows (x_local.shape[-2])")
-    _check_batch(factors, x.shape[:-2], "x_local")
     factors = replicate_factors(factors, group)
     a, t = plan.in_sh.split_axes, x.shape[-1]
     lead, trail = factors[:a], factors[a:]
@@ -472,13 +479,13 @@ def matmul_kron(
     group, rank, world_size = _group_info(group, x_local, "x_local")
     vector = x_local.dim() == 1
     x = x_local.unsqueeze(0) if vector else x_local
+    _check_batch(factors, x.shape[:-2], "x_local")
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("matmul_kron", shapes, x.shape[:-2], x.shape[-2], world_size,
                       x.element_size(), split_axes)
     if mesh is not None:
         _check_dtensor_split(plan.in_sh, plan.out_sh)
     _check_rows(x.shape[-1], plan.in_sh, rank, "x_local", "columns (x_local.shape[-1])")
-    _check_batch(factors, x.shape[:-2], "x_local")
     factors = replicate_factors(factors, group)
     a, m = plan.in_sh.split_axes, x.shape[-2]
     lead, trail = factors[:a], factors[a:]
