@@ -158,7 +158,6 @@ def run_case(name, cols, shapes, side, dtype, args, rank, world, device):
     off_rank = (sum(send_counts) - send_counts[rank]) * itemsize
     off_max = torch.tensor([off_rank], dtype=torch.float64, device=device)
     dist.all_reduce(off_max, op=dist.ReduceOp.MAX)
-    del send, recv
 
     # single device, whole problem, on rank 0 (the others wait)
     t_1, err = None, None
@@ -198,7 +197,7 @@ def run_case(name, cols, shapes, side, dtype, args, rank, world, device):
         t1 = torch.tensor([t_1 if t_1 is not None else -1.0], dtype=torch.float64, device=device)
         dist.broadcast(t1, 0)
         t_1 = t1.item()
-    del y_local, x_local
+    del y_local
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
