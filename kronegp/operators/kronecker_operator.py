@@ -306,8 +306,10 @@ class KroneckerOperator(KroneckerProductLinearOperator):
             Ṽ_j = (I ⊗ … ⊗ I ⊗ I_{Q_j} ⊗ F_{j+1} ⊗ … ⊗ F_N) V        (b runs over P_{j+1}…P_N)
 
         i.e. the factors before ``j`` are moved onto ``U`` (transposed) and those after ``j``
-        onto ``V``, each side with one Kronecker product, and the contraction over every
-        axis but ``j`` is one GEMM. Nothing from the forward product is stored.
+        onto ``V``, and the contraction over every axis but ``j`` is one GEMM. ``j`` runs
+        from ``N`` down to 1, so ``Ṽ_j = (I ⊗ F_{j+1} ⊗ I) Ṽ_{j+1}`` costs one factor and
+        ``Ũ_j`` one Kronecker product of ``U``; at most two blocks of the size of ``V`` are
+        alive at once, and nothing from the forward product is stored.
 
         ``G_j = ∂/∂F_j`` then goes to the factor itself: a dense factor's gradient is
         ``G_j``; a small structured factor gets ``F_j._bilinear_derivative(G_j, I_{Q_j})``
@@ -331,10 +333,20 @@ class KroneckerOperator(KroneckerProductLinearOperator):
         ps = [p for p, _ in self.factor_shapes]
         qs = [q for _, q in self.factor_shapes]
         d = left_vecs.shape[-1]
-        grads: list[Optional[Tensor]] = []
-        for j, factor in enumerate(factors):
+        n = len(factors)
+        per_factor: list[tuple[Optional[Tensor], ...]] = [()] * n
+        # Walk j = N-1 … 0 so that Ṽ_j comes from Ṽ_{j+1} with one more factor (F_{j+1})
+        # applied: only the current Ṽ is held. Ũ_j is computed afresh from U (one product).
+        v = right_vecs
+        v_sizes = list(flat_qs)  # axis sizes of the current Ṽ (owners > j are already P-sized)
+        for j in range(n - 1, -1, -1):
+            factor = factors[j]
+            if j < n - 1:
+                nxt = [m if o == j + 1 else None for m, o in zip(mats, owners)]
+                v = apply_along_axes(nxt, v_sizes, v)
+                v_sizes = [m.size(-2) if o == j + 1 else s for m, o, s in zip(mats, owners, v_sizes)]
             if not needs[j]:
-                grads.extend(None for _ in factor.representation())
+                per_factor[j] = tuple(None for _ in factor.representation())
                 continue
             qa = math.prod(qs[:j])
             pb = math.prod(ps[j + 1 :])
@@ -343,27 +355,30 @@ class KroneckerOperator(KroneckerProductLinearOperator):
                 u = apply_along_axes(
                     [m.mT if o < j else None for m, o in zip(mats, owners)], flat_ps, left_vecs
                 )
-            v = right_vecs
-            if j < len(factors) - 1:
-                v = apply_along_axes([m if o > j else None for m, o in zip(mats, owners)], flat_qs, right_vecs)
-            u = u.reshape(*u.shape[:-2], qa, ps[j], pb * d)
-            v = v.reshape(*v.shape[:-2], qa, qs[j], pb * d)
+            u_j = u.reshape(*u.shape[:-2], qa, ps[j], pb * d)
+            v_j = v.reshape(*v.shape[:-2], qa, qs[j], pb * d)
             own = [m for m, o in zip(mats, owners) if o == j]
             if len(own) == 1 and isinstance(own[0], Tensor):
-                g = _sum_to_shape(torch.einsum("...apb,...aqb->...pq", u, v), factor.shape)
+                g = _sum_to_shape(torch.einsum("...apb,...aqb->...pq", u_j, v_j), factor.shape)
                 if isinstance(factor, DenseLinearOperator):
-                    grads.append(g)
+                    per_factor[j] = (g,)
                 else:
                     eye = torch.eye(qs[j], dtype=g.dtype, device=g.device)
-                    grads.extend(factor._bilinear_derivative(g, eye.expand(*g.shape[:-2], *eye.shape)))
+                    per_factor[j] = tuple(factor._bilinear_derivative(g, eye.expand(*g.shape[:-2], *eye.shape)))
             else:
-                u_cols = u.movedim(-2, -3).reshape(*u.shape[:-3], ps[j], qa * pb * d)
-                v_cols = v.movedim(-2, -3).reshape(*v.shape[:-3], qs[j], qa * pb * d)
+                u_cols = u_j.movedim(-2, -3).reshape(*u_j.shape[:-3], ps[j], qa * pb * d)
+                v_cols = v_j.movedim(-2, -3).reshape(*v_j.shape[:-3], qs[j], qa * pb * d)
                 batch = torch.broadcast_shapes(u_cols.shape[:-2], v_cols.shape[:-2], factor.batch_shape)
                 u_cols = u_cols.expand(*batch, *u_cols.shape[-2:])
                 v_cols = v_cols.expand(*batch, *v_cols.shape[-2:])
-                grads.extend(factor._bilinear_derivative(u_cols, v_cols))
-        return tuple(grads)
+                per_factor[j] = tuple(factor._bilinear_derivative(u_cols, v_cols))
+            if not any(needs[:j]):
+                # no factor before j needs a gradient: skip the remaining Ṽ updates
+                for k in range(j):
+                    per_factor[k] = tuple(None for _ in factors[k].representation())
+                break
+        grads = tuple(g for entry in per_factor for g in entry)
+        return grads
 
     # ------------------------------------------------------------------ algebra
 
