@@ -47,21 +47,37 @@ CASES = [
 ]
 
 
+_HOST_US: list = []  # host µs of the last time_ms call's runs (CPU time to issue one call)
+
+
 def time_ms(fn, inputs, reps: int, warmup: int = 3) -> float:
-    """Median CUDA-event time of ``fn(*inputs[i % len])`` in milliseconds."""
+    """Median CUDA-event time of ``fn(*inputs[i % len])`` in milliseconds.
+
+    Also leaves in ``_HOST_US`` the median host time (µs) to issue one call: the wall time from
+    entering ``fn`` to its return, with the GPU idle beforehand (no queue back-pressure)."""
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for i in range(reps):
         args = inputs[i % len(inputs)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        h0 = time.perf_counter()
         fn(*args)
+        h1 = time.perf_counter()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+        host.append((h1 - h0) * 1e6)
+    _HOST_US[:] = [statistics.median(host)]
     return statistics.median(times)
+
+
+def _cuda_backend():
+    from kronegp import _backend
+
+    return _backend._load_cuda()[0]
 
 
 def measure_ceilings(reps: int) -> dict:
@@ -144,8 +160,29 @@ def run(args) -> dict:
                     )
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     nan = bool(torch.isnan(out).any())
+                    backend = _cuda_backend()
+                    path_err = {}
+                    for path in args.paths:
+                        backend.force_path = path
+                        try:
+                            o = ours(x0, f0)
+                            path_err[path] = ((o.double() - ref).norm() / ref.norm()).item()
+                            nan = nan or bool(torch.isnan(o).any())
+                            del o
+                        finally:
+                            backend.force_path = "auto"
                     del out, ref
+                    choice = backend.choice(side, x0, f0)
                     t_ours = time_ms(ours, inputs, args.reps)
+                    host_us = _HOST_US[0]
+                    by_path = {}
+                    for path in args.paths:  # each path pinned, for the cost model's calibration
+                        backend.force_path = path
+                        try:
+                            by_path[path] = {"ms": time_ms(ours, inputs, args.reps), "host_us": _HOST_US[0],
+                                             "rel_err": path_err[path]}
+                        finally:
+                            backend.force_path = "auto"
                     t_loop = time_ms(loop, inputs, args.reps)
                     lo_inputs = [(x, lo_operator(fs)) for x, fs in inputs]
                     try:
@@ -173,12 +210,20 @@ def run(args) -> dict:
                     "speedup_vs_loop": t_loop / t_ours,
                     "rel_err": err,
                     "nan": nan,
+                    "path": choice.path,
+                    "plan_launches": len(choice.steps) if choice.path == "fused" else len(sizes),
+                    "predicted_fused_ms": choice.predicted_fused_s * 1e3,
+                    "predicted_axis_ms": choice.predicted_axis_s * 1e3,
+                    "host_us": host_us,
+                    "by_path": by_path,
                 }
                 rows.append(row)
                 print(
                     f"{name:24s} {dtname:8s} {side:11s} ours {t_ours:9.4f} ms  floor {floor_s * 1e3:8.4f}  "
                     f"x{row['time_over_floor']:5.2f}  LO {t_lo:9.3f} (x{row['lo_over_floor']:5.1f})  "
-                    f"vsLO {row['speedup_vs_lo']:5.2f}  vsloop {row['speedup_vs_loop']:5.2f}  err {err:.1e}",
+                    f"vsLO {row['speedup_vs_lo']:5.2f}  vsloop {row['speedup_vs_loop']:5.2f}  err {err:.1e}  "
+                    f"{choice.path} host {host_us:.0f}us pred f/a {row['predicted_fused_ms']:.3f}/"
+                    f"{row['predicted_axis_ms']:.3f} " + " ".join(f"{k} {v['ms']:.3f}" for k, v in by_path.items()),
                     flush=True,
                 )
     summary = {}
@@ -207,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--sides", nargs="+", default=["matmul_kron", "kron_matmul"])
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
+    ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm"],
+                    help="also time ours with each path pinned (cost-model calibration)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kron_matmul.py needs a CUDA GPU")

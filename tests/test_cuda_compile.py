@@ -27,7 +27,7 @@ from kronegp._cuda import CudaBackend  # noqa: E402
 from kronegp._cuda.compiler import compile_specs, kernel_name  # noqa: E402
 from kronegp._cuda.launch import _plan, run_row_product  # noqa: E402
 from kronegp._cuda.plan import FusedSpec, GemmSpec, plan_tiles  # noqa: E402
-from test_cuda_kernel import BIG_CASES, CASES, call, make_inputs  # noqa: E402
+from test_cuda_kernel import BIG_CASES, CASES, PATH_CASES, call, make_inputs  # noqa: E402
 
 SMEM_BUDGET = 100 * 1024  # what DeviceKernels plans with on sm_80/sm_90
 
@@ -58,16 +58,22 @@ def _used_specs() -> list:
         for case in BIG_CASES:  # too big to allocate here: plan through the backend on meta
             x, factors = make_inputs(case, "meta")
             getattr(rec, case.side)(*((factors, x) if case.side == "kron_matmul" else (x, factors)))
-        for case in CASES:  # CPU tensors reach the real op implementation (meta ones do not)
-            x, factors = make_inputs(case, "cpu", fill=False)
-            if case.grad:
-                x.requires_grad_(True)
-                for f in factors:
-                    f.requires_grad_(True)
-            out = call(case, x, factors)
-            if case.grad:
-                torch.autograd.grad(out, [x, *factors], torch.ones_like(out))
+        # CPU tensors reach the real op implementation (meta ones do not); the cost model picks
+        # the path as on the GPU, and test_every_path_matches_reference pins the fused path
+        # for PATH_CASES, so those are recorded with the fused path pinned too.
+        for force, cases in (("auto", CASES), ("fused", PATH_CASES)):
+            rec.force_path = force
+            for case in cases:
+                x, factors = make_inputs(case, "cpu", fill=False)
+                if case.grad:
+                    x.requires_grad_(True)
+                    for f in factors:
+                        f.requires_grad_(True)
+                out = call(case, x, factors)
+                if case.grad:
+                    torch.autograd.grad(out, [x, *factors], torch.ones_like(out))
     finally:
+        rec.force_path = "auto"
         _backend.for_tensor = orig
     return sorted(rec.specs, key=repr)
 
@@ -115,3 +121,52 @@ def test_plan_covers_every_factor_once():
             assert covered == list(range(len(shapes)))
             assert steps[0].k_in == math.prod(p for p, _ in shapes)
             assert steps[-1].k_out == math.prod(q for _, q in shapes)
+
+
+def test_cost_model_picks_the_regime():
+    # CPU-only: the path choice is pure planning. Memory-bound runs of small factors stay on the
+    # fused kernel (fewer passes), compute-bound large factors go to cuBLAS, and a kron_matmul
+    # with few columns takes the transposed row form when the factors are large.
+    from kronegp._cuda.plan import choose_path
+
+    def path(sizes, m, itemsize, col):
+        return choose_path([(p, p) for p in sizes], m, itemsize, col, col).path
+
+    for itemsize in (4, 8):
+        for col in (False, True):
+            assert path([8] * 6, 1024, itemsize, col) == "fused"
+            assert path([16] * 5, 320, itemsize, col) == "fused"
+            assert path([64] * 3, 1024, itemsize, col) == "axis_gemm"
+            assert path([128] * 2, 1024, itemsize, col) == "axis_gemm"
+    assert path([256] * 3, 11, 4, True) == "axis_gemm_t"
+    assert path([256] * 3, 11, 4, False) == "axis_gemm"
+    # operands the cuBLAS path cannot take (batched factors, strided x, TF32) stay fused
+    c = choose_path([(256, 256)] * 2, 11, 4, False, False, axis_ok=False)
+    assert c.path == "fused" and c.predicted_axis_s == math.inf
+
+
+def test_axis_gemm_path_on_cpu_tensors_matches_dense():
+    # The cuBLAS path is plain torch on strided views, so it runs (on the CPU's BLAS) here too:
+    # every formulation (first axis, middle batch, last axis, transposed form), P ≠ Q, batches.
+    from kronegp import reference
+    from kronegp._cuda import CudaBackend
+
+    gen = torch.Generator().manual_seed(5)
+    for force in ("axis_gemm", "axis_gemm_t"):
+        backend = CudaBackend(force_path=force)
+        for shapes, rows, xb in [(((3, 5), (12, 7), (61, 64)), 11, ()), (((8, 8),) * 3, 1, ()),
+                                 (((5, 3), (2, 9)), 4, (2, 3)), (((64, 61),), 3, ())]:
+            for dt in (torch.float32, torch.float64):
+                fs = [torch.randn(p, q, dtype=dt, generator=gen) for p, q in shapes]
+                fd = [f.double() for f in fs]
+                kp, kq = math.prod(p for p, _ in shapes), math.prod(q for _, q in shapes)
+                x = torch.randn(*xb, rows, kp, dtype=dt, generator=gen)
+                x2 = torch.randn(*xb, kq, rows, dtype=dt, generator=gen)
+                assert backend.choice("matmul_kron", x, fs).path == "axis_gemm"
+                expect = force if rows > 1 else "axis_gemm"
+                assert backend.choice("kron_matmul", x2, fs).path == expect
+                tol = 1e-5 if dt == torch.float32 else 1e-12
+                for got, ref in ((backend.matmul_kron(x, fs), reference.matmul_kron(x.double(), fd)),
+                                 (backend.kron_matmul(fs, x2), reference.kron_matmul(fd, x2.double()))):
+                    assert got.shape == ref.shape and got.dtype == dt
+                    assert ((got.double() - ref).norm() / ref.norm()).item() < tol

@@ -227,6 +227,25 @@ def test_gradients_match_reference(case):
         assert err <= tol, f"{case}: grad {i} relative error {err:.3g} > {tol:.0e}"
 
 
+PATHS = ("fused", "axis_gemm", "axis_gemm_t")
+#: every third forward case, run with each path pinned (auto picks one per case above)
+PATH_CASES = [c for c in CASES if not c.grad][::3]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_reference(path):
+    from kronegp import _backend
+
+    backend = _backend._load_cuda()[0]
+    backend.force_path = path
+    try:
+        for case in PATH_CASES:
+            _check_case(case, seed=7)
+    finally:
+        backend.force_path = "auto"
+
+
 @pytest.mark.cuda
 def test_non_default_stream_and_device_index():
     case = Case("matmul_kron", "float32", ((8, 8), (12, 5), (16, 16)), 1024)

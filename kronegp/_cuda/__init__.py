@@ -16,6 +16,8 @@ by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable b
 from __future__ import annotations
 
 import math
+import os
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -24,11 +26,20 @@ from torch import Tensor
 from kronegp import reference
 from kronegp._cuda.compiler import cache_dir, nvrtc_version, source_dir
 from kronegp._cuda.launch import DeviceKernels, Operand, RowProduct, _check, run_row_product
-from kronegp._cuda.plan import plan_tiles
+from kronegp._cuda.axis_gemm import axis_gemm_allowed, axis_products
+from kronegp._cuda.plan import PathChoice, choose_path, plan_tiles
 
 __all__ = ["load", "CudaBackend", "plan_tiles"]
 
 _MIN_ARCH = 70  # the kernels use nothing newer than Volta; NVRTC decides the upper end
+#: What the path choice assumes of shared memory (DeviceKernels plans with min(this, opt-in)).
+_CHOICE_SMEM = 100 * 1024
+_PATHS = ("auto", "fused", "axis_gemm", "axis_gemm_t")
+
+
+@lru_cache(maxsize=4096)
+def _choice(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, axis_ok: bool, force: str) -> PathChoice:
+    return choose_path(shapes, m, itemsize, in_col, out_col, _CHOICE_SMEM, axis_ok, force)
 
 
 def _batch_shape(x: Tensor, factors: Sequence[Tensor]) -> torch.Size:
@@ -51,8 +62,35 @@ def _batch_strides(t: Tensor, batch: torch.Size) -> tuple[int, ...]:
 class CudaBackend:
     """``kron_matmul`` / ``matmul_kron`` on CUDA tensors through the fused kernels."""
 
-    def __init__(self):
+    def __init__(self, force_path: str | None = None):
         self._devices: dict[int, DeviceKernels] = {}
+        self.force_path = force_path or os.environ.get("KRONEGP_CUDA_PATH", "auto") or "auto"
+
+    @property
+    def force_path(self) -> str:
+        """``"auto"`` (the cost model decides), ``"fused"`` or ``"axis_gemm"`` (benchmarks, tests)."""
+        return self._force_path
+
+    @force_path.setter
+    def force_path(self, value: str) -> None:
+        if value not in _PATHS:
+            raise ValueError(f"force_path must be one of {_PATHS}, got {value!r}")
+        self._force_path = value
+
+    def choice(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> PathChoice:
+        """The plan a call ``side`` (``"matmul_kron"``/``"kron_matmul"``) with these operands gets."""
+        batch = _batch_shape(x, factors)
+        nb = math.prod(batch)
+        if side == "matmul_kron":
+            shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
+            m = x.shape[-2]
+            in_col, out_col = m > 1 and x.stride(-2) == 1 and x.stride(-1) != 1, False
+        else:
+            shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
+            m = x.shape[-1]
+            in_col, out_col = m > 1 and x.stride(-1) == 1 and x.stride(-2) != 1, m > 1
+        return _choice(shapes, m * nb, x.element_size(), in_col, out_col,
+                       axis_gemm_allowed(x, factors), self._force_path)
 
     def _device(self, t: Tensor) -> DeviceKernels:
         index = t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -80,10 +118,16 @@ class CudaBackend:
             return reference.matmul_kron(x, factors)  # empty: nothing to launch
         out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
         in_col = m > 1 and x.stride(-2) == 1 and x.stride(-1) != 1
+        shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
+        nb = math.prod(batch)
+        if _choice(shapes, m * nb, x.element_size(), in_col, False, axis_gemm_allowed(x, factors),
+                   self._force_path).path == "axis_gemm":
+            # rows (batch·M) lead, each factor's axis in natural order: x (B·M, P_1, …, P_N)
+            return axis_products(x, m * nb, [p for p, _ in shapes], 1, [f.mT for f in factors], out)
         prod = RowProduct(
             x=Operand(x, _batch_strides(x, batch), x.stride(-2), x.stride(-1)),
             factors=[Operand(f, _batch_strides(f, batch), f.stride(-2), f.stride(-1)) for f in factors],
-            shapes=tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors),
+            shapes=shapes,
             y=Operand(out, _batch_strides(out, batch), out.stride(-2), out.stride(-1)),
             batch=tuple(batch),
             m=m,
@@ -103,10 +147,24 @@ class CudaBackend:
         out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         # rows of the row form are the columns t of x: row stride x.stride(-1)
         in_col = t > 1 and x.stride(-1) == 1 and x.stride(-2) != 1
+        shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
+        nb = math.prod(batch)
+        path = _choice(shapes, t * nb, x.element_size(), in_col, t > 1, axis_gemm_allowed(x, factors),
+                       self._force_path).path
+        if path == "axis_gemm":
+            # x (B, Q_1, …, Q_N, T): the T columns trail, each factor acts on its axis
+            return axis_products(x, nb, [p for p, _ in shapes], t, list(factors), out)
+        if path == "axis_gemm_t":
+            # (⊗F)·x = (xᵀ·(⊗Fᵀ))ᵀ: one copy to xᵀ (B·T, ΠQ), the row plan, one copy back
+            xt = x.mT.contiguous()
+            yt = torch.empty((*batch, t, p_total), dtype=x.dtype, device=x.device)
+            axis_products(xt, nb * t, [p for p, _ in shapes], 1, list(factors), yt)
+            out.copy_(yt.mT)
+            return out
         prod = RowProduct(
             x=Operand(x, _batch_strides(x, batch), x.stride(-1), x.stride(-2)),
             factors=[Operand(f, _batch_strides(f, batch), f.stride(-1), f.stride(-2)) for f in factors],
-            shapes=tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors),
+            shapes=shapes,
             y=Operand(out, _batch_strides(out, batch), out.stride(-1), out.stride(-2)),
             batch=tuple(batch),
             m=t,
@@ -128,7 +186,7 @@ def load() -> CudaBackend:
     _check(driver.cuInit(0), "cuInit")
     major, minor = nvrtc_version()
     source_dir()
-    backend = CudaBackend()
+    backend = CudaBackend()  # KRONEGP_CUDA_PATH=fused|axis_gemm pins the path (benchmarks)
     if torch.cuda.is_available():
         cap = torch.cuda.get_device_capability()
         arch = cap[0] * 10 + cap[1]

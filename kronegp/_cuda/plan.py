@@ -26,7 +26,10 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["FusedSpec", "GemmSpec", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED"]
+__all__ = [
+    "FusedSpec", "GemmSpec", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED", "Rates", "PathChoice",
+    "choose_path", "predict_fused_plan", "predict_axis_plan",
+]
 
 #: Largest P or Q that the fused kernel takes (its factors live whole in shared memory).
 FUSE_MAX = 32
@@ -346,3 +349,169 @@ def _runs_ok(spec: FusedSpec, m: int, s: int, itemsize: int) -> bool:
     if spec.in_col or spec.out_col:
         return spec.TM >= min(m, elem_run)
     return spec.TS >= min(s, elem_run)
+
+
+# --------------------------------------------------------------------------- path choice
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What each way of computing achieves (H100 SXM, measured with benchmarks/kron_matmul.py).
+
+    Only ratios between these decide a plan, except ``launch_s`` against whole-plan times;
+    on another GPU the choice stays sensible as long as its copy/GEMM balance is similar.
+    """
+
+    copy_bytes_per_s: float = 2.9e12  # device-to-device copy, bytes read + written
+    gemm_flops_per_s: tuple = ((4, 51e12), (8, 55e12))  # cuBLAS, TF32 off; fp64 on DMMA
+    gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
+    fused_bw_efficiency: float = 0.55  # the fused kernel per pass (NOTES.md: ~1.5 of 2.9 TB/s)
+    fused_flops_per_s: tuple = ((4, 12e12), (8, 5.5e12))  # FFMA/DFMA with index overhead
+    own_gemm_flops_per_s: tuple = ((4, 14e12), (8, 10.5e12))  # cuda_ext/kron_gemm.cuh, P = 64…256
+    transpose_bw_efficiency: float = 0.7  # torch's strided copy of a (K, T) matrix to (T, K)
+    launch_s: float = 10e-6  # per launch: host issue plus device start (small problems are host-bound)
+
+    def get(self, table: tuple, itemsize: int) -> float:
+        return dict(table)[itemsize]
+
+
+RATES = Rates()
+
+
+def _gemm_shape_efficiency(rows: int, cols: int, inner: int) -> float:
+    """Fraction of the GEMM rate cuBLAS reaches on a (rows × inner)·(inner × cols) product:
+    tiles are ~128 wide, so a dimension shorter than that leaves the rest of the tile idle."""
+    eff = 1.0
+    for d in (rows, cols, inner):
+        eff *= min(1.0, d / 128.0) ** 0.5
+    return max(eff, 0.05)
+
+
+def _factor_flops(shapes, m: int, order) -> list[float]:
+    """FLOPs of each factor when applied in ``order`` (each axis holds P before, Q after)."""
+    dims = [p for p, _ in shapes]
+    out = [0.0] * len(shapes)
+    for i in order:
+        p, q = shapes[i]
+        rest = math.prod(dims) // p
+        out[i] = 2.0 * m * rest * p * q
+        dims[i] = q
+    return out
+
+
+def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rates: Rates = RATES) -> float:
+    """Seconds the fused-kernel plan should take: per launch, the larger of its bytes at the
+    fused kernel's bandwidth and its FLOPs at its kernel's rate."""
+    flops = _factor_flops(shapes, m, range(len(shapes) - 1, -1, -1))
+    total = 0.0
+    for st in steps:
+        nbytes = m * (st.k_in + st.k_out) * itemsize
+        f = sum(flops[st.first : st.first + st.count])
+        if st.spec.kind == "fused":
+            bw = rates.fused_bw_efficiency * rates.copy_bytes_per_s
+            rate = rates.get(rates.fused_flops_per_s, itemsize)
+        else:
+            bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
+            rate = rates.get(rates.own_gemm_flops_per_s, itemsize)
+        total += max(nbytes / bw, f / rate) + rates.launch_s
+    return total
+
+
+def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES) -> float:
+    """Seconds the one-cuBLAS-GEMM-per-factor plan (:mod:`kronegp._cuda.axis_gemm`) should take.
+
+    ``shapes`` in row form ``(I_i, O_i)``; ``col``: the ``m`` rows are the trailing (contiguous)
+    axis of the natural layout (``kron_matmul``), else the leading one (``matmul_kron``).
+    """
+    from kronegp._cuda.axis_gemm import axis_order
+
+    ins = [p for p, _ in shapes]
+    outs = [q for _, q in shapes]
+    order = axis_order(ins, outs)
+    dims = list(ins)
+    lead, trail = (1, m) if col else (m, 1)
+    rate = rates.get(rates.gemm_flops_per_s, itemsize)
+    bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
+    total = 0.0
+    for ax in order:
+        i, o = dims[ax], outs[ax]
+        a = lead * math.prod(dims[:ax])
+        c = math.prod(dims[ax + 1 :]) * trail
+        flops = 2.0 * a * o * i * c
+        nbytes = (a * i * c + a * o * c + o * i) * itemsize
+        if c == 1:
+            eff = _gemm_shape_efficiency(a, o, i)
+        elif a == 1:
+            eff = _gemm_shape_efficiency(o, c, i)
+        else:
+            # a batch of (O × I)·(I × C): a short C (the T = 11 columns of a GP solve) costs more
+            # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate)
+            eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / 128.0) ** 0.6
+        total += max(nbytes / bw, flops / (rate * eff)) + rates.launch_s
+        dims[ax] = o
+    return total
+
+
+def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES) -> float:
+    """``kron_matmul`` through the row form: copy ``x (K, T)`` to ``xᵀ (T, K)``, run the row plan
+    (every GEMM well shaped: the small ``T`` is a batch or row count, never a GEMM's short side),
+    copy ``yᵀ`` back. Two extra passes buy GEMMs at full rate when ``T`` is small."""
+    k_in = math.prod(p for p, _ in shapes)
+    k_out = math.prod(q for _, q in shapes)
+    copies = 2 * m * (k_in + k_out) * itemsize / (rates.transpose_bw_efficiency * rates.copy_bytes_per_s)
+    return predict_axis_plan(shapes, m, itemsize, False, rates) + copies + 2 * rates.launch_s
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """``path``: ``"fused"`` (our kernels, ``steps``), ``"axis_gemm"`` (cuBLAS per factor) or
+    ``"axis_gemm_t"`` (``kron_matmul`` only: transpose, row-form cuBLAS plan, transpose back)."""
+
+    path: str
+    steps: tuple
+    predicted_fused_s: float
+    predicted_axis_s: float
+    predicted_axis_t_s: float = math.inf
+
+    @property
+    def predicted_s(self) -> float:
+        return {"fused": self.predicted_fused_s, "axis_gemm": self.predicted_axis_s,
+                "axis_gemm_t": self.predicted_axis_t_s}[self.path]
+
+
+def choose_path(
+    shapes: Sequence[tuple[int, int]],
+    m: int,
+    itemsize: int,
+    in_col: bool,
+    out_col: bool,
+    smem_budget: int = 100 * 1024,
+    axis_ok: bool = True,
+    force: str = "auto",
+    rates: Rates = RATES,
+) -> PathChoice:
+    """Pick the cheaper plan by the cost model: our fused kernels (:func:`plan_tiles`) or one
+    cuBLAS GEMM per factor on natural-order axis views (``axis_ok``: the operands allow it).
+
+    Both move ``bytes = m·(k_in + k_out)·itemsize`` per launch; the fused plan makes fewer
+    launches (several factors per pass) at ~55% of copy bandwidth and ~12 TFLOP/s (fp32),
+    the cuBLAS plan one pass per factor at ~80% of copy bandwidth and up to the full GEMM rate
+    (fp64 on tensor cores). So runs of small factors (memory-bound, few passes) stay fused,
+    and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
+    ``"axis_gemm"``) overrides the choice for benchmarks and tests.
+    """
+    steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))
+    t_fused = predict_fused_plan(steps, shapes, m, itemsize, rates)
+    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates) if axis_ok else math.inf
+    # out_col: kron_matmul with T > 1 columns trailing; the transposed form only pays for small T
+    t_axis_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if axis_ok and out_col else math.inf
+    times = {"fused": t_fused, "axis_gemm": t_axis, "axis_gemm_t": t_axis_t}
+    if force != "auto" and times[force] < math.inf:
+        path = force
+    elif force == "axis_gemm_t" and axis_ok:
+        path = "axis_gemm"  # matmul_kron has no transposed form: it is the row form already
+    elif force != "auto" or not axis_ok:
+        path = "fused"
+    else:
+        path = min(times, key=times.get)
+    return PathChoice(path, steps, t_fused, t_axis, t_axis_t)

@@ -1,0 +1,101 @@
+"""Kronecker products as one vendor GEMM per factor on copy-free axis views (cuBLAS via torch).
+
+The data stays in natural axis order throughout. Applying one factor to axis ``i`` of a
+contiguous tensor of axis sizes ``(lead, d_0, …, d_{N-1}, trail)`` is, with
+``A = lead·Π_{j<i} d_j`` and ``C = Π_{j>i} d_j·trail``, the batched product
+
+    y[a, o, c] = Σ_k W[o, k] · x[a, k, c]        (x viewed (A, I, C), y (A, O, C), W (O, I))
+
+and ``y`` is again contiguous in natural order, so no transpose pass ever runs. Three
+shapes of that product map onto cuBLAS without a copy:
+
+* ``C = 1`` (the last axis): one GEMM ``y(A, O) = x(A, I) · Wᵀ``;
+* ``A = 1`` (the first axis): one GEMM ``y(O, C) = W · x(I, C)``;
+* otherwise a strided-batched GEMM over ``a`` with ``W`` broadcast (batch stride 0).
+
+``W`` may be any strided view (``F.mT`` included): cuBLAS reads transposed operands natively.
+This path computes exactly what the fused kernels compute, at the vendor GEMM's rate — fp64 on
+the DMMA tensor cores, fp32 on FFMA (TF32 only if the user enabled it globally, which
+:func:`axis_gemm_allowed` refuses). It is chosen by :func:`kronegp._cuda.plan.choose_path` for
+compute-bound factors.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["axis_products", "axis_order", "axis_gemm_allowed", "tf32_enabled"]
+
+
+def tf32_enabled() -> bool:
+    """Whether torch's float32 GEMMs may use TF32 (then they are not exact float32)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except Exception:  # an API change must not silently turn TF32 on: assume it might be
+        return True
+
+
+def axis_gemm_allowed(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """The axis-GEMM path takes contiguous ``x`` and unbatched factors, in exact precision."""
+    if not x.is_contiguous():
+        return False
+    if any(f.dim() != 2 for f in factors):
+        return False
+    return x.dtype == torch.float64 or not tf32_enabled()
+
+
+def axis_order(sizes_in: Sequence[int], sizes_out: Sequence[int]) -> list[int]:
+    """Which axis to apply first: shrinking factors first (smaller intermediates), then from the
+    last axis to the first. For square factors this is simply last to first."""
+    n = len(sizes_in)
+    return sorted(range(n), key=lambda i: (sizes_out[i] / sizes_in[i], -i))
+
+
+def _axis_gemm(w: Tensor, x: Tensor, a: int, i: int, c: int, y: Tensor) -> None:
+    """``y(a, o, c) = W(o, i) · x(a, i, c)`` on flat contiguous buffers ``x`` and ``y``."""
+    o = w.shape[0]
+    if c == 1:
+        torch.mm(x.view(a, i), w.mT, out=y.view(a, o))
+    elif a == 1:
+        torch.mm(w, x.view(i, c), out=y.view(o, c))
+    else:
+        torch.bmm(w.expand(a, o, i), x.view(a, i, c), out=y.view(a, o, c))
+
+
+@lru_cache(maxsize=4096)
+def _axis_steps(lead: int, dims: tuple, outs: tuple, trail: int) -> tuple:
+    """``(axis, A, I, O, C, elements out)`` per step, in :func:`axis_order` (cached: host time)."""
+    cur = list(dims)
+    steps = []
+    for ax in axis_order(dims, outs):
+        a = lead * math.prod(cur[:ax])
+        c = math.prod(cur[ax + 1 :]) * trail
+        steps.append((ax, a, cur[ax], outs[ax], c, a * outs[ax] * c))
+        cur[ax] = outs[ax]
+    return tuple(steps)
+
+
+def axis_products(
+    x: Tensor,
+    lead: int,
+    dims: Sequence[int],
+    trail: int,
+    mats: Sequence[Tensor],
+    out: Tensor,
+) -> Tensor:
+    """Apply ``mats[i]`` (shape ``(O_i, dims[i])``) to axis ``i`` of contiguous ``x`` viewed as
+    ``(lead, *dims, trail)``; the result lands in ``out`` (contiguous, ``lead·ΠO_i·trail``
+    elements). Intermediates come from torch's caching allocator (stream-ordered)."""
+    steps = _axis_steps(lead, tuple(dims), tuple(int(w.shape[0]) for w in mats), trail)
+    cur = x.view(-1)
+    last = len(steps) - 1
+    for n, (ax, a, i, o, c, size) in enumerate(steps):
+        dst = out.view(-1) if n == last else torch.empty(size, dtype=x.dtype, device=x.device)
+        _axis_gemm(mats[ax], cur, a, i, c, dst)
+        cur = dst
+    return out
