@@ -142,17 +142,8 @@ class TestKroneckerOperatorStructuredKeptFloat64(_Float64, TestKroneckerOperator
 
 class TestKroneckerOperatorNestedKronecker(TestKroneckerOperatorSquare):
     """A Kronecker factor inside a Kronecker product (GPyTorch's MultitaskKernel over a
-    GridKernel), with the threshold at 0 so the inner product is flattened into the outer
-    one and its gradient comes from its own ``_bilinear_derivative``."""
-
-    def setUp(self):
-        self._old_limit = ko_module.DENSE_FACTOR_MAX_NUMEL
-        ko_module.DENSE_FACTOR_MAX_NUMEL = 0
-        super().setUp()
-
-    def tearDown(self):
-        super().tearDown()
-        ko_module.DENSE_FACTOR_MAX_NUMEL = self._old_limit
+    GridKernel): the inner product is flattened into the outer one and its gradient comes
+    from its own ``_bilinear_derivative``."""
 
     def create_linear_op(self):
         inner = KroneckerOperator(spd(3).requires_grad_(True), spd(2).requires_grad_(True))

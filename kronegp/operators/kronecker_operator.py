@@ -27,9 +27,10 @@ The fused product wants plain matrices. Each factor is turned into one by
   product. A grid axis is short (tens to a few thousand points), so the ``P_i·Q_i`` cost
   of densifying is small next to the ``ΠP_i · T`` product it feeds, and a dense factor
   lets all the factors run as one kernel;
-* a larger Kronecker product (a GPyTorch ``GridKernel`` covariance used as the data
-  factor of a ``MultitaskKernel``, say) is flattened: its own factors join the list, so
-  ``(A ⊗ B) ⊗ C`` runs as the one product ``A ⊗ B ⊗ C``;
+* a Kronecker product (a GPyTorch ``GridKernel`` covariance used as the data factor of
+  a ``MultitaskKernel``, say) is flattened whatever its size: its own factors join the
+  list, so ``(A ⊗ B) ⊗ C`` runs as the one product ``A ⊗ B ⊗ C`` (densifying it would
+  cost a product with an identity on every call);
 * any other larger LinearOperator keeps its structure: it is applied along its own axis
   with its own ``_matmul`` (e.g. an FFT for Toeplitz), while the runs of dense factors
   around it still go through kronegp's product. That costs an extra transpose of the
@@ -77,14 +78,11 @@ Matrix = Union[Tensor, LinearOperator]
 def flat_factor_matrices(factor: LinearOperator) -> list[Matrix]:
     """``factor`` as the list of matrices it contributes to a product along its axis.
 
-    One entry (:func:`factor_as_matrix`) unless ``factor`` is a Kronecker product too large
-    to densify, whose own factors are then listed in order (recursively): a product with
-    ``A ⊗ B`` along one axis is the product with ``A`` and ``B`` along two.
+    One entry (:func:`factor_as_matrix`) unless ``factor`` is a Kronecker product, whose
+    own factors are then listed in order (recursively): a product with ``A ⊗ B`` along one
+    axis is the product with ``A`` and ``B`` along two.
     """
-    if (
-        isinstance(factor, KroneckerProductLinearOperator)
-        and factor.size(-2) * factor.size(-1) > DENSE_FACTOR_MAX_NUMEL
-    ):
+    if isinstance(factor, KroneckerProductLinearOperator):
         return [m for sub in factor.linear_ops for m in flat_factor_matrices(sub)]
     return [factor_as_matrix(factor)]
 
