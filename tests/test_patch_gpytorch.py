@@ -252,3 +252,37 @@ def test_patched_operators_stay_on_gpu():
         assert type(op) is KroneckerOperator
         out = op @ torch.randn(25, 3, device="cuda")
     assert out.device.type == "cuda"
+
+
+class ScaledGridModel(GridModel):
+    def __init__(self, grid, x, y, likelihood):
+        super().__init__(grid, x, y, likelihood)
+        self.covar_module = gpytorch.kernels.ScaleKernel(self.covar_module)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_grid_kernel_is_exact_under_the_patch(device):
+    """``ScaleKernel(GridKernel)``: GPyTorch wraps the Kronecker product in a
+    ConstantMulLinearOperator and falls back to CG + stochastic Lanczos (an estimate);
+    under the patch ``c·(F_1 ⊗ …) = (c F_1) ⊗ …`` stays Kronecker and the loss and
+    gradients are exact: they match a dense Cholesky to float tolerance."""
+    results = {}
+    for label, patched, max_chol in (("dense", False, 10**6), ("patched", True, 0)):
+        model, likelihood, x, y = build_model("grid", torch.float64, device)
+        model = ScaledGridModel(model.covar_module.grid, x, y, likelihood).to(device=device, dtype=torch.float64)
+        model.covar_module.outputscale = 1.7
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        handle = kronegp.patch_gpytorch() if patched else None
+        try:
+            with gpytorch.settings.max_cholesky_size(max_chol):
+                covar = likelihood(model(x)).lazy_covariance_matrix.evaluate_kernel()
+                loss = -mll(model(x), y)
+            loss.backward()
+        finally:
+            if handle is not None:
+                handle.undo()
+        results[label] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, type(covar))
+    assert results["patched"][2].__name__ == "KroneckerAddedDiagOperator"
+    assert _close(results["patched"][0], results["dense"][0], 1e-9)
+    for name, grad in results["dense"][1].items():
+        assert _close(results["patched"][1][name], grad, 1e-7), name
