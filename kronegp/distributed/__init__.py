@@ -17,6 +17,9 @@ Launch one process per GPU with ``torchrun --nproc-per-node G script.py``; in th
     x_local = x_full[..., in_sh.rows(rank), :]      # or build the block in place
     y_local = kd.kron_matmul(factors, x_local)      # rows out_sh.rows(rank) of (⊗F)·x
     inner = kd.allreduce_inner()                    # for kronegp.solvers(..., inner=inner)
+
+GridGP training on a sharded grid: :class:`DistributedGridGP` (:mod:`.gridgp`, imported
+on first use so that the products do not pull in GPyTorch).
 """
 
 from kronegp.distributed._exchange import ByteCounter, count_bytes
@@ -41,4 +44,13 @@ __all__ = [
     "ByteCounter",
     "GridSharding",
     "plan_shardings",
+    "DistributedGridGP",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DistributedGridGP":
+        from kronegp.distributed.gridgp import DistributedGridGP
+
+        return DistributedGridGP
+    raise AttributeError(f"module 'kronegp.distributed' has no attribute {name!r}")
