@@ -281,7 +281,7 @@ def test_benchmark_step_runs_on_gloo(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(ROOT / "benchmarks" / "multi_gpu_gp.py"), "--small", "--repeats", "1", "--warmup", "0",
+        str(ROOT / "benchmarks" / "multi_gpu_gp.py"), "--small", "--repeats", "1", "--warmup", "0", "--dtypes", "float64",
         "--json", str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
