@@ -252,7 +252,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--sides", nargs="+", default=["matmul_kron", "kron_matmul"])
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
-    ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm"],
+    ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm", "axis_gemm_t"],
                     help="also time ours with each path pinned (cost-model calibration)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

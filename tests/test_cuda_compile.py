@@ -26,7 +26,7 @@ from kronegp import _backend  # noqa: E402
 from kronegp._cuda import CudaBackend  # noqa: E402
 from kronegp._cuda.compiler import compile_specs, kernel_name  # noqa: E402
 from kronegp._cuda.launch import _plan, run_row_product  # noqa: E402
-from kronegp._cuda.plan import FusedSpec, GemmSpec, plan_tiles  # noqa: E402
+from kronegp._cuda.plan import TRANSPOSE_MAX_D, FusedSpec, GemmSpec, TransposeSpec, plan_tiles  # noqa: E402
 from test_cuda_kernel import BIG_CASES, CASES, PATH_CASES, call, make_inputs  # noqa: E402
 
 SMEM_BUDGET = 100 * 1024  # what DeviceKernels plans with on sm_80/sm_90
@@ -40,6 +40,11 @@ class _RecordingBackend(CudaBackend):
     def __init__(self):
         super().__init__()
         self.specs: set = set()
+
+    def _transpose(self, src, dst, n, d, to_wide, batch):
+        if d <= TRANSPOSE_MAX_D:
+            self.specs.add(TransposeSpec(src.element_size(), d, to_wide))
+        super()._transpose(src, dst, n, d, to_wide, batch)  # CPU tensors: torch's copy
 
     def _run(self, x, prod):
         if x.device.type == "meta":  # no pointers: the plan's specs (the launcher may vectorize)
@@ -61,7 +66,7 @@ def _used_specs() -> list:
         # CPU tensors reach the real op implementation (meta ones do not); the cost model picks
         # the path as on the GPU, and test_every_path_matches_reference pins the fused path
         # for PATH_CASES, so those are recorded with the fused path pinned too.
-        for force, cases in (("auto", CASES), ("fused", PATH_CASES)):
+        for force, cases in (("auto", CASES), ("fused", PATH_CASES), ("axis_gemm_t", PATH_CASES)):
             rec.force_path = force
             for case in cases:
                 x, factors = make_inputs(case, "cpu", fill=False)
@@ -91,7 +96,7 @@ def used_specs():
 
 def test_recorder_sees_both_kernels(used_specs):
     kinds = {type(s) for s in used_specs}
-    assert kinds == {FusedSpec, GemmSpec}
+    assert kinds == {FusedSpec, GemmSpec, TransposeSpec}
     assert len(used_specs) > 20
 
 

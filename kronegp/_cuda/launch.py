@@ -24,6 +24,7 @@ __all__ = ["KronArgs", "DeviceKernels", "RowProduct", "run_row_product"]
 
 _MAX_GRID_Z = 65535
 _MAX_GRID_X = 2**31 - 1
+_MAX_PROGRAMS = 1024  # cached launch programs per device
 
 
 class KronArgs(ctypes.Structure):
@@ -82,6 +83,7 @@ class DeviceKernels:
         # Plans keep two blocks per SM where the chip allows it (~228 KB per SM on sm_80/90).
         self.smem_budget = min(100 * 1024, self.smem_optin)
         self._functions: dict = {}
+        self.programs: dict = {}  # call signature -> _Program (run_row_product)
 
     def function(self, spec):
         fn = self._functions.get(spec)
@@ -187,101 +189,183 @@ def _merge_batch(sizes: Sequence[int], strides: Sequence[Sequence[int]]):
     return merged
 
 
+@dataclass
+class _Launch:
+    """One prepared launch: everything but the data pointers, which ``patches`` fill per call."""
+
+    spec: object
+    grid: tuple[int, int, int]
+    template: KronArgs  # strides, sizes, factor strides; pointers hold offsets only
+    patches: tuple  # (field, slot, operand, byte offset): field "x", "y" or "f" (slot g)
+    fn: object = None
+
+
+@dataclass
+class _Program:
+    """The launches of one call signature (shapes, strides, dtype, alignment), built once."""
+
+    launches: list
+    n_tmps: int
+    tmp_elems: int
+
+
+def _signature(prod: RowProduct) -> tuple:
+    """Everything a program depends on besides the data pointers (only their 16-byte residue)."""
+    x, y = prod.x, prod.y
+    return (
+        prod.shapes, prod.m, prod.in_col, prod.out_col, prod.batch, x.tensor.dtype,
+        x.batch_strides, x.s_row, x.s_col, x.tensor.data_ptr() % 16,
+        y.batch_strides, y.s_row, y.s_col, y.tensor.data_ptr() % 16,
+        tuple((f.batch_strides, f.s_row, f.s_col) for f in prod.factors),
+    )
+
+
+def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
+    """Plan ``prod`` and lay out its launches (batch chunks × steps) with symbolic pointers.
+
+    Pointer fields hold ``residue + offset`` while building (``residue`` = the real pointer's
+    address mod 16), so each spec's 16-byte vectorisation check sees the true alignment;
+    ``patches`` record which operand and byte offset each pointer field takes at call time.
+    """
+    x, y = prod.x, prod.y
+    itemsize = x.tensor.element_size()
+    steps = _plan(prod.shapes, prod.m, itemsize, prod.in_col, prod.out_col, smem_budget)
+    m = prod.m
+    n_tmps, k_max = 0, 0
+    tmp_bstrides = tuple(0 for _ in prod.batch)
+    if len(steps) > 1:
+        k_max = max(st.k_out for st in steps[:-1])
+        n_tmps = min(2, len(steps) - 1)
+        acc, bs = m * k_max, []
+        for n in reversed(prod.batch):
+            bs.append(acc)
+            acc *= n
+        tmp_bstrides = tuple(reversed(bs))
+    n_batch = math.prod(prod.batch)
+
+    operands = [x, y] + list(prod.factors)
+    all_strides = [o.batch_strides for o in operands] + [tmp_bstrides] * n_tmps
+    merged = _merge_batch(prod.batch, all_strides)
+    inner = merged[-1] if merged else (1, [0] * len(all_strides))
+    outer = merged[:-1]
+    n_ops = len(operands)
+    residue = [o.tensor.data_ptr() % 16 for o in operands] + [0] * n_tmps
+
+    launches = []
+    for outer_idx in itertools.product(*(range(n) for n, _ in outer)):
+        offs = [0] * len(all_strides)
+        for (n, st), i in zip(outer, outer_idx):
+            for t in range(len(offs)):
+                offs[t] += i * st[t]
+        for z0 in range(0, inner[0], _MAX_GRID_Z):
+            nz = min(_MAX_GRID_Z, inner[0] - z0)
+            zoffs = [o + z0 * s for o, s in zip(offs, inner[1])]
+            for j, st in enumerate(steps):
+                args = KronArgs()
+                patches = []
+                t_in = 0 if j == 0 else n_ops + (j - 1) % 2
+                t_out = 1 if j == len(steps) - 1 else n_ops + j % 2
+                patches.append(("x", 0, t_in, zoffs[t_in] * itemsize))
+                patches.append(("y", 0, t_out, zoffs[t_out] * itemsize))
+                args.x = residue[t_in] + zoffs[t_in] * itemsize
+                args.y = residue[t_out] + zoffs[t_out] * itemsize
+                if j == 0:
+                    args.xb, args.xm, args.xk = inner[1][0], x.s_row, x.s_col
+                else:
+                    args.xb = inner[1][t_in]
+                    args.xm, args.xk = (1, m) if prod.out_col else (st.k_in, 1)
+                if j == len(steps) - 1:
+                    args.yb, args.ym, args.yk = inner[1][1], y.s_row, y.s_col
+                else:
+                    args.yb = inner[1][t_out]
+                    args.ym, args.yk = (1, m) if prod.out_col else (st.k_out, 1)
+                for g in range(st.count):
+                    fi = st.first + g
+                    f = prod.factors[fi]
+                    patches.append(("f", g, 2 + fi, zoffs[2 + fi] * itemsize))
+                    args.fb[g] = inner[1][2 + fi]
+                    args.f0[g], args.f1[g] = f.s_row, f.s_col
+                args.M, args.S = m, st.s
+                spec = st.spec.vectorized(m, st.s, args.x or 0, args.xb, args.xm, args.xk,
+                                          args.y or 0, args.yb, args.ym, args.yk)
+                gx, gy = spec.grid(m, st.s)
+                if gx > _MAX_GRID_X:
+                    raise ValueError(f"kronegp: problem too large for one launch ({gx} blocks)")
+                launches.append(_Launch(spec, (gx, gy, nz), args, tuple(patches)))
+    return _Program(launches, n_tmps, n_batch * m * k_max)
+
+
 def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
-    """Plan and launch every step of ``prod`` on the current stream of the tensors' device.
+    """Launch every step of ``prod`` on the current stream of the tensors' device.
+
+    The launches of a call signature (:func:`_signature`) are built once and cached on the
+    device, kernel handles included; a repeated call only allocates the intermediates, patches
+    the data pointers into copies of the prepared argument blocks and launches (host time).
 
     ``record``: instead of launching, call ``record(spec)`` for each launch (CI uses this on CPU
     tensors to list the specs that a GPU would compile, through this very code path).
     """
-    driver = _drv() if record is None else None
-    x, y = prod.x, prod.y
-    dtype = x.tensor.dtype
-    itemsize = x.tensor.element_size()
-    shapes = prod.shapes
-    steps = _plan(shapes, prod.m, itemsize, prod.in_col, prod.out_col, dev.smem_budget)
-    m = prod.m
-    n_batch = math.prod(prod.batch)
+    if record is not None:
+        for launch in _build_program(prod, dev.smem_budget).launches:
+            record(launch.spec)
+        return
+    key = _signature(prod)
+    prog = dev.programs.get(key)
+    if prog is None:
+        prog = _build_program(prod, dev.smem_budget)
+        for launch in prog.launches:
+            launch.fn = dev.function(launch.spec)
+        if len(dev.programs) >= _MAX_PROGRAMS:
+            dev.programs.clear()  # a crude bound: signatures rarely number this many
+        dev.programs[key] = prog
+    driver = _drv()
+    xt = prod.x.tensor
+    device = xt.device
+    ptrs = [xt.data_ptr(), prod.y.tensor.data_ptr()] + [f.tensor.data_ptr() for f in prod.factors]
+    # Intermediates come from torch's caching allocator on this stream: it reuses them only
+    # after this stream's queued kernels, so dropping them on return is safe.
+    tmps = [torch.empty(prog.tmp_elems, dtype=xt.dtype, device=device) for _ in range(prog.n_tmps)]
+    ptrs += [t.data_ptr() for t in tmps]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    success = driver.CUresult.CUDA_SUCCESS
+    with dev.current():
+        for launch in prog.launches:
+            args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
+            for field, g, t, off in launch.patches:
+                if field == "f":
+                    args.f[g] = ptrs[t] + off
+                elif field == "x":
+                    args.x = ptrs[t] + off
+                else:
+                    args.y = ptrs[t] + off
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+            gx, gy, gz = launch.grid
+            err = driver.cuLaunchKernel(launch.fn, gx, gy, gz, launch.spec.NT, 1, 1,
+                                        launch.spec.smem_bytes, stream, ctypes.addressof(params), 0)
+            if err[0] != success:
+                _check(err, f"cuLaunchKernel({kernel_name(launch.spec)})")
 
-    # Intermediates: contiguous (*batch, m, k) or (*batch, k, m) in the output's layout.
-    tmps = []
-    if len(steps) > 1:
-        k_max = max(st.k_out for st in steps[:-1])
-        for _ in range(min(2, len(steps) - 1)):
-            tmps.append(torch.empty(n_batch * m * k_max, dtype=dtype, device=x.tensor.device))
-        tmp_bstrides = []
-        acc = m * k_max
-        for n in reversed(prod.batch):
-            tmp_bstrides.append(acc)
-            acc *= n
-        tmp_bstrides = tuple(reversed(tmp_bstrides))
-    else:
-        k_max, tmp_bstrides = 0, tuple(0 for _ in prod.batch)
 
-    operands = [x, y] + list(prod.factors)
-    all_strides = [o.batch_strides for o in operands] + [tmp_bstrides] * len(tmps)
-    merged = _merge_batch(prod.batch, all_strides)
-    inner = merged[-1] if merged else (1, [0] * len(all_strides))
-    outer = merged[:-1]
-    stream = torch.cuda.current_stream(x.tensor.device).cuda_stream if record is None else 0
-    n_ops = len(operands)
-
-    def ptr(t: torch.Tensor) -> int:
-        return t.data_ptr()
-
-    base_ptrs = [ptr(o.tensor) for o in operands] + [ptr(t) for t in tmps]
-
-    args = KronArgs()
-    params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-    params_ptr = ctypes.addressof(params)
-    success = driver.CUresult.CUDA_SUCCESS if record is None else None
-    with dev.current() if record is None else _NoCtx():
-        for outer_idx in itertools.product(*(range(n) for n, _ in outer)):
-            offs = [0] * len(all_strides)
-            for (n, st), i in zip(outer, outer_idx):
-                for t in range(len(offs)):
-                    offs[t] += i * st[t]
-            for z0 in range(0, inner[0], _MAX_GRID_Z):
-                nz = min(_MAX_GRID_Z, inner[0] - z0)
-                zoffs = [o + z0 * s for o, s in zip(offs, inner[1])]
-                for j, st in enumerate(steps):
-                    spec = st.spec
-                    # input of this step
-                    if j == 0:
-                        args.x = base_ptrs[0] + zoffs[0] * itemsize
-                        args.xb, args.xm, args.xk = inner[1][0], x.s_row, x.s_col
-                    else:
-                        t = n_ops + (j - 1) % 2
-                        args.x = base_ptrs[t] + zoffs[t] * itemsize
-                        args.xb = inner[1][t]
-                        args.xm, args.xk = (1, m) if prod.out_col else (st.k_in, 1)
-                    if j == len(steps) - 1:
-                        args.y = base_ptrs[1] + zoffs[1] * itemsize
-                        args.yb, args.ym, args.yk = inner[1][1], y.s_row, y.s_col
-                    else:
-                        t = n_ops + j % 2
-                        args.y = base_ptrs[t] + zoffs[t] * itemsize
-                        args.yb = inner[1][t]
-                        args.ym, args.yk = (1, m) if prod.out_col else (st.k_out, 1)
-                    for g in range(st.count):
-                        fi = st.first + g
-                        f = prod.factors[fi]
-                        args.f[g] = base_ptrs[2 + fi] + zoffs[2 + fi] * itemsize
-                        args.fb[g] = inner[1][2 + fi]
-                        args.f0[g], args.f1[g] = f.s_row, f.s_col
-                    args.M, args.S = m, st.s
-                    spec = spec.vectorized(m, st.s, args.x, args.xb, args.xm, args.xk, args.y, args.yb, args.ym, args.yk)
-                    if record is not None:
-                        record(spec)
-                        continue
-                    fn = dev.function(spec)
-                    gx, gy = spec.grid(m, st.s)
-                    if gx > _MAX_GRID_X:
-                        raise ValueError(f"kronegp: problem too large for one launch ({gx} blocks)")
-                    err = driver.cuLaunchKernel(
-                        fn, gx, gy, nz, spec.NT, 1, 1, spec.smem_bytes, stream, params_ptr, 0
-                    )
-                    if err[0] != success:
-                        _check(err, f"cuLaunchKernel({kernel_name(spec)})")
-    # The intermediates were allocated on this stream: the caching allocator reuses them only
-    # after this stream's queued kernels, so dropping them here is safe.
-
+def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor, n: int, batch: int) -> None:
+    """``batch`` contiguous ``(n, D)`` ↔ ``(D, n)`` transposes (``spec.to_wide`` says which way)
+    from ``src`` into ``dst`` on the current stream (``cuda_ext/kron_transpose.cuh``)."""
+    driver = _drv()
+    fn = dev.function(spec)
+    itemsize = src.element_size()
+    per = n * spec.D
+    gx, gy = spec.grid(n)
+    if gx > _MAX_GRID_X:
+        raise ValueError(f"kronegp: transpose too large for one launch ({gx} blocks)")
+    stream = torch.cuda.current_stream(src.device).cuda_stream
+    x0, y0 = src.data_ptr(), dst.data_ptr()
+    with dev.current():
+        for z0 in range(0, batch, _MAX_GRID_Z):
+            nz = min(_MAX_GRID_Z, batch - z0)
+            args = KronArgs()
+            args.x, args.y = x0 + z0 * per * itemsize, y0 + z0 * per * itemsize
+            args.xb = args.yb = per
+            args.M, args.S = n, 1
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+            err = driver.cuLaunchKernel(fn, gx, gy, nz, spec.NT, 1, 1, 0, stream, ctypes.addressof(params), 0)
+            if err[0] != driver.CUresult.CUDA_SUCCESS:
+                _check(err, f"cuLaunchKernel({kernel_name(spec)})")

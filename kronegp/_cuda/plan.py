@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = [
-    "FusedSpec", "GemmSpec", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED", "Rates", "PathChoice",
+    "FusedSpec", "GemmSpec", "TransposeSpec", "TRANSPOSE_MAX_D", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED", "Rates", "PathChoice",
     "choose_path", "predict_fused_plan", "predict_axis_plan",
 ]
 
@@ -233,6 +233,45 @@ def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> Ge
     return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col)
 
 
+# --------------------------------------------------------------------------- transpose kernel
+
+#: Largest short side the transpose kernel takes (its tile of TILE × D elements is static smem).
+TRANSPOSE_MAX_D = 32
+
+
+@dataclass(frozen=True)
+class TransposeSpec:
+    """Tall ``(N, D)`` ↔ wide ``(D, N)`` transpose, ``D`` ≤ :data:`TRANSPOSE_MAX_D`, one block
+    per ``TILE`` rows (``cuda_ext/kron_transpose.cuh``)."""
+
+    itemsize: int
+    D: int
+    to_wide: bool  # (N, D) -> (D, N); else (D, N) -> (N, D)
+    TILE: int = 128
+    NT: int = 256
+
+    kind = "transpose"
+    smem_bytes = 0  # static shared memory only
+
+    def grid(self, n: int) -> tuple[int, int]:
+        return _cdiv(n, self.TILE), 1
+
+    def source(self, name: str) -> str:
+        t = _CTYPE[self.itemsize]
+        return f"""
+namespace {name}_ns {{
+struct Spec {{
+    typedef {t} T;
+    static constexpr int D = {self.D}, TILE = {self.TILE}, NT = {self.NT};
+    static constexpr bool TO_WIDE = {str(self.to_wide).lower()};
+}};
+}}
+extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
+    kron_transpose<{name}_ns::Spec>(a);
+}}
+"""
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -367,8 +406,9 @@ class Rates:
     gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
     fused_bw_efficiency: float = 0.55  # the fused kernel per pass (NOTES.md: ~1.5 of 2.9 TB/s)
     fused_flops_per_s: tuple = ((4, 12e12), (8, 5.5e12))  # FFMA/DFMA with index overhead
-    own_gemm_flops_per_s: tuple = ((4, 14e12), (8, 10.5e12))  # cuda_ext/kron_gemm.cuh, P = 64…256
-    transpose_bw_efficiency: float = 0.7  # torch's strided copy of a (K, T) matrix to (T, K)
+    own_gemm_flops_per_s: tuple = ((4, 10e12), (8, 7e12))  # cuda_ext/kron_gemm.cuh (14/10.5 on large M)
+    transpose_bw_efficiency: float = 0.28  # torch's copy of (K, 11) to (11, K): ~0.8 TB/s measured
+    own_transpose_bw_efficiency: float = 0.7  # cuda_ext/kron_transpose.cuh (D ≤ 32), predicted
     launch_s: float = 10e-6  # per launch: host issue plus device start (small problems are host-bound)
 
     def get(self, table: tuple, itemsize: int) -> float:
@@ -458,7 +498,8 @@ def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = R
     copy ``yᵀ`` back. Two extra passes buy GEMMs at full rate when ``T`` is small."""
     k_in = math.prod(p for p, _ in shapes)
     k_out = math.prod(q for _, q in shapes)
-    copies = 2 * m * (k_in + k_out) * itemsize / (rates.transpose_bw_efficiency * rates.copy_bytes_per_s)
+    eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
+    copies = 2 * m * (k_in + k_out) * itemsize / (eff * rates.copy_bytes_per_s)
     return predict_axis_plan(shapes, m, itemsize, False, rates) + copies + 2 * rates.launch_s
 
 
