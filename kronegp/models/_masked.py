@@ -12,20 +12,23 @@ Everything is stored on the full grid (a vector on ``O`` is zero-filled at ``M``
 * per-cell noise: preconditioned CG with ``P = K + σ̄² I = Q diag(λ + σ̄²) Qᵀ`` (σ̄² the
   geometric mean of the noise): the spectrum of ``P⁻¹C`` lies within the range of
   ``d/σ̄²``, whatever the kernel. ``log det C`` by stochastic Lanczos quadrature with
-  probes ``z ~ N(0, P)`` (exact ``log det P``), its gradient from ``u = C⁻¹z``, ``v = P⁻¹z``.
+  probes ``z ~ N(0, P)`` (exact ``log det P``, and the first-order term
+  ``tr(P⁻¹(D − σ̄²I))`` exact as a control variate), its gradient from ``u = C⁻¹z``,
+  ``v = P⁻¹z`` with ``tr(P⁻¹∂K)`` exact as a control variate.
 
 **Missing cells** (Schur complement). With ``X = C⁻¹`` and ``G = X_MM`` (``m × m``)::
 
     C_OO⁻¹ = X_OO − X_OM G⁻¹ X_MO          log det C_OO = log det C + log det G
 
-so ``α = C_OO⁻¹ r_O = [X (r − G⁻¹[X r]_M)]_O`` needs one CG solve with ``G``. ``G`` is the
+so ``α = C_OO⁻¹ r_O = [X (r − G⁻¹[X r]_M)]_O`` needs one CG solve with ``G`` (Jacobi
+preconditioned: ``diag(G) = diag(X)_M`` is exact for Kronecker ``C``). ``G`` is the
 Kronecker-preconditioned system: ``G⁻¹`` is the conditional covariance of the missing
 values given the observed ones, whose spectrum is tight when missing cells are scattered
 (CG on ``G`` takes a handful of iterations where CG on ``C_OO`` takes hundreds; large
 contiguous holes converge more slowly). ``log det G`` by SLQ from the CG coefficients of
-probes ``z ~ N(0, I_m)``; with ``∂G = −[X ∂C X]_MM``::
+probes ``z ~ N(0, diag G)``; with ``∂G = −[X ∂C X]_MM``::
 
-    ∂ log det G = −tr(G⁻¹ [X ∂C X]_MM) ≈ −(1/S) Σ_s (X G⁻¹ z_s)ᵀ ∂C (X z_s)
+    ∂ log det G = −tr(G⁻¹ [X ∂C X]_MM) ≈ −(1/S) Σ_s (X G⁻¹ z_s)ᵀ ∂C (X diag(G)⁻¹ z_s)
 
 **Gradient** of ``log p = −½ r_Oᵀα − ½ log det C_OO − (n/2) log 2π``::
 
@@ -237,7 +240,10 @@ def cg_lml_pieces(
         observed: bool grid of observed cells, or ``None`` (all observed).
         n_observed: number of observed cells (over all shards).
         probes_c: ``(N, S)`` standard normal, for ``log det C`` (per-cell noise only).
-        probes_g: ``(N, S)`` standard normal, for ``log det G`` (missing cells only).
+        probes_g: ``(N, S)`` standard normal, for ``log det G`` (missing cells only; rows
+            at observed cells are ignored).
+            Either may instead be ``√S`` times ``S`` distinct unit vectors covering every
+            cell concerned: the trace estimates are then exact (up to CG tolerance).
         tol, max_iters: CG rule. inner: column-wise inner product.
     """
     dt = resid.dtype
@@ -269,7 +275,17 @@ def cg_lml_pieces(
             )
             cov.solve_iterations += out.cg.iterations
             iterations, residual = out.cg.iterations, float(out.cg.residual.max())
-            logdet = logdet + out.logdet
+            # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
+            # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
+            # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
+            # second-order part of log(I + E) to the random estimate.
+            if cov.precondition:
+                v = out.probe_precond
+                first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
+                per_probe = inner(v, cov.matvec(v)) - inner(z, v)
+                logdet = logdet + out.logdet + first_order - per_probe.mean()
+            else:
+                logdet = logdet + out.logdet
             s = z.shape[1]
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
@@ -286,27 +302,35 @@ def cg_lml_pieces(
             if probes_g is None:
                 raise ValueError("probes_g is required when cells are missing")
             missing = 1 - obs_f
-            zg = missing.unsqueeze(-1) * probes_g
+            mis = missing.unsqueeze(-1)
+            # Jacobi scaling of G: its diagonal diag(X)_M is exact when C is Kronecker (and
+            # diag(P⁻¹)_M otherwise). It centres G's log-spectrum on 0, which is what makes
+            # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
+            g_diag = torch.where(missing > 0, cov.eig.diag_of(1.0 / cov.p_diag), torch.ones_like(missing))
+            zg = mis * g_diag.sqrt().unsqueeze(-1) * probes_g  # z ~ N(0, diag(G)) on M
             s = zg.shape[1]
             tight = _inner_tol(tol, dt)
-            xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), zg], dim=-1), tol=tight)
-            rhs_g = torch.cat([missing.unsqueeze(-1) * xr_and_z[:, :1], zg], dim=-1)
+            xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), mis * zg / g_diag.unsqueeze(-1)], dim=-1), tol=tight)
+            rhs_g = torch.cat([mis * xr_and_z[:, :1], zg], dim=-1)
             res = block_cg(
-                _missing_matvec(cov, missing, _inner_tol(tol, dt)),
+                _missing_matvec(cov, missing, tight),
                 rhs_g,
+                lambda v: v / g_diag.unsqueeze(-1),
                 inner=inner,
                 tol=tol,
                 max_iters=max_iters,
                 record_lanczos=True,
             )
             iterations, residual = res.iterations, float(res.residual.max())
-            logdet = logdet + slq_logdet_correction(res, columns=slice(1, None))
+            log_gdiag = _total(inner, missing * torch.log(g_diag))
+            logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None))
             g = res.solution
             back = cov.solve(
-                torch.cat([r.unsqueeze(-1) - missing.unsqueeze(-1) * g[:, :1], missing.unsqueeze(-1) * g[:, 1:]], dim=-1),
+                torch.cat([r.unsqueeze(-1) - mis * g[:, :1], mis * g[:, 1:]], dim=-1),
                 tol=tight,
             )
             alpha = obs_f * back[:, 0]
+            # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
             lefts.append(back[:, 1:])
             rights.append(xr_and_z[:, 1:])
             weights.append(resid.new_full((s,), 0.5 / s))

@@ -137,6 +137,9 @@ def block_cg(
     # A zero column is solved by x = 0; it must neither divide by zero nor hold the others back.
     zero_col = b_norm == 0
     safe_b_norm = torch.where(zero_col, torch.ones_like(b_norm), b_norm)
+    if x0 is not None:
+        x = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(x), x)
+        r = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(r), r)
     z = apply_m(r)
     p = z
     rz = inner(r, z)

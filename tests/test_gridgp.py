@@ -1,0 +1,446 @@
+"""GridGP against a dense GPyTorch ExactGP (same kernels, likelihood, hyperparameters).
+
+The reference is an ``ExactGP`` on the observed cells whose covariance is
+``ScaleKernel(Π_k kernel_k(x_k, x_k'))`` (deep copies of GridGP's own kernel modules),
+with ``GaussianLikelihood`` (or ``FixedNoiseGaussianLikelihood`` for per-cell noise),
+evaluated by dense Cholesky (``max_cholesky_size`` raised above the problem size).
+Gradients are compared parameter by parameter (raw parameters, identical constraints).
+"""
+
+import copy
+import math
+import warnings
+
+import gpytorch
+import numpy as np
+import pytest
+import torch
+from gpytorch.constraints import GreaterThan
+
+from kronegp.models import GridGP
+
+# ----------------------------------------------------------------------------- reference
+
+
+class _PerDimProduct(gpytorch.kernels.Kernel):
+    def __init__(self, kernels):
+        super().__init__()
+        self.kernels = torch.nn.ModuleList(kernels)
+
+    def forward(self, x1, x2, diag=False, **params):
+        out = None
+        for k, kern in enumerate(self.kernels):
+            kk = kern(x1[..., k : k + 1], x2[..., k : k + 1], diag=diag)
+            kk = kk if diag else kk.to_dense()
+            out = kk if out is None else out * kk
+        return out
+
+
+class _DenseGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernels):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(_PerDimProduct(kernels))
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _dense(model):
+    pts = model._grid_points()
+    obs = model.observed if model.observed is not None else torch.ones_like(model.y, dtype=torch.bool)
+    if model.learn_noise:
+        lik = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=GreaterThan(1e-6))
+    else:
+        lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=model.cell_noise[obs].clone())
+    ref = _DenseGP(pts[obs], model.y[obs], lik, [copy.deepcopy(k) for k in model.kernels]).to(model.y.dtype)
+    lik = lik.to(model.y.dtype)
+    with torch.no_grad():
+        ref.covar_module.raw_outputscale.copy_(model.raw_outputscale)
+        if model.learn_noise:
+            lik.noise_covar.raw_noise.copy_(model.raw_noise.reshape(1))
+        ref.mean_module.raw_constant.copy_(model.mean_module.raw_constant)
+    pairs = [
+        (kk.raw_lengthscale, rk.raw_lengthscale)
+        for kk, rk in zip(model.kernels, ref.covar_module.base_kernel.kernels)
+    ]
+    pairs.append((model.raw_outputscale, ref.covar_module.raw_outputscale))
+    pairs.append((model.mean_module.raw_constant, ref.mean_module.raw_constant))
+    if model.learn_noise:
+        pairs.append((model.raw_noise, lik.noise_covar.raw_noise))
+    return ref, lik, pairs
+
+
+def _dense_settings():
+    return (
+        gpytorch.settings.max_cholesky_size(10**9),
+        gpytorch.settings.fast_computations(False, False, False),
+        gpytorch.settings.fast_pred_var(False),
+    )
+
+
+def reference_lml_and_grads(model):
+    ref, lik, pairs = _dense(model)
+    ref.train(), lik.train()
+    a, b, c = _dense_settings()
+    with a, b, c:
+        out = ref(*ref.train_inputs)
+        lml = gpytorch.mlls.ExactMarginalLogLikelihood(lik, ref)(out, ref.train_targets) * ref.train_targets.numel()
+    grads = torch.autograd.grad(lml, [p[1] for p in pairs])
+    # GridGP reports data units; with standardize=False those are the model's units.
+    return lml.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def model_lml_and_grads(model):
+    _, _, pairs = _dense(model)
+    lml = model.log_marginal_likelihood()
+    grads = torch.autograd.grad(lml, [p[0] for p in pairs])
+    return lml.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def reference_predict(model, points):
+    ref, lik, _ = _dense(model)
+    ref.eval(), lik.eval()
+    a, b, c = _dense_settings()
+    with torch.no_grad(), a, b, c, warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
+        post = ref(points)
+        return post.mean, post.variance
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def max_rel(a, b):
+    return float(((a - b).abs() / b.abs()).max())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def smooth_field(shape, dtype, seed=0, noise=0.2):
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.sort(torch.rand(n, generator=g, dtype=torch.float64) * n).values for n in shape]
+    axes = [a + torch.arange(len(a), dtype=torch.float64) * 0.3 for a in axes]  # strictly increasing
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    field = sum(torch.sin(m / (2.0 + k)) for k, m in enumerate(mesh)) + 1.5
+    field = field + noise * torch.randn(shape, generator=g, dtype=torch.float64)
+    return field.to(dtype), [a.to(dtype) for a in axes]
+
+
+def random_points(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cols = []
+    for ax in model.axes:
+        lo, hi = float(ax.min()), float(ax.max())
+        cols.append(lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64))
+    return torch.stack(cols, -1).to(model.y.dtype)
+
+
+# ----------------------------------------------------------------------------- exact path
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 12, 3), (61,), (12, 5), (3, 4, 2, 5)],
+    ids=["7x12x3", "61", "12x5", "3x4x2x5"],
+)
+def test_exact_path_matches_dense_float64(shape):
+    values, axes = smooth_field(shape, torch.float64)
+    axes[0] = axes[0].flip(0)  # a decreasing axis (latitude 90 → −90) is fine
+    model = GridGP(values, axes, standardize=False)
+    assert model.path == "exact"
+    with torch.no_grad():  # move off the initial values so every gradient term matters
+        for k, kern in enumerate(model.kernels):
+            kern.lengthscale = kern.lengthscale * (0.7 + 0.2 * k)
+        model.raw_noise.add_(-1.0)
+    lml, grads = model_lml_and_grads(model)
+    ref_lml, ref_grads = reference_lml_and_grads(model)
+    assert abs(float(lml - ref_lml)) / abs(float(ref_lml)) < 1e-8
+    assert rel(grads, ref_grads) < 1e-8
+    assert max_rel(grads, ref_grads) < 1e-6
+
+    mean, var = model.predict()
+    ref_mean, ref_var = reference_predict(model, model._grid_points())
+    assert mean.shape == shape and var.shape == shape
+    assert rel(mean.reshape(-1), ref_mean) < 1e-8
+    assert max_rel(var.reshape(-1), ref_var) < 1e-8
+
+    pts = random_points(model, 17)
+    mean, var = model.predict(pts)
+    ref_mean, ref_var = reference_predict(model, pts)
+    assert mean.shape == (17,)
+    assert rel(mean, ref_mean) < 1e-8
+    assert max_rel(var, ref_var) < 1e-8
+    _, var_y = model.predict(pts, include_noise=True)
+    assert max_rel(var_y, ref_var + model.noise.detach()) < 1e-8
+
+
+def test_exact_path_float32():
+    values, axes = smooth_field((12, 9, 5), torch.float64)
+    m64 = GridGP(values, axes, standardize=False)
+    m32 = GridGP(values.float(), [a.float() for a in axes], standardize=False)
+    assert m32.y.dtype == torch.float32
+    ref_lml, ref_grads = reference_lml_and_grads(m64)
+    lml, grads = model_lml_and_grads(m32)
+    assert abs(float(lml) - float(ref_lml)) / abs(float(ref_lml)) < 1e-5
+    assert rel(grads.double(), ref_grads) < 1e-4
+    mean, var = m32.predict()
+    ref_mean, ref_var = reference_predict(m64, m64._grid_points())
+    assert rel(mean.reshape(-1).double(), ref_mean) < 1e-5
+    assert max_rel(var.reshape(-1).double(), ref_var) < 1e-3
+
+
+def test_standardize_reports_data_units():
+    values, axes = smooth_field((6, 8, 5), torch.float64)
+    values = 250.0 + 30.0 * values  # e.g. kelvin
+    std = GridGP(values, axes)
+    raw = GridGP(values, axes, standardize=False)
+    with torch.no_grad():  # give the raw model the standardised model's hyperparameters in data units
+        for ks, kr in zip(std.kernels, raw.kernels):
+            kr.raw_lengthscale.copy_(ks.raw_lengthscale)
+        hp = std.hyperparameters()
+        raw.raw_outputscale.copy_(raw.outputscale_constraint.inverse_transform(torch.tensor(hp["outputscale"], dtype=torch.float64)))
+        raw.raw_noise.copy_(raw.noise_constraint.inverse_transform(torch.tensor(hp["noise"], dtype=torch.float64)))
+        raw.mean_module.constant.fill_(hp["mean"])
+    assert abs(float(std.log_marginal_likelihood() - raw.log_marginal_likelihood())) < 1e-8 * abs(float(raw.log_marginal_likelihood()))
+    for a, b in zip(std.predict(), raw.predict()):
+        assert rel(a, b) < 1e-10
+    assert hp["path"] == "exact" and len(hp["lengthscales"]) == 3
+
+
+# ----------------------------------------------------------------------------- cg path
+
+
+def cg_problem(kind, dtype=torch.float64, shape=(15, 16, 13), **kw):
+    values, axes = smooth_field(shape, dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    if kind in ("mask", "both"):
+        values = values.clone()
+        values[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    if kind in ("noise", "both"):
+        kw["noise"] = (0.01 + 0.05 * torch.rand(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return GridGP(values, axes, standardize=False, **kw)
+
+
+# Per-cell noise makes every cell enter the trace: a grid of ≤ exact_trace_limit (1024)
+# cells keeps the default settings exact; the masked grid has ~620 missing cells.
+CG_SHAPES = {"mask": (15, 16, 13), "noise": (10, 12, 8), "both": (10, 12, 8)}
+
+
+@pytest.mark.parametrize("kind", ["mask", "noise", "both"])
+def test_cg_path_matches_dense_default_settings(kind):
+    model = cg_problem(kind, shape=CG_SHAPES[kind])
+    assert model.path == "cg"
+    lml, grads = model_lml_and_grads(model)
+    ref_lml, ref_grads = reference_lml_and_grads(model)
+    assert abs(float(lml - ref_lml)) / abs(float(ref_lml)) < 1e-3
+    assert rel(grads, ref_grads) < 1e-3
+    pts = random_points(model, 40)
+    mean, var = model.predict(pts)
+    ref_mean, ref_var = reference_predict(model, pts)
+    assert rel(mean, ref_mean) < 1e-3
+    assert max_rel(var, ref_var) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mask", "noise"])
+def test_cg_path_stochastic_estimates(kind):
+    """Random probes (forced): SLQ and trace estimates within their statistical error.
+
+    The log-likelihood error is bounded per observed cell (the likelihood of data that
+    the model fits well can be near 0, where a relative bound says nothing).
+    """
+    model = cg_problem(kind, exact_trace_limit=0)
+    lml, grads = model_lml_and_grads(model)
+    ref_lml, ref_grads = reference_lml_and_grads(model)
+    assert abs(float(lml - ref_lml)) / model.n_observed < 1e-3
+    assert rel(grads, ref_grads) < 2e-2
+
+
+def test_cg_path_grid_prediction_matches_dense():
+    model = cg_problem("mask")
+    mean, var = model.predict()  # 3120 cells ≤ exact_variance_limit: one solve per cell
+    ref_mean, ref_var = reference_predict(model, model._grid_points())
+    assert rel(mean.reshape(-1), ref_mean) < 1e-3
+    assert max_rel(var.reshape(-1), ref_var) < 1e-3
+    # The Monte Carlo estimate is unbiased with error ∝ 1/√samples: loose, but it must be close.
+    _, var_mc = model.predict(variance="mc")
+    assert float(((var_mc - var).abs() / var).median()) < 0.1
+
+
+def test_cg_path_tighter_settings_are_tighter():
+    model = cg_problem("mask", cg_tol=1e-10)
+    lml, grads = model_lml_and_grads(model)
+    ref_lml, ref_grads = reference_lml_and_grads(model)
+    assert abs(float(lml - ref_lml)) / abs(float(ref_lml)) < 1e-8
+    assert rel(grads, ref_grads) < 1e-7
+    pts = random_points(model, 20)
+    mean, var = model.predict(pts)
+    ref_mean, ref_var = reference_predict(model, pts)
+    assert rel(mean, ref_mean) < 1e-7
+    assert max_rel(var, ref_var) < 1e-6
+
+
+def test_preconditioner_cuts_cg_iterations():
+    for kind in ("mask", "noise"):
+        with_pc = cg_problem(kind, exact_trace_limit=0)
+        without = cg_problem(kind, precondition=False, exact_trace_limit=0)
+        a = float(with_pc.log_marginal_likelihood())
+        b = float(without.log_marginal_likelihood())
+        assert with_pc.cg_iterations * 4 <= without.cg_iterations, (kind, with_pc.cg_iterations, without.cg_iterations)
+        # Both estimate the same likelihood, within their SLQ errors (per observed cell;
+        # unpreconditioned SLQ has the larger variance).
+        assert abs(a - b) / with_pc.n_observed < 1e-2
+
+
+def test_cg_path_float32_runs_and_agrees():
+    m64 = cg_problem("mask")
+    m32 = cg_problem("mask", dtype=torch.float32)
+    a, b = float(m32.log_marginal_likelihood()), float(m64.log_marginal_likelihood())
+    assert abs(a - b) < 1e-3 * abs(b)
+    pts = random_points(m64, 10)
+    mean32, var32 = m32.predict(pts.float())
+    mean64, var64 = m64.predict(pts)
+    assert rel(mean32.double(), mean64) < 1e-3
+    assert max_rel(var32.double(), var64) < 1e-2
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_samples_match_posterior_moments():
+    values, axes = smooth_field((6, 5, 4), torch.float64)
+    for model in (GridGP(values, axes), cg_problem("mask", shape=(8, 7, 6))):
+        mean, var = model.predict()
+        torch.manual_seed(0)
+        n = 3000
+        s = model.sample(n)
+        assert s.shape == (n, *model.shape)
+        se = (var / n).sqrt()
+        assert float(((s.mean(0) - mean).abs() / se).max()) < 5.5
+        # Sample variance: relative standard error √(2/n) ≈ 2.6%; max over ≤ 336 cells.
+        assert float(((s.var(0) - var).abs() / var).max()) < 0.15
+
+
+def test_fit_adam_and_lbfgs_decrease_loss():
+    values, axes = smooth_field((10, 9, 6), torch.float64)
+    for opt in ("adam", "lbfgs"):
+        model = GridGP(values, axes)
+        hist = model.fit(iters=15, optimizer=opt, progress=False)
+        assert hist is model.history and len(hist) >= 3
+        assert hist[-1] < hist[0]
+        assert all(math.isfinite(h) for h in hist)
+    model = cg_problem("mask", shape=(9, 8, 7))
+    start = float(-model.log_marginal_likelihood().detach()) / model.n_observed
+    hist = model.fit(iters=2, optimizer="lbfgs", progress=False)
+    assert hist[-1] < start
+
+
+def test_fit_stops_early_and_shows_progress(capsys):
+    values, axes = smooth_field((8, 7), torch.float64)
+    model = GridGP(values, axes)
+    model.fit(iters=500, optimizer="lbfgs", progress=True)
+    assert len(model.history) < 500
+    err = capsys.readouterr().err
+    assert "loss=" in err
+
+
+def test_hyperparameters_in_data_units():
+    values, axes = smooth_field((8, 7, 5), torch.float64)
+    scaled = GridGP(100 * values, [10 * a for a in axes])
+    base = GridGP(values, axes)
+    hs, hb = scaled.hyperparameters(), base.hyperparameters()
+    for a, b in zip(hs["lengthscales"], hb["lengthscales"]):
+        assert abs(a - 10 * b) < 1e-6 * a
+    assert abs(hs["outputscale"] - 1e4 * hb["outputscale"]) < 1e-6 * hs["outputscale"]
+    assert abs(hs["noise"] - 1e4 * hb["noise"]) < 1e-6 * hs["noise"]
+    assert abs(hs["mean"] - 100 * hb["mean"]) < 1e-6 * abs(hs["mean"])
+    assert cg_problem("noise").hyperparameters()["noise"] == "per-cell (fixed)"
+
+
+def test_to_dtype_and_numpy_input():
+    values, axes = smooth_field((6, 7, 3), torch.float64)
+    model = GridGP(values.numpy(), [a.numpy() for a in axes])
+    assert model.y.dtype == torch.float64
+    m32 = GridGP(values.numpy(), [a.numpy() for a in axes]).to(dtype=torch.float32)
+    assert m32.y.dtype == torch.float32 and m32.raw_outputscale.dtype == torch.float32
+    a, b = model.predict(), m32.predict()
+    assert rel(b[0].double(), a[0]) < 1e-5
+
+
+def test_mask_argument_and_nan():
+    values, axes = smooth_field((6, 7, 3), torch.float64)
+    mask = torch.ones(values.shape, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    mask[1, 1, 1] = False
+    v = values.clone()
+    v[1, 1, 1] = float("nan")  # NaN where the mask says missing: consistent
+    model = GridGP(v, axes, mask=mask)
+    assert model.n_observed == values.numel() - 2 and model.path == "cg"
+    v[2, 2, 2] = float("nan")  # NaN where the mask says observed: ambiguous, refused
+    with pytest.raises(ValueError, match="values is NaN at cells that mask marks observed"):
+        GridGP(v, axes, mask=mask)
+
+
+def test_xarray_input_reads_coordinates():
+    xr = pytest.importorskip("xarray")
+    values, axes = smooth_field((5, 6, 4), torch.float64)
+    times = np.array("2020-01-01", dtype="datetime64[D]") + np.arange(4) * 2
+    da = xr.DataArray(values.numpy(), dims=("lat", "lon", "time"),
+                      coords={"lat": axes[0].numpy(), "lon": axes[1].numpy(), "time": times})
+    model = GridGP(da)
+    assert model.axis_names == ["lat", "lon", "time"]
+    assert torch.allclose(model.axes[0], axes[0])
+    assert torch.allclose(model.axes[2], torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64))
+    assert model.axis_units[2] == "days"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_input_errors():
+    values, axes = smooth_field((5, 6), torch.float64)
+    with pytest.raises(ValueError, match=r"axes\[1\] has length 5 but values has 6"):
+        GridGP(values, [axes[0], axes[1][:5]])
+    with pytest.raises(ValueError, match="one 1-D array per dimension"):
+        GridGP(values, [axes[0]])
+    bad = axes[1].clone()
+    bad[3] = bad[1]
+    with pytest.raises(ValueError, match=r"axes\[1\] must be strictly monotone"):
+        GridGP(values, [axes[0], bad])
+    with pytest.raises(ValueError, match="every cell is missing"):
+        GridGP(torch.full((5, 6), float("nan"), dtype=torch.float64), axes)
+    with pytest.raises(ValueError, match="noise variances must be positive"):
+        GridGP(values, axes, noise=-torch.ones(5, 6, dtype=torch.float64))
+    noise = torch.ones(5, 6, dtype=torch.float64)
+    noise[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="noise must be finite"):
+        GridGP(values, axes, noise=noise)
+    with pytest.raises(ValueError, match="noise must be a scalar or broadcast to the grid shape"):
+        GridGP(values, axes, noise=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"kernels\[0\] has ard_num_dims=2"):
+        GridGP(values, axes, kernels=[gpytorch.kernels.RBFKernel(ard_num_dims=2), gpytorch.kernels.RBFKernel()])
+    with pytest.raises(ValueError, match=r"kernels\[1\] .* does not accept 1-D inputs"):
+        GridGP(values, axes, kernels=[gpytorch.kernels.RBFKernel(), gpytorch.kernels.RBFKernel(active_dims=[2])])
+    with pytest.raises(ValueError, match="one kernel per dimension"):
+        GridGP(values, axes, kernels=[gpytorch.kernels.RBFKernel()])
+    with pytest.raises(TypeError, match="mask must be a boolean"):
+        GridGP(values, axes, mask=torch.ones(5, 6))
+    with pytest.raises(ValueError, match="mask must have the grid shape"):
+        GridGP(values, axes, mask=torch.ones(6, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="values must be a real-valued"):
+        GridGP(np.array([["a", "b"]]))
+    model = GridGP(values, axes)
+    with pytest.raises(ValueError, match=r"points must have shape \(n, 2\)"):
+        model.predict(torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="points has dtype torch.float32"):
+        model.predict(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'lbfgs'"):
+        model.fit(optimizer="sgd")
+
+
+def test_cg_warns_when_not_converged():
+    model = cg_problem("noise", cg_max_iters=2)
+    with pytest.warns(RuntimeWarning, match="relative residual"):
+        model.log_marginal_likelihood()

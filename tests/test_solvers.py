@@ -1,0 +1,184 @@
+"""kronegp.solvers against dense linear algebra: block CG, Lanczos tridiagonals, SLQ."""
+
+import math
+
+import pytest
+import torch
+
+from kronegp.solvers import block_cg, cg_tridiagonals, local_inner, slq_logdet_correction, solve_with_logdet
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _spd(n, dtype, cond=100.0, seed=0, batch=()):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(*batch, n, n, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, math.log10(cond), n, dtype=torch.float64)
+    a = (q * eig) @ q.mT
+    return (0.5 * (a + a.mT)).to(dtype)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,t", [(61, 3), (12, 1), (3, 5)])
+def test_block_cg_matches_dense_solve(dtype, n, t):
+    a = _spd(n, dtype)
+    b = torch.randn(n, t, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    res = block_cg(lambda v: a @ v, b, tol=tol, max_iters=10 * n)
+    ref = torch.linalg.solve(a.double(), b.double())
+    assert res.converged
+    assert res.solution.dtype == dtype
+    bound = 1e-3 if dtype == torch.float32 else 1e-8
+    assert _rel(res.solution.double(), ref) < bound
+    assert float(res.residual.max()) <= tol
+
+
+def test_block_cg_batch_dims_and_preconditioner_cut_iterations():
+    dtype = torch.float64
+    a = _spd(40, dtype, cond=1e4, batch=(2,))
+    # A badly scaled diagonal that Jacobi preconditioning removes.
+    s = torch.logspace(-2, 2, 40, dtype=dtype)
+    a = s[:, None] * a * s[None, :]
+    b = torch.randn(2, 40, 4, dtype=dtype)
+    diag = torch.diagonal(a, dim1=-2, dim2=-1).unsqueeze(-1)
+    plain = block_cg(lambda v: a @ v, b, tol=1e-9, max_iters=2000, warn=False)
+    pre = block_cg(lambda v: a @ v, b, lambda r: r / diag, tol=1e-9, max_iters=2000)
+    ref = torch.linalg.solve(a, b)
+    assert _rel(pre.solution, ref) < 1e-6
+    assert pre.column_iterations.shape == (2, 4)
+    assert pre.iterations < plain.iterations
+
+
+def test_block_cg_zero_column_and_x0():
+    a = _spd(20, torch.float64)
+    b = torch.randn(20, 3, dtype=torch.float64)
+    b[:, 1] = 0
+    res = block_cg(lambda v: a @ v, b, tol=1e-10)
+    assert torch.isfinite(res.solution).all()
+    assert float(res.solution[:, 1].abs().max()) == 0.0
+    ref = torch.linalg.solve(a, b)
+    warm = block_cg(lambda v: a @ v, b, tol=1e-10, x0=ref + 1e-3 * torch.randn_like(ref))
+    assert _rel(warm.solution, ref) < 1e-8
+    assert warm.iterations <= res.iterations
+
+
+def test_block_cg_custom_inner_sharded_like():
+    """A reduction that sums two 'shards' separately gives the same answer as the local one."""
+    a = _spd(30, torch.float64)
+    b = torch.randn(30, 2, dtype=torch.float64)
+    calls = []
+
+    def sharded_inner(x, y):
+        calls.append(1)
+        return local_inner(x[:17], y[:17]) + local_inner(x[17:], y[17:])
+
+    res = block_cg(lambda v: a @ v, b, inner=sharded_inner, tol=1e-10)
+    assert calls
+    assert _rel(res.solution, torch.linalg.solve(a, b)) < 1e-8
+
+
+def test_block_cg_warns_with_residual_when_not_converged():
+    a = _spd(50, torch.float64, cond=1e6)
+    b = torch.randn(50, 1, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"relative residual [0-9.e+-]+ > tol"):
+        res = block_cg(lambda v: a @ v, b, tol=1e-12, max_iters=3)
+    assert not res.converged
+    assert res.iterations == 3
+
+
+def test_block_cg_rejects_bad_input():
+    a = _spd(5, torch.float64)
+    with pytest.raises(ValueError, match="rhs must have shape"):
+        block_cg(lambda v: a @ v, torch.randn(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="rhs must be a torch.Tensor"):
+        block_cg(lambda v: a @ v, [[1.0]])
+    with pytest.raises(TypeError, match="matvec must be callable"):
+        block_cg(a, torch.randn(5, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tol must be a positive"):
+        block_cg(lambda v: a @ v, torch.randn(5, 1, dtype=torch.float64), tol=0)
+    with pytest.raises(ValueError, match="x0 must have the shape"):
+        block_cg(lambda v: a @ v, torch.randn(5, 2, dtype=torch.float64), x0=torch.zeros(5, 1, dtype=torch.float64))
+
+
+def test_tridiagonal_holds_the_spectrum_after_n_steps():
+    """After n iterations on an n×n matrix, T's eigenvalues are A's (Lanczos is exact)."""
+    n = 12
+    a = _spd(n, torch.float64, cond=50.0)
+    b = torch.randn(n, 2, dtype=torch.float64)
+    res = block_cg(lambda v: a @ v, b, tol=1e-14, max_iters=n, min_iters=n, record_lanczos=True, warn=False)
+    (t0, t1) = cg_tridiagonals(res.alphas, res.betas, res.column_iterations)
+    assert t0.shape[0] >= n - 1
+    ev_a = torch.linalg.eigvalsh(a)
+    for t in (t0, t1):
+        ev_t = torch.linalg.eigvalsh(t)
+        # Extreme Ritz values converge first: both ends must match A's.
+        assert abs(float(ev_t[-1] - ev_a[-1])) / float(ev_a[-1]) < 1e-8
+        assert abs(float(ev_t[0] - ev_a[0])) / float(ev_a[0]) < 1e-6
+
+
+def test_tridiagonal_quadrature_matches_quadratic_form():
+    """e₁ᵀ f(T) e₁ · ‖b‖² ≈ bᵀ f(A) b for f = log with a few steps on a well-conditioned A."""
+    n = 61
+    a = _spd(n, torch.float64, cond=10.0)
+    b = torch.randn(n, 1, dtype=torch.float64)
+    res = block_cg(lambda v: a @ v, b, tol=1e-12, record_lanczos=True)
+    (t,) = cg_tridiagonals(res.alphas, res.betas, res.column_iterations)
+    theta, v = torch.linalg.eigh(t)
+    quad = float((b * b).sum()) * float((v[0] ** 2 * theta.log()).sum())
+    ev, q = torch.linalg.eigh(a)
+    exact = float(b[:, 0] @ (q * ev.log()) @ q.mT @ b[:, 0])
+    assert abs(quad - exact) / abs(exact) < 1e-6
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_slq_logdet_estimates_logdet(precondition):
+    n, s = 200, 400
+    a = _spd(n, torch.float64, cond=1e3, seed=3)
+    d = torch.diagonal(a)
+    g = torch.Generator().manual_seed(4)
+    xi = torch.randn(n, s, generator=g, dtype=torch.float64)
+    probes = xi * d.sqrt()[:, None] if precondition else xi
+    rhs = torch.randn(n, 1, dtype=torch.float64, generator=g)
+    out = solve_with_logdet(
+        lambda v: a @ v,
+        rhs,
+        probes,
+        precond=(lambda r: r / d[:, None]) if precondition else None,
+        precond_logdet=d.log().sum() if precondition else None,
+        tol=1e-10,
+    )
+    exact = float(torch.logdet(a))
+    # Hutchinson's standard error is √(2 Σ log²μ / S); 4 standard errors is a safe bound.
+    ev = torch.linalg.eigvalsh((a / d.sqrt()[:, None] / d.sqrt()[None, :]) if precondition else a)
+    se = math.sqrt(2 * float((ev.log() ** 2).sum()) / s)
+    assert abs(float(out.logdet) - exact) < 4 * se + 1e-6
+    assert _rel(out.solution, torch.linalg.solve(a, rhs)) < 1e-8
+
+
+def test_solve_with_logdet_trace_pairs_estimate_trace():
+    """E[(A⁻¹z)ᵀ G (P⁻¹z)] = tr(A⁻¹G) for z ~ N(0, P)."""
+    n, s = 40, 4000
+    a = _spd(n, torch.float64, cond=20.0, seed=5)
+    gmat = _spd(n, torch.float64, cond=5.0, seed=6)
+    d = torch.diagonal(a)
+    probes = torch.randn(n, s, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * d.sqrt()[:, None]
+    out = solve_with_logdet(
+        lambda v: a @ v, torch.randn(n, 1, dtype=torch.float64), probes,
+        precond=lambda r: r / d[:, None], precond_logdet=d.log().sum(), tol=1e-10,
+    )
+    est = float((out.probe_solves * (gmat @ out.probe_precond)).sum() / s)
+    exact = float(torch.trace(torch.linalg.solve(a, gmat)))
+    assert abs(est - exact) / abs(exact) < 0.05
+
+
+def test_slq_needs_lanczos_record():
+    a = _spd(5, torch.float64)
+    res = block_cg(lambda v: a @ v, torch.randn(5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="record_lanczos=True"):
+        slq_logdet_correction(res)
+    with pytest.raises(ValueError, match="precond_logdet"):
+        solve_with_logdet(lambda v: a @ v, torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), precond=lambda r: r)
