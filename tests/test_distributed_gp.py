@@ -42,7 +42,10 @@ CASES = [
     ("per-cell noise, unit probes", (6, 5, 7), 0.0, True, {}),
     ("per-cell noise, random probes", (6, 5, 7), 0.0, True, {"exact_trace_limit": 0, "num_probes": 4}),
     ("per-cell noise and missing", (6, 5, 7), 0.2, True, {"exact_trace_limit": 0, "num_probes": 3}),
+    ("missing, no preconditioner", (6, 5, 7), 0.2, False, {"precondition": False, "num_probes": 4}),
     ("missing, user mean, 2-D", (12, 9), 0.25, False, {"mean": "linear"}),
+    # a hole over the first 2 rows of axis 0: on 4 ranks rank 0 observes nothing
+    ("hole, per-cell noise", (6, 5, 7), "hole", True, {"exact_trace_limit": 0, "num_probes": 3}),
     ("exact, user mean, 1 axis split in 2", (3, 8), 0.0, False, {"mean": "linear"}),
 ]
 # Float64: both runs take the same CG steps; only the order of summation differs.
@@ -59,7 +62,9 @@ def _data(shape, missing, per_cell, dtype, seed):
     mesh = torch.meshgrid(*axes, indexing="ij")
     values = 3.0 + sum(torch.sin(0.7 * m + k) for k, m in enumerate(mesh))
     values = (values + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-    if missing > 0:
+    if missing == "hole":
+        values[:2] = float("nan")
+    elif missing > 0:
         drop = torch.rand(shape, generator=gen) < missing
         values = torch.where(drop, torch.full_like(values, float("nan")), values)
     noise = (0.05 + 0.2 * torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype) if per_cell else None
@@ -170,6 +175,26 @@ def _check_local_blocks(rank, world, device, fail):
         fail.append("chunked probes: this rank's rows differ from the whole draw's")
 
 
+def _check_fit(rank, world, device, fail):
+    """Three Adam steps take the same path as GridGP.fit; the result loads into a GridGP."""
+    shape = (6, 5, 7)
+    values, axes, _ = _data(shape, 0.2, False, torch.float64, seed=5)
+    kwargs = dict(exact_trace_limit=0, num_probes=4, cg_tol=1e-9)
+    gp = kronegp.GridGP(values, axes, device=device, **kwargs)
+    dgp = kd.DistributedGridGP.from_grid(values, axes, device=device, **kwargs)
+    h_ref = gp.fit(iters=3, progress=False)
+    h = dgp.fit(iters=3, progress=False)
+    err = _rel_err(torch.tensor(h), torch.tensor(h_ref))
+    if len(h) != 3 or not err <= 1e-7:
+        fail.append(f"fit: loss history {h} vs GridGP {h_ref} (rel {err:.2e})")
+    fresh = kronegp.GridGP(values, axes, device=device, **kwargs)
+    fresh.load_state_dict(dgp.hyperparameter_state(), strict=False)
+    for name, p in fresh.named_parameters():
+        err = _rel_err(p.detach(), dict(gp.named_parameters())[name].detach())
+        if not err <= 1e-7:
+            fail.append(f"fit: {name} after 3 steps differs from GridGP's (rel {err:.2e})")
+
+
 def _check_errors(rank, world, device, fail):
     shape = (6, 5, 7)
     values, axes, _ = _data(shape, 0.0, False, torch.float64, seed=1)
@@ -219,6 +244,7 @@ def _worker(rank, world, port, backend, out_dir, which):
                 _check_case(case, dtype, rank, world, device, fail)
         if which == "all":
             _check_local_blocks(rank, world, device, fail)
+            _check_fit(rank, world, device, fail)
             _check_errors(rank, world, device, fail)
         dist.barrier()
         dist.destroy_process_group()
