@@ -13,9 +13,11 @@ Processes are spawned as in ``tests/test_distributed.py`` (same ``os._exit`` wor
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import torch.multiprocessing as mp
 
 import kronegp
 import kronegp.distributed as kd
+from kronegp.distributed import gridgp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,17 +163,15 @@ def _check_local_blocks(rank, world, device, fail):
     la, lb = float(a.loss()), float(b.loss())
     if not abs(la - lb) <= 1e-12 * abs(lb):
         fail.append(f"local blocks: loss {la} vs from_grid {lb}")
-    # chunked probes: the same estimate for every G (checked against G = 1 semantics by
-    # recomputing the whole block with the same chunk seeds here)
+    # chunked probes: each rank draws only its rows, and they are the rows of one draw of
+    # the whole block (here a single chunk, seeded by (seed, offset, chunk) = (0, 0, 0))
     c = kd.DistributedGridGP(block, axes, noise=noise.reshape(-1)[rows].clone(), device=device,
                              exact_trace_limit=0, probes="chunked")
     z = c._std_normal_rows(3, 0)
-    from kronegp.distributed import gridgp as mod
-    import hashlib
     key = hashlib.blake2b(b"0,0,0", digest_size=8).digest()
     gen = torch.Generator(device=device).manual_seed(int.from_bytes(key, "little") >> 1)
     whole = torch.randn(math.prod(shape), 3, generator=gen, dtype=torch.float64, device=device)
-    assert math.prod(shape) <= mod._PROBE_CHUNK_ROWS
+    assert math.prod(shape) <= gridgp._PROBE_CHUNK_ROWS
     if not torch.equal(z, whole[rows]):
         fail.append("chunked probes: this rank's rows differ from the whole draw's")
 
@@ -216,7 +217,6 @@ def _check_errors(rank, world, device, fail):
         try:
             kd.DistributedGridGP(device=device, **kwargs)
         except exc as err:
-            import re
             if not re.search(pattern, str(err)):
                 fail.append(f"error for {list(kwargs)}: message {err!r} lacks {pattern!r}")
         except Exception as err:  # noqa: BLE001 - report the wrong type

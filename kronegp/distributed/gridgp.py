@@ -435,7 +435,7 @@ def _check_axes(axes: Any, dtype: torch.dtype, device: torch.device) -> list[Ten
     return out
 
 
-def _as_local_vector(name: str, obj: Any, n_local: int, dtype, device, rank: int, rows: slice) -> Tensor:
+def _as_local_vector(name: str, obj: Any, n_local: int, rank: int, rows: slice) -> Tensor:
     t = obj if isinstance(obj, Tensor) else torch.as_tensor(np.asarray(obj))
     if t.dim() != 1 or t.shape[0] != n_local:
         raise ValueError(
@@ -541,7 +541,7 @@ class DistributedGridGP(torch.nn.Module):
         # ---- this rank's data, checked; every rank learns every rank's verdict
         problem = None
         try:
-            vals = _as_local_vector("values", vals_in, n_local, dtype, device, rank, self.rows)
+            vals = _as_local_vector("values", vals_in, n_local, rank, self.rows)
             if not (vals.is_floating_point() or vals.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
                 raise TypeError(f"values must be real-valued (float or int), got dtype {vals.dtype}")
             vals = vals.to(device=device, dtype=dtype)
@@ -550,7 +550,7 @@ class DistributedGridGP(torch.nn.Module):
                 m = mask if isinstance(mask, Tensor) else torch.as_tensor(np.asarray(mask))
                 if m.dtype != torch.bool:
                     raise TypeError(f"mask must be a boolean array (True = observed), got dtype {m.dtype}")
-                m = _as_local_vector("mask", m, n_local, dtype, device, rank, self.rows).to(device)
+                m = _as_local_vector("mask", m, n_local, rank, self.rows).to(device)
                 if bool((m & ~observed).any()):
                     raise ValueError("values is NaN at cells that mask marks observed (True)")
                 observed = observed & m
@@ -561,7 +561,7 @@ class DistributedGridGP(torch.nn.Module):
             if noise is not None:
                 nz = noise if isinstance(noise, Tensor) else torch.as_tensor(np.asarray(noise))
                 if nz.dim() != 0:
-                    nz = _as_local_vector("noise", nz, n_local, dtype, device, rank, self.rows)
+                    nz = _as_local_vector("noise", nz, n_local, rank, self.rows)
                 nz = torch.broadcast_to(nz.to(device=device, dtype=dtype), (n_local,))
                 at_obs = nz[observed]
                 if not bool(torch.isfinite(at_obs).all()) or bool((at_obs <= 0).any()):
