@@ -6,7 +6,9 @@ same hyperparameters in both (away from their initial values), and compares the 
 the gradient of every hyperparameter after one ``backward()``. Regimes: the exact path
 (full grid), missing cells (Schur-complement CG), per-cell noise (preconditioned CG),
 both; unit probes (exact traces) and random probes (the replicated draw reproduces
-GridGP's); even and uneven splits (grid 6×5×7 on 4 ranks cuts axis 0 into 2,2,1,1).
+GridGP's); even and uneven splits (grid 6×5×7 on 4 ranks cuts axis 0 into 2,2,1,1;
+grid 3×8 on 2 or 4 ranks splits both axes, leaving none local); a rank with no observed
+cell; a user mean; float32 and float64; groups of 1, 2 and 4.
 Processes are spawned as in ``tests/test_distributed.py`` (same ``os._exit`` workaround).
 """
 
@@ -49,7 +51,7 @@ CASES = [
     ("missing, user mean, 2-D", (12, 9), 0.25, False, {"mean": "linear"}),
     # a hole over the first 2 rows of axis 0: on 4 ranks rank 0 observes nothing
     ("hole, per-cell noise", (6, 5, 7), "hole", True, {"exact_trace_limit": 0, "num_probes": 3}),
-    ("exact, user mean, 1 axis split in 2", (3, 8), 0.0, False, {"mean": "linear"}),
+    ("exact, user mean, every axis split", (3, 8), 0.0, False, {"mean": "linear"}),
 ]
 # Float64: both runs take the same CG steps; only the order of summation differs.
 TOL = {torch.float64: 1e-7, torch.float32: 2e-3}
