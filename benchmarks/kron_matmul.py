@@ -245,6 +245,59 @@ def run(args) -> dict:
             "backend": kronegp.backend_info(), "rows": rows, "summary": summary}
 
 
+def profile_host(n: int = 1000) -> dict:
+    """Host µs per call of the small GP cases (the GPU work is a few µs, so the host sets the
+    pace), per path, and a cProfile of the auto path: where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    backend = _cuda_backend()
+    out = {}
+    for name, m, sizes in [c for c in CASES if c[0].startswith(("GP 64^3", "GP [24"))]:
+        for dtname in ("float32", "float64"):
+            dt = getattr(torch, dtname)
+            fs = [torch.randn(p, p, device="cuda", dtype=dt) for p in sizes]
+            k = math.prod(sizes)
+            x_row = torch.randn(m, k, device="cuda", dtype=dt)
+            x_col = torch.randn(k, m, device="cuda", dtype=dt)
+            calls = {"matmul_kron": lambda: kronegp.matmul_kron(x_row, fs),
+                     "kron_matmul": lambda: kronegp.kron_matmul(fs, x_col)}
+            for side, fn in calls.items():
+                for path in ("auto", "fused", "axis_gemm"):
+                    backend.force_path = path
+                    for _ in range(20):
+                        fn()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    key = f"{name} {dtname} {side} {path}"
+                    out[key] = {"host_us": (t1 - t0) / n * 1e6, "total_us": (t2 - t0) / n * 1e6}
+                    print(f"host {key:45s} {out[key]['host_us']:7.1f} us/call issue, "
+                          f"{out[key]['total_us']:7.1f} us/call to finish", flush=True)
+                backend.force_path = "auto"
+    # where the time goes, auto path, one fused and one cuBLAS case
+    for name, m, sizes in [("GP [24,24,72]", 11, [24, 24, 72]), ("GP 64^3", 11, [64] * 3)]:
+        fs = [torch.randn(p, p, device="cuda") for p in sizes]
+        x = torch.randn(m, math.prod(sizes), device="cuda")
+        for _ in range(20):
+            kronegp.matmul_kron(x, fs)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            kronegp.matmul_kron(x, fs)
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+        print(f"# cProfile {name} float32 matmul_kron ({n} calls)\n" + buf.getvalue(), flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="kron_matmul_results.json")
@@ -254,9 +307,16 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
     ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm", "axis_gemm_t"],
                     help="also time ours with each path pinned (cost-model calibration)")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="only measure host µs per call of the small GP cases and cProfile them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kron_matmul.py needs a CUDA GPU")
+    if args.profile_host:
+        result = profile_host()
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        return
     result = run(args)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)

@@ -48,10 +48,41 @@ class KronArgs(ctypes.Structure):
     ]
 
 
-def _drv():
-    from cuda.bindings import driver
+_DRIVER = None
 
-    return driver
+
+def _drv():
+    global _DRIVER
+    if _DRIVER is None:
+        from cuda.bindings import driver
+
+        _DRIVER = driver
+    return _DRIVER
+
+
+_C_LAUNCH = None
+
+
+def _c_launch():
+    """``cuLaunchKernel`` of the process's libcuda through ctypes (or None if it cannot be
+    found): a plain C call costs ~1 µs of host time where the cuda-bindings wrapper, which
+    converts every argument to its own types, costs several. Same library, same context."""
+    global _C_LAUNCH
+    if _C_LAUNCH is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        except (OSError, AttributeError) as err:
+            import warnings
+
+            warnings.warn(f"kronegp: launching through cuda-bindings (slower host path): {err}",
+                          RuntimeWarning, stacklevel=3)
+            _C_LAUNCH = False
+        else:
+            u = ctypes.c_uint
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            _C_LAUNCH = fn
+    return _C_LAUNCH or None
 
 
 def _check(result, what: str):
@@ -198,6 +229,9 @@ class _Launch:
     template: KronArgs  # strides, sizes, factor strides; pointers hold offsets only
     patches: tuple  # (field, slot, operand, byte offset): field "x", "y" or "f" (slot g)
     fn: object = None
+    fn_ptr: int = 0  # the CUfunction's address, for the ctypes launch
+    nt: int = 0
+    smem: int = 0
 
 
 @dataclass
@@ -315,19 +349,29 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
         prog = _build_program(prod, dev.smem_budget)
         for launch in prog.launches:
             launch.fn = dev.function(launch.spec)
+            launch.fn_ptr = int(launch.fn)
+            launch.nt, launch.smem = launch.spec.NT, launch.spec.smem_bytes
         if len(dev.programs) >= _MAX_PROGRAMS:
             dev.programs.clear()  # a crude bound: signatures rarely number this many
         dev.programs[key] = prog
-    driver = _drv()
     xt = prod.x.tensor
-    device = xt.device
     ptrs = [xt.data_ptr(), prod.y.tensor.data_ptr()] + [f.tensor.data_ptr() for f in prod.factors]
+    execute_program(dev, prog, xt, ptrs)
+    return prog
+
+
+def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs: list) -> None:
+    """Run a cached program: ``ptrs`` = data pointers of x, y and the factors, in that order;
+    intermediates like ``like`` (dtype, device)."""
+    device = like.device
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
     # after this stream's queued kernels, so dropping them on return is safe.
-    tmps = [torch.empty(prog.tmp_elems, dtype=xt.dtype, device=device) for _ in range(prog.n_tmps)]
-    ptrs += [t.data_ptr() for t in tmps]
+    # (held until every launch is queued: two live tensors never share a block)
+    tmps = [torch.empty(prog.tmp_elems, dtype=like.dtype, device=device) for _ in range(prog.n_tmps)]
+    if tmps:
+        ptrs = ptrs + [t.data_ptr() for t in tmps]
     stream = torch.cuda.current_stream(device).cuda_stream
-    success = driver.CUresult.CUDA_SUCCESS
+    c_launch = _c_launch()
     with dev.current():
         for launch in prog.launches:
             args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
@@ -340,10 +384,17 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
                     args.y = ptrs[t] + off
             params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
             gx, gy, gz = launch.grid
-            err = driver.cuLaunchKernel(launch.fn, gx, gy, gz, launch.spec.NT, 1, 1,
-                                        launch.spec.smem_bytes, stream, ctypes.addressof(params), 0)
-            if err[0] != success:
-                _check(err, f"cuLaunchKernel({kernel_name(launch.spec)})")
+            if c_launch is not None:
+                code = c_launch(launch.fn_ptr, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream, ctypes.addressof(params), None)
+                if code != 0:
+                    driver = _drv()
+                    _check((driver.CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
+            else:
+                driver = _drv()
+                err = driver.cuLaunchKernel(launch.fn, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream,
+                                            ctypes.addressof(params), 0)
+                if err[0] != driver.CUresult.CUDA_SUCCESS:
+                    _check(err, f"cuLaunchKernel({kernel_name(launch.spec)})")
 
 
 def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor, n: int, batch: int) -> None:

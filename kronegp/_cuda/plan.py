@@ -408,8 +408,8 @@ class Rates:
     fused_flops_per_s: tuple = ((4, 12e12), (8, 5.5e12))  # FFMA/DFMA with index overhead
     own_gemm_flops_per_s: tuple = ((4, 10e12), (8, 7e12))  # cuda_ext/kron_gemm.cuh (14/10.5 on large M)
     transpose_bw_efficiency: float = 0.28  # torch's copy of (K, 11) to (11, K): ~0.8 TB/s measured
-    own_transpose_bw_efficiency: float = 0.7  # cuda_ext/kron_transpose.cuh (D ≤ 32), predicted
-    launch_s: float = 10e-6  # per launch: host issue plus device start (small problems are host-bound)
+    own_transpose_bw_efficiency: float = 0.75  # cuda_ext/kron_transpose.cuh (D ≤ 32): ~2.2 TB/s measured
+    launch_s: float = 25e-6  # per launch: host issue (Python, ~25 µs on the H100 host) plus device start
 
     def get(self, table: tuple, itemsize: int) -> float:
         return dict(table)[itemsize]
@@ -485,8 +485,8 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             eff = _gemm_shape_efficiency(o, c, i)
         else:
             # a batch of (O × I)·(I × C): a short C (the T = 11 columns of a GP solve) costs more
-            # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate)
-            eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / 128.0) ** 0.6
+            # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate, 128³ at ~0.2)
+            eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / 128.0) ** 0.7
         total += max(nbytes / bw, flops / (rate * eff)) + rates.launch_s
         dims[ax] = o
     return total
