@@ -7,7 +7,13 @@ Layers (one module each):
 * :mod:`kronegp._cuda.compiler` — NVRTC (``cuda.bindings.nvrtc``) to cubin, disk cache keyed by
   source hash, architecture, NVRTC version and specialisation.
 * :mod:`kronegp._cuda.launch` — module loading and launches through the CUDA driver API on
-  torch's current stream, with data pointers only.
+  torch's current stream, with data pointers only; launch programs cached per call signature.
+* :mod:`kronegp._cuda.axis_gemm` — the other path: one cuBLAS GEMM per factor (through torch) on
+  copy-free natural-order views, for compute-bound factors.
+
+Per call, :func:`~kronegp._cuda.plan.choose_path` (a cost model of bytes and FLOPs per pass) picks
+the fused kernels, the cuBLAS-per-factor path, or for ``kron_matmul`` with few columns the
+transposed row form (our transpose kernel around the cuBLAS path).
 
 :func:`load` returns the object :mod:`kronegp._backend` calls; inputs reaching it were checked
 by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable batches).
@@ -136,7 +142,8 @@ class CudaBackend:
     def describe(self) -> str:
         major, minor = nvrtc_version()
         return (
-            f"fused CUDA Kron-Matmul kernels (NVRTC {major}.{minor}, sources {source_dir()}, "
+            f"fused CUDA Kron-Matmul kernels + cuBLAS per factor, chosen per call by a cost model "
+            f"(NVRTC {major}.{minor}, sources {source_dir()}, "
             f"cache {cache_dir()})"
         )
 
