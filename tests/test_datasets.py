@@ -127,6 +127,7 @@ def test_built_wheel_ships_and_loads_the_data(tmp_path):
         shutil.copy(REPO / item, src / item)
     shutil.copytree(REPO / "kronegp", src / "kronegp",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.cubin"))
+    shutil.copytree(REPO / "cuda_ext", src / "cuda_ext")  # shipped as kronegp/_cuda_src
     wheel_dir = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(wheel_dir), str(src)], check=True, cwd=tmp_path)
@@ -136,6 +137,8 @@ def test_built_wheel_ships_and_loads_the_data(tmp_path):
         archive.extractall(tmp_path / "site")
     for name in datasets.available():
         assert f"kronegp/datasets/data/{name}.npz" in names
+    for source in (REPO / "cuda_ext").glob("*.cu*"):
+        assert f"kronegp/_cuda_src/{source.name}" in names
     # Load from the unpacked wheel only, from a directory outside the checkout.
     code = ("import kronegp, kronegp.datasets as d, json; "
             "assert kronegp.__file__.startswith(%r), kronegp.__file__; "
