@@ -83,7 +83,9 @@ def test_gpu_matches_cpu(kind, dtype):
     gpu = GridGP(y.cuda(), **{k: v.to(dtype).cuda() for k, v in kw.items()})
     assert gpu.y.is_cuda and gpu.path == cpu.path
     lc, lg = cpu.log_marginal_likelihood(), gpu.log_marginal_likelihood()
-    bound = 1e-4 if dtype == torch.float32 else 1e-8
+    # float32 CG (default tol) is accurate to ~1e-3 relative, the CG path's documented bound;
+    # the exact path has no iteration and meets 1e-4.
+    bound = (1e-4 if kind == "exact" else 1e-3) if dtype == torch.float32 else 1e-8
     assert abs(float(lc) - float(lg)) / abs(float(lc)) < bound
     lc.backward()
     lg.backward()
