@@ -117,6 +117,8 @@ def describe_hyperparameters(hyper: dict, dims: Sequence[str], coord_units: dict
             unit = _plain_unit(coord_units.get(d, ""))
             if isinstance(ls, (int, float)):
                 parts.append(f"{d} {ls:.4g} {unit}".rstrip())
+            elif ls is None:
+                parts.append(f"{d} (none: see its kernel below)")
             else:
                 parts.append(f"{d} {ls}")
         lines.append("lengthscale per dimension: " + ", ".join(parts))

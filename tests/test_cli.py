@@ -199,7 +199,8 @@ def test_describe_hyperparameters_labels_dimensions_and_units():
                                        {"period_length": 1.0}], "path": "exact"}
     lines = cli.describe_hyperparameters(hyper, ("lat", "time", "x"),
                                          {"lat": "degrees_north", "time": "year (decimal)"}, "K")
-    assert lines[0] == "lengthscale per dimension: lat 2.5 degrees_north, time 0.25 year, x None"
+    assert lines[0] == ("lengthscale per dimension: lat 2.5 degrees_north, time 0.25 year, "
+                        "x (none: see its kernel below)")
     assert "signal variance: 4 K² (sd 2 K)" in lines
     assert "noise variance: 0.25 K² (sd 0.5 K)" in lines
     assert "constant mean: 10 K" in lines
