@@ -482,9 +482,8 @@ def run_bench(args) -> int:
 
     if not torch.cuda.is_available():
         print("kronegp bench: no GPU present (torch.cuda.is_available() is False). The "
-              "benchmark measures the CUDA kernel against its anchors; on this machine only "
-              "the CPU reference can run, so its numbers say nothing about the GPU kernel.",
-              flush=True)
+              "benchmark times the CUDA kernel against its anchors and needs a GPU; the "
+              "script decides what it can do without one.", flush=True)
     script = _find_benchmark_script()
     if script is None:
         print("kronegp bench: benchmarks/kron_matmul.py was not found (looked in the current "
