@@ -64,7 +64,7 @@ def test_masked_heldout_intervals_are_calibrated():
 
 
 def _cuda_problem(kind, dtype):
-    _, y = gp_draw((20, 18, 16), (3.0, 4.0, 2.0), 1.0, 0.05, seed=7)
+    _, y = gp_draw((12, 10, 8), (3.0, 4.0, 2.0), 1.0, 0.05, seed=7)
     kw = {}
     if kind in ("mask", "both"):
         y = y.clone()
@@ -79,8 +79,11 @@ def _cuda_problem(kind, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gpu_matches_cpu(kind, dtype):
     y, kw = _cuda_problem(kind, dtype)
-    cpu = GridGP(y, **{k: v.to(dtype) for k, v in kw.items()})
-    gpu = GridGP(y.cuda(), **{k: v.to(dtype).cuda() for k, v in kw.items()})
+    # Unit probes on every cell (exact traces): the CPU and the GPU draw random probes from
+    # different generators, so only deterministic traces can be compared this tightly.
+    kw["exact_trace_limit"] = y.numel()
+    cpu = GridGP(y, **{k: v.to(dtype) if torch.is_tensor(v) else v for k, v in kw.items()})
+    gpu = GridGP(y.cuda(), **{k: v.to(dtype).cuda() if torch.is_tensor(v) else v for k, v in kw.items()})
     assert gpu.y.is_cuda and gpu.path == cpu.path
     lc, lg = cpu.log_marginal_likelihood(), gpu.log_marginal_likelihood()
     # float32 CG (default tol) is accurate to ~1e-3 relative, the CG path's documented bound;
