@@ -99,7 +99,10 @@ def test_gpu_matches_cpu(kind, dtype):
     mc, vc = cpu.predict(pts)
     mg, vg = gpu.predict(pts.cuda())
     assert float((mc - mg.cpu()).norm() / mc.norm()) < (1e-3 if dtype == torch.float32 else 1e-7)
-    assert float(((vc - vg.cpu()).abs() / vc).max()) < (1e-2 if dtype == torch.float32 else 1e-6)
+    # A posterior variance is prior − reduction: its rounding error scales with the prior
+    # variance, not with the (possibly tiny) difference, so compare against the largest.
+    scale = vc.abs().max()
+    assert float(((vc - vg.cpu()).abs() / scale).max()) < (1e-3 if dtype == torch.float32 else 1e-7)
     s = gpu.sample(3)
     assert s.is_cuda and s.shape == (3, *y.shape)
 
