@@ -79,6 +79,7 @@ from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate
 from kronegp.distributed.sharding import GridSharding, plan_shardings
 from kronegp.models._data import axis_to_numeric, parse_grid_data
 from kronegp.models._kron import kron_vector
+from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models.grid_gp import GridGP
 from kronegp.solvers import block_cg
@@ -448,7 +449,7 @@ def _as_local_vector(name: str, obj: Any, n_local: int, rank: int, rows: slice) 
 # --------------------------------------------------------------------------- the model
 
 
-class DistributedGridGP(torch.nn.Module):
+class DistributedGridGP(GridHyperparameters, torch.nn.Module):
     """:class:`kronegp.GridGP`'s likelihood and training with the grid sharded over ``group``.
 
     Each rank holds only its block of the grid: the cells ``rows_of(shape, rank, G)`` of
@@ -678,33 +679,6 @@ class DistributedGridGP(torch.nn.Module):
             )
 
     # ------------------------------------------------------------------ parameters
-
-    @property
-    def path(self) -> str:
-        return "exact" if self.observed is None and self.cell_noise is None else "cg"
-
-    @property
-    def axes(self) -> list[Tensor]:
-        return [getattr(self, f"axis_{k}") for k in range(self.ndim)]
-
-    @property
-    def outputscale(self) -> Tensor:
-        """``s²`` in model (standardised) units (replicated)."""
-        return self.outputscale_constraint.transform(self.raw_outputscale)
-
-    @property
-    def noise(self) -> Optional[Tensor]:
-        """Learned ``σ²`` in model units (replicated), ``None`` with per-cell noise."""
-        return self.noise_constraint.transform(self.raw_noise) if self.learn_noise else None
-
-    def _factors(self) -> list[Tensor]:
-        """``K_k = k_k(axis_k, axis_k)``, symmetrised; replicated (the axes are whole)."""
-        out = []
-        for kern, ax in zip(self.kernels, self.axes):
-            x = ax.unsqueeze(-1)
-            mat = kern(x, x).to_dense()
-            out.append(0.5 * (mat + mat.mT))
-        return out
 
     def _local_points(self) -> Tensor:
         """Coordinates ``(N_r, d)`` of this rank's cells."""

@@ -35,6 +35,7 @@ from torch import Tensor
 from kronegp.models._data import parse_grid_data
 from kronegp.models._exact import exact_lml
 from kronegp.models._kron import KronEigen, kron_vector
+from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
 from kronegp.ops import kron_matmul, matmul_kron
 from kronegp.solvers import local_inner
@@ -46,7 +47,7 @@ __all__ = ["GridGP"]
 _CHUNK_ELEMENTS = 1 << 24
 
 
-class GridGP(torch.nn.Module):
+class GridGP(GridHyperparameters, torch.nn.Module):
     """A Gaussian process on a grid, with a kernel per dimension.
 
     Args:
@@ -233,33 +234,6 @@ class GridGP(torch.nn.Module):
             )
 
     # ------------------------------------------------------------------ parameters
-
-    @property
-    def path(self) -> str:
-        return "exact" if self.observed is None and self.cell_noise is None else "cg"
-
-    @property
-    def axes(self) -> list[Tensor]:
-        return [getattr(self, f"axis_{k}") for k in range(self.ndim)]
-
-    @property
-    def outputscale(self) -> Tensor:
-        """``s²`` in model (standardised) units."""
-        return self.outputscale_constraint.transform(self.raw_outputscale)
-
-    @property
-    def noise(self) -> Optional[Tensor]:
-        """Learned homoskedastic ``σ²`` in model units (``None`` with per-cell noise)."""
-        return self.noise_constraint.transform(self.raw_noise) if self.learn_noise else None
-
-    def _factors(self) -> list[Tensor]:
-        """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it)."""
-        out = []
-        for kern, ax in zip(self.kernels, self.axes):
-            x = ax.unsqueeze(-1)
-            mat = kern(x, x).to_dense()
-            out.append(0.5 * (mat + mat.mT))
-        return out
 
     def _grid_points(self) -> Tensor:
         mesh = torch.meshgrid(*self.axes, indexing="ij")
