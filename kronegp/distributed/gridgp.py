@@ -80,11 +80,10 @@ from kronegp.distributed.sharding import GridSharding, plan_shardings
 from kronegp.models._data import axis_to_numeric, parse_grid_data
 from kronegp.models._kron import kron_vector
 from kronegp.models._params import GridHyperparameters
-from kronegp.models._masked import cg_lml_pieces, plain_cg_lml_pieces
+from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models.grid_gp import GridGP
-from kronegp.solvers import block_cg
 
-__all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedGridCovariance", "grid_sharding"]
+__all__ = ["DistributedGridGP", "ShardedKronEigen", "sharded_grid_covariance", "grid_sharding"]
 
 # "auto" probes: draw the whole (N, S) block on every rank up to this many entries.
 _REPLICATED_PROBE_LIMIT = 1 << 24
@@ -231,93 +230,35 @@ class ShardedKronEigen:
         return dist_ops.kron_matmul([q * q for q in self.vecs], diag.reshape(-1, 1), self.group).reshape(-1)
 
 
-class ShardedGridCovariance:
-    """``C = K + diag(d̃)`` on a sharded grid: the interface ``cg_lml_pieces`` reads.
-
-    The same operator as :class:`kronegp.models._masked.FullGridCovariance` (see there for
-    the math), with grid vectors as this rank's rows, products through the distributed
-    ops and ``inner`` all-reduced:
-
-    * ``C x = s² (⊗K_k) x + d̃ ∘ x``, ``P⁻¹ r = Q (λ + σ̄²)⁻¹ Qᵀ r``;
-    * ``σ̄² = exp(Σ_i log d̃_i / N)`` (all-reduced) when the noise is per cell;
-    * ``log det P = Σ_i log(λ_i + σ̄²)`` (all-reduced).
-
-    ``lam`` is an *empty* tensor on purpose: ``cg_lml_pieces`` sums ``log(lam + σ̄²)``
-    with a local ``.sum()`` for a homoskedastic ``C``, which on a shard would be this
-    rank's part only. Empty, it contributes exactly 0 however it is summed, and the model
-    adds the all-reduced :meth:`precond_logdet` instead; any other use of ``lam`` fails on
-    its shape rather than computing something wrong. The eigenvalues are ``lam_local``.
-    """
-
-    def __init__(
-        self,
-        factors: Sequence[Tensor],
-        outputscale: Tensor,
-        fill_noise: Tensor,
-        *,
-        homoskedastic: bool,
-        tol: float,
-        max_iters: int,
-        sharding: GridSharding,
-        rank: int,
-        group,
-        precondition: bool = True,
-    ):
-        self.factors = [f.detach() for f in factors]
-        self.outputscale = outputscale.detach()
-        self.fill_noise = fill_noise.detach()
-        self.homoskedastic = homoskedastic
-        self.tol, self.max_iters = tol, max_iters
-        self.precondition = precondition
-        self.sharding, self.rank, self.group = sharding, rank, group
-        self.inner = allreduce_inner(group)
-        self.eig = ShardedKronEigen(self.factors, sharding, rank, group)
-        self.lam_local = self.outputscale * self.eig.eigvals()
-        self.lam = self.lam_local.new_empty(0)
-        with torch.no_grad():
-            if homoskedastic:
-                self.sigma_bar2 = self.fill_noise[0]
-            else:
-                total = allreduce_sum(torch.log(self.fill_noise).sum(), group)
-                self.sigma_bar2 = torch.exp(total / sharding.numel)
-        self.p_diag = self.lam_local + self.sigma_bar2
-        self.solve_iterations = 0
-
-    def kernel_matvec(self, x: Tensor) -> Tensor:
-        """``K x`` for this rank's rows ``x`` (``(N_r, t)``)."""
-        return self.outputscale * dist_ops.kron_matmul(self.factors, x, self.group)
-
-    def matvec(self, x: Tensor) -> Tensor:
-        """``C x = K x + d̃ ∘ x``."""
-        return self.kernel_matvec(x) + self.fill_noise.unsqueeze(-1) * x
-
-    def precond(self, r: Tensor) -> Tensor:
-        """``P⁻¹ r = Q (λ + σ̄²)⁻¹ Qᵀ r``."""
-        return self.eig.apply_function(1.0 / self.p_diag, r)
-
-    def precond_logdet(self) -> Tensor:
-        """``log det P = Σ_i log(λ_i + σ̄²)`` over the whole grid (all-reduced)."""
-        with torch.no_grad():
-            return allreduce_sum(torch.log(self.p_diag).sum(), self.group)
-
-    def sample_precond(self, std_normal: Tensor) -> Tensor:
-        """``z = Q (λ + σ̄²)^{½} ξ ~ N(0, P)``."""
-        return self.eig.apply_function(self.p_diag.sqrt(), std_normal)
-
-    def solve(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
-        """``C⁻¹ x``: exact when homoskedastic, else preconditioned CG (all-reduced inner)."""
-        if self.homoskedastic:
-            return self.eig.apply_function(1.0 / self.p_diag, x)
-        res = block_cg(
-            self.matvec,
-            x,
-            self.precond if self.precondition else None,
-            inner=self.inner,
-            tol=self.tol if tol is None else tol,
-            max_iters=self.max_iters,
-        )
-        self.solve_iterations += res.iterations
-        return res.solution
+def sharded_grid_covariance(
+    factors: Sequence[Tensor],
+    outputscale: Tensor,
+    fill_noise: Tensor,
+    *,
+    homoskedastic: bool,
+    tol: float,
+    max_iters: int,
+    sharding: GridSharding,
+    rank: int,
+    group,
+    precondition: bool = True,
+) -> FullGridCovariance:
+    """``C = K + diag(d̃)`` on a sharded grid: :class:`kronegp.models._masked.FullGridCovariance`
+    with this rank's rows as grid vectors, products through the distributed ops, the
+    eigendecomposition of :class:`ShardedKronEigen` and ``inner`` all-reduced (so ``σ̄²`` and
+    ``log det P`` are sums over the whole grid)."""
+    return FullGridCovariance(
+        factors,
+        outputscale,
+        fill_noise,
+        homoskedastic=homoskedastic,
+        tol=tol,
+        max_iters=max_iters,
+        inner=allreduce_inner(group),
+        precondition=precondition,
+        eig=ShardedKronEigen([f.detach() for f in factors], sharding, rank, group),
+        product=lambda fs, x: dist_ops.kron_matmul(fs, x, group),
+    )
 
 
 class _ShardInfo:
@@ -769,7 +710,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
             self.cg_iterations = 0
             return _DistributedExactLML.apply(resid, self.noise, self.outputscale, self._info, *factors)
         homoskedastic = self.cell_noise is None
-        cov = ShardedGridCovariance(
+        cov = sharded_grid_covariance(
             factors, self.outputscale.detach(), self._fill_noise(), homoskedastic=homoskedastic,
             tol=self.cg_tol, max_iters=self.cg_max_iters, sharding=self.sharding, rank=self.rank,
             group=self.group, precondition=self.precondition,
@@ -787,9 +728,6 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
                 inner=self._inner,
             )
             value = pieces.value
-            if homoskedastic:
-                # cov.lam is empty (see ShardedGridCovariance): add log det C = log det P here.
-                value = value - 0.5 * cov.precond_logdet()
         else:
             pieces = plain_cg_lml_pieces(
                 cov.matvec, resid.detach(), self.observed, self.n_observed,

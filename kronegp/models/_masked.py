@@ -76,6 +76,10 @@ class FullGridCovariance:
         tol, max_iters: CG rule for solves with ``C`` when it is not homoskedastic.
         inner: column-wise inner product.
         precondition: use ``P = K + σ̄² I`` in those solves.
+        eig: the eigendecomposition of ``⊗K_k`` (default :class:`KronEigen` of ``factors``),
+            and ``product``: ``(factors, x) ↦ (⊗F)·x`` (default :func:`kronegp.kron_matmul`).
+            A sharded grid passes its own pair (and an all-reduced ``inner``); every sum over
+            the grid below goes through ``inner``, so nothing else changes.
     """
 
     def __init__(
@@ -89,6 +93,8 @@ class FullGridCovariance:
         max_iters: int,
         inner: Inner = local_inner,
         precondition: bool = True,
+        eig=None,
+        product: Callable[[list[Tensor], Tensor], Tensor] = kron_matmul,
     ):
         self.factors = [f.detach() for f in factors]
         self.outputscale = outputscale.detach() if isinstance(outputscale, Tensor) else outputscale
@@ -96,7 +102,8 @@ class FullGridCovariance:
         self.homoskedastic = homoskedastic
         self.tol, self.max_iters, self.inner = tol, max_iters, inner
         self.precondition = precondition
-        self.eig = KronEigen(self.factors)
+        self.product = product
+        self.eig = KronEigen(self.factors) if eig is None else eig
         self.lam = self.outputscale * self.eig.eigvals()
         if homoskedastic:
             self.sigma_bar2 = self.fill_noise[0]
@@ -109,7 +116,7 @@ class FullGridCovariance:
 
     def kernel_matvec(self, x: Tensor) -> Tensor:
         """``K x`` for ``x`` of shape ``(N, t)``."""
-        return self.outputscale * kron_matmul(self.factors, x)
+        return self.outputscale * self.product(self.factors, x)
 
     def matvec(self, x: Tensor) -> Tensor:
         """``C x = K x + d̃ ∘ x``."""
@@ -120,7 +127,8 @@ class FullGridCovariance:
         return self.eig.apply_function(1.0 / self.p_diag, r)
 
     def precond_logdet(self) -> Tensor:
-        return torch.log(self.p_diag).sum()
+        """``log det P = Σ_i log(λ_i + σ̄²)`` over the whole grid (through ``inner``)."""
+        return _total(self.inner, torch.log(self.p_diag))
 
     def sample_precond(self, std_normal: Tensor) -> Tensor:
         """``z = Q (λ + σ̄²)^{½} ξ ~ N(0, P)``."""
@@ -258,7 +266,7 @@ def cg_lml_pieces(
 
         # ---- log det C and the C-system probes
         if cov.homoskedastic:
-            logdet = logdet + torch.log(cov.lam + cov.sigma_bar2).sum()
+            logdet = logdet + cov.precond_logdet()  # C = P exactly
         else:
             if probes_c is None:
                 raise ValueError("probes_c is required when the noise is not homoskedastic")
