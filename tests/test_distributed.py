@@ -14,10 +14,8 @@ import datetime
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 import traceback
 import zlib
 from pathlib import Path
@@ -25,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kronegp
 import kronegp.distributed as kd
 from kronegp.distributed._exchange import _pieces
 from kronegp.reference import kron_dense
+from process_group import free_port, run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -344,33 +342,8 @@ def _worker(rank, world, port, backend, out_dir, cases):
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, backend: str, tmp_path: Path, cases=CASES, timeout: float = 150.0):
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, _free_port(), backend, str(tmp_path), cases),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    start = time.monotonic()
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() - start > timeout:
-                pytest.fail(f"distributed workers did not finish within {timeout:.0f} s")
-    finally:
-        for proc in ctx.processes:  # only the processes this test started
-            if proc.is_alive():
-                proc.kill()
-    failures = []
-    for rank in range(world):
-        failures += [f"rank {rank}: {f}" for f in json.loads(Path(tmp_path, f"rank{rank}.json").read_text())]
-    assert not failures, "\n".join(failures)
+    run_workers(_worker, world, backend, tmp_path, cases, timeout)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -398,7 +371,7 @@ def test_benchmark_reports_the_formula_counts_on_gloo(tmp_path):
     out = tmp_path / "multi_gpu.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(ROOT / "benchmarks" / "multi_gpu.py"), "--small", "--repeats", "1",
         "--warmup", "0", "--json", str(out),
     ]
