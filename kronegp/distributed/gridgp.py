@@ -77,6 +77,7 @@ import kronegp
 from kronegp.distributed import ops as dist_ops
 from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
 from kronegp.distributed.sharding import GridSharding, plan_shardings
+from kronegp.linalg import symmetric_eig
 from kronegp.models._data import axis_to_numeric, parse_grid_data
 from kronegp.models._kron import kron_vector
 from kronegp.models._params import GridHyperparameters
@@ -203,8 +204,7 @@ class ShardedKronEigen:
         self.vecs: list[Tensor] = []
         self.vals: list[Tensor] = []
         with torch.no_grad():
-            for f in factors:
-                lam, q = torch.linalg.eigh(f.detach())
+            for lam, q in symmetric_eig([f.detach() for f in factors]):
                 self.vals.append(lam.clamp_min(0))
                 self.vecs.append(q)
         self.sharding, self.rank, self.group = sharding, rank, group

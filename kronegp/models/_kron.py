@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kronegp.linalg import symmetric_eig
 from kronegp.ops import kron_matmul
 
 __all__ = ["KronEigen", "kron_vector", "contract_all_but"]
@@ -51,8 +52,9 @@ class KronEigen:
         self.vecs: list[Tensor] = []
         self.vals: list[Tensor] = []
         with torch.no_grad():
-            for f in factors:
-                lam, q = torch.linalg.eigh(f.detach())
+            # Host LAPACK in float64 for small factors, cached per factor tensor
+            # (kronegp.linalg.symmetric_eig): a training step asks several times.
+            for lam, q in symmetric_eig([f.detach() for f in factors]):
                 self.vals.append(lam.clamp_min(0))
                 self.vecs.append(q)
         self.sizes = [q.shape[0] for q in self.vecs]

@@ -83,14 +83,23 @@ def slq_logdet_correction(result: CGResult, columns: slice | list[int] | None = 
     cols = list(cols)
     if not cols:
         raise ValueError("no probe columns selected")
-    alphas = result.alphas[:, cols]
-    betas = result.betas[:, cols]
-    steps = result.column_iterations[cols]
-    weights = result.initial_rz[cols]
-    total = alphas.new_zeros(())
-    for t_mat, w in zip(cg_tridiagonals(alphas, betas, steps), weights):
+    # The tridiagonals are tiny (one row per CG iteration): build and decompose them on the
+    # host in float64 after one transfer, instead of a GPU eigh (hundreds of launches) each.
+    dev, dt = result.alphas.device, result.alphas.dtype
+    idx = torch.tensor(cols, device=dev)
+    packed = torch.cat([
+        result.alphas[:, idx].to(torch.float64),
+        result.betas[:, idx].to(torch.float64),
+        result.column_iterations[idx].to(torch.float64).unsqueeze(0),
+        result.initial_rz[idx].to(torch.float64).unsqueeze(0),
+    ]).cpu()
+    k = result.alphas.shape[0]
+    alphas, betas = packed[:k], packed[k : 2 * k]
+    steps, weights = packed[2 * k].long(), packed[2 * k + 1]
+    total = 0.0
+    for t_mat, w in zip(cg_tridiagonals(alphas, betas, steps), weights.tolist()):
         if t_mat.shape[0] == 0:
             continue  # a zero probe contributes nothing
         theta, vecs = torch.linalg.eigh(t_mat)
-        total = total + w * (vecs[0] ** 2 * theta.clamp_min(torch.finfo(theta.dtype).tiny).log()).sum()
-    return total / len(cols)
+        total += w * float((vecs[0] ** 2 * theta.clamp_min(torch.finfo(dt).tiny).log()).sum())
+    return torch.tensor(total / len(cols), dtype=dt, device=dev)
