@@ -1,0 +1,100 @@
+"""kronegp.linalg.symmetric_eig: agreement with a dense reconstruction, the host/device rule, the cache."""
+
+import pytest
+import torch
+
+import kronegp.linalg as kl
+from kronegp.linalg import clear_eig_cache, symmetric_eig
+
+
+def _spd(n, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (a @ a.T / n + 0.1 * torch.eye(n, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def _check(m, lam, q, tol):
+    assert lam.dtype == m.dtype and q.dtype == m.dtype and lam.device == m.device and q.device == m.device
+    assert torch.all(lam[1:] >= lam[:-1])
+    m64, lam64, q64 = m.double(), lam.double(), q.double()
+    recon = q64 @ torch.diag(lam64) @ q64.T
+    assert (recon - m64).norm() / m64.norm() < tol
+    eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
+    assert (q64.T @ q64 - eye).norm() / eye.norm() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_mixed_sizes_match_reconstruction(dtype, tol):
+    clear_eig_cache()
+    mats = [_spd(n, dtype, seed=n) for n in (1, 3, 12, 61, 300)]
+    for m, (lam, q) in zip(mats, symmetric_eig(mats)):
+        _check(m, lam, q, tol)
+
+
+def test_reads_lower_triangle_like_eigh():
+    m = _spd(7, torch.float64)
+    skew = 2 * torch.triu(m, 1) + torch.tril(m)  # upper triangle doubled, lower untouched
+    (lam, _), = symmetric_eig([skew])
+    assert torch.allclose(lam, torch.linalg.eigh(m)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_cache_hit_and_invalidation_by_inplace_change():
+    clear_eig_cache()
+    m = _spd(9, torch.float64)
+    (lam1, q1), = symmetric_eig([m])
+    (lam2, q2), = symmetric_eig([m.detach()])  # same storage and version: cached
+    assert lam2 is lam1 and q2 is q1
+    m.mul_(2.0)  # bumps the version counter
+    (lam3, _), = symmetric_eig([m])
+    assert lam3 is not lam1
+    assert torch.allclose(lam3, 2 * lam1, rtol=1e-12)
+
+
+def test_cache_disabled(monkeypatch):
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "EIG_CACHE_SIZE", 0)
+    m = _spd(5, torch.float64)
+    (lam1, _), = symmetric_eig([m])
+    (lam2, _), = symmetric_eig([m])
+    assert lam2 is not lam1
+
+
+def test_cache_is_bounded(monkeypatch):
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "EIG_CACHE_SIZE", 3)
+    symmetric_eig([_spd(4, torch.float64, seed=s) for s in range(5)])
+    assert len(kl._cache) == 3
+
+
+def test_no_autograd_and_inference_mode():
+    m = _spd(6, torch.float32).requires_grad_(True)
+    (lam, q), = symmetric_eig([m])
+    assert not lam.requires_grad and not q.requires_grad
+    with torch.inference_mode():
+        mi = _spd(6, torch.float32)
+        (lam_i, _), = symmetric_eig([mi])
+    assert torch.allclose(lam_i, lam, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad,err",
+    [
+        (torch.ones(2, 3), ValueError),
+        (torch.ones(2, 2, 2), ValueError),
+        (torch.ones(3, 3, dtype=torch.float16), TypeError),
+        ([[1.0]], TypeError),
+    ],
+)
+def test_bad_input(bad, err):
+    with pytest.raises(err, match=r"mats\[0\]"):
+        symmetric_eig([bad])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_host_and_device_sides(dtype, tol, monkeypatch):
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 64)
+    mats = [_spd(n, dtype, device="cuda", seed=n) for n in (3, 64, 65, 365)]  # two on each side
+    for m, (lam, q) in zip(mats, symmetric_eig(mats)):
+        _check(m, lam, q, tol)
