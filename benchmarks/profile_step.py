@@ -46,11 +46,14 @@ def main():
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--out-dir", default=".")
     ap.add_argument("--probes", type=int, default=16)
+    ap.add_argument("--parts", default="eigh,gridgp,gpytorch", help="comma list of eigh, gridgp, gpytorch")
+    ap.add_argument("--regimes", default=",".join(gt.REGIMES))
     a = ap.parse_args()
     dev = torch.device("cuda")
     dt = torch.float32
+    parts = a.parts.split(",")
     # eigh micro-timings
-    for n in (64, 128, 365):
+    for n in ((64, 128, 365) if "eigh" in parts else ()):
         for d in (torch.float32, torch.float64):
             m = torch.randn(n, n, device=dev, dtype=d); m = m @ m.T
             t = wall(lambda: torch.linalg.eigh(m), 10)
@@ -58,7 +61,7 @@ def main():
             tb = wall(lambda: torch.linalg.eigh(mb), 10)
             tc = wall(lambda: torch.linalg.eigh(m.double().cpu())[1].to(dev), 10)
             print(f"eigh n={n} {d}: gpu {t*1e3:.2f} ms, batched3 {tb*1e3:.2f} ms, cpu64+copy {tc*1e3:.2f} ms", flush=True)
-    for regime in gt.REGIMES:
+    for regime in (a.regimes.split(",") if "gridgp" in parts else ()):
         y, axes, noise, mask = gt.make_data(a.n, regime, dt, dev)
         y_in = y.clone()
         if mask is not None:
@@ -73,7 +76,7 @@ def main():
     import gpytorch
     import kronegp
     import gpytorch_models as gm
-    for kind in ("grid", "multitask", "kiss"):
+    for kind in (("grid", "multitask", "kiss") if "gpytorch" in parts else ()):
         model, lik, x, yv, shape = gm.build(kind, gm.SIZES["full"], dt, dev)
         model.train(); lik.train()
         mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)

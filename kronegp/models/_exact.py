@@ -22,6 +22,7 @@ where ``∂_{K_i}[αᵀ(⊗K)α]`` is the bilinear derivative (autograd of a Kro
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,15 +35,19 @@ __all__ = ["exact_lml"]
 
 class _ExactKronLML(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, resid: Tensor, noise: Tensor, outputscale: Tensor, *factors: Tensor) -> Tensor:
+    def forward(ctx, resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, *factors: Tensor) -> Tensor:
         eig = KronEigen(factors)
         lam_unit = eig.eigvals()
         lam = outputscale * lam_unit
         w = 1.0 / (lam + noise)
-        rt = eig.to_eigbasis(resid.unsqueeze(-1)).squeeze(-1)
-        alpha = eig.from_eigbasis((w * rt).unsqueeze(-1)).squeeze(-1)
-        n = resid.shape[0]
-        lml = -0.5 * (rt * rt * w).sum() - 0.5 * torch.log(lam + noise).sum() - 0.5 * n * math.log(2 * math.pi)
+        n = lam.shape[0]
+        lml = -0.5 * torch.log(lam + noise).sum() - 0.5 * n * math.log(2 * math.pi)
+        if resid is not None:
+            rt = eig.to_eigbasis(resid.unsqueeze(-1)).squeeze(-1)
+            alpha = eig.from_eigbasis((w * rt).unsqueeze(-1)).squeeze(-1)
+            lml = lml - 0.5 * (rt * rt * w).sum()
+        else:
+            alpha = None  # the log-determinant term alone: α = 0
         ctx.eig = eig
         ctx.save_for_backward(alpha, w, lam_unit, outputscale, *factors)
         return lml
@@ -52,17 +57,21 @@ class _ExactKronLML(torch.autograd.Function):
         alpha, w, lam_unit, outputscale, *factors = ctx.saved_tensors
         eig: KronEigen = ctx.eig
         needs = ctx.needs_input_grad
-        d_resid = -grad * alpha if needs[0] else None
-        d_noise = grad * 0.5 * ((alpha * alpha).sum() - w.sum()) if needs[1] else None
+        d_resid = -grad * alpha if needs[0] and alpha is not None else None
+        alpha_sq = (alpha * alpha).sum() if alpha is not None else 0.0
+        d_noise = grad * 0.5 * (alpha_sq - w.sum()) if needs[1] else None
         d_scale = None
         d_factors: list = [None] * len(factors)
         if needs[2] or any(needs[3:]):
-            with torch.enable_grad():
-                leaves = [f.detach().requires_grad_(True) for f in factors]
-                k_alpha = kron_matmul(leaves, alpha.unsqueeze(-1)).squeeze(-1)
-                qform = (alpha * k_alpha).sum()
-                quad_grads = torch.autograd.grad(qform, leaves) if any(needs[3:]) else None
-            qform = qform.detach()
+            quad_grads = None
+            qform = w.new_zeros(())
+            if alpha is not None:
+                with torch.enable_grad():
+                    leaves = [f.detach().requires_grad_(True) for f in factors]
+                    k_alpha = kron_matmul(leaves, alpha.unsqueeze(-1)).squeeze(-1)
+                    qform = (alpha * k_alpha).sum()
+                    quad_grads = torch.autograd.grad(qform, leaves) if any(needs[3:]) else None
+                qform = qform.detach()
             if needs[2]:
                 d_scale = grad * 0.5 * (qform - (w * lam_unit).sum())
             for i in range(len(factors)):
@@ -71,15 +80,18 @@ class _ExactKronLML(torch.autograd.Function):
                 q = eig.vecs[i]
                 v = contract_all_but(w, eig.vals, keep=i)
                 trace_grad = (q * v) @ q.mT
-                d_factors[i] = grad * 0.5 * outputscale * (quad_grads[i] - trace_grad)
+                quad = quad_grads[i] if quad_grads is not None else 0.0
+                d_factors[i] = grad * 0.5 * outputscale * (quad - trace_grad)
         return (d_resid, d_noise, d_scale, *d_factors)
 
 
-def exact_lml(resid: Tensor, noise: Tensor, outputscale: Tensor, factors: list[Tensor]) -> Tensor:
+def exact_lml(resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor]) -> Tensor:
     """Exact ``log N(r | 0, s² ⊗K_k + σ² I)`` with analytic gradients (see module docstring).
 
     Args:
-        resid: ``y − μ`` flattened over the grid (row-major, the order of ``⊗``), length ``N``.
+        resid: ``y − μ`` flattened over the grid (row-major, the order of ``⊗``), length ``N``;
+            or ``None`` for the log-determinant term alone, ``−½ log det C − (N/2) log 2π``
+            (the value at ``r = 0``, without its Kronecker matmuls).
         noise: ``σ²`` (0-dim). outputscale: ``s²`` (0-dim).
         factors: the symmetric ``K_k`` (``n_k × n_k``), one per grid dimension.
     """

@@ -338,7 +338,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
             # preconditioner's fixed σ̄² (per-cell noise, control variate).
             level = self.noise if cov.homoskedastic else cov.sigma_bar2
-            surrogate = surrogate + exact_lml(torch.zeros_like(resid), level, self.outputscale, factors)
+            surrogate = surrogate + exact_lml(None, level, self.outputscale, factors)
         return pieces.value + (surrogate - surrogate.detach())
 
     def log_marginal_likelihood(self) -> Tensor:

@@ -141,7 +141,7 @@ def block_cg(
         x = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(x), x)
         r = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(r), r)
     z = apply_m(r)
-    p = z
+    p = z.clone()  # r is updated in place below; p must not alias it (precond may be the identity)
     rz = inner(r, z)
     initial_rz = rz.clone()
     res = inner(r, r).sqrt() / safe_b_norm
@@ -156,12 +156,15 @@ def block_cg(
         ap = matvec(p)
         pap = inner(p, ap)
         alpha = torch.where(keep, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
-        x = x + alpha.unsqueeze(-2) * p
-        r = r - alpha.unsqueeze(-2) * ap
+        # In place: x and r are this function's own buffers; one pass each instead of a
+        # temporary per product (the vectors are (N, t) grids, the solve is bandwidth-bound
+        # between its Kronecker matmuls).
+        x.addcmul_(p, alpha.unsqueeze(-2))
+        r.addcmul_(ap, alpha.unsqueeze(-2), value=-1)
         z = apply_m(r)
         rz_new = inner(r, z)
         beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        p = z + beta.unsqueeze(-2) * p
+        p = torch.addcmul(z, p, beta.unsqueeze(-2))
         rz = torch.where(keep, rz_new, rz)
         col_iters = col_iters + keep.long()
         iterations += 1
