@@ -43,7 +43,8 @@ Nothing in this module builds the dense ``ΠP_i × ΠQ_i`` matrix.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from linear_operator.operators import (
@@ -53,18 +54,23 @@ from linear_operator.operators import (
     KroneckerProductDiagLinearOperator,
     KroneckerProductLinearOperator,
     LinearOperator,
+    ToeplitzLinearOperator,
 )
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from kronegp import ops
+from kronegp.linalg import symmetric_eig
 
 __all__ = [
     "DENSE_FACTOR_MAX_NUMEL",
+    "DENSE_CACHE_SIZE",
     "KroneckerOperator",
     "apply_along_axes",
+    "clear_dense_factor_cache",
     "factor_as_matrix",
     "flat_factor_matrices",
+    "leaf_eigendecompositions",
 ]
 
 #: LinearOperator factors with at most this many entries (``P_i · Q_i``) are densified
@@ -92,15 +98,255 @@ def factor_as_matrix(factor: LinearOperator) -> Matrix:
 
     Returns a ``Tensor`` (dense factors, and structured ones up to
     :data:`DENSE_FACTOR_MAX_NUMEL` entries) or the LinearOperator itself (larger structured
-    factors, applied with their own ``_matmul``).
+    factors, applied with their own ``_matmul``). A structured factor whose dense form
+    needs no autograd graph (grad mode off, as inside linear_operator's autograd
+    Functions, or no parameter requiring grad) comes from :func:`_cached_dense`, so
+    the forward solve, the log-determinant and the backward of one training step
+    densify it once.
     """
     if isinstance(factor, Tensor):
         return factor
     if isinstance(factor, DenseLinearOperator):
         return factor.tensor
     if factor.size(-2) * factor.size(-1) <= DENSE_FACTOR_MAX_NUMEL:
-        return factor.to_dense()
+        if _needs_graph(factor):
+            return _densify(factor)
+        return _cached_dense(factor)
     return factor
+
+
+# ------------------------------------------------------------------ dense forms of factors
+
+#: How many dense forms of structured factors :func:`factor_as_matrix` keeps (0: none).
+DENSE_CACHE_SIZE = 16
+#: Only factors with at most this many entries are cached (a 1024 × 1024 factor).
+_DENSE_CACHE_MAX_NUMEL = 2**20
+
+_dense_cache: "OrderedDict[tuple, tuple[tuple[Tensor, ...], Tensor]]" = OrderedDict()
+_toeplitz_index_cache: dict = {}
+
+
+def clear_dense_factor_cache() -> None:
+    """Forget every cached dense factor (see :func:`factor_as_matrix`)."""
+    _dense_cache.clear()
+
+
+def _tensor_key(t: Tensor) -> Optional[tuple]:
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+def _factor_key(factor: LinearOperator, dtype: torch.dtype) -> Optional[tuple]:
+    """Identity of ``factor``'s value: its class, its representation tensors (storage,
+    offset, shape, strides, dtype, device, version) and its keyword arguments, plus the
+    requested dtype. ``None`` when something in it cannot be keyed."""
+    keys = []
+    for t in factor.representation():
+        k = _tensor_key(t)
+        if k is None:
+            return None
+        keys.append(k)
+    try:
+        kwargs = tuple(sorted(factor._kwargs.items()))
+        hash(kwargs)
+    except TypeError:
+        return None
+    return (type(factor), tuple(keys), kwargs, dtype)
+
+
+def _needs_graph(factor: LinearOperator) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in factor.representation())
+
+
+def _toeplitz_index(n: int, device: torch.device) -> Tensor:
+    """``|i − j|`` for ``i, j < n``: the column entry of each position of a symmetric Toeplitz matrix."""
+    key = (n, device)
+    idx = _toeplitz_index_cache.get(key)
+    if idx is None:
+        r = torch.arange(n, device=device)
+        idx = (r.unsqueeze(-1) - r).abs_()
+        if len(_toeplitz_index_cache) > 64:
+            _toeplitz_index_cache.clear()
+        _toeplitz_index_cache[key] = idx
+    return idx
+
+
+def _densify(factor: LinearOperator) -> Tensor:
+    r"""``factor`` as a dense tensor, differentiable with respect to its representation.
+
+    A symmetric Toeplitz factor ``T[i, j] = c[|i − j|]`` is one gather from its column
+    (linear_operator's ``to_dense`` multiplies it by the identity through FFTs, with a
+    device synchronisation in its argument check); anything else uses ``to_dense()``.
+    """
+    if isinstance(factor, DenseLinearOperator):
+        return factor.tensor
+    if type(factor) is ToeplitzLinearOperator:
+        column = factor.column
+        return column[..., _toeplitz_index(column.size(-1), column.device)]
+    return factor.to_dense()
+
+
+def _cached_dense(factor: Union[Tensor, LinearOperator], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The dense form of ``factor`` in ``dtype`` (default: its own), detached, cached by
+    :func:`_factor_key` (least recently used out, references held so that a keyed
+    storage cannot be reused while cached)."""
+    if isinstance(factor, Tensor):
+        out = factor.detach()
+        return out if dtype is None or out.dtype == dtype else _cached_cast(out, dtype)
+    dtype = factor.dtype if dtype is None else dtype
+    if isinstance(factor, DenseLinearOperator) and factor.dtype == dtype:
+        return factor.tensor.detach()
+    numel = factor.size(-2) * factor.size(-1) * math.prod(factor.batch_shape)
+    key = _factor_key(factor, dtype) if DENSE_CACHE_SIZE > 0 and numel <= _DENSE_CACHE_MAX_NUMEL else None
+    if key is not None:
+        hit = _dense_cache.get(key)
+        if hit is not None:
+            _dense_cache.move_to_end(key)
+            return hit[1]
+    # Not under no_grad: ``to_dense`` of many LinearOperators is memoized on the operator,
+    # and a graph-less result cached there would cut the gradient of a later caller.
+    if dtype == factor.dtype:
+        dense = _densify(factor).detach()
+    else:
+        dense = _cached_dense(factor).to(dtype)
+    if key is not None:
+        _dense_cache[key] = (tuple(t.detach() for t in factor.representation()), dense)
+        while len(_dense_cache) > DENSE_CACHE_SIZE:
+            _dense_cache.popitem(last=False)
+    return dense
+
+
+def _cached_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` (``t`` detached), cached by ``t``'s identity like :func:`_cached_dense`."""
+    k = _tensor_key(t)
+    key = None if k is None or DENSE_CACHE_SIZE <= 0 or t.numel() > _DENSE_CACHE_MAX_NUMEL else ("cast", k, dtype)
+    if key is not None:
+        hit = _dense_cache.get(key)
+        if hit is not None:
+            _dense_cache.move_to_end(key)
+            return hit[1]
+    out = t.to(dtype)
+    if key is not None:
+        _dense_cache[key] = ((t,), out)
+        while len(_dense_cache) > DENSE_CACHE_SIZE:
+            _dense_cache.popitem(last=False)
+    return out
+
+
+def _dense_grad_to_representation(factor: LinearOperator, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    r"""Chain ``G = ∂f/∂F`` (dense, shape of ``factor``) to ``factor``'s representation.
+
+    * dense: ``G`` itself;
+    * symmetric Toeplitz ``F[i, j] = c[|i − j|]``: ``∂f/∂c_k = Σ_{|i−j| = k} G[i, j]``
+      (one scatter-add);
+    * diagonal ``F = diag(d)``: ``∂f/∂d = diag(G)``; constant diagonal ``F = a I``:
+      ``∂f/∂a = tr G``;
+    * anything else: ``F._bilinear_derivative(G, I)``, since
+      ``Σ_{pq} G[p, q] F[p, q] = Σ_c (G e_c)ᵀ F e_c``.
+    """
+    if isinstance(factor, DenseLinearOperator):
+        return (grad,)
+    kind = type(factor)
+    if kind is ToeplitzLinearOperator:
+        column = factor.column
+        n = column.size(-1)
+        idx = _toeplitz_index(n, grad.device).reshape(-1)
+        g = grad.new_zeros(*grad.shape[:-2], n).index_add_(-1, idx, grad.reshape(*grad.shape[:-2], n * n))
+        return (_sum_to_shape(g, column.shape),)
+    if kind is ConstantDiagLinearOperator:
+        g = grad.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+        return (_sum_to_shape(g, factor.diag_values.shape),)
+    if kind is DiagLinearOperator:
+        return (_sum_to_shape(grad.diagonal(dim1=-2, dim2=-1), factor._diag.shape),)
+    eye = torch.eye(factor.size(-1), dtype=grad.dtype, device=grad.device)
+    return tuple(factor._bilinear_derivative(grad, eye.expand(*grad.shape[:-2], *eye.shape)))
+
+
+# ------------------------------------------------------------------ eigendecompositions of factors
+
+
+class _SymEigBackward(torch.autograd.Function):
+    r"""Attach the gradient of a symmetric eigendecomposition to an already computed one.
+
+    ``forward(A, λ, Q)`` returns ``(λ, Q)`` unchanged (computed elsewhere, without autograd);
+    the backward is that of ``A = Q diag(λ) Qᵀ``::
+
+        ∂f/∂A = Q (diag(ḡ_λ) + F ∘ ½(Qᵀ ḡ_Q − ḡ_Qᵀ Q)) Qᵀ,     F[i, j] = 1 / (λ_j − λ_i) (i ≠ j)
+
+    (the term with ``F`` only when the eigenvectors are used; it divides by eigenvalue
+    gaps exactly as ``torch.linalg.eigh``'s backward does).
+    """
+
+    @staticmethod
+    def forward(ctx, a, lam, q):
+        ctx.save_for_backward(lam, q)
+        ctx.a_dtype = a.dtype
+        return lam, q
+
+    @staticmethod
+    def backward(ctx, g_lam, g_q):
+        lam, q = ctx.saved_tensors
+        if g_q is None:
+            if g_lam is None:
+                return None, None, None
+            inner = torch.diag_embed(g_lam.to(q.dtype))
+        else:
+            vg = q.mT @ g_q.to(q.dtype)
+            skew = 0.5 * (vg - vg.mT)
+            gaps = lam.unsqueeze(-2) - lam.unsqueeze(-1)
+            gaps.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+            inner = skew / gaps
+            if g_lam is not None:
+                inner.diagonal(dim1=-2, dim2=-1).copy_(g_lam.to(q.dtype))
+        return (q @ inner @ q.mT).to(ctx.a_dtype), None, None
+
+
+def _is_diagonal(factor) -> bool:
+    return isinstance(factor, DiagLinearOperator) and not isinstance(factor, KroneckerProductLinearOperator)
+
+
+def leaf_eigendecompositions(leaves: Sequence[LinearOperator]) -> list[tuple[Tensor, Optional[Tensor]]]:
+    r"""``(λ_i, Q_i)`` of each factor ``F_i = Q_i diag(λ_i) Q_iᵀ``, in float64, without autograd.
+
+    Diagonal factors are their own decomposition (``λ = diag``, ``Q = None`` for the
+    identity). Every other factor is densified (:func:`_cached_dense`, in float64) and all
+    of them, batch entries included, go to :func:`kronegp.linalg.symmetric_eig` in one
+    call: one transfer to the host and one back on a GPU, and a cache by tensor identity
+    that makes the second decomposition of the same factor in a training step (the
+    log-determinant after the solve, the backward after the forward) free. ``λ`` comes
+    back as computed (ascending, not clamped) on the factor's device.
+    """
+    out: list = [None] * len(leaves)
+    mats, where = [], []
+    for i, f in enumerate(leaves):
+        if _is_diagonal(f):
+            out[i] = (f._diagonal().detach().to(torch.float64), None)
+            continue
+        dense = _cached_dense(f, torch.float64)
+        n = dense.size(-1)
+        flat = dense.reshape(-1, n, n)
+        where.append((i, dense.shape[:-2], len(mats), flat.shape[0]))
+        mats.extend(flat.unbind(0))
+    if mats:
+        results = symmetric_eig(mats)
+        for i, batch, start, count in where:
+            pairs = results[start : start + count]
+            if count == 1 and not batch:
+                lam, q = pairs[0]
+            else:
+                lam = torch.stack([p[0] for p in pairs]).reshape(*batch, -1)
+                q = torch.stack([p[1] for p in pairs]).reshape(*batch, *pairs[0][1].shape)
+            out[i] = (lam, q)
+    return out
+
+
+def _kron_vector(vecs: Sequence[Tensor]) -> Tensor:
+    """``v_1 ⊗ … ⊗ v_N`` for vectors ``(*batch_i, n_i)`` (last index fastest)."""
+    out = vecs[0]
+    for v in vecs[1:]:
+        out = (out.unsqueeze(-1) * v.unsqueeze(-2)).reshape(*torch.broadcast_shapes(out.shape[:-1], v.shape[:-1]), -1)
+    return out
 
 
 def _below_one_axis(mat: Tensor) -> Tensor:
@@ -358,11 +604,7 @@ class KroneckerOperator(KroneckerProductLinearOperator):
             own = [m for m, o in zip(mats, owners) if o == j]
             if len(own) == 1 and isinstance(own[0], Tensor):
                 g = _sum_to_shape(torch.einsum("...apb,...aqb->...pq", u_j, v_j), factor.shape)
-                if isinstance(factor, DenseLinearOperator):
-                    per_factor[j] = (g,)
-                else:
-                    eye = torch.eye(qs[j], dtype=g.dtype, device=g.device)
-                    per_factor[j] = tuple(factor._bilinear_derivative(g, eye.expand(*g.shape[:-2], *eye.shape)))
+                per_factor[j] = _dense_grad_to_representation(factor, g)
             else:
                 u_cols = u_j.movedim(-2, -3).reshape(*u_j.shape[:-3], ps[j], qa * pb * d)
                 v_cols = v_j.movedim(-2, -3).reshape(*v_j.shape[:-3], qs[j], qa * pb * d)
@@ -377,6 +619,72 @@ class KroneckerOperator(KroneckerProductLinearOperator):
                 break
         grads = tuple(g for entry in per_factor for g in entry)
         return grads
+
+    # ------------------------------------------------------------------ eigendecomposition
+
+    def _symeig(
+        self, eigenvectors: bool = False, return_evals_as_lazy: Optional[bool] = False
+    ) -> tuple[Union[Tensor, LinearOperator], Optional[LinearOperator]]:
+        r"""``F_1 ⊗ … ⊗ F_N = (⊗Q_i) (⊗Λ_i) (⊗Q_i)ᵀ`` from one eigendecomposition per factor.
+
+        What linear_operator's Kronecker ``_symeig`` computes (eigenvalues
+        ``λ = λ_1 ⊗ … ⊗ λ_N`` of the factors' eigenvalues clamped at zero, in the
+        operator's dtype; eigenvectors ``Q_1 ⊗ … ⊗ Q_N`` as a Kronecker operator; nested
+        Kronecker factors are flattened, which by associativity is the same matrix), but
+        every factor is decomposed by :func:`kronegp.linalg.symmetric_eig` in float64
+        (see :func:`leaf_eigendecompositions`) instead of a ``torch.linalg.eigh`` per
+        factor. Diagonal factors keep their own trivial decomposition. Differentiable:
+        with autograd on, each dense factor is attached through :class:`_SymEigBackward`.
+        """
+        leaves = _leaf_factors(self)
+        pairs = leaf_eigendecompositions(leaves)
+        dtype = self.dtype
+        evals, evecs = [], []
+        for f, (lam, q) in zip(leaves, pairs):
+            if q is None:  # a diagonal factor
+                lam_f, vec_f = f._symeig(eigenvectors=eigenvectors)
+                evals.append(lam_f)
+                evecs.append(vec_f)
+                continue
+            if _needs_graph(f):
+                lam, q = _SymEigBackward.apply(_densify(f), lam, q)
+            evals.append(lam.clamp_min(0.0).to(dtype))
+            evecs.append(DenseLinearOperator(q.to(dtype)) if eigenvectors else None)
+        lazy = KroneckerProductDiagLinearOperator(*(DiagLinearOperator(e) for e in evals))
+        out_evals = lazy if return_evals_as_lazy else _kron_vector(evals)
+        return out_evals, (KroneckerOperator(*evecs) if eigenvectors else None)
+
+    def eigen_inverse(
+        self, shift: Union[Tensor, float], dtype: torch.dtype = torch.float64
+    ) -> Callable[[Tensor], Tensor]:
+        r"""``r ↦ (F_1 ⊗ … ⊗ F_N + s I)⁻¹ r = Q (Λ + s)⁻¹ Qᵀ r``, computed in ``dtype``, no autograd.
+
+        ``Q = ⊗Q_i``, ``Λ = ⊗Λ_i`` from :func:`leaf_eigendecompositions` (eigenvalues
+        clamped at zero), decomposed once when this is called; each application is two
+        :func:`kronegp.kron_matmul` (identity axes for diagonal factors) and a scaling.
+        ``shift`` is a scalar or ``(*batch, 1)``; ``r`` is ``(*batch, N, C)``; the result
+        is in ``dtype``.
+        """
+        leaves = _leaf_factors(self)
+        pairs = leaf_eigendecompositions(leaves)
+        sizes = [f.size(-1) for f in leaves]
+        with torch.no_grad():
+            lam = _kron_vector([p[0].clamp_min(0.0) for p in pairs])
+            shift = shift.detach().to(torch.float64) if isinstance(shift, Tensor) else shift
+            scale = (lam + shift).reciprocal_().to(dtype).unsqueeze(-1)
+            qs = [None if q is None else q.to(dtype) for _, q in pairs]
+            qts = [None if q is None else q.mT for q in qs]
+
+        def apply(rhs: Tensor) -> Tensor:
+            with torch.no_grad():
+                x = apply_along_axes(qts, sizes, rhs.to(dtype))
+                return apply_along_axes(qs, sizes, x * scale)
+
+        return apply
+
+    def eigen_solve(self, rhs: Tensor, shift: Union[Tensor, float]) -> Tensor:
+        r"""``(F_1 ⊗ … ⊗ F_N + s I)⁻¹ rhs`` in float64 (:meth:`eigen_inverse`); the caller casts."""
+        return self.eigen_inverse(shift, torch.float64)(rhs)
 
     # ------------------------------------------------------------------ algebra
 
