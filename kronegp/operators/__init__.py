@@ -4,7 +4,7 @@ One operator per module, as in linear_operator:
 
 * :class:`KroneckerOperator` — ``F_1 ⊗ … ⊗ F_N`` (a ``KroneckerProductLinearOperator``);
 * :class:`KroneckerAddedDiagOperator` — ``K + D``: exact eigen solves for constant or
-  Kronecker diagonals, preconditioned CG otherwise;
+  Kronecker diagonals, kronegp's block CG (Kronecker eigen preconditioner) otherwise;
 * :class:`KroneckerTriangularOperator` — Kronecker product of triangular factors (what
   ``KroneckerOperator.cholesky()`` returns).
 """
@@ -14,8 +14,10 @@ from kronegp.operators.kronecker_operator import (
     DENSE_FACTOR_MAX_NUMEL,
     KroneckerOperator,
     apply_along_axes,
+    clear_dense_factor_cache,
     factor_as_matrix,
     flat_factor_matrices,
+    leaf_eigendecompositions,
 )
 from kronegp.operators.kronecker_triangular_operator import KroneckerTriangularOperator
 
@@ -25,7 +27,9 @@ __all__ = [
     "KroneckerOperator",
     "KroneckerTriangularOperator",
     "apply_along_axes",
+    "clear_dense_factor_cache",
     "factor_as_matrix",
     "flat_factor_matrices",
     "iterative_solve",
+    "leaf_eigendecompositions",
 ]

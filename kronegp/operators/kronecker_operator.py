@@ -23,8 +23,10 @@ The fused product wants plain matrices. Each factor is turned into one by
 * a ``torch.Tensor`` or :class:`~linear_operator.operators.DenseLinearOperator` is used as
   is (no copy);
 * any other LinearOperator (Toeplitz, diagonal, added-diagonal, sums, products, …) with at
-  most :data:`DENSE_FACTOR_MAX_NUMEL` entries is densified with ``to_dense()`` on every
-  product. A grid axis is short (tens to a few thousand points), so the ``P_i·Q_i`` cost
+  most :data:`DENSE_FACTOR_MAX_NUMEL` entries is densified (a symmetric Toeplitz factor by
+  one gather from its column, anything else with ``to_dense()``); without autograd the
+  dense form is cached by the identity of the factor's tensors, so a training step
+  densifies it once. A grid axis is short (tens to a few thousand points), so the ``P_i·Q_i`` cost
   of densifying is small next to the ``ΠP_i · T`` product it feeds, and a dense factor
   lets all the factors run as one kernel;
 * a Kronecker product (a GPyTorch ``GridKernel`` covariance used as the data factor of
