@@ -1,20 +1,32 @@
 """Eigendecompositions of the small symmetric matrices kronegp works with.
 
 Kronecker methods eigendecompose each factor ``K_k`` (``n_k × n_k``, typically 10–1000 rows)
-once per set of hyperparameters. On a GPU ``torch.linalg.eigh`` is a poor fit for that: a
-128 × 128 float32 matrix takes ~2 ms and ~250 kernel launches (cuSOLVER's Jacobi method;
-float64 uses ``syevd``, ~1.8 ms), while LAPACK on the host takes ~0.6 ms in float64 and
-launches nothing (H100 host and device, 2026-11-24, ``benchmarks/profile_step.py``).
+once per set of hyperparameters. On a GPU a small ``torch.linalg.eigh`` is a chain of
+~130–250 launch-bound kernels (cuSOLVER's Jacobi method in float32, ``syevd`` in float64);
+on the device tool's host LAPACK is fast only for small matrices (MKL with 16 threads
+is slower than one thread from ~100 rows on). Three factors, ms (H100 and its host,
+2026-11-24, ``benchmarks/eigh_options.py``):
+
+======  ==========  =============  ===========  ==========================
+rows    host fp64   GPU fp32       GPU fp64     GPU fp64, 3 streams/threads
+======  ==========  =============  ===========  ==========================
+32      0.51        1.34           0.83         –
+64      1.98        3.74           2.93         3.11
+128     15.5        5.97           5.28         3.04
+256     47.8        16.1           6.69         4.99
+365     79.5        29.9           10.6         8.53
+======  ==========  =============  ===========  ==========================
 
 The rule of :func:`symmetric_eig`:
 
-* matrices with at most :data:`HOST_EIGH_MAX_ROWS` rows are copied to the host in one
-  transfer, decomposed there in float64 (several at a time, on threads), and copied back in
-  one transfer;
-* larger ones are decomposed on their own device, in float64 (cuSOLVER's ``syevd``; its
-  float32 Jacobi path is ~3× slower at 365 rows);
+* matrices with at most :data:`HOST_EIGH_MAX_ROWS` rows (or already on the host) are
+  copied to the host in one transfer, decomposed there in float64, and copied back in one
+  transfer;
+* larger ones are decomposed on their own device in float64, several at a time, each
+  from its own host thread on its own side stream (ordered after the caller's stream, and
+  the caller's stream after them);
 * results come back in the input's dtype, on the input's device. Computing in float64 also
-  makes the float32 eigenvectors orthonormal to float32 rounding.
+  makes float32 eigenvectors orthonormal to float32 rounding.
 
 Results are cached (a few entries, least recently used first out) by the identity of the
 input tensor: its storage, offset, shape, strides, dtype and version counter, holding a
@@ -36,7 +48,7 @@ from torch import Tensor
 __all__ = ["symmetric_eig", "clear_eig_cache", "HOST_EIGH_MAX_ROWS", "EIG_CACHE_SIZE"]
 
 #: Matrices of a CUDA device with at most this many rows are decomposed on the host.
-HOST_EIGH_MAX_ROWS = 256
+HOST_EIGH_MAX_ROWS = 64
 #: How many decompositions :func:`symmetric_eig` keeps (0 disables the cache).
 EIG_CACHE_SIZE = 16
 
@@ -65,13 +77,45 @@ def _check(mats: Sequence[Tensor]) -> None:
             raise TypeError(f"mats[{i}] must be float32 or float64, got {m.dtype}")
 
 
-def _host_eigh(mats64: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+def _device_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    lam, q = torch.linalg.eigh(m.to(torch.float64))
+    return lam.to(m.dtype), q.to(m.dtype)
+
+
+_side_streams: dict = {}
+_device_warm = False
+
+
+def _device_eigh_concurrent(mats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """One host thread and one side stream per matrix: a small ``eigh`` is a chain of ~130
+    launch-bound kernels, so several chains overlap on the GPU and on the host."""
     global _pool
-    if len(mats64) == 1:
-        return [torch.linalg.eigh(mats64[0])]
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kronegp-eigh")
-    return list(_pool.map(torch.linalg.eigh, mats64))
+    current = [torch.cuda.current_stream(m.device) for m in mats]
+
+    def run(i: int):
+        m = mats[i]
+        key = (m.device, i % 4)
+        stream = _side_streams.get(key)
+        if stream is None:
+            stream = _side_streams[key] = torch.cuda.Stream(device=m.device)
+        stream.wait_stream(current[i])  # m is ready on the caller's stream
+        with torch.cuda.stream(stream):
+            pair = _device_eigh(m)
+        return pair, stream
+
+    results = list(_pool.map(run, range(len(mats))))
+    out = []
+    for i, ((lam, q), stream) in enumerate(results):
+        current[i].wait_stream(stream)
+        # Made on the side stream, used on the caller's: keep the allocator from reusing
+        # their memory before the caller's stream is done with it.
+        lam.record_stream(current[i])
+        q.record_stream(current[i])
+        mats[i].record_stream(stream)
+        out.append((lam, q))
+    return out
 
 
 def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -113,7 +157,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 n = mats[i].shape[0]
                 pieces.append(flat[offset : offset + n * n].view(n, n))
                 offset += n * n
-            results = _host_eigh(pieces)
+            results = [torch.linalg.eigh(p) for p in pieces]
             # One host→device transfer per device back.
             by_device: dict = {}
             for i, (lam, q) in zip(host, results):
@@ -130,10 +174,19 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                     q_i = packed[offset + n : offset + n + n * n].view(n, n).to(dt)
                     offset += n + n * n
                     out[i] = (lam_i, q_i)
-        for i in device_side:
-            m = mats[i].detach()
-            lam, q = torch.linalg.eigh(m.to(torch.float64))
-            out[i] = (lam.to(m.dtype), q.to(m.dtype))
+        global _device_warm
+        if not _device_warm and device_side:
+            # torch loads its CUDA linear-algebra library lazily on the first call, and
+            # that load is not safe to race from several threads: do one call here first.
+            i = device_side.pop(0)
+            out[i] = _device_eigh(mats[i].detach())
+            _device_warm = True
+        if len(device_side) > 1 and all(mats[i].device.type == "cuda" for i in device_side):
+            for i, pair in zip(device_side, _device_eigh_concurrent([mats[i].detach() for i in device_side])):
+                out[i] = pair
+        else:
+            for i in device_side:
+                out[i] = _device_eigh(mats[i].detach())
     for i, key in enumerate(keys):
         if key is not None and key not in _cache:
             _cache[key] = (mats[i].detach(), *out[i])

@@ -98,3 +98,21 @@ def test_cuda_host_and_device_sides(dtype, tol, monkeypatch):
     mats = [_spd(n, dtype, device="cuda", seed=n) for n in (3, 64, 65, 365)]  # two on each side
     for m, (lam, q) in zip(mats, symmetric_eig(mats)):
         _check(m, lam, q, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_concurrent_device_path_on_a_side_stream(dtype, tol, monkeypatch):
+    """Several device-side matrices (threads + side streams), made and used on a non-default stream."""
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        mats = []
+        for n in (17, 30, 65, 100, 365):
+            a = torch.randn(n, n, device="cuda", dtype=torch.float64)
+            mats.append((a @ a.T / n + 0.1 * torch.eye(n, device="cuda", dtype=torch.float64)).to(dtype))
+        pairs = symmetric_eig(mats)
+        for m, (lam, q) in zip(mats, pairs):
+            _check(m, lam, q, tol)
+    torch.cuda.synchronize()

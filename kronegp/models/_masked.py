@@ -134,20 +134,33 @@ class FullGridCovariance:
         """``z = Q (λ + σ̄²)^{½} ξ ~ N(0, P)``."""
         return self.eig.apply_function(self.p_diag.sqrt(), std_normal)
 
+    def eig_matvec(self, u: Tensor) -> Tensor:
+        """``C̃ u = Qᵀ C Q u = λ ∘ u + Qᵀ(d̃ ∘ Q u)``: ``C`` in eigen-coordinates (two
+        Kronecker matmuls, where ``C`` and ``P⁻¹`` in grid coordinates cost three)."""
+        return self.lam.unsqueeze(-1) * u + self.eig.to_eigbasis(self.fill_noise.unsqueeze(-1) * self.eig.from_eigbasis(u))
+
+    def eig_precond(self, u: Tensor) -> Tensor:
+        """``P̃⁻¹ u = (λ + σ̄²)⁻¹ ∘ u``: the preconditioner is diagonal in eigen-coordinates."""
+        return u / self.p_diag.unsqueeze(-1)
+
     def solve(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
-        """``C⁻¹ x``: exact when homoskedastic, else preconditioned CG."""
+        """``C⁻¹ x``: exact when homoskedastic, else preconditioned CG in eigen-coordinates.
+
+        ``Q`` is orthogonal, so CG on ``C̃ = QᵀCQ`` with ``P̃ = QᵀPQ`` (diagonal) runs the same
+        iterations, residual norms and Lanczos coefficients as CG on ``C`` with ``P``.
+        """
         if self.homoskedastic:
             return self.eig.apply_function(1.0 / self.p_diag, x)
         res = block_cg(
-            self.matvec,
-            x,
-            self.precond if self.precondition else None,
+            self.eig_matvec,
+            self.eig.to_eigbasis(x),
+            self.eig_precond if self.precondition else None,
             inner=self.inner,
             tol=self.tol if tol is None else tol,
             max_iters=self.max_iters,
         )
         self.solve_iterations += res.iterations
-        return res.solution
+        return self.eig.from_eigbasis(res.solution)
 
 
 @dataclass
@@ -180,11 +193,16 @@ class CGLMLPieces:
 
 
 def _missing_matvec(cov: FullGridCovariance, missing: Tensor, inner_tol: float) -> Callable[[Tensor], Tensor]:
-    """``v ↦ [X v_M]_M`` embedded in the grid (identity on observed cells, which stay 0)."""
+    """``v ↦ [X v_M]_M`` embedded in the grid, for ``v`` that is zero on observed cells.
+
+    CG keeps that invariant exactly (its right-hand sides, the Jacobi preconditioner and
+    this product are all zero there), so neither the input nor the identity block on the
+    observed cells needs a pass of its own.
+    """
     mis = missing.unsqueeze(-1)
 
     def matvec(v: Tensor) -> Tensor:
-        return mis * cov.solve(mis * v, tol=inner_tol) + (1 - mis) * v
+        return mis * cov.solve(v, tol=inner_tol)
 
     return matvec
 
@@ -270,39 +288,48 @@ def cg_lml_pieces(
         else:
             if probes_c is None:
                 raise ValueError("probes_c is required when the noise is not homoskedastic")
-            z = cov.sample_precond(probes_c) if cov.precondition else probes_c
-            out = solve_with_logdet(
-                cov.matvec,
-                r.unsqueeze(-1),
-                z,
-                precond=cov.precond if cov.precondition else None,
-                precond_logdet=cov.precond_logdet() if cov.precondition else None,
-                inner=inner,
-                tol=tol,
-                max_iters=max_iters,
-            )
-            cov.solve_iterations += out.cg.iterations
-            iterations, residual = out.cg.iterations, float(out.cg.residual.max())
-            # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
-            # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
-            # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
-            # second-order part of log(I + E) to the random estimate.
+            s = probes_c.shape[1]
             if cov.precondition:
-                v = out.probe_precond
+                # CG in eigen-coordinates (see FullGridCovariance.solve): z = Q z̃ ~ N(0, P)
+                # with z̃ = (λ + σ̄²)^{½} ξ needs no Kronecker matmul, and the solutions come
+                # back to the grid in one matmul at the end.
+                zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
+                out = solve_with_logdet(
+                    cov.eig_matvec,
+                    cov.eig.to_eigbasis(r.unsqueeze(-1)),
+                    zt,
+                    precond=cov.eig_precond,
+                    precond_logdet=cov.precond_logdet(),
+                    inner=inner,
+                    tol=tol,
+                    max_iters=max_iters,
+                )
+                vt = out.probe_precond  # Qᵀv, v = P⁻¹z
+                back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
+                x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
+                # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
+                # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
+                # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
+                # second-order part of log(I + E) to the random estimate. vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v)
+                # and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
                 first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
-                per_probe = inner(v, cov.matvec(v)) - inner(z, v)
+                lam = cov.lam.unsqueeze(-1)
+                per_probe = inner(vt, lam * vt) + inner(v, cov.fill_noise.unsqueeze(-1) * v) - inner(zt, vt)
                 logdet = logdet + out.logdet + first_order - per_probe.mean()
             else:
+                out = solve_with_logdet(cov.matvec, r.unsqueeze(-1), probes_c, inner=inner, tol=tol, max_iters=max_iters)
+                x_r, u, v = out.solution, out.probe_solves, out.probe_precond
                 logdet = logdet + out.logdet
-            s = z.shape[1]
+            cov.solve_iterations += out.cg.iterations
+            iterations, residual = out.cg.iterations, float(out.cg.residual.max())
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
             # analytic gradient), the second is small when P ≈ C. The noise is fixed on this
-            # branch, so ∂C = ∂K and the pair is ((u − v), v).
-            lefts.append(out.probe_solves - out.probe_precond)
-            rights.append(out.probe_precond)
+            # branch, so ∂C = ∂K and the pair is ((u − v), v). (Without a preconditioner
+            # v = z and the caller adds no exact term: the plain estimate.)
+            lefts.append(u - v)
+            rights.append(v)
             weights.append(resid.new_full((s,), -0.5 / s))
-            x_r = out.solution
 
         if observed is None:
             alpha = cov.solve(r.unsqueeze(-1)).squeeze(-1) if cov.homoskedastic else x_r.squeeze(-1)
