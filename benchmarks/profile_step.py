@@ -33,6 +33,7 @@ def prof(fn, name, out_dir, rows=30):
     fn(); fn(); torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         fn(); torch.cuda.synchronize()
+    p.export_chrome_trace(os.path.join(out_dir, f"{name}.trace.json"))
     ka = p.key_averages()
     t1 = ka.table(sort_by="cuda_time_total", row_limit=rows)
     t2 = ka.table(sort_by="self_cpu_time_total", row_limit=rows)
