@@ -124,6 +124,133 @@ def test_bilinear_derivative_matches_autograd_through_dense(shapes, batches, vba
         assert rel_err(sum_to(ours_g, f.shape), exp_g) < TOL[dtype]
 
 
+# Odd sizes for the shared-prefix/suffix path (3, 12, 61; P ≠ Q; batches; T = 1, given as a
+# vector or as one column), each against autograd through the dense Kronecker matrix.
+ODD_BILINEAR_CASES = [
+    # (factor shapes, factor batch shapes, vector batch, probe count D; 0 = a vector)
+    ([(3, 3), (12, 12), (61, 61)], [(), (), ()], (), 11),
+    ([(61, 12), (3, 5), (12, 3)], [(), (), ()], (), 1),  # P ≠ Q everywhere, one column
+    ([(12, 3), (5, 61)], [(), ()], (), 0),  # P ≠ Q, vectors
+    ([(3, 12), (12, 12), (1, 1), (3, 2)], [(2,), (), (), (2,)], (2,), 3),  # batched, a 1×1 axis
+    ([(12, 12), (3, 61)], [(3, 1), ()], (3, 2), 1),  # broadcast batches, T = 1
+    ([(3, 3), (12, 12), (1, 1)], [(), (), ()], (), 1),  # middle contraction through einsum
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes,batches,vbatch,d", ODD_BILINEAR_CASES)
+def test_bilinear_derivative_odd_sizes(shapes, batches, vbatch, d, dtype, device):
+    gen = torch.Generator().manual_seed(17)
+    factors = [
+        torch.randn(*b, p, q, dtype=dtype, generator=gen).to(device).requires_grad_(True)
+        for (p, q), b in zip(shapes, batches)
+    ]
+    op = KroneckerOperator(*factors)
+    batch = torch.broadcast_shapes(vbatch, *batches)
+    cols = () if d == 0 else (d,)
+    left = torch.randn(*batch, op.size(-2), *cols, dtype=dtype, generator=gen).to(device)
+    right = torch.randn(*batch, op.size(-1), *cols, dtype=dtype, generator=gen).to(device)
+
+    ours = op._bilinear_derivative(left, right)
+
+    dense = dense_kron(factors)
+    lv, rv = (left, right) if d else (left.unsqueeze(-1), right.unsqueeze(-1))
+    expected = torch.autograd.grad((lv * (dense @ rv)).sum(), factors)
+    assert len(ours) == len(factors)
+    for ours_g, exp_g, f in zip(ours, expected, factors):
+        assert ours_g.dtype == dtype and ours_g.device == f.device
+        assert not ours_g.requires_grad  # like linear_operator's default: no graph
+        assert rel_err(sum_to(ours_g, f.shape), exp_g) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wanted", [(0,), (1,), (3,), (1, 2), (0, 3)])
+def test_bilinear_derivative_some_factors_constant(wanted, dtype, count_kron_calls):
+    """Only the factors that require grad get one; the chains stop where no later factor needs one."""
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(3, 4), (12, 12), (5, 3), (4, 6)]
+    factors = [
+        torch.randn(p, q, dtype=dtype, generator=gen).requires_grad_(i in wanted)
+        for i, (p, q) in enumerate(shapes)
+    ]
+    op = KroneckerOperator(*factors)
+    left = torch.randn(op.size(-2), 5, dtype=dtype, generator=gen)
+    right = torch.randn(op.size(-1), 5, dtype=dtype, generator=gen)
+    ours = op._bilinear_derivative(left, right)
+    lo, hi = min(wanted), max(wanted)
+    # Ũ for j ≤ hi costs hi products, Ṽ for j ≥ lo costs N-1-lo
+    assert count_kron_calls["kron_matmul"] + count_kron_calls["matmul_kron"] == hi + (len(shapes) - 1 - lo)
+    expected = torch.autograd.grad((left * (dense_kron(factors) @ right)).sum(), [factors[i] for i in wanted])
+    for i, g in enumerate(ours):
+        if i in wanted:
+            assert rel_err(g, expected[wanted.index(i)]) < TOL[dtype]
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_derivative_counts_public_products(dtype, count_kron_calls):
+    """2(N−1) public Kronecker products (shared prefix and suffix), never N(N−1) or a dense K."""
+    gen = torch.Generator().manual_seed(29)
+    factors = [torch.randn(n, n, dtype=dtype, generator=gen).requires_grad_(True) for n in (3, 12, 5, 4)]
+    op = KroneckerOperator(*factors)
+    left = torch.randn(op.size(-2), 11, dtype=dtype, generator=gen)
+    right = torch.randn(op.size(-1), 11, dtype=dtype, generator=gen)
+    op._bilinear_derivative(left, right)
+    assert count_kron_calls["kron_matmul"] + count_kron_calls["matmul_kron"] == 2 * (len(factors) - 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_derivative_nested_and_structured_leaves(dtype):
+    """A nested Kronecker factor (its own factors, one of them Toeplitz) next to a diagonal
+    factor and a dense one: gradients reach every leaf's own tensors."""
+    gen = torch.Generator().manual_seed(31)
+    column = torch.tensor([1.5, 0.4, 0.2], dtype=dtype).requires_grad_(True)
+    inner = torch.randn(4, 2, dtype=dtype, generator=gen).requires_grad_(True)
+    diag = (torch.rand(5, dtype=dtype, generator=gen) + 0.5).requires_grad_(True)
+    outer = torch.randn(3, 12, dtype=dtype, generator=gen).requires_grad_(True)
+    nested = KroneckerProductLinearOperator(ToeplitzLinearOperator(column), DenseLinearOperator(inner))
+    op = KroneckerOperator(nested, DiagLinearOperator(diag), outer)
+    assert len(op.representation()) == 4
+    left = torch.randn(op.size(-2), 3, dtype=dtype, generator=gen)
+    right = torch.randn(op.size(-1), 3, dtype=dtype, generator=gen)
+    ours = op._bilinear_derivative(left, right)
+
+    idx = (torch.arange(3)[:, None] - torch.arange(3)[None, :]).abs()
+    dense = dense_kron([column[idx], inner, torch.diag(diag), outer])
+    expected = torch.autograd.grad((left * (dense @ right)).sum(), [column, inner, diag, outer])
+    for ours_g, exp_g in zip(ours, expected):
+        assert rel_err(ours_g, exp_g) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_derivative_structured_factor_kept_structured(dtype, monkeypatch):
+    """A factor too large to densify takes the general path; it agrees with the dense path."""
+    gen = torch.Generator().manual_seed(37)
+    column = torch.tensor([1.2, 0.5, 0.3, 0.1, 0.05], dtype=dtype).requires_grad_(True)
+    a = torch.randn(3, 4, dtype=dtype, generator=gen).requires_grad_(True)
+    b = torch.randn(12, 2, dtype=dtype, generator=gen).requires_grad_(True)
+    op = KroneckerOperator(a, ToeplitzLinearOperator(column), b)
+    left = torch.randn(2, op.size(-2), 3, dtype=dtype, generator=gen)
+    right = torch.randn(2, op.size(-1), 3, dtype=dtype, generator=gen)
+    dense_path = op._bilinear_derivative(left, right)
+    monkeypatch.setattr(ko_module, "DENSE_FACTOR_MAX_NUMEL", 20)  # the 5×5 Toeplitz stays structured
+    assert not isinstance(op.factor_matrices()[1], torch.Tensor)
+    structured_path = op._bilinear_derivative(left, right)
+    idx = (torch.arange(5)[:, None] - torch.arange(5)[None, :]).abs()
+    dense = dense_kron([a, column[idx], b])
+    expected = torch.autograd.grad((left * (dense @ right)).sum(), [a, column, b])
+    for g1, g2, e in zip(dense_path, structured_path, expected):
+        assert rel_err(g1, e) < TOL[dtype] and rel_err(g2, e) < TOL[dtype]
+
+
+def test_bilinear_derivative_errors_name_the_argument():
+    op = KroneckerOperator(torch.randn(3, 3, requires_grad=True), torch.randn(4, 4, requires_grad=True))
+    with pytest.raises(TypeError, match="dtype"):
+        op._bilinear_derivative(torch.randn(12, 2, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bilinear_derivative_structured_factors(dtype):
     """Toeplitz and diagonal factors: gradients reach their own parameters (column, diagonal)."""

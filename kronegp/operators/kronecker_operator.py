@@ -434,6 +434,136 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+# ------------------------------------------------------------------ bilinear derivative, dense factors
+#
+# Layout. ``U`` and ``V`` arrive as ``(*batch, ΠP_i, T)``: grid axes in natural order, the
+# ``T`` columns trailing. Every contraction and factor application below is a GEMM on a
+# copy-free view ``(A, n, C)`` of one grid axis ``n``; it is well shaped (one GEMM, or a
+# batch of large ones) unless ``C = T`` is the short side, which happens for the LAST
+# grid axis only. So the columns are moved once, in front of the last axis: grid axes
+# ``(d_1, …, d_{N-1}, T, d_N)`` (one pass per block, in :func:`_columns_before_last_axis`).
+# There the last axis is the single GEMM ``(Πd_{<N}·T, d_N)``, the first axis the single
+# GEMM ``(d_1, rest)``, and a middle axis a batch over ``A = Πd_{<j}`` of
+# ``(d_j, Πd_{j<i<N}·T·d_N)`` products.
+
+
+def _columns_before_last_axis(x: Tensor, last: int) -> Tensor:
+    """``x`` ``(*batch, R·last, T)`` as the contiguous ``(*batch, R, T, last)`` (one copy)."""
+    return x.unflatten(-2, (-1, last)).transpose(-1, -2).contiguous()
+
+
+def _apply_on_axis(
+    x: Tensor, nb: int, sizes: Sequence[int], t: int, j: int, mat: Tensor
+) -> tuple[Tensor, int]:
+    r"""``(I ⊗ … ⊗ M ⊗ … ⊗ I) x``: ``mat`` ``(*batch_m, O, sizes[j])`` on grid axis ``j`` of ``x``.
+
+    ``x`` is contiguous in the columns-before-last-axis layout with ``nb`` leading batch
+    dims and grid axis sizes ``sizes``. One public Kronecker op on a view, no copy:
+    the last axis is ``x (Πd_{<N}·T, d_N) · Mᵀ`` (:func:`kronegp.matmul_kron`), any
+    other axis ``M · x (A, d_j, C)`` (:func:`kronegp.kron_matmul`, batched over ``A``).
+    Returns the result (same layout, axis ``j`` of size ``O``) and its batch rank.
+    """
+    n = len(sizes)
+    batch = x.shape[:nb]
+    if j == n - 1:
+        y = ops.matmul_kron(x.reshape(*batch, math.prod(sizes[:-1]) * t, sizes[j]), [mat.mT])
+        return y, y.dim() - 2
+    a = math.prod(sizes[:j])
+    c = math.prod(sizes[j + 1 : n - 1]) * t * sizes[n - 1]
+    if a == 1:
+        y = ops.kron_matmul([mat], x.reshape(*batch, sizes[j], c))
+        return y, y.dim() - 2
+    y = ops.kron_matmul([_below_one_axis(mat)], x.reshape(*batch, a, sizes[j], c))
+    return y, y.dim() - 3
+
+
+def _contract_off_axis(
+    xu: Tensor, nbu: int, su: Sequence[int], xv: Tensor, nbv: int, sv: Sequence[int], t: int, j: int
+) -> Tensor:
+    r"""``G[p, q] = Σ xu[…, p, …] · xv[…, q, …]`` over every index but grid axis ``j``.
+
+    Both blocks are in the columns-before-last-axis layout and agree in every grid axis
+    but ``j`` (sizes ``su``, ``sv``). The last axis is one GEMM over the rows
+    ``Πd_{<N}·T``; the first one GEMM over ``C``; a middle axis a batch of GEMMs over
+    ``A`` summed afterwards (``A·p·q`` entries written), or, where that would write more
+    than the blocks hold, ``einsum``'s copy to ``(p, A·C)`` and one GEMM.
+    """
+    n = len(su)
+    bu, bv = xu.shape[:nbu], xv.shape[:nbv]
+    p, q = su[j], sv[j]
+    if j == n - 1:
+        rows = math.prod(su[:-1]) * t
+        return torch.matmul(xu.reshape(*bu, rows, p).mT, xv.reshape(*bv, rows, q))
+    a = math.prod(su[:j])
+    c = math.prod(su[j + 1 : n - 1]) * t * su[n - 1]
+    if a == 1:
+        return torch.matmul(xu.reshape(*bu, p, c), xv.reshape(*bv, q, c).mT)
+    u3, v3 = xu.reshape(*bu, a, p, c), xv.reshape(*bv, a, q, c)
+    if p * q <= (p + q) * c:
+        return torch.matmul(u3, v3.mT).sum(-3)
+    return torch.einsum("...apc,...aqc->...pq", u3, v3)
+
+
+def kron_bilinear_grads(
+    mats: Sequence[Tensor], left: Tensor, right: Tensor, needs: Optional[Sequence[bool]] = None
+) -> list[Optional[Tensor]]:
+    r"""``G_j = ∂/∂F_j Σ_c u_cᵀ (F_1 ⊗ … ⊗ F_N) v_c`` for dense ``F_j`` (``mats[j]``, ``(*b_j, P_j, Q_j)``).
+
+    ``left`` ``U`` is ``(*batch, ΠP_i, T)``, ``right`` ``V`` is ``(*batch, ΠQ_i, T)``. With
+    the grid indices written out::
+
+        G_j[p, q] = Σ_{a, b, c} Ũ_j[a, p, b, c] · Ṽ_j[a, q, b, c]
+        Ũ_j = (F_1ᵀ ⊗ … ⊗ F_{j-1}ᵀ ⊗ I ⊗ … ⊗ I) U           (a over Q_1…Q_{j-1})
+        Ṽ_j = (I ⊗ … ⊗ I ⊗ F_{j+1} ⊗ … ⊗ F_N) V             (b over P_{j+1}…P_N)
+
+    Prefix and suffix are shared: ``Ũ_{j+1}`` is ``Ũ_j`` with ``F_jᵀ`` applied to axis ``j``,
+    ``Ṽ_{j-1}`` is ``Ṽ_j`` with ``F_j`` applied to axis ``j``, so ``2(N−1)`` factor
+    applications (one public Kronecker op each) and ``N`` contractions (one GEMM each,
+    see :func:`_contract_off_axis`) do all ``N`` gradients; ``U`` and ``V`` are each moved
+    once to the columns-before-last-axis layout (see the comment above). Factors outside
+    ``needs[lo..hi]`` cost nothing beyond the chains that reach the needed ones. Each
+    ``G_j`` comes back with the broadcast batch shape of ``U``, ``V`` and the factors
+    (``None`` where not needed). No autograd graph is recorded (call under ``no_grad``).
+    """
+    n = len(mats)
+    needs = [True] * n if needs is None else list(needs)
+    out: list[Optional[Tensor]] = [None] * n
+    if not any(needs):
+        return out
+    if n == 1:
+        out[0] = torch.matmul(left, right.mT)  # Σ_c u_c v_cᵀ
+        return out
+    ps = [int(m.shape[-2]) for m in mats]
+    qs = [int(m.shape[-1]) for m in mats]
+    t = left.shape[-1]
+    lo = needs.index(True)
+    hi = n - 1 - needs[::-1].index(True)
+
+    # Ṽ_j for j = N-1 … lo, each from the next by one factor (kept until its contraction)
+    v_blocks: dict[int, tuple[Tensor, int, list[int]]] = {}
+    v = _columns_before_last_axis(right, qs[-1])
+    nbv, sv = v.dim() - 3, list(qs)
+    v_blocks[n - 1] = (v, nbv, list(sv))
+    for j in range(n - 2, lo - 1, -1):
+        v, nbv = _apply_on_axis(v, nbv, sv, t, j + 1, mats[j + 1])
+        sv[j + 1] = ps[j + 1]
+        v_blocks[j] = (v, nbv, list(sv))
+    del v
+
+    # Ũ_j for j = 0 … hi, contracted with Ṽ_j as soon as both exist
+    u = _columns_before_last_axis(left, ps[-1])
+    nbu, su = u.dim() - 3, list(ps)
+    for j in range(hi + 1):
+        if j > 0:
+            u, nbu = _apply_on_axis(u, nbu, su, t, j - 1, mats[j - 1].mT)
+            su[j - 1] = qs[j - 1]
+        block = v_blocks.pop(j, None)
+        if needs[j]:
+            vj, nbvj, svj = block
+            out[j] = _contract_off_axis(u, nbu, su, vj, nbvj, svj, t, j)
+    return out
+
+
 class KroneckerOperator(KroneckerProductLinearOperator):
     r"""``F_1 ⊗ … ⊗ F_N`` whose products run through kronegp's Kronecker kernels.
 
@@ -542,6 +672,58 @@ class KroneckerOperator(KroneckerProductLinearOperator):
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Optional[Tensor], ...]:
         r"""Gradient of ``Σ_c u_cᵀ (F_1 ⊗ … ⊗ F_N) v_c`` with respect to each factor's tensors.
+
+        ``U = [u_1…u_D]`` is ``(*batch, ΠP_i, D)``, ``V = [v_1…v_D]`` is ``(*batch, ΠQ_i, D)``.
+        With every factor a dense matrix in a product (the usual case: dense factors, and
+        structured ones densified by :func:`factor_as_matrix`; nested Kronecker factors
+        flattened into their own factors), :func:`kron_bilinear_grads` forms each
+        ``G_j = ∂/∂F_j = Σ_{a,b,c} Ũ_j[a, p, b, c] Ṽ_j[a, q, b, c]`` (the factors before
+        ``j`` moved onto ``U`` transposed, those after ``j`` onto ``V``) with ``2(N−1)``
+        factor applications shared between the ``G_j`` and one GEMM per contraction.
+        ``G_j`` then goes to the factor's own tensors (:func:`_dense_grad_to_representation`):
+        ``G_j`` itself for a dense factor, a scatter-add for a Toeplitz column, the diagonal
+        for a diagonal factor, ``F_j._bilinear_derivative(G_j, I)`` otherwise. Factors too
+        large to densify take :meth:`_bilinear_derivative_general`.
+
+        Like linear_operator's default, the result carries no autograd graph.
+        """
+        if left_vecs.dim() == 1:
+            left_vecs = left_vecs.unsqueeze(-1)
+            right_vecs = right_vecs.unsqueeze(-1)
+        factors = self.linear_ops
+        reps = [f.representation() for f in factors]
+        if not any(t.requires_grad for rep in reps for t in rep):
+            return tuple(None for rep in reps for _ in rep)
+        mats, _ = self._flat_matrices()
+        leaves: list[LinearOperator] = []
+        for f, rep in zip(factors, reps):
+            if isinstance(f, KroneckerProductLinearOperator):
+                sub = _leaf_factors(f)
+                if len(rep) != sum(len(leaf.representation()) for leaf in sub):
+                    leaves = []  # a representation that is not its factors' (extra kwargs)
+                    break
+                leaves.extend(sub)
+            else:
+                leaves.append(f)
+        if len(leaves) != len(mats) or not all(isinstance(m, Tensor) for m in mats):
+            return self._bilinear_derivative_general(left_vecs, right_vecs)
+        leaf_reps = [leaf.representation() for leaf in leaves]
+        needs = [any(t.requires_grad for t in rep) for rep in leaf_reps]
+        with torch.no_grad():
+            dense_grads = kron_bilinear_grads(mats, left_vecs, right_vecs, needs)
+            grads: list[Optional[Tensor]] = []
+            for leaf, rep, mat, g in zip(leaves, leaf_reps, mats, dense_grads):
+                if g is None:
+                    grads.extend(None for _ in rep)
+                else:
+                    grads.extend(_dense_grad_to_representation(leaf, _sum_to_shape(g, mat.shape)))
+        return tuple(grads)
+
+    def _bilinear_derivative_general(
+        self, left_vecs: Tensor, right_vecs: Tensor
+    ) -> tuple[Optional[Tensor], ...]:
+        r""":meth:`_bilinear_derivative` when some factor keeps its structure (too large to
+        densify, see :func:`factor_as_matrix`): that factor is applied with its own products.
 
         With ``U = [u_1…u_D]`` (``(*batch, ΠP_i, D)``) and ``V = [v_1…v_D]``
         (``(*batch, ΠQ_i, D)``) viewed as tensors ``U[p_1…p_N, c]``, ``V[q_1…q_N, c]``::
