@@ -180,9 +180,9 @@ def run_case(n: int, regime: str, args, device: torch.device) -> dict:
     y_in = y.clone()
     if mask is not None:
         y_in[~mask] = float("nan")
-    rec: dict = {"n": n, "cells": n**3, "regime": regime, "dtype": args.dtype}
+    rec: dict = {"n": n, "cells": n**3, "regime": regime, "dtype": args.dtype, "cg_tol": args.cg_tol, "num_probes": args.probes}
 
-    model = build_gridgp(y_in, axes, noise, mask, dtype, num_probes=args.probes)
+    model = build_gridgp(y_in, axes, noise, mask, dtype, num_probes=args.probes, cg_tol=args.cg_tol)
     times = time_call(gridgp_step(model), device, args.repeats, args.warmup)
     rec["gridgp_s"] = statistics.median(times)
     rec["gridgp_path"] = model.path
@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="tiny sizes (CPU smoke test)")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     p.add_argument("--probes", type=int, default=16, help="GridGP num_probes")
+    p.add_argument("--cg-tol", type=float, default=1e-5, help="GridGP cg_tol (its default: 1e-5)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gpytorch-repeats", type=int, default=5)
