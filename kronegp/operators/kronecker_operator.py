@@ -149,6 +149,8 @@ def _factor_key(factor: LinearOperator, dtype: torch.dtype) -> Optional[tuple]:
         if k is None:
             return None
         keys.append(k)
+    if any(isinstance(v, Tensor) for v in factor._kwargs.values()):
+        return None  # hashed by id, which a freed tensor's successor may reuse: not a value key
     try:
         kwargs = tuple(sorted(factor._kwargs.items()))
         hash(kwargs)
