@@ -37,10 +37,19 @@ class GridHyperparameters:
         return self.noise_constraint.transform(self.raw_noise) if self.learn_noise else None
 
     def _factors(self) -> list[Tensor]:
-        """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it)."""
+        """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it).
+
+        A kernel without ``active_dims`` is evaluated through its ``forward`` on the
+        ``(n_k, 1)`` axis: what ``Kernel.__call__`` ends up computing there, without the
+        lazy kernel tensor and its checks (~0.2 ms of host time per factor on a GPU).
+        """
         out = []
         for kern, ax in zip(self.kernels, self.axes):
             x = ax.unsqueeze(-1)
-            mat = kern(x, x).to_dense()
+            if getattr(kern, "active_dims", None) is None:
+                mat = kern.forward(x, x)
+                mat = mat if isinstance(mat, Tensor) else mat.to_dense()
+            else:
+                mat = kern(x, x).to_dense()
             out.append(0.5 * (mat + mat.mT))
         return out

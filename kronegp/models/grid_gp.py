@@ -34,11 +34,10 @@ from torch import Tensor
 
 from kronegp.models._data import parse_grid_data
 from kronegp.models._exact import exact_lml
-from kronegp.models._kron import KronEigen, kron_vector
+from kronegp.models._kron import KronEigen, bilinear_form, kron_vector
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
 from kronegp.ops import kron_matmul, matmul_kron
-from kronegp.solvers import local_inner
 
 __all__ = ["GridGP"]
 
@@ -331,7 +330,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         # Surrogate: its gradient is the estimated gradient (bilinear derivatives with the
         # CG vectors held fixed); its value is discarded.
         left_w = pieces.left * pieces.weights
-        surrogate = self.outputscale * (left_w * kron_matmul(factors, pieces.right)).sum()
+        surrogate = self.outputscale * bilinear_form(left_w, pieces.right, factors)
         surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
         surrogate = surrogate + (pieces.alpha * self._mean_grid()).sum()
         if pieces.exact_logdet and self.precondition:
