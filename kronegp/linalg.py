@@ -1,4 +1,5 @@
-"""Eigendecompositions of the small symmetric matrices kronegp works with.
+"""Small dense linear algebra on Kronecker factors: their eigendecompositions
+(:func:`symmetric_eig`) and Kronecker products of vectors (:func:`kron_vector`).
 
 Kronecker methods eigendecompose each factor ``K_k`` (``n_k × n_k``, typically 10–1000 rows)
 once per set of hyperparameters. On a GPU a small ``torch.linalg.eigh`` is a chain of
@@ -45,7 +46,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["symmetric_eig", "clear_eig_cache", "HOST_EIGH_MAX_ROWS", "EIG_CACHE_SIZE"]
+__all__ = ["symmetric_eig", "clear_eig_cache", "kron_vector", "HOST_EIGH_MAX_ROWS", "EIG_CACHE_SIZE"]
 
 #: Matrices of a CUDA device with at most this many rows are decomposed on the host.
 HOST_EIGH_MAX_ROWS = 64
@@ -193,3 +194,16 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             while len(_cache) > EIG_CACHE_SIZE:
                 _cache.popitem(last=False)
     return out  # type: ignore[return-value]
+
+
+def kron_vector(vectors: Sequence[Tensor]) -> Tensor:
+    """``v_1 ⊗ … ⊗ v_N`` for vectors ``(*batch_i, n_i)`` (last index fastest; batch shapes
+    broadcast), e.g. the eigenvalues ``⊗λ_k`` of a Kronecker product.
+
+    Broadcast outer products: a Kronecker product of vectors has no contraction, so it is
+    ``N − 1`` element-wise products rather than a Kronecker matmul call.
+    """
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = (out.unsqueeze(-1) * v.unsqueeze(-2)).reshape(*torch.broadcast_shapes(out.shape[:-1], v.shape[:-1]), -1)
+    return out

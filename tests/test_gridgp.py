@@ -450,22 +450,6 @@ def test_cg_warns_when_not_converged():
         model.log_marginal_likelihood()
 
 
-@pytest.mark.parametrize("sizes", [[3], [3, 5], [4, 1, 6], [2, 3, 4, 5]])
-def test_kron_vector_and_contract_all_but_match_kronecker_matmuls(sizes):
-    from kronegp.models._kron import contract_all_but, kron_vector
-    from kronegp.reference import kron_matmul as ref_kron_matmul
-
-    g = torch.Generator().manual_seed(len(sizes))
-    vs = [torch.randn(n, dtype=torch.float64, generator=g) for n in sizes]
-    expected = ref_kron_matmul([v.reshape(-1, 1) for v in vs], torch.ones(1, 1, dtype=torch.float64)).reshape(-1)
-    assert torch.allclose(kron_vector(vs), expected, rtol=1e-13, atol=0)
-    x = torch.randn(expected.numel(), dtype=torch.float64, generator=g)
-    for keep, n in enumerate(sizes):
-        factors = [torch.eye(n, dtype=torch.float64) if k == keep else v.reshape(1, -1) for k, v in enumerate(vs)]
-        want = ref_kron_matmul(factors, x.reshape(-1, 1)).reshape(-1)
-        assert torch.allclose(contract_all_but(x, vs, keep), want, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_bilinear_form_value_and_factor_gradients_match_dense(dtype, tol):
     from kronegp.models._kron import bilinear_form

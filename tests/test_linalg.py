@@ -116,3 +116,24 @@ def test_cuda_concurrent_device_path_on_a_side_stream(dtype, tol, monkeypatch):
         for m, (lam, q) in zip(mats, pairs):
             _check(m, lam, q, tol)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("sizes", [[3], [3, 5], [4, 1, 6], [2, 3, 4, 5]])
+def test_kron_vector_matches_kronecker_matmul_of_columns(sizes):
+    from kronegp.reference import kron_matmul as ref_kron_matmul
+
+    g = torch.Generator().manual_seed(len(sizes))
+    vs = [torch.randn(n, dtype=torch.float64, generator=g) for n in sizes]
+    expected = ref_kron_matmul([v.reshape(-1, 1) for v in vs], torch.ones(1, 1, dtype=torch.float64)).reshape(-1)
+    assert torch.allclose(kl.kron_vector(vs), expected, rtol=1e-13, atol=0)
+
+
+def test_kron_vector_broadcasts_batches():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 1, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    out = kl.kron_vector([a, b])
+    assert out.shape == (2, 4, 15)
+    for i in range(2):
+        for j in range(4):
+            assert torch.allclose(out[i, j], torch.kron(a[i, 0], b[j]), rtol=1e-14, atol=0)

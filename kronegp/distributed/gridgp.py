@@ -77,9 +77,8 @@ import kronegp
 from kronegp.distributed import ops as dist_ops
 from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
 from kronegp.distributed.sharding import GridSharding, plan_shardings
-from kronegp.linalg import symmetric_eig
+from kronegp.linalg import kron_vector, symmetric_eig
 from kronegp.models._data import axis_to_numeric, parse_grid_data
-from kronegp.models._kron import kron_vector
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models.grid_gp import GridGP
@@ -158,8 +157,8 @@ def _local_contract_all_but(
 ) -> Tensor:
     """This rank's share of ``Σ_{j: j_keep = m} w_j Π_{k≠keep} vals_k[j_k]`` (length ``n_keep``).
 
-    Summed over the ranks it is :func:`kronegp.models._kron.contract_all_but` of the whole
-    ``w``. The trailing axes are whole here, so they contract with one local Kronecker
+    Summed over the ranks it is ``v_keep`` of the exact-path gradient
+    (:mod:`kronegp.models._exact`) for the whole ``w``. The trailing axes are whole here, so they contract with one local Kronecker
     product; the leading indices ``L_r`` are unravelled (``|L_r| ≤ n_1·…·n_a``, small).
     """
     a, d = sh.split_axes, len(vals)

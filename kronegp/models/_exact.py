@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kronegp.models._kron import KronEigen, kron_vector
+from kronegp.linalg import kron_vector
+from kronegp.models._kron import KronEigen
 
 __all__ = ["exact_lml"]
 

@@ -13,38 +13,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kronegp.linalg import symmetric_eig
+from kronegp.linalg import kron_vector, symmetric_eig
 from kronegp.ops import kron_matmul
 
-__all__ = ["KronEigen", "kron_vector", "contract_all_but", "bilinear_form"]
-
-
-def kron_vector(vectors: Sequence[Tensor]) -> Tensor:
-    """``v_1 ⊗ … ⊗ v_d`` as a flat vector of length ``Π n_k`` (last index fastest).
-
-    Broadcast outer products: a vector Kronecker product has no contraction, so it is
-    ``d − 1`` element-wise products rather than a Kronecker matmul call.
-    """
-    out = vectors[0].reshape(-1)
-    for v in vectors[1:]:
-        out = (out.unsqueeze(-1) * v.reshape(-1)).reshape(-1)
-    return out
-
-
-def contract_all_but(grid_vector: Tensor, row_vectors: Sequence[Tensor], keep: int) -> Tensor:
-    """``Σ_{j, j_keep fixed} x[j] Π_{k≠keep} r_k[j_k]`` → a vector of length ``n_keep``.
-
-    The contraction of a grid vector with one row vector per dimension except ``keep``:
-    ``(r_1ᵀ ⊗ … ⊗ I ⊗ … ⊗ r_dᵀ) · x``, as matrix-vector products on views of ``x`` (the
-    trailing dimensions first, then the leading ones).
-    """
-    sizes = [r.shape[-1] for r in row_vectors]
-    x = grid_vector.reshape(sizes)
-    for k in range(len(sizes) - 1, keep, -1):  # trailing: x (…, n_k) @ r_k
-        x = x @ row_vectors[k]
-    for k in range(keep):  # leading: r_k @ x (n_k, …)
-        x = (row_vectors[k] @ x.reshape(sizes[k], -1)).reshape(x.shape[1:])
-    return x.reshape(-1)
+__all__ = ["KronEigen", "bilinear_form"]
 
 
 class _BilinearForm(torch.autograd.Function):
@@ -56,14 +28,12 @@ class _BilinearForm(torch.autograd.Function):
         needs = [True] + list(ctx.needs_input_grad[3:])
         with torch.no_grad():
             grads = kron_bilinear_grads(list(factors), left, right, needs)
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.has = [g is not None for g in grads]
+        ctx.save_for_backward(*grads)
         return (factors[0] * grads[0]).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grads = ctx.saved_tensors
-        out = [grad * g if has and need else None for g, has, need in zip(grads, ctx.has, ctx.needs_input_grad[2:])]
+        out = [grad * g if g is not None and need else None for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
         return (None, None, *out)
 
 

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from kronegp.models._data import parse_grid_data
 from kronegp.models._exact import exact_lml
-from kronegp.models._kron import KronEigen, bilinear_form, kron_vector
+from kronegp.linalg import kron_vector
+from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
 from kronegp.ops import kron_matmul, matmul_kron

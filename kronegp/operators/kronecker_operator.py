@@ -62,7 +62,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from kronegp import ops
-from kronegp.linalg import symmetric_eig
+from kronegp.linalg import kron_vector, symmetric_eig
 
 __all__ = [
     "DENSE_FACTOR_MAX_NUMEL",
@@ -342,14 +342,6 @@ def leaf_eigendecompositions(leaves: Sequence[LinearOperator]) -> list[tuple[Ten
                 lam = torch.stack([p[0] for p in pairs]).reshape(*batch, -1)
                 q = torch.stack([p[1] for p in pairs]).reshape(*batch, *pairs[0][1].shape)
             out[i] = (lam, q)
-    return out
-
-
-def _kron_vector(vecs: Sequence[Tensor]) -> Tensor:
-    """``v_1 ⊗ … ⊗ v_N`` for vectors ``(*batch_i, n_i)`` (last index fastest)."""
-    out = vecs[0]
-    for v in vecs[1:]:
-        out = (out.unsqueeze(-1) * v.unsqueeze(-2)).reshape(*torch.broadcast_shapes(out.shape[:-1], v.shape[:-1]), -1)
     return out
 
 
@@ -837,7 +829,7 @@ class KroneckerOperator(KroneckerProductLinearOperator):
             evals.append(lam.clamp_min(0.0).to(dtype))
             evecs.append(DenseLinearOperator(q.to(dtype)) if eigenvectors else None)
         lazy = KroneckerProductDiagLinearOperator(*(DiagLinearOperator(e) for e in evals))
-        out_evals = lazy if return_evals_as_lazy else _kron_vector(evals)
+        out_evals = lazy if return_evals_as_lazy else kron_vector(evals)
         return out_evals, (KroneckerOperator(*evecs) if eigenvectors else None)
 
     def eigen_inverse(
@@ -855,7 +847,7 @@ class KroneckerOperator(KroneckerProductLinearOperator):
         pairs = leaf_eigendecompositions(leaves)
         sizes = [f.size(-1) for f in leaves]
         with torch.no_grad():
-            lam = _kron_vector([p[0].clamp_min(0.0) for p in pairs])
+            lam = kron_vector([p[0].clamp_min(0.0) for p in pairs])
             shift = shift.detach().to(torch.float64) if isinstance(shift, Tensor) else shift
             scale = (lam + shift).reciprocal_().to(dtype).unsqueeze(-1)
             qs = [None if q is None else q.to(dtype) for _, q in pairs]
