@@ -122,17 +122,9 @@ class FullGridCovariance:
         """``C x = K x + d̃ ∘ x``."""
         return self.kernel_matvec(x) + self.fill_noise.unsqueeze(-1) * x
 
-    def precond(self, r: Tensor) -> Tensor:
-        """``P⁻¹ r = Q (λ + σ̄²)⁻¹ Qᵀ r``."""
-        return self.eig.apply_function(1.0 / self.p_diag, r)
-
     def precond_logdet(self) -> Tensor:
         """``log det P = Σ_i log(λ_i + σ̄²)`` over the whole grid (through ``inner``)."""
         return _total(self.inner, torch.log(self.p_diag))
-
-    def sample_precond(self, std_normal: Tensor) -> Tensor:
-        """``z = Q (λ + σ̄²)^{½} ξ ~ N(0, P)``."""
-        return self.eig.apply_function(self.p_diag.sqrt(), std_normal)
 
     def eig_matvec(self, u: Tensor) -> Tensor:
         """``C̃ u = Qᵀ C Q u = λ ∘ u + Qᵀ(d̃ ∘ Q u)``: ``C`` in eigen-coordinates (two
@@ -261,7 +253,10 @@ def cg_lml_pieces(
     """Estimate ``log N(r_O | 0, C_OO)`` and the pieces of its gradient (see module docstring).
 
     Args:
-        cov: the full-grid covariance ``C`` for the current hyperparameters.
+        cov: the full-grid covariance ``C`` for the current hyperparameters, with its
+            Kronecker preconditioner (``precondition=True``): the estimator's control
+            variates and the caller's exact log-determinant term rely on it. Without a
+            preconditioner use :func:`plain_cg_lml_pieces`.
         resid: ``r = y − μ`` on the grid (values at missing cells are ignored).
         observed: bool grid of observed cells, or ``None`` (all observed).
         n_observed: number of observed cells (over all shards).
@@ -272,6 +267,8 @@ def cg_lml_pieces(
             cell concerned: the trace estimates are then exact (up to CG tolerance).
         tol, max_iters: CG rule. inner: column-wise inner product.
     """
+    if not cov.precondition:
+        raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
     dt = resid.dtype
     with torch.no_grad():
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
@@ -289,44 +286,38 @@ def cg_lml_pieces(
             if probes_c is None:
                 raise ValueError("probes_c is required when the noise is not homoskedastic")
             s = probes_c.shape[1]
-            if cov.precondition:
-                # CG in eigen-coordinates (see FullGridCovariance.solve): z = Q z̃ ~ N(0, P)
-                # with z̃ = (λ + σ̄²)^{½} ξ needs no Kronecker matmul, and the solutions come
-                # back to the grid in one matmul at the end.
-                zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
-                out = solve_with_logdet(
-                    cov.eig_matvec,
-                    cov.eig.to_eigbasis(r.unsqueeze(-1)),
-                    zt,
-                    precond=cov.eig_precond,
-                    precond_logdet=cov.precond_logdet(),
-                    inner=inner,
-                    tol=tol,
-                    max_iters=max_iters,
-                )
-                vt = out.probe_precond  # Qᵀv, v = P⁻¹z
-                back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
-                x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
-                # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
-                # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
-                # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
-                # second-order part of log(I + E) to the random estimate. vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v)
-                # and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
-                first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
-                lam = cov.lam.unsqueeze(-1)
-                per_probe = inner(vt, lam * vt) + inner(v, cov.fill_noise.unsqueeze(-1) * v) - inner(zt, vt)
-                logdet = logdet + out.logdet + first_order - per_probe.mean()
-            else:
-                out = solve_with_logdet(cov.matvec, r.unsqueeze(-1), probes_c, inner=inner, tol=tol, max_iters=max_iters)
-                x_r, u, v = out.solution, out.probe_solves, out.probe_precond
-                logdet = logdet + out.logdet
+            # CG in eigen-coordinates (see FullGridCovariance.solve): z = Q z̃ ~ N(0, P)
+            # with z̃ = (λ + σ̄²)^{½} ξ needs no Kronecker matmul, and the solutions come
+            # back to the grid in one matmul at the end.
+            zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
+            out = solve_with_logdet(
+                cov.eig_matvec,
+                cov.eig.to_eigbasis(r.unsqueeze(-1)),
+                zt,
+                precond=cov.eig_precond,
+                precond_logdet=cov.precond_logdet(),
+                inner=inner,
+                tol=tol,
+                max_iters=max_iters,
+            )
+            vt = out.probe_precond  # Qᵀv, v = P⁻¹z
+            back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
+            x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
+            # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
+            # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
+            # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
+            # second-order part of log(I + E) to the random estimate. vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v)
+            # and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
+            first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
+            lam = cov.lam.unsqueeze(-1)
+            per_probe = inner(vt, lam * vt) + inner(v, cov.fill_noise.unsqueeze(-1) * v) - inner(zt, vt)
+            logdet = logdet + out.logdet + first_order - per_probe.mean()
             cov.solve_iterations += out.cg.iterations
             iterations, residual = out.cg.iterations, float(out.cg.residual.max())
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
             # analytic gradient), the second is small when P ≈ C. The noise is fixed on this
-            # branch, so ∂C = ∂K and the pair is ((u − v), v). (Without a preconditioner
-            # v = z and the caller adds no exact term: the plain estimate.)
+            # branch, so ∂C = ∂K and the pair is ((u − v), v).
             lefts.append(u - v)
             rights.append(v)
             weights.append(resid.new_full((s,), -0.5 / s))
