@@ -247,7 +247,6 @@ def _raw_kron_matmul(factors: list[Tensor], x: Tensor) -> Tensor:
 
 def _matmul_kron_backward(ctx, grad: Tensor):
     x, *factors = ctx.saved_tensors
-    n = len(factors)
     m = x.shape[-2]
     batch = grad.shape[:-2]
     dx = None

@@ -216,7 +216,6 @@ extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a)
 
 
 def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> GemmSpec:
-    vec = 16 // itemsize
     if itemsize == 4:
         tq = 8 if q > 8 else 4
         tr = 8
