@@ -35,7 +35,6 @@ import json
 import math
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -43,34 +42,9 @@ import torch
 import kronegp
 from kronegp.models import GridGP
 from kronegp.models._kron import KronEigen
+from timing import time_call
 
 REGIMES = ("homoskedastic", "per-cell", "missing20")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call: CUDA events on a GPU, perf_counter on a CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def make_data(n: int, regime: str, dtype: torch.dtype, device: torch.device, seed: int = 0):

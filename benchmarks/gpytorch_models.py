@@ -34,8 +34,6 @@ import math
 import platform
 import statistics
 import sys
-import time
-from typing import Callable
 
 import gpytorch
 import linear_operator
@@ -44,6 +42,7 @@ from linear_operator.operators import KroneckerProductLinearOperator, LinearOper
 
 import kronegp
 from kronegp.operators import KroneckerOperator
+from timing import time_call
 
 SIZES = {
     "full": {
@@ -61,37 +60,6 @@ SIZES = {
         "probes": 11,
     },
 }
-
-
-# ------------------------------------------------------------------ timing
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self._sync()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return times
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------ models (unmodified GPyTorch)
@@ -270,7 +238,9 @@ def main(argv=None):
     unknown = set(cases) - {"grid", "multitask", "kiss", "bilinear"}
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}")
-    timer = Timer(device)
+    def timer(fn, warmup, repeats):
+        return time_call(fn, device, repeats, warmup)
+
 
     rows = []
     for dtype in dtypes:
