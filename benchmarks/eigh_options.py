@@ -51,7 +51,7 @@ def main():
             return [tuple(torch.from_numpy(x) for x in np.linalg.eigh(m.numpy())) for m in ms]
         res["host_numpy"] = timeit(host(npe))
         import kronegp.linalg as kl
-        for hmax in (0, 64, 512):
+        for hmax in (0, 64, 160, 512):
             kl.HOST_EIGH_MAX_ROWS = hmax
             def sym():
                 kl.clear_eig_cache()

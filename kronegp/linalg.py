@@ -3,29 +3,32 @@
 
 Kronecker methods eigendecompose each factor ``K_k`` (``n_k × n_k``, typically 10–1000 rows)
 once per set of hyperparameters. On a GPU a small ``torch.linalg.eigh`` is a chain of
-~130–250 launch-bound kernels (cuSOLVER's Jacobi method in float32, ``syevd`` in float64);
-on the device tool's host LAPACK is fast only for small matrices (MKL with 16 threads
-is slower than one thread from ~100 rows on). Three factors, ms (H100 and its host,
-2026-11-24, ``benchmarks/eigh_options.py``):
+~130–250 launch-bound kernels (cuSOLVER's Jacobi method in float32, ``syevd`` in float64).
+On the host, LAPACK through torch (MKL) with its default thread count is slow for these
+sizes (threads cost more than they bring below ~500 rows), but one thread per matrix is
+fast, and several matrices then run side by side. Three factors, ms (H100 and its 16-core
+host, 2026-11-24, ``benchmarks/eigh_options.py``; host columns without transfers):
 
-======  ==========  =============  ===========  ==========================
-rows    host fp64   GPU fp32       GPU fp64     GPU fp64, 3 streams/threads
-======  ==========  =============  ===========  ==========================
-32      0.51        1.34           0.83         –
-64      1.98        3.74           2.93         3.11
-128     15.5        5.97           5.28         3.04
-256     47.8        16.1           6.69         4.99
-365     79.5        29.9           10.6         8.53
-======  ==========  =============  ===========  ==========================
+======  ===============  ==================  ===========  ==========================
+rows    host, 16 thr.    host, 3 × 1 thread  GPU fp64     GPU fp64, 3 streams/threads
+======  ===============  ==================  ===========  ==========================
+64      0.96             0.59                2.64         3.11
+128     15.7             1.62                5.48         2.93
+256     48.3             7.96                6.72         4.97
+365     80.3             19.9                10.6         8.53
+======  ===============  ==================  ===========  ==========================
 
 The rule of :func:`symmetric_eig`:
 
-* matrices with at most :data:`HOST_EIGH_MAX_ROWS` rows (or already on the host) are
-  copied to the host in one transfer, decomposed there in float64, and copied back in one
-  transfer;
-* larger ones are decomposed on their own device in float64, several at a time, each
-  from its own host thread on its own side stream (ordered after the caller's stream, and
-  the caller's stream after them);
+* CUDA matrices with at most :data:`HOST_EIGH_MAX_ROWS` rows are copied to the host in one
+  transfer, decomposed there in float64, and copied back in one transfer;
+* host decompositions of at most :data:`HOST_WORKER_MAX_ROWS` rows run one per worker
+  thread, each worker limited to one OpenMP thread (``threadpoolctl``; the limit is
+  thread-local, so the caller's and torch's own thread settings are untouched); larger
+  ones run on the calling thread with torch's threads;
+* larger CUDA matrices are decomposed on their own device in float64, several at a time,
+  each from its own host thread on its own side stream (ordered after the caller's stream,
+  and the caller's stream after them);
 * results come back in the input's dtype, on the input's device. Computing in float64 also
   makes float32 eigenvectors orthonormal to float32 rounding.
 
@@ -39,27 +42,102 @@ DLPack) are not seen — call :func:`clear_eig_cache` after them, or set
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["symmetric_eig", "clear_eig_cache", "kron_vector", "HOST_EIGH_MAX_ROWS", "EIG_CACHE_SIZE"]
+__all__ = ["symmetric_eig", "prefetch_eig", "clear_eig_cache", "kron_vector", "HOST_EIGH_MAX_ROWS", "HOST_WORKER_MAX_ROWS", "EIG_CACHE_SIZE"]
 
 #: Matrices of a CUDA device with at most this many rows are decomposed on the host.
-HOST_EIGH_MAX_ROWS = 64
+HOST_EIGH_MAX_ROWS = 160
+#: Host decompositions of at most this many rows run in single-threaded workers, side by side.
+HOST_WORKER_MAX_ROWS = 512
 #: How many decompositions :func:`symmetric_eig` keeps (0 disables the cache).
 EIG_CACHE_SIZE = 16
 
 _cache: "OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]]" = OrderedDict()
 _pool: Optional[ThreadPoolExecutor] = None
+_host_pool: Optional[ThreadPoolExecutor] = None
+_pending: "OrderedDict[tuple, tuple[Tensor, Future]]" = OrderedDict()
+
+
+def _one_openmp_thread() -> None:
+    # omp_set_num_threads is per thread: this worker's LAPACK (MKL under torch's OpenMP)
+    # runs on one thread; the caller's thread and torch's own pool keep their settings.
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(limits=1, user_api="openmp")
+
+
+def _get_host_pool() -> ThreadPoolExecutor:
+    global _host_pool
+    if _host_pool is None:
+        _host_pool = ThreadPoolExecutor(
+            max_workers=max(1, min(8, os.cpu_count() or 1)),
+            thread_name_prefix="kronegp-host-eigh",
+            initializer=_one_openmp_thread,
+        )
+    return _host_pool
+
+
+def _eigh_when_copied(done: "torch.cuda.Event", host: Tensor) -> tuple[Tensor, Tensor]:
+    done.synchronize()
+    return torch.linalg.eigh(host)
+
+
+def prefetch_eig(m: Tensor) -> None:
+    """Start decomposing ``m`` now, if it is a CUDA matrix that :func:`symmetric_eig` would
+    decompose on the host: a non-blocking copy to pinned host memory on the current stream,
+    then ``eigh`` in a worker once the copy is done. A later :func:`symmetric_eig` of the
+    same tensor (same storage and version) collects the result. The caller goes on at once,
+    so the decomposition overlaps whatever it issues next (e.g. the next factor).
+
+    Does nothing for other tensors, with the cache disabled, or if ``m`` is already cached
+    or pending. At most :data:`EIG_CACHE_SIZE` prefetches are kept; older ones are dropped.
+    """
+    if not (
+        isinstance(m, Tensor)
+        and m.device.type == "cuda"
+        and m.dim() == 2
+        and m.shape[0] == m.shape[1]
+        and m.shape[0] <= HOST_EIGH_MAX_ROWS
+        and m.dtype in (torch.float32, torch.float64)
+    ):
+        return
+    key = _key(m)
+    if key is None or key in _cache or key in _pending:
+        return
+    with torch.no_grad():
+        src = m.detach().to(torch.float64)
+        host = torch.empty(src.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    # The tensor is held so that its storage (part of the key) cannot be reused meanwhile.
+    _pending[key] = (m.detach(), _get_host_pool().submit(_eigh_when_copied, done, host))
+    while len(_pending) > max(EIG_CACHE_SIZE, 0):
+        _pending.popitem(last=False)
+
+
+def _host_eighs(pieces: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """``torch.linalg.eigh`` of host float64 matrices: small ones side by side in
+    single-threaded workers, larger ones on this thread with torch's threads."""
+    small = [i for i, p in enumerate(pieces) if p.shape[0] <= HOST_WORKER_MAX_ROWS]
+    futures = {i: _get_host_pool().submit(torch.linalg.eigh, pieces[i]) for i in small}
+    out = [None if i in futures else torch.linalg.eigh(p) for i, p in enumerate(pieces)]
+    for i, fut in futures.items():
+        out[i] = fut.result()
+    return out  # type: ignore[return-value]
 
 
 def clear_eig_cache() -> None:
-    """Forget every cached decomposition."""
+    """Forget every cached (or prefetched) decomposition."""
     _cache.clear()
+    _pending.clear()
 
 
 def _key(m: Tensor) -> Optional[tuple]:
@@ -137,6 +215,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     out: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(mats)
     keys = []
     host, device_side = [], []
+    prefetched: dict[int, Future] = {}
     for i, m in enumerate(mats):
         key = _key(m)
         keys.append(key)
@@ -144,11 +223,15 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             _cache.move_to_end(key)
             out[i] = _cache[key][1:]
             continue
+        if key is not None and key in _pending:
+            prefetched[i] = _pending.pop(key)[1]
+            continue
         if m.device.type == "cpu" or m.shape[0] <= HOST_EIGH_MAX_ROWS:
             host.append(i)
         else:
             device_side.append(i)
     with torch.no_grad():
+        host_results: dict[int, tuple[Tensor, Tensor]] = {}
         if host:
             # One device→host transfer for all of them (a single synchronisation).
             flat = torch.cat([mats[i].detach().reshape(-1).to(torch.float64) for i in host])
@@ -158,10 +241,12 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 n = mats[i].shape[0]
                 pieces.append(flat[offset : offset + n * n].view(n, n))
                 offset += n * n
-            results = [torch.linalg.eigh(p) for p in pieces]
+            host_results.update(zip(host, _host_eighs(pieces)))
+        host_results.update((i, fut.result()) for i, fut in prefetched.items())
+        if host_results:
             # One host→device transfer per device back.
             by_device: dict = {}
-            for i, (lam, q) in zip(host, results):
+            for i, (lam, q) in sorted(host_results.items()):
                 by_device.setdefault(mats[i].device, []).append((i, lam, q))
             for dev, items in by_device.items():
                 packed = torch.cat([torch.cat([lam, q.reshape(-1)]) for _, lam, q in items])

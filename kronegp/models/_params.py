@@ -6,6 +6,9 @@ from typing import Optional
 
 from torch import Tensor
 
+from kronegp.linalg import prefetch_eig
+from kronegp.models._stationary import stationary_factor
+
 
 class GridHyperparameters:
     """Derived views of a grid GP's parameters.
@@ -39,12 +42,23 @@ class GridHyperparameters:
     def _factors(self) -> list[Tensor]:
         """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it).
 
-        A kernel without ``active_dims`` is evaluated through its ``forward`` on the
+        Plain Matérn and RBF kernels with one lengthscale are computed in one fused step
+        from the exact axis distances (:func:`kronegp.models._stationary.stationary_factor`).
+        Any other kernel without ``active_dims`` is evaluated through its ``forward`` on the
         ``(n_k, 1)`` axis: what ``Kernel.__call__`` ends up computing there, without the
         lazy kernel tensor and its checks (~0.2 ms of host time per factor on a GPU).
+
+        Each factor's eigendecomposition, which every path asks for next, is started on
+        the host as soon as the factor is issued (:func:`kronegp.linalg.prefetch_eig`), so
+        it overlaps the evaluation of the following factors.
         """
         out = []
         for kern, ax in zip(self.kernels, self.axes):
+            fast = stationary_factor(kern, ax)
+            if fast is not None:  # exactly symmetric already
+                out.append(fast)
+                prefetch_eig(fast)
+                continue
             x = ax.unsqueeze(-1)
             if getattr(kern, "active_dims", None) is None:
                 mat = kern.forward(x, x)
@@ -52,4 +66,5 @@ class GridHyperparameters:
             else:
                 mat = kern(x, x).to_dense()
             out.append(0.5 * (mat + mat.mT))
+            prefetch_eig(out[-1])
         return out
