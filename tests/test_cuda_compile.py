@@ -175,3 +175,13 @@ def test_axis_gemm_path_on_cpu_tensors_matches_dense():
                                  (backend.kron_matmul(fs, x2), reference.kron_matmul(fd, x2.double()))):
                     assert got.shape == ref.shape and got.dtype == dt
                     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_cg_step_kernel_compiles(arch, tmp_path, monkeypatch):
+    """The fused block-CG steps (kronegp._cuda.cg): every mode in both dtypes."""
+    from kronegp._cuda.cg import CgSpec
+
+    monkeypatch.setenv("KRONEGP_CACHE_DIR", str(tmp_path))
+    specs = [CgSpec(itemsize, mode) for itemsize in (4, 8) for mode in ("dot", "update", "direction")]
+    assert len(compile_specs([(kernel_name(s), s) for s in specs], arch)) > 0

@@ -182,3 +182,78 @@ def test_slq_needs_lanczos_record():
         slq_logdet_correction(res)
     with pytest.raises(ValueError, match="precond_logdet"):
         solve_with_logdet(lambda v: a @ v, torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), precond=lambda r: r)
+
+
+def test_block_cg_diagonal_tensor_preconditioner_equals_callable():
+    dtype = torch.float64
+    a = _spd(30, dtype, cond=1e3)
+    s = torch.logspace(-1, 1, 30, dtype=dtype)
+    a = s[:, None] * a * s[None, :]
+    b = torch.randn(30, 3, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    d = 1.0 / torch.diagonal(a)
+    as_tensor = block_cg(lambda v: a @ v, b, d, tol=1e-10, max_iters=500, record_lanczos=True)
+    as_callable = block_cg(lambda v: a @ v, b, lambda r: d.unsqueeze(-1) * r, tol=1e-10, max_iters=500, record_lanczos=True)
+    assert as_tensor.iterations == as_callable.iterations
+    assert torch.allclose(as_tensor.solution, as_callable.solution, rtol=1e-12, atol=0)
+    assert torch.allclose(as_tensor.alphas, as_callable.alphas, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"precond given as a diagonal must have shape \(30,\)"):
+        block_cg(lambda v: a @ v, b, d[:5])
+    with pytest.raises(ValueError, match="dtype and device"):
+        block_cg(lambda v: a @ v, b, d.float())
+
+
+def _cg_problem(n, t, dtype, seed):
+    """A diagonal-plus-low-rank SPD operator (cheap for large n) and a badly scaled diagonal
+    that Jacobi preconditioning fixes."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, 4, generator=g, dtype=torch.float64) / math.sqrt(n)
+    diag = torch.logspace(-1, 2, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    b = torch.randn(n, t, generator=g, dtype=torch.float64)
+    return u, diag, b
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,t", [(1, 1), (7, 3), (1000, 17), (100_003, 5), (4099, 300), (20_000, 1)])
+@pytest.mark.parametrize("precondition", [True, False])
+def test_block_cg_fused_iteration_matches_torch_path_and_dense(dtype, n, t, precondition, monkeypatch):
+    """The fused CUDA iteration (kronegp._cuda.cg) against the same algebra in torch (FUSED
+    off) and against the exact solution, on a side stream; NaN-poisoned caching allocator
+    blocks must not leak into the result."""
+    import kronegp.solvers.cg as cg_mod
+
+    u64, d64, b64 = _cg_problem(n, t, dtype, seed=n + t)
+    dev = torch.device("cuda")
+    u, diag, b = (v.to(dev, dtype) for v in (u64, d64, b64))
+    u64, d64, b64 = (v.to(dev) for v in (u64, d64, b64))
+    torch.empty(4 * n * t + 4096, dtype=dtype, device=dev).fill_(float("nan"))  # poison freed memory
+
+    def matvec(v):
+        return diag.unsqueeze(-1) * v + u @ (u.mT @ v)
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    pre = (1.0 / diag) if precondition else None
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        fused = block_cg(matvec, b, pre, tol=tol, max_iters=3000, record_lanczos=True)
+        monkeypatch.setattr(cg_mod, "FUSED", False)
+        plain = block_cg(matvec, b, pre, tol=tol, max_iters=3000, record_lanczos=True)
+    torch.cuda.synchronize()
+    assert fused.converged and plain.converged
+    assert fused.solution.is_contiguous() and fused.solution.dtype == dtype
+    assert abs(fused.iterations - plain.iterations) <= max(2, plain.iterations // 10)
+    # exact solution of (diag + u uᵀ) x = b by Woodbury, in float64
+    dinv_b = b64 / d64.unsqueeze(-1)
+    dinv_u = u64 / d64.unsqueeze(-1)
+    cap = torch.eye(4, dtype=torch.float64, device=dev) + u64.mT @ dinv_u
+    exact = dinv_b - dinv_u @ torch.linalg.solve(cap, u64.mT @ dinv_b)
+    bound = 2e-3 if dtype == torch.float32 else 1e-7
+    assert _rel(fused.solution.double(), exact) < bound
+    assert _rel(plain.solution.double(), exact) < bound
+    assert float(fused.residual.max()) <= tol
+    k = min(fused.iterations, plain.iterations, 3)
+    coef_tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert torch.allclose(fused.alphas[:k], plain.alphas[:k], rtol=coef_tol, atol=0)
+    # β of the last iteration is the ratio of two round-off-sized residuals: not compared
+    kb = min(k, fused.iterations - 1, plain.iterations - 1)
+    assert torch.allclose(fused.betas[:kb], plain.betas[:kb], rtol=coef_tol, atol=0)

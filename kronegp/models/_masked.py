@@ -112,6 +112,8 @@ class FullGridCovariance:
             # on 1 in log scale, which is what bounds CG's iterations.
             self.sigma_bar2 = torch.exp(_total(inner, torch.log(self.fill_noise)) / _total(inner, torch.ones_like(self.fill_noise)))
         self.p_diag = self.lam + self.sigma_bar2
+        #: ``(λ + σ̄²)⁻¹``: ``P̃⁻¹`` as a diagonal (block CG fuses its iteration with it).
+        self.p_inv = 1.0 / self.p_diag
         self.solve_iterations = 0
 
     def kernel_matvec(self, x: Tensor) -> Tensor:
@@ -129,11 +131,7 @@ class FullGridCovariance:
     def eig_matvec(self, u: Tensor) -> Tensor:
         """``C̃ u = Qᵀ C Q u = λ ∘ u + Qᵀ(d̃ ∘ Q u)``: ``C`` in eigen-coordinates (two
         Kronecker matmuls, where ``C`` and ``P⁻¹`` in grid coordinates cost three)."""
-        return self.lam.unsqueeze(-1) * u + self.eig.to_eigbasis(self.fill_noise.unsqueeze(-1) * self.eig.from_eigbasis(u))
-
-    def eig_precond(self, u: Tensor) -> Tensor:
-        """``P̃⁻¹ u = (λ + σ̄²)⁻¹ ∘ u``: the preconditioner is diagonal in eigen-coordinates."""
-        return u / self.p_diag.unsqueeze(-1)
+        return torch.addcmul(self.eig.to_eigbasis(self.fill_noise.unsqueeze(-1) * self.eig.from_eigbasis(u)), self.lam.unsqueeze(-1), u)
 
     def solve(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
         """``C⁻¹ x``: exact when homoskedastic, else preconditioned CG in eigen-coordinates.
@@ -146,7 +144,7 @@ class FullGridCovariance:
         res = block_cg(
             self.eig_matvec,
             self.eig.to_eigbasis(x),
-            self.eig_precond if self.precondition else None,
+            self.p_inv if self.precondition else None,
             inner=self.inner,
             tol=self.tol if tol is None else tol,
             max_iters=self.max_iters,
@@ -294,7 +292,7 @@ def cg_lml_pieces(
                 cov.eig_matvec,
                 cov.eig.to_eigbasis(r.unsqueeze(-1)),
                 zt,
-                precond=cov.eig_precond,
+                precond=cov.p_inv,
                 precond_logdet=cov.precond_logdet(),
                 inner=inner,
                 tol=tol,
@@ -341,7 +339,7 @@ def cg_lml_pieces(
             res = block_cg(
                 _missing_matvec(cov, missing, tight),
                 rhs_g,
-                lambda v: v / g_diag.unsqueeze(-1),
+                1.0 / g_diag,
                 inner=inner,
                 tol=tol,
                 max_iters=max_iters,

@@ -52,7 +52,7 @@ def solve_with_logdet(
     rhs: Tensor,
     probes: Tensor,
     *,
-    precond: Optional[Callable[[Tensor], Tensor]] = None,
+    precond: Optional[Callable[[Tensor], Tensor] | Tensor] = None,
     precond_logdet: Optional[Tensor] = None,
     inner: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     tol: float = 1e-5,
@@ -65,7 +65,7 @@ def solve_with_logdet(
         rhs: ``(n, t)`` right-hand sides to solve.
         probes: ``(n, S)`` probes drawn from ``N(0, P)`` where ``precond`` applies ``P⁻¹``
             (standard normal when ``precond`` is ``None``).
-        precond: ``r ↦ P⁻¹ r``, or ``None``.
+        precond: ``r ↦ P⁻¹ r``, a tensor ``d`` (``(n,)``) for ``P⁻¹ = diag(d)``, or ``None``.
         precond_logdet: ``log det P`` (0-dim); required with ``precond``.
         inner: column-wise inner product ``(a, b) ↦ (t,)`` (all-reduced when sharded).
         tol, max_iters: CG stopping rule (see :func:`~kronegp.solvers.block_cg`).
@@ -96,7 +96,12 @@ def solve_with_logdet(
     logdet = slq_logdet_correction(result, columns=slice(t, None))
     if precond_logdet is not None:
         logdet = logdet + precond_logdet
-    probe_precond = probes if precond is None else precond(probes)
+    if precond is None:
+        probe_precond = probes
+    elif isinstance(precond, Tensor):
+        probe_precond = precond.unsqueeze(-1) * probes
+    else:
+        probe_precond = precond(probes)
     return SolveWithLogdet(
         solution=result.solution[:, :t],
         probe_solves=result.solution[:, t:],

@@ -1,0 +1,89 @@
+// The element-wise part of one block-CG iteration, on row-major (n, t) blocks (t right-hand
+// sides side by side), with an optional diagonal preconditioner d (one value per row):
+//
+//   DOT:        part[0][c] = sum_i p[i,c] * ap[i,c]
+//   UPDATE:     x += alpha[c] p;  r -= alpha[c] ap;  part[0][c] = sum_i r d r;  part[1][c] = sum_i r r
+//   DIRECTION:  p = d r + beta[c] p
+//
+// (z = d r is never stored: UPDATE sums r d r, DIRECTION recomputes d r.) Written with torch
+// these are ~23 passes over an (n, t) block per iteration (a temporary per product, one per
+// reduction); here 2 + 6 + 3. Every pass is bandwidth-bound, so that is the time ratio.
+//
+// Threads: a block has t*k threads and the grid-stride loop advances by a multiple of t, so a
+// thread always meets the same column c = threadIdx.x % t and keeps its sums in registers (in
+// double, whatever T). The block then adds its k partial sums per column and writes them to
+// part[(blockIdx.x * NSUM + q) * t + c]; the caller adds the per-block rows (a deterministic
+// order: no atomics). Indices are 64-bit.
+#pragma once
+#include "kron_common.cuh"
+
+struct CgArgs {
+    void* x;
+    void* r;
+    void* p;
+    const void* ap;
+    const void* d;     // (n,) diagonal preconditioner, or null for the identity
+    const void* coef;  // alpha (UPDATE) or beta (DIRECTION), (t,)
+    double* part;      // (gridDim.x, NSUM, t)
+    i64 n;             // rows
+    i64 t;             // columns
+};
+
+#define KRONEGP_CG_DOT 0
+#define KRONEGP_CG_UPDATE 1
+#define KRONEGP_CG_DIRECTION 2
+
+template <class Spec>
+__device__ __forceinline__ void kron_cg(const CgArgs& a) {
+    typedef typename Spec::T T;
+    constexpr int MODE = Spec::MODE, NT_MAX = 1024;
+    constexpr int NSUM = MODE == KRONEGP_CG_UPDATE ? 2 : (MODE == KRONEGP_CG_DOT ? 1 : 0);
+    const i64 t = a.t;
+    const i64 total = a.n * t;
+    const int c = threadIdx.x % (int)t;
+    const i64 stride = (i64)gridDim.x * blockDim.x;       // a multiple of t
+    const i64 row_stride = stride / t;
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 row = e / t;
+    T* x = reinterpret_cast<T*>(a.x);
+    T* r = reinterpret_cast<T*>(a.r);
+    T* p = reinterpret_cast<T*>(a.p);
+    const T* ap = reinterpret_cast<const T*>(a.ap);
+    const T* d = reinterpret_cast<const T*>(a.d);
+    T coef = T(0);
+    if constexpr (MODE != KRONEGP_CG_DOT) coef = reinterpret_cast<const T*>(a.coef)[c];
+    double s0 = 0.0, s1 = 0.0;
+    for (; e < total; e += stride, row += row_stride) {
+        if constexpr (MODE == KRONEGP_CG_DOT) {
+            s0 += (double)p[e] * (double)ap[e];
+        } else if constexpr (MODE == KRONEGP_CG_UPDATE) {
+            const T pe = p[e], ape = ap[e];
+            x[e] = x[e] + coef * pe;
+            const T re = r[e] - coef * ape;
+            r[e] = re;
+            const T ze = d ? d[row] * re : re;
+            s0 += (double)re * (double)ze;
+            s1 += (double)re * (double)re;
+        } else {
+            const T re = r[e];
+            const T ze = d ? d[row] * re : re;
+            p[e] = ze + coef * p[e];
+        }
+    }
+    if constexpr (NSUM > 0) {
+        __shared__ double sh[NSUM][NT_MAX];
+        sh[0][threadIdx.x] = s0;
+        if constexpr (NSUM > 1) sh[1][threadIdx.x] = s1;
+        __syncthreads();
+        if (threadIdx.x < t) {
+            double acc0 = 0.0, acc1 = 0.0;
+            for (int j = threadIdx.x; j < (int)blockDim.x; j += (int)t) {
+                acc0 += sh[0][j];
+                if constexpr (NSUM > 1) acc1 += sh[1][j];
+            }
+            double* out = a.part + (i64)blockIdx.x * NSUM * t;
+            out[threadIdx.x] = acc0;
+            if constexpr (NSUM > 1) out[t + threadIdx.x] = acc1;
+        }
+    }
+}
