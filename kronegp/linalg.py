@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["symmetric_eig", "prefetch_eig", "clear_eig_cache", "kron_vector", "HOST_EIGH_MAX_ROWS", "HOST_WORKER_MAX_ROWS", "EIG_CACHE_SIZE"]
+__all__ = ["symmetric_eig", "clear_eig_cache", "kron_vector", "HOST_EIGH_MAX_ROWS", "HOST_WORKER_MAX_ROWS", "EIG_CACHE_SIZE"]
 
 #: Matrices of a CUDA device with at most this many rows are decomposed on the host.
 HOST_EIGH_MAX_ROWS = 160
@@ -62,7 +62,6 @@ EIG_CACHE_SIZE = 16
 _cache: "OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]]" = OrderedDict()
 _pool: Optional[ThreadPoolExecutor] = None
 _host_pool: Optional[ThreadPoolExecutor] = None
-_pending: "OrderedDict[tuple, tuple[Tensor, Future]]" = OrderedDict()
 
 
 def _one_openmp_thread() -> None:
@@ -84,45 +83,6 @@ def _get_host_pool() -> ThreadPoolExecutor:
     return _host_pool
 
 
-def _eigh_when_copied(done: "torch.cuda.Event", host: Tensor) -> tuple[Tensor, Tensor]:
-    done.synchronize()
-    return torch.linalg.eigh(host)
-
-
-def prefetch_eig(m: Tensor) -> None:
-    """Start decomposing ``m`` now, if it is a CUDA matrix that :func:`symmetric_eig` would
-    decompose on the host: a non-blocking copy to pinned host memory on the current stream,
-    then ``eigh`` in a worker once the copy is done. A later :func:`symmetric_eig` of the
-    same tensor (same storage and version) collects the result. The caller goes on at once,
-    so the decomposition overlaps whatever it issues next (e.g. the next factor).
-
-    Does nothing for other tensors, with the cache disabled, or if ``m`` is already cached
-    or pending. At most :data:`EIG_CACHE_SIZE` prefetches are kept; older ones are dropped.
-    """
-    if not (
-        isinstance(m, Tensor)
-        and m.device.type == "cuda"
-        and m.dim() == 2
-        and m.shape[0] == m.shape[1]
-        and m.shape[0] <= HOST_EIGH_MAX_ROWS
-        and m.dtype in (torch.float32, torch.float64)
-    ):
-        return
-    key = _key(m)
-    if key is None or key in _cache or key in _pending:
-        return
-    with torch.no_grad():
-        src = m.detach().to(torch.float64)
-        host = torch.empty(src.shape, dtype=torch.float64, pin_memory=True)
-        host.copy_(src, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    # The tensor is held so that its storage (part of the key) cannot be reused meanwhile.
-    _pending[key] = (m.detach(), _get_host_pool().submit(_eigh_when_copied, done, host))
-    while len(_pending) > max(EIG_CACHE_SIZE, 0):
-        _pending.popitem(last=False)
-
-
 def _host_eighs(pieces: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     """``torch.linalg.eigh`` of host float64 matrices: small ones side by side in
     single-threaded workers, larger ones on this thread with torch's threads."""
@@ -135,9 +95,8 @@ def _host_eighs(pieces: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
 
 
 def clear_eig_cache() -> None:
-    """Forget every cached (or prefetched) decomposition."""
+    """Forget every cached decomposition."""
     _cache.clear()
-    _pending.clear()
 
 
 def _key(m: Tensor) -> Optional[tuple]:
@@ -215,16 +174,12 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     out: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(mats)
     keys = []
     host, device_side = [], []
-    prefetched: dict[int, Future] = {}
     for i, m in enumerate(mats):
         key = _key(m)
         keys.append(key)
         if key is not None and key in _cache:
             _cache.move_to_end(key)
             out[i] = _cache[key][1:]
-            continue
-        if key is not None and key in _pending:
-            prefetched[i] = _pending.pop(key)[1]
             continue
         if m.device.type == "cpu" or m.shape[0] <= HOST_EIGH_MAX_ROWS:
             host.append(i)
@@ -242,7 +197,6 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 pieces.append(flat[offset : offset + n * n].view(n, n))
                 offset += n * n
             host_results.update(zip(host, _host_eighs(pieces)))
-        host_results.update((i, fut.result()) for i, fut in prefetched.items())
         if host_results:
             # One host→device transfer per device back.
             by_device: dict = {}

@@ -157,33 +157,3 @@ def test_kron_vector_broadcasts_batches():
     for i in range(2):
         for j in range(4):
             assert torch.allclose(out[i, j], torch.kron(a[i, 0], b[j]), rtol=1e-14, atol=0)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
-def test_cuda_prefetch_is_collected_and_respects_in_place_changes(dtype, tol):
-    """prefetch_eig starts the host decomposition; symmetric_eig of the same tensor collects
-    it. A tensor changed in place after its prefetch is decomposed afresh."""
-    clear_eig_cache()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        mats = [_spd(n, dtype, device="cuda", seed=n) for n in (3, 40, 128)]
-        for m in mats:
-            kl.prefetch_eig(m)
-        assert len(kl._pending) == 3
-        changed = mats[1]
-        changed.mul_(2.0)  # after its prefetch: a new version
-        pairs = symmetric_eig(mats)
-        assert len(kl._pending) == 1  # the stale one stays until dropped
-        for m, (lam, q) in zip(mats, pairs):
-            _check(m, lam, q, tol)
-    torch.cuda.synchronize()
-    clear_eig_cache()
-    assert not kl._pending
-
-
-def test_prefetch_ignores_what_it_cannot_prefetch():
-    clear_eig_cache()
-    kl.prefetch_eig(_spd(5, torch.float64))  # host tensor: decomposed when asked
-    kl.prefetch_eig(torch.ones(3, 4))
-    assert not kl._pending
