@@ -9,7 +9,12 @@
 // these are ~23 passes over an (n, t) block per iteration (a temporary per product, one per
 // reduction); here 2 + 6 + 3. Every pass is bandwidth-bound, so that is the time ratio.
 //
-// Threads: a block has t*k threads and the grid-stride loop advances by a multiple of t, so a
+// Two layouts. Columns (ROWS = false): the block is (n, t) row-major, element (i, c) at i*t + c.
+// Rows (ROWS = true): the block is (t, n), right-hand side c is the contiguous row c*n .. c*n+n-1
+// and d is indexed by i directly; blockIdx.y is the row, so every block sums a single column and
+// the loop needs no division. Both write the same (gridDim.x, NSUM, t) partial sums.
+//
+// Columns layout threads: a block has t*k threads and the grid-stride loop advances by a multiple of t, so a
 // thread always meets the same column c = threadIdx.x % t and keeps its sums in registers (in
 // double, whatever T). The block then adds its k partial sums per column and writes them to
 // part[(blockIdx.x * NSUM + q) * t + c]; the caller adds the per-block rows (a deterministic
@@ -32,6 +37,65 @@ struct CgArgs {
 #define KRONEGP_CG_DOT 0
 #define KRONEGP_CG_UPDATE 1
 #define KRONEGP_CG_DIRECTION 2
+
+template <class Spec>
+__device__ __forceinline__ void kron_cg_rows(const CgArgs& a) {
+    typedef typename Spec::T T;
+    constexpr int MODE = Spec::MODE, NT = 256;
+    constexpr int NSUM = MODE == KRONEGP_CG_UPDATE ? 2 : (MODE == KRONEGP_CG_DOT ? 1 : 0);
+    const i64 n = a.n;
+    const int c = blockIdx.y;
+    const i64 base = (i64)c * n;
+    T* __restrict__ x = reinterpret_cast<T*>(a.x) + (a.x ? base : 0);
+    T* __restrict__ r = reinterpret_cast<T*>(a.r) + (a.r ? base : 0);
+    T* __restrict__ p = reinterpret_cast<T*>(a.p) + base;
+    const T* __restrict__ ap = reinterpret_cast<const T*>(a.ap) + (a.ap ? base : 0);
+    const T* __restrict__ d = reinterpret_cast<const T*>(a.d);
+    T coef = T(0);
+    if constexpr (MODE != KRONEGP_CG_DOT) coef = reinterpret_cast<const T*>(a.coef)[c];
+    double s0 = 0.0, s1 = 0.0;
+    const i64 stride = (i64)gridDim.x * NT;
+    for (i64 i = (i64)blockIdx.x * NT + threadIdx.x; i < n; i += stride) {
+        const T di = d ? d[i] : T(1);
+        if constexpr (MODE == KRONEGP_CG_DOT) {
+            s0 += (double)p[i] * (double)ap[i];
+        } else if constexpr (MODE == KRONEGP_CG_UPDATE) {
+            const T pi = p[i], api = ap[i], ri0 = r[i], xi = x[i];
+            x[i] = xi + coef * pi;
+            const T ri = ri0 - coef * api;
+            r[i] = ri;
+            s0 += (double)ri * (double)(di * ri);
+            s1 += (double)ri * (double)ri;
+        } else {
+            p[i] = di * r[i] + coef * p[i];
+        }
+    }
+    if constexpr (NSUM > 0) {
+        // warp shuffles, then one value per warp through shared memory
+        __shared__ double sh[NSUM][NT / 32];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            s0 += __shfl_down_sync(0xffffffffu, s0, off);
+            if constexpr (NSUM > 1) s1 += __shfl_down_sync(0xffffffffu, s1, off);
+        }
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        if (lane == 0) {
+            sh[0][warp] = s0;
+            if constexpr (NSUM > 1) sh[1][warp] = s1;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double acc0 = 0.0, acc1 = 0.0;
+            for (int w = 0; w < NT / 32; ++w) {
+                acc0 += sh[0][w];
+                if constexpr (NSUM > 1) acc1 += sh[1][w];
+            }
+            double* out = a.part + (i64)blockIdx.x * NSUM * a.t;
+            out[c] = acc0;
+            if constexpr (NSUM > 1) out[a.t + c] = acc1;
+        }
+    }
+}
 
 template <class Spec>
 __device__ __forceinline__ void kron_cg(const CgArgs& a) {

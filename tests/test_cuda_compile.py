@@ -179,9 +179,9 @@ def test_axis_gemm_path_on_cpu_tensors_matches_dense():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_cg_step_kernel_compiles(arch, tmp_path, monkeypatch):
-    """The fused block-CG steps (kronegp._cuda.cg): every mode in both dtypes."""
+    """The fused block-CG steps (kronegp._cuda.cg): every mode in both dtypes and layouts."""
     from kronegp._cuda.cg import CgSpec
 
     monkeypatch.setenv("KRONEGP_CACHE_DIR", str(tmp_path))
-    specs = [CgSpec(itemsize, mode) for itemsize in (4, 8) for mode in ("dot", "update", "direction")]
+    specs = [CgSpec(itemsize, mode, rows) for itemsize in (4, 8) for mode in ("dot", "update", "direction") for rows in (False, True)]
     assert len(compile_specs([(kernel_name(s), s) for s in specs], arch)) > 0

@@ -202,6 +202,29 @@ def test_block_cg_diagonal_tensor_preconditioner_equals_callable():
         block_cg(lambda v: a @ v, b, d.float())
 
 
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_block_cg_rows_layout_equals_columns(batch, diagonal):
+    """rows=True on the transposed block runs the same iterations as the column layout."""
+    dtype = torch.float64
+    a = _spd(60, dtype, cond=10.0, batch=batch)
+    b = torch.randn(*batch, 60, 4, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    d = 1.0 / torch.diagonal(a, dim1=-2, dim2=-1)
+    pre_c = d if diagonal else (lambda r: d.unsqueeze(-1) * r)
+    pre_r = d if diagonal else (lambda r: d.unsqueeze(-2) * r)
+    cols = block_cg(lambda v: a @ v, b, pre_c, tol=1e-9, max_iters=500, record_lanczos=True)
+    rows = block_cg(lambda v: v @ a.mT, b.mT.contiguous(), pre_r, tol=1e-9, max_iters=500, record_lanczos=True, rows=True)
+    assert 5 < cols.iterations < 40
+    # the products sum in another order: a column at the tolerance may take one step more
+    assert abs(rows.iterations - cols.iterations) <= 1
+    assert int((rows.column_iterations - cols.column_iterations).abs().max()) <= 1
+    assert torch.allclose(rows.solution.mT, cols.solution, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(rows.alphas[:10], cols.alphas[:10], rtol=1e-9, atol=0)
+    assert float(rows.residual.max()) <= 1e-9
+    with pytest.raises(ValueError, match=r"rhs without its row dimension"):
+        block_cg(lambda v: v @ a.mT, b.mT.contiguous(), d[..., :3], rows=True)
+
+
 def _cg_problem(n, t, dtype, seed):
     """A diagonal-plus-low-rank SPD operator (cheap for large n) and a badly scaled diagonal
     that Jacobi preconditioning fixes."""
@@ -216,7 +239,8 @@ def _cg_problem(n, t, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,t", [(1, 1), (7, 3), (1000, 17), (100_003, 5), (4099, 300), (20_000, 1)])
 @pytest.mark.parametrize("precondition", [True, False])
-def test_block_cg_fused_iteration_matches_torch_path_and_dense(dtype, n, t, precondition, monkeypatch):
+@pytest.mark.parametrize("rows", [False, True])
+def test_block_cg_fused_iteration_matches_torch_path_and_dense(dtype, n, t, precondition, rows, monkeypatch):
     """The fused CUDA iteration (kronegp._cuda.cg) against the same algebra in torch (FUSED
     off) and against the exact solution, on a side stream; NaN-poisoned caching allocator
     blocks must not leak into the result."""
@@ -229,18 +253,24 @@ def test_block_cg_fused_iteration_matches_torch_path_and_dense(dtype, n, t, prec
     torch.empty(4 * n * t + 4096, dtype=dtype, device=dev).fill_(float("nan"))  # poison freed memory
 
     def matvec(v):
+        if rows:
+            return diag * v + (v @ u) @ u.mT
         return diag.unsqueeze(-1) * v + u @ (u.mT @ v)
 
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     pre = (1.0 / diag) if precondition else None
+    rhs = b.mT.contiguous() if rows else b
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        fused = block_cg(matvec, b, pre, tol=tol, max_iters=3000, record_lanczos=True)
+        fused = block_cg(matvec, rhs, pre, tol=tol, max_iters=3000, record_lanczos=True, rows=rows)
         monkeypatch.setattr(cg_mod, "FUSED", False)
-        plain = block_cg(matvec, b, pre, tol=tol, max_iters=3000, record_lanczos=True)
+        plain = block_cg(matvec, rhs, pre, tol=tol, max_iters=3000, record_lanczos=True, rows=rows)
     torch.cuda.synchronize()
+    assert fused.solution.is_contiguous()
+    if rows:
+        fused.solution, plain.solution = fused.solution.mT, plain.solution.mT
     assert fused.converged and plain.converged
-    assert fused.solution.is_contiguous() and fused.solution.dtype == dtype
+    assert fused.solution.dtype == dtype
     assert abs(fused.iterations - plain.iterations) <= max(2, plain.iterations // 10)
     # exact solution of (diag + u uᵀ) x = b by Woodbury, in float64
     dinv_b = b64 / d64.unsqueeze(-1)

@@ -46,6 +46,7 @@ class CgSpec:
 
     itemsize: int
     mode: str
+    rows: bool = False  # blocks (t, n) with contiguous right-hand sides, else (n, t)
 
     kind = "cg"
     smem_bytes = 0  # static shared memory only
@@ -58,10 +59,20 @@ struct Spec {{
     static constexpr int MODE = {_MODES[self.mode]};
 }};
 }}
-extern "C" __global__ void __launch_bounds__(1024) {name}(const CgArgs a) {{
-    kron_cg<{name}_ns::Spec>(a);
+extern "C" __global__ void __launch_bounds__({256 if self.rows else 1024}) {name}(const CgArgs a) {{
+    kron_cg{"_rows" if self.rows else ""}<{name}_ns::Spec>(a);
 }}
 """
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _SMS.get(device)
+    if n is None:
+        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
 
 
 def _threads(t: int) -> int:
@@ -79,20 +90,27 @@ def cg_launch(
     ap: Optional[Tensor] = None,
     d: Optional[Tensor] = None,
     coef: Optional[Tensor] = None,
+    rows: bool = False,
 ) -> Optional[Tensor]:
     """Launch one step on the current stream; returns the ``(NSUM, t)`` sums (in the block's
     dtype) for ``"dot"`` and ``"update"``, ``None`` for ``"direction"``.
 
-    Every block is a contiguous ``(n, t)`` tensor of one dtype on one device, ``d`` a
-    contiguous ``(n,)`` tensor or ``None``, ``coef`` contiguous ``(t,)``; the caller
-    (:func:`kronegp.solvers.block_cg`) guarantees it.
+    Every block is a contiguous ``(n, t)`` tensor (``(t, n)`` with ``rows``) of one dtype on
+    one device, ``d`` a contiguous ``(n,)`` tensor or ``None``, ``coef`` contiguous ``(t,)``;
+    the caller (:func:`kronegp.solvers.block_cg`) guarantees it.
     """
-    n, t = p.shape
-    spec = CgSpec(p.element_size(), mode)
+    t, n = p.shape if rows else p.shape[::-1]
+    spec = CgSpec(p.element_size(), mode, rows)
     fn = dev.function(spec)
-    nt = _threads(t)
-    total = n * t
-    blocks = max(1, min(-(-total // nt), 16 * torch.cuda.get_device_properties(p.device).multi_processor_count))
+    sms = _sm_count(p.device)
+    if rows:
+        nt = 256
+        blocks = max(1, min(-(-n // nt), -(-16 * sms // t)))
+        grid = (blocks, t)
+    else:
+        nt = _threads(t)
+        blocks = max(1, min(-(-(n * t) // nt), 16 * sms))
+        grid = (blocks, 1)
     nsum = _NSUM[mode]
     part = torch.empty((blocks, nsum, t), dtype=torch.float64, device=p.device) if nsum else None
     args = CgArgs()
@@ -108,7 +126,7 @@ def cg_launch(
     driver = _drv()
     stream = torch.cuda.current_stream(p.device).cuda_stream
     with dev.current():
-        err = driver.cuLaunchKernel(fn, blocks, 1, 1, nt, 1, 1, 0, stream, ctypes.addressof(params), 0)
+        err = driver.cuLaunchKernel(fn, grid[0], grid[1], 1, nt, 1, 1, 0, stream, ctypes.addressof(params), 0)
         if err[0] != driver.CUresult.CUDA_SUCCESS:
             _check(err, "cuLaunchKernel(cg)")
     if part is None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from kronegp.linalg import kron_vector, symmetric_eig
-from kronegp.ops import kron_matmul
+from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["KronEigen", "bilinear_form"]
 
@@ -79,6 +79,19 @@ class KronEigen:
     def from_eigbasis(self, x: Tensor) -> Tensor:
         """``Q x`` for ``x`` of shape ``(..., N, t)``."""
         return kron_matmul(self.vecs, x)
+
+    def to_eigbasis_rows(self, x: Tensor) -> Tensor:
+        """``x Q`` for rows ``x`` of shape ``(..., t, N)``: each row is ``(Qᵀ v)ᵀ`` of its vector
+        ``v``, through :func:`kronegp.matmul_kron` (no transpose of the block)."""
+        return matmul_kron(x, self.vecs)
+
+    def from_eigbasis_rows(self, x: Tensor) -> Tensor:
+        """``x Qᵀ`` for rows ``x`` of shape ``(..., t, N)`` (each row ``(Q v)ᵀ``)."""
+        return matmul_kron(x, [q.mT for q in self.vecs])
+
+    def apply_function_rows(self, diag: Tensor, x: Tensor) -> Tensor:
+        """:meth:`apply_function` on rows ``(..., t, N)``."""
+        return self.from_eigbasis_rows(diag * self.to_eigbasis_rows(x))
 
     def apply_function(self, diag: Tensor, x: Tensor) -> Tensor:
         """``Q diag(g) Qᵀ x`` for ``g`` of length ``N`` (e.g. ``(λ + σ²)⁻¹``)."""

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul
-from kronegp.solvers import block_cg, local_inner, slq_logdet_correction, solve_with_logdet
+from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
 
 __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "solve_observed"]
 
@@ -114,6 +114,10 @@ class FullGridCovariance:
         self.p_diag = self.lam + self.sigma_bar2
         #: ``(λ + σ̄²)⁻¹``: ``P̃⁻¹`` as a diagonal (block CG fuses its iteration with it).
         self.p_inv = 1.0 / self.p_diag
+        #: Whether the solves may hold their vectors as rows ``(t, N)`` (the whole grid is
+        #: local): Kronecker products of rows (``x · (⊗F)``) need no transpose of the block,
+        #: where products of columns transpose it twice (see :meth:`solve_rows`).
+        self.rows = isinstance(self.eig, KronEigen) and inner is local_inner and product is kron_matmul
         self.solve_iterations = 0
 
     def kernel_matvec(self, x: Tensor) -> Tensor:
@@ -133,12 +137,34 @@ class FullGridCovariance:
         Kronecker matmuls, where ``C`` and ``P⁻¹`` in grid coordinates cost three)."""
         return torch.addcmul(self.eig.to_eigbasis(self.fill_noise.unsqueeze(-1) * self.eig.from_eigbasis(u)), self.lam.unsqueeze(-1), u)
 
+    def eig_matvec_rows(self, u: Tensor) -> Tensor:
+        """:meth:`eig_matvec` on rows ``(t, N)``."""
+        return torch.addcmul(self.eig.to_eigbasis_rows(self.fill_noise * self.eig.from_eigbasis_rows(u)), self.lam, u)
+
+    def solve_rows(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
+        """``C⁻¹`` applied to each row of ``x`` (``(t, N)``, contiguous); needs :attr:`rows`."""
+        if self.homoskedastic:
+            return self.eig.apply_function_rows(self.p_inv, x)
+        res = block_cg(
+            self.eig_matvec_rows,
+            self.eig.to_eigbasis_rows(x),
+            self.p_inv if self.precondition else None,
+            tol=self.tol if tol is None else tol,
+            max_iters=self.max_iters,
+            rows=True,
+        )
+        self.solve_iterations += res.iterations
+        return self.eig.from_eigbasis_rows(res.solution)
+
     def solve(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
         """``C⁻¹ x``: exact when homoskedastic, else preconditioned CG in eigen-coordinates.
 
         ``Q`` is orthogonal, so CG on ``C̃ = QᵀCQ`` with ``P̃ = QᵀPQ`` (diagonal) runs the same
         iterations, residual norms and Lanczos coefficients as CG on ``C`` with ``P``.
+        With :attr:`rows` the columns are turned into rows once and back once.
         """
+        if self.rows:
+            return self.solve_rows(x.mT.contiguous(), tol).mT.contiguous()
         if self.homoskedastic:
             return self.eig.apply_function(1.0 / self.p_diag, x)
         res = block_cg(
@@ -286,29 +312,50 @@ def cg_lml_pieces(
             s = probes_c.shape[1]
             # CG in eigen-coordinates (see FullGridCovariance.solve): z = Q z̃ ~ N(0, P)
             # with z̃ = (λ + σ̄²)^{½} ξ needs no Kronecker matmul, and the solutions come
-            # back to the grid in one matmul at the end.
-            zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
-            out = solve_with_logdet(
-                cov.eig_matvec,
-                cov.eig.to_eigbasis(r.unsqueeze(-1)),
-                zt,
-                precond=cov.p_inv,
-                precond_logdet=cov.precond_logdet(),
-                inner=inner,
-                tol=tol,
-                max_iters=max_iters,
-            )
-            vt = out.probe_precond  # Qᵀv, v = P⁻¹z
-            back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
+            # back to the grid in one matmul at the end. With cov.rows every block holds
+            # its vectors as rows (no transposes around the Kronecker matmuls).
+            if cov.rows:
+                zt = cov.p_diag.sqrt() * probes_c.mT.contiguous()  # (S, N)
+                out = solve_with_logdet(
+                    cov.eig_matvec_rows,
+                    cov.eig.to_eigbasis_rows(r.unsqueeze(0)),
+                    zt,
+                    precond=cov.p_inv,
+                    precond_logdet=cov.precond_logdet(),
+                    tol=tol,
+                    max_iters=max_iters,
+                    rows=True,
+                )
+                vt = out.probe_precond  # rows of Qᵀv, v = P⁻¹z
+                back = cov.eig.from_eigbasis_rows(torch.cat([out.solution, out.probe_solves, vt], dim=0))
+                v_rows = back[1 + s :]
+                lam = cov.lam
+                per_probe = row_inner(vt, lam * vt) + row_inner(v_rows, cov.fill_noise * v_rows) - row_inner(zt, vt)
+                back = back.mT
+            else:
+                zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
+                out = solve_with_logdet(
+                    cov.eig_matvec,
+                    cov.eig.to_eigbasis(r.unsqueeze(-1)),
+                    zt,
+                    precond=cov.p_inv,
+                    precond_logdet=cov.precond_logdet(),
+                    inner=inner,
+                    tol=tol,
+                    max_iters=max_iters,
+                )
+                vt = out.probe_precond  # Qᵀv, v = P⁻¹z
+                back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
+                lam = cov.lam.unsqueeze(-1)
+                v_cols = back[:, 1 + s :]
+                per_probe = inner(vt, lam * vt) + inner(v_cols, cov.fill_noise.unsqueeze(-1) * v_cols) - inner(zt, vt)
             x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
             # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
             # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
-            # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature, leaving only the
-            # second-order part of log(I + E) to the random estimate. vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v)
-            # and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
+            # vᵀCv − zᵀv (v = P⁻¹z) is subtracted from its quadrature (per_probe above), leaving
+            # only the second-order part of log(I + E) to the random estimate. vᵀCv =
+            # ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v) and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
             first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
-            lam = cov.lam.unsqueeze(-1)
-            per_probe = inner(vt, lam * vt) + inner(v, cov.fill_noise.unsqueeze(-1) * v) - inner(zt, vt)
             logdet = logdet + out.logdet + first_order - per_probe.mean()
             cov.solve_iterations += out.cg.iterations
             iterations, residual = out.cg.iterations, float(out.cg.residual.max())
@@ -331,32 +378,50 @@ def cg_lml_pieces(
             # diag(P⁻¹)_M otherwise). It centres G's log-spectrum on 0, which is what makes
             # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
             g_diag = torch.where(missing > 0, cov.eig.diag_of(1.0 / cov.p_diag), torch.ones_like(missing))
-            zg = mis * g_diag.sqrt().unsqueeze(-1) * probes_g  # z ~ N(0, diag(G)) on M
-            s = zg.shape[1]
             tight = _inner_tol(tol, dt)
-            xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), mis * zg / g_diag.unsqueeze(-1)], dim=-1), tol=tight)
-            rhs_g = torch.cat([mis * xr_and_z[:, :1], zg], dim=-1)
-            res = block_cg(
-                _missing_matvec(cov, missing, tight),
-                rhs_g,
-                1.0 / g_diag,
-                inner=inner,
-                tol=tol,
-                max_iters=max_iters,
-                record_lanczos=True,
-            )
+            if cov.rows:  # every block as rows (t, N): no transposes around the Kronecker matmuls
+                zg = missing * g_diag.sqrt() * probes_g.mT.contiguous()  # z ~ N(0, diag(G)) on M
+                s = zg.shape[0]
+                xr_and_z = cov.solve_rows(torch.cat([r.unsqueeze(0), missing * zg / g_diag], dim=0), tol=tight)
+                rhs_g = torch.cat([missing * xr_and_z[:1], zg], dim=0)
+
+                def g_matvec(v: Tensor) -> Tensor:  # v ↦ [X v_M]_M on rows (see _missing_matvec)
+                    return missing * cov.solve_rows(v, tol=tight)
+
+                res = block_cg(
+                    g_matvec, rhs_g, 1.0 / g_diag, tol=tol, max_iters=max_iters, record_lanczos=True, rows=True
+                )
+                g = res.solution
+                back = cov.solve_rows(torch.cat([r.unsqueeze(0) - missing * g[:1], missing * g[1:]], dim=0), tol=tight)
+                alpha = obs_f * back[0]
+                left_g, right_g = back[1:].mT, xr_and_z[1:].mT
+            else:
+                zg = mis * g_diag.sqrt().unsqueeze(-1) * probes_g  # z ~ N(0, diag(G)) on M
+                s = zg.shape[1]
+                xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), mis * zg / g_diag.unsqueeze(-1)], dim=-1), tol=tight)
+                rhs_g = torch.cat([mis * xr_and_z[:, :1], zg], dim=-1)
+                res = block_cg(
+                    _missing_matvec(cov, missing, tight),
+                    rhs_g,
+                    1.0 / g_diag,
+                    inner=inner,
+                    tol=tol,
+                    max_iters=max_iters,
+                    record_lanczos=True,
+                )
+                g = res.solution
+                back = cov.solve(
+                    torch.cat([r.unsqueeze(-1) - mis * g[:, :1], mis * g[:, 1:]], dim=-1),
+                    tol=tight,
+                )
+                alpha = obs_f * back[:, 0]
+                left_g, right_g = back[:, 1:], xr_and_z[:, 1:]
             iterations, residual = res.iterations, float(res.residual.max())
             log_gdiag = _total(inner, missing * torch.log(g_diag))
             logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None))
-            g = res.solution
-            back = cov.solve(
-                torch.cat([r.unsqueeze(-1) - mis * g[:, :1], mis * g[:, 1:]], dim=-1),
-                tol=tight,
-            )
-            alpha = obs_f * back[:, 0]
             # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
-            lefts.append(back[:, 1:])
-            rights.append(xr_and_z[:, 1:])
+            lefts.append(left_g)
+            rights.append(right_g)
             weights.append(resid.new_full((s,), 0.5 / s))
             extra["missing_iterations"] = res.iterations
 

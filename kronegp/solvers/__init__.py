@@ -13,7 +13,7 @@ grid dimension, ``-2``), so a caller whose vectors are sharded across processes 
 all-reduced one and nothing here assumes the whole vector is local.
 """
 
-from kronegp.solvers.cg import CGResult, block_cg, local_inner
+from kronegp.solvers.cg import CGResult, block_cg, local_inner, row_inner
 from kronegp.solvers.lanczos import cg_tridiagonals, slq_logdet_correction
 from kronegp.solvers.logdet import SolveWithLogdet, solve_with_logdet
 
@@ -23,6 +23,7 @@ __all__ = [
     "block_cg",
     "cg_tridiagonals",
     "local_inner",
+    "row_inner",
     "slq_logdet_correction",
     "solve_with_logdet",
 ]

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "block_cg", "local_inner", "FUSED"]
+__all__ = ["CGResult", "block_cg", "local_inner", "row_inner", "FUSED"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -88,16 +88,23 @@ def _check_rhs(rhs: Tensor) -> None:
         raise TypeError(f"rhs must be a floating-point tensor, got {rhs.dtype}")
 
 
-def _fused_backend(rhs: Tensor, inner: Optional[Inner], diag: Optional[Tensor]):
+def row_inner(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise inner products ``Σ_i a[..., j, i] b[..., j, i]`` → ``(..., t)``: the default
+    reduction of :func:`block_cg` with ``rows=True``."""
+    return (a * b).sum(dim=-1)
+
+
+def _fused_backend(rhs: Tensor, inner: Optional[Inner], diag: Optional[Tensor], rows: bool):
     """The CUDA backend if the fused iteration applies to this solve, else ``None``."""
-    if not (FUSED and rhs.is_cuda and rhs.dim() == 2 and inner in (None, local_inner)):
+    if not (FUSED and rhs.is_cuda and rhs.dim() == 2 and inner in (None, local_inner, row_inner)):
         return None
-    if diag is not None and diag.shape != rhs.shape[:1]:
+    n, t = (rhs.shape[1], rhs.shape[0]) if rows else rhs.shape
+    if diag is not None and diag.shape != (n,):
         return None
     from kronegp import _backend
     from kronegp._cuda.cg import CG_MAX_COLUMNS
 
-    if rhs.shape[1] > CG_MAX_COLUMNS:
+    if t > CG_MAX_COLUMNS:
         return None
     backend = _backend.for_tensor(rhs)
     return backend if hasattr(backend, "cg_step") else None
@@ -124,6 +131,7 @@ def block_cg(
     x0: Optional[Tensor] = None,
     record_lanczos: bool = False,
     warn: bool = True,
+    rows: bool = False,
 ) -> CGResult:
     """Solve ``A X = B`` column by column with preconditioned CG, all columns at once.
 
@@ -132,8 +140,9 @@ def block_cg(
         rhs: ``B``, shape ``(..., n, t)``.
         precond: ``r ↦ M r`` with ``M ≈ A⁻¹`` symmetric positive definite; or a tensor ``d``
             of shape ``(..., n)`` (positive) for the diagonal ``M = diag(d)``; ``None`` for none.
-        inner: ``(a, b) ↦ (..., t)`` column-wise inner products; default :func:`local_inner`.
-            Pass an all-reduced one when the ``n`` dimension is sharded across processes.
+        inner: ``(a, b) ↦ (..., t)`` column-wise inner products; default :func:`local_inner`
+            (:func:`row_inner` with ``rows``). Pass an all-reduced one when the ``n``
+            dimension is sharded across processes.
         tol: stop a column once ``‖b − A x‖ / ‖b‖ ≤ tol`` (2-norms through ``inner``).
         max_iters: at most this many iterations; a run that stops here without reaching
             ``tol`` warns (``RuntimeWarning``) with the residual reached.
@@ -143,6 +152,12 @@ def block_cg(
             estimation needs ``x0 = 0``.
         record_lanczos: keep the ``α_k, β_k`` of every iteration.
         warn: warn when ``tol`` is not reached.
+        rows: the right-hand sides are the *rows* of ``rhs`` (shape ``(..., t, n)``, each
+            vector contiguous), and ``matvec``/``precond`` take and return such blocks; a
+            diagonal ``precond`` still has shape ``(..., n)``. For operators that work on
+            rows natively (``x · (⊗F)`` in :func:`kronegp.matmul_kron`), this avoids
+            transposing the block around every product. Everything else (coefficients,
+            residuals, the solution's layout) follows ``rhs``.
 
     Returns:
         :class:`CGResult`.
@@ -150,12 +165,14 @@ def block_cg(
     _check_rhs(rhs)
     if not callable(matvec):
         raise TypeError(f"matvec must be callable v -> A v, got {type(matvec).__name__}")
+    vd = -1 if rows else -2  # the vector (n) dimension
     diag: Optional[Tensor] = None
     if isinstance(precond, Tensor):
-        if precond.shape != rhs.shape[:-1] and precond.shape != rhs.shape[-2:-1]:
+        want = rhs.shape[:-2] + rhs.shape[vd:][:1]
+        if precond.shape != want and precond.shape != want[-1:]:
             raise ValueError(
-                f"precond given as a diagonal must have shape {tuple(rhs.shape[:-1])} (rhs without its "
-                f"column dimension), got {tuple(precond.shape)}"
+                f"precond given as a diagonal must have shape {tuple(want)} (rhs without its "
+                f"{'row' if rows else 'column'} dimension), got {tuple(precond.shape)}"
             )
         if precond.dtype != rhs.dtype or precond.device != rhs.device:
             raise ValueError(
@@ -163,17 +180,20 @@ def block_cg(
                 f"got {precond.dtype} on {precond.device}"
             )
         diag = precond.contiguous()
-        precond = lambda r: diag.unsqueeze(-1) * r  # noqa: E731
+        precond = (lambda r: diag.unsqueeze(-2) * r) if rows else (lambda r: diag.unsqueeze(-1) * r)  # noqa: E731
     elif precond is not None and not callable(precond):
         raise TypeError(f"precond must be callable r -> M r, a diagonal tensor, or None, got {type(precond).__name__}")
     if tol <= 0 or not (tol == tol):
         raise ValueError(f"tol must be a positive number, got {tol}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
-    inner = local_inner if inner is None else inner
+    inner = (row_inner if rows else local_inner) if inner is None else inner
     apply_m = (lambda r: r) if precond is None else precond
 
-    fused = _fused_backend(rhs, inner, diag) if x0 is None else None
+    def per_vector(v: Tensor) -> Tensor:  # (..., t) coefficients against the block
+        return v.unsqueeze(vd)
+
+    fused = _fused_backend(rhs, inner, diag, rows) if x0 is None else None
     if fused is not None:
         x = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
         r = rhs.clone(memory_format=torch.contiguous_format)
@@ -191,15 +211,15 @@ def block_cg(
     zero_col = b_norm == 0
     safe_b_norm = torch.where(zero_col, torch.ones_like(b_norm), b_norm)
     if x0 is not None:
-        x = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(x), x)
-        r = torch.where(zero_col.unsqueeze(-2), torch.zeros_like(r), r)
+        x = torch.where(per_vector(zero_col), torch.zeros_like(x), x)
+        r = torch.where(per_vector(zero_col), torch.zeros_like(r), r)
     z = apply_m(r)
     p = z.clone(memory_format=torch.contiguous_format)  # r is updated in place below; p must not alias it
     rz = inner(r, z)
     initial_rz = rz.clone()
     res = inner(r, r).sqrt() / safe_b_norm
     active = (res > tol) & ~zero_col
-    col_iters = torch.zeros(rhs.shape[:-2] + rhs.shape[-1:], dtype=torch.long, device=rhs.device)
+    col_iters = torch.zeros(rhs.shape[:-2] + rhs.shape[-2 if rows else -1 :][:1], dtype=torch.long, device=rhs.device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     tiny = torch.finfo(rhs.dtype).tiny
@@ -209,24 +229,24 @@ def block_cg(
         ap = matvec(p)
         if fused is not None:
             ap = _as_block(ap, p)
-            pap = fused.cg_step("dot", p=p, ap=ap)[0]
+            pap = fused.cg_step("dot", p=p, ap=ap, rows=rows)[0]
             alpha = torch.where(keep, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
-            rz_new, rr = fused.cg_step("update", x=x, r=r, p=p, ap=ap, d=diag, coef=alpha.contiguous())
+            rz_new, rr = fused.cg_step("update", x=x, r=r, p=p, ap=ap, d=diag, coef=alpha.contiguous(), rows=rows)
             beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-            fused.cg_step("direction", r=r, p=p, d=diag, coef=beta.contiguous())
+            fused.cg_step("direction", r=r, p=p, d=diag, coef=beta.contiguous(), rows=rows)
         else:
             pap = inner(p, ap)
             alpha = torch.where(keep, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
             # In place: x and r are this function's own buffers; one pass each instead of a
             # temporary per product (the vectors are (N, t) grids, the solve is bandwidth-bound
             # between its Kronecker matmuls).
-            x.addcmul_(p, alpha.unsqueeze(-2))
-            r.addcmul_(ap, alpha.unsqueeze(-2), value=-1)
+            x.addcmul_(p, per_vector(alpha))
+            r.addcmul_(ap, per_vector(alpha), value=-1)
             z = apply_m(r)
             rz_new = inner(r, z)
             rr = None
             beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-            p = torch.addcmul(z, p, beta.unsqueeze(-2))
+            p = torch.addcmul(z, p, per_vector(beta))
         rz = torch.where(keep, rz_new, rz)
         col_iters = col_iters + keep.long()
         iterations += 1

@@ -36,6 +36,7 @@ class SolveWithLogdet:
         solution: ``A⁻¹ b``, shape ``(n, t)``.
         probe_solves: ``A⁻¹ z_s``, shape ``(n, S)``.
         probe_precond: ``P⁻¹ z_s`` (= ``M z_s``), shape ``(n, S)``.
+        (Transposed, ``(t, n)`` and ``(S, n)``, for a ``rows`` solve.)
         logdet: estimate of ``log det A`` (0-dim), ``precond_logdet`` included.
         cg: the underlying :class:`~kronegp.solvers.CGResult`.
     """
@@ -57,6 +58,7 @@ def solve_with_logdet(
     inner: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     tol: float = 1e-5,
     max_iters: int = 1000,
+    rows: bool = False,
 ) -> SolveWithLogdet:
     """Solve ``A X = rhs`` and estimate ``log det A`` from probes, in one block CG run.
 
@@ -69,29 +71,32 @@ def solve_with_logdet(
         precond_logdet: ``log det P`` (0-dim); required with ``precond``.
         inner: column-wise inner product ``(a, b) ↦ (t,)`` (all-reduced when sharded).
         tol, max_iters: CG stopping rule (see :func:`~kronegp.solvers.block_cg`).
+        rows: ``rhs``, ``probes`` and the results hold their vectors as rows (``(t, n)``,
+            ``(S, n)``), and ``matvec`` works on rows (see ``block_cg``'s ``rows``).
     """
     if rhs.dim() != 2 or probes.dim() != 2:
+        want = "(t, n) and (S, n)" if rows else "(n, t) and (n, S)"
+        raise ValueError(f"rhs and probes must be matrices {want}; got {tuple(rhs.shape)} and {tuple(probes.shape)}")
+    vdim, cdim = (1, 0) if rows else (0, 1)
+    if rhs.shape[vdim] != probes.shape[vdim]:
         raise ValueError(
-            f"rhs and probes must be matrices (n, t) and (n, S); got {tuple(rhs.shape)} and "
-            f"{tuple(probes.shape)}"
+            f"rhs has vectors of length {rhs.shape[vdim]} but probes of length {probes.shape[vdim]}; "
+            "both live on the same grid"
         )
-    if rhs.shape[0] != probes.shape[0]:
-        raise ValueError(
-            f"rhs has {rhs.shape[0]} rows but probes has {probes.shape[0]}; both live on the same grid"
-        )
-    if probes.shape[1] == 0:
+    if probes.shape[cdim] == 0:
         raise ValueError("probes must hold at least one column (S >= 1) to estimate log det")
     if precond is not None and precond_logdet is None:
         raise ValueError("precond_logdet (log det P) is required when a preconditioner is given")
-    t = rhs.shape[1]
+    t = rhs.shape[cdim]
     result = block_cg(
         matvec,
-        torch.cat([rhs, probes], dim=1),
+        torch.cat([rhs, probes], dim=cdim),
         precond,
         inner=inner,
         tol=tol,
         max_iters=max_iters,
         record_lanczos=True,
+        rows=rows,
     )
     logdet = slq_logdet_correction(result, columns=slice(t, None))
     if precond_logdet is not None:
@@ -99,12 +104,12 @@ def solve_with_logdet(
     if precond is None:
         probe_precond = probes
     elif isinstance(precond, Tensor):
-        probe_precond = precond.unsqueeze(-1) * probes
+        probe_precond = precond * probes if rows else precond.unsqueeze(-1) * probes
     else:
         probe_precond = precond(probes)
     return SolveWithLogdet(
-        solution=result.solution[:, :t],
-        probe_solves=result.solution[:, t:],
+        solution=result.solution[:t] if rows else result.solution[:, :t],
+        probe_solves=result.solution[t:] if rows else result.solution[:, t:],
         probe_precond=probe_precond,
         logdet=logdet,
         cg=result,
