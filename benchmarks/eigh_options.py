@@ -47,6 +47,9 @@ def main():
             f = lambda m: tuple(torch.from_numpy(x) for x in scipy.linalg.eigh(m.numpy(), driver="evd", check_finite=False))
             return list(pool.map(f, ms))
         res["host_scipy_evd_pool"] = timeit(host(sp_pool))
+        import kronegp.linalg as kl0
+        # kronegp's rule: one worker per matrix, each limited to one OpenMP thread
+        res["host_workers_1thread"] = timeit(host(kl0._host_eighs))
         def npe(ms):
             return [tuple(torch.from_numpy(x) for x in np.linalg.eigh(m.numpy())) for m in ms]
         res["host_numpy"] = timeit(host(npe))
