@@ -43,7 +43,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from kronegp.operators.kronecker_operator import KroneckerOperator
-from kronegp.solvers import block_cg
+from kronegp.solvers import block_cg, tridiagonal_bands
 
 __all__ = ["KroneckerAddedDiagOperator", "iterative_solve"]
 
@@ -66,25 +66,12 @@ def _cg_settings(num_rows: int, num_tridiag: int) -> tuple[float, int, int]:
 def _tridiagonals(alphas: Tensor, betas: Tensor, steps: Tensor, size: int) -> Tensor:
     r"""The Lanczos tridiagonals of CG columns, padded to one size, shaped as linear_operator wants.
 
-    Column ``j`` ran ``steps[j]`` iterations with coefficients ``α_k, β_k``
-    (``alphas``/``betas`` of shape ``(K, *batch, t)``)::
-
-        T[k, k] = 1/α_k + β_{k−1}/α_{k−1},   T[k, k+1] = T[k+1, k] = √β_k / α_k
-
-    Rows past a column's last iteration get ``T[k, k] = 1`` and no coupling: that block is
-    decoupled from ``e₁``, so ``e₁ᵀ f(T) e₁`` (the quadrature) is that of the column's own
-    tridiagonal. Returns ``(t, *batch, size, size)`` for ``size ≤ K`` leading iterations.
+    Column ``j`` ran ``steps[j]`` iterations with coefficients ``α_k, β_k`` (``alphas``/``betas``
+    of shape ``(K, *batch, t)``); the bands and their padding are
+    :func:`kronegp.solvers.tridiagonal_bands`'. Returns ``(t, *batch, size, size)`` for
+    ``size ≤ K`` leading iterations.
     """
-    a = alphas[:size]
-    b = betas[:size]
-    k = torch.arange(size, device=a.device).view(size, *([1] * (a.dim() - 1)))
-    valid = (k < steps.unsqueeze(0)) & (a > 0)
-    valid = valid.long().cumprod(0).bool()  # stop at the first frozen (α = 0) iteration
-    safe_a = torch.where(valid, a, torch.ones_like(a))
-    diag = torch.where(valid, 1.0 / safe_a, torch.ones_like(a))
-    prev = torch.where(valid[:-1], b[:-1] / safe_a[:-1], torch.zeros_like(a[:-1]))
-    diag = torch.cat([diag[:1], diag[1:] + torch.where(valid[1:], prev, torch.zeros_like(prev))])
-    off = torch.where(valid[1:] & valid[:-1], b[:-1].clamp_min(0).sqrt() / safe_a[:-1], torch.zeros_like(prev))
+    diag, off, _ = tridiagonal_bands(alphas[:size], betas[:size], steps)
     # (size, *batch, t) → (t, *batch, size)
     diag = diag.movedim(0, -1).movedim(-2, 0)
     off = off.movedim(0, -1).movedim(-2, 0)

@@ -2,7 +2,7 @@
 
 * :func:`block_cg`: preconditioned conjugate gradients on many right-hand sides at once,
   each column with its own step sizes, recording the coefficients Lanczos needs.
-* :func:`cg_tridiagonals`, :func:`slq_logdet_correction`: the Lanczos tridiagonal matrices
+* :func:`tridiagonal_bands`, :func:`cg_tridiagonals`, :func:`slq_logdet_correction`: the Lanczos tridiagonal matrices
   hidden in those coefficients, and the stochastic Lanczos quadrature estimate of
   ``log det`` built from them.
 * :func:`solve_with_logdet`: one call that solves ``A x = b`` and estimates
@@ -14,7 +14,7 @@ all-reduced one and nothing here assumes the whole vector is local.
 """
 
 from kronegp.solvers.cg import CGResult, block_cg, local_inner, row_inner
-from kronegp.solvers.lanczos import cg_tridiagonals, slq_logdet_correction
+from kronegp.solvers.lanczos import cg_tridiagonals, slq_logdet_correction, tridiagonal_bands
 from kronegp.solvers.logdet import SolveWithLogdet, solve_with_logdet
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "row_inner",
     "slq_logdet_correction",
     "solve_with_logdet",
+    "tridiagonal_bands",
 ]

@@ -28,11 +28,40 @@ from torch import Tensor
 
 from kronegp.solvers.cg import CGResult
 
-__all__ = ["cg_tridiagonals", "slq_logdet_correction"]
+__all__ = ["cg_tridiagonals", "slq_logdet_correction", "tridiagonal_bands"]
+
+
+def tridiagonal_bands(alphas: Tensor, betas: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The two bands of every column's Lanczos tridiagonal, from its CG coefficients::
+
+        T[k, k] = 1/α_k + β_{k−1}/α_{k−1},   T[k, k+1] = T[k+1, k] = √β_k / α_k
+
+    over the column's first ``size`` iterations: its ``steps``, cut before the first
+    ``α = 0`` (a column that reached an exact solution). Past them the bands are padded with
+    ``T[k, k] = 1`` and no coupling, a block decoupled from ``e₁``, so ``e₁ᵀ f(T) e₁`` of the
+    padded matrix is that of the column's own tridiagonal.
+
+    Args:
+        alphas, betas: ``(K, *batch, t)`` coefficients of ``K`` CG iterations.
+        steps: ``(*batch, t)`` how many iterations each column ran (``column_iterations``).
+
+    Returns:
+        ``diag`` ``(K, *batch, t)``, ``off`` ``(K − 1, *batch, t)`` and ``size`` ``(*batch, t)``.
+    """
+    k_total = alphas.shape[0]
+    k = torch.arange(k_total, device=alphas.device).view(k_total, *([1] * (alphas.dim() - 1)))
+    valid = ((k < steps.unsqueeze(0)) & (alphas > 0)).long().cumprod(0).bool()
+    safe_a = torch.where(valid, alphas, torch.ones_like(alphas))
+    diag = torch.where(valid, 1.0 / safe_a, torch.ones_like(alphas))
+    # valid is a prefix along K: valid[k] implies valid[k − 1]
+    prev = torch.where(valid[1:], betas[:-1] / safe_a[:-1], torch.zeros_like(alphas[1:]))
+    diag = torch.cat([diag[:1], diag[1:] + prev])
+    off = torch.where(valid[1:], betas[:-1].clamp_min(0).sqrt() / safe_a[:-1], torch.zeros_like(alphas[1:]))
+    return diag, off, valid.sum(0)
 
 
 def cg_tridiagonals(alphas: Tensor, betas: Tensor, steps: Tensor) -> list[Tensor]:
-    """The Lanczos tridiagonal of each column from its CG coefficients.
+    """The Lanczos tridiagonal of each column from its CG coefficients (:func:`tridiagonal_bands`).
 
     Args:
         alphas, betas: ``(K, t)`` coefficients of ``K`` CG iterations for ``t`` columns
@@ -40,26 +69,19 @@ def cg_tridiagonals(alphas: Tensor, betas: Tensor, steps: Tensor) -> list[Tensor
         steps: ``(t,)`` how many iterations each column ran (its ``column_iterations``).
 
     Returns:
-        ``t`` symmetric tridiagonal matrices, column ``j``'s of size ``steps[j]``.
+        ``t`` symmetric tridiagonal matrices, column ``j``'s of size ``steps[j]`` (fewer if
+        it reached an exact solution earlier).
     """
     if alphas.dim() != 2 or betas.shape != alphas.shape:
         raise ValueError(
             "alphas and betas must both have shape (K, t); got "
             f"{tuple(alphas.shape)} and {tuple(betas.shape)}"
         )
+    diag, off, size = tridiagonal_bands(alphas, betas, steps)
     out = []
-    for j in range(alphas.shape[1]):
-        k = int(steps[j])
-        a = alphas[:k, j]
-        b = betas[:k, j]
-        # A column that reached an exact solution has α = 0 from there on: stop before it.
-        good = int((a > 0).cumprod(0).sum())
-        a, b = a[:good], b[:good]
-        diag = 1.0 / a
-        if good > 1:
-            diag = diag + torch.cat([a.new_zeros(1), b[:-1] / a[:-1]])
-        off = b[:-1].clamp_min(0).sqrt() / a[:-1]
-        out.append(torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1))
+    for j, m in enumerate(size.tolist()):
+        o = off[: max(m - 1, 0), j]
+        out.append(torch.diag(diag[:m, j]) + torch.diag(o, 1) + torch.diag(o, -1))
     return out
 
 
@@ -97,29 +119,15 @@ def slq_logdet_correction(result: CGResult, columns: slice | list[int] | None = 
         result.initial_rz[idx].to(torch.float64).unsqueeze(0),
     ]).cpu()
     k = result.alphas.shape[0]
-    packed = packed.numpy()
-    alphas, betas = packed[:k], packed[k : 2 * k]
-    steps, weights = packed[2 * k].astype(np.int64), packed[2 * k + 1]
+    diag, off, size = tridiagonal_bands(packed[:k], packed[k : 2 * k], packed[2 * k].long())
+    diag, off, size, weights = diag.numpy(), off.numpy(), size.tolist(), packed[2 * k + 1].tolist()
     tiny = torch.finfo(dt).tiny
     total = 0.0
-    for j in range(len(cols)):
-        diag, off = _tridiagonal_bands(alphas[: steps[j], j], betas[: steps[j], j])
-        if diag.size == 0:
+    for j, m in enumerate(size):
+        if m == 0:
             continue  # a zero probe contributes nothing
         # LAPACK's tridiagonal solver (stemr) directly on the two bands: ~20 µs, where a
         # dense torch eigh per column costs ~0.3 ms of host time on the device tool.
-        theta, vecs = scipy.linalg.eigh_tridiagonal(diag, off, select="a")
+        theta, vecs = scipy.linalg.eigh_tridiagonal(diag[:m, j], off[: m - 1, j], select="a")
         total += weights[j] * float((vecs[0] ** 2 * np.log(np.maximum(theta, tiny))).sum())
     return torch.tensor(total / len(cols), dtype=dt, device=dev)
-
-
-def _tridiagonal_bands(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Diagonal and off-diagonal of the Lanczos tridiagonal from one column's CG ``α, β``
-    (the same matrix as :func:`cg_tridiagonals` builds, as its two bands)."""
-    good = int(np.cumprod(a > 0).sum())  # an exact solution leaves α = 0 from there on
-    a, b = a[:good], b[:good]
-    diag = 1.0 / a
-    if good > 1:
-        diag[1:] += b[:-1] / a[:-1]
-    off = np.sqrt(np.maximum(b[:-1], 0.0)) / a[:-1]
-    return diag, off
