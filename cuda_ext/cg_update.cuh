@@ -38,11 +38,38 @@ struct CgArgs {
 #define KRONEGP_CG_UPDATE 1
 #define KRONEGP_CG_DIRECTION 2
 
+// How many column sums a step writes.
+template <int MODE>
+__device__ constexpr int cg_nsum() {
+    return MODE == KRONEGP_CG_UPDATE ? 2 : (MODE == KRONEGP_CG_DOT ? 1 : 0);
+}
+
+// One element e of a step (both layouts): de is its preconditioner entry (1 without one),
+// coef its column's alpha or beta; s0, s1 the thread's running column sums.
+template <int MODE, class T>
+__device__ __forceinline__ void cg_element(T* __restrict__ x, T* __restrict__ r, T* __restrict__ p,
+                                           const T* __restrict__ ap, i64 e, T de, T coef,
+                                           double& s0, double& s1) {
+    if constexpr (MODE == KRONEGP_CG_DOT) {
+        s0 += (double)p[e] * (double)ap[e];
+    } else if constexpr (MODE == KRONEGP_CG_UPDATE) {
+        const T pe = p[e], ape = ap[e];
+        x[e] = x[e] + coef * pe;
+        const T re = r[e] - coef * ape;
+        r[e] = re;
+        s0 += (double)re * (double)(de * re);
+        s1 += (double)re * (double)re;
+    } else {
+        const T ze = de * r[e];
+        p[e] = ze + coef * p[e];
+    }
+}
+
 template <class Spec>
 __device__ __forceinline__ void kron_cg_rows(const CgArgs& a) {
     typedef typename Spec::T T;
     constexpr int MODE = Spec::MODE, NT = 256;
-    constexpr int NSUM = MODE == KRONEGP_CG_UPDATE ? 2 : (MODE == KRONEGP_CG_DOT ? 1 : 0);
+    constexpr int NSUM = cg_nsum<MODE>();
     const i64 n = a.n;
     const int c = blockIdx.y;
     const i64 base = (i64)c * n;
@@ -55,21 +82,8 @@ __device__ __forceinline__ void kron_cg_rows(const CgArgs& a) {
     if constexpr (MODE != KRONEGP_CG_DOT) coef = reinterpret_cast<const T*>(a.coef)[c];
     double s0 = 0.0, s1 = 0.0;
     const i64 stride = (i64)gridDim.x * NT;
-    for (i64 i = (i64)blockIdx.x * NT + threadIdx.x; i < n; i += stride) {
-        const T di = d ? d[i] : T(1);
-        if constexpr (MODE == KRONEGP_CG_DOT) {
-            s0 += (double)p[i] * (double)ap[i];
-        } else if constexpr (MODE == KRONEGP_CG_UPDATE) {
-            const T pi = p[i], api = ap[i], ri0 = r[i], xi = x[i];
-            x[i] = xi + coef * pi;
-            const T ri = ri0 - coef * api;
-            r[i] = ri;
-            s0 += (double)ri * (double)(di * ri);
-            s1 += (double)ri * (double)ri;
-        } else {
-            p[i] = di * r[i] + coef * p[i];
-        }
-    }
+    for (i64 i = (i64)blockIdx.x * NT + threadIdx.x; i < n; i += stride)
+        cg_element<MODE>(x, r, p, ap, i, d ? d[i] : T(1), coef, s0, s1);
     if constexpr (NSUM > 0) {
         // warp shuffles, then one value per warp through shared memory
         __shared__ double sh[NSUM][NT / 32];
@@ -101,7 +115,7 @@ template <class Spec>
 __device__ __forceinline__ void kron_cg(const CgArgs& a) {
     typedef typename Spec::T T;
     constexpr int MODE = Spec::MODE, NT_MAX = 1024;
-    constexpr int NSUM = MODE == KRONEGP_CG_UPDATE ? 2 : (MODE == KRONEGP_CG_DOT ? 1 : 0);
+    constexpr int NSUM = cg_nsum<MODE>();
     const i64 t = a.t;
     const i64 total = a.n * t;
     const int c = threadIdx.x % (int)t;
@@ -117,23 +131,8 @@ __device__ __forceinline__ void kron_cg(const CgArgs& a) {
     T coef = T(0);
     if constexpr (MODE != KRONEGP_CG_DOT) coef = reinterpret_cast<const T*>(a.coef)[c];
     double s0 = 0.0, s1 = 0.0;
-    for (; e < total; e += stride, row += row_stride) {
-        if constexpr (MODE == KRONEGP_CG_DOT) {
-            s0 += (double)p[e] * (double)ap[e];
-        } else if constexpr (MODE == KRONEGP_CG_UPDATE) {
-            const T pe = p[e], ape = ap[e];
-            x[e] = x[e] + coef * pe;
-            const T re = r[e] - coef * ape;
-            r[e] = re;
-            const T ze = d ? d[row] * re : re;
-            s0 += (double)re * (double)ze;
-            s1 += (double)re * (double)re;
-        } else {
-            const T re = r[e];
-            const T ze = d ? d[row] * re : re;
-            p[e] = ze + coef * p[e];
-        }
-    }
+    for (; e < total; e += stride, row += row_stride)
+        cg_element<MODE>(x, r, p, ap, e, d ? d[row] : T(1), coef, s0, s1);
     if constexpr (NSUM > 0) {
         __shared__ double sh[NSUM][NT_MAX];
         sh[0][threadIdx.x] = s0;

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kronegp._cuda.launch import DeviceKernels, _check, _drv
+from kronegp._cuda.compiler import kernel_name
+from kronegp._cuda.launch import DeviceKernels, launch_struct
 
 __all__ = ["CgSpec", "CgArgs", "CG_MAX_COLUMNS", "cg_launch"]
 
@@ -65,16 +66,6 @@ extern "C" __global__ void __launch_bounds__({256 if self.rows else 1024}) {name
 """
 
 
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    n = _SMS.get(device)
-    if n is None:
-        n = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n
-
-
 def _threads(t: int) -> int:
     """Threads per block: a multiple of ``t`` (so each thread keeps one column), ~256."""
     return t * max(1, 256 // t)
@@ -102,15 +93,15 @@ def cg_launch(
     t, n = p.shape if rows else p.shape[::-1]
     spec = CgSpec(p.element_size(), mode, rows)
     fn = dev.function(spec)
-    sms = _sm_count(p.device)
+    sms = dev.sm_count
     if rows:
         nt = 256
         blocks = max(1, min(-(-n // nt), -(-16 * sms // t)))
-        grid = (blocks, t)
+        grid = (blocks, t, 1)
     else:
         nt = _threads(t)
         blocks = max(1, min(-(-(n * t) // nt), 16 * sms))
-        grid = (blocks, 1)
+        grid = (blocks, 1, 1)
     nsum = _NSUM[mode]
     part = torch.empty((blocks, nsum, t), dtype=torch.float64, device=p.device) if nsum else None
     args = CgArgs()
@@ -122,13 +113,8 @@ def cg_launch(
     args.coef = coef.data_ptr() if coef is not None else 0
     args.part = part.data_ptr() if part is not None else 0
     args.n, args.t = n, t
-    params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-    driver = _drv()
-    stream = torch.cuda.current_stream(p.device).cuda_stream
     with dev.current():
-        err = driver.cuLaunchKernel(fn, grid[0], grid[1], 1, nt, 1, 1, 0, stream, ctypes.addressof(params), 0)
-        if err[0] != driver.CUresult.CUDA_SUCCESS:
-            _check(err, "cuLaunchKernel(cg)")
+        launch_struct(fn, grid, nt, args, torch.cuda.current_stream(p.device).cuda_stream, kernel_name(spec))
     if part is None:
         return None
     return part.sum(0).to(p.dtype)

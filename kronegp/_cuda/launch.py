@@ -113,6 +113,10 @@ class DeviceKernels:
         )
         # Plans keep two blocks per SM where the chip allows it (~228 KB per SM on sm_80/90).
         self.smem_budget = min(100 * 1024, self.smem_optin)
+        self.sm_count = _check(
+            driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.device),
+            "cuDeviceGetAttribute",
+        )
         self._functions: dict = {}
         self.programs: dict = {}  # call signature -> _Program (run_row_product)
 
@@ -397,10 +401,19 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
                     _check(err, f"cuLaunchKernel({kernel_name(launch.spec)})")
 
 
+def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, what: str) -> None:
+    """``cuLaunchKernel`` of a kernel whose one parameter is the struct ``args`` (no dynamic
+    shared memory); the caller has the device's context current (``DeviceKernels.current``)."""
+    driver = _drv()
+    params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+    err = driver.cuLaunchKernel(fn, *grid, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
+    if err[0] != driver.CUresult.CUDA_SUCCESS:
+        _check(err, f"cuLaunchKernel({what})")
+
+
 def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor, n: int, batch: int) -> None:
     """``batch`` contiguous ``(n, D)`` ↔ ``(D, n)`` transposes (``spec.to_wide`` says which way)
     from ``src`` into ``dst`` on the current stream (``cuda_ext/kron_transpose.cuh``)."""
-    driver = _drv()
     fn = dev.function(spec)
     itemsize = src.element_size()
     per = n * spec.D
@@ -416,7 +429,4 @@ def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor
             args.x, args.y = x0 + z0 * per * itemsize, y0 + z0 * per * itemsize
             args.xb = args.yb = per
             args.M, args.S = n, 1
-            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-            err = driver.cuLaunchKernel(fn, gx, gy, nz, spec.NT, 1, 1, 0, stream, ctypes.addressof(params), 0)
-            if err[0] != driver.CUresult.CUDA_SUCCESS:
-                _check(err, f"cuLaunchKernel({kernel_name(spec)})")
+            launch_struct(fn, (gx, gy, nz), spec.NT, args, stream, kernel_name(spec))
