@@ -208,19 +208,20 @@ class CGLMLPieces:
     extra: dict = field(default_factory=dict)
 
 
-def _missing_matvec(cov: FullGridCovariance, missing: Tensor, inner_tol: float) -> Callable[[Tensor], Tensor]:
-    """``v ↦ [X v_M]_M`` embedded in the grid, for ``v`` that is zero on observed cells.
+def _missing_matvec(
+    cov: FullGridCovariance, missing: Tensor, inner_tol: float, rows: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """``v ↦ [X v_M]_M`` embedded in the grid, for ``v`` that is zero on observed cells
+    (columns ``(N, t)``, or rows ``(t, N)`` through :meth:`FullGridCovariance.solve_rows`).
 
     CG keeps that invariant exactly (its right-hand sides, the Jacobi preconditioner and
     this product are all zero there), so neither the input nor the identity block on the
     observed cells needs a pass of its own.
     """
+    if rows:
+        return lambda v: missing * cov.solve_rows(v, tol=inner_tol)
     mis = missing.unsqueeze(-1)
-
-    def matvec(v: Tensor) -> Tensor:
-        return mis * cov.solve(v, tol=inner_tol)
-
-    return matvec
+    return lambda v: mis * cov.solve(v, tol=inner_tol)
 
 
 def _inner_tol(tol: float, dtype: torch.dtype) -> float:
@@ -373,7 +374,6 @@ def cg_lml_pieces(
             if probes_g is None:
                 raise ValueError("probes_g is required when cells are missing")
             missing = 1 - obs_f
-            mis = missing.unsqueeze(-1)
             # Jacobi scaling of G: its diagonal diag(X)_M is exact when C is Kronecker (and
             # diag(P⁻¹)_M otherwise). It centres G's log-spectrum on 0, which is what makes
             # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
@@ -384,18 +384,21 @@ def cg_lml_pieces(
                 s = zg.shape[0]
                 xr_and_z = cov.solve_rows(torch.cat([r.unsqueeze(0), missing * zg / g_diag], dim=0), tol=tight)
                 rhs_g = torch.cat([missing * xr_and_z[:1], zg], dim=0)
-
-                def g_matvec(v: Tensor) -> Tensor:  # v ↦ [X v_M]_M on rows (see _missing_matvec)
-                    return missing * cov.solve_rows(v, tol=tight)
-
                 res = block_cg(
-                    g_matvec, rhs_g, 1.0 / g_diag, tol=tol, max_iters=max_iters, record_lanczos=True, rows=True
+                    _missing_matvec(cov, missing, tight, rows=True),
+                    rhs_g,
+                    1.0 / g_diag,
+                    tol=tol,
+                    max_iters=max_iters,
+                    record_lanczos=True,
+                    rows=True,
                 )
                 g = res.solution
                 back = cov.solve_rows(torch.cat([r.unsqueeze(0) - missing * g[:1], missing * g[1:]], dim=0), tol=tight)
                 alpha = obs_f * back[0]
                 left_g, right_g = back[1:].mT, xr_and_z[1:].mT
             else:
+                mis = missing.unsqueeze(-1)
                 zg = mis * g_diag.sqrt().unsqueeze(-1) * probes_g  # z ~ N(0, diag(G)) on M
                 s = zg.shape[1]
                 xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), mis * zg / g_diag.unsqueeze(-1)], dim=-1), tol=tight)

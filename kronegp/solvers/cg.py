@@ -168,7 +168,7 @@ def block_cg(
     vd = -1 if rows else -2  # the vector (n) dimension
     diag: Optional[Tensor] = None
     if isinstance(precond, Tensor):
-        want = rhs.shape[:-2] + rhs.shape[vd:][:1]
+        want = rhs.shape[:-2] + (rhs.shape[vd],)
         if precond.shape != want and precond.shape != want[-1:]:
             raise ValueError(
                 f"precond given as a diagonal must have shape {tuple(want)} (rhs without its "
@@ -219,7 +219,7 @@ def block_cg(
     initial_rz = rz.clone()
     res = inner(r, r).sqrt() / safe_b_norm
     active = (res > tol) & ~zero_col
-    col_iters = torch.zeros(rhs.shape[:-2] + rhs.shape[-2 if rows else -1 :][:1], dtype=torch.long, device=rhs.device)
+    col_iters = torch.zeros(b_norm.shape, dtype=torch.long, device=rhs.device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     tiny = torch.finfo(rhs.dtype).tiny
