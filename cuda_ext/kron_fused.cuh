@@ -69,6 +69,21 @@ __device__ __forceinline__ int fused_pos(int m_l, int j) {
     }
 }
 
+// Output (per-row row r, column q) of factor f's step lands at out_base(m_l, r) + q·out_step:
+// the next layout's rows of P[f-1] divide the R rows of this step, so a column is a fixed stride.
+template <class Spec, int f>
+struct StepOut {
+    typedef FusedGeom<Spec> G;
+    static constexpr int R = G::rows(f);
+    static constexpr int PN = (f > 0) ? Spec::P[f > 0 ? f - 1 : 0] : 1;
+    static_assert(R % PN == 0, "a step's rows must hold whole rows of the next layout");
+    static constexpr int step() { if constexpr (f > 0) return (R / PN) * G::ld(f - 1); else return R; }
+    static __device__ __forceinline__ int base(int m_l, int r) {
+        if constexpr (f > 0) return (m_l * G::rows(f - 1) + r / PN) * G::ld(f - 1) + r % PN;
+        else return m_l * (G::TS * G::QG) + r;
+    }
+};
+
 template <class Spec, int f>
 __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ in,
                                            typename Spec::T* __restrict__ out,
@@ -86,12 +101,14 @@ __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ 
     constexpr int NT = Spec::NT;
     constexpr int RR = cmax(1, cmin(4, cdiv(U * NQG, NT)));
     constexpr int NUG = cdiv(U, RR);
+    constexpr bool ALL_U = (U % RR == 0);    // every (ug, i) is a real row: no clamp, no check
+    constexpr bool ALL_Q = (QS == Q);         // no padding columns to skip
     for (int w = threadIdx.x; w < NUG * NQG; w += NT) {
         const int ug = w % NUG;
         const int q0 = (w / NUG) * RQ;
         int base[RR];
 #pragma unroll
-        for (int i = 0; i < RR; ++i) base[i] = cmin(ug + i * NUG, U - 1) * LD;  // clamp: read, discard
+        for (int i = 0; i < RR; ++i) base[i] = (ALL_U ? ug + i * NUG : cmin(ug + i * NUG, U - 1)) * LD;  // clamp: read, discard
         T acc[RR][RQ];
 #pragma unroll
         for (int i = 0; i < RR; ++i)
@@ -107,27 +124,24 @@ __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ 
 #pragma unroll
             for (int v = 0; v < RQ / VEC; ++v) {
                 V t = fv[v];
-                if constexpr (VEC == 4) {
-                    fr[4 * v] = t.x; fr[4 * v + 1] = t.y; fr[4 * v + 2] = t.z; fr[4 * v + 3] = t.w;
-                } else {
-                    fr[2 * v] = t.x; fr[2 * v + 1] = t.y;
-                }
+                const T* tv = reinterpret_cast<const T*>(&t);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) fr[VEC * v + e] = tv[e];
             }
 #pragma unroll
             for (int i = 0; i < RR; ++i)
 #pragma unroll
                 for (int j = 0; j < RQ; ++j) acc[i][j] = fma(a[i], fr[j], acc[i][j]);
         }
+        typedef StepOut<Spec, f> O;
 #pragma unroll
         for (int i = 0; i < RR; ++i) {
             const int u = ug + i * NUG;
-            if (u < U) {
-                const int m_l = u / R, r = u % R;
+            if (ALL_U || u < U) {
+                T* o = out + O::base(u / R, u % R) + q0 * O::step();
 #pragma unroll
-                for (int j = 0; j < RQ; ++j) {
-                    const int q = q0 + j;
-                    if (q < Q) out[fused_pos<Spec, f - 1>(m_l, q * R + r)] = acc[i][j];
-                }
+                for (int j = 0; j < RQ; ++j)
+                    if (ALL_Q || q0 + j < Q) o[j * O::step()] = acc[i][j];
             }
         }
     }
@@ -246,11 +260,12 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                 const i64 s = s0 + s_l;
                 if (m < a.M && s < a.S) {
                     V v;
-                    T* vs = reinterpret_cast<T*>(&v);
+                    if constexpr (Spec::OUT_COL) {
+                        T* vs = reinterpret_cast<T*>(&v);
 #pragma unroll
-                    for (int c = 0; c < VEC; ++c) {
-                        if constexpr (Spec::OUT_COL) vs[c] = res[(m_l + c) * (TS * QG) + j];
-                        else vs[c] = res[m_l * (TS * QG) + j + c];
+                        for (int c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * (TS * QG) + j];
+                    } else {
+                        v = *reinterpret_cast<const V*>(res + m_l * (TS * QG) + j);  // TS % VEC == 0
                     }
                     *reinterpret_cast<V*>(yp + m * a.ym + (qg * a.S + s) * a.yk) = v;
                 }

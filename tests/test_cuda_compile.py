@@ -128,6 +128,30 @@ def test_plan_covers_every_factor_once():
             assert steps[-1].k_out == math.prod(q for _, q in shapes)
 
 
+def test_fused_tiles_move_whole_sectors_and_stay_small():
+    # Every fused tile spans at least one 32-byte sector of output where the shape allows (the
+    # tile search must not stop at its element target first: (1024, 32^3) once got 16-byte runs),
+    # and the default tiles leave room for 4 blocks of the fused kernel per SM (~40 KB each).
+    for itemsize in (4, 8):
+        run = 32 // itemsize
+        for sizes, m, passes in (([8] * 6, 1024, 2), ([16] * 4, 1024, 2), ([32] * 3, 1024, 2), ([16] * 6, 16, 3),
+                                 ([3, 12, 5], 7, 1)):
+            for col in (False, True):
+                steps = plan_tiles([(p, p) for p in sizes], m, itemsize, col, col)
+                # as few passes as the shared memory allows: a group whose tile reaches the
+                # element target before it is sector-wide must still be fused
+                assert len(steps) == passes, (sizes, itemsize, col, steps)
+                for st in steps:
+                    if st.spec.kind != "fused":
+                        continue
+                    wide = st.spec.TM if col else st.spec.TS
+                    assert wide >= min(run, m if col else st.s), (sizes, itemsize, col, st.spec)
+                    if max(sizes) <= 16:
+                        assert st.spec.smem_bytes <= 76 * 1024, st.spec
+                        if not col:
+                            assert st.spec.smem_bytes <= 40 * 1024, st.spec
+
+
 def test_cost_model_picks_the_regime():
     # CPU-only: the path choice is pure planning. Memory-bound runs of small factors stay on the
     # fused kernel (fewer passes), compute-bound large factors go to cuBLAS, and a kron_matmul
@@ -143,6 +167,12 @@ def test_cost_model_picks_the_regime():
             assert path([16] * 5, 320, itemsize, col) == "fused"
             assert path([64] * 3, 1024, itemsize, col) == "axis_gemm"
             assert path([128] * 2, 1024, itemsize, col) == "axis_gemm"
+    # host-bound GP shapes (RESULTS.md round 3): a 72-wide factor with two small ones stays on our
+    # kernels (three cuBLAS calls cost ~3× the host time); 64^3 goes to cuBLAS (our GEMM is slower)
+    for itemsize in (4, 8):
+        for col in (False, True):
+            assert path([24, 24, 72], 11, itemsize, col) == "fused"
+        assert path([64] * 3, 11, itemsize, False) == "axis_gemm"
     assert path([256] * 3, 11, 4, True) == "axis_gemm_t"
     assert path([256] * 3, 11, 4, False) == "axis_gemm"
     # operands the cuBLAS path cannot take (batched factors, strided x, TF32) stay fused

@@ -312,7 +312,7 @@ def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_ele
             score = (run_ok, min(elems, target_elems), -elems)
             if best is None or score > best[0]:
                 best = (score, spec)
-            if elems >= target_elems:
+            if elems >= target_elems and run_ok:  # past the target, but never short of a sector
                 break
     return None if best is None else best[1]
 
@@ -324,6 +324,7 @@ def plan_tiles(
     in_col: bool,
     out_col: bool,
     smem_budget: int = 100 * 1024,
+    target_elems: int | None = None,
 ) -> list[Step]:
     """Plan ``x·(G_1 ⊗ … ⊗ G_N)`` for factor shapes ``shapes[i] = (P_i, Q_i)`` and ``m`` rows.
 
@@ -333,14 +334,18 @@ def plan_tiles(
     * runs of small factors are fused greedily from the right, as many as fit a tile of at least
       one 32-byte sector of consecutive output (``TS`` slices in row layout, ``TM`` rows in
       column layout) within ``smem_budget`` bytes of shared memory; the tile then grows towards
-      ~8K elements per buffer (fewer blocks, each factor load amortised over more data).
+      ``target_elems`` elements per buffer: 4096 (float64 in row layout: 2048), which keeps
+      ~38 KB of shared memory per block and 4 blocks per SM (8192 gave 3 and ran 5–25% slower on
+      the multi-pass cases, NOTES.md "fused tile size").
 
     ``in_col``/``out_col`` say that the rows of x / y are their contiguous axis (``(⊗F)·x``
     with ``x`` of shape ``(K, T)``); the intermediates follow the output's layout.
     """
     n = len(shapes)
     k_total = math.prod(p for p, _ in shapes)
-    target = 8192 if itemsize == 4 else 4096
+    if target_elems is None:
+        target_elems = 4096 if itemsize == 4 or in_col or out_col else 2048
+    target = target_elems
     steps: list[Step] = []
     dims = [p for p, _ in shapes]  # current size of each factor's axis (P before, Q after)
     i = n - 1
@@ -396,7 +401,8 @@ def _runs_ok(spec: FusedSpec, m: int, s: int, itemsize: int) -> bool:
 class Rates:
     """What each way of computing achieves (H100 SXM, measured with benchmarks/kron_matmul.py).
 
-    Only ratios between these decide a plan, except ``launch_s`` against whole-plan times;
+    Only ratios between these decide a plan, except the per-launch host costs against
+    whole-plan times;
     on another GPU the choice stays sensible as long as its copy/GEMM balance is similar.
     """
 
@@ -405,10 +411,16 @@ class Rates:
     gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
     fused_bw_efficiency: float = 0.55  # the fused kernel per pass (NOTES.md: ~1.5 of 2.9 TB/s)
     fused_flops_per_s: tuple = ((4, 12e12), (8, 5.5e12))  # FFMA/DFMA with index overhead
-    own_gemm_flops_per_s: tuple = ((4, 10e12), (8, 7e12))  # cuda_ext/kron_gemm.cuh (14/10.5 on large M)
+    # cuda_ext/kron_gemm.cuh: ~5-6 TFLOP/s on the GP 64^3, T = 11 plan (14/10.5 on large M, where
+    # cuBLAS wins anyway); a higher figure sent GP 64^3 to this path, 12-35% slower than cuBLAS
+    own_gemm_flops_per_s: tuple = ((4, 6e12), (8, 5e12))
     transpose_bw_efficiency: float = 0.28  # torch's copy of (K, 11) to (11, K): ~0.8 TB/s measured
     own_transpose_bw_efficiency: float = 0.75  # cuda_ext/kron_transpose.cuh (D ≤ 32): ~2.2 TB/s measured
-    launch_s: float = 25e-6  # per launch: host issue (Python, ~25 µs on the H100 host) plus device start
+    # Host time per launch (benchmarks/kron_matmul.py --profile-host, H100 host): our kernels go
+    # through a cached launch program (~70-115 µs for a 2-3 launch call, most of it fixed per
+    # call); a cuBLAS GEMM through torch costs ~40-60 µs each (a 3-factor call: 117-186 µs).
+    launch_s: float = 12e-6  # one of our kernels (fused, GEMM, transpose)
+    gemm_call_s: float = 45e-6  # one torch/cuBLAS GEMM of the axis path
 
     def get(self, table: tuple, itemsize: int) -> float:
         return dict(table)[itemsize]
@@ -486,7 +498,7 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             # a batch of (O × I)·(I × C): a short C (the T = 11 columns of a GP solve) costs more
             # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate, 128³ at ~0.2)
             eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / 128.0) ** 0.7
-        total += max(nbytes / bw, flops / (rate * eff)) + rates.launch_s
+        total += max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
         dims[ax] = o
     return total
 
