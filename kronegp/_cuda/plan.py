@@ -336,16 +336,14 @@ def plan_tiles(
       column layout) within ``smem_budget`` bytes of shared memory; the tile then grows towards
       ``target_elems`` elements per buffer: 4096 (float64 in row layout: 2048), which keeps
       ~38 KB of shared memory per block and 4 blocks per SM (8192 gave 3 and ran 5–25% slower on
-      the multi-pass cases, NOTES.md "fused tile size").
+      the multi-pass cases: NOTES.md, "Fused kernel, round 3").
 
     ``in_col``/``out_col`` say that the rows of x / y are their contiguous axis (``(⊗F)·x``
     with ``x`` of shape ``(K, T)``); the intermediates follow the output's layout.
     """
     n = len(shapes)
     k_total = math.prod(p for p, _ in shapes)
-    if target_elems is None:
-        target_elems = 4096 if itemsize == 4 or in_col or out_col else 2048
-    target = target_elems
+    target = target_elems or (4096 if itemsize == 4 or in_col or out_col else 2048)
     steps: list[Step] = []
     dims = [p for p, _ in shapes]  # current size of each factor's axis (P before, Q after)
     i = n - 1
