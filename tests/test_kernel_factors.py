@@ -8,7 +8,7 @@ import torch
 
 import kronegp.models._params as params
 from kronegp import GridGP
-from kronegp.models._stationary import stationary_factor
+from kronegp.models._stationary import stationary_factor, stationary_factors
 
 KERNELS = [
     ("matern0.5", lambda: gpytorch.kernels.MaternKernel(nu=0.5)),
@@ -52,6 +52,28 @@ def test_matches_gpytorch_forward(name, make, n, lengthscale, dtype, tol, device
     assert torch.allclose(g_fast.double(), g_ref, rtol=max(tol, 1e-9) * 10, atol=1e-12 * float(w.abs().sum()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_factors_of_one_kind_and_size_computed_together(device):
+    # Three Matérn 5/2 axes of one size (one group), one RBF of that size and one Matérn of
+    # another size: each factor and each lengthscale gradient as when computed alone.
+    n = 9
+    kerns = [gpytorch.kernels.MaternKernel(nu=2.5) for _ in range(3)] + [gpytorch.kernels.RBFKernel(),
+                                                                        gpytorch.kernels.MaternKernel(nu=2.5)]
+    axes = [_axis(n, torch.float64, device, seed=i) for i in range(4)] + [_axis(5, torch.float64, device, seed=9)]
+    for kern, ls in zip(kerns, (0.4, 1.3, 3.0, 0.9, 2.2)):
+        kern.double().to(device).lengthscale = ls
+    together = stationary_factors(kerns, axes)
+    w = [torch.randn(a.shape[0], a.shape[0], generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(device)
+         for i, a in enumerate(axes)]
+    g_together = torch.autograd.grad(sum((k * wi).sum() for k, wi in zip(together, w)), [k.raw_lengthscale for k in kerns])
+    for i, (kern, axis) in enumerate(zip(kerns, axes)):
+        alone = stationary_factor(kern, axis)
+        assert torch.allclose(together[i], alone, rtol=1e-14, atol=0)
+        (g_alone,) = torch.autograd.grad((alone * w[i]).sum(), kern.raw_lengthscale)
+        assert torch.allclose(g_together[i], g_alone, rtol=1e-12), i
+    assert len({float(g) for g in g_together}) == len(kerns)  # distinct lengthscales, distinct gradients
+
+
 def test_declines_other_kernels():
     x = _axis(5, torch.float64, "cpu", 0)
 
@@ -72,16 +94,23 @@ def test_declines_other_kernels():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("missing", [False, True])
-def test_gridgp_same_through_either_path(missing, device, monkeypatch):
+@pytest.mark.parametrize("same_kind", [False, True])
+def test_gridgp_same_through_either_path(missing, same_kind, device, monkeypatch):
     """GridGP's likelihood and every parameter gradient are the same whether the factors
-    come from the fused path or from the kernels' forward."""
+    come from the fused path or from the kernels' forward (``same_kind``: a cube with one
+    Matérn kernel per axis, the factors computed as one group)."""
     g = torch.Generator().manual_seed(3)
-    shape = (6, 7, 5)
+    shape = (6, 6, 6) if same_kind else (6, 7, 5)
     y = torch.randn(*shape, generator=g, dtype=torch.float64)
     if missing:
         y[torch.rand(*shape, generator=g) < 0.2] = float("nan")
     axes = [_axis(n, torch.float64, "cpu", seed=i) for i, n in enumerate(shape)]
-    kernels = [gpytorch.kernels.MaternKernel(nu=2.5), gpytorch.kernels.RBFKernel(), gpytorch.kernels.MaternKernel(nu=1.5)]
+    if same_kind:
+        kernels = [gpytorch.kernels.MaternKernel(nu=2.5) for _ in shape]
+        for kern, ls in zip(kernels, (0.5, 1.5, 4.0)):
+            kern.lengthscale = ls
+    else:
+        kernels = [gpytorch.kernels.MaternKernel(nu=2.5), gpytorch.kernels.RBFKernel(), gpytorch.kernels.MaternKernel(nu=1.5)]
 
     def lml_and_grads():
         torch.manual_seed(0)
@@ -92,7 +121,7 @@ def test_gridgp_same_through_either_path(missing, device, monkeypatch):
         return lml.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fast_lml, fast_grads = lml_and_grads()
-    monkeypatch.setattr(params, "stationary_factor", lambda kern, axis: None)
+    monkeypatch.setattr(params, "stationary_factors", lambda kerns, axes: [None] * len(kerns))
     ref_lml, ref_grads = lml_and_grads()
     assert torch.allclose(fast_lml, ref_lml, rtol=1e-10)
     assert fast_grads.keys() == ref_grads.keys() and len(ref_grads) >= 5

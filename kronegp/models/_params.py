@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from kronegp.models._stationary import stationary_factor
+from kronegp.models._stationary import stationary_factors
 
 
 class GridHyperparameters:
@@ -42,14 +42,15 @@ class GridHyperparameters:
         """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it).
 
         Plain Matérn and RBF kernels with one lengthscale are computed in one fused step
-        from the exact axis distances (:func:`kronegp.models._stationary.stationary_factor`).
+        from the exact axis distances, all axes of one kind and size together
+        (:func:`kronegp.models._stationary.stationary_factors`).
         Any other kernel without ``active_dims`` is evaluated through its ``forward`` on the
         ``(n_k, 1)`` axis: what ``Kernel.__call__`` ends up computing there, without the
         lazy kernel tensor and its checks (~0.2 ms of host time per factor on a GPU).
         """
         out = []
-        for kern, ax in zip(self.kernels, self.axes):
-            fast = stationary_factor(kern, ax)
+        axes = self.axes
+        for kern, ax, fast in zip(self.kernels, axes, stationary_factors(self.kernels, axes)):
             if fast is not None:  # exactly symmetric already
                 out.append(fast)
                 continue

@@ -9,7 +9,7 @@ polynomial; forward and backward are ~30 small kernels per factor, host-bound on
 On a 1-D axis the distance matrix ``d_ij = |x_i − x_j|`` is exact and symmetric, and the
 kernel is a function of ``r = c · d / ℓ`` alone, so :func:`stationary_factor` computes it
 in a few element-wise kernels with a closed-form derivative in ``ℓ`` (``∂K/∂ℓ =
-−(r/ℓ) ∂K/∂r``):
+−(r/ℓ) ∂K/∂r``), for all axes of one kind and size at once (:func:`stationary_factors`):
 
 ========  ==========================  ==============================
 kernel    ``K(r)``                    ``−r ∂K/∂r``
@@ -28,13 +28,13 @@ other kernel goes through its ``forward`` (:meth:`GridHyperparameters._factors`)
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import gpytorch
 import torch
 from torch import Tensor
 
-__all__ = ["stationary_factor"]
+__all__ = ["stationary_factor", "stationary_factors"]
 
 _MATERN_SCALE = {0.5: 1.0, 1.5: math.sqrt(3.0), 2.5: math.sqrt(5.0)}
 
@@ -54,20 +54,23 @@ def _profile(kind: str, r: Tensor) -> tuple[Tensor, Tensor]:
     return torch.addcmul(1.0 + r, r, r, value=1.0 / 3.0) * e, (r * r) * (1.0 + r) * e / 3.0
 
 
-class _StationaryFactor(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, dist: Tensor, lengthscale: Tensor, kind: str, scale: float) -> Tensor:
-        r = dist * (scale / lengthscale.reshape(()))
-        k, minus_r_dk = _profile(kind, r)
-        ctx.save_for_backward(minus_r_dk, lengthscale)
-        return k
+class _StationaryFactors(torch.autograd.Function):
+    """``g`` factors of one kernel kind and size from stacked distances ``(g, n, n)`` and
+    lengthscales ``(g,)``: one set of element-wise kernels for all of them."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def forward(ctx, dist: Tensor, lengthscale: Tensor, kind: str, scale: float):
+        r = dist * (scale / lengthscale).reshape(-1, 1, 1)
+        k, minus_r_dk = _profile(kind, r)
+        ctx.save_for_backward(minus_r_dk, lengthscale)
+        return tuple(k.unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
         minus_r_dk, lengthscale = ctx.saved_tensors
         # ∂K/∂ℓ = −(r/ℓ) ∂K/∂r
-        g = (grad * minus_r_dk).sum() / lengthscale.reshape(())
-        return None, g.reshape(lengthscale.shape), None, None
+        g = (torch.stack(grads) * minus_r_dk).sum(dim=(-2, -1)) / lengthscale
+        return None, g, None, None
 
 
 def _kind(kern) -> Optional[tuple[str, float]]:
@@ -82,21 +85,36 @@ def _kind(kern) -> Optional[tuple[str, float]]:
     return None
 
 
-def stationary_factor(kern, axis: Tensor) -> Optional[Tensor]:
-    """``k(axis, axis)`` (``n × n``, exactly symmetric, differentiable in the lengthscale)
-    for a plain ``MaternKernel`` (ν = ½, 3⁄2, 5⁄2) or ``RBFKernel`` with one lengthscale;
-    ``None`` for any other kernel.
+def stationary_factors(kernels: Sequence, axes: Sequence[Tensor]) -> list[Optional[Tensor]]:
+    """``k_i(axis_i, axis_i)`` (``n_i × n_i``, exactly symmetric, differentiable in the
+    lengthscales) for each plain ``MaternKernel`` (ν = ½, 3⁄2, 5⁄2) or ``RBFKernel`` with one
+    lengthscale; ``None`` at the positions of any other kernel.
+
+    Factors of the same kind and size (the common case: one Matérn kernel per axis of a cube)
+    are computed together, one set of element-wise kernels for the group (host time: each
+    small kernel launch costs ~10-30 µs on a GPU host, more than its work).
 
     Args:
-        kern: a GPyTorch kernel.
-        axis: the grid axis, shape ``(n,)``.
+        kernels: GPyTorch kernels, one per axis.
+        axes: the grid axes, shapes ``(n_i,)``.
     """
-    kind = _kind(kern)
-    if kind is None:
-        return None
-    lengthscale = kern.lengthscale
-    if lengthscale.numel() != 1:
-        return None
-    with torch.no_grad():
-        dist = (axis.unsqueeze(-1) - axis.unsqueeze(-2)).abs()
-    return _StationaryFactor.apply(dist, lengthscale, *kind)
+    out: list[Optional[Tensor]] = [None] * len(kernels)
+    groups: dict = {}
+    for i, (kern, axis) in enumerate(zip(kernels, axes)):
+        kind = _kind(kern)
+        if kind is None or kern.raw_lengthscale.numel() != 1:
+            continue
+        groups.setdefault((kind, axis.shape[0], axis.dtype, axis.device), []).append(i)
+    for (kind, _, _, _), members in groups.items():
+        with torch.no_grad():
+            ax = torch.stack([axes[i] for i in members])
+            dist = (ax.unsqueeze(-1) - ax.unsqueeze(-2)).abs()
+        lengthscale = torch.cat([kernels[i].lengthscale.reshape(1) for i in members])
+        for i, k in zip(members, _StationaryFactors.apply(dist, lengthscale, *kind)):
+            out[i] = k
+    return out
+
+
+def stationary_factor(kern, axis: Tensor) -> Optional[Tensor]:
+    """:func:`stationary_factors` for one kernel and axis."""
+    return stationary_factors([kern], [axis])[0]
