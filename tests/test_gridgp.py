@@ -143,8 +143,8 @@ def random_points(model, n, seed=0):
 
 @pytest.mark.parametrize(
     "shape",
-    [(7, 12, 3), (61,), (12, 5), (3, 4, 2, 5)],
-    ids=["7x12x3", "61", "12x5", "3x4x2x5"],
+    [(7, 12, 3), (61,), (12, 5), (3, 4, 2, 5), (6, 5, 6), (5, 5, 5)],
+    ids=["7x12x3", "61", "12x5", "3x4x2x5", "6x5x6", "5x5x5"],  # equal sizes: batched factor gradients
 )
 def test_exact_path_matches_dense_float64(shape):
     values, axes = smooth_field(shape, torch.float64)

@@ -70,33 +70,41 @@ class _ExactKronLML(torch.autograd.Function):
         if needs[2]:
             qform = (lam_unit * alpha_t * alpha_t).sum() if alpha_t is not None else 0.0
             d_scale = grad * 0.5 * (qform - (w * lam_unit).sum())
-        for i in range(len(eig.vecs)):
-            if needs[3 + i]:
-                inner = _eigen_factor_gradient(eig, i, alpha_t, w)
-                d_factors[i] = grad * 0.5 * outputscale * (eig.vecs[i] @ inner @ eig.vecs[i].mT)
+        wanted = [i for i in range(len(eig.vecs)) if needs[3 + i]]
+        for i, d_k in _eigen_factor_gradients(eig, wanted, alpha_t, w).items():
+            d_factors[i] = grad * 0.5 * outputscale * d_k
         return (d_resid, d_noise, d_scale, *d_factors)
 
 
-def _eigen_factor_gradient(eig: KronEigen, i: int, alpha_t: Optional[Tensor], w: Tensor) -> Tensor:
-    """``M_i − diag(v_i)`` with ``∂_{K_i}[αᵀ(⊗K)α] − tr-term = Q_i (M_i − diag(v_i)) Q_iᵀ``.
+def _eigen_factor_gradients(eig: KronEigen, axes: list[int], alpha_t: Optional[Tensor], w: Tensor) -> dict[int, Tensor]:
+    """``Q_i (M_i − diag(v_i)) Q_iᵀ = ∂_{K_i}[αᵀ(⊗K)α] − tr-term`` for each axis ``i`` in ``axes``.
 
-    In eigen-coordinates ``α̃ = Qᵀα`` (grid-shaped ``(a, p, b)`` around axis ``i``) and with
-    ``L[a, b] = Π_{k≠i} λ_k`` (``Q_kᵀQ_k = I`` for the other axes)::
+    In eigen-coordinates ``α̃ = Qᵀα`` with axis ``i`` moved first (``X_i``, ``n_i × N/n_i``; ``W_i``
+    likewise for ``w``) and ``L_i = ⊗_{k≠i} λ_k`` over the other axes in order
+    (``Q_kᵀQ_k = I`` for them)::
 
-        M_i[p, q] = Σ_{a,b} α̃[a, p, b] α̃[a, q, b] L[a, b]      v_i[p] = Σ_{a,b} w[a, p, b] L[a, b]
+        M_i = (X_i · diag(L_i)) X_iᵀ      v_i = W_i L_i
 
-    a few small operations per factor instead of Kronecker matmuls of ``α``.
+    one weighted Gram product per factor instead of Kronecker matmuls of ``α``; axes of equal
+    size (a cube) go through one batched product (each small kernel costs more host time than
+    GPU time).
     """
     sizes = eig.sizes
-    n_i = sizes[i]
-    pre, post = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
-    lead = kron_vector(eig.vals[:i]) if i > 0 else w.new_ones(1)
-    trail = kron_vector(eig.vals[i + 1 :]) if i + 1 < len(sizes) else w.new_ones(1)
-    weight = lead.reshape(pre, 1, 1) * trail.reshape(1, 1, post)
-    out = -torch.diag_embed((w.reshape(pre, n_i, post) * weight).sum(dim=(0, 2)))
-    if alpha_t is not None:
-        a = alpha_t.reshape(pre, n_i, post)
-        out = out + torch.einsum("apb,aqb->pq", a * weight, a)
+    out: dict[int, Tensor] = {}
+    by_size: dict[int, list[int]] = {}
+    for i in axes:
+        by_size.setdefault(sizes[i], []).append(i)
+    for n, members in by_size.items():
+        weight = torch.stack([kron_vector(eig.vals[:i] + eig.vals[i + 1 :]) if len(sizes) > 1 else w.new_ones(1)
+                              for i in members]).unsqueeze(1)  # (g, 1, N/n)
+        wm = torch.stack([w.reshape(sizes).movedim(i, 0).reshape(n, -1) for i in members])
+        inner = -torch.diag_embed((wm * weight).sum(-1))
+        if alpha_t is not None:
+            xm = torch.stack([alpha_t.reshape(sizes).movedim(i, 0).reshape(n, -1) for i in members])
+            inner = torch.baddbmm(inner, xm * weight, xm.mT)
+        q = torch.stack([eig.vecs[i] for i in members])
+        for i, d_k in zip(members, torch.bmm(torch.bmm(q, inner), q.mT).unbind(0)):
+            out[i] = d_k
     return out
 
 
