@@ -286,6 +286,18 @@ def test_non_default_stream_and_device_index():
         assert rel_err(out2, ref2) <= 1e-5
 
 
+@pytest.mark.cuda
+def test_launches_go_to_torchs_current_stream():
+    # the raw stream handle the launcher reads is torch's current stream, default or not
+    from kronegp._cuda.launch import current_stream_handle
+
+    dev = torch.device("cuda", 0)
+    assert current_stream_handle(dev) == torch.cuda.current_stream(dev).cuda_stream
+    side = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(side):
+        assert current_stream_handle(dev) == side.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+
+
 BIG_CASES = [
     # more than 2^31 elements of x: 64-bit indexing, K = 2^28
     Case("matmul_kron", "float32", ((16, 16),) * 7, 9),

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kronegp._cuda.compiler import kernel_name
-from kronegp._cuda.launch import DeviceKernels, launch_struct
+from kronegp._cuda.launch import DeviceKernels, current_stream_handle, launch_struct
 
 __all__ = ["CgSpec", "CgArgs", "CG_MAX_COLUMNS", "cg_launch"]
 
@@ -114,7 +114,7 @@ def cg_launch(
     args.part = part.data_ptr() if part is not None else 0
     args.n, args.t = n, t
     with dev.current():
-        launch_struct(fn, grid, nt, args, torch.cuda.current_stream(p.device).cuda_stream, kernel_name(spec))
+        launch_struct(fn, grid, nt, args, current_stream_handle(p.device), kernel_name(spec))
     if part is None:
         return None
     return part.sum(0).to(p.dtype)

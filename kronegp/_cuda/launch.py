@@ -85,6 +85,36 @@ def _c_launch():
     return _C_LAUNCH or None
 
 
+_C_CTX_GET = None
+
+
+def _c_ctx_get_current():
+    """``cuCtxGetCurrent`` of the process's libcuda through ctypes (None if unavailable): the
+    context check runs once per call, and the cuda-bindings wrapper costs several µs of it."""
+    global _C_CTX_GET
+    if _C_CTX_GET is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent
+        except (OSError, AttributeError):
+            _C_CTX_GET = False
+        else:
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            _C_CTX_GET = fn
+    return _C_CTX_GET or None
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """torch's current stream on ``device`` as a raw ``CUstream`` handle: what
+    ``torch.cuda.current_stream(device).cuda_stream`` returns, without building the Stream
+    object (torch's own raw accessor, the one Triton uses, where this torch has it)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 def _check(result, what: str):
     """Unpack a cuda.bindings result tuple, raising on any error code."""
     driver = _drv()
@@ -154,8 +184,16 @@ class _CtxGuard:
 
     def __enter__(self):
         driver = _drv()
-        cur = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if int(cur) != int(self.ctx):
+        get = _c_ctx_get_current()
+        if get is not None:
+            cur = ctypes.c_void_p()
+            code = get(ctypes.byref(cur))
+            if code != 0:
+                _check((driver.CUresult(code),), "cuCtxGetCurrent")
+            same = (cur.value or 0) == int(self.ctx)
+        else:
+            same = int(_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) == int(self.ctx)
+        if not same:
             _check(driver.cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
             self.pushed = True
         return self
@@ -374,7 +412,7 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
     tmps = [torch.empty(prog.tmp_elems, dtype=like.dtype, device=device) for _ in range(prog.n_tmps)]
     if tmps:
         ptrs = ptrs + [t.data_ptr() for t in tmps]
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = current_stream_handle(device)
     c_launch = _c_launch()
     with dev.current():
         for launch in prog.launches:
@@ -420,7 +458,7 @@ def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor
     gx, gy = spec.grid(n)
     if gx > _MAX_GRID_X:
         raise ValueError(f"kronegp: transpose too large for one launch ({gx} blocks)")
-    stream = torch.cuda.current_stream(src.device).cuda_stream
+    stream = current_stream_handle(src.device)
     x0, y0 = src.data_ptr(), dst.data_ptr()
     with dev.current():
         for z0 in range(0, batch, _MAX_GRID_Z):

@@ -494,8 +494,10 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             eff = _gemm_shape_efficiency(o, c, i)
         else:
             # a batch of (O × I)·(I × C): a short C (the T = 11 columns of a GP solve) costs more
-            # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate, 128³ at ~0.2)
-            eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / 128.0) ** 0.7
+            # than the square-root rule says (H100: 256³ with C = 11 ran at 0.24 of the GEMM rate, 128³
+            # at ~0.2), measured against the tile cuBLAS picks, which is no wider than O (64³ with
+            # C = 11 ran at ~0.3 of the rate: a 128-wide reference sent it to a slower path)
+            eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / min(128.0, max(o, 16))) ** 0.7
         total += max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
         dims[ax] = o
     return total
