@@ -263,6 +263,51 @@ def solve_observed(
     return out, res.iterations
 
 
+class _Layout:
+    """How :func:`cg_lml_pieces` holds its blocks of vectors: as rows ``(t, N)`` when the whole
+    grid is local (:attr:`FullGridCovariance.rows`: Kronecker products of rows need no transpose
+    of the block), else as columns ``(N, t)`` (a sharded grid, whose ``inner`` all-reduces).
+    Every step of the estimator is written once against these few operations."""
+
+    def __init__(self, cov: FullGridCovariance, inner: Inner):
+        self.cov, self.rows = cov, cov.rows
+        self.inner = row_inner if self.rows else inner
+        #: block CG / ``solve_with_logdet`` arguments that select the layout
+        self.cg = {"rows": True} if self.rows else {"inner": inner}
+        self.eig_matvec = cov.eig_matvec_rows if self.rows else cov.eig_matvec
+        self.to_eig = cov.eig.to_eigbasis_rows if self.rows else cov.eig.to_eigbasis
+        self.from_eig = cov.eig.from_eigbasis_rows if self.rows else cov.eig.from_eigbasis
+
+    def d(self, vec: Tensor) -> Tensor:
+        """A grid vector ready to scale every vector of a block (a diagonal)."""
+        return vec if self.rows else vec.unsqueeze(-1)
+
+    def block(self, vec: Tensor) -> Tensor:
+        """One grid vector as a block of one."""
+        return vec.unsqueeze(0) if self.rows else vec.unsqueeze(-1)
+
+    def from_columns(self, cols: Tensor) -> Tensor:
+        """``(N, t)`` columns (probes) in this layout."""
+        return cols.mT.contiguous() if self.rows else cols
+
+    def columns(self, blk: Tensor) -> Tensor:
+        """The block as ``(N, t)`` columns (what :class:`CGLMLPieces` holds)."""
+        return blk.mT if self.rows else blk
+
+    def cat(self, blocks: list[Tensor]) -> Tensor:
+        return torch.cat(blocks, dim=0 if self.rows else -1)
+
+    def take(self, blk: Tensor, which):
+        """Vectors ``which`` (an index or a slice) of a block."""
+        return blk[which] if self.rows else blk[:, which]
+
+    def count(self, blk: Tensor) -> int:
+        return blk.shape[0 if self.rows else 1]
+
+    def solve(self, blk: Tensor, tol: float) -> Tensor:
+        return self.cov.solve_rows(blk, tol=tol) if self.rows else self.cov.solve(blk, tol=tol)
+
+
 def cg_lml_pieces(
     cov: FullGridCovariance,
     resid: Tensor,
@@ -295,6 +340,7 @@ def cg_lml_pieces(
     if not cov.precondition:
         raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
     dt = resid.dtype
+    lay = _Layout(cov, inner)
     with torch.no_grad():
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
         r = obs_f * resid
@@ -313,43 +359,27 @@ def cg_lml_pieces(
             s = probes_c.shape[1]
             # CG in eigen-coordinates (see FullGridCovariance.solve): z = Q z̃ ~ N(0, P)
             # with z̃ = (λ + σ̄²)^{½} ξ needs no Kronecker matmul, and the solutions come
-            # back to the grid in one matmul at the end. With cov.rows every block holds
-            # its vectors as rows (no transposes around the Kronecker matmuls).
-            if cov.rows:
-                zt = cov.p_diag.sqrt() * probes_c.mT.contiguous()  # (S, N)
-                out = solve_with_logdet(
-                    cov.eig_matvec_rows,
-                    cov.eig.to_eigbasis_rows(r.unsqueeze(0)),
-                    zt,
-                    precond=cov.p_inv,
-                    precond_logdet=cov.precond_logdet(),
-                    tol=tol,
-                    max_iters=max_iters,
-                    rows=True,
-                )
-                vt = out.probe_precond  # rows of Qᵀv, v = P⁻¹z
-                back = cov.eig.from_eigbasis_rows(torch.cat([out.solution, out.probe_solves, vt], dim=0))
-                v_rows = back[1 + s :]
-                lam = cov.lam
-                per_probe = row_inner(vt, lam * vt) + row_inner(v_rows, cov.fill_noise * v_rows) - row_inner(zt, vt)
-                back = back.mT
-            else:
-                zt = cov.p_diag.sqrt().unsqueeze(-1) * probes_c
-                out = solve_with_logdet(
-                    cov.eig_matvec,
-                    cov.eig.to_eigbasis(r.unsqueeze(-1)),
-                    zt,
-                    precond=cov.p_inv,
-                    precond_logdet=cov.precond_logdet(),
-                    inner=inner,
-                    tol=tol,
-                    max_iters=max_iters,
-                )
-                vt = out.probe_precond  # Qᵀv, v = P⁻¹z
-                back = cov.eig.from_eigbasis(torch.cat([out.solution, out.probe_solves, vt], dim=-1))
-                lam = cov.lam.unsqueeze(-1)
-                v_cols = back[:, 1 + s :]
-                per_probe = inner(vt, lam * vt) + inner(v_cols, cov.fill_noise.unsqueeze(-1) * v_cols) - inner(zt, vt)
+            # back to the grid in one matmul at the end.
+            zt = lay.d(cov.p_diag.sqrt()) * lay.from_columns(probes_c)
+            out = solve_with_logdet(
+                lay.eig_matvec,
+                lay.to_eig(lay.block(r)),
+                zt,
+                precond=cov.p_inv,
+                precond_logdet=cov.precond_logdet(),
+                tol=tol,
+                max_iters=max_iters,
+                **lay.cg,
+            )
+            vt = out.probe_precond  # Qᵀv, v = P⁻¹z
+            back = lay.from_eig(lay.cat([out.solution, out.probe_solves, vt]))
+            v_grid = lay.take(back, slice(1 + s, None))
+            per_probe = (
+                lay.inner(vt, lay.d(cov.lam) * vt)
+                + lay.inner(v_grid, lay.d(cov.fill_noise) * v_grid)
+                - lay.inner(zt, vt)
+            )
+            back = lay.columns(back)
             x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
             # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
             # is exact (diag P⁻¹ is a Kronecker product), and each probe's z̃ᵀ E z̃ =
@@ -379,46 +409,26 @@ def cg_lml_pieces(
             # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
             g_diag = torch.where(missing > 0, cov.eig.diag_of(1.0 / cov.p_diag), torch.ones_like(missing))
             tight = _inner_tol(tol, dt)
-            if cov.rows:  # every block as rows (t, N): no transposes around the Kronecker matmuls
-                zg = missing * g_diag.sqrt() * probes_g.mT.contiguous()  # z ~ N(0, diag(G)) on M
-                s = zg.shape[0]
-                xr_and_z = cov.solve_rows(torch.cat([r.unsqueeze(0), missing * zg / g_diag], dim=0), tol=tight)
-                rhs_g = torch.cat([missing * xr_and_z[:1], zg], dim=0)
-                res = block_cg(
-                    _missing_matvec(cov, missing, tight, rows=True),
-                    rhs_g,
-                    1.0 / g_diag,
-                    tol=tol,
-                    max_iters=max_iters,
-                    record_lanczos=True,
-                    rows=True,
-                )
-                g = res.solution
-                back = cov.solve_rows(torch.cat([r.unsqueeze(0) - missing * g[:1], missing * g[1:]], dim=0), tol=tight)
-                alpha = obs_f * back[0]
-                left_g, right_g = back[1:].mT, xr_and_z[1:].mT
-            else:
-                mis = missing.unsqueeze(-1)
-                zg = mis * g_diag.sqrt().unsqueeze(-1) * probes_g  # z ~ N(0, diag(G)) on M
-                s = zg.shape[1]
-                xr_and_z = cov.solve(torch.cat([r.unsqueeze(-1), mis * zg / g_diag.unsqueeze(-1)], dim=-1), tol=tight)
-                rhs_g = torch.cat([mis * xr_and_z[:, :1], zg], dim=-1)
-                res = block_cg(
-                    _missing_matvec(cov, missing, tight),
-                    rhs_g,
-                    1.0 / g_diag,
-                    inner=inner,
-                    tol=tol,
-                    max_iters=max_iters,
-                    record_lanczos=True,
-                )
-                g = res.solution
-                back = cov.solve(
-                    torch.cat([r.unsqueeze(-1) - mis * g[:, :1], mis * g[:, 1:]], dim=-1),
-                    tol=tight,
-                )
-                alpha = obs_f * back[:, 0]
-                left_g, right_g = back[:, 1:], xr_and_z[:, 1:]
+            zg = lay.d(missing * g_diag.sqrt()) * lay.from_columns(probes_g)  # z ~ N(0, diag(G)) on M
+            s = lay.count(zg)
+            xr_and_z = lay.solve(lay.cat([lay.block(r), lay.d(missing) * zg / lay.d(g_diag)]), tight)
+            rhs_g = lay.cat([lay.d(missing) * lay.take(xr_and_z, slice(0, 1)), zg])
+            res = block_cg(
+                _missing_matvec(cov, missing, tight, rows=lay.rows),
+                rhs_g,
+                1.0 / g_diag,
+                tol=tol,
+                max_iters=max_iters,
+                record_lanczos=True,
+                **lay.cg,
+            )
+            g = res.solution
+            back = lay.solve(
+                lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))]),
+                tight,
+            )
+            alpha = obs_f * lay.take(back, 0)
+            left_g, right_g = lay.columns(lay.take(back, slice(1, None))), lay.columns(lay.take(xr_and_z, slice(1, None)))
             iterations, residual = res.iterations, float(res.residual.max())
             log_gdiag = _total(inner, missing * torch.log(g_diag))
             logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None))
