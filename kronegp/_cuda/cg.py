@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kronegp._cuda.compiler import kernel_name
 from kronegp._cuda.launch import DeviceKernels, current_stream_handle, launch_struct
 
 __all__ = ["CgSpec", "CgArgs", "CG_MAX_COLUMNS", "cg_launch"]
@@ -114,7 +113,7 @@ def cg_launch(
     args.part = part.data_ptr() if part is not None else 0
     args.n, args.t = n, t
     with dev.current():
-        launch_struct(fn, grid, nt, args, current_stream_handle(p.device), kernel_name(spec))
+        launch_struct(fn, grid, nt, args, current_stream_handle(p.device), spec)
     if part is None:
         return None
     return part.sum(0).to(p.dtype)

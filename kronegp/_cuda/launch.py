@@ -413,7 +413,6 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
     if tmps:
         ptrs = ptrs + [t.data_ptr() for t in tmps]
     stream = current_stream_handle(device)
-    c_launch = _c_launch()
     with dev.current():
         for launch in prog.launches:
             args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
@@ -424,29 +423,28 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
                     args.x = ptrs[t] + off
                 else:
                     args.y = ptrs[t] + off
-            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-            gx, gy, gz = launch.grid
-            if c_launch is not None:
-                code = c_launch(launch.fn_ptr, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream, ctypes.addressof(params), None)
-                if code != 0:
-                    driver = _drv()
-                    _check((driver.CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
-            else:
-                driver = _drv()
-                err = driver.cuLaunchKernel(launch.fn, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream,
-                                            ctypes.addressof(params), 0)
-                if err[0] != driver.CUresult.CUDA_SUCCESS:
-                    _check(err, f"cuLaunchKernel({kernel_name(launch.spec)})")
+            launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec,
+                          smem=launch.smem, fn_ptr=launch.fn_ptr)
 
 
-def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, what: str) -> None:
-    """``cuLaunchKernel`` of a kernel whose one parameter is the struct ``args`` (no dynamic
-    shared memory); the caller has the device's context current (``DeviceKernels.current``)."""
-    driver = _drv()
+def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, spec,
+                  *, smem: int = 0, fn_ptr: int = 0) -> None:
+    """``cuLaunchKernel`` of a kernel whose one parameter is the struct ``args``, with ``smem``
+    bytes of dynamic shared memory; the caller has the device's context current
+    (``DeviceKernels.current``). Through libcuda by ctypes where it loads (``fn_ptr``: the
+    CUfunction's address, if the caller keeps it), else through cuda-bindings; ``spec`` names
+    the kernel in an error."""
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
-    err = driver.cuLaunchKernel(fn, *grid, threads, 1, 1, 0, stream, ctypes.addressof(params), 0)
+    c_launch = _c_launch()
+    if c_launch is not None:
+        code = c_launch(fn_ptr or int(fn), *grid, threads, 1, 1, smem, stream, ctypes.addressof(params), None)
+        if code != 0:
+            _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(spec)})")
+        return
+    driver = _drv()
+    err = driver.cuLaunchKernel(fn, *grid, threads, 1, 1, smem, stream, ctypes.addressof(params), 0)
     if err[0] != driver.CUresult.CUDA_SUCCESS:
-        _check(err, f"cuLaunchKernel({what})")
+        _check(err, f"cuLaunchKernel({kernel_name(spec)})")
 
 
 def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor, n: int, batch: int) -> None:
@@ -467,4 +465,4 @@ def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor
             args.x, args.y = x0 + z0 * per * itemsize, y0 + z0 * per * itemsize
             args.xb = args.yb = per
             args.M, args.S = n, 1
-            launch_struct(fn, (gx, gy, nz), spec.NT, args, stream, kernel_name(spec))
+            launch_struct(fn, (gx, gy, nz), spec.NT, args, stream, spec)
