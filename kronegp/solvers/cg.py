@@ -110,6 +110,11 @@ def _fused_backend(rhs: Tensor, inner: Optional[Inner], diag: Optional[Tensor], 
     return backend if hasattr(backend, "cg_step") else None
 
 
+def _diagonal_precond(d: Tensor, rows: bool) -> Callable[[Tensor], Tensor]:
+    """``r ↦ diag(d) r`` on blocks of columns ``(..., n, t)``, or of rows ``(..., t, n)``."""
+    return (lambda r: d.unsqueeze(-2) * r) if rows else (lambda r: d.unsqueeze(-1) * r)
+
+
 def _as_block(ap: Tensor, p: Tensor) -> Tensor:
     if ap.shape != p.shape or ap.dtype != p.dtype or ap.device != p.device:
         raise ValueError(
@@ -180,7 +185,7 @@ def block_cg(
                 f"got {precond.dtype} on {precond.device}"
             )
         diag = precond.contiguous()
-        precond = (lambda r: diag.unsqueeze(-2) * r) if rows else (lambda r: diag.unsqueeze(-1) * r)  # noqa: E731
+        precond = _diagonal_precond(diag, rows)
     elif precond is not None and not callable(precond):
         raise TypeError(f"precond must be callable r -> M r, a diagonal tensor, or None, got {type(precond).__name__}")
     if tol <= 0 or not (tol == tol):

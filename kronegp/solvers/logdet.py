@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kronegp.solvers.cg import CGResult, block_cg
+from kronegp.solvers.cg import CGResult, _diagonal_precond, block_cg
 from kronegp.solvers.lanczos import slq_logdet_correction
 
 __all__ = ["SolveWithLogdet", "solve_with_logdet"]
@@ -104,7 +104,7 @@ def solve_with_logdet(
     if precond is None:
         probe_precond = probes
     elif isinstance(precond, Tensor):
-        probe_precond = precond * probes if rows else precond.unsqueeze(-1) * probes
+        probe_precond = _diagonal_precond(precond, rows)(probes)
     else:
         probe_precond = precond(probes)
     return SolveWithLogdet(
