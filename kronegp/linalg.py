@@ -188,7 +188,6 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         else:
             device_side.append(i)
     with torch.no_grad():
-        host_results: dict[int, tuple[Tensor, Tensor]] = {}
         if host:
             # One device→host transfer for all of them (a single synchronisation).
             flat = torch.cat([mats[i].detach().reshape(-1).to(torch.float64) for i in host])
@@ -198,11 +197,9 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 n = mats[i].shape[0]
                 pieces.append(flat[offset : offset + n * n].view(n, n))
                 offset += n * n
-            host_results.update(zip(host, _host_eighs(pieces)))
-        if host_results:
             # One host→device transfer per device back.
             by_device: dict = {}
-            for i, (lam, q) in sorted(host_results.items()):
+            for i, (lam, q) in zip(host, _host_eighs(pieces)):
                 by_device.setdefault(mats[i].device, []).append((i, lam, q))
             for dev, items in by_device.items():
                 packed = torch.cat([torch.cat([lam, q.reshape(-1)]) for _, lam, q in items])
