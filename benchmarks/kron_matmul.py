@@ -3,7 +3,8 @@
 For every case of the DESIGN.md list, both dtypes and both sides:
 
 * ours: ``kronegp.kron_matmul(F, x)`` with x ``(K, T)`` and ``kronegp.matmul_kron(x, F)`` with
-  x ``(M, K)`` (the public ops, so dispatch overhead is included);
+  x ``(M, K)`` (the public ops, so dispatch overhead is included); the cost model picks each
+  call's path, or with ``--autotune`` the path timed fastest on the case's first call;
 * linear_operator: ``KroneckerProductLinearOperator(F)._matmul(x)`` and ``x @ op`` (rmatmul);
 * torch loop: ``kronegp.reference`` (one batched GEMM per factor).
 
@@ -124,6 +125,10 @@ def run(args) -> dict:
         flush=True,
     )
     print(f"# backend: {kronegp.backend_info().get('cuda_reason')}", flush=True)
+    if args.autotune:
+        # "ours" runs with the path of each signature tuned in this run (timed on its first call)
+        _cuda_backend().autotune, _cuda_backend().autotune_persist = True, False
+        print("# autotune: on (paths timed in this run, not saved)", flush=True)
     rows = []
     cases = CASES[: args.limit] if args.limit else CASES
     for dtname in args.dtypes:
@@ -210,7 +215,8 @@ def run(args) -> dict:
                     "speedup_vs_loop": t_loop / t_ours,
                     "rel_err": err,
                     "nan": nan,
-                    "path": choice.path,
+                    "path": backend.path_taken(side, x0, f0),
+                    "model_path": choice.path,
                     "plan_launches": len(choice.steps) if choice.path == "fused" else len(sizes),
                     "predicted_fused_ms": choice.predicted_fused_s * 1e3,
                     "predicted_axis_ms": choice.predicted_axis_s * 1e3,
@@ -222,7 +228,7 @@ def run(args) -> dict:
                     f"{name:24s} {dtname:8s} {side:11s} ours {t_ours:9.4f} ms  floor {floor_s * 1e3:8.4f}  "
                     f"x{row['time_over_floor']:5.2f}  LO {t_lo:9.3f} (x{row['lo_over_floor']:5.1f})  "
                     f"vsLO {row['speedup_vs_lo']:5.2f}  vsloop {row['speedup_vs_loop']:5.2f}  err {err:.1e}  "
-                    f"{choice.path} host {host_us:.0f}us pred f/a {row['predicted_fused_ms']:.3f}/"
+                    f"{row['path']} host {host_us:.0f}us pred f/a {row['predicted_fused_ms']:.3f}/"
                     f"{row['predicted_axis_ms']:.3f} " + " ".join(f"{k} {v['ms']:.3f}" for k, v in by_path.items()),
                     flush=True,
                 )
@@ -307,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
     ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm", "axis_gemm_t"],
                     help="also time ours with each path pinned (cost-model calibration)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="run ours with autotuning on (each signature's path timed once, in this run)")
     ap.add_argument("--profile-host", action="store_true",
                     help="only measure host µs per call of the small GP cases and cProfile them")
     args = ap.parse_args(argv)

@@ -10,7 +10,7 @@ The foundation is two products that never form the Kronecker matrix:
 
 import importlib
 
-from kronegp._backend import backend_info
+from kronegp._backend import backend_info, set_autotune
 from kronegp.ops import kron_matmul, matmul_kron
 
 __version__ = "0.1.0"
@@ -35,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'kronegp' has no attribute {name!r}")
 
 
-__all__ = ["backend_info", "kron_matmul", "matmul_kron", "__version__", *_LAZY]
+__all__ = ["backend_info", "set_autotune", "kron_matmul", "matmul_kron", "__version__", *_LAZY]

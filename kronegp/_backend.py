@@ -17,7 +17,7 @@ import torch
 
 from kronegp import reference
 
-__all__ = ["backend_info", "for_tensor"]
+__all__ = ["backend_info", "for_tensor", "set_autotune"]
 
 _cuda_state: dict[str, Any] = {}
 
@@ -58,6 +58,24 @@ def for_tensor(x: torch.Tensor):
     return backend
 
 
+def set_autotune(enabled: bool = True) -> None:
+    """Choose the path of each CUDA call signature by timing its candidates once.
+
+    By default a cost model picks, per call, between the fused kernels and one cuBLAS GEMM per
+    factor (and, for ``kron_matmul`` with few columns, the transposed form). With autotuning on,
+    the first call of each signature (side, factor shapes, rows, dtype, layout) runs every
+    candidate a few times on its own operands, synchronising the device, and keeps the fastest;
+    the choices are saved per GPU model in the kernel cache folder (``$KRONEGP_CACHE_DIR`` or
+    ``~/.cache/kronegp``) and reused by later processes. Also switched on by ``KRONEGP_AUTOTUNE=1``.
+    CPU tensors, and CUDA tensors without the kernel backend, are not affected.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune: enabled must be a bool, got {type(enabled).__name__}")
+    backend, _ = _load_cuda()
+    if backend is not None:
+        backend.autotune = enabled
+
+
 def backend_info() -> dict[str, Any]:
     """Which path runs Kronecker products on each device type, and why.
 
@@ -72,5 +90,7 @@ def backend_info() -> dict[str, Any]:
     backend, reason = _load_cuda()
     info["cuda"] = "kernel" if backend is not None else "reference"
     info["cuda_reason"] = reason
+    if backend is not None:
+        info["autotune"] = backend.autotune
     info["gpu"] = torch.cuda.get_device_name()
     return info

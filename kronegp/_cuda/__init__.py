@@ -36,6 +36,7 @@ from kronegp._cuda.launch import (
 )
 from kronegp._cuda.axis_gemm import axis_gemm_allowed, axis_products
 from kronegp._cuda.plan import TRANSPOSE_MAX_D, PathChoice, TransposeSpec, choose_path, plan_tiles
+from kronegp._cuda.tune import PathTuner, time_candidates, tune_key
 
 __all__ = ["load", "CudaBackend", "plan_tiles"]
 
@@ -70,10 +71,16 @@ def _batch_strides(t: Tensor, batch: torch.Size) -> tuple[int, ...]:
 class CudaBackend:
     """``kron_matmul`` / ``matmul_kron`` on CUDA tensors through the fused kernels."""
 
-    def __init__(self, force_path: str | None = None):
+    def __init__(self, force_path: str | None = None, autotune: bool | None = None):
         self._devices: dict[int, DeviceKernels] = {}
         self._fast: dict = {}  # unbatched call signature -> (device, cached launch program)
+        self._tuners: dict[str, PathTuner] = {}  # GPU model -> tuned path choices
         self.force_path = force_path or os.environ.get("KRONEGP_CUDA_PATH", "auto") or "auto"
+        if autotune is None:
+            autotune = os.environ.get("KRONEGP_AUTOTUNE", "") not in ("", "0")
+        self.autotune = bool(autotune)
+        #: save tuned choices in the kernel cache folder (tests switch this off)
+        self.autotune_persist = True
 
     @property
     def force_path(self) -> str:
@@ -86,10 +93,8 @@ class CudaBackend:
             raise ValueError(f"force_path must be one of {_PATHS}, got {value!r}")
         self._force_path = value
 
-    def choice(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> PathChoice:
-        """The plan a call ``side`` (``"matmul_kron"``/``"kron_matmul"``) with these operands gets."""
-        batch = _batch_shape(x, factors)
-        nb = math.prod(batch)
+    def _signature(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> tuple:
+        nb = math.prod(_batch_shape(x, factors))
         if side == "matmul_kron":
             shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
             m = x.shape[-2]
@@ -98,8 +103,55 @@ class CudaBackend:
             shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
             m = x.shape[-1]
             in_col, out_col = m > 1 and x.stride(-1) == 1 and x.stride(-2) != 1, m > 1
-        return _choice(shapes, m * nb, x.element_size(), in_col, out_col,
-                       axis_gemm_allowed(x, factors), self._force_path)
+        return shapes, m * nb, in_col, out_col, axis_gemm_allowed(x, factors)
+
+    def choice(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> PathChoice:
+        """The cost model's plan for a call ``side`` (``"matmul_kron"``/``"kron_matmul"``) with
+        these operands (``force_path`` applied)."""
+        shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors)
+        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path)
+
+    def path_taken(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> str:
+        """The path such a call runs now: the tuned one where autotuning has timed this
+        signature, else the cost model's (nothing is timed here)."""
+        shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors)
+        if self.autotune and self._force_path == "auto":
+            hit = self.tuner(x.device).lookup(tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok))
+            if hit is not None:
+                return hit
+        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path).path
+
+    def tuner(self, device: torch.device) -> PathTuner:
+        """The tuned path choices for the GPU model of ``device``."""
+        name = torch.cuda.get_device_name(device)
+        tuner = self._tuners.get(name)
+        if tuner is None:
+            from kronegp._cuda.compiler import _sources_hash
+
+            file = PathTuner.file_for(cache_dir(), name) if self.autotune_persist else None
+            stamp = {"sources": _sources_hash(), "torch": torch.__version__, "gpu": name}
+            tuner = self._tuners[name] = PathTuner(file, stamp)
+        return tuner
+
+    def _path(self, side: str, x: Tensor, shapes: tuple, m: int, in_col: bool, out_col: bool, axis_ok: bool, run) -> str:
+        """The path of one call: pinned (``force_path``), tuned (``autotune``), or the cost model's.
+
+        ``run(path)`` performs the call by ``path``; autotuning times it on the first call of a
+        signature (:mod:`kronegp._cuda.tune`)."""
+        choice = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path)
+        if not self.autotune or self._force_path != "auto":
+            return choice.path
+        times = {"fused": choice.predicted_fused_s, "axis_gemm": choice.predicted_axis_s,
+                 "axis_gemm_t": choice.predicted_axis_t_s}
+        candidates = [p for p, t in times.items() if t < math.inf]
+        if len(candidates) < 2 or torch.cuda.is_current_stream_capturing():
+            return choice.path
+        key = tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok)
+        tuner = self.tuner(x.device)
+        path = tuner.lookup(key)
+        if path is None:
+            path = tuner.record(key, time_candidates(run, candidates), choice.path)
+        return path
 
     def _device(self, t: Tensor) -> DeviceKernels:
         index = t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -160,14 +212,20 @@ class CudaBackend:
         q_total = math.prod(int(f.shape[-1]) for f in factors)
         if m == 0 or x.shape[-1] == 0 or q_total == 0 or math.prod(batch) == 0:
             return reference.matmul_kron(x, factors)  # empty: nothing to launch
-        out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
         in_col = m > 1 and x.stride(-2) == 1 and x.stride(-1) != 1
         shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
         nb = math.prod(batch)
-        if _choice(shapes, m * nb, x.element_size(), in_col, False, axis_gemm_allowed(x, factors),
-                   self._force_path).path == "axis_gemm":
+        path = self._path("matmul_kron", x, shapes, m * nb, in_col, False, axis_gemm_allowed(x, factors),
+                          lambda p: self._matmul_kron(x, factors, batch, shapes, in_col, p))
+        return self._matmul_kron(x, factors, batch, shapes, in_col, path)
+
+    def _matmul_kron(self, x: Tensor, factors, batch: torch.Size, shapes: tuple, in_col: bool, path: str) -> Tensor:
+        m = x.shape[-2]
+        q_total = math.prod(q for _, q in shapes)
+        out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
+        if path == "axis_gemm":
             # rows (batch·M) lead, each factor's axis in natural order: x (B·M, P_1, …, P_N)
-            return axis_products(x, m * nb, [p for p, _ in shapes], 1, [f.mT for f in factors], out)
+            return axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors], out)
         fast_key = None
         if not batch:  # unbatched: the signature is shapes, strides, dtype, device, alignment
             fast_key = (0, shapes, m, x.stride(), tuple(f.stride() for f in factors), x.dtype, x.device,
@@ -194,13 +252,19 @@ class CudaBackend:
         p_total = math.prod(int(f.shape[-2]) for f in factors)
         if t == 0 or x.shape[-2] == 0 or p_total == 0 or math.prod(batch) == 0:
             return reference.kron_matmul(factors, x)
-        out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         # rows of the row form are the columns t of x: row stride x.stride(-1)
         in_col = t > 1 and x.stride(-1) == 1 and x.stride(-2) != 1
         shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
         nb = math.prod(batch)
-        path = _choice(shapes, t * nb, x.element_size(), in_col, t > 1, axis_gemm_allowed(x, factors),
-                       self._force_path).path
+        path = self._path("kron_matmul", x, shapes, t * nb, in_col, t > 1, axis_gemm_allowed(x, factors),
+                          lambda p: self._kron_matmul(factors, x, batch, shapes, in_col, p))
+        return self._kron_matmul(factors, x, batch, shapes, in_col, path)
+
+    def _kron_matmul(self, factors, x: Tensor, batch: torch.Size, shapes: tuple, in_col: bool, path: str) -> Tensor:
+        t = x.shape[-1]
+        nb = math.prod(batch)
+        p_total = math.prod(p for _, p in shapes)
+        out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         if path == "axis_gemm":
             # x (B, Q_1, …, Q_N, T): the T columns trail, each factor acts on its axis
             return axis_products(x, nb, [p for p, _ in shapes], t, list(factors), out)
