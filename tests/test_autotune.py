@@ -38,6 +38,23 @@ def test_time_candidates_warms_up_then_interleaves():
     assert calls == ["fused", "axis_gemm"] + ["fused", "axis_gemm"] * 3
 
 
+def test_time_candidates_samples_short_calls_more():
+    def count(ms):
+        n = {"fused": 0}
+
+        def timer(fn):
+            fn()
+            n["fused"] += 1
+            return ms
+
+        time_candidates(lambda p: None, ["fused"], timer=timer, budget_ms=5.0, max_reps=25)
+        return n["fused"]
+
+    assert count(2.0) == 3  # long calls: the minimum of 3 turns
+    assert count(0.5) == 10  # 5 ms of timing
+    assert count(0.01) == 25  # capped
+
+
 def test_tuner_keeps_fastest_and_persists(tmp_path):
     file = PathTuner.file_for(tmp_path, "NVIDIA H100 80GB HBM3")
     assert file.parent == tmp_path and " " not in file.name

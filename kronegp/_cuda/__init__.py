@@ -74,7 +74,7 @@ class CudaBackend:
     def __init__(self, force_path: str | None = None, autotune: bool | None = None):
         self._devices: dict[int, DeviceKernels] = {}
         self._fast: dict = {}  # unbatched call signature -> (device, cached launch program)
-        self._tuners: dict[str, PathTuner] = {}  # GPU model -> tuned path choices
+        self._tuners: dict[int, PathTuner] = {}  # device index -> its GPU model's tuned choices
         self.force_path = force_path or os.environ.get("KRONEGP_CUDA_PATH", "auto") or "auto"
         if autotune is None:
             autotune = os.environ.get("KRONEGP_AUTOTUNE", "") not in ("", "0")
@@ -123,14 +123,19 @@ class CudaBackend:
 
     def tuner(self, device: torch.device) -> PathTuner:
         """The tuned path choices for the GPU model of ``device``."""
-        name = torch.cuda.get_device_name(device)
-        tuner = self._tuners.get(name)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        tuner = self._tuners.get(index)
         if tuner is None:
             from kronegp._cuda.compiler import _sources_hash
 
-            file = PathTuner.file_for(cache_dir(), name) if self.autotune_persist else None
-            stamp = {"sources": _sources_hash(), "torch": torch.__version__, "gpu": name}
-            tuner = self._tuners[name] = PathTuner(file, stamp)
+            name = torch.cuda.get_device_name(index)
+            same_model = next((t for t in self._tuners.values() if t.stamp["gpu"] == name), None)
+            if same_model is not None:
+                tuner = same_model
+            else:
+                file = PathTuner.file_for(cache_dir(), name) if self.autotune_persist else None
+                tuner = PathTuner(file, {"sources": _sources_hash(), "torch": torch.__version__, "gpu": name})
+            self._tuners[index] = tuner
         return tuner
 
     def _path(self, side: str, x: Tensor, shapes: tuple, m: int, in_col: bool, out_col: bool, axis_ok: bool, run) -> str:
@@ -144,12 +149,14 @@ class CudaBackend:
         times = {"fused": choice.predicted_fused_s, "axis_gemm": choice.predicted_axis_s,
                  "axis_gemm_t": choice.predicted_axis_t_s}
         candidates = [p for p, t in times.items() if t < math.inf]
-        if len(candidates) < 2 or torch.cuda.is_current_stream_capturing():
+        if len(candidates) < 2:
             return choice.path
         key = tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok)
         tuner = self.tuner(x.device)
         path = tuner.lookup(key)
         if path is None:
+            if torch.cuda.is_current_stream_capturing():
+                return choice.path  # no timing inside a graph capture
             path = tuner.record(key, time_candidates(run, candidates), choice.path)
         return path
 

@@ -45,21 +45,28 @@ def _key_text(key: tuple) -> str:
 def time_candidates(
     run: Callable[[str], object],
     candidates: Sequence[str],
-    reps: int = 3,
+    reps: Optional[int] = None,
     timer: Optional[Callable[[Callable[[], object]], float]] = None,
+    budget_ms: float = 5.0,
+    max_reps: int = 25,
 ) -> dict[str, float]:
     """Median milliseconds of ``run(path)`` for each candidate path.
 
     Each candidate runs once untimed first (kernel compilation, cuBLAS heuristics), then the
-    candidates take turns ``reps`` times, so a slow spell of the device hits them alike.
+    candidates take turns, so a slow spell of the device hits them alike. ``reps`` turns, or
+    by default as many as fit ``budget_ms`` per candidate (at least 3, at most ``max_reps``):
+    calls of tens of µs, whose timings the host's jitter dominates, get more samples.
     ``timer(fn)`` returns one timing of ``fn`` in ms (default: CUDA events on the current stream).
     """
     if timer is None:
         timer = _cuda_event_ms
     for c in candidates:
         run(c)
-    samples: dict[str, list[float]] = {c: [] for c in candidates}
-    for _ in range(reps):
+    samples: dict[str, list[float]] = {c: [timer(lambda c=c: run(c))] for c in candidates}
+    if reps is None:
+        fastest = max(min(v[0] for v in samples.values()), 1e-3)
+        reps = int(min(max_reps, max(3, budget_ms // fastest)))
+    for _ in range(reps - 1):
         for c in candidates:
             samples[c].append(timer(lambda c=c: run(c)))
     return {c: statistics.median(v) for c, v in samples.items()}
