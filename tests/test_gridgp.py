@@ -273,6 +273,28 @@ def test_cg_path_row_and_column_layouts_agree(kind, probes, monkeypatch):
     assert rel(grads_rows, grads_cols) < 1e-7
 
 
+@pytest.mark.parametrize("probes", ["exact", "random"])
+def test_missing_cell_pairs_in_eigen_coordinates_match_grid_pairs(probes, monkeypatch):
+    """With homoskedastic noise the missing-cell gradient pairs stay in eigen-coordinates
+    (``eigen_bilinear_form``); on the same solves they must give the gradient of the grid-
+    coordinate pairs (``bilinear_form`` + noise term), which the dense tests check."""
+    from kronegp.models import _masked, grid_gp
+
+    limit = {} if probes == "exact" else {"exact_trace_limit": 0}
+    model = cg_problem("mask", shape=CG_SHAPES["mask"], **limit)
+    calls = []
+    real = grid_gp.eigen_bilinear_form
+    monkeypatch.setattr(grid_gp, "eigen_bilinear_form", lambda *a: calls.append(1) or real(*a))
+    lml_eig, grads_eig = model_lml_and_grads(model)
+    assert calls, "the eigen-coordinate pairs were not used"
+    monkeypatch.setattr(_masked, "_EIGEN_PAIRS", False)
+    n_calls = len(calls)
+    lml_grid, grads_grid = model_lml_and_grads(model)
+    assert len(calls) == n_calls
+    assert abs(float(lml_eig - lml_grid)) <= 1e-12 * abs(float(lml_grid))
+    assert rel(grads_eig, grads_grid) < 1e-9
+
+
 @pytest.mark.parametrize("kind", ["mask", "noise"])
 def test_cg_path_stochastic_estimates(kind):
     """Random probes (forced): SLQ and trace estimates within their statistical error.
@@ -491,3 +513,37 @@ def test_bilinear_form_value_and_factor_gradients_match_dense(dtype, tol):
     want = torch.autograd.grad(expected, [factors[0], factors[2]])
     for a, b in zip(ours, want):
         assert (a - b).norm() / b.norm() < tol
+
+
+@pytest.mark.parametrize("sizes", [[3, 12, 7], [5, 4], [6, 6, 6], [9]])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_eigen_bilinear_form_value_and_factor_gradients_match_dense(sizes, dtype, tol):
+    """The form of vectors given in eigen-coordinates: value and factor gradients of
+    Σ_c a_cᵀ (⊗K_k) b_c with a = Q ã, b = Q b̃, against a dense Kronecker product."""
+    from kronegp.models._exact import eigen_bilinear_form
+    from kronegp.models._kron import KronEigen
+
+    g = torch.Generator().manual_seed(6)
+    factors = []
+    for n in sizes:
+        a = torch.randn(n, n, dtype=torch.float64, generator=g)
+        factors.append((a @ a.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)).to(dtype).requires_grad_(True))
+    eig = KronEigen(factors)
+    n = math.prod(sizes)
+    at = torch.randn(3, n, dtype=dtype, generator=g)
+    bt = torch.randn(3, n, dtype=dtype, generator=g)
+    value = eigen_bilinear_form(at, bt, eig, factors)
+    q = eig.vecs[0]
+    for v in eig.vecs[1:]:
+        q = torch.kron(q, v)
+    left, right = q @ at.mT, q @ bt.mT  # grid vectors (n, 3)
+    dense = factors[0]
+    for f in factors[1:]:
+        dense = torch.kron(dense, f)
+    expected = (left * (dense @ right)).sum()
+    scale = float((left.abs() * (dense.abs() @ right.abs())).sum())
+    assert abs(float(value) - float(expected)) <= 10 * tol * scale
+    ours = torch.autograd.grad(value, factors)
+    want = torch.autograd.grad(expected, factors)
+    for a, b in zip(ours, want):
+        assert (a - b).norm() / b.norm() < 10 * tol

@@ -34,7 +34,7 @@ from torch import Tensor
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 
-__all__ = ["exact_lml"]
+__all__ = ["exact_lml", "eigen_bilinear_form"]
 
 
 class _ExactKronLML(torch.autograd.Function):
@@ -106,6 +106,58 @@ def _eigen_factor_gradients(eig: KronEigen, axes: list[int], alpha_t: Optional[T
         for i, d_k in zip(members, torch.bmm(torch.bmm(q, inner), q.mT).unbind(0)):
             out[i] = d_k
     return out
+
+
+def _off_axis_gram(a: Tensor, b: Tensor, sizes: list[int], i: int, weight: Tensor) -> Tensor:
+    """``Σ_c Σ_{j, j'} a[c, j] weight[j∖i] b[c, j']`` over pairs ``j, j'`` equal off axis ``i``
+    (``j_i = p``, ``j'_i = q``): an ``n_i × n_i`` matrix, for rows ``a, b`` of shape ``(c, N)``
+    over the grid and ``weight`` over the other axes (length ``N / n_i``, their order).
+
+    One weighting pass and one (batched) GEMM on views of the rows: no transposed copies."""
+    c, n = a.shape[0], sizes[i]
+    pre, post = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
+    aw = a.view(c, pre, n, post) * weight.view(1, pre, 1, post)
+    b4 = b.view(c, pre, n, post)
+    if post == 1:  # last axis: one GEMM over all rows of the other axes
+        return aw.view(c * pre, n).mT @ b4.view(c * pre, n)
+    if pre == 1:  # first axis: one product per row
+        return torch.bmm(aw.view(c, n, post), b4.view(c, n, post).mT).sum(0)
+    return torch.bmm(aw.view(c * pre, n, post), b4.view(c * pre, n, post).mT).sum(0)
+
+
+class _EigenBilinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, left_t: Tensor, right_t: Tensor, eig: KronEigen, *factors: Tensor) -> Tensor:
+        ctx.eig = eig
+        ctx.save_for_backward(left_t, right_t)
+        return ((left_t * right_t).sum(0) * eig.eigvals()).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        left_t, right_t = ctx.saved_tensors
+        eig: KronEigen = ctx.eig
+        sizes = eig.sizes
+        out: list = [None] * len(sizes)
+        for i in range(len(sizes)):
+            if not ctx.needs_input_grad[3 + i]:
+                continue
+            others = eig.vals[:i] + eig.vals[i + 1 :]
+            weight = kron_vector(others) if others else left_t.new_ones(1)
+            q = eig.vecs[i]
+            out[i] = grad * (q @ _off_axis_gram(left_t, right_t, sizes, i, weight) @ q.mT)
+        return (None, None, None, *out)
+
+
+def eigen_bilinear_form(left_t: Tensor, right_t: Tensor, eig: KronEigen, factors: list[Tensor]) -> Tensor:
+    """``Σ_c a_cᵀ (⊗K_k) b_c`` for grid vectors given in eigen-coordinates, ``ã_c = Qᵀa_c`` and
+    ``b̃_c = Qᵀb_c`` (rows ``(c, N)`` of ``left_t``, ``right_t``; ``eig`` the decomposition of
+    ``factors``), differentiable in the factors only, the vectors held fixed.
+
+    Value ``Σ_c ã_cᵀ (λ ∘ b̃_c)``; gradient for factor ``i``: ``Q_i M_i Q_iᵀ`` with
+    ``M_i = Σ_c Ã_{c,(i)} diag(L_i) B̃_{c,(i)}ᵀ`` (``L_i = ⊗_{k≠i} λ_k``), as in the exact path's
+    quadratic term: ``Q_kᵀ K_k Q_k = Λ_k`` on every other axis, so no Kronecker matmul of the
+    vectors is needed (:func:`kronegp.models._kron.bilinear_form` takes grid vectors instead)."""
+    return _EigenBilinear.apply(left_t.detach(), right_t.detach(), eig, *factors)
 
 
 def exact_lml(resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor]) -> Tensor:

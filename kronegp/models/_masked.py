@@ -59,6 +59,10 @@ __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "solve_observed
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
+#: Whether :func:`cg_lml_pieces` may return the missing-cell pairs in eigen-coordinates (tests
+#: switch it off to compare with the grid-coordinate pairs on the same solves).
+_EIGEN_PAIRS = True
+
 
 def _total(inner: Inner, vec: Tensor) -> Tensor:
     """``Σ_i vec_i`` over the (possibly sharded) grid through ``inner``."""
@@ -194,6 +198,11 @@ class CGLMLPieces:
             cells, else the ``C`` system).
         inner_iterations: total CG iterations spent in solves with ``C`` (per-cell noise).
         residual: largest final relative residual of the outermost solve.
+        eig_left, eig_right, eig_weights: more pairs, given in eigen-coordinates of
+            ``cov.eig`` as rows ``(c', N)`` (``Qᵀ`` of the grid vectors), or ``None``; the
+            gradient adds ``Σ w (Qᵀa)ᵀ (Qᵀ∂C Q)(Qᵀb)``. Only with homoskedastic noise, where
+            ``∂C = s²∂(⊗K_k) + ∂σ² I`` keeps that form cheap (see
+            :func:`kronegp.models._exact.eigen_bilinear_form`).
     """
 
     value: Tensor
@@ -206,6 +215,9 @@ class CGLMLPieces:
     inner_iterations: int = 0
     residual: float = 0.0
     extra: dict = field(default_factory=dict)
+    eig_left: Optional[Tensor] = None
+    eig_right: Optional[Tensor] = None
+    eig_weights: Optional[Tensor] = None
 
 
 def _missing_matvec(
@@ -345,6 +357,7 @@ def cg_lml_pieces(
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
         r = obs_f * resid
         lefts, rights, weights = [], [], []
+        eig_left = eig_right = eig_weights = None
         logdet = resid.new_zeros(())
         inner_before = cov.solve_iterations
         iterations, residual = 0, 0.0
@@ -411,8 +424,19 @@ def cg_lml_pieces(
             tight = _inner_tol(tol, dt)
             zg = lay.d(missing * g_diag.sqrt()) * lay.from_columns(probes_g)  # z ~ N(0, diag(G)) on M
             s = lay.count(zg)
-            xr_and_z = lay.solve(lay.cat([lay.block(r), lay.d(missing) * zg / lay.d(g_diag)]), tight)
-            rhs_g = lay.cat([lay.d(missing) * lay.take(xr_and_z, slice(0, 1)), zg])
+            # With exact solves on a local grid, X = Q diag(p_inv) Qᵀ: the probes' vectors of the
+            # gradient stay in eigen-coordinates (only the data vector comes back to the grid),
+            # which saves two Kronecker products of s rows here and the bilinear derivative's
+            # partial products in the backward.
+            eig_pairs = _EIGEN_PAIRS and lay.rows and cov.homoskedastic
+            first = lay.cat([lay.block(r), lay.d(missing) * zg / lay.d(g_diag)])
+            if eig_pairs:
+                first_t = cov.eig.to_eigbasis_rows(first) * cov.p_inv  # Qᵀ X [r, z/g]
+                xr = cov.eig.from_eigbasis_rows(first_t[:1])
+            else:
+                xr_and_z = lay.solve(first, tight)
+                xr = lay.take(xr_and_z, slice(0, 1))
+            rhs_g = lay.cat([lay.d(missing) * xr, zg])
             res = block_cg(
                 _missing_matvec(cov, missing, tight, rows=lay.rows),
                 rhs_g,
@@ -423,38 +447,50 @@ def cg_lml_pieces(
                 **lay.cg,
             )
             g = res.solution
-            back = lay.solve(
-                lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))]),
-                tight,
-            )
-            alpha = obs_f * lay.take(back, 0)
-            left_g, right_g = lay.columns(lay.take(back, slice(1, None))), lay.columns(lay.take(xr_and_z, slice(1, None)))
+            second = lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))])
             iterations, residual = res.iterations, float(res.residual.max())
             log_gdiag = _total(inner, missing * torch.log(g_diag))
             logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None))
-            # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
-            lefts.append(left_g)
-            rights.append(right_g)
-            weights.append(resid.new_full((s,), 0.5 / s))
             extra["missing_iterations"] = res.iterations
+            # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
+            if eig_pairs:
+                second_t = cov.eig.to_eigbasis_rows(second) * cov.p_inv  # Qᵀ X [r − g_r, G⁻¹z]
+                alpha = obs_f * cov.eig.from_eigbasis_rows(second_t[:1])[0]
+                # The data pair too: Qᵀα of the masked α (one row; X(r − g_r) vanishes on M only
+                # up to the CG residual).
+                alpha_t = cov.eig.to_eigbasis_rows(alpha.unsqueeze(0))
+                eig_left = torch.cat([alpha_t, second_t[1:]])
+                eig_right = torch.cat([alpha_t, first_t[1:]])
+                eig_weights = torch.cat([resid.new_full((1,), 0.5), resid.new_full((s,), 0.5 / s)])
+            else:
+                back = lay.solve(second, tight)
+                alpha = obs_f * lay.take(back, 0)
+                lefts.append(lay.columns(lay.take(back, slice(1, None))))
+                rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
+                weights.append(resid.new_full((s,), 0.5 / s))
 
-        lefts.insert(0, alpha.unsqueeze(-1))
-        rights.insert(0, alpha.unsqueeze(-1))
-        weights.insert(0, resid.new_full((1,), 0.5))
+        if eig_left is None:
+            lefts.insert(0, alpha.unsqueeze(-1))
+            rights.insert(0, alpha.unsqueeze(-1))
+            weights.insert(0, resid.new_full((1,), 0.5))
         quad = _total(inner, r * alpha)
         value = -0.5 * quad - 0.5 * logdet - 0.5 * n_observed * math.log(2 * math.pi)
 
+    empty = resid.new_zeros(resid.shape[0], 0)
     return CGLMLPieces(
         value=value,
         alpha=alpha,
-        left=torch.cat(lefts, dim=-1),
-        right=torch.cat(rights, dim=-1),
-        weights=torch.cat(weights),
+        left=torch.cat(lefts, dim=-1) if lefts else empty,
+        right=torch.cat(rights, dim=-1) if rights else empty,
+        weights=torch.cat(weights) if weights else resid.new_zeros(0),
         exact_logdet=True,
         iterations=iterations,
         inner_iterations=cov.solve_iterations - inner_before,
         residual=residual,
         extra=extra,
+        eig_left=eig_left,
+        eig_right=eig_right,
+        eig_weights=eig_weights,
     )
 
 

@@ -33,7 +33,7 @@ from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
 from kronegp.models._data import parse_grid_data
-from kronegp.models._exact import exact_lml
+from kronegp.models._exact import eigen_bilinear_form, exact_lml
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
@@ -330,10 +330,16 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.cg_residual = pieces.residual
         # Surrogate: its gradient is the estimated gradient (bilinear derivatives with the
         # CG vectors held fixed); its value is discarded.
-        left_w = pieces.left * pieces.weights
-        surrogate = self.outputscale * bilinear_form(left_w, pieces.right, factors)
-        surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
-        surrogate = surrogate + (pieces.alpha * self._mean_grid()).sum()
+        surrogate = (pieces.alpha * self._mean_grid()).sum()
+        if pieces.left.shape[-1]:
+            left_w = pieces.left * pieces.weights
+            surrogate = surrogate + self.outputscale * bilinear_form(left_w, pieces.right, factors)
+            surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
+        if pieces.eig_left is not None:
+            # pairs in eigen-coordinates (homoskedastic noise: ∂C = s²∂(⊗K) + ∂σ² I, Q orthogonal)
+            left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
+            surrogate = surrogate + self.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, cov.eig, factors)
+            surrogate = surrogate + self.noise * (left_w * pieces.eig_right).sum()
         if pieces.exact_logdet and self.precondition:
             # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
             # preconditioner's fixed σ̄² (per-cell noise, control variate).
