@@ -57,7 +57,7 @@ struct FusedGeom {
 
 // Position of per-row linear index j of the layout that feeds factor f (or the final layout).
 template <class Spec, int f>
-__device__ __forceinline__ int fused_pos(int m_l, int j) {
+__device__ __forceinline__ unsigned fused_pos(unsigned m_l, unsigned j) {
     typedef FusedGeom<Spec> G;
     if constexpr (f < 0) {
         return m_l * (G::TS * G::QG) + j;
@@ -157,20 +157,48 @@ __device__ __forceinline__ void fused_steps(typename Spec::T* buf0, typename Spe
     if constexpr (f > 0) fused_steps<Spec, f - 1>(buf1, buf0, fsm);
 }
 
+// Factor f's element e (row-major P × QS, columns padded with zeros to QS) from device memory.
 template <class Spec, int f>
+__device__ __forceinline__ typename Spec::T factor_elem(const KronArgs& a, i64 b, unsigned e) {
+    typedef typename Spec::T T;
+    constexpr unsigned QS = FusedGeom<Spec>::qstride(f);
+    const unsigned p = e / QS, q = e % QS;
+    const T* fp = reinterpret_cast<const T*>(a.f[f]) + b * a.fb[f];
+    return (q < unsigned(Spec::Q[f])) ? fp[p * a.f0[f] + q * a.f1[f]] : T(0);
+}
+
+// Element e of all factors laid end to end (f_off order): find its factor at compile time.
+template <class Spec, int f = 0>
+__device__ __forceinline__ typename Spec::T factors_elem(const KronArgs& a, i64 b, unsigned e) {
+    typedef FusedGeom<Spec> G;
+    if constexpr (f + 1 < Spec::NF) {
+        if (e >= unsigned(G::f_off(f + 1))) return factors_elem<Spec, f + 1>(a, b, e);
+    }
+    return factor_elem<Spec, f>(a, b, e - G::f_off(f));
+}
+
+// All factors -> shared memory (each row padded with zeros to a multiple of RQ columns), the
+// global loads of a batch issued before their stores (they are L2 hits: one latency per batch).
+template <class Spec>
 __device__ __forceinline__ void load_factors(const KronArgs& a, i64 b, typename Spec::T* fsm) {
     typedef typename Spec::T T;
-    typedef FusedGeom<Spec> G;
-    constexpr int P = Spec::P[f], Q = Spec::Q[f];
-    constexpr int QS = G::qstride(f);
-    constexpr int OFF = G::f_off(f);
-    const T* fp = reinterpret_cast<const T*>(a.f[f]) + b * a.fb[f];
-    const i64 s0 = a.f0[f], s1 = a.f1[f];
-    for (int e = threadIdx.x; e < P * QS; e += Spec::NT) {
-        const int p = e / QS, q = e % QS;
-        fsm[OFF + e] = (q < Q) ? fp[p * s0 + q * s1] : T(0);
+    constexpr unsigned FT = FusedGeom<Spec>::f_off(Spec::NF);
+    constexpr unsigned NT = Spec::NT;
+    constexpr unsigned NL = cdiv(FT, NT);
+    constexpr unsigned LB = NL < 8 ? NL : 8;
+    for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+        T v[LB];
+#pragma unroll
+        for (unsigned l = 0; l < LB; ++l) {
+            const unsigned e = threadIdx.x + (it0 + l) * NT;
+            if ((FT % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < FT)) v[l] = factors_elem<Spec>(a, b, e);
+        }
+#pragma unroll
+        for (unsigned l = 0; l < LB; ++l) {
+            const unsigned e = threadIdx.x + (it0 + l) * NT;
+            if ((FT % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < FT)) fsm[e] = v[l];
+        }
     }
-    if constexpr (f + 1 < Spec::NF) load_factors<Spec, f + 1>(a, b, fsm);
 }
 
 template <class Spec>
@@ -194,46 +222,83 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     const i64 b = blockIdx.z;
 
     // factors -> shared memory, rows padded with zeros to a multiple of RQ columns
-    load_factors<Spec, 0>(a, b, fsm);
+    load_factors<Spec>(a, b, fsm);
 
-    // x tile -> buf0 in the layout that feeds F_{NF-1}
+    // x tile -> buf0 in the layout that feeds F_{NF-1}. Each thread issues a batch of up to LB
+    // global loads before it stores any of them to shared memory, so LB loads per thread are in
+    // flight at once (one load → store → load … chain would wait a full memory latency per
+    // element). In-tile indices are unsigned: the divisions by constants stay shifts/multiplies.
     {
         const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
-        constexpr int E = TM * TS * PG;
+        constexpr unsigned E = TM * TS * PG;
         if constexpr (Spec::IN_VEC) {
             // 16-byte loads: VEC consecutive k of one row (row layout, PG % VEC == 0) or VEC
             // consecutive rows (column layout, TM % VEC == 0, M % VEC == 0); the launcher
             // checked the alignment of the pointer and strides.
             typedef typename Vec<T>::type V;
-            constexpr int VEC = G::VEC;
-#pragma unroll 8
-            for (int e = threadIdx.x; e < E / VEC; e += NT) {
-                int m_l, j;
-                if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
-                else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
-                const i64 m = m0 + m_l;
-                const i64 s = s0 + j / PG;
-                V v;
-                if (m < a.M && s < a.S) v = *reinterpret_cast<const V*>(xp + m * a.xm + (s * PG + j % PG) * a.xk);
-                else v = V{};
-                const T* vs = reinterpret_cast<const T*>(&v);
+            constexpr unsigned VEC = G::VEC;
+            constexpr unsigned NV = E / VEC;
+            constexpr unsigned NL = cdiv(NV, NT);
+            constexpr unsigned LB = NL < 8 ? NL : 8;
+            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+                V v[LB];
 #pragma unroll
-                for (int c = 0; c < VEC; ++c) {
-                    if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
-                    else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned e = threadIdx.x + (it0 + l) * NT;
+                    v[l] = V{};
+                    if ((NV % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < NV)) {
+                        unsigned m_l, j;
+                        if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
+                        else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
+                        const i64 m = m0 + m_l;
+                        const i64 s = s0 + j / PG;
+                        if (m < a.M && s < a.S) v[l] = *reinterpret_cast<const V*>(xp + m * a.xm + (s * PG + j % PG) * a.xk);
+                    }
+                }
+#pragma unroll
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned e = threadIdx.x + (it0 + l) * NT;
+                    if ((NV % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < NV)) {
+                        unsigned m_l, j;
+                        if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
+                        else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
+                        const T* vs = reinterpret_cast<const T*>(&v[l]);
+#pragma unroll
+                        for (unsigned c = 0; c < VEC; ++c) {
+                            if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
+                            else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
+                        }
+                    }
                 }
             }
         } else {
-#pragma unroll 8
-            for (int e = threadIdx.x; e < E; e += NT) {
-                int m_l, j;
-                if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
-                else { m_l = e / (TS * PG); j = e % (TS * PG); }
-                const i64 m = m0 + m_l;
-                const i64 s = s0 + j / PG;
-                T v = T(0);
-                if (m < a.M && s < a.S) v = xp[m * a.xm + (s * PG + j % PG) * a.xk];
-                buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
+            constexpr unsigned NL = cdiv(E, NT);
+            constexpr unsigned LB = NL < 8 ? NL : 8;
+            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+                T v[LB];
+#pragma unroll
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned e = threadIdx.x + (it0 + l) * NT;
+                    v[l] = T(0);
+                    if ((E % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < E)) {
+                        unsigned m_l, j;
+                        if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
+                        else { m_l = e / (TS * PG); j = e % (TS * PG); }
+                        const i64 m = m0 + m_l;
+                        const i64 s = s0 + j / PG;
+                        if (m < a.M && s < a.S) v[l] = xp[m * a.xm + (s * PG + j % PG) * a.xk];
+                    }
+                }
+#pragma unroll
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned e = threadIdx.x + (it0 + l) * NT;
+                    if ((E % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < E)) {
+                        unsigned m_l, j;
+                        if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
+                        else { m_l = e / (TS * PG); j = e % (TS * PG); }
+                        buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v[l];
+                    }
+                }
             }
         }
     }
@@ -244,26 +309,26 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     // (qg, s) per row -> y[m, qg*S + s]
     {
         T* yp = reinterpret_cast<T*>(a.y) + b * a.yb;
-        constexpr int E = TM * TS * QG;
+        constexpr unsigned E = TM * TS * QG;
         if constexpr (Spec::OUT_VEC) {
             // 16-byte stores: VEC consecutive slices (row layout, TS % VEC == 0, S % VEC == 0)
             // or VEC consecutive rows (column layout)
             typedef typename Vec<T>::type V;
-            constexpr int VEC = G::VEC;
+            constexpr unsigned VEC = G::VEC;
 #pragma unroll 8
-            for (int e = threadIdx.x; e < E / VEC; e += NT) {
-                int m_l, j;
+            for (unsigned e = threadIdx.x; e < E / VEC; e += NT) {
+                unsigned m_l, j;
                 if constexpr (Spec::OUT_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
                 else { m_l = (e * VEC) / (TS * QG); j = (e * VEC) % (TS * QG); }
                 const i64 m = m0 + m_l;
-                const int qg = j / TS, s_l = j % TS;
+                const unsigned qg = j / TS, s_l = j % TS;
                 const i64 s = s0 + s_l;
                 if (m < a.M && s < a.S) {
                     V v;
                     if constexpr (Spec::OUT_COL) {
                         T* vs = reinterpret_cast<T*>(&v);
 #pragma unroll
-                        for (int c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * (TS * QG) + j];
+                        for (unsigned c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * (TS * QG) + j];
                     } else {
                         v = *reinterpret_cast<const V*>(res + m_l * (TS * QG) + j);  // TS % VEC == 0
                     }
@@ -272,12 +337,12 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
             }
         } else {
 #pragma unroll 8
-            for (int e = threadIdx.x; e < E; e += NT) {
-                int m_l, j;
+            for (unsigned e = threadIdx.x; e < E; e += NT) {
+                unsigned m_l, j;
                 if constexpr (Spec::OUT_COL) { m_l = e % TM; j = e / TM; }
                 else { m_l = e / (TS * QG); j = e % (TS * QG); }
                 const i64 m = m0 + m_l;
-                const int qg = j / TS, s_l = j % TS;
+                const unsigned qg = j / TS, s_l = j % TS;
                 const i64 s = s0 + s_l;
                 if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * (TS * QG) + j];
             }
