@@ -36,8 +36,20 @@ struct FusedGeom {
         return r;
     }
     static constexpr int ld(int f) { return (Spec::P[f] % 2 == 0) ? Spec::P[f] + 1 : Spec::P[f]; }
-    static constexpr int in_size(int f) { return TM * rows(f) * ld(f); }
-    static constexpr int out_size() { return TM * TS * QG; }
+    // Words between consecutive rows m of the tile in a layout of `words` per row. The column
+    // layouts move VEC consecutive m per thread (16-byte global accesses), so the lanes of a warp
+    // touch 32/VEC·… different m at once: a stride ≡ 2 or 6 (mod 8) puts them in distinct banks
+    // (≡ 0 mod 16 would make them collide 4 ways). Row layouts keep m blocks packed.
+    static constexpr int mstride(int words, bool col) {
+        if (!col || TM == 1) return words;
+        int w = words;
+        while (w % 8 != 2 && w % 8 != 6) ++w;
+        return w;
+    }
+    static constexpr int mstride_in(int f) { return mstride(rows(f) * ld(f), f == NF - 1 && Spec::IN_COL); }
+    static constexpr int mstride_out() { return mstride(TS * QG, Spec::OUT_COL); }
+    static constexpr int in_size(int f) { return TM * mstride_in(f); }
+    static constexpr int out_size() { return TM * mstride_out(); }
     static constexpr int buf_size() {
         int r = out_size();
         for (int i = 0; i < NF; ++i) r = cmax(r, in_size(i));
@@ -60,12 +72,11 @@ template <class Spec, int f>
 __device__ __forceinline__ unsigned fused_pos(unsigned m_l, unsigned j) {
     typedef FusedGeom<Spec> G;
     if constexpr (f < 0) {
-        return m_l * (G::TS * G::QG) + j;
+        return m_l * G::mstride_out() + j;
     } else {
-        constexpr int P = Spec::P[f];
-        constexpr int R = G::rows(f);
-        constexpr int LD = G::ld(f);
-        return (m_l * R + j / P) * LD + j % P;
+        constexpr unsigned P = Spec::P[f];
+        constexpr unsigned LD = G::ld(f);
+        return m_l * G::mstride_in(f) + (j / P) * LD + j % P;
     }
 }
 
@@ -79,8 +90,8 @@ struct StepOut {
     static_assert(R % PN == 0, "a step's rows must hold whole rows of the next layout");
     static constexpr int step() { if constexpr (f > 0) return (R / PN) * G::ld(f - 1); else return R; }
     static __device__ __forceinline__ int base(int m_l, int r) {
-        if constexpr (f > 0) return (m_l * G::rows(f - 1) + r / PN) * G::ld(f - 1) + r % PN;
-        else return m_l * (G::TS * G::QG) + r;
+        if constexpr (f > 0) return m_l * G::mstride_in(f - 1) + (r / PN) * G::ld(f - 1) + r % PN;
+        else return m_l * G::mstride_out() + r;
     }
 };
 
@@ -108,7 +119,10 @@ __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ 
         const int q0 = (w / NUG) * RQ;
         int base[RR];
 #pragma unroll
-        for (int i = 0; i < RR; ++i) base[i] = (ALL_U ? ug + i * NUG : cmin(ug + i * NUG, U - 1)) * LD;  // clamp: read, discard
+        for (int i = 0; i < RR; ++i) {
+            const unsigned u = ALL_U ? ug + i * NUG : cmin(ug + i * NUG, U - 1);  // clamp: read, discard
+            base[i] = (G::mstride_in(f) == R * LD) ? u * LD : (u / R) * G::mstride_in(f) + (u % R) * LD;
+        }
         T acc[RR][RQ];
 #pragma unroll
         for (int i = 0; i < RR; ++i)
@@ -328,9 +342,9 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                     if constexpr (Spec::OUT_COL) {
                         T* vs = reinterpret_cast<T*>(&v);
 #pragma unroll
-                        for (unsigned c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * (TS * QG) + j];
+                        for (unsigned c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * G::mstride_out() + j];
                     } else {
-                        v = *reinterpret_cast<const V*>(res + m_l * (TS * QG) + j);  // TS % VEC == 0
+                        v = *reinterpret_cast<const V*>(res + m_l * G::mstride_out() + j);  // TS % VEC == 0
                     }
                     *reinterpret_cast<V*>(yp + m * a.ym + (qg * a.S + s) * a.yk) = v;
                 }
@@ -344,7 +358,7 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                 const i64 m = m0 + m_l;
                 const unsigned qg = j / TS, s_l = j % TS;
                 const i64 s = s0 + s_l;
-                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * (TS * QG) + j];
+                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * G::mstride_out() + j];
             }
         }
     }

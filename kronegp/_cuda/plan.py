@@ -83,9 +83,19 @@ class FusedSpec:
         q, v = self.Q[f], self.vec
         return v if q <= v else (2 * v if q <= 2 * v else min(8, _round_up(q, v)))
 
+    def mstride(self, words: int, col: bool) -> int:
+        """Words between tile rows m of a layout (FusedGeom::mstride: column layouts padded to
+        ≡ 2 or 6 mod 8 words, so the m of one warp access fall in distinct banks)."""
+        if not col or self.TM == 1:
+            return words
+        while words % 8 not in (2, 6):
+            words += 1
+        return words
+
     def buf_elems(self) -> int:
-        sizes = [self.TM * self.TS * math.prod(self.Q)]
-        sizes += [self.TM * self.rows(f) * self.ld(f) for f in range(len(self.P))]
+        nf = len(self.P)
+        sizes = [self.TM * self.mstride(self.TS * math.prod(self.Q), self.out_col)]
+        sizes += [self.TM * self.mstride(self.rows(f) * self.ld(f), f == nf - 1 and self.in_col) for f in range(nf)]
         return _round_up(max(sizes), self.vec)
 
     def factor_elems(self) -> int:
