@@ -417,8 +417,10 @@ class Rates:
     copy_bytes_per_s: float = 2.9e12  # device-to-device copy, bytes read + written
     gemm_flops_per_s: tuple = ((4, 51e12), (8, 55e12))  # cuBLAS, TF32 off; fp64 on DMMA
     gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
-    fused_bw_efficiency: float = 0.55  # the fused kernel per pass (NOTES.md: ~1.5 of 2.9 TB/s)
-    fused_flops_per_s: tuple = ((4, 12e12), (8, 5.5e12))  # FFMA/DFMA with index overhead
+    # the fused kernel per pass: ~1.6 of 2.9 TB/s before its loads were batched (NOTES.md, round 3),
+    # 11 % faster on average after (round 4: row-layout passes of 16^2 up to 2.4 TB/s)
+    fused_bw_efficiency: float = 0.62
+    fused_flops_per_s: tuple = ((4, 13.5e12), (8, 6.2e12))  # FFMA/DFMA with index overhead
     # cuda_ext/kron_gemm.cuh: ~5-6 TFLOP/s on the GP 64^3, T = 11 plan (14/10.5 on large M, where
     # cuBLAS wins anyway); a higher figure sent GP 64^3 to this path, 12-35% slower than cuBLAS
     own_gemm_flops_per_s: tuple = ((4, 6e12), (8, 5e12))
