@@ -215,6 +215,27 @@ __device__ __forceinline__ void load_factors(const KronArgs& a, i64 b, typename 
     }
 }
 
+// How a thread walks a row-layout tile (TM rows of W words) in vectors of VEC words: its vector
+// `it` starts at flat word t0 + it·NT·VEC (t0 = threadIdx.x·VEC). When that stride covers whole
+// rows (A) or divides a row (B), the vector's row and word are the thread's own (m0, j0) plus
+// compile-time steps dm(it), dj(it), so every address is one base plus an immediate. Every dj is
+// a multiple of D, so splitting j by D (j/D, j%D) stays the thread's own split plus a constant.
+template <class Spec, unsigned W, unsigned D>
+struct RowTileWalk {
+    static constexpr unsigned VEC = Vec<typename Spec::T>::N;
+    static constexpr unsigned STEP = Spec::NT * VEC;
+    static constexpr unsigned TOTAL = Spec::TM * W;
+    static constexpr bool A = STEP % W == 0;
+    static constexpr bool B = W % STEP == 0 && STEP % D == 0;
+    static constexpr bool OK = (A || B) && TOTAL % STEP == 0 && W % VEC == 0;
+    static constexpr unsigned NL = TOTAL / STEP;  // vectors per thread, exactly
+    static constexpr unsigned K = B ? W / STEP : 1;
+    static __device__ __forceinline__ unsigned j0(unsigned t0) { return A ? t0 % W : t0; }
+    static __device__ __forceinline__ unsigned m0(unsigned t0) { return A ? t0 / W : 0u; }
+    static __device__ __forceinline__ constexpr unsigned dm(unsigned it) { return A ? it * (STEP / W) : it / K; }
+    static __device__ __forceinline__ constexpr unsigned dj(unsigned it) { return A ? 0u : (it % K) * STEP; }
+};
+
 template <class Spec>
 __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     typedef typename Spec::T T;
@@ -245,7 +266,42 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     {
         const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
         constexpr unsigned E = TM * TS * PG;
-        if constexpr (Spec::IN_VEC) {
+        typedef RowTileWalk<Spec, TS * PG, Spec::P[NF - 1]> WalkIn;
+        if constexpr (Spec::IN_VEC && !Spec::IN_COL && WalkIn::OK) {
+            // Row layout, contiguous rows (xk = 1): a thread's vectors sit at fixed offsets from
+            // one base, in global and in shared memory (RowTileWalk), so only the loads, the
+            // stores and (for a partial tile) the bounds checks remain per vector.
+            typedef typename Vec<T>::type V;
+            constexpr unsigned VEC = G::VEC, P = Spec::P[NF - 1], LD = G::ld(NF - 1);
+            constexpr unsigned MS = G::mstride_in(NF - 1);
+            const unsigned t0 = threadIdx.x * VEC;
+            const unsigned j0 = WalkIn::j0(t0), ml0 = WalkIn::m0(t0);
+            const T* xt = xp + (m0 + ml0) * a.xm + s0 * PG + j0;
+            const bool full = m0 + TM <= a.M && s0 + TS <= a.S;
+            unsigned q[VEC];
+#pragma unroll
+            for (unsigned c = 0; c < VEC; ++c) q[c] = ml0 * MS + ((j0 + c) / P) * LD + (j0 + c) % P;
+            constexpr unsigned NL = WalkIn::NL, LB = NL < 8 ? NL : 8;
+#pragma unroll
+            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+                V v[LB];
+#pragma unroll
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned it = it0 + l;
+                    v[l] = V{};
+                    if (full || (m0 + ml0 + WalkIn::dm(it) < a.M && s0 + (j0 + WalkIn::dj(it)) / PG < a.S))
+                        v[l] = *reinterpret_cast<const V*>(xt + i64(WalkIn::dm(it)) * a.xm + WalkIn::dj(it));
+                }
+#pragma unroll
+                for (unsigned l = 0; l < LB; ++l) {
+                    const unsigned it = it0 + l;
+                    const T* vs = reinterpret_cast<const T*>(&v[l]);
+#pragma unroll
+                    for (unsigned c = 0; c < VEC; ++c)
+                        buf0[q[c] + WalkIn::dm(it) * MS + (WalkIn::dj(it) / P) * LD] = vs[c];
+                }
+            }
+        } else if constexpr (Spec::IN_VEC) {
             // 16-byte loads: VEC consecutive k of one row (row layout, PG % VEC == 0) or VEC
             // consecutive rows (column layout, TM % VEC == 0, M % VEC == 0); the launcher
             // checked the alignment of the pointer and strides.
@@ -324,7 +380,26 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     {
         T* yp = reinterpret_cast<T*>(a.y) + b * a.yb;
         constexpr unsigned E = TM * TS * QG;
-        if constexpr (Spec::OUT_VEC) {
+        typedef RowTileWalk<Spec, TS * QG, TS> WalkOut;
+        if constexpr (Spec::OUT_VEC && !Spec::OUT_COL && WalkOut::OK) {
+            // Row layout, yk = 1: word j of tile row m goes to y[m, (j/TS)·S + s0 + j%TS]; with
+            // RowTileWalk the thread's j/TS and j%TS are its own plus constants.
+            typedef typename Vec<T>::type V;
+            constexpr unsigned VEC = G::VEC, MS = G::mstride_out();
+            const unsigned t0 = threadIdx.x * VEC;
+            const unsigned j0 = WalkOut::j0(t0), ml0 = WalkOut::m0(t0);
+            const i64 sl = j0 % TS;
+            T* yt = yp + (m0 + ml0) * a.ym + i64(j0 / TS) * a.S + s0 + sl;
+            const T* rt = res + ml0 * MS + j0;
+            const bool ok_s = s0 + sl < a.S;
+#pragma unroll
+            for (unsigned it = 0; it < WalkOut::NL; ++it) {
+                if (ok_s && m0 + ml0 + WalkOut::dm(it) < a.M) {
+                    const V v = *reinterpret_cast<const V*>(rt + WalkOut::dm(it) * MS + WalkOut::dj(it));
+                    *reinterpret_cast<V*>(yt + i64(WalkOut::dm(it)) * a.ym + i64(WalkOut::dj(it) / TS) * a.S) = v;
+                }
+            }
+        } else if constexpr (Spec::OUT_VEC) {
             // 16-byte stores: VEC consecutive slices (row layout, TS % VEC == 0, S % VEC == 0)
             // or VEC consecutive rows (column layout)
             typedef typename Vec<T>::type V;
