@@ -55,6 +55,16 @@ def test_time_candidates_samples_short_calls_more():
     assert count(0.01) == 25  # capped
 
 
+def test_time_candidates_leaves_out_a_path_that_runs_out_of_memory():
+    def run(path):
+        if path == "axis_gemm_t":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    times = time_candidates(run, ["fused", "axis_gemm_t"], reps=2, timer=lambda fn: fn() or 1.0)
+    assert times == {"fused": 1.0}
+    assert time_candidates(lambda p: run("axis_gemm_t"), ["fused"], reps=2, timer=lambda fn: 1.0) == {}
+
+
 def test_tuner_keeps_fastest_and_persists(tmp_path):
     file = PathTuner.file_for(tmp_path, "NVIDIA H100 80GB HBM3")
     assert file.parent == tmp_path and " " not in file.name
@@ -128,6 +138,16 @@ def test_path_is_tuned_once_per_signature(monkeypatch):
     # another signature (other rows) is tuned on its own
     backend._path("kron_matmul", x, shapes, 12, False, True, True, ran.append)
     assert fake.calls == 2
+
+
+def test_model_path_when_no_candidate_could_be_timed(monkeypatch):
+    shapes, x = ((64, 64),) * 3, torch.empty(64**3, 11)
+    backend = _cpu_backend(monkeypatch, lambda run, candidates: {})
+    from kronegp._cuda import _choice
+
+    model = _choice(shapes, 11, 4, False, True, True, "auto").path
+    assert backend._path("kron_matmul", x, shapes, 11, False, True, True, None) == model
+    assert not backend.tuner(x.device).table  # nothing recorded: tried again next time
 
 
 def test_pinned_path_and_single_candidate_are_not_timed(monkeypatch):

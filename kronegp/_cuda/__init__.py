@@ -157,7 +157,10 @@ class CudaBackend:
         if path is None:
             if torch.cuda.is_current_stream_capturing():
                 return choice.path  # no timing inside a graph capture
-            path = tuner.record(key, time_candidates(run, candidates), choice.path)
+            times = time_candidates(run, candidates)
+            if not times:
+                return choice.path  # nothing ran within memory: the call itself will say so
+            path = tuner.record(key, times, choice.path)
         return path
 
     def _device(self, t: Tensor) -> DeviceKernels:

@@ -50,7 +50,8 @@ def time_candidates(
     budget_ms: float = 5.0,
     max_reps: int = 25,
 ) -> dict[str, float]:
-    """Median milliseconds of ``run(path)`` for each candidate path.
+    """Median milliseconds of ``run(path)`` for each candidate path that runs (a candidate that
+    runs out of device memory is left out; none left: an empty dict).
 
     Each candidate runs once untimed first (kernel compilation, cuBLAS heuristics), then the
     candidates take turns, so a slow spell of the device hits them alike. ``reps`` turns, or
@@ -60,14 +61,23 @@ def time_candidates(
     """
     if timer is None:
         timer = _cuda_event_ms
+    ok = []
     for c in candidates:
-        run(c)
-    samples: dict[str, list[float]] = {c: [timer(lambda c=c: run(c))] for c in candidates}
+        try:
+            run(c)
+            ok.append(c)
+        except torch.cuda.OutOfMemoryError:
+            # a path whose intermediates do not fit is not a candidate (the memory it took
+            # goes back to torch's cache when the exception is dropped)
+            continue
+    if not ok:
+        return {}
+    samples: dict[str, list[float]] = {c: [timer(lambda c=c: run(c))] for c in ok}
     if reps is None:
         fastest = max(min(v[0] for v in samples.values()), 1e-3)
         reps = int(min(max_reps, max(3, budget_ms // fastest)))
     for _ in range(reps - 1):
-        for c in candidates:
+        for c in ok:
             samples[c].append(timer(lambda c=c: run(c)))
     return {c: statistics.median(v) for c, v in samples.items()}
 
