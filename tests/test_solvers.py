@@ -184,6 +184,24 @@ def test_slq_needs_lanczos_record():
         solve_with_logdet(lambda v: a @ v, torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), precond=lambda r: r)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_slq_from_a_queued_host_copy_matches(device):
+    """LanczosOnHost (the copy queued before later GPU work) gives the same SLQ estimate and
+    residual as the direct call; it refuses a different column selection."""
+    from kronegp.solvers.lanczos import LanczosOnHost
+
+    a = _spd(40, torch.float64, cond=50.0, seed=3).to(device)
+    rhs = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(device)
+    res = block_cg(lambda v: a @ v, rhs, tol=1e-10, record_lanczos=True)
+    host = LanczosOnHost(res, columns=slice(1, None))
+    _ = a @ rhs  # more GPU work queued after the copy
+    direct = float(slq_logdet_correction(res, columns=slice(1, None)))
+    assert float(slq_logdet_correction(res, columns=slice(1, None), host=host)) == pytest.approx(direct, rel=1e-14)
+    assert host.residual_max() == pytest.approx(float(res.residual.max()), rel=1e-12)
+    with pytest.raises(ValueError, match="holds columns"):
+        slq_logdet_correction(res, columns=slice(2, None), host=host)
+
+
 def test_block_cg_diagonal_tensor_preconditioner_equals_callable():
     dtype = torch.float64
     a = _spd(30, dtype, cond=1e3)

@@ -54,6 +54,7 @@ from torch import Tensor
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
+from kronegp.solvers.lanczos import LanczosOnHost
 
 __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "solve_observed"]
 
@@ -446,12 +447,13 @@ def cg_lml_pieces(
                 record_lanczos=True,
                 **lay.cg,
             )
+            lanczos = LanczosOnHost(res, columns=slice(1, None))  # copy queued before the back-solve
             g = res.solution
             second = lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))])
-            iterations, residual = res.iterations, float(res.residual.max())
             log_gdiag = _total(inner, missing * torch.log(g_diag))
-            logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None))
             extra["missing_iterations"] = res.iterations
+            # The back-solve's GPU work is queued first; the host-side SLQ (a transfer and LAPACK
+            # band solves) and the residual read then run while the GPU computes it.
             # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
             if eig_pairs:
                 second_t = cov.eig.to_eigbasis_rows(second) * cov.p_inv  # Qᵀ X [r − g_r, G⁻¹z]
@@ -468,6 +470,8 @@ def cg_lml_pieces(
                 lefts.append(lay.columns(lay.take(back, slice(1, None))))
                 rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
                 weights.append(resid.new_full((s,), 0.5 / s))
+            iterations, residual = res.iterations, lanczos.residual_max()
+            logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
 
         if eig_left is None:
             lefts.insert(0, alpha.unsqueeze(-1))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kronegp.solvers.cg import CGResult
 
-__all__ = ["cg_tridiagonals", "slq_logdet_correction", "tridiagonal_bands"]
+__all__ = ["LanczosOnHost", "cg_tridiagonals", "slq_logdet_correction", "tridiagonal_bands"]
 
 
 def tridiagonal_bands(alphas: Tensor, betas: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,17 +85,48 @@ def cg_tridiagonals(alphas: Tensor, betas: Tensor, steps: Tensor) -> list[Tensor
     return out
 
 
-def slq_logdet_correction(result: CGResult, columns: slice | list[int] | None = None) -> Tensor:
-    """SLQ estimate of ``log det(M^{½} A M^{½})`` from a CG run on probe right-hand sides.
+class LanczosOnHost:
+    """A CG run's Lanczos coefficients (columns ``columns``) and its largest final residual,
+    copied to the host without waiting for GPU work queued after it: the copy is queued on the
+    current stream when this is made (pinned memory, non-blocking) and waited for (an event)
+    when first read. A caller that queues more GPU work in between overlaps that work with
+    the host-side quadrature (:func:`slq_logdet_correction` with ``host=``)."""
 
-    The probes must be drawn from ``N(0, M⁻¹)`` (for ``M = I``: standard normal) and
-    solved from ``x0 = 0`` with ``record_lanczos=True``. Returns a 0-dim tensor; add
-    ``log det M⁻¹`` to get ``log det A``.
+    def __init__(self, result: CGResult, columns: slice | list[int] | None = None):
+        self.cols = _probe_columns(result, columns)
+        self.k = result.alphas.shape[0]
+        dev = result.alphas.device
+        idx = torch.tensor(self.cols, device=dev)
+        flat = torch.cat([
+            result.alphas[:, idx].to(torch.float64).reshape(-1),
+            result.betas[:, idx].to(torch.float64).reshape(-1),
+            result.column_iterations[idx].to(torch.float64),
+            result.initial_rz[idx].to(torch.float64),
+            result.residual.max().to(torch.float64).reshape(1),
+        ])
+        self._event = None
+        if dev.type == "cuda":
+            self._data = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
+            self._data.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._data = flat
 
-    Args:
-        result: the :class:`~kronegp.solvers.CGResult` (no batch dimensions).
-        columns: which columns of the run are probes (default: all).
-    """
+    def packed(self) -> Tensor:
+        """``(2k + 2, c)`` host float64: α rows, β rows, iterations, initial ``rᵀz``."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._data[:-1].view(2 * self.k + 2, len(self.cols))
+
+    def residual_max(self) -> float:
+        """The run's largest final relative residual (over all its columns)."""
+        self.packed()
+        return float(self._data[-1])
+
+
+def _probe_columns(result: CGResult, columns) -> list[int]:
     if result.alphas is None or result.betas is None:
         raise ValueError("result holds no Lanczos coefficients: run block_cg with record_lanczos=True")
     if result.alphas.dim() != 2:
@@ -107,18 +138,35 @@ def slq_logdet_correction(result: CGResult, columns: slice | list[int] | None = 
     cols = list(cols)
     if not cols:
         raise ValueError("no probe columns selected")
+    return cols
+
+
+def slq_logdet_correction(
+    result: CGResult, columns: slice | list[int] | None = None, host: "LanczosOnHost | None" = None
+) -> Tensor:
+    """SLQ estimate of ``log det(M^{½} A M^{½})`` from a CG run on probe right-hand sides.
+
+    The probes must be drawn from ``N(0, M⁻¹)`` (for ``M = I``: standard normal) and
+    solved from ``x0 = 0`` with ``record_lanczos=True``. Returns a 0-dim tensor; add
+    ``log det M⁻¹`` to get ``log det A``.
+
+    Args:
+        result: the :class:`~kronegp.solvers.CGResult` (no batch dimensions).
+        columns: which columns of the run are probes (default: all).
+        host: the same run's :class:`LanczosOnHost` (same ``columns``), whose copy was queued
+            earlier; otherwise the coefficients are copied here (waiting for the GPU's queue).
+    """
     # The tridiagonals are tiny (one row per CG iteration): build and decompose them on the
     # host in float64 (numpy/LAPACK) after one transfer, instead of a GPU eigh (hundreds of
     # launches) or torch ops (tens of µs each) per column.
+    if host is None:
+        host = LanczosOnHost(result, columns)
+    elif host.cols != _probe_columns(result, columns):
+        raise ValueError(f"host holds columns {host.cols}, not the requested {columns}")
     dev, dt = result.alphas.device, result.alphas.dtype
-    idx = torch.tensor(cols, device=dev)
-    packed = torch.cat([
-        result.alphas[:, idx].to(torch.float64),
-        result.betas[:, idx].to(torch.float64),
-        result.column_iterations[idx].to(torch.float64).unsqueeze(0),
-        result.initial_rz[idx].to(torch.float64).unsqueeze(0),
-    ]).cpu()
-    k = result.alphas.shape[0]
+    cols = host.cols
+    packed = host.packed()
+    k = host.k
     diag, off, size = tridiagonal_bands(packed[:k], packed[k : 2 * k], packed[2 * k].long())
     diag, off, size, weights = diag.numpy(), off.numpy(), size.tolist(), packed[2 * k + 1].tolist()
     tiny = torch.finfo(dt).tiny
