@@ -403,7 +403,7 @@ def cg_lml_pieces(
             first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
             logdet = logdet + out.logdet + first_order - per_probe.mean()
             cov.solve_iterations += out.cg.iterations
-            iterations, residual = out.cg.iterations, float(out.cg.residual.max())
+            iterations, residual = out.cg.iterations, out.residual_max()
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
             # analytic gradient), the second is small when P ≈ C. The noise is fixed on this
@@ -534,5 +534,5 @@ def plain_cg_lml_pieces(
         weights=torch.cat([resid.new_full((1,), 0.5), resid.new_full((s,), -0.5 / s)]),
         exact_logdet=False,
         iterations=out.cg.iterations,
-        residual=float(out.cg.residual.max()),
+        residual=out.residual_max(),
     )

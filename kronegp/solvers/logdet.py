@@ -16,14 +16,14 @@ Nothing here assumes the vectors are local: every reduction goes through ``inner
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from kronegp.solvers.cg import CGResult, _diagonal_precond, block_cg
-from kronegp.solvers.lanczos import slq_logdet_correction
+from kronegp.solvers.lanczos import LanczosOnHost, slq_logdet_correction
 
 __all__ = ["SolveWithLogdet", "solve_with_logdet"]
 
@@ -37,15 +37,31 @@ class SolveWithLogdet:
         probe_solves: ``A⁻¹ z_s``, shape ``(n, S)``.
         probe_precond: ``P⁻¹ z_s`` (= ``M z_s``), shape ``(n, S)``.
         (Transposed, ``(t, n)`` and ``(S, n)``, for a ``rows`` solve.)
-        logdet: estimate of ``log det A`` (0-dim), ``precond_logdet`` included.
+        logdet: estimate of ``log det A`` (0-dim), ``precond_logdet`` included. Computed on
+            first access from the Lanczos coefficients, whose copy to the host was queued when
+            the CG ended: GPU work queued before that access runs while the host computes it.
         cg: the underlying :class:`~kronegp.solvers.CGResult`.
     """
 
     solution: Tensor
     probe_solves: Tensor
     probe_precond: Tensor
-    logdet: Tensor
     cg: CGResult
+    lanczos: LanczosOnHost = field(repr=False)
+    precond_logdet: Optional[Tensor] = None
+    _logdet: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def logdet(self) -> Tensor:
+        if self._logdet is None:
+            t = self.cg.alphas.shape[-1] - len(self.lanczos.cols)
+            est = slq_logdet_correction(self.cg, columns=slice(t, None), host=self.lanczos)
+            self._logdet = est + self.precond_logdet if self.precond_logdet is not None else est
+        return self._logdet
+
+    def residual_max(self) -> float:
+        """The CG run's largest final relative residual (read from the queued host copy)."""
+        return self.lanczos.residual_max()
 
 
 def solve_with_logdet(
@@ -98,9 +114,7 @@ def solve_with_logdet(
         record_lanczos=True,
         rows=rows,
     )
-    logdet = slq_logdet_correction(result, columns=slice(t, None))
-    if precond_logdet is not None:
-        logdet = logdet + precond_logdet
+    lanczos = LanczosOnHost(result, columns=slice(t, None))  # copy queued now, read on demand
     if precond is None:
         probe_precond = probes
     elif isinstance(precond, Tensor):
@@ -111,6 +125,7 @@ def solve_with_logdet(
         solution=result.solution[:t] if rows else result.solution[:, :t],
         probe_solves=result.solution[t:] if rows else result.solution[:, t:],
         probe_precond=probe_precond,
-        logdet=logdet,
         cg=result,
+        lanczos=lanczos,
+        precond_logdet=precond_logdet,
     )
