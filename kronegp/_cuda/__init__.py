@@ -93,8 +93,11 @@ class CudaBackend:
             raise ValueError(f"force_path must be one of {_PATHS}, got {value!r}")
         self._force_path = value
 
-    def _signature(self, side: str, x: Tensor, factors: Sequence[Tensor]) -> tuple:
-        nb = math.prod(_batch_shape(x, factors))
+    def _signature(self, side: str, x: Tensor, factors: Sequence[Tensor], batch: torch.Size | None = None) -> tuple:
+        """``(shapes, rows, in_col, out_col, axis_ok)`` of a call in row form: the factors as
+        ``(P_i, Q_i)`` of ``G_i``, rows over the broadcast ``batch`` (computed if not given), the
+        layouts of x and y, and whether the cuBLAS path may run."""
+        nb = math.prod(_batch_shape(x, factors) if batch is None else batch)
         if side == "matmul_kron":
             shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
             m = x.shape[-2]
@@ -222,10 +225,8 @@ class CudaBackend:
         q_total = math.prod(int(f.shape[-1]) for f in factors)
         if m == 0 or x.shape[-1] == 0 or q_total == 0 or math.prod(batch) == 0:
             return reference.matmul_kron(x, factors)  # empty: nothing to launch
-        in_col = m > 1 and x.stride(-2) == 1 and x.stride(-1) != 1
-        shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
-        nb = math.prod(batch)
-        path = self._path("matmul_kron", x, shapes, m * nb, in_col, False, axis_gemm_allowed(x, factors),
+        shapes, rows, in_col, out_col, axis_ok = self._signature("matmul_kron", x, factors, batch)
+        path = self._path("matmul_kron", x, shapes, rows, in_col, out_col, axis_ok,
                           lambda p: self._matmul_kron(x, factors, batch, shapes, in_col, p))
         return self._matmul_kron(x, factors, batch, shapes, in_col, path)
 
@@ -263,10 +264,8 @@ class CudaBackend:
         if t == 0 or x.shape[-2] == 0 or p_total == 0 or math.prod(batch) == 0:
             return reference.kron_matmul(factors, x)
         # rows of the row form are the columns t of x: row stride x.stride(-1)
-        in_col = t > 1 and x.stride(-1) == 1 and x.stride(-2) != 1
-        shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
-        nb = math.prod(batch)
-        path = self._path("kron_matmul", x, shapes, t * nb, in_col, t > 1, axis_gemm_allowed(x, factors),
+        shapes, rows, in_col, out_col, axis_ok = self._signature("kron_matmul", x, factors, batch)
+        path = self._path("kron_matmul", x, shapes, rows, in_col, out_col, axis_ok,
                           lambda p: self._kron_matmul(factors, x, batch, shapes, in_col, p))
         return self._kron_matmul(factors, x, batch, shapes, in_col, path)
 
