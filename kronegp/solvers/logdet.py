@@ -54,8 +54,7 @@ class SolveWithLogdet:
     @property
     def logdet(self) -> Tensor:
         if self._logdet is None:
-            t = self.cg.alphas.shape[-1] - len(self.lanczos.cols)
-            est = slq_logdet_correction(self.cg, columns=slice(t, None), host=self.lanczos)
+            est = slq_logdet_correction(self.cg, columns=self.lanczos.cols, host=self.lanczos)
             self._logdet = est + self.precond_logdet if self.precond_logdet is not None else est
         return self._logdet
 
