@@ -665,7 +665,8 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         if scheme == "replicated":
             gen = torch.Generator(device=dev)
             gen.manual_seed(self.seed + offset)
-            return torch.randn(self.n_cells, cols, generator=gen, dtype=dt, device=dev)[self.rows]
+            # GridGP's draw: column after column (its (N, cols) block is a transposed view)
+            return torch.randn(cols, self.n_cells, generator=gen, dtype=dt, device=dev)[:, self.rows].mT.contiguous()
         out = []
         start, stop = self.rows.start, self.rows.stop
         for chunk in range(start // _PROBE_CHUNK_ROWS, (stop - 1) // _PROBE_CHUNK_ROWS + 1):

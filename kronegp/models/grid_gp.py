@@ -279,7 +279,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         if self._probe_generator is None or not self.resample_probes or self._probe_generator.device != dev:
             self._probe_generator = torch.Generator(device=dev)
             self._probe_generator.manual_seed(self.seed + offset)
-        return torch.randn(rows, cols, generator=self._probe_generator, dtype=self.y.dtype, device=dev)
+        # Drawn one column after another (a transposed view): the cg path holds its blocks as
+        # rows (t, N), so the probes need no transposing copy there.
+        return torch.randn(cols, rows, generator=self._probe_generator, dtype=self.y.dtype, device=dev).mT
 
     def _probes(self, cells: Optional[Tensor], offset: int = 0) -> Tensor:
         """Probe columns for trace estimates over ``cells`` (bool grid; ``None`` = all).
