@@ -310,11 +310,19 @@ def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_ele
     else:
         tm_opts = [1]
         ts_opts = [128, 64, 32, 16, 8, 4, 2, 1]
+    # Threads per block: each thread of a step holds up to 4 rows × RQ columns of outputs, and
+    # with 256 threads a 4096-element tile gives it only 2 rows, where its shared-memory loads
+    # keep pace with its FMAs (two rows of `a` and RQ factor values per RQ·2 FMAs). float64
+    # halves the rate of both, and its 8-byte row loads take two wavefronts each: with 128
+    # threads (4 rows each) the 16² row pass of (1024, 16^4) went 487 → 370 µs, 73 → 96 % of the
+    # copy rate, 8^3 passes 72 → 88 %; float32 gained nothing in row layouts and lost 4–17 % in
+    # column layouts (fewer loads in flight), so it keeps 256 (NOTES.md, "Fused kernel, round 5").
+    nt = 128 if itemsize == 8 else 256
     best = None
     for tm in tm_opts:
         for ts in sorted(ts_opts):
             ts = min(ts, s)
-            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, 256, in_col, out_col)
+            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, nt, in_col, out_col)
             if spec.smem_bytes > smem_budget:
                 break
             elems = tm * ts * max(spec.PG, spec.QG)
@@ -420,7 +428,11 @@ class Rates:
     # the fused kernel per pass: ~1.6 of 2.9 TB/s before its loads were batched (NOTES.md, round 3),
     # 11 % faster on average after (round 4: row-layout passes of 16^2 up to 2.4 TB/s)
     fused_bw_efficiency: float = 0.62
-    fused_flops_per_s: tuple = ((4, 13.5e12), (8, 6.2e12))  # FFMA/DFMA with index overhead
+    # FFMA/DFMA with index overhead; float64 with 128 threads per block (round 5): 11.6 TFLOP/s in
+    # the memory-bound 16^2 row pass, 10.7-14 in the compute-bound 32^2 passes
+    fused_flops_per_s: tuple = ((4, 13.5e12), (8, 11e12))
+    # column layouts ((⊗F)·x) reach ~0.75 of that: 32^2 passes 19 vs 26 (fp32), 10.7 vs 14 (fp64)
+    fused_col_rate_factor: float = 0.75
     # cuda_ext/kron_gemm.cuh: ~5-6 TFLOP/s on the GP 64^3, T = 11 plan (14/10.5 on large M, where
     # cuBLAS wins anyway); a higher figure sent GP 64^3 to this path, 12-35% slower than cuBLAS
     own_gemm_flops_per_s: tuple = ((4, 6e12), (8, 5e12))
@@ -471,6 +483,8 @@ def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rat
         if st.spec.kind == "fused":
             bw = rates.fused_bw_efficiency * rates.copy_bytes_per_s
             rate = rates.get(rates.fused_flops_per_s, itemsize)
+            if st.spec.in_col or st.spec.out_col:
+                rate *= rates.fused_col_rate_factor
         else:
             bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
             rate = rates.get(rates.own_gemm_flops_per_s, itemsize)
@@ -558,9 +572,9 @@ def choose_path(
     cuBLAS GEMM per factor on natural-order axis views (``axis_ok``: the operands allow it).
 
     Both move ``bytes = m·(k_in + k_out)·itemsize`` per launch; the fused plan makes fewer
-    launches (several factors per pass) at ~55% of copy bandwidth and ~12 TFLOP/s (fp32),
-    the cuBLAS plan one pass per factor at ~80% of copy bandwidth and up to the full GEMM rate
-    (fp64 on tensor cores). So runs of small factors (memory-bound, few passes) stay fused,
+    launches (several factors per pass) at ~62% of copy bandwidth and 13.5 (fp32) / 11 (fp64)
+    TFLOP/s (:class:`Rates`), the cuBLAS plan one pass per factor at ~80% of copy bandwidth and
+    up to the full GEMM rate (fp64 on tensor cores). So runs of small factors (memory-bound, few passes) stay fused,
     and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
     ``"axis_gemm"``) overrides the choice for benchmarks and tests.
     """
