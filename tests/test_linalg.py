@@ -31,6 +31,68 @@ def test_mixed_sizes_match_reconstruction(dtype, tol):
         _check(m, lam, q, tol)
 
 
+def _toeplitz_kernel(n, dtype, lengthscale=7.0, device="cpu"):
+    """Matérn-5/2 on evenly spaced points: symmetric Toeplitz, hence centrosymmetric."""
+    x = torch.arange(n, dtype=torch.float64)
+    d = (x[:, None] - x[None, :]).abs() / lengthscale
+    k = (1 + 5**0.5 * d + 5 / 3 * d**2) * torch.exp(-(5**0.5) * d)
+    return (k + 1e-3 * torch.eye(n, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_centrosymmetric_matrices_split_in_two(dtype, tol, monkeypatch):
+    """Symmetric Toeplitz factors (even and odd sizes) go through two half-size problems; the
+    result is a valid ascending decomposition with eigenvalues equal to eigh's."""
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
+    sizes_seen = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    ns = (16, 17, 61, 64, 128, 365)
+    mats = [_toeplitz_kernel(n, dtype) for n in ns]
+    pairs = symmetric_eig(mats)
+    for m, (lam, q) in zip(mats, pairs):
+        _check(m, lam, q, tol)
+        ref = real_eigh(m.double())[0]
+        assert (lam.double() - ref).abs().max() / ref.abs().max() < tol
+    assert sorted(sizes_seen) == sorted([n // 2 for n in ns] + [n - n // 2 for n in ns])
+
+
+def test_centrosymmetric_split_reads_the_lower_triangle(monkeypatch):
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
+    m = _toeplitz_kernel(40, torch.float64)
+    junk = m + torch.triu(torch.rand(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), 1)
+    (lam, q), = symmetric_eig([junk])
+    _check(m, lam, q, 1e-13)
+
+
+def test_nearly_centrosymmetric_matrix_is_not_split(monkeypatch):
+    """A perturbation far above rounding keeps the direct decomposition (nothing symmetrised away)."""
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
+    m = _toeplitz_kernel(50, torch.float64)
+    m[7, 2] += 1e-9
+    m[2, 7] += 1e-9
+    sizes_seen = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    (lam, q), = symmetric_eig([m])
+    assert sizes_seen == [50]
+    _check(m, lam, q, 1e-13)
+    assert torch.allclose(lam, real_eigh(m)[0], rtol=0, atol=1e-14)
+
+
+def test_centrosymmetric_split_can_be_switched_off(monkeypatch):
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 0)
+    sizes_seen = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    symmetric_eig([_toeplitz_kernel(32, torch.float64)])
+    assert sizes_seen == [32]
+
+
 def test_host_workers_and_calling_thread_split(monkeypatch):
     """Small host matrices go to single-threaded workers, larger ones stay on the calling
     thread; both agree with the reconstruction, and the caller's thread settings are kept."""
@@ -118,6 +180,21 @@ def test_cuda_host_and_device_sides(dtype, tol, monkeypatch):
     mats = [_spd(n, dtype, device="cuda", seed=n) for n in (3, 64, 65, 365)]  # two on each side
     for m, (lam, q) in zip(mats, symmetric_eig(mats)):
         _check(m, lam, q, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_centrosymmetric_factors_on_both_sides(dtype, tol, monkeypatch):
+    """Toeplitz factors of CUDA tensors: split on the host (≤ HOST_EIGH_MAX_ROWS rows), decomposed
+    directly on the device above; both agree with eigh."""
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 64)
+    monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
+    mats = [_toeplitz_kernel(n, dtype, device="cuda") for n in (33, 64, 128, 365)]
+    for m, (lam, q) in zip(mats, symmetric_eig(mats)):
+        _check(m, lam, q, tol)
+        ref = torch.linalg.eigh(m.double())[0]
+        assert (lam.double() - ref).abs().max() / ref.abs().max() < tol
 
 
 @pytest.mark.cuda
