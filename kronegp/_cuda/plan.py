@@ -431,8 +431,11 @@ class Rates:
     # FFMA/DFMA with index overhead; float64 with 128 threads per block (round 5): 11.6 TFLOP/s in
     # the memory-bound 16^2 row pass, 10.7-14 in the compute-bound 32^2 passes
     fused_flops_per_s: tuple = ((4, 13.5e12), (8, 11e12))
-    # column layouts ((⊗F)·x) reach ~0.75 of that: 32^2 passes 19 vs 26 (fp32), 10.7 vs 14 (fp64)
-    fused_col_rate_factor: float = 0.75
+    # column layouts ((⊗F)·x) reach ~0.75 of that (32^2 passes: 19 vs 26 TFLOP/s fp32, 10.7 vs 14
+    # fp64); set per dtype so that (1024, 32^3) kron_matmul, the case on the edge, takes the path
+    # that was faster in four runs: fused in fp32 (433-466 vs 443-498 µs), cuBLAS in fp64 (626-683
+    # vs 728-823 µs)
+    fused_col_rate_factor: tuple = ((4, 0.8), (8, 0.75))
     # cuda_ext/kron_gemm.cuh: ~5-6 TFLOP/s on the GP 64^3, T = 11 plan (14/10.5 on large M, where
     # cuBLAS wins anyway); a higher figure sent GP 64^3 to this path, 12-35% slower than cuBLAS
     own_gemm_flops_per_s: tuple = ((4, 6e12), (8, 5e12))
@@ -484,7 +487,7 @@ def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rat
             bw = rates.fused_bw_efficiency * rates.copy_bytes_per_s
             rate = rates.get(rates.fused_flops_per_s, itemsize)
             if st.spec.in_col or st.spec.out_col:
-                rate *= rates.fused_col_rate_factor
+                rate *= rates.get(rates.fused_col_rate_factor, itemsize)
         else:
             bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
             rate = rates.get(rates.own_gemm_flops_per_s, itemsize)
