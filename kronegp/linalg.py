@@ -119,8 +119,9 @@ def _centro_split(m: Tensor, eps: float) -> Optional[tuple[Tensor, Tensor]]:
     a, bj = c[:h, :h], c[:h, n - h :].flip(1)
     odd = a - bj
     even = a + bj
-    if n % 2:
-        even = torch.cat([torch.cat([even, (2.0**0.5) * c[:h, h : h + 1]], 1), torch.cat([(2.0**0.5) * c[h : h + 1, :h], c[h : h + 1, h : h + 1]], 1)])
+    if n % 2:  # bordered by the middle row and column
+        mid = c[h : h + 1]
+        even = torch.cat([torch.cat([even, (2.0**0.5) * mid[:, :h].mT], 1), torch.cat([(2.0**0.5) * mid[:, :h], mid[:, h : h + 1]], 1)])
     return 0.5 * (even + even.mT), 0.5 * (odd + odd.mT)
 
 

@@ -31,6 +31,14 @@ def test_mixed_sizes_match_reconstruction(dtype, tol):
         _check(m, lam, q, tol)
 
 
+def _count_eigh_sizes(monkeypatch) -> list:
+    """Record the size of every ``torch.linalg.eigh`` call (from any thread) in the returned list."""
+    seen = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: seen.append(a.shape[0]) or real_eigh(a))
+    return seen
+
+
 def _toeplitz_kernel(n, dtype, lengthscale=7.0, device="cpu"):
     """Matérn-5/2 on evenly spaced points: symmetric Toeplitz, hence centrosymmetric."""
     x = torch.arange(n, dtype=torch.float64)
@@ -45,9 +53,8 @@ def test_centrosymmetric_matrices_split_in_two(dtype, tol, monkeypatch):
     result is a valid ascending decomposition with eigenvalues equal to eigh's."""
     clear_eig_cache()
     monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
-    sizes_seen = []
     real_eigh = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    sizes_seen = _count_eigh_sizes(monkeypatch)
     ns = (16, 17, 61, 64, 128, 365)
     mats = [_toeplitz_kernel(n, dtype) for n in ns]
     pairs = symmetric_eig(mats)
@@ -74,9 +81,8 @@ def test_nearly_centrosymmetric_matrix_is_not_split(monkeypatch):
     m = _toeplitz_kernel(50, torch.float64)
     m[7, 2] += 1e-9
     m[2, 7] += 1e-9
-    sizes_seen = []
     real_eigh = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    sizes_seen = _count_eigh_sizes(monkeypatch)
     (lam, q), = symmetric_eig([m])
     assert sizes_seen == [50]
     _check(m, lam, q, 1e-13)
@@ -86,9 +92,7 @@ def test_nearly_centrosymmetric_matrix_is_not_split(monkeypatch):
 def test_centrosymmetric_split_can_be_switched_off(monkeypatch):
     clear_eig_cache()
     monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 0)
-    sizes_seen = []
-    real_eigh = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda a: sizes_seen.append(a.shape[0]) or real_eigh(a))
+    sizes_seen = _count_eigh_sizes(monkeypatch)
     symmetric_eig([_toeplitz_kernel(32, torch.float64)])
     assert sizes_seen == [32]
 

@@ -577,8 +577,8 @@ def choose_path(
     Both move ``bytes = m·(k_in + k_out)·itemsize`` per launch; the fused plan makes fewer
     launches (several factors per pass) at ~62% of copy bandwidth and 13.5 (fp32) / 11 (fp64)
     TFLOP/s (:class:`Rates`), the cuBLAS plan one pass per factor at ~80% of copy bandwidth and
-    up to the full GEMM rate (fp64 on tensor cores). So runs of small factors (memory-bound, few passes) stay fused,
-    and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
+    up to the full GEMM rate (fp64 on tensor cores). So runs of small factors (memory-bound, few
+    passes) stay fused, and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
     ``"axis_gemm"``) overrides the choice for benchmarks and tests.
     """
     steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))

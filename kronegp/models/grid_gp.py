@@ -73,8 +73,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             is small: on a 128³ grid (float32, 6 seeds) the log likelihood's standard deviation
             was 1e-5 to 3e-5 of its value with 2–16 probes for 20 % missing cells, 2e-4 (16
             probes) to 5e-4 (4) for per-cell noise; L-BFGS fits of a 64³ grid with 20 % missing
-            cells found the same hyperparameters with 4 and 16 probes (``benchmarks/RESULTS.md``). Fewer probes are a reasonable speed-up
-            on large grids with missing cells; per-cell noise needs more.
+            cells found the same hyperparameters with 4 and 16 probes (``benchmarks/RESULTS.md``).
+            Fewer probes are a reasonable speed-up on large grids with missing cells; per-cell
+            noise needs more.
         cg_tol, cg_max_iters: CG stopping rule (relative residual) for the cg path.
         precondition: use the Kronecker-eigendecomposition preconditioner (cg path).
         seed: seed of the probe vectors. The same probes are used at every evaluation, so
