@@ -171,6 +171,30 @@ __device__ __forceinline__ void fused_steps(typename Spec::T* buf0, typename Spe
     if constexpr (f > 0) fused_steps<Spec, f - 1>(buf1, buf0, fsm);
 }
 
+// Copies TOTAL items, item e read by load(e) and written by store(e, v), thread t taking items
+// t, t + NT, …: each thread issues a batch of up to 8 loads before it stores any of them, so 8
+// loads per thread are in flight at once (a load → store → load chain waits a full memory
+// latency per item).
+template <class V, unsigned TOTAL, unsigned NT, class Load, class Store>
+__device__ __forceinline__ void batched_copy(Load load, Store store) {
+    constexpr unsigned NL = cdiv(TOTAL, NT);
+    constexpr unsigned LB = NL < 8 ? NL : 8;
+    constexpr bool EXACT = TOTAL % NT == 0 && NL % LB == 0;  // every (batch, l) is a real item
+    for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+        V v[LB];
+#pragma unroll
+        for (unsigned l = 0; l < LB; ++l) {
+            const unsigned e = threadIdx.x + (it0 + l) * NT;
+            if (EXACT || (it0 + l < NL && e < TOTAL)) v[l] = load(e);
+        }
+#pragma unroll
+        for (unsigned l = 0; l < LB; ++l) {
+            const unsigned e = threadIdx.x + (it0 + l) * NT;
+            if (EXACT || (it0 + l < NL && e < TOTAL)) store(e, v[l]);
+        }
+    }
+}
+
 // Factor f's element e (row-major P × QS, columns padded with zeros to QS) from device memory.
 template <class Spec, int f>
 __device__ __forceinline__ typename Spec::T factor_elem(const KronArgs& a, i64 b, unsigned e) {
@@ -196,23 +220,9 @@ __device__ __forceinline__ typename Spec::T factors_elem(const KronArgs& a, i64 
 template <class Spec>
 __device__ __forceinline__ void load_factors(const KronArgs& a, i64 b, typename Spec::T* fsm) {
     typedef typename Spec::T T;
-    constexpr unsigned FT = FusedGeom<Spec>::f_off(Spec::NF);
-    constexpr unsigned NT = Spec::NT;
-    constexpr unsigned NL = cdiv(FT, NT);
-    constexpr unsigned LB = NL < 8 ? NL : 8;
-    for (unsigned it0 = 0; it0 < NL; it0 += LB) {
-        T v[LB];
-#pragma unroll
-        for (unsigned l = 0; l < LB; ++l) {
-            const unsigned e = threadIdx.x + (it0 + l) * NT;
-            if ((FT % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < FT)) v[l] = factors_elem<Spec>(a, b, e);
-        }
-#pragma unroll
-        for (unsigned l = 0; l < LB; ++l) {
-            const unsigned e = threadIdx.x + (it0 + l) * NT;
-            if ((FT % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < FT)) fsm[e] = v[l];
-        }
-    }
+    batched_copy<T, FusedGeom<Spec>::f_off(Spec::NF), Spec::NT>(
+        [&](unsigned e) { return factors_elem<Spec>(a, b, e); },
+        [&](unsigned e, T v) { fsm[e] = v; });
 }
 
 // How a thread walks a row-layout tile (TM rows of W words) in vectors of VEC words: its vector
@@ -259,10 +269,9 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     // factors -> shared memory, rows padded with zeros to a multiple of RQ columns
     load_factors<Spec>(a, b, fsm);
 
-    // x tile -> buf0 in the layout that feeds F_{NF-1}. Each thread issues a batch of up to LB
-    // global loads before it stores any of them to shared memory, so LB loads per thread are in
-    // flight at once (one load → store → load … chain would wait a full memory latency per
-    // element). In-tile indices are unsigned: the divisions by constants stay shifts/multiplies.
+    // x tile -> buf0 in the layout that feeds F_{NF-1}, the loads in batches (batched_copy; the
+    // row walk below likewise). In-tile indices are unsigned: the divisions by constants stay
+    // shifts/multiplies.
     {
         const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
         constexpr unsigned E = TM * TS * PG;
@@ -307,69 +316,50 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
             // checked the alignment of the pointer and strides.
             typedef typename Vec<T>::type V;
             constexpr unsigned VEC = G::VEC;
-            constexpr unsigned NV = E / VEC;
-            constexpr unsigned NL = cdiv(NV, NT);
-            constexpr unsigned LB = NL < 8 ? NL : 8;
-            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
-                V v[LB];
+            // vector e: its tile row and word
+            auto at = [](unsigned e, unsigned& m_l, unsigned& j) {
+                if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
+                else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
+            };
+            batched_copy<V, E / VEC, NT>(
+                [&](unsigned e) {
+                    unsigned m_l, j;
+                    at(e, m_l, j);
+                    const i64 m = m0 + m_l;
+                    const i64 s = s0 + j / PG;
+                    V v{};
+                    if (m < a.M && s < a.S) v = *reinterpret_cast<const V*>(xp + m * a.xm + (s * PG + j % PG) * a.xk);
+                    return v;
+                },
+                [&](unsigned e, V v) {
+                    unsigned m_l, j;
+                    at(e, m_l, j);
+                    const T* vs = reinterpret_cast<const T*>(&v);
 #pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned e = threadIdx.x + (it0 + l) * NT;
-                    v[l] = V{};
-                    if ((NV % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < NV)) {
-                        unsigned m_l, j;
-                        if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
-                        else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
-                        const i64 m = m0 + m_l;
-                        const i64 s = s0 + j / PG;
-                        if (m < a.M && s < a.S) v[l] = *reinterpret_cast<const V*>(xp + m * a.xm + (s * PG + j % PG) * a.xk);
+                    for (unsigned c = 0; c < VEC; ++c) {
+                        if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
+                        else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
                     }
-                }
-#pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned e = threadIdx.x + (it0 + l) * NT;
-                    if ((NV % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < NV)) {
-                        unsigned m_l, j;
-                        if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
-                        else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
-                        const T* vs = reinterpret_cast<const T*>(&v[l]);
-#pragma unroll
-                        for (unsigned c = 0; c < VEC; ++c) {
-                            if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
-                            else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
-                        }
-                    }
-                }
-            }
+                });
         } else {
-            constexpr unsigned NL = cdiv(E, NT);
-            constexpr unsigned LB = NL < 8 ? NL : 8;
-            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
-                T v[LB];
-#pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned e = threadIdx.x + (it0 + l) * NT;
-                    v[l] = T(0);
-                    if ((E % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < E)) {
-                        unsigned m_l, j;
-                        if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
-                        else { m_l = e / (TS * PG); j = e % (TS * PG); }
-                        const i64 m = m0 + m_l;
-                        const i64 s = s0 + j / PG;
-                        if (m < a.M && s < a.S) v[l] = xp[m * a.xm + (s * PG + j % PG) * a.xk];
-                    }
-                }
-#pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned e = threadIdx.x + (it0 + l) * NT;
-                    if ((E % NT == 0 && NL % LB == 0) || (it0 + l < NL && e < E)) {
-                        unsigned m_l, j;
-                        if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
-                        else { m_l = e / (TS * PG); j = e % (TS * PG); }
-                        buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v[l];
-                    }
-                }
-            }
+            // element e: its tile row and word
+            auto at = [](unsigned e, unsigned& m_l, unsigned& j) {
+                if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
+                else { m_l = e / (TS * PG); j = e % (TS * PG); }
+            };
+            batched_copy<T, E, NT>(
+                [&](unsigned e) {
+                    unsigned m_l, j;
+                    at(e, m_l, j);
+                    const i64 m = m0 + m_l;
+                    const i64 s = s0 + j / PG;
+                    return (m < a.M && s < a.S) ? xp[m * a.xm + (s * PG + j % PG) * a.xk] : T(0);
+                },
+                [&](unsigned e, T v) {
+                    unsigned m_l, j;
+                    at(e, m_l, j);
+                    buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
+                });
         }
     }
     __syncthreads();
