@@ -407,9 +407,9 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                     if constexpr (Spec::OUT_COL) {
                         T* vs = reinterpret_cast<T*>(&v);
 #pragma unroll
-                        for (unsigned c = 0; c < VEC; ++c) vs[c] = res[(m_l + c) * G::mstride_out() + j];
+                        for (unsigned c = 0; c < VEC; ++c) vs[c] = res[fused_pos<Spec, -1>(m_l + c, j)];
                     } else {
-                        v = *reinterpret_cast<const V*>(res + m_l * G::mstride_out() + j);  // TS % VEC == 0
+                        v = *reinterpret_cast<const V*>(res + fused_pos<Spec, -1>(m_l, j));  // TS % VEC == 0
                     }
                     *reinterpret_cast<V*>(yp + m * a.ym + (qg * a.S + s) * a.yk) = v;
                 }
@@ -423,7 +423,7 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                 const i64 m = m0 + m_l;
                 const unsigned qg = j / TS, s_l = j % TS;
                 const i64 s = s0 + s_l;
-                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[m_l * G::mstride_out() + j];
+                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[fused_pos<Spec, -1>(m_l, j)];
             }
         }
     }
