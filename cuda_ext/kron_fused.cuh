@@ -291,6 +291,9 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
 #pragma unroll
             for (unsigned c = 0; c < VEC; ++c) q[c] = ml0 * MS + ((j0 + c) / P) * LD + (j0 + c) % P;
             constexpr unsigned NL = WalkIn::NL, LB = NL < 8 ? NL : 8;
+            // The last batch may be partial (NL % LB != 0): its vectors it >= NL are not in the
+            // tile (they would read the rows after it and write past buf0). Unrolled, the test
+            // is a constant per vector.
 #pragma unroll
             for (unsigned it0 = 0; it0 < NL; it0 += LB) {
                 V v[LB];
@@ -298,12 +301,13 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                 for (unsigned l = 0; l < LB; ++l) {
                     const unsigned it = it0 + l;
                     v[l] = V{};
-                    if (full || (m0 + ml0 + WalkIn::dm(it) < a.M && s0 + (j0 + WalkIn::dj(it)) / PG < a.S))
+                    if (it < NL && (full || (m0 + ml0 + WalkIn::dm(it) < a.M && s0 + (j0 + WalkIn::dj(it)) / PG < a.S)))
                         v[l] = *reinterpret_cast<const V*>(xt + i64(WalkIn::dm(it)) * a.xm + WalkIn::dj(it));
                 }
 #pragma unroll
                 for (unsigned l = 0; l < LB; ++l) {
                     const unsigned it = it0 + l;
+                    if (it >= NL) break;
                     const T* vs = reinterpret_cast<const T*>(&v[l]);
 #pragma unroll
                     for (unsigned c = 0; c < VEC; ++c)
