@@ -305,3 +305,59 @@ def test_block_cg_fused_iteration_matches_torch_path_and_dense(dtype, n, t, prec
     # β of the last iteration is the ratio of two round-off-sized residuals: not compared
     kb = min(k, fused.iterations - 1, plain.iterations - 1)
     assert torch.allclose(fused.betas[:kb], plain.betas[:kb], rtol=coef_tol, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [False, True])
+def test_block_cg_fused_state_zero_column_min_iters_and_long_record(dtype, rows, monkeypatch):
+    """The device-side bookkeeping of the fused iteration (coefficients, per-column iteration
+    counts, residuals, the min_iters rule, a zero right-hand side) against the torch path, on a
+    solve longer than the first Lanczos record buffer (64 rows), so that the buffer grows."""
+    import kronegp.solvers.cg as cg_mod
+
+    n, t = 3001, 4
+    dev = torch.device("cuda")
+    a = _spd(60, torch.float64, cond=1e3, seed=3)
+    g = torch.Generator().manual_seed(7)
+    # block-diagonal operator: the 60×60 SPD matrix on the first rows, a spread diagonal after
+    diag = torch.logspace(0, 3, n - 60, dtype=torch.float64)[torch.randperm(n - 60, generator=g)]
+    b = torch.randn(n, t, generator=g, dtype=torch.float64)
+    b[:, 1] = 0
+    b[100:103, 1] = 1.0  # a Krylov space of dimension 3: converged before min_iters
+    b[:, 2] = 0  # a zero column: solved by 0, never iterated, residual 0
+    a, diag, b = a.to(dev, dtype), diag.to(dev, dtype), b.to(dev, dtype)
+
+    def matvec(v):
+        if rows:
+            return torch.cat([v[:, :60] @ a, diag * v[:, 60:]], 1)
+        return torch.cat([a @ v[:60], diag.unsqueeze(-1) * v[60:]], 0)
+
+    rhs = b.mT.contiguous() if rows else b
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    kw = dict(tol=tol, max_iters=600, min_iters=5, record_lanczos=True, rows=rows)
+    torch.empty(8 * n * t, dtype=dtype, device=dev).fill_(float("nan"))  # poison freed memory
+    fused = block_cg(matvec, rhs, **kw)
+    monkeypatch.setattr(cg_mod, "FUSED", False)
+    plain = block_cg(matvec, rhs, **kw)
+    assert fused.iterations > 64 and plain.iterations > 64  # the record buffer grew
+    assert fused.converged and plain.converged
+    assert abs(fused.iterations - plain.iterations) <= max(2, plain.iterations // 10)
+    its = fused.column_iterations
+    assert its.dtype == torch.long and its.is_cuda
+    assert int(its[2]) == 0 and float(fused.residual[2]) == 0.0
+    assert int(its[1]) == int(plain.column_iterations[1]) == 5  # min_iters, then frozen
+    assert int((its - plain.column_iterations).abs().max()) <= max(2, plain.iterations // 10)
+    sol = fused.solution.mT if rows else fused.solution
+    assert torch.isfinite(sol).all() and float(sol[:, 2].abs().max()) == 0.0
+    assert fused.alphas.shape == (fused.iterations, t) and fused.betas.shape == (fused.iterations, t)
+    assert torch.isfinite(fused.alphas).all() and torch.isfinite(fused.betas).all()
+    k = min(fused.iterations, plain.iterations, 3)
+    coef_tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert torch.allclose(fused.alphas[:k], plain.alphas[:k], rtol=coef_tol, atol=0)
+    assert torch.allclose(fused.betas[: k - 1], plain.betas[: k - 1], rtol=coef_tol, atol=0)
+    # a column's coefficients are zero once it stopped (and always for the zero column)
+    for c in range(t):
+        assert float(fused.alphas[int(its[c]) :, c].abs().sum()) == 0.0
+    assert float(fused.residual.max()) <= tol
+    assert _rel(fused.solution.double(), plain.solution.double()) < (1e-3 if dtype == torch.float32 else 1e-7)

@@ -191,11 +191,17 @@ class CudaBackend:
         execute_program(dev, prog, x, [x.data_ptr(), out.data_ptr()] + [f.data_ptr() for f in factors])
         return True
 
-    def cg_step(self, mode: str, **blocks):
+    def cg_state(self, **initial):
+        """The device-side per-column state of a fused block-CG solve (:class:`kronegp._cuda.cg.CgState`)."""
+        from kronegp._cuda.cg import CgState
+
+        return CgState(**initial)
+
+    def cg_step(self, mode: str, state, **blocks) -> None:
         """One element-wise step of block CG in a single pass (:mod:`kronegp._cuda.cg`)."""
         from kronegp._cuda.cg import cg_launch
 
-        return cg_launch(self._device(blocks["p"]), mode, **blocks)
+        cg_launch(self._device(blocks["p"]), mode, state, **blocks)
 
     def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, to_wide: bool, batch: int) -> None:
         """``batch`` contiguous ``(n, d)`` → ``(d, n)`` transposes (``to_wide``), or back.

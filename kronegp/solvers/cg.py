@@ -21,8 +21,10 @@ Between two ``matvec`` calls an iteration is bandwidth-bound element-wise work o
 blocks. On a contiguous CUDA block ``(n, t)`` with a diagonal preconditioner (``precond``
 given as a tensor) or none, and the local inner product, it runs as three single-pass
 kernels (:mod:`kronegp._cuda.cg`: ``pᵀAp``; the ``x``/``r`` update with ``rᵀz`` and ``rᵀr``;
-the new direction), 11 passes over the block instead of ~23 for the same algebra in torch.
-:data:`FUSED` turns that off (tests compare both).
+the new direction), 11 passes over the block instead of ~23 for the same algebra in torch,
+and the per-column coefficients and convergence test are computed by those kernels on the
+device (instead of ~15 tiny torch launches per iteration). :data:`FUSED` turns that off
+(tests compare both).
 """
 
 from __future__ import annotations
@@ -229,17 +231,25 @@ def block_cg(
     betas: list[Tensor] = []
     tiny = torch.finfo(rhs.dtype).tiny
     iterations = 0
-    while iterations < max_iters and (bool(active.any()) or iterations < min_iters):
-        keep = active | ((iterations < min_iters) & ~zero_col)
-        ap = matvec(p)
-        if fused is not None:
-            ap = _as_block(ap, p)
-            pap = fused.cg_step("dot", p=p, ap=ap, rows=rows)[0]
-            alpha = torch.where(keep, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
-            rz_new, rr = fused.cg_step("update", x=x, r=r, p=p, ap=ap, d=diag, coef=alpha.contiguous(), rows=rows)
-            beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-            fused.cg_step("direction", r=r, p=p, d=diag, coef=beta.contiguous(), rows=rows)
-        else:
+    if fused is not None:
+        # The coefficients and the convergence state stay on the device (kronegp._cuda.cg):
+        # three launches per iteration besides matvec, and one read of a flag.
+        st = fused.cg_state(rz=rz, res=res, b_norm=safe_b_norm, active=active, zero=zero_col, tol=tol,
+                            record=min(max_iters, 64) if record_lanczos else 0)
+        while iterations < max_iters and (iterations < min_iters or st.any_active()):
+            force = iterations < min_iters
+            ap = _as_block(matvec(p), p)
+            fused.cg_step("dot", st, p=p, ap=ap, rows=rows, iteration=iterations, force=force)
+            fused.cg_step("update", st, x=x, r=r, p=p, ap=ap, d=diag, rows=rows, iteration=iterations, force=force)
+            fused.cg_step("direction", st, r=r, p=p, d=diag, rows=rows)
+            iterations += 1
+        res, active, col_iters = st.res, st.active.bool(), st.iters
+        if record_lanczos and iterations:
+            alphas, betas = [st.alphas[:iterations]], [st.betas[:iterations]]
+    else:
+        while iterations < max_iters and (bool(active.any()) or iterations < min_iters):
+            keep = active | ((iterations < min_iters) & ~zero_col)
+            ap = matvec(p)
             pap = inner(p, ap)
             alpha = torch.where(keep, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
             # In place: x and r are this function's own buffers; one pass each instead of a
@@ -249,18 +259,16 @@ def block_cg(
             r.addcmul_(ap, per_vector(alpha), value=-1)
             z = apply_m(r)
             rz_new = inner(r, z)
-            rr = None
             beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
             p = torch.addcmul(z, p, per_vector(beta))
-        rz = torch.where(keep, rz_new, rz)
-        col_iters = col_iters + keep.long()
-        iterations += 1
-        if record_lanczos:
-            alphas.append(alpha)
-            betas.append(beta)
-        rr = inner(r, r) if rr is None else rr
-        res = torch.where(keep, rr.clamp_min(0).sqrt() / safe_b_norm, res)
-        active = active & (res > tol)
+            rz = torch.where(keep, rz_new, rz)
+            col_iters = col_iters + keep.long()
+            iterations += 1
+            if record_lanczos:
+                alphas.append(alpha.unsqueeze(0))
+                betas.append(beta.unsqueeze(0))
+            res = torch.where(keep, inner(r, r).clamp_min(0).sqrt() / safe_b_norm, res)
+            active = active & (res > tol)
 
     converged = not bool(active.any())
     if not converged and warn:
@@ -277,7 +285,7 @@ def block_cg(
         column_iterations=col_iters,
         residual=res,
         converged=converged,
-        alphas=torch.stack(alphas) if record_lanczos and alphas else None,
-        betas=torch.stack(betas) if record_lanczos and betas else None,
+        alphas=torch.cat(alphas) if record_lanczos and alphas else None,
+        betas=torch.cat(betas) if record_lanczos and betas else None,
         initial_rz=initial_rz,
     )
