@@ -239,10 +239,11 @@ class CudaBackend:
     def _matmul_kron(self, x: Tensor, factors, batch: torch.Size, shapes: tuple, in_col: bool, path: str) -> Tensor:
         m = x.shape[-2]
         q_total = math.prod(q for _, q in shapes)
-        out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
         if path == "axis_gemm":
             # rows (batch·M) lead, each factor's axis in natural order: x (B·M, P_1, …, P_N)
-            return axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors], out)
+            y = axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors])
+            return y.view(*batch, m, q_total)
+        out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
         fast_key = None
         if not batch:  # unbatched: the signature is shapes, strides, dtype, device, alignment
             fast_key = (0, shapes, m, x.stride(), tuple(f.stride() for f in factors), x.dtype, x.device,
@@ -279,17 +280,16 @@ class CudaBackend:
         t = x.shape[-1]
         nb = math.prod(batch)
         p_total = math.prod(p for _, p in shapes)
-        out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         if path == "axis_gemm":
             # x (B, Q_1, …, Q_N, T): the T columns trail, each factor acts on its axis
-            return axis_products(x, nb, [p for p, _ in shapes], t, list(factors), out)
+            return axis_products(x, nb, [p for p, _ in shapes], t, list(factors)).view(*batch, p_total, t)
+        out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         if path == "axis_gemm_t":
             # (⊗F)·x = (xᵀ·(⊗Fᵀ))ᵀ: one copy to xᵀ (B·T, ΠQ), the row plan, one copy back
             q_total = x.shape[-2]
             xt = torch.empty((*batch, t, q_total), dtype=x.dtype, device=x.device)
             self._transpose(x, xt, q_total, t, True, nb)
-            yt = torch.empty((*batch, t, p_total), dtype=x.dtype, device=x.device)
-            axis_products(xt, nb * t, [p for p, _ in shapes], 1, list(factors), yt)
+            yt = axis_products(xt, nb * t, [p for p, _ in shapes], 1, list(factors))
             self._transpose(yt, out, p_total, t, False, nb)
             return out
         fast_key = None

@@ -56,46 +56,34 @@ def axis_order(sizes_in: Sequence[int], sizes_out: Sequence[int]) -> list[int]:
     return sorted(range(n), key=lambda i: (sizes_out[i] / sizes_in[i], -i))
 
 
-def _axis_gemm(w: Tensor, x: Tensor, a: int, i: int, c: int, y: Tensor) -> None:
-    """``y(a, o, c) = W(o, i) · x(a, i, c)`` on flat contiguous buffers ``x`` and ``y``."""
-    o = w.shape[0]
+def _axis_gemm(w: Tensor, x: Tensor, a: int, i: int, c: int) -> Tensor:
+    """``y(a, o, c) = W(o, i) · x(a, i, c)`` for contiguous ``x``; ``y`` is a new contiguous tensor
+    (torch allocates it: one Python call fewer than an ``out=`` buffer, host time on small calls)."""
     if c == 1:
-        torch.mm(x.view(a, i), w.mT, out=y.view(a, o))
-    elif a == 1:
-        torch.mm(w, x.view(i, c), out=y.view(o, c))
-    else:
-        torch.bmm(w.expand(a, o, i), x.view(a, i, c), out=y.view(a, o, c))
+        return torch.mm(x.view(a, i), w.mT)
+    if a == 1:
+        return torch.mm(w, x.view(i, c))
+    return torch.bmm(w.expand(a, w.shape[0], i), x.view(a, i, c))  # W broadcast: batch stride 0
 
 
 @lru_cache(maxsize=4096)
 def _axis_steps(lead: int, dims: tuple, outs: tuple, trail: int) -> tuple:
-    """``(axis, A, I, O, C, elements out)`` per step, in :func:`axis_order` (cached: host time)."""
+    """``(axis, A, I, C)`` per step, in :func:`axis_order` (cached: host time)."""
     cur = list(dims)
     steps = []
     for ax in axis_order(dims, outs):
-        a = lead * math.prod(cur[:ax])
-        c = math.prod(cur[ax + 1 :]) * trail
-        steps.append((ax, a, cur[ax], outs[ax], c, a * outs[ax] * c))
+        steps.append((ax, lead * math.prod(cur[:ax]), cur[ax], math.prod(cur[ax + 1 :]) * trail))
         cur[ax] = outs[ax]
     return tuple(steps)
 
 
-def axis_products(
-    x: Tensor,
-    lead: int,
-    dims: Sequence[int],
-    trail: int,
-    mats: Sequence[Tensor],
-    out: Tensor,
-) -> Tensor:
+def axis_products(x: Tensor, lead: int, dims: Sequence[int], trail: int, mats: Sequence[Tensor]) -> Tensor:
     """Apply ``mats[i]`` (shape ``(O_i, dims[i])``) to axis ``i`` of contiguous ``x`` viewed as
-    ``(lead, *dims, trail)``; the result lands in ``out`` (contiguous, ``lead·ΠO_i·trail``
-    elements). Intermediates come from torch's caching allocator (stream-ordered)."""
+    ``(lead, *dims, trail)``; returns the result as a new contiguous tensor of ``lead·ΠO_i·trail``
+    elements (its shape is the last GEMM's: the caller views it). Intermediates come from torch's
+    caching allocator (stream-ordered)."""
     steps = _axis_steps(lead, tuple(dims), tuple(int(w.shape[0]) for w in mats), trail)
-    cur = x.view(-1)
-    last = len(steps) - 1
-    for n, (ax, a, i, o, c, size) in enumerate(steps):
-        dst = out.view(-1) if n == last else torch.empty(size, dtype=x.dtype, device=x.device)
-        _axis_gemm(mats[ax], cur, a, i, c, dst)
-        cur = dst
-    return out
+    cur = x
+    for ax, a, i, c in steps:
+        cur = _axis_gemm(mats[ax], cur, a, i, c)
+    return cur
