@@ -171,28 +171,41 @@ __device__ __forceinline__ void fused_steps(typename Spec::T* buf0, typename Spe
     if constexpr (f > 0) fused_steps<Spec, f - 1>(buf1, buf0, fsm);
 }
 
-// Copies TOTAL items, item e read by load(e) and written by store(e, v), thread t taking items
-// t, t + NT, …: each thread issues a batch of up to 8 loads before it stores any of them, so 8
-// loads per thread are in flight at once (a load → store → load chain waits a full memory
-// latency per item).
-template <class V, unsigned TOTAL, unsigned NT, class Load, class Store>
-__device__ __forceinline__ void batched_copy(Load load, Store store) {
-    constexpr unsigned NL = cdiv(TOTAL, NT);
-    constexpr unsigned LB = NL < 8 ? NL : 8;
-    constexpr bool EXACT = TOTAL % NT == 0 && NL % LB == 0;  // every (batch, l) is a real item
-    for (unsigned it0 = 0; it0 < NL; it0 += LB) {
+// This thread's items it = 0 … N−1, item it read by load(it) and written by store(it, v), in
+// batches of up to 8: a batch issues all its loads before any of its stores, so 8 loads per thread
+// are in flight at once (a load → store → load chain waits a full memory latency per item). The
+// loops are unrolled, so `it` is a compile-time constant in each call; a partial last batch runs
+// only its real items.
+template <class V, unsigned N, class Load, class Store>
+__device__ __forceinline__ void batched_items(Load load, Store store) {
+    constexpr unsigned LB = N < 8 ? N : 8;
+    for (unsigned it0 = 0; it0 < N; it0 += LB) {
         V v[LB];
 #pragma unroll
-        for (unsigned l = 0; l < LB; ++l) {
-            const unsigned e = threadIdx.x + (it0 + l) * NT;
-            if (EXACT || (it0 + l < NL && e < TOTAL)) v[l] = load(e);
-        }
+        for (unsigned l = 0; l < LB; ++l)
+            if (it0 + l < N) v[l] = load(it0 + l);
 #pragma unroll
-        for (unsigned l = 0; l < LB; ++l) {
-            const unsigned e = threadIdx.x + (it0 + l) * NT;
-            if (EXACT || (it0 + l < NL && e < TOTAL)) store(e, v[l]);
-        }
+        for (unsigned l = 0; l < LB; ++l)
+            if (it0 + l < N) store(it0 + l, v[l]);
     }
+}
+
+// Copies TOTAL items, item e read by load(e) and written by store(e, v), thread t taking items
+// t, t + NT, … (batched_items).
+template <class V, unsigned TOTAL, unsigned NT, class Load, class Store>
+__device__ __forceinline__ void batched_copy(Load load, Store store) {
+    constexpr bool EXACT = TOTAL % NT == 0;  // every thread has cdiv(TOTAL, NT) real items
+    batched_items<V, cdiv(TOTAL, NT)>(
+        [&](unsigned it) {
+            const unsigned e = threadIdx.x + it * NT;
+            V v{};
+            if (EXACT || e < TOTAL) v = load(e);
+            return v;
+        },
+        [&](unsigned it, V v) {
+            const unsigned e = threadIdx.x + it * NT;
+            if (EXACT || e < TOTAL) store(e, v);
+        });
 }
 
 // Factor f's element e (row-major P × QS, columns padded with zeros to QS) from device memory.
@@ -269,8 +282,8 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
     // factors -> shared memory, rows padded with zeros to a multiple of RQ columns
     load_factors<Spec>(a, b, fsm);
 
-    // x tile -> buf0 in the layout that feeds F_{NF-1}, the loads in batches (batched_copy; the
-    // row walk below likewise). In-tile indices are unsigned: the divisions by constants stay
+    // x tile -> buf0 in the layout that feeds F_{NF-1}, the loads in batches (batched_copy, or
+    // batched_items for the row walk). In-tile indices are unsigned: the divisions by constants stay
     // shifts/multiplies.
     {
         const T* xp = reinterpret_cast<const T*>(a.x) + b * a.xb;
@@ -290,30 +303,19 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
             unsigned q[VEC];
 #pragma unroll
             for (unsigned c = 0; c < VEC; ++c) q[c] = ml0 * MS + ((j0 + c) / P) * LD + (j0 + c) % P;
-            constexpr unsigned NL = WalkIn::NL, LB = NL < 8 ? NL : 8;
-            // The last batch may be partial (NL % LB != 0): its vectors it >= NL are not in the
-            // tile (they would read the rows after it and write past buf0). Unrolled, the test
-            // is a constant per vector.
-#pragma unroll
-            for (unsigned it0 = 0; it0 < NL; it0 += LB) {
-                V v[LB];
-#pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned it = it0 + l;
-                    v[l] = V{};
-                    if (it < NL && (full || (m0 + ml0 + WalkIn::dm(it) < a.M && s0 + (j0 + WalkIn::dj(it)) / PG < a.S)))
-                        v[l] = *reinterpret_cast<const V*>(xt + i64(WalkIn::dm(it)) * a.xm + WalkIn::dj(it));
-                }
-#pragma unroll
-                for (unsigned l = 0; l < LB; ++l) {
-                    const unsigned it = it0 + l;
-                    if (it >= NL) break;
-                    const T* vs = reinterpret_cast<const T*>(&v[l]);
+            batched_items<V, WalkIn::NL>(
+                [&](unsigned it) {
+                    V v{};
+                    if (full || (m0 + ml0 + WalkIn::dm(it) < a.M && s0 + (j0 + WalkIn::dj(it)) / PG < a.S))
+                        v = *reinterpret_cast<const V*>(xt + i64(WalkIn::dm(it)) * a.xm + WalkIn::dj(it));
+                    return v;
+                },
+                [&](unsigned it, V v) {
+                    const T* vs = reinterpret_cast<const T*>(&v);
 #pragma unroll
                     for (unsigned c = 0; c < VEC; ++c)
                         buf0[q[c] + WalkIn::dm(it) * MS + (WalkIn::dj(it) / P) * LD] = vs[c];
-                }
-            }
+                });
         } else if constexpr (Spec::IN_VEC) {
             // 16-byte loads: VEC consecutive k of one row (row layout, PG % VEC == 0) or VEC
             // consecutive rows (column layout, TM % VEC == 0, M % VEC == 0); the launcher
