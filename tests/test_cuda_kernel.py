@@ -334,7 +334,7 @@ def test_more_than_2_31_elements(case):
 
 
 _MEMCHECK_SCRIPT = """
-import sys, torch
+import math, sys, torch
 sys.path.insert(0, {tests!r})
 from kronegp import _backend
 from test_cuda_kernel import CASES, call, make_inputs
@@ -347,7 +347,7 @@ for case in small:
     call(case, x, factors)
 torch.cuda.synchronize()
 print("cases run:", len(small))
-""".replace("import sys, torch", "import math, sys, torch")
+"""
 
 
 @pytest.mark.cuda
