@@ -13,7 +13,8 @@ Layers (one module each):
 
 Per call, :func:`~kronegp._cuda.plan.choose_path` (a cost model of bytes and FLOPs per pass) picks
 the fused kernels, the cuBLAS-per-factor path, or for ``kron_matmul`` with few columns the
-transposed row form (our transpose kernel around the cuBLAS path).
+rotating form (one cuBLAS GEMM per factor that leaves the result transposed, then our transpose
+kernel).
 
 :func:`load` returns the object :mod:`kronegp._backend` calls; inputs reaching it were checked
 by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable batches).
@@ -34,7 +35,7 @@ from kronegp._cuda.compiler import cache_dir, nvrtc_version, source_dir
 from kronegp._cuda.launch import (
     DeviceKernels, Operand, RowProduct, _check, execute_program, run_row_product, run_transpose,
 )
-from kronegp._cuda.axis_gemm import axis_gemm_allowed, axis_products
+from kronegp._cuda.axis_gemm import axis_gemm_allowed, axis_products, rotated_products
 from kronegp._cuda.plan import TRANSPOSE_MAX_D, PathChoice, TransposeSpec, choose_path, plan_tiles
 from kronegp._cuda.tune import PathTuner, time_candidates, tune_key
 
@@ -285,11 +286,8 @@ class CudaBackend:
             return axis_products(x, nb, [p for p, _ in shapes], t, list(factors)).view(*batch, p_total, t)
         out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         if path == "axis_gemm_t":
-            # (⊗F)·x = (xᵀ·(⊗Fᵀ))ᵀ: one copy to xᵀ (B·T, ΠQ), the row plan, one copy back
-            q_total = x.shape[-2]
-            xt = torch.empty((*batch, t, q_total), dtype=x.dtype, device=x.device)
-            self._transpose(x, xt, q_total, t, True, nb)
-            yt = axis_products(xt, nb * t, [p for p, _ in shapes], 1, list(factors))
+            # rotating form: one GEMM per factor leaves yᵀ (B, T, ΠP), one transpose pass back
+            yt = rotated_products(x, nb, [p for p, _ in shapes], t, list(factors))
             self._transpose(yt, out, p_total, t, False, nb)
             return out
         fast_key = None

@@ -533,20 +533,31 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
 
 
 def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES) -> float:
-    """``kron_matmul`` through the row form: copy ``x (K, T)`` to ``xᵀ (T, K)``, run the row plan
-    (every GEMM well shaped: the small ``T`` is a batch or row count, never a GEMM's short side),
-    copy ``yᵀ`` back. Two extra passes buy GEMMs at full rate when ``T`` is small."""
-    k_in = math.prod(p for p, _ in shapes)
-    k_out = math.prod(q for _, q in shapes)
+    """``kron_matmul`` by the rotating form (:func:`kronegp._cuda.axis_gemm.rotated_products`):
+    one GEMM per factor, ``y(R, O) = x(I, R)ᵀ·Wᵀ`` with ``R`` all the other axes and the ``T``
+    columns (every GEMM has that long side, where the natural-order plan gives the factor next to
+    a short ``T`` a ``C = T`` side), then one transpose pass of the result ``(T, ΠO) → (ΠO, T)``.
+
+    ``shapes`` in row form ``(I_i, O_i)`` (``I_i = Q_i`` of ``F_i``)."""
+    rate = rates.get(rates.gemm_flops_per_s, itemsize)
+    bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
+    size = m * math.prod(p for p, _ in shapes)
+    total = 0.0
+    for i, o in shapes:
+        rest = size // i
+        flops = 2.0 * rest * i * o
+        nbytes = (rest * (i + o) + i * o) * itemsize
+        total += max(nbytes / bw, flops / (rate * _gemm_shape_efficiency(rest, o, i))) + rates.gemm_call_s
+        size = rest * o
     eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
-    copies = 2 * m * (k_in + k_out) * itemsize / (eff * rates.copy_bytes_per_s)
-    return predict_axis_plan(shapes, m, itemsize, False, rates) + copies + 2 * rates.launch_s
+    return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.launch_s
 
 
 @dataclass(frozen=True)
 class PathChoice:
     """``path``: ``"fused"`` (our kernels, ``steps``), ``"axis_gemm"`` (cuBLAS per factor) or
-    ``"axis_gemm_t"`` (``kron_matmul`` only: transpose, row-form cuBLAS plan, transpose back)."""
+    ``"axis_gemm_t"`` (``kron_matmul`` only: one cuBLAS GEMM per factor in the rotating form, then
+    one transpose pass)."""
 
     path: str
     steps: tuple
