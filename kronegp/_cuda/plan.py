@@ -446,6 +446,9 @@ class Rates:
     # call); a cuBLAS GEMM through torch costs ~40-60 µs each (a 3-factor call: 117-186 µs).
     launch_s: float = 12e-6  # one of our kernels (fused, GEMM, transpose)
     gemm_call_s: float = 45e-6  # one torch/cuBLAS GEMM of the axis path
+    # the rotating form's transpose call (TransposeSpec, context, launch): GP 64^3 T = 11 on the H100
+    # host, 179 µs for 3 GEMMs + transpose against 141 µs for 3 GEMMs
+    transpose_call_s: float = 40e-6
 
     def get(self, table: tuple, itemsize: int) -> float:
         return dict(table)[itemsize]
@@ -550,7 +553,7 @@ def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = R
         total += max(nbytes / bw, flops / (rate * _gemm_shape_efficiency(rest, o, i))) + rates.gemm_call_s
         size = rest * o
     eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
-    return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.launch_s
+    return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.transpose_call_s
 
 
 @dataclass(frozen=True)
