@@ -1,9 +1,9 @@
 // Transpose between a tall-skinny (N × D) and a wide (D × N) row-major matrix, D small (≤ 32),
 // batched over blockIdx.z (batch strides a.xb, a.yb). N = a.M.
 //
-// kron_matmul with T ≤ 32 right-hand sides runs as (⊗F)·x = (xᵀ·(⊗Fᵀ))ᵀ so that every vendor
-// GEMM has the T columns as a batch or row count, never as its short side; these two copies
-// are the price. torch's generic strided copy moves a (K, 11) → (11, K) transpose at ~0.8 TB/s;
+// kron_matmul with T ≤ 32 right-hand sides runs in the rotating form (kronegp/_cuda/axis_gemm.py:
+// every vendor GEMM has the T columns inside its long side, never as its short side), which
+// leaves the result as yᵀ (T, K); this copy puts it back. torch's generic strided copy moves a (K, 11) → (11, K) transpose at ~0.8 TB/s;
 // here a block owns TILE consecutive rows n: their TILE·D elements are one contiguous run of
 // the tall matrix and D runs of TILE elements of the wide one, so both global sides are
 // coalesced and the turn happens in shared memory (row pitch TILE + 1: lanes with consecutive
