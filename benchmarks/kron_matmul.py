@@ -220,6 +220,8 @@ def run(args) -> dict:
                     "plan_launches": len(choice.steps) if choice.path == "fused" else len(sizes),
                     "predicted_fused_ms": choice.predicted_fused_s * 1e3,
                     "predicted_axis_ms": choice.predicted_axis_s * 1e3,
+                    # the rotating form (kron_matmul only: None for matmul_kron)
+                    "predicted_axis_t_ms": choice.predicted_axis_t_s * 1e3 if math.isfinite(choice.predicted_axis_t_s) else None,
                     "host_us": host_us,
                     "by_path": by_path,
                 }
@@ -228,8 +230,8 @@ def run(args) -> dict:
                     f"{name:24s} {dtname:8s} {side:11s} ours {t_ours:9.4f} ms  floor {floor_s * 1e3:8.4f}  "
                     f"x{row['time_over_floor']:5.2f}  LO {t_lo:9.3f} (x{row['lo_over_floor']:5.1f})  "
                     f"vsLO {row['speedup_vs_lo']:5.2f}  vsloop {row['speedup_vs_loop']:5.2f}  err {err:.1e}  "
-                    f"{row['path']} host {host_us:.0f}us pred f/a {row['predicted_fused_ms']:.3f}/"
-                    f"{row['predicted_axis_ms']:.3f} " + " ".join(f"{k} {v['ms']:.3f}" for k, v in by_path.items()),
+                    f"{row['path']} host {host_us:.0f}us pred f/a/t {row['predicted_fused_ms']:.3f}/"
+                    f"{row['predicted_axis_ms']:.3f}/{choice.predicted_axis_t_s * 1e3:.3f} " + " ".join(f"{k} {v['ms']:.3f}" for k, v in by_path.items()),
                     flush=True,
                 )
     summary = {}
