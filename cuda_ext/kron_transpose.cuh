@@ -3,7 +3,8 @@
 //
 // kron_matmul with T ≤ 32 right-hand sides runs in the rotating form (kronegp/_cuda/axis_gemm.py:
 // every vendor GEMM has the T columns inside its long side, never as its short side), which
-// leaves the result as yᵀ (T, K); this copy puts it back. torch's generic strided copy moves a (K, 11) → (11, K) transpose at ~0.8 TB/s;
+// leaves the result as yᵀ (T, K); this copy puts it back. torch's generic strided copy moves a
+// (K, 11) → (11, K) transpose at ~0.8 TB/s;
 // here a block owns TILE consecutive rows n: their TILE·D elements are one contiguous run of
 // the tall matrix and D runs of TILE elements of the wide one, so both global sides are
 // coalesced and the turn happens in shared memory (row pitch TILE + 1: lanes with consecutive

@@ -1,13 +1,13 @@
 """Kronecker products as one vendor GEMM per factor on copy-free axis views (cuBLAS via torch).
 
-The data stays in natural axis order throughout. Applying one factor to axis ``i`` of a
-contiguous tensor of axis sizes ``(lead, d_0, …, d_{N-1}, trail)`` is, with
-``A = lead·Π_{j<i} d_j`` and ``C = Π_{j>i} d_j·trail``, the batched product
+**Natural order** (:func:`axis_products`). Applying one factor to axis ``i`` of a contiguous
+tensor of axis sizes ``(lead, d_0, …, d_{N-1}, trail)`` is, with ``A = lead·Π_{j<i} d_j`` and
+``C = Π_{j>i} d_j·trail``, the batched product
 
     y[a, o, c] = Σ_k W[o, k] · x[a, k, c]        (x viewed (A, I, C), y (A, O, C), W (O, I))
 
-and ``y`` is again contiguous in natural order, so no transpose pass ever runs. Three
-shapes of that product map onto cuBLAS without a copy:
+and ``y`` is again contiguous in natural order, so no transpose pass runs. Three shapes of
+that product map onto cuBLAS without a copy:
 
 * ``C = 1`` (the last axis): one GEMM ``y(A, O) = x(A, I) · Wᵀ``;
 * ``A = 1`` (the first axis): one GEMM ``y(O, C) = W · x(I, C)``;
@@ -15,16 +15,17 @@ shapes of that product map onto cuBLAS without a copy:
 
 ``W`` may be any strided view (``F.mT`` included): cuBLAS reads transposed operands natively.
 
-**Rotating form** (:func:`rotated_products`, ``kron_matmul`` with few columns): the axis next
-to a short trailing ``T`` gives the batched product a ``C = T`` side (a 256³ product with
-``T = 11`` ran at 0.24 of the GEMM rate). Instead, always contract the *first* axis and write
-the result with the new axis *last*, ``y(R, O) = x(I, R)ᵀ · Wᵀ`` (one GEMM, ``R`` everything
-else): ``(d_0, …, d_{N-1}, T)`` becomes ``(d_1, …, T, O_0)``, and after ``N`` such GEMMs
-``(T, O_0, …, O_{N-1})``, the transpose of the result, which one transpose pass puts back.
-Every GEMM has the long side ``R``; the cost is that one pass.
-This path computes exactly what the fused kernels compute, at the vendor GEMM's rate — fp64 on
-the DMMA tensor cores, fp32 on FFMA (TF32 only if the user enabled it globally, which
-:func:`axis_gemm_allowed` refuses). It is chosen by :func:`kronegp._cuda.plan.choose_path` for
+**Rotating form** (:func:`rotated_products`, ``kron_matmul`` with few columns). In natural
+order the axis next to a short trailing ``T`` gives the batched product a ``C = T`` side (a
+256³ product with ``T = 11`` ran at 0.24 of the GEMM rate). Instead, always contract the
+*first* axis and write the result with the new axis *last*, ``y(R, O) = x(I, R)ᵀ · Wᵀ`` (one
+GEMM, ``R`` everything else): ``(d_0, …, d_{N-1}, T)`` becomes ``(d_1, …, T, O_0)``, and after
+``N`` such GEMMs ``(T, O_0, …, O_{N-1})``, the transpose of the result, which one transpose pass
+puts back. Every GEMM has the long side ``R``; the cost is that one pass.
+
+Both compute exactly what the fused kernels compute, at the vendor GEMM's rate — fp64 on the
+DMMA tensor cores, fp32 on FFMA (TF32 only if the user enabled it globally, which
+:func:`axis_gemm_allowed` refuses). :func:`kronegp._cuda.plan.choose_path` picks them for
 compute-bound factors.
 """
 
