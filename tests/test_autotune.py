@@ -165,6 +165,25 @@ def test_pinned_path_and_single_candidate_are_not_timed(monkeypatch):
     assert model in ("fused", "axis_gemm", "axis_gemm_t") and fake.calls == 0
 
 
+def test_stamp_follows_kernel_sources_and_cublas_path_code(tmp_path, monkeypatch):
+    # Tuned timings describe code: editing the cuBLAS paths (Python) must void them like a
+    # kernel source edit does, so a file saved before the edit is ignored.
+    from kronegp._cuda import axis_gemm, tuner_stamp
+
+    before = tuner_stamp("Fake GPU")
+    assert set(before) == {"sources", "paths", "torch", "gpu"} and before["gpu"] == "Fake GPU"
+    edited = tmp_path / "axis_gemm.py"
+    edited.write_text(open(axis_gemm.__file__).read() + "\n# edited\n")
+    monkeypatch.setattr(axis_gemm, "__file__", str(edited))
+    after = tuner_stamp("Fake GPU")
+    assert after["paths"] != before["paths"] and after["sources"] == before["sources"]
+    file = tmp_path / "tune.json"
+    old = PathTuner(file, before)
+    old.record(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True), {"fused": 1.0, "axis_gemm": 2.0}, "fused")
+    assert PathTuner(file, before).lookup(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True)) == "fused"
+    assert PathTuner(file, after).lookup(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True)) is None
+
+
 def test_set_autotune_checks_its_argument():
     with pytest.raises(TypeError, match="enabled must be a bool"):
         kronegp.set_autotune("yes")

@@ -22,9 +22,11 @@ by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -67,6 +69,17 @@ def _batch_strides(t: Tensor, batch: torch.Size) -> tuple[int, ...]:
         i = d - lead
         out.append(0 if i < 0 or tb[i] == 1 else t.stride(i))
     return tuple(out)
+
+
+def tuner_stamp(gpu_name: str) -> dict:
+    """What tuned timings depend on besides the call signature: the kernel sources, the cuBLAS
+    paths (Python code in :mod:`kronegp._cuda.axis_gemm`: a change there voids old timings too),
+    torch's version and the GPU model."""
+    from kronegp._cuda import axis_gemm
+    from kronegp._cuda.compiler import _sources_hash
+
+    paths = hashlib.sha256(Path(axis_gemm.__file__).read_bytes()).hexdigest()
+    return {"sources": _sources_hash(), "paths": paths, "torch": torch.__version__, "gpu": gpu_name}
 
 
 class CudaBackend:
@@ -130,15 +143,13 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         tuner = self._tuners.get(index)
         if tuner is None:
-            from kronegp._cuda.compiler import _sources_hash
-
             name = torch.cuda.get_device_name(index)
             same_model = next((t for t in self._tuners.values() if t.stamp["gpu"] == name), None)
             if same_model is not None:
                 tuner = same_model
             else:
                 file = PathTuner.file_for(cache_dir(), name) if self.autotune_persist else None
-                tuner = PathTuner(file, {"sources": _sources_hash(), "torch": torch.__version__, "gpu": name})
+                tuner = PathTuner(file, tuner_stamp(name))
             self._tuners[index] = tuner
         return tuner
 

@@ -7,7 +7,7 @@ slower than the best path. With autotuning on (``kronegp.set_autotune(True)`` or
 dtype size, layout, whether the cuBLAS path is allowed — runs every candidate path a few
 times on the call's own operands, keeps the fastest and stores the timings in a JSON file in
 the kernel cache folder, one per GPU model. Later calls, and later processes on the same GPU
-model with the same kernel sources and torch version, look the choice up.
+model with the same kernel sources, cuBLAS-path code and torch version, look the choice up.
 
 Timing synchronises the device (CUDA events), once per signature; it is skipped during CUDA
 graph capture, where the cost model decides.
@@ -94,8 +94,9 @@ def _cuda_event_ms(fn: Callable[[], object]) -> float:
 class PathTuner:
     """The tuned choices of one GPU model: in memory, and in ``file`` when given.
 
-    The file records the kernel sources' hash and torch's version; a file written under other
-    ones is ignored (its timings describe other code) and replaced on the next save.
+    The file records the kernel sources' and the cuBLAS paths' hashes and torch's version; a file
+    written under other ones is ignored (its timings describe other code) and replaced on the next
+    save.
     """
 
     def __init__(self, file: Optional[Path], stamp: dict):
