@@ -177,11 +177,10 @@ def test_stamp_follows_kernel_sources_and_cublas_path_code(tmp_path, monkeypatch
     monkeypatch.setattr(axis_gemm, "__file__", str(edited))
     after = tuner_stamp("Fake GPU")
     assert after["paths"] != before["paths"] and after["sources"] == before["sources"]
-    file = tmp_path / "tune.json"
-    old = PathTuner(file, before)
-    old.record(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True), {"fused": 1.0, "axis_gemm": 2.0}, "fused")
-    assert PathTuner(file, before).lookup(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True)) == "fused"
-    assert PathTuner(file, after).lookup(tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True)) is None
+    file, key = tmp_path / "tune.json", tune_key("kron_matmul", ((8, 8),), 4, 4, False, True, True)
+    PathTuner(file, before).record(key, {"fused": 1.0, "axis_gemm": 2.0}, "fused")
+    assert PathTuner(file, before).lookup(key) == "fused"
+    assert PathTuner(file, after).lookup(key) is None
 
 
 def test_set_autotune_checks_its_argument():
