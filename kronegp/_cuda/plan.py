@@ -466,6 +466,15 @@ def _gemm_shape_efficiency(rows: int, cols: int, inner: int) -> float:
     return max(eff, 0.05)
 
 
+def _gemm_seconds(flops: float, nbytes: float, eff: float, itemsize: int, rates: Rates) -> float:
+    """One cuBLAS GEMM call of the axis paths: the larger of its bytes at cuBLAS's share of the
+    copy rate and its FLOPs at the GEMM rate times the shape efficiency ``eff``, plus the call's
+    host time."""
+    bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
+    rate = rates.get(rates.gemm_flops_per_s, itemsize)
+    return max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+
+
 def _factor_flops(shapes, m: int, order) -> list[float]:
     """FLOPs of each factor when applied in ``order`` (each axis holds P before, Q after)."""
     dims = [p for p, _ in shapes]
@@ -511,8 +520,6 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
     order = axis_order(ins, outs)
     dims = list(ins)
     lead, trail = (1, m) if col else (m, 1)
-    rate = rates.get(rates.gemm_flops_per_s, itemsize)
-    bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
     total = 0.0
     for ax in order:
         i, o = dims[ax], outs[ax]
@@ -530,7 +537,7 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             # at ~0.2), measured against the tile cuBLAS picks, which is no wider than O (64³ with
             # C = 11 ran at ~0.3 of the rate: a 128-wide reference sent it to a slower path)
             eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / min(128.0, max(o, 16))) ** 0.7
-        total += max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+        total += _gemm_seconds(flops, nbytes, eff, itemsize, rates)
         dims[ax] = o
     return total
 
@@ -542,15 +549,12 @@ def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = R
     a short ``T`` a ``C = T`` side), then one transpose pass of the result ``(T, ΠO) → (ΠO, T)``.
 
     ``shapes`` in row form ``(I_i, O_i)`` (``I_i = Q_i`` of ``F_i``)."""
-    rate = rates.get(rates.gemm_flops_per_s, itemsize)
-    bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
     size = m * math.prod(p for p, _ in shapes)
     total = 0.0
     for i, o in shapes:
         rest = size // i
-        flops = 2.0 * rest * i * o
         nbytes = (rest * (i + o) + i * o) * itemsize
-        total += max(nbytes / bw, flops / (rate * _gemm_shape_efficiency(rest, o, i))) + rates.gemm_call_s
+        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates)
         size = rest * o
     eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
     return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.transpose_call_s
