@@ -91,6 +91,15 @@ __device__ __forceinline__ void cg_element(T* __restrict__ x, T* __restrict__ r,
     }
 }
 
+// Column c's coefficient for this step: alpha (coef[c]) in UPDATE, beta (coef[t + c]) in
+// DIRECTION; DOT has none.
+template <int MODE, class T>
+__device__ __forceinline__ T cg_coef(const CgArgs& a, i64 c) {
+    if constexpr (MODE == KRONEGP_CG_UPDATE) return reinterpret_cast<const T*>(a.coef)[c];
+    else if constexpr (MODE == KRONEGP_CG_DIRECTION) return reinterpret_cast<const T*>(a.coef)[a.t + c];
+    else return T(0);
+}
+
 template <class T>
 __device__ __forceinline__ T cg_sqrt(T v) {
     if constexpr (sizeof(T) == 4) return sqrtf(v);
@@ -183,9 +192,7 @@ __device__ __forceinline__ void kron_cg_rows(const CgArgs& a) {
     T* __restrict__ p = reinterpret_cast<T*>(a.p) + base;
     const T* __restrict__ ap = reinterpret_cast<const T*>(a.ap) + (a.ap ? base : 0);
     const T* __restrict__ d = reinterpret_cast<const T*>(a.d);
-    T coef = T(0);
-    if constexpr (MODE == KRONEGP_CG_UPDATE) coef = reinterpret_cast<const T*>(a.coef)[c];
-    if constexpr (MODE == KRONEGP_CG_DIRECTION) coef = reinterpret_cast<const T*>(a.coef)[a.t + c];
+    const T coef = cg_coef<MODE, T>(a, c);
     double s0 = 0.0, s1 = 0.0;
     const i64 stride = (i64)gridDim.x * NT;
     for (i64 i = (i64)blockIdx.x * NT + threadIdx.x; i < n; i += stride)
@@ -235,9 +242,7 @@ __device__ __forceinline__ void kron_cg(const CgArgs& a) {
     T* p = reinterpret_cast<T*>(a.p);
     const T* ap = reinterpret_cast<const T*>(a.ap);
     const T* d = reinterpret_cast<const T*>(a.d);
-    T coef = T(0);
-    if constexpr (MODE == KRONEGP_CG_UPDATE) coef = reinterpret_cast<const T*>(a.coef)[c];
-    if constexpr (MODE == KRONEGP_CG_DIRECTION) coef = reinterpret_cast<const T*>(a.coef)[a.t + c];
+    const T coef = cg_coef<MODE, T>(a, c);
     double s0 = 0.0, s1 = 0.0;
     for (; e < total; e += stride, row += row_stride)
         cg_element<MODE>(x, r, p, ap, e, d ? d[row] : T(1), coef, s0, s1);
