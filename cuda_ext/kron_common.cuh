@@ -32,6 +32,9 @@ struct KronArgs {
 template <class T> struct Vec;
 template <> struct Vec<float> { typedef float4 type; static constexpr int N = 4; };
 template <> struct Vec<double> { typedef double2 type; static constexpr int N = 2; };
+// What one thread moves per access: a Vec when the layout allows 16-byte accesses, else one word.
+template <class T, bool VECTOR> struct Item { typedef T type; static constexpr int N = 1; };
+template <class T> struct Item<T, true> : Vec<T> {};
 
 __host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }

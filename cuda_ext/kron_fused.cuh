@@ -316,13 +316,15 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                     for (unsigned c = 0; c < VEC; ++c)
                         buf0[q[c] + WalkIn::dm(it) * MS + (WalkIn::dj(it) / P) * LD] = vs[c];
                 });
-        } else if constexpr (Spec::IN_VEC) {
-            // 16-byte loads: VEC consecutive k of one row (row layout, PG % VEC == 0) or VEC
-            // consecutive rows (column layout, TM % VEC == 0, M % VEC == 0); the launcher
-            // checked the alignment of the pointer and strides.
-            typedef typename Vec<T>::type V;
-            constexpr unsigned VEC = G::VEC;
-            // vector e: its tile row and word
+        } else {
+            // Items of VEC words: 16-byte loads of VEC consecutive k of one row (row layout,
+            // PG % VEC == 0) or of VEC consecutive rows (column layout, TM % VEC == 0,
+            // M % VEC == 0) when the launcher found the pointer and strides aligned (IN_VEC),
+            // else single words (VEC = 1).
+            typedef Item<T, Spec::IN_VEC> I;
+            typedef typename I::type V;
+            constexpr unsigned VEC = I::N;
+            // item e: its tile row and word
             auto at = [](unsigned e, unsigned& m_l, unsigned& j) {
                 if constexpr (Spec::IN_COL) { m_l = (e % (TM / VEC)) * VEC; j = e / (TM / VEC); }
                 else { m_l = (e * VEC) / (TS * PG); j = (e * VEC) % (TS * PG); }
@@ -346,25 +348,6 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                         if constexpr (Spec::IN_COL) buf0[fused_pos<Spec, NF - 1>(m_l + c, j)] = vs[c];
                         else buf0[fused_pos<Spec, NF - 1>(m_l, j + c)] = vs[c];
                     }
-                });
-        } else {
-            // element e: its tile row and word
-            auto at = [](unsigned e, unsigned& m_l, unsigned& j) {
-                if constexpr (Spec::IN_COL) { m_l = e % TM; j = e / TM; }
-                else { m_l = e / (TS * PG); j = e % (TS * PG); }
-            };
-            batched_copy<T, E, NT>(
-                [&](unsigned e) {
-                    unsigned m_l, j;
-                    at(e, m_l, j);
-                    const i64 m = m0 + m_l;
-                    const i64 s = s0 + j / PG;
-                    return (m < a.M && s < a.S) ? xp[m * a.xm + (s * PG + j % PG) * a.xk] : T(0);
-                },
-                [&](unsigned e, T v) {
-                    unsigned m_l, j;
-                    at(e, m_l, j);
-                    buf0[fused_pos<Spec, NF - 1>(m_l, j)] = v;
                 });
         }
     }
@@ -395,11 +378,13 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                     *reinterpret_cast<V*>(yt + i64(WalkOut::dm(it)) * a.ym + i64(WalkOut::dj(it) / TS) * a.S) = v;
                 }
             }
-        } else if constexpr (Spec::OUT_VEC) {
-            // 16-byte stores: VEC consecutive slices (row layout, TS % VEC == 0, S % VEC == 0)
-            // or VEC consecutive rows (column layout)
-            typedef typename Vec<T>::type V;
-            constexpr unsigned VEC = G::VEC;
+        } else {
+            // Items of VEC words: 16-byte stores of VEC consecutive slices (row layout, TS % VEC
+            // == 0, S % VEC == 0) or VEC consecutive rows (column layout) where the launcher
+            // allows (OUT_VEC), else single words (VEC = 1).
+            typedef Item<T, Spec::OUT_VEC> I;
+            typedef typename I::type V;
+            constexpr unsigned VEC = I::N;
 #pragma unroll 8
             for (unsigned e = threadIdx.x; e < E / VEC; e += NT) {
                 unsigned m_l, j;
@@ -419,17 +404,6 @@ __device__ __forceinline__ void kron_fused(const KronArgs& a) {
                     }
                     *reinterpret_cast<V*>(yp + m * a.ym + (qg * a.S + s) * a.yk) = v;
                 }
-            }
-        } else {
-#pragma unroll 8
-            for (unsigned e = threadIdx.x; e < E; e += NT) {
-                unsigned m_l, j;
-                if constexpr (Spec::OUT_COL) { m_l = e % TM; j = e / TM; }
-                else { m_l = e / (TS * QG); j = e % (TS * QG); }
-                const i64 m = m0 + m_l;
-                const unsigned qg = j / TS, s_l = j % TS;
-                const i64 s = s0 + s_l;
-                if (m < a.M && s < a.S) yp[m * a.ym + (qg * a.S + s) * a.yk] = res[fused_pos<Spec, -1>(m_l, j)];
             }
         }
     }
