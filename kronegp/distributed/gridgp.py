@@ -77,8 +77,9 @@ import kronegp
 from kronegp.distributed import ops as dist_ops
 from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
 from kronegp.distributed.sharding import GridSharding, plan_shardings
-from kronegp.linalg import kron_vector, symmetric_eig
-from kronegp.models._data import axis_to_numeric, parse_grid_data
+from kronegp.linalg import kron_vector
+from kronegp.models._data import checked_axis, parse_grid_data, resolve_dtype_device
+from kronegp.models._kron import factor_eigs
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models.grid_gp import GridGP
@@ -200,12 +201,7 @@ class ShardedKronEigen:
     """
 
     def __init__(self, factors: Sequence[Tensor], sharding: GridSharding, rank: int, group):
-        self.vecs: list[Tensor] = []
-        self.vals: list[Tensor] = []
-        with torch.no_grad():
-            for lam, q in symmetric_eig([f.detach() for f in factors]):
-                self.vals.append(lam.clamp_min(0))
-                self.vecs.append(q)
+        self.vals, self.vecs = factor_eigs(factors)
         self.sharding, self.rank, self.group = sharding, rank, group
 
     def eigvals(self) -> Tensor:
@@ -360,18 +356,7 @@ def _check_axes(axes: Any, dtype: torch.dtype, device: torch.device) -> list[Ten
         )
     out = []
     for k, ax in enumerate(axes):
-        num, _, _ = axis_to_numeric(ax)
-        if num.ndim != 1 or num.shape[0] == 0:
-            raise ValueError(f"axes[{k}] must be a non-empty 1-D array, got shape {num.shape}")
-        if not (np.issubdtype(num.dtype, np.floating) or np.issubdtype(num.dtype, np.integer)):
-            raise TypeError(f"axes[{k}] must hold numbers or datetimes, got dtype {num.dtype}")
-        num = num.astype(np.float64)
-        if not np.all(np.isfinite(num)):
-            raise ValueError(f"axes[{k}] holds non-finite coordinates (NaN or inf)")
-        if num.shape[0] > 1:
-            steps = np.diff(num)
-            if not (np.all(steps > 0) or np.all(steps < 0)):
-                raise ValueError(f"axes[{k}] must be strictly monotone (increasing or decreasing, no repeats)")
+        num, _, _ = checked_axis(ax, k)
         out.append(torch.as_tensor(num, dtype=dtype, device=device))
     return out
 
@@ -442,13 +427,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         rank, world = _group_rank_size(group)
         self.group, self.rank, self.world_size = group, rank, world
         vals_in = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
-        if dtype is None:
-            dtype = vals_in.dtype if vals_in.dtype in (torch.float32, torch.float64) else torch.float64
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        device = torch.device(device) if device is not None else (
-            vals_in.device if isinstance(values, Tensor) else torch.device("cpu")
-        )
+        dtype, device = resolve_dtype_device(vals_in, dtype, device)
         if str(dist.get_backend(group)).lower() == "nccl" and device.type != "cuda":
             raise ValueError(
                 f"device is {device} but the group's backend is NCCL, which exchanges CUDA tensors "

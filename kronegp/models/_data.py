@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GridData", "parse_grid_data", "axis_to_numeric"]
+__all__ = ["GridData", "parse_grid_data", "axis_to_numeric", "checked_axis", "resolve_dtype_device"]
 
 
 @dataclass
@@ -53,6 +53,39 @@ def axis_to_numeric(coord: Any) -> tuple[np.ndarray, Optional[str], Any]:
     if np.issubdtype(arr.dtype, np.timedelta64):
         return arr / np.timedelta64(1, "D"), "days", None
     return arr, None, None
+
+
+def checked_axis(coord: Any, k: int) -> tuple[np.ndarray, Optional[str], Any]:
+    """``axes[k]`` as float64 coordinates (:func:`axis_to_numeric`), its unit and origin, after
+    checking that it is a non-empty 1-D array of finite, strictly monotone numbers (or datetimes)."""
+    num, unit, origin = axis_to_numeric(coord)
+    if num.ndim != 1 or num.shape[0] == 0:
+        raise ValueError(f"axes[{k}] must be a non-empty 1-D array, got shape {num.shape}")
+    if not (np.issubdtype(num.dtype, np.floating) or np.issubdtype(num.dtype, np.integer)):
+        raise TypeError(f"axes[{k}] must hold numbers or datetimes, got dtype {num.dtype}")
+    num = num.astype(np.float64)
+    if not np.all(np.isfinite(num)):
+        raise ValueError(f"axes[{k}] holds non-finite coordinates (NaN or inf)")
+    if num.shape[0] > 1:
+        steps = np.diff(num)
+        if not (np.all(steps > 0) or np.all(steps < 0)):
+            raise ValueError(
+                f"axes[{k}] must be strictly monotone (increasing or decreasing, no repeats); "
+                f"its steps change sign or are zero, e.g. at index {int(np.argmax((steps <= 0) if steps[0] > 0 else (steps >= 0)))}"
+            )
+    return num, unit, origin
+
+
+def resolve_dtype_device(
+    vals: Tensor, dtype: Optional[torch.dtype], device: Optional[torch.device | str]
+) -> tuple[torch.dtype, torch.device]:
+    """The model's dtype (``dtype``, else the values' own float dtype, else float64) and device
+    (``device``, else the values' device when they came as a tensor, else the CPU)."""
+    if dtype is None:
+        dtype = vals.dtype if vals.dtype in (torch.float32, torch.float64) else torch.float64
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype, torch.device(device) if device is not None else vals.device
 
 
 def _as_float_array(name: str, obj: Any, shape: Optional[tuple[int, ...]] = None) -> Tensor:
@@ -102,11 +135,7 @@ def parse_grid_data(
     if vals.dim() == 0:
         raise ValueError("values must be an array shaped like the grid (n1, …, nd), got a scalar")
 
-    if dtype is None:
-        dtype = vals.dtype if vals.dtype in (torch.float32, torch.float64) else torch.float64
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    device = torch.device(device) if device is not None else (vals.device if isinstance(values, Tensor) else torch.device("cpu"))
+    dtype, device = resolve_dtype_device(vals, dtype, device)
     shape = tuple(vals.shape)
     if any(n == 0 for n in shape):
         raise ValueError(f"values has an empty dimension: shape {shape}")
@@ -125,26 +154,12 @@ def parse_grid_data(
         raise ValueError(f"axes must hold one 1-D array per dimension: values has {d} dimensions {shape}, got {len(axes)} axes")
     axis_tensors, units, origins = [], [], []
     for k, ax in enumerate(axes):
-        num, unit, origin = axis_to_numeric(ax)
-        if num.ndim != 1:
-            raise ValueError(f"axes[{k}] must be 1-D, got shape {num.shape}")
+        num, unit, origin = checked_axis(ax, k)
         if num.shape[0] != shape[k]:
             raise ValueError(
                 f"axes[{k}] has length {num.shape[0]} but values has {shape[k]} cells along dimension {k} "
                 f"(values.shape = {shape})"
             )
-        if not (np.issubdtype(num.dtype, np.floating) or np.issubdtype(num.dtype, np.integer)):
-            raise TypeError(f"axes[{k}] must hold numbers or datetimes, got dtype {num.dtype}")
-        num = num.astype(np.float64)
-        if not np.all(np.isfinite(num)):
-            raise ValueError(f"axes[{k}] holds non-finite coordinates (NaN or inf)")
-        if num.shape[0] > 1:
-            steps = np.diff(num)
-            if not (np.all(steps > 0) or np.all(steps < 0)):
-                raise ValueError(
-                    f"axes[{k}] must be strictly monotone (increasing or decreasing, no repeats); "
-                    f"its steps change sign or are zero, e.g. at index {int(np.argmax((steps <= 0) if steps[0] > 0 else (steps >= 0)))}"
-                )
         axis_tensors.append(torch.as_tensor(num, dtype=dtype, device=device))
         units.append(unit)
         origins.append(origin)

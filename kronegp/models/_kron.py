@@ -16,7 +16,7 @@ from torch import Tensor
 from kronegp.linalg import kron_vector, symmetric_eig
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["KronEigen", "bilinear_form"]
+__all__ = ["KronEigen", "bilinear_form", "factor_eigs"]
 
 
 class _BilinearForm(torch.autograd.Function):
@@ -48,6 +48,17 @@ def bilinear_form(left: Tensor, right: Tensor, factors: Sequence[Tensor]) -> Ten
     return _BilinearForm.apply(left.detach(), right.detach(), *factors)
 
 
+def factor_eigs(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``(λ_k, Q_k)`` of each symmetric factor ``K_k = Q_k diag(λ_k) Q_kᵀ`` (no autograd), the
+    eigenvalues clipped at 0 (round-off makes tiny ones negative).
+
+    Host LAPACK in float64 for small factors, cached per factor tensor
+    (:func:`kronegp.linalg.symmetric_eig`): a training step asks several times."""
+    with torch.no_grad():
+        pairs = symmetric_eig([f.detach() for f in factors])
+        return [lam.clamp_min(0) for lam, _ in pairs], [q for _, q in pairs]
+
+
 class KronEigen:
     """Eigendecomposition of ``K_1 ⊗ … ⊗ K_d`` from those of the factors (no autograd).
 
@@ -57,14 +68,7 @@ class KronEigen:
     """
 
     def __init__(self, factors: Sequence[Tensor]):
-        self.vecs: list[Tensor] = []
-        self.vals: list[Tensor] = []
-        with torch.no_grad():
-            # Host LAPACK in float64 for small factors, cached per factor tensor
-            # (kronegp.linalg.symmetric_eig): a training step asks several times.
-            for lam, q in symmetric_eig([f.detach() for f in factors]):
-                self.vals.append(lam.clamp_min(0))
-                self.vecs.append(q)
+        self.vals, self.vecs = factor_eigs(factors)
         self.sizes = [q.shape[0] for q in self.vecs]
         self.size = math.prod(self.sizes)
 
