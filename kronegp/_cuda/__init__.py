@@ -256,23 +256,7 @@ class CudaBackend:
             y = axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors])
             return y.view(*batch, m, q_total)
         out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
-        fast_key = None
-        if not batch:  # unbatched: the signature is shapes, strides, dtype, device, alignment
-            fast_key = (0, shapes, m, x.stride(), tuple(f.stride() for f in factors), x.dtype, x.device,
-                        x.data_ptr() % 16, out.data_ptr() % 16)
-            if self._fast_run(fast_key, x, out, factors):
-                return out
-        prod = RowProduct(
-            x=Operand(x, _batch_strides(x, batch), x.stride(-2), x.stride(-1)),
-            factors=[Operand(f, _batch_strides(f, batch), f.stride(-2), f.stride(-1)) for f in factors],
-            shapes=shapes,
-            y=Operand(out, _batch_strides(out, batch), out.stride(-2), out.stride(-1)),
-            batch=tuple(batch),
-            m=m,
-            in_col=in_col,
-            out_col=False,
-        )
-        self._run(x, prod, fast_key)
+        self._row_form(False, x, factors, out, batch, shapes, m, in_col, False)
         return out
 
     def kron_matmul(self, factors: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -301,24 +285,30 @@ class CudaBackend:
             yt = rotated_products(x, nb, [p for p, _ in shapes], t, list(factors))
             self._transpose(yt, out, p_total, t, False, nb)
             return out
+        # rows of the row form are the columns t of x (and of out): strides swapped
+        self._row_form(True, x, factors, out, batch, shapes, t, in_col, t > 1)
+        return out
+
+    def _row_form(self, swapped: bool, x: Tensor, factors, out: Tensor, batch: torch.Size, shapes: tuple,
+                  m: int, in_col: bool, out_col: bool) -> None:
+        """Run the kernel plan of the row form ``out = x · (⊗G)`` with ``m`` rows; ``swapped``
+        (kron_matmul): the rows are the tensors' last dimension, so their two matrix strides
+        swap. An unbatched call replays its cached program by its signature (shapes, strides,
+        dtype, device, alignment) without describing the operands again."""
         fast_key = None
         if not batch:
-            fast_key = (1, shapes, t, x.stride(), tuple(f.stride() for f in factors), x.dtype, x.device,
+            fast_key = (swapped, shapes, m, x.stride(), tuple(f.stride() for f in factors), x.dtype, x.device,
                         x.data_ptr() % 16, out.data_ptr() % 16)
             if self._fast_run(fast_key, x, out, factors):
-                return out
-        prod = RowProduct(
-            x=Operand(x, _batch_strides(x, batch), x.stride(-1), x.stride(-2)),
-            factors=[Operand(f, _batch_strides(f, batch), f.stride(-1), f.stride(-2)) for f in factors],
-            shapes=shapes,
-            y=Operand(out, _batch_strides(out, batch), out.stride(-1), out.stride(-2)),
-            batch=tuple(batch),
-            m=t,
-            in_col=in_col,
-            out_col=t > 1,
-        )
+                return
+
+        def operand(a: Tensor) -> Operand:
+            r, c = (a.stride(-1), a.stride(-2)) if swapped else (a.stride(-2), a.stride(-1))
+            return Operand(a, _batch_strides(a, batch), r, c)
+
+        prod = RowProduct(x=operand(x), factors=[operand(f) for f in factors], shapes=shapes, y=operand(out),
+                          batch=tuple(batch), m=m, in_col=in_col, out_col=out_col)
         self._run(x, prod, fast_key)
-        return out
 
 
 def load() -> CudaBackend:
