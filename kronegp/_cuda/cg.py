@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kronegp._cuda.launch import DeviceKernels, current_stream_handle, launch_struct
+from kronegp._cuda.plan import kernel_source
 
 __all__ = ["CgSpec", "CgArgs", "CgState", "CG_MAX_COLUMNS", "cg_launch"]
 
@@ -24,7 +25,6 @@ __all__ = ["CgSpec", "CgArgs", "CgState", "CG_MAX_COLUMNS", "cg_launch"]
 CG_MAX_COLUMNS = 1024
 _MODES = {"dot": 0, "update": 1, "direction": 2}
 _NSUM = {"dot": 1, "update": 2, "direction": 0}
-_CTYPE = {4: "float", 8: "double"}
 
 
 class CgArgs(ctypes.Structure):
@@ -112,17 +112,8 @@ class CgSpec:
     smem_bytes = 0  # static shared memory only
 
     def source(self, name: str) -> str:
-        return f"""
-namespace {name}_ns {{
-struct Spec {{
-    typedef {_CTYPE[self.itemsize]} T;
-    static constexpr int MODE = {_MODES[self.mode]};
-}};
-}}
-extern "C" __global__ void __launch_bounds__({256 if self.rows else 1024}) {name}(const CgArgs a) {{
-    kron_cg{"_rows" if self.rows else ""}<{name}_ns::Spec>(a);
-}}
-"""
+        return kernel_source(name, self.itemsize, f"static constexpr int MODE = {_MODES[self.mode]};",
+                             "kron_cg_rows" if self.rows else "kron_cg", 256 if self.rows else 1024, args="CgArgs")
 
 
 def _threads(t: int) -> int:

@@ -39,6 +39,29 @@ MAX_FUSED = 8
 _CTYPE = {4: "float", 8: "double"}
 
 
+def kernel_source(name: str, itemsize: int, members: str, template: str, threads: int,
+                  args: str = "KronArgs", checks: str = "") -> str:
+    """The CUDA source of one specialisation: ``struct Spec`` (element type ``T`` and
+    ``members``, C++ declarations) in a namespace of its own, optional ``checks`` there
+    (static_asserts against the Python side), and the ``extern "C"`` entry ``name`` that runs
+    ``template<Spec>`` on its one by-value argument struct ``args``."""
+    body = "".join(f"    {line}\n" for line in members.strip().splitlines())
+    return f"""
+namespace {name}_ns {{
+struct Spec {{
+    typedef {_CTYPE[itemsize]} T;
+{body}}};
+{checks}}}
+extern "C" __global__ void __launch_bounds__({threads}) {name}(const {args} a) {{
+    {template}<{name}_ns::Spec>(a);
+}}
+"""
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -139,24 +162,17 @@ class FusedSpec:
         nf = len(self.P)
         ps = ", ".join(map(str, self.P))
         qs = ", ".join(map(str, self.Q))
-        t = _CTYPE[self.itemsize]
-        return f"""
-namespace {name}_ns {{
-struct Spec {{
-    typedef {t} T;
-    static constexpr int NF = {nf};
-    static constexpr int P[{nf}] = {{{ps}}};
-    static constexpr int Q[{nf}] = {{{qs}}};
-    static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
-    static constexpr bool IN_COL = {str(self.in_col).lower()}, OUT_COL = {str(self.out_col).lower()};
-    static constexpr bool IN_VEC = {str(self.in_vec).lower()}, OUT_VEC = {str(self.out_vec).lower()};
-}};
-static_assert(FusedGeom<Spec>::smem_elems() * sizeof({t}) == {self.smem_bytes}, "smem size mismatch");
-}}
-extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
-    kron_fused<{name}_ns::Spec>(a);
-}}
+        members = f"""
+static constexpr int NF = {nf};
+static constexpr int P[{nf}] = {{{ps}}};
+static constexpr int Q[{nf}] = {{{qs}}};
+static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
+static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)};
+static constexpr bool IN_VEC = {_b(self.in_vec)}, OUT_VEC = {_b(self.out_vec)};
 """
+        check = (f"static_assert(FusedGeom<Spec>::smem_elems() * sizeof({_CTYPE[self.itemsize]}) == "
+                 f"{self.smem_bytes}, \"smem size mismatch\");\n")
+        return kernel_source(name, self.itemsize, members, "kron_fused", self.NT, checks=check)
 
 
 # --------------------------------------------------------------------------- GEMM kernel
@@ -207,22 +223,13 @@ class GemmSpec:
         return self
 
     def source(self, name: str) -> str:
-        t = _CTYPE[self.itemsize]
-        b = lambda v: str(v).lower()  # noqa: E731
-        return f"""
-namespace {name}_ns {{
-struct Spec {{
-    typedef {t} T;
-    static constexpr int P = {self.P}, Q = {self.Q};
-    static constexpr int BR = {self.BR}, BQ = {self.BQ}, KC = {self.KC}, TR = {self.TR}, TQ = {self.TQ};
-    static constexpr int NT = {self.NT};
-    static constexpr bool IN_COL = {b(self.in_col)}, OUT_COL = {b(self.out_col)}, M_FAST = {b(self.m_fast)};
-}};
-}}
-extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
-    kron_gemm<{name}_ns::Spec>(a);
-}}
+        members = f"""
+static constexpr int P = {self.P}, Q = {self.Q};
+static constexpr int BR = {self.BR}, BQ = {self.BQ}, KC = {self.KC}, TR = {self.TR}, TQ = {self.TQ};
+static constexpr int NT = {self.NT};
+static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)}, M_FAST = {_b(self.m_fast)};
 """
+        return kernel_source(name, self.itemsize, members, "kron_gemm", self.NT)
 
 
 def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> GemmSpec:
@@ -266,19 +273,11 @@ class TransposeSpec:
         return _cdiv(n, self.TILE), 1
 
     def source(self, name: str) -> str:
-        t = _CTYPE[self.itemsize]
-        return f"""
-namespace {name}_ns {{
-struct Spec {{
-    typedef {t} T;
-    static constexpr int D = {self.D}, TILE = {self.TILE}, NT = {self.NT};
-    static constexpr bool TO_WIDE = {str(self.to_wide).lower()};
-}};
-}}
-extern "C" __global__ void __launch_bounds__({self.NT}) {name}(const KronArgs a) {{
-    kron_transpose<{name}_ns::Spec>(a);
-}}
+        members = f"""
+static constexpr int D = {self.D}, TILE = {self.TILE}, NT = {self.NT};
+static constexpr bool TO_WIDE = {_b(self.to_wide)};
 """
+        return kernel_source(name, self.itemsize, members, "kron_transpose", self.NT)
 
 
 # --------------------------------------------------------------------------- planning
