@@ -245,6 +245,17 @@ def _raw_kron_matmul(factors: list[Tensor], x: Tensor) -> Tensor:
     return _backend.for_tensor(x).kron_matmul(factors, x)
 
 
+def _around(factors: list[Tensor], j: int):
+    """Factor ``j``'s neighbours and sizes, for its gradient: the factors before and after it,
+    and the ``(ΠP, ΠQ)`` of those before, of ``F_j`` itself and of those after."""
+    before, after = factors[:j], factors[j + 1 :]
+
+    def sizes(fs):
+        return math.prod([g.shape[-2] for g in fs]), math.prod([g.shape[-1] for g in fs])
+
+    return before, after, sizes(before), tuple(factors[j].shape[-2:]), sizes(after)
+
+
 def _matmul_kron_backward(ctx, grad: Tensor):
     x, *factors = ctx.saved_tensors
     m = x.shape[-2]
@@ -257,12 +268,7 @@ def _matmul_kron_backward(ctx, grad: Tensor):
         if not ctx.needs_input_grad[1 + j]:
             dfs.append(None)
             continue
-        p_j, q_j = f.shape[-2:]
-        before, after = factors[:j], factors[j + 1 :]
-        pa = math.prod([g.shape[-2] for g in before])
-        qa = math.prod([g.shape[-1] for g in before])
-        pb = math.prod([g.shape[-2] for g in after])
-        qb = math.prod([g.shape[-1] for g in after])
+        before, after, (pa, qa), (p_j, q_j), (pb, qb) = _around(factors, j)
         z, zb = x, x.shape[:-2]
         if after:  # (…, M·Pa·P_j, Pb) · (⊗F_after)
             z = _raw_matmul_kron(z.reshape(*zb, m * pa * p_j, pb), after)
@@ -288,12 +294,7 @@ def _kron_matmul_backward(ctx, grad: Tensor):
         if not ctx.needs_input_grad[1 + j]:
             dfs.append(None)
             continue
-        p_j, q_j = f.shape[-2:]
-        before, after = factors[:j], factors[j + 1 :]
-        pa = math.prod([g.shape[-2] for g in before])
-        qa = math.prod([g.shape[-1] for g in before])
-        pb = math.prod([g.shape[-2] for g in after])
-        qb = math.prod([g.shape[-1] for g in after])
+        before, after, (pa, qa), (p_j, q_j), (pb, qb) = _around(factors, j)
         z, zb = x, x.shape[:-2]
         if after:  # ⊗F_after acting on the Qb axis of (…, Qa·Q_j, Qb, T)
             z = _raw_kron_matmul([_below_rows(g) for g in after], z.reshape(*zb, qa * q_j, qb, t))
