@@ -19,6 +19,7 @@ import torch
 
 import kronegp
 from kronegp import reference
+from _helpers import rel_err
 
 SIZES = [1, 2, 3, 5, 8, 12, 16, 31, 32, 61, 64, 100, 128, 256, 365, 1024]
 SMALL = [1, 2, 3, 5, 8, 12, 16]
@@ -162,10 +163,6 @@ def call_reference(case: Case, x, factors):
     if case.side == "kron_matmul":
         return reference.kron_matmul(factors, x)
     return reference.matmul_kron(x, factors)
-
-
-def rel_err(out, ref) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def poison(nbytes: int, device=None) -> None:

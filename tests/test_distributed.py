@@ -29,13 +29,10 @@ import kronegp.distributed as kd
 from kronegp.distributed._exchange import _pieces
 from kronegp.reference import kron_dense
 from process_group import free_port, run_workers
+from _helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 # --------------------------------------------------------------------------- no group needed
@@ -183,7 +180,7 @@ def _check_case(case, side, dtype, rank, world, device, fail):
     if y_local.shape != expected_local.shape:
         fail.append(f"{tag}: shape {tuple(y_local.shape)} != {tuple(expected_local.shape)}")
         return
-    err = _rel_err(y_local.detach(), expected_local)
+    err = rel_err(y_local.detach(), expected_local)
     if not err <= TOL[dtype]:
         fail.append(f"{tag}: forward relative error {err:.2e}")
     plan = kd.communication_bytes(shapes, tuple(x.shape), world, side=side, dtype=dtype)
@@ -210,11 +207,11 @@ def _check_case(case, side, dtype, rank, world, device, fail):
     if not err <= TOL[dtype]:
         fail.append(f"{tag}: all-reduced loss relative error {err:.2e}")
     dx_ref = _grid_slice(x_ref.grad, side, in_sh.rows(rank))
-    err = _rel_err(x_local.grad, dx_ref)
+    err = rel_err(x_local.grad, dx_ref)
     if not err <= TOL[dtype]:
         fail.append(f"{tag}: dx relative error {err:.2e}")
     for i, (f, fr) in enumerate(zip(f_local, f_ref)):
-        err = _rel_err(f.grad, fr.grad)
+        err = rel_err(f.grad, fr.grad)
         if not err <= TOL[dtype]:
             fail.append(f"{tag}: dF[{i}] relative error {err:.2e}")
     # backward: the same two exchanges reversed, so the same bytes over the group
@@ -266,7 +263,7 @@ def _check_cg(rank, world, device, fail):
         tol=1e-11,
         max_iters=500,
     )
-    err = _rel_err(result.solution, want[rows])
+    err = rel_err(result.solution, want[rows])
     if not err <= 1e-8 or not result.converged:
         fail.append(f"distributed CG: relative error {err:.2e}, converged={result.converged}")
 
@@ -292,14 +289,14 @@ def _check_dtensor(rank, world, device, fail):
         if not isinstance(y_dt, DTensor) or y_dt.placements != (Shard(dim),):
             fail.append(f"DTensor {side}: got {type(y_dt).__name__} {getattr(y_dt, 'placements', '')}")
             continue
-        err = _rel_err(y_dt.full_tensor(), y_ref)
+        err = rel_err(y_dt.full_tensor(), y_ref)
         if not err <= 1e-12:
             fail.append(f"DTensor {side}: relative error {err:.2e}")
         kd.allreduce_sum(y_dt.to_local().square().sum()).backward()
         x_ref = x.clone().requires_grad_(True)
         op = kronegp.kron_matmul(factors, x_ref) if dim == 0 else kronegp.matmul_kron(x_ref, factors)
         op.square().sum().backward()
-        err = _rel_err(x_local.grad, x_ref.grad.tensor_split(world, dim=dim)[rank])
+        err = rel_err(x_local.grad, x_ref.grad.tensor_split(world, dim=dim)[rank])
         if not err <= 1e-12:
             fail.append(f"DTensor {side}: dx relative error {err:.2e}")
 

@@ -34,6 +34,7 @@ import kronegp
 import kronegp.distributed as kd
 from kronegp.distributed import gridgp
 from process_group import free_port, run_workers
+from _helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +54,6 @@ CASES = [
 ]
 # Float64: both runs take the same CG steps; only the order of summation differs.
 TOL = {torch.float64: 1e-7, torch.float32: 2e-3}
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def _data(shape, missing, per_cell, dtype, seed):
@@ -139,7 +136,7 @@ def _check_case(case, dtype, rank, world, device, fail):
             continue
         if g_ref.abs().max() == 0:
             fail.append(f"{tag}: GridGP's gradient of {pname} is zero: the test cannot tell")
-        err = _rel_err(p.grad, g_ref)
+        err = rel_err(p.grad, g_ref)
         if not err <= TOL[dtype] * 10:
             fail.append(f"{tag}: d loss / d {pname} = {p.grad.tolist()} vs GridGP {g_ref.tolist()} (rel {err:.2e})")
         checked += 1
@@ -186,13 +183,13 @@ def _check_fit(rank, world, device, fail):
     dgp = kd.DistributedGridGP.from_grid(values, axes, device=device, **kwargs)
     h_ref = gp.fit(iters=3, progress=False)
     h = dgp.fit(iters=3, progress=False)
-    err = _rel_err(torch.tensor(h), torch.tensor(h_ref))
+    err = rel_err(torch.tensor(h), torch.tensor(h_ref))
     if len(h) != 3 or not err <= 1e-7:
         fail.append(f"fit: loss history {h} vs GridGP {h_ref} (rel {err:.2e})")
     fresh = kronegp.GridGP(values, axes, device=device, **kwargs)
     fresh.load_state_dict(dgp.hyperparameter_state(), strict=False)
     for name, p in fresh.named_parameters():
-        err = _rel_err(p.detach(), dict(gp.named_parameters())[name].detach())
+        err = rel_err(p.detach(), dict(gp.named_parameters())[name].detach())
         if not err <= 1e-7:
             fail.append(f"fit: {name} after 3 steps differs from GridGP's (rel {err:.2e})")
 

@@ -11,14 +11,11 @@ from gpytorch.kernels import MaternKernel, PeriodicKernel, ProductKernel, RBFKer
 from kronegp import ops
 from kronegp.kernels import GridProductKernel, grid_axes, grid_points
 from kronegp.operators import KroneckerOperator
+from _helpers import rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_axes(sizes, dtype=torch.float64, device="cpu", seed=0):

@@ -23,19 +23,7 @@ from linear_operator.test.linear_operator_test_case import (
 
 from kronegp.operators import KroneckerOperator, KroneckerTriangularOperator
 from kronegp.operators import kronecker_operator as ko_module
-
-
-def dense_kron(mats):
-    """⊗ of dense matrices with torch.kron, looping over (broadcast) batch elements."""
-    batch = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
-    if not batch:
-        out = mats[0]
-        for m in mats[1:]:
-            out = torch.kron(out, m)
-        return out
-    flat = [m.expand(*batch, *m.shape[-2:]).reshape(-1, *m.shape[-2:]) for m in mats]
-    blocks = [dense_kron([f[b] for f in flat]) for b in range(flat[0].shape[0])]
-    return torch.stack(blocks).reshape(*batch, *blocks[0].shape)
+from _helpers import dense_kron
 
 
 def spd(n, *batch, dtype=None):

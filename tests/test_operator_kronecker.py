@@ -31,26 +31,11 @@ from kronegp.operators import (
 )
 from kronegp.operators import kronecker_added_diag_operator as added_diag_module
 from kronegp.operators import kronecker_operator as ko_module
+from _helpers import dense_kron, rel_err
 
 TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float64]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def dense_kron(mats):
-    batch = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
-    if not batch:
-        out = mats[0]
-        for m in mats[1:]:
-            out = torch.kron(out, m)
-        return out
-    flat = [m.expand(*batch, *m.shape[-2:]).reshape(-1, *m.shape[-2:]) for m in mats]
-    blocks = [dense_kron([f[b] for f in flat]) for b in range(flat[0].shape[0])]
-    return torch.stack(blocks).reshape(*batch, *blocks[0].shape)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def sum_to(g, shape):

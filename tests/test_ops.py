@@ -9,25 +9,9 @@ from hypothesis import strategies as st
 
 import kronegp
 from kronegp.reference import kron_dense
+from _helpers import dense_kron, rel_err
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-
-
-def dense(factors):
-    """F_1 ⊗ … ⊗ F_N with torch.kron, looping over batch elements (independent of kron_dense)."""
-    batch = torch.broadcast_shapes(*(f.shape[:-2] for f in factors))
-    if not batch:
-        out = factors[0]
-        for f in factors[1:]:
-            out = torch.kron(out, f)
-        return out
-    expanded = [f.expand(*batch, *f.shape[-2:]).reshape(-1, *f.shape[-2:]) for f in factors]
-    blocks = [dense([e[b] for e in expanded]) for b in range(expanded[0].shape[0])]
-    return torch.stack(blocks).reshape(*batch, *blocks[0].shape)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 @st.composite
@@ -66,7 +50,7 @@ def test_matmul_kron_matches_dense(problem):
     factors = make_factors(ps, qs, x_batch, factor_batched, dtype, gen)
     x = torch.randn(*x_batch, m, math.prod(ps), dtype=dtype, generator=gen)
     y = kronegp.matmul_kron(x, factors)
-    expected = x.double() @ dense([f.double() for f in factors])
+    expected = x.double() @ dense_kron([f.double() for f in factors])
     assert y.shape == expected.shape and y.dtype == dtype
     assert rel_err(y, expected) < TOL[dtype]
 
@@ -79,7 +63,7 @@ def test_kron_matmul_matches_dense(problem):
     factors = make_factors(ps, qs, x_batch, factor_batched, dtype, gen)
     x = torch.randn(*x_batch, math.prod(qs), t, dtype=dtype, generator=gen)
     y = kronegp.kron_matmul(factors, x)
-    expected = dense([f.double() for f in factors]) @ x.double()
+    expected = dense_kron([f.double() for f in factors]) @ x.double()
     assert y.shape == expected.shape and y.dtype == dtype
     assert rel_err(y, expected) < TOL[dtype]
 
@@ -87,7 +71,7 @@ def test_kron_matmul_matches_dense(problem):
 def test_kron_dense_helper_matches_torch_kron():
     gen = torch.Generator().manual_seed(0)
     fs = [torch.randn(2, 3, 4, generator=gen), torch.randn(1, 2, 5, generator=gen)]
-    assert rel_err(kron_dense(fs), dense(fs)) < 1e-6
+    assert rel_err(kron_dense(fs), dense_kron(fs)) < 1e-6
 
 
 def test_vectors_and_many_factors():
@@ -104,16 +88,16 @@ def test_vectors_and_many_factors():
     # and against a dense product on a few leading factors
     small = factors[:5]
     xs = torch.randn(math.prod(f.shape[1] for f in small), dtype=torch.float64, generator=gen)
-    assert rel_err(kronegp.kron_matmul(small, xs), dense(small) @ xs) < 1e-12
+    assert rel_err(kronegp.kron_matmul(small, xs), dense_kron(small) @ xs) < 1e-12
 
 
 def test_strided_input_is_not_required_contiguous():
     gen = torch.Generator().manual_seed(2)
     factors = [torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)]
     x = torch.randn(15, 9, generator=gen, dtype=torch.float64).mT  # (9, 15), not contiguous
-    assert rel_err(kronegp.matmul_kron(x, factors), x @ dense(factors)) < 1e-12
+    assert rel_err(kronegp.matmul_kron(x, factors), x @ dense_kron(factors)) < 1e-12
     x2 = torch.randn(7, 8, generator=gen, dtype=torch.float64).mT  # (8, 7)
-    assert rel_err(kronegp.kron_matmul(factors, x2), dense(factors) @ x2) < 1e-12
+    assert rel_err(kronegp.kron_matmul(factors, x2), dense_kron(factors) @ x2) < 1e-12
 
 
 def test_inputs_are_not_modified():
@@ -129,7 +113,7 @@ def test_nan_and_inf_propagate_like_ieee():
     factors = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.5], [2.0, 1.0]])]
     x = torch.tensor([[1.0, float("nan"), 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], [float("inf"), 1.0, 1.0, 1.0]])
     y = kronegp.matmul_kron(x, factors)
-    expected = x @ dense(factors)
+    expected = x @ dense_kron(factors)
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert torch.equal(torch.isinf(y[2]), torch.isinf(expected[2]))
     assert rel_err(y[1], expected[1]) < 1e-6
@@ -173,7 +157,7 @@ def test_gradient_matches_dense_autograd():
     ours = [f.grad.clone() for f in fs] + [x.grad.clone()]
     for t in fs + [x]:
         t.grad = None
-    ((dense(fs) @ x) * w).sum().backward()
+    ((dense_kron(fs) @ x) * w).sum().backward()
     for a, b in zip(ours, [f.grad for f in fs] + [x.grad]):
         assert rel_err(a, b) < 1e-12
 
@@ -261,9 +245,9 @@ def test_torch_func_vmap_matches_loop():
     b = torch.randn(2, 3, dtype=torch.float64, generator=gen)
     xs = torch.randn(4, 5, 6, dtype=torch.float64, generator=gen)  # vmapped x
     out = torch.func.vmap(lambda x, a: kronegp.matmul_kron(x, [a, b]))(xs, a)
-    loop = torch.stack([xs[i] @ dense([a[i], b]) for i in range(4)])
+    loop = torch.stack([xs[i] @ dense_kron([a[i], b]) for i in range(4)])
     assert rel_err(out, loop) < 1e-12
     xs2 = torch.randn(6, 3, 4, dtype=torch.float64, generator=gen)  # vmapped over dim 2
     out2 = torch.func.vmap(lambda x: kronegp.kron_matmul([a[0], b], x), in_dims=2)(xs2)
-    loop2 = torch.stack([dense([a[0], b]) @ xs2[:, :, i] for i in range(4)])
+    loop2 = torch.stack([dense_kron([a[0], b]) @ xs2[:, :, i] for i in range(4)])
     assert rel_err(out2, loop2) < 1e-12
