@@ -52,6 +52,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -184,6 +185,7 @@ def _device_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     return lam.to(m.dtype), q.to(m.dtype)
 
 
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _side_streams: dict = {}
 _device_warm = False
 
@@ -251,31 +253,37 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             device_side.append(i)
     with torch.no_grad():
         if host:
-            # One device→host transfer for all of them (a single synchronisation).
-            flat = torch.cat([mats[i].detach().reshape(-1).to(torch.float64) for i in host])
-            flat = flat.cpu() if flat.device.type != "cpu" else flat
+            # One device→host transfer for all of them (a single synchronisation), in their own
+            # dtype when they share one: the widening to float64 then happens on the host, not
+            # as a kernel per matrix.
+            # (NumPy for the host-side casts: a torch CPU op this size wakes torch's OpenMP
+            # pool, whose spinning threads then compete with the LAPACK workers.)
+            parts = [mats[i].detach().reshape(-1) for i in host]
+            if len({p.dtype for p in parts}) > 1:
+                parts = [p.to(torch.float64) for p in parts]
+            flat = torch.cat(parts)
+            flat = torch.from_numpy(flat.cpu().numpy().astype(np.float64, copy=False))
             pieces, offset = [], 0
             for i in host:
                 n = mats[i].shape[0]
                 pieces.append(flat[offset : offset + n * n].view(n, n))
                 offset += n * n
-            # One host→device transfer per device back.
-            by_device: dict = {}
+            # One host→device transfer per device and dtype back, narrowed to the matrices'
+            # dtype on the host (no cast kernels on the device).
+            by_target: dict = {}
             eps = [torch.finfo(mats[i].dtype).eps for i in host]
             for i, (lam, q) in zip(host, _host_eighs(pieces, eps)):
-                by_device.setdefault(mats[i].device, []).append((i, lam, q))
-            for dev, items in by_device.items():
-                packed = torch.cat([torch.cat([lam, q.reshape(-1)]) for _, lam, q in items])
+                by_target.setdefault((mats[i].device, mats[i].dtype), []).append((i, lam, q))
+            for (dev, dt), items in by_target.items():
+                packed = np.concatenate([np.concatenate([lam.numpy(), q.numpy().reshape(-1)]) for _, lam, q in items])
+                packed = torch.from_numpy(packed.astype(_NUMPY_DTYPE[dt], copy=False))
                 if dev.type != "cpu":
                     packed = packed.to(dev)
                 offset = 0
                 for i, lam, q in items:
                     n = lam.shape[0]
-                    dt = mats[i].dtype
-                    lam_i = packed[offset : offset + n].to(dt)
-                    q_i = packed[offset + n : offset + n + n * n].view(n, n).to(dt)
+                    out[i] = (packed[offset : offset + n], packed[offset + n : offset + n + n * n].view(n, n))
                     offset += n + n * n
-                    out[i] = (lam_i, q_i)
         global _device_warm
         if not _device_warm and device_side:
             # torch loads its CUDA linear-algebra library lazily on the first call, and
