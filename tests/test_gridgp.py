@@ -547,3 +547,60 @@ def test_eigen_bilinear_form_value_and_factor_gradients_match_dense(sizes, dtype
     want = torch.autograd.grad(expected, factors)
     for a, b in zip(ours, want):
         assert (a - b).norm() / b.norm() < 10 * tol
+
+
+def test_k_split_cuts_long_contractions_into_equal_chunks():
+    from kronegp.models._exact import _k_split
+
+    for length in (1, 7, 511, 1024, 1200, 2112, 16384, 46720, 7919 * 2, 2**20):
+        s, k = _k_split(length)
+        assert s * k == length and 1 <= s <= 32
+        assert s == 1 or k >= 512
+    assert _k_split(16384) == (32, 512)
+    assert _k_split(1000) == (1, 1000)  # too short to cut into chunks of 512
+
+
+@pytest.mark.parametrize("sizes", [[8, 33, 64], [3, 40, 30], [1100, 2], [6, 5, 4]])
+def test_off_axis_gram_matches_its_definition(sizes):
+    """Σ_c Σ a[c, j] w[j∖i] b[c, j'] over pairs equal off axis i, on every axis (the first
+    axis of the first three shapes is long enough to be cut into chunks)."""
+    from kronegp.models._exact import _off_axis_gram
+
+    g = torch.Generator().manual_seed(11)
+    n_all, c = math.prod(sizes), 3
+    a = torch.randn(c, n_all, dtype=torch.float64, generator=g)
+    b = torch.randn(c, n_all, dtype=torch.float64, generator=g)
+    for i, n in enumerate(sizes):
+        weight = torch.rand(n_all // n, dtype=torch.float64, generator=g) + 0.5
+        ai = a.view(c, *sizes).movedim(1 + i, 1).reshape(c, n, -1)
+        bi = b.view(c, *sizes).movedim(1 + i, 1).reshape(c, n, -1)
+        want = torch.einsum("cpr,r,cqr->pq", ai, weight, bi)
+        got = _off_axis_gram(a, b, sizes, i, weight)
+        assert (got - want).norm() / want.norm() < 1e-13
+
+
+@pytest.mark.parametrize("sizes", [[32, 32, 32], [40, 30, 20]])
+def test_eigen_factor_gradients_match_their_definition(sizes):
+    """Q_i (M_i − diag v_i) Q_iᵀ with M_i = X_i diag(L_i) X_iᵀ and v_i = W_i L_i (module docstring of
+    kronegp.models._exact), against einsums; the off-axis lengths here (≥ 600) are cut into chunks."""
+    from kronegp.linalg import kron_vector
+    from kronegp.models._exact import _eigen_factor_gradients
+    from kronegp.models._kron import KronEigen
+
+    g = torch.Generator().manual_seed(12)
+    factors = []
+    for n in sizes:
+        m = torch.randn(n, n, dtype=torch.float64, generator=g)
+        factors.append(m @ m.mT / n + 0.1 * torch.eye(n, dtype=torch.float64))
+    eig = KronEigen(factors)
+    n_all = math.prod(sizes)
+    alpha_t = torch.randn(n_all, dtype=torch.float64, generator=g)
+    w = torch.rand(n_all, dtype=torch.float64, generator=g) + 0.5
+    got = _eigen_factor_gradients(eig, list(range(len(sizes))), alpha_t, w)
+    for i, n in enumerate(sizes):
+        others = kron_vector(eig.vals[:i] + eig.vals[i + 1 :])
+        x = alpha_t.view(sizes).movedim(i, 0).reshape(n, -1)
+        wi = w.view(sizes).movedim(i, 0).reshape(n, -1)
+        m = torch.einsum("pr,r,qr->pq", x, others, x) - torch.diag(wi @ others)
+        want = eig.vecs[i] @ m @ eig.vecs[i].mT
+        assert (got[i] - want).norm() / want.norm() < 1e-12

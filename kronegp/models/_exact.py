@@ -76,6 +76,17 @@ class _ExactKronLML(torch.autograd.Function):
         return (d_resid, d_noise, d_scale, *d_factors)
 
 
+def _k_split(length: int, chunk: int = 512, most: int = 32) -> tuple[int, int]:
+    """``(s, k)`` with ``s·k = length``: a contraction of this length cut into ``s`` chunks of
+    ``k ≥ chunk`` (``s ≤ most``, the largest such divisor; ``(1, length)`` when none). cuBLAS
+    gives a batched GEMM with a long contraction and a small output one thread block per output
+    tile, whatever the length; the chunks become more batches (more blocks), summed after."""
+    for s in range(min(most, length // chunk), 1, -1):
+        if length % s == 0:
+            return s, length // s
+    return 1, length
+
+
 def _eigen_factor_gradients(eig: KronEigen, axes: list[int], alpha_t: Optional[Tensor], w: Tensor) -> dict[int, Tensor]:
     """``Q_i (M_i − diag(v_i)) Q_iᵀ = ∂_{K_i}[αᵀ(⊗K)α] − tr-term`` for each axis ``i`` in ``axes``.
 
@@ -98,10 +109,17 @@ def _eigen_factor_gradients(eig: KronEigen, axes: list[int], alpha_t: Optional[T
         weight = torch.stack([kron_vector(eig.vals[:i] + eig.vals[i + 1 :]) if len(sizes) > 1 else w.new_ones(1)
                               for i in members]).unsqueeze(1)  # (g, 1, N/n)
         wm = torch.stack([w.reshape(sizes).movedim(i, 0).reshape(n, -1) for i in members])
-        inner = -torch.diag_embed((wm * weight).sum(-1))
-        if alpha_t is not None:
-            xm = torch.stack([alpha_t.reshape(sizes).movedim(i, 0).reshape(n, -1) for i in members])
-            inner = torch.baddbmm(inner, xm * weight, xm.mT)
+        v = (wm * weight).sum(-1)
+        if alpha_t is None:
+            inner = -torch.diag_embed(v)
+        else:
+            # The Gram products contract the N/n cells off the axis: K-split into s chunks of
+            # length k (the stack lays them out as (g, s, n, k)), batched, then summed.
+            g, (s, k) = len(members), _k_split(weight.shape[-1])
+            xm = torch.stack([alpha_t.reshape(sizes).movedim(i, 0).reshape(n, s, k).transpose(0, 1) for i in members])
+            xw = xm * weight.view(g, s, 1, k)
+            inner = torch.bmm(xw.view(g * s, n, k), xm.view(g * s, n, k).mT).view(g, s, n, n).sum(1)
+            inner.diagonal(dim1=-2, dim2=-1).sub_(v)
         q = torch.stack([eig.vecs[i] for i in members])
         for i, d_k in zip(members, torch.bmm(torch.bmm(q, inner), q.mT).unbind(0)):
             out[i] = d_k
@@ -116,12 +134,19 @@ def _off_axis_gram(a: Tensor, b: Tensor, sizes: list[int], i: int, weight: Tenso
     One weighting pass and one (batched) GEMM on views of the rows: no transposed copies."""
     c, n = a.shape[0], sizes[i]
     pre, post = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
+    if pre == 1 and post > 1:
+        # First axis: a product per row contracts all post cells, too few tiles for the GPU
+        # (a 128³ grid: 4 × 4 × c output tiles of 16384-long dot products). K-split into s
+        # chunks of length k: the weighting writes a (c, s, n, k) layout, b is copied into it.
+        s, k = _k_split(post)
+        aw = torch.empty((c, s, n, k), dtype=a.dtype, device=a.device)
+        torch.mul(a.view(c, n, s, k).transpose(1, 2), weight.view(1, s, 1, k), out=aw)
+        bs = b.view(c, n, s, k).transpose(1, 2).contiguous()
+        return torch.bmm(aw.view(c * s, n, k), bs.view(c * s, n, k).mT).sum(0)
     aw = a.view(c, pre, n, post) * weight.view(1, pre, 1, post)
     b4 = b.view(c, pre, n, post)
     if post == 1:  # last axis: one GEMM over all rows of the other axes
         return aw.view(c * pre, n).mT @ b4.view(c * pre, n)
-    if pre == 1:  # first axis: one product per row
-        return torch.bmm(aw.view(c, n, post), b4.view(c, n, post).mT).sum(0)
     return torch.bmm(aw.view(c * pre, n, post), b4.view(c * pre, n, post).mT).sum(0)
 
 
