@@ -131,7 +131,8 @@ def _off_axis_gram(a: Tensor, b: Tensor, sizes: list[int], i: int, weight: Tenso
     (``j_i = p``, ``j'_i = q``): an ``n_i × n_i`` matrix, for rows ``a, b`` of shape ``(c, N)``
     over the grid and ``weight`` over the other axes (length ``N / n_i``, their order).
 
-    One weighting pass and one (batched) GEMM on views of the rows: no transposed copies."""
+    One weighting pass and one (batched) GEMM on views of the rows; for the first axis, whose
+    contraction is long, the rows are laid out in chunks first (a copy of ``b``, :func:`_k_split`)."""
     c, n = a.shape[0], sizes[i]
     pre, post = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
     if pre == 1 and post > 1:
