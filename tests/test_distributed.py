@@ -10,13 +10,10 @@ the whole tensors, which every rank builds from the same seed.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
 import subprocess
 import sys
-import traceback
 import zlib
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import kronegp
 import kronegp.distributed as kd
 from kronegp.distributed._exchange import _pieces
 from kronegp.reference import kron_dense
-from process_group import free_port, run_workers
+from process_group import free_port, run_rank, run_workers
 from _helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,24 +299,10 @@ def _check_dtensor(rank, world, device, fail):
 
 
 def _worker(rank, world, port, backend, out_dir, cases):
-    fail: list[str] = []
-    try:
-        if backend == "nccl":
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
+    def checks(device, fail):
         if cases == "cg":
             _check_cg(rank, world, device, fail)
-            cases = []
+            return
         for case in cases:
             for side in ("kron_matmul", "matmul_kron"):
                 # float32 on 2 ranks only: 4 ranks share CI's 2 cores, and the float32 path
@@ -329,14 +312,8 @@ def _worker(rank, world, port, backend, out_dir, cases):
         if cases:
             _check_errors(rank, world, device, fail)
             _check_dtensor(rank, world, device, fail)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        fail.append(traceback.format_exc())
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(fail))
-    # gloo (torch 2.13, CPU) sometimes aborts in a static destructor at interpreter exit,
-    # after the group is torn down; the results are written, so skip the destructors.
-    os._exit(0)
+
+    run_rank(rank, world, port, backend, out_dir, checks)
 
 
 def _spawn(world: int, backend: str, tmp_path: Path, cases=CASES, timeout: float = 150.0):

@@ -14,15 +14,12 @@ Processes are spawned as in ``tests/test_distributed.py`` (same ``os._exit`` wor
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import gpytorch
@@ -33,7 +30,7 @@ import torch.distributed as dist
 import kronegp
 import kronegp.distributed as kd
 from kronegp.distributed import gridgp
-from process_group import free_port, run_workers
+from process_group import free_port, run_rank, run_workers
 from _helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,16 +221,7 @@ def _check_errors(rank, world, device, fail):
 
 
 def _worker(rank, world, port, backend, out_dir, which):
-    fail: list[str] = []
-    try:
-        if backend == "nccl":
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+    def checks(device, fail):
         torch.set_num_threads(1)
         for case in CASES:
             # float32 on one case per regime at G = 2 only (CI's 2 cores)
@@ -244,14 +232,8 @@ def _worker(rank, world, port, backend, out_dir, which):
             _check_local_blocks(rank, world, device, fail)
             _check_fit(rank, world, device, fail)
             _check_errors(rank, world, device, fail)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        fail.append(traceback.format_exc())
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(fail))
-    # gloo (torch 2.13, CPU) sometimes aborts in a static destructor at interpreter exit,
-    # after the group is torn down; the results are written, so skip the destructors.
-    os._exit(0)
+
+    run_rank(rank, world, port, backend, out_dir, checks)
 
 
 def _spawn(world: int, backend: str, tmp_path: Path, which: str = "all", timeout: float = 240.0):
