@@ -97,6 +97,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_fit(model, args, device, clock, per: str) -> tuple[list, float]:
+    """``model.fit`` with the command's optimiser settings; says how long it took and how the
+    loss (``per`` what) moved. Returns the loss history and the seconds."""
+    t0 = time.perf_counter()
+    history = model.fit(iters=args.iters, optimizer=args.optimizer, lr=args.lr, progress=not args.quiet)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    clock.say(f"fitted in {seconds:.1f} s ({len(history)} steps, loss "
+              f"{history[0]:.4f} -> {history[-1]:.4f} {per})")
+    return history, seconds
+
+
 def _plain_unit(unit: str) -> str:
     """``"year (decimal, mid-month)"`` → ``"year"``: the unit without its explanation."""
     return unit.split(" (")[0].strip()
@@ -291,13 +303,7 @@ def run_demo(args) -> int:
     clock.say(f"learning hyperparameters on the first {n_train} months "
               f"({fit_model.n_cells} cells, {fit_model.path} path) on {_device_words(device)}, "
               f"{args.dtype}, up to {args.iters} {args.optimizer} steps")
-    t0 = time.perf_counter()
-    history = fit_model.fit(iters=args.iters, optimizer=args.optimizer, lr=args.lr,
-                            progress=not args.quiet)
-    _sync(device)
-    seconds_fit = time.perf_counter() - t0
-    clock.say(f"fitted in {seconds_fit:.1f} s ({len(history)} steps, loss "
-              f"{history[0]:.4f} -> {history[-1]:.4f} per cell)")
+    history, seconds_fit = _timed_fit(fit_model, args, device, clock, "per cell")
     print("fitted hyperparameters:")
     for line in describe_hyperparameters(fit_model.hyperparameters(), ozone.dims,
                                          ozone.coord_units, ozone.units):
@@ -414,12 +420,7 @@ def run_fit(args) -> int:
     clock.say(f"fitting GridGP ({model.path} path, {grid.size - grid.n_missing} observed cells, "
               f"{grid.n_missing} to predict) on {_device_words(device)}, {args.dtype}, up to "
               f"{args.iters} {args.optimizer} steps")
-    t0 = time.perf_counter()
-    history = model.fit(iters=args.iters, optimizer=args.optimizer, lr=args.lr,
-                        progress=not args.quiet)
-    _sync(device)
-    clock.say(f"fitted in {time.perf_counter() - t0:.1f} s ({len(history)} steps, loss "
-              f"{history[0]:.4f} -> {history[-1]:.4f} per observed cell)")
+    history, _ = _timed_fit(model, args, device, clock, "per observed cell")
     print("fitted hyperparameters:")
     hyper = model.hyperparameters()
     for line in describe_hyperparameters(hyper, grid.dims, grid.coord_units, grid.units):
