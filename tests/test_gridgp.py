@@ -560,10 +560,11 @@ def test_k_split_cuts_long_contractions_into_equal_chunks():
     assert _k_split(1000) == (1, 1000)  # too short to cut into chunks of 512
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("sizes", [[8, 33, 64], [3, 40, 30], [1100, 2], [6, 5, 4]])
-def test_off_axis_gram_matches_its_definition(sizes):
-    """Σ_c Σ a[c, j] w[j∖i] b[c, j'] over pairs equal off axis i, on every axis (the first
-    axis of the first three shapes is long enough to be cut into chunks)."""
+def test_off_axis_gram_matches_its_definition(sizes, split):
+    """Σ_c Σ a[c, j] w[j∖i] b[c, j'] over pairs equal off axis i, on every axis, with the first
+    axis's contraction whole or cut into chunks (long enough to cut in the first two shapes)."""
     from kronegp.models._exact import _off_axis_gram
 
     g = torch.Generator().manual_seed(11)
@@ -575,7 +576,7 @@ def test_off_axis_gram_matches_its_definition(sizes):
         ai = a.view(c, *sizes).movedim(1 + i, 1).reshape(c, n, -1)
         bi = b.view(c, *sizes).movedim(1 + i, 1).reshape(c, n, -1)
         want = torch.einsum("cpr,r,cqr->pq", ai, weight, bi)
-        got = _off_axis_gram(a, b, sizes, i, weight)
+        got = _off_axis_gram(a, b, sizes, i, weight, split=split)
         assert (got - want).norm() / want.norm() < 1e-13
 
 
