@@ -218,3 +218,32 @@ def test_every_cg_step_kernel_compiles(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("KRONEGP_CACHE_DIR", str(tmp_path))
     specs = [CgSpec(itemsize, mode, rows) for itemsize in (4, 8) for mode in ("dot", "update", "direction") for rows in (False, True)]
     assert len(compile_specs([(kernel_name(s), s) for s in specs], arch)) > 0
+
+
+#: Matrix sizes of the Jacobi eigensolver kernels the GPU tests and GridGP use (the largest:
+#: what fits in an H100's shared memory, and an A100's), and the thread layouts they pin.
+EIGH_SIZES = (1, 2, 3, 5, 9, 12, 16, 24, 31, 40, 61, 64, 72, 80, 100, 127, 128, 142, 168)
+EIGH_LANES = (0, 4, 16, 32)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_jacobi_eigh_kernel_compiles(arch, tmp_path, monkeypatch):
+    """The Jacobi eigensolver (kronegp._cuda.eigh) for the sizes and layouts in use, both dtypes."""
+    from kronegp._cuda.eigh import EighSpec
+
+    monkeypatch.setenv("KRONEGP_CACHE_DIR", str(tmp_path))
+    specs = sorted({EighSpec(itemsize, n, lanes) for itemsize in (4, 8) for n in EIGH_SIZES for lanes in EIGH_LANES}, key=repr)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    chunk = math.ceil(len(specs) / (workers * 2))
+    with ProcessPoolExecutor(workers) as pool:
+        sizes = list(pool.map(_compile_chunk, [(specs[i : i + chunk], arch) for i in range(0, len(specs), chunk)]))
+    assert all(n > 0 for n in sizes)
+
+
+def test_jacobi_eigh_sizes_fit_in_shared_memory():
+    from kronegp._cuda.eigh import EighSpec, max_rows
+
+    for optin, rows in ((232448, 168), (166912, 142)):  # H100 / A100 opt-in shared memory per block
+        assert max_rows(optin) == rows
+        assert EighSpec(8, rows).smem_bytes < optin < EighSpec(8, rows + 1).smem_bytes + 512
+        assert rows in EIGH_SIZES

@@ -180,6 +180,7 @@ def test_bad_input(bad, err):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 def test_cuda_host_and_device_sides(dtype, tol, monkeypatch):
     clear_eig_cache()
+    monkeypatch.setattr(kl, "DEVICE_JACOBI_MAX_ROWS", 0)  # the host and cuSOLVER paths
     monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 64)
     mats = [_spd(n, dtype, device="cuda", seed=n) for n in (3, 64, 65, 365)]  # two on each side
     for m, (lam, q) in zip(mats, symmetric_eig(mats)):
@@ -192,6 +193,7 @@ def test_cuda_centrosymmetric_factors_on_both_sides(dtype, tol, monkeypatch):
     """Toeplitz factors of CUDA tensors: split on the host (≤ HOST_EIGH_MAX_ROWS rows), decomposed
     directly on the device above; both agree with eigh."""
     clear_eig_cache()
+    monkeypatch.setattr(kl, "DEVICE_JACOBI_MAX_ROWS", 0)  # the host and cuSOLVER paths
     monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 64)
     monkeypatch.setattr(kl, "CENTRO_MIN_ROWS", 16)
     mats = [_toeplitz_kernel(n, dtype, device="cuda") for n in (33, 64, 128, 365)]
@@ -206,6 +208,7 @@ def test_cuda_centrosymmetric_factors_on_both_sides(dtype, tol, monkeypatch):
 def test_cuda_concurrent_device_path_on_a_side_stream(dtype, tol, monkeypatch):
     """Several device-side matrices (threads + side streams), made and used on a non-default stream."""
     clear_eig_cache()
+    monkeypatch.setattr(kl, "DEVICE_JACOBI_MAX_ROWS", 0)  # the host and cuSOLVER paths
     monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 16)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -217,6 +220,133 @@ def test_cuda_concurrent_device_path_on_a_side_stream(dtype, tol, monkeypatch):
         for m, (lam, q) in zip(mats, pairs):
             _check(m, lam, q, tol)
     torch.cuda.synchronize()
+
+
+def _jacobi_limit():
+    from kronegp import _backend
+
+    return _backend.for_tensor(torch.empty(1, device="cuda")).jacobi_max_rows(torch.empty(1, device="cuda"))
+
+
+def _indefinite(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (a + a.T).to(dtype=dtype, device="cuda")
+
+
+def _jacobi(mats, starts=None, keeps=None, sweeps=None, lanes=0):
+    from kronegp import _backend
+
+    starts = starts or [None] * len(mats)
+    return _backend.for_tensor(mats[0]).jacobi_eigh(mats, starts, keeps, sweeps, lanes)
+
+
+def _jacobi_test_matrices(dtype):
+    limit = _jacobi_limit()
+    mats = [_spd(n, dtype, device="cuda", seed=n) for n in (1, 2, 3, 5, 12, 16, 31, 61, 64, 100, 127, 128, limit)]
+    mats += [_indefinite(n, dtype, seed=n) for n in (2, 3, 12, 61, 128)]
+    mats += [_toeplitz_kernel(n, dtype, lengthscale=n / 10, device="cuda") for n in (24, 72, 128)]
+    mats += [_toeplitz_kernel(128, dtype, lengthscale=12.0 + k, device="cuda") for k in range(9)]  # 12 of one size: two launches
+    return mats
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lanes", [0, 4, 16, 32])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_jacobi_kernel_matches_eigh(dtype, tol, lanes):
+    """The GPU Jacobi kernel from a cold start: SPD, indefinite and kernel (Toeplitz, clustered tiny
+    eigenvalues) matrices of odd and even sizes up to the shared-memory limit, grouped by size as
+    symmetric_eig groups them; every thread layout."""
+    mats = _jacobi_test_matrices(dtype)
+    sizes = sorted({m.shape[0] for m in mats})
+    for n in sizes:
+        group = [m for m in mats if m.shape[0] == n]
+        keeps = [torch.full((n, n), float("nan"), dtype=torch.float64, device="cuda") for _ in group]
+        for m, (lam, q), keep in zip(group, _jacobi(group, keeps=keeps, lanes=lanes), keeps):
+            _check(m, lam, q, tol)
+            ref = torch.linalg.eigh(m.double())[0]
+            assert (lam.double() - ref).abs().max() <= tol * ref.abs().max()
+            # the kept float64 eigenvectors: the same columns (unsorted), orthonormal to float64 rounding
+            eye = torch.eye(n, dtype=torch.float64, device="cuda")
+            assert (keep.T @ keep - eye).abs().max() < (1e-13 if dtype == torch.float64 else 1e-7)
+            assert (keep.T @ m.double() @ keep).diagonal().sort().values.sub(ref).abs().max() <= max(tol, 1e-13) * ref.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_jacobi_warm_start_takes_fewer_sweeps_for_the_same_result(dtype, tol):
+    a = _toeplitz_kernel(128, dtype, lengthscale=12.0, device="cuda")
+    b = _toeplitz_kernel(128, dtype, lengthscale=12.3, device="cuda")
+    start = torch.empty(128, 128, dtype=torch.float64, device="cuda")
+    sweeps = torch.zeros(3, dtype=torch.int32, device="cuda")
+    _jacobi([a], keeps=[start])
+    (lam_cold, _), = _jacobi([b], sweeps=sweeps[0:1])
+    (lam_warm, q_warm), = _jacobi([b], [start.clone()], sweeps=sweeps[1:2])
+    (lam_same, q_same), = _jacobi([a], [start], [start], sweeps=sweeps[2:3])  # in place
+    cold, warm, same = sweeps.tolist()
+    assert warm <= cold / 3 and same == 1, (cold, warm, same)
+    _check(b, lam_warm, q_warm, tol)
+    _check(a, lam_same, q_same, tol)
+    assert (lam_warm - lam_cold).abs().max() <= tol * lam_cold.abs().max()
+
+
+@pytest.mark.cuda
+def test_cuda_symmetric_eig_seeds_on_the_host_then_runs_the_kernel_without_synchronising(monkeypatch):
+    """The first decomposition of a (device, size, position) runs on the host and keeps float64
+    eigenvectors; later ones run the Jacobi kernel from them, without a host synchronisation and
+    reading only the lower triangle."""
+    clear_eig_cache()
+    seen = _count_eigh_sizes(monkeypatch)
+    first = [_toeplitz_kernel(n, torch.float32, lengthscale=ls, device="cuda") for n, ls in ((40, 5.0), (40, 7.0), (9, 2.0))]
+    for m, (lam, q) in zip(first, symmetric_eig(first)):
+        _check(m, lam, q, 2e-6)
+    assert sorted(seen) == [9, 40, 40] and len(kl._starts) == 3
+    nxt = [_toeplitz_kernel(n, torch.float32, lengthscale=ls, device="cuda") for n, ls in ((40, 5.1), (40, 7.1), (9, 2.1))]
+    garbage = [torch.tril(m) + torch.triu(torch.full_like(m, float("nan")), 1) for m in nxt]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pairs = symmetric_eig(garbage)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sorted(seen) == [9, 40, 40]
+    for m, (lam, q) in zip(nxt, pairs):
+        _check(m, lam, q, 2e-6)
+        ref = torch.linalg.eigh(m.double())[0]
+        assert (lam.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+
+
+@pytest.mark.cuda
+def test_cuda_jacobi_failure_gives_nan_eigenvalues(monkeypatch):
+    from kronegp._cuda import eigh
+
+    m = _spd(64, torch.float32, device="cuda", seed=1)
+    bad = m.clone()
+    bad[5, 3] = float("inf")
+    (lam, _), = _jacobi([bad])
+    assert torch.isnan(lam).all()
+    monkeypatch.setattr(eigh, "MAX_SWEEPS", 1)
+    (lam, _), = _jacobi([m])
+    assert torch.isnan(lam).all()
+
+
+@pytest.mark.cuda
+def test_cuda_jacobi_on_a_side_stream_and_switched_off(monkeypatch):
+    clear_eig_cache()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for seed in (1, 2):  # the host seeds, then the kernel
+            mats = [_spd(n, torch.float64, device="cuda", seed=n + seed) for n in (9, 80)]
+            pairs = symmetric_eig(mats)
+            for m, (lam, q) in zip(mats, pairs):
+                _check(m, lam, q, 1e-13)
+    torch.cuda.synchronize()
+    seen = _count_eigh_sizes(monkeypatch)
+    symmetric_eig([_spd(9, torch.float64, device="cuda", seed=5)])
+    assert seen == []
+    monkeypatch.setattr(kl, "DEVICE_JACOBI_MAX_ROWS", 0)
+    symmetric_eig([_spd(9, torch.float64, device="cuda", seed=6)])
+    assert seen == [9]
 
 
 @pytest.mark.parametrize("sizes", [[3], [3, 5], [4, 1, 6], [2, 3, 4, 5]])

@@ -215,6 +215,22 @@ class CudaBackend:
 
         cg_launch(self._device(blocks["p"]), mode, state, **blocks)
 
+    def jacobi_eigh(self, mats: Sequence[Tensor], starts: Sequence[Tensor | None],
+                    keeps: Sequence[Tensor | None] | None = None, sweeps: Tensor | None = None, lanes: int = 0):
+        """Eigendecompositions of small symmetric matrices in one launch (:mod:`kronegp._cuda.eigh`)."""
+        from kronegp._cuda.eigh import jacobi_eigh
+
+        return jacobi_eigh(self._device(mats[0]), mats, starts, keeps, sweeps, lanes)
+
+    def jacobi_max_rows(self, like: Tensor) -> int:
+        """The most rows :meth:`jacobi_eigh` takes on ``like``'s device (its shared memory)."""
+        from kronegp._cuda.eigh import max_rows
+
+        dev = self._device(like)
+        if not hasattr(dev, "eigh_max_rows"):
+            dev.eigh_max_rows = max_rows(dev.smem_optin)
+        return dev.eigh_max_rows
+
     def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, to_wide: bool, batch: int) -> None:
         """``batch`` contiguous ``(n, d)`` → ``(d, n)`` transposes (``to_wide``), or back.
 

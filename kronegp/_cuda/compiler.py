@@ -18,7 +18,7 @@ from typing import Sequence
 
 __all__ = ["source_dir", "cache_dir", "compile_specs", "nvrtc_version", "CompileError"]
 
-_HEADERS = ("kron_common.cuh", "kron_fused.cuh", "kron_gemm.cuh", "kron_transpose.cuh", "cg_update.cuh")
+_HEADERS = ("kron_common.cuh", "kron_fused.cuh", "kron_gemm.cuh", "kron_transpose.cuh", "cg_update.cuh", "jacobi_eigh.cuh")
 _announced = False
 
 
@@ -75,7 +75,7 @@ def _check(err, what: str, log: str = "") -> None:
 
 def program_source(specs_named: Sequence[tuple[str, object]]) -> str:
     body = "".join(spec.source(name) for name, spec in specs_named)
-    return '#include "kron_fused.cuh"\n#include "kron_gemm.cuh"\n#include "kron_transpose.cuh"\n#include "cg_update.cuh"\n' + body
+    return "".join(f'#include "{h}"\n' for h in _HEADERS[1:]) + body
 
 
 def _nvrtc_compile(source: str, arch: str, name: str, verbose: bool = False):
