@@ -70,8 +70,10 @@ __device__ __forceinline__ void kron_jacobi_eigh(const EighArgs& a) {
     constexpr int E = (N + LANES - 1) / LANES;         // a lane's share of a column
     constexpr int JT = 8, JBLK = (N + JT - 1) / JT;    // the products' column tiles
     static_assert(NT % 32 == 0 && NT <= 1024 && 32 % LANES == 0, "threads");
-    // Groups of 8 lanes walk a column's elements in two orders (odd groups start half a
-    // column pass later), so that the four groups of a warp spread over all 32 banks.
+    // Groups of fewer than 16 lanes walk a column's elements in rotated orders: group g starts at
+    // block g % ROT of LANES doubles, so the groups of a warp touch different banks (every column
+    // starts at bank 0 when N is a multiple of 16: without the rotation, 8-lane groups made each
+    // 64-bit access of a warp take 4 shared-memory wavefronts instead of 2).
     constexpr int ROT = LANES < 16 ? 16 / LANES : 1;
 
     extern __shared__ double smem[];
@@ -88,7 +90,7 @@ __device__ __forceinline__ void kron_jacobi_eigh(const EighArgs& a) {
     const double* G = a.start[b];
     const int tid = threadIdx.x, lane = tid % LANES, group = tid / LANES;
     const unsigned mask = LANES == 32 ? 0xffffffffu : ((1u << LANES) - 1u) << (tid & 31 & ~(LANES - 1));
-    const int order = (group % ROT) * E / ROT;  // the element block this group starts at
+    const int order = group % ROT;  // the element block this group starts at (LANES doubles apart)
 
     // B = sym(A) (column j of B = row j), its Frobenius norm, then the shift.
     double ss = 0.0;
@@ -113,8 +115,11 @@ __device__ __forceinline__ void kron_jacobi_eigh(const EighArgs& a) {
     }
     __syncthreads();
     const double shift = s_shift;
+    // U is kept scaled by a power of two near 1/s (exact): its columns' squared norms are then
+    // O(1), so a rotation's angle can be computed in float32 (below).
+    const double scale = exp2(-(double)ilogb(shift));
     const bool finite = s_finite;
-    for (int j = tid; j < N; j += NT) u[j * N + j] += shift;
+    for (int e = tid; e < N * N; e += NT) u[e] = (u[e] + (e / N == e % N ? shift : 0.0)) * scale;
     __syncthreads();
 
     if (G != nullptr) {
@@ -169,25 +174,32 @@ __device__ __forceinline__ void kron_jacobi_eigh(const EighArgs& a) {
                 double* up = u + p * N;
                 double* uq = u + q * N;
                 double xp[E], xq[E];
-                double alpha = 0.0, beta = 0.0, gamma = 0.0;
+                // two partial sums each: half the length of the dependent FMA chains
+                double sa[2] = {0.0, 0.0}, sb[2] = {0.0, 0.0}, sg[2] = {0.0, 0.0};
 #pragma unroll
                 for (int m = 0; m < E; ++m) {
                     const int i = lane + ((m + order) % E) * LANES;
                     xp[m] = (N % LANES == 0 || i < N) ? up[i] : 0.0;
                     xq[m] = (N % LANES == 0 || i < N) ? uq[i] : 0.0;
-                    alpha += xp[m] * xp[m];
-                    beta += xq[m] * xq[m];
-                    gamma += xp[m] * xq[m];
+                    sa[m & 1] += xp[m] * xp[m];
+                    sb[m & 1] += xq[m] * xq[m];
+                    sg[m & 1] += xp[m] * xq[m];
                 }
+                double alpha = sa[0] + sa[1], beta = sb[0] + sb[1], gamma = sg[0] + sg[1];
                 alpha = eigh_group_sum<LANES>(alpha, mask);
                 beta = eigh_group_sum<LANES>(beta, mask);
                 gamma = eigh_group_sum<LANES>(gamma, mask);
                 const double ab = alpha * beta, g2 = gamma * gamma;
-                if (ab > 0.0) mx = fmax(mx, g2 / ab);
+                // cos² for the stopping rule only: float32 suffices (α, β are O(1), see scale)
+                if (ab > 0.0) mx = fmax(mx, (double)__fdividef((float)g2, (float)ab));
                 if (g2 > tol2 * ab) {
-                    // t = tan θ, the smaller root of t² + 2ζt − 1 = 0, ζ = (β − α)/(2γ)
-                    const double d = beta - alpha;
-                    const double t = (d >= 0.0 ? 2.0 : -2.0) * gamma / (fabs(d) + sqrt(d * d + 4.0 * g2));
+                    // t = tan θ, the smaller root of t² + 2ζt − 1 = 0, ζ = (β − α)/(2γ), in float32:
+                    // an angle off by 1e-7 (relative) leaves u_pᵀu_q at 1e-7 of its value for the
+                    // next sweep, where convergence is quadratic anyway; c and s are then formed
+                    // in float64 from it, so the rotation itself is orthogonal to float64 rounding.
+                    const float df = (float)(beta - alpha), gf = (float)gamma;
+                    const float tf = __fdividef((df >= 0.0f ? 2.0f : -2.0f) * gf, fabsf(df) + __fsqrt_rn(df * df + 4.0f * gf * gf));
+                    const double t = (double)tf;
                     const double c = rsqrt(1.0 + t * t), s = c * t;
 #pragma unroll
                     for (int m = 0; m < E; ++m) {

@@ -1,4 +1,4 @@
-// Transpose between a tall-skinny (N × D) and a wide (D × N) row-major matrix, D small (≤ 32),
+// Transpose of a wide (D × N) row-major matrix into a tall-skinny (N × D) one, D small (≤ 32),
 // batched over blockIdx.z (batch strides a.xb, a.yb). N = a.M.
 //
 // kron_matmul with T ≤ 32 right-hand sides runs in the rotating form (kronegp/_cuda/axis_gemm.py:
@@ -21,31 +21,16 @@ __device__ __forceinline__ void kron_transpose(const KronArgs& a) {
     const i64 n0 = (i64)blockIdx.x * TILE;
     const T* x = reinterpret_cast<const T*>(a.x) + (i64)blockIdx.z * a.xb;
     T* y = reinterpret_cast<T*>(a.y) + (i64)blockIdx.z * a.yb;
-    if constexpr (Spec::TO_WIDE) {
-        // x (N, D) -> y (D, N)
+    // x (D, N) -> y (N, D)
 #pragma unroll 4
-        for (int e = threadIdx.x; e < TILE * D; e += NT) {
-            const int j = e / D, d = e % D;
-            if (n0 + j < n_total) s[d * PITCH + j] = x[n0 * D + e];
-        }
-        __syncthreads();
+    for (int e = threadIdx.x; e < TILE * D; e += NT) {
+        const int d = e / TILE, j = e % TILE;
+        if (n0 + j < n_total) s[d * PITCH + j] = x[d * n_total + n0 + j];
+    }
+    __syncthreads();
 #pragma unroll 4
-        for (int e = threadIdx.x; e < TILE * D; e += NT) {
-            const int d = e / TILE, j = e % TILE;
-            if (n0 + j < n_total) y[d * n_total + n0 + j] = s[d * PITCH + j];
-        }
-    } else {
-        // x (D, N) -> y (N, D)
-#pragma unroll 4
-        for (int e = threadIdx.x; e < TILE * D; e += NT) {
-            const int d = e / TILE, j = e % TILE;
-            if (n0 + j < n_total) s[d * PITCH + j] = x[d * n_total + n0 + j];
-        }
-        __syncthreads();
-#pragma unroll 4
-        for (int e = threadIdx.x; e < TILE * D; e += NT) {
-            const int j = e / D, d = e % D;
-            if (n0 + j < n_total) y[n0 * D + e] = s[d * PITCH + j];
-        }
+    for (int e = threadIdx.x; e < TILE * D; e += NT) {
+        const int j = e / D, d = e % D;
+        if (n0 + j < n_total) y[n0 * D + e] = s[d * PITCH + j];
     }
 }

@@ -92,7 +92,8 @@ EIG_CACHE_SIZE = 16
 
 _cache: "OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]]" = OrderedDict()
 # The Jacobi kernel's starting points: float64 eigenvectors of the last matrix decomposed per
-# (device, size, position among a call's matrices of that size), which the kernel overwrites.
+# (device, size, position among a call's matrices of that size), which the kernel overwrites,
+# with the stream that last wrote them.
 _starts: dict = {}
 _pool: Optional[ThreadPoolExecutor] = None
 _host_pool: Optional[ThreadPoolExecutor] = None
@@ -230,10 +231,23 @@ def _jacobi_eighs(mats: list[Tensor], keys: list[tuple]) -> list[tuple[Tensor, T
     out: list = [None] * len(mats)
     for idx in groups.values():
         batch = [mats[i].detach().contiguous() for i in idx]
-        starts = [_starts[keys[i]] for i in idx]
+        stream = torch.cuda.current_stream(batch[0].device)
+        starts = []
+        for i in idx:
+            buf, last = _starts[keys[i]]
+            if last != stream:  # written on another stream: order this one after it
+                stream.wait_stream(last)
+                buf.record_stream(stream)
+                _starts[keys[i]] = (buf, stream)
+            starts.append(buf)
         for i, pair in zip(idx, _backend.for_tensor(batch[0]).jacobi_eigh(batch, starts, starts)):
             out[i] = pair
     return out
+
+
+def _keep_start(key: tuple, q: Tensor) -> None:
+    """Keep float64 eigenvectors ``q`` (on their CUDA device) as the Jacobi kernel's start at ``key``."""
+    _starts[key] = (q, torch.cuda.current_stream(q.device))
 
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -336,7 +350,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             for i, (lam, q) in zip(host, _host_eighs(pieces, eps)):
                 by_target.setdefault((mats[i].device, mats[i].dtype), []).append((i, lam, q))
                 if start_keys[i] is not None:  # the Jacobi kernel's first start, in float64
-                    _starts[start_keys[i]] = torch.from_numpy(np.ascontiguousarray(q.numpy())).to(mats[i].device)
+                    _keep_start(start_keys[i], torch.from_numpy(np.ascontiguousarray(q.numpy())).to(mats[i].device))
             for (dev, dt), items in by_target.items():
                 packed = np.concatenate([np.concatenate([lam.numpy(), q.numpy().reshape(-1)]) for _, lam, q in items])
                 packed = torch.from_numpy(packed.astype(_NUMPY_DTYPE[dt], copy=False))
@@ -362,7 +376,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 out[i] = _device_eigh(mats[i].detach())
     for i in device_side:
         if start_keys[i] is not None:
-            _starts[start_keys[i]] = out[i][1].to(torch.float64).contiguous()
+            _keep_start(start_keys[i], out[i][1].to(torch.float64).contiguous())
     for i, key in enumerate(keys):
         if key is not None and key not in _cache:
             _cache[key] = (mats[i].detach(), *out[i])

@@ -41,10 +41,10 @@ class _RecordingBackend(CudaBackend):
         super().__init__()
         self.specs: set = set()
 
-    def _transpose(self, src, dst, n, d, to_wide, batch):
+    def _transpose(self, src, dst, n, d, batch):
         if d <= TRANSPOSE_MAX_D:
-            self.specs.add(TransposeSpec(src.element_size(), d, to_wide))
-        super()._transpose(src, dst, n, d, to_wide, batch)  # CPU tensors: torch's copy
+            self.specs.add(TransposeSpec(src.element_size(), d))
+        super()._transpose(src, dst, n, d, batch)  # CPU tensors: torch's copy
 
     def _run(self, x, prod, fast_key=None):
         if x.device.type == "meta":  # no pointers: the plan's specs (the launcher may vectorize)

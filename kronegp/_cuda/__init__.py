@@ -231,16 +231,14 @@ class CudaBackend:
             dev.eigh_max_rows = max_rows(dev.smem_optin)
         return dev.eigh_max_rows
 
-    def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, to_wide: bool, batch: int) -> None:
-        """``batch`` contiguous ``(n, d)`` → ``(d, n)`` transposes (``to_wide``), or back.
+    def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, batch: int) -> None:
+        """``batch`` contiguous wide ``(d, n)`` → tall ``(n, d)`` transposes (the rotating form's
+        last pass).
 
         Our coalesced kernel for ``d`` ≤ 32 (torch's strided copy reaches ~0.8 TB/s on these
         shapes); torch's copy for wider ones, where it is efficient, and on non-CUDA tensors."""
         if d <= TRANSPOSE_MAX_D and src.device.type == "cuda":
-            spec = TransposeSpec(src.element_size(), d, to_wide)
-            run_transpose(self._device(src), spec, src, dst, n, batch)
-        elif to_wide:
-            dst.view(batch, d, n).copy_(src.view(batch, n, d).mT)
+            run_transpose(self._device(src), TransposeSpec(src.element_size(), d), src, dst, n, batch)
         else:
             dst.view(batch, n, d).copy_(src.view(batch, d, n).mT)
 
@@ -299,7 +297,7 @@ class CudaBackend:
         if path == "axis_gemm_t":
             # rotating form: one GEMM per factor leaves yᵀ (B, T, ΠP), one transpose pass back
             yt = rotated_products(x, nb, [p for p, _ in shapes], t, list(factors))
-            self._transpose(yt, out, p_total, t, False, nb)
+            self._transpose(yt, out, p_total, t, nb)
             return out
         # rows of the row form are the columns t of x (and of out): strides swapped
         self._row_form(True, x, factors, out, batch, shapes, t, in_col, t > 1)

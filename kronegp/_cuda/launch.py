@@ -448,8 +448,8 @@ def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Str
 
 
 def run_transpose(dev: DeviceKernels, spec, src: torch.Tensor, dst: torch.Tensor, n: int, batch: int) -> None:
-    """``batch`` contiguous ``(n, D)`` ↔ ``(D, n)`` transposes (``spec.to_wide`` says which way)
-    from ``src`` into ``dst`` on the current stream (``cuda_ext/kron_transpose.cuh``)."""
+    """``batch`` contiguous ``(D, n)`` → ``(n, D)`` transposes from ``src`` into ``dst`` on the
+    current stream (``cuda_ext/kron_transpose.cuh``)."""
     fn = dev.function(spec)
     itemsize = src.element_size()
     per = n * spec.D

@@ -257,12 +257,11 @@ TRANSPOSE_MAX_D = 32
 
 @dataclass(frozen=True)
 class TransposeSpec:
-    """Tall ``(N, D)`` ↔ wide ``(D, N)`` transpose, ``D`` ≤ :data:`TRANSPOSE_MAX_D`, one block
+    """Wide ``(D, N)`` → tall ``(N, D)`` transpose, ``D`` ≤ :data:`TRANSPOSE_MAX_D`, one block
     per ``TILE`` rows (``cuda_ext/kron_transpose.cuh``)."""
 
     itemsize: int
     D: int
-    to_wide: bool  # (N, D) -> (D, N); else (D, N) -> (N, D)
     TILE: int = 128
     NT: int = 256
 
@@ -275,7 +274,6 @@ class TransposeSpec:
     def source(self, name: str) -> str:
         members = f"""
 static constexpr int D = {self.D}, TILE = {self.TILE}, NT = {self.NT};
-static constexpr bool TO_WIDE = {_b(self.to_wide)};
 """
         return kernel_source(name, self.itemsize, members, "kron_transpose", self.NT)
 
