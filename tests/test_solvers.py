@@ -361,3 +361,24 @@ def test_block_cg_fused_state_zero_column_min_iters_and_long_record(dtype, rows,
         assert float(fused.alphas[int(its[c]) :, c].abs().sum()) == 0.0
     assert float(fused.residual.max()) <= tol
     assert _rel(fused.solution.double(), plain.solution.double()) < (1e-3 if dtype == torch.float32 else 1e-7)
+
+
+def test_tridiagonal_bands_numpy_and_torch_agree():
+    """The host quadrature's NumPy bands equal the torch ones, including a column cut short by
+    an exact solution (α = 0) and columns of different lengths."""
+    import numpy as np
+
+    from kronegp.solvers import tridiagonal_bands
+
+    g = torch.Generator().manual_seed(0)
+    alphas = torch.rand(9, 16, dtype=torch.float64, generator=g) + 0.1
+    betas = torch.rand(9, 16, dtype=torch.float64, generator=g)
+    alphas[5, 3] = 0.0
+    steps = torch.randint(1, 10, (16,), generator=g)
+    got = tridiagonal_bands(alphas.numpy(), betas.numpy(), steps.numpy())
+    want = tridiagonal_bands(alphas, betas, steps)
+    assert all(isinstance(x, np.ndarray) for x in got)
+    assert got[2][3] == min(5, int(steps[3]))
+    for x, y in zip(got, want):
+        assert x.shape == tuple(y.shape)
+        np.testing.assert_allclose(x, y.numpy(), rtol=1e-15, atol=0)

@@ -31,7 +31,7 @@ from kronegp.solvers.cg import CGResult
 __all__ = ["LanczosOnHost", "cg_tridiagonals", "slq_logdet_correction", "tridiagonal_bands"]
 
 
-def tridiagonal_bands(alphas: Tensor, betas: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def tridiagonal_bands(alphas, betas, steps):
     r"""The two bands of every column's Lanczos tridiagonal, from its CG coefficients::
 
         T[k, k] = 1/α_k + β_{k−1}/α_{k−1},   T[k, k+1] = T[k+1, k] = √β_k / α_k
@@ -42,21 +42,31 @@ def tridiagonal_bands(alphas: Tensor, betas: Tensor, steps: Tensor) -> tuple[Ten
     padded matrix is that of the column's own tridiagonal.
 
     Args:
-        alphas, betas: ``(K, *batch, t)`` coefficients of ``K`` CG iterations.
+        alphas, betas: ``(K, *batch, t)`` coefficients of ``K`` CG iterations, torch tensors or
+            NumPy arrays (the host-side quadrature: a NumPy operation this small costs ~1 µs, a
+            torch CPU operator ~10–20).
         steps: ``(*batch, t)`` how many iterations each column ran (``column_iterations``).
 
     Returns:
-        ``diag`` ``(K, *batch, t)``, ``off`` ``(K − 1, *batch, t)`` and ``size`` ``(*batch, t)``.
+        ``diag`` ``(K, *batch, t)``, ``off`` ``(K − 1, *batch, t)`` and ``size`` ``(*batch, t)``,
+        of the inputs' kind.
     """
     k_total = alphas.shape[0]
-    k = torch.arange(k_total, device=alphas.device).view(k_total, *([1] * (alphas.dim() - 1)))
-    valid = ((k < steps.unsqueeze(0)) & (alphas > 0)).long().cumprod(0).bool()
-    safe_a = torch.where(valid, alphas, torch.ones_like(alphas))
-    diag = torch.where(valid, 1.0 / safe_a, torch.ones_like(alphas))
+    shape = (k_total,) + (1,) * (alphas.ndim - 1)
+    if isinstance(alphas, np.ndarray):
+        xp, cat = np, np.concatenate
+        k = np.arange(k_total).reshape(shape)
+        valid = np.cumprod((k < steps[None]) & (alphas > 0), axis=0).astype(bool)
+    else:
+        xp, cat = torch, torch.cat
+        k = torch.arange(k_total, device=alphas.device).view(shape)
+        valid = ((k < steps.unsqueeze(0)) & (alphas > 0)).long().cumprod(0).bool()
+    safe_a = xp.where(valid, alphas, 1.0)
+    diag = xp.where(valid, 1.0 / safe_a, 1.0)
     # valid is a prefix along K: valid[k] implies valid[k − 1]
-    prev = torch.where(valid[1:], betas[:-1] / safe_a[:-1], torch.zeros_like(alphas[1:]))
-    diag = torch.cat([diag[:1], diag[1:] + prev])
-    off = torch.where(valid[1:], betas[:-1].clamp_min(0).sqrt() / safe_a[:-1], torch.zeros_like(alphas[1:]))
+    prev = xp.where(valid[1:], betas[:-1] / safe_a[:-1], 0.0)
+    diag = cat([diag[:1], diag[1:] + prev])
+    off = xp.where(valid[1:], xp.sqrt(xp.maximum(betas[:-1], xp.zeros_like(betas[:-1]))) / safe_a[:-1], 0.0)
     return diag, off, valid.sum(0)
 
 
@@ -167,8 +177,9 @@ def slq_logdet_correction(
     cols = host.cols
     packed = host.packed()
     k = host.k
-    diag, off, size = tridiagonal_bands(packed[:k], packed[k : 2 * k], packed[2 * k].long())
-    diag, off, size, weights = diag.numpy(), off.numpy(), size.tolist(), packed[2 * k + 1].tolist()
+    packed = packed.numpy()
+    diag, off, size = tridiagonal_bands(packed[:k], packed[k : 2 * k], packed[2 * k].astype(np.int64))
+    size, weights = size.tolist(), packed[2 * k + 1].tolist()
     tiny = torch.finfo(dt).tiny
     total = 0.0
     for j, m in enumerate(size):
