@@ -27,14 +27,14 @@ EIGH_MAX_BATCH = 8
 #: for every symmetric ``A`` (``‖A‖_F ≥ |λ|``), which one-sided Jacobi needs to return
 #: eigenvectors rather than singular vectors.
 SHIFT = 1.0625
-#: Pairs of columns count as orthogonal when ``|u_pᵀu_q| ≤ TOL·‖u_p‖‖u_q‖``, per output dtype.
-#: float64: 1e-15 reconstructs a 128-row Matérn factor to ~1e-13 relative (LAPACK: ~1e-14);
-#: float32: 1e-8, below float32 rounding (6e-8). Tighter float32 values cost sweeps for
-#: nothing: a start rounded to float32 (the previous result) is 1e-8 from orthogonal inside the
-#: cluster of tiny eigenvalues, where Jacobi converges linearly.
+#: A pair of columns is rotated while ``|u_pᵀu_q| > TOL·‖u_p‖‖u_q‖``, per output dtype (the
+#: sweeps end once no cosine above ``10·TOL`` is left, or convergence is visibly quadratic:
+#: ``cuda_ext/jacobi_eigh.cuh``). float64: 1e-15 reconstructs a 128-row Matérn factor to
+#: ~1e-13 relative (LAPACK: ~1e-14); float32: 1e-8, below float32 rounding (6e-8).
 TOL = {torch.float64: 1e-15, torch.float32: 1e-8}
-#: Sweeps before giving up (the eigenvalues are then NaN). A cold start of a 128-row kernel
-#: matrix takes ~18–20, a warm one 4–6.
+#: Sweeps before giving up (the eigenvalues are then NaN). Three 128-row Matérn factors on an H100:
+#: from scratch 9 (float32) / 18 (float64) sweeps, from the eigenvectors of factors 2 % off 2 / 3,
+#: from their own eigenvectors 1.
 MAX_SWEEPS = 60
 
 
