@@ -299,8 +299,9 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     Returns:
         one ``(λ, Q)`` pair per matrix, ``M = Q diag(λ) Qᵀ``, in the matrix's dtype and on its
         device. A matrix holding NaN or Inf gets NaN eigenvalues from the GPU Jacobi kernel
-        (which does not synchronise, so it cannot raise; so does one it fails to converge,
-        never seen), while LAPACK and cuSOLVER raise or return NaN as they do.
+        (which does not synchronise, so it cannot raise), as does one that the kernel does not
+        converge in :data:`kronegp._cuda.eigh.MAX_SWEEPS` sweeps; LAPACK and cuSOLVER raise or
+        return NaN as they do.
     """
     mats = list(mats)
     _check(mats)
