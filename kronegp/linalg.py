@@ -28,7 +28,7 @@ The rule of :func:`symmetric_eig`:
   eigenvectors of the previous matrix decomposed at the same place (device, size, position among
   the call's matrices of that size). A training step's factors differ little from the previous
   step's: three sweeps instead of ~18 from scratch, one for an unchanged matrix (H100, three
-  128-row factors: 0.6–1.3 ms of GPU time, float32 or float64, none of the host's). The first
+  128-row factors: 0.5–0.9 ms of GPU time, float32 or float64, none of the host's). The first
   decomposition at a place takes the rules below and keeps its float64 eigenvectors as the
   start; the result does not depend on the start beyond the kernel's tolerance
   (:data:`kronegp._cuda.eigh.TOL`);
