@@ -379,7 +379,8 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
                 out[i] = _device_eigh(mats[i].detach())
     for i in device_side:
         if start_keys[i] is not None:
-            _keep_start(start_keys[i], out[i][1].to(torch.float64).contiguous())
+            # a copy of its own: the kernel overwrites its start, and Q is the caller's result
+            _keep_start(start_keys[i], out[i][1].to(torch.float64, memory_format=torch.contiguous_format, copy=True))
     for i, key in enumerate(keys):
         if key is not None and key not in _cache:
             _cache[key] = (mats[i].detach(), *out[i])

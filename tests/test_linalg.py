@@ -368,3 +368,18 @@ def test_kron_vector_broadcasts_batches():
     for i in range(2):
         for j in range(4):
             assert torch.allclose(out[i, j], torch.kron(a[i, 0], b[j]), rtol=1e-14, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_jacobi_start_seeded_by_cusolver_is_not_the_callers_result(monkeypatch):
+    """A first decomposition on the device path (cuSOLVER) seeds the Jacobi kernel's start with a
+    copy: the kernel overwrites its start in place, and must not overwrite the Q returned before."""
+    clear_eig_cache()
+    monkeypatch.setattr(kl, "HOST_EIGH_MAX_ROWS", 16)  # 40 rows: the device path, then the kernel
+    a = _toeplitz_kernel(40, torch.float64, lengthscale=5.0, device="cuda")
+    (lam_a, q_a), = symmetric_eig([a])
+    kept = q_a.clone()
+    symmetric_eig([_toeplitz_kernel(40, torch.float64, lengthscale=5.5, device="cuda")])
+    torch.cuda.synchronize()
+    assert torch.equal(q_a, kept)
+    _check(a, lam_a, q_a, 1e-13)

@@ -226,10 +226,7 @@ class CudaBackend:
         """The most rows :meth:`jacobi_eigh` takes on ``like``'s device (its shared memory)."""
         from kronegp._cuda.eigh import max_rows
 
-        dev = self._device(like)
-        if not hasattr(dev, "eigh_max_rows"):
-            dev.eigh_max_rows = max_rows(dev.smem_optin)
-        return dev.eigh_max_rows
+        return max_rows(self._device(like).smem_optin)
 
     def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, batch: int) -> None:
         """``batch`` contiguous wide ``(d, n)`` → tall ``(n, d)`` transposes (the rotating form's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -91,6 +92,7 @@ def _static_smem() -> int:
     return 3 * 8 * 32 + 16  # the kernel's __shared__ reduction scratch, shift and flag
 
 
+@lru_cache(maxsize=None)
 def max_rows(smem_optin: int) -> int:
     """The largest ``N`` whose kernel fits in ``smem_optin`` bytes of shared memory per block."""
     n = 1

@@ -52,8 +52,9 @@ def factor_eigs(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """``(λ_k, Q_k)`` of each symmetric factor ``K_k = Q_k diag(λ_k) Q_kᵀ`` (no autograd), the
     eigenvalues clipped at 0 (round-off makes tiny ones negative).
 
-    Host LAPACK in float64 for small factors, cached per factor tensor
-    (:func:`kronegp.linalg.symmetric_eig`): a training step asks several times."""
+    Through :func:`kronegp.linalg.symmetric_eig` (small CUDA factors by the GPU Jacobi kernel,
+    warm-started from the previous step; others by LAPACK in float64), cached per factor tensor:
+    a training step asks several times."""
     with torch.no_grad():
         pairs = symmetric_eig([f.detach() for f in factors])
         return [lam.clamp_min(0) for lam, _ in pairs], [q for _, q in pairs]
