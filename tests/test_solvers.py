@@ -382,3 +382,104 @@ def test_tridiagonal_bands_numpy_and_torch_agree():
     for x, y in zip(got, want):
         assert x.shape == tuple(y.shape)
         np.testing.assert_allclose(x, y.numpy(), rtol=1e-15, atol=0)
+
+
+# ---------------------------------------------------------------- fixed CG schedules (CUDA graphs)
+
+
+def _nested_solves(a, b, rhs, schedule):
+    """CG on ``A + B⁻¹`` whose operator solves with ``B`` by CG (nested runs, like the
+    missing-cell path with per-cell noise)."""
+    from kronegp.solvers import cg_schedule
+
+    with cg_schedule(schedule):
+        inner = lambda v: block_cg(lambda w: b @ w, v, tol=1e-12, max_iters=200).solution  # noqa: E731
+        return block_cg(lambda v: a @ v + inner(v), rhs, tol=1e-10, max_iters=200, record_lanczos=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fixed_schedule_runs_the_recorded_counts_and_matches(device, dtype):
+    """A recorded schedule lists each run's iterations in the order the runs start; a fixed one
+    with extra iterations returns the same solutions, Lanczos coefficients of the needed
+    iterations (zero after) and per-run checks, without knowing on the host that it converged."""
+    from kronegp.solvers import CGSchedule, cg_schedule
+
+    a = _spd(30, dtype, cond=50.0, seed=1).to(device)
+    rhs = torch.randn(30, 4, dtype=dtype, generator=torch.Generator().manual_seed(2)).to(device)
+    rec = CGSchedule.record()
+    with cg_schedule(rec):
+        ref = block_cg(lambda v: a @ v, rhs, tol=1e-6, max_iters=100, record_lanczos=True)
+        ref2 = block_cg(lambda v: a @ v, rhs[:, :1], tol=1e-3, max_iters=100)
+    assert rec.counts == [ref.iterations, ref2.iterations] and ref.iterations > ref2.iterations > 0
+    fixed = CGSchedule.fixed([c + 3 for c in rec.counts])
+    with cg_schedule(fixed):
+        out = block_cg(lambda v: a @ v, rhs, tol=1e-6, max_iters=100, record_lanczos=True)
+        out2 = block_cg(lambda v: a @ v, rhs[:, :1], tol=1e-3, max_iters=100)
+    assert out.converged is None and out.iterations == ref.iterations + 3
+    assert int(out.iterations_needed) == ref.iterations
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert _rel(out.solution, ref.solution) < tol and _rel(out2.solution, ref2.solution) < tol
+    k = ref.iterations
+    assert _rel(out.alphas[:k], ref.alphas) < tol and _rel(out.betas[:k], ref.betas) < tol
+    assert bool((out.alphas[k:] == 0).all())  # frozen columns record α = 0
+    checks = fixed.check()
+    assert [c[0] for c in checks] == rec.counts and all(c[1] for c in checks)
+    assert checks[0][2] == pytest.approx(float(ref.residual.max()), rel=1e-3)
+    # too few iterations: the check says so
+    short = CGSchedule.fixed([2, 1])
+    with cg_schedule(short):
+        block_cg(lambda v: a @ v, rhs, tol=1e-6, max_iters=100)
+        block_cg(lambda v: a @ v, rhs[:, :1], tol=1e-3, max_iters=100)
+    assert [c[1] for c in short.check()] == [False, False]
+    # a run more than recorded is an error, naming the counts
+    with cg_schedule(CGSchedule.fixed([3])), pytest.raises(RuntimeError, match="run 2 of a schedule of 1"):
+        block_cg(lambda v: a @ v, rhs, max_iters=100)
+        block_cg(lambda v: a @ v, rhs, max_iters=100)
+
+
+def test_recorded_schedule_orders_nested_runs_by_start():
+    from kronegp.solvers import CGSchedule
+
+    a = _spd(20, torch.float64, cond=10.0, seed=3)
+    b = _spd(20, torch.float64, cond=1000.0, seed=4)
+    rhs = torch.randn(20, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    rec = CGSchedule.record()
+    outer = _nested_solves(a, b, rhs, rec)
+    # the outer run starts first (it ends last); then one inner run per outer iteration
+    assert rec.counts[0] == outer.iterations and len(rec.counts) == 1 + outer.iterations
+    assert all(c > 1 for c in rec.counts[1:]) and outer.converged
+    fixed = CGSchedule.fixed(rec.counts)
+    again = _nested_solves(a, b, rhs, fixed)
+    assert _rel(again.solution, outer.solution) < 1e-12
+    assert [c[0] for c in fixed.check()] == rec.counts
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slq_on_device_matches_host_quadrature(device, dtype):
+    """The on-device quadrature (padded tridiagonals, batched eigh: LAPACK on the CPU, the
+    Jacobi kernel on CUDA) equals the host's banded LAPACK one, with columns of different
+    lengths (one converged at the first iteration, one exactly zero)."""
+    from kronegp.solvers import CGSchedule, cg_schedule
+    from kronegp.solvers.lanczos import slq_logdet_on_device
+
+    a = _spd(60, torch.float64, cond=300.0, seed=6)
+    rhs = torch.randn(60, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    rhs[:, 4] = 0
+    rhs[:, 5] = torch.linalg.eigh(a)[1][:, 3]  # an eigenvector: CG ends after one step
+    a, rhs = a.to(device, dtype), rhs.to(device, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    res = block_cg(lambda v: a @ v, rhs, tol=tol, max_iters=200, record_lanczos=True)
+    host = float(slq_logdet_correction(res, columns=slice(1, None)))
+    for pad in (1, 16, 64):
+        dev = slq_logdet_on_device(res, columns=slice(1, None), pad_to=pad)
+        assert dev.device == rhs.device and dev.dtype == dtype
+        assert float(dev) == pytest.approx(host, rel=1e-5 if dtype == torch.float32 else 1e-11)
+    # a fixed-schedule run takes this path by itself
+    with cg_schedule(CGSchedule.fixed([res.iterations + 2])):
+        fixed = block_cg(lambda v: a @ v, rhs, tol=tol, max_iters=200, record_lanczos=True)
+    assert float(slq_logdet_correction(fixed, columns=slice(1, None))) == pytest.approx(
+        host, rel=1e-5 if dtype == torch.float32 else 1e-11)
+    with pytest.raises(ValueError, match="contiguous range"):
+        slq_logdet_on_device(res, columns=[1, 3])

@@ -25,10 +25,20 @@ the new direction), 11 passes over the block instead of ~23 for the same algebra
 and the per-column coefficients and convergence test are computed by those kernels on the
 device (instead of ~15 tiny torch launches per iteration). :data:`FUSED` turns that off
 (tests compare both).
+
+**Fixed schedules** (:class:`CGSchedule`, for CUDA graph capture). Deciding when to stop reads
+the device, which a captured CUDA graph cannot do. Inside ``with cg_schedule(schedule):`` each
+``block_cg`` call either records how many iterations it needed (``CGSchedule.record()``) or
+runs exactly the count given for its position in the call order (``CGSchedule.fixed(counts)``):
+columns that converge earlier are frozen on the device, so extra iterations change nothing
+but time. Such a run never synchronises; whether it converged is read afterwards from
+:meth:`CGSchedule.check` (one transfer for every run of the schedule).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -36,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "block_cg", "local_inner", "row_inner", "FUSED"]
+__all__ = ["CGResult", "CGSchedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -62,7 +72,8 @@ class CGResult:
         iterations: iterations run (the most any column needed).
         column_iterations: ``(..., t)`` iterations each column ran before it converged.
         residual: ``(..., t)`` final relative residual ``‖b − A x‖ / ‖b‖`` per column.
-        converged: whether every column reached ``tol``.
+        converged: whether every column reached ``tol``; ``None`` for a run of a fixed
+            :class:`CGSchedule` (not read: see :meth:`CGSchedule.check`).
         alphas, betas: ``(iterations, ..., t)`` CG coefficients (zero once a column froze);
             filled only with ``record_lanczos=True``, else ``None``.
         initial_rz: ``(..., t)`` ``bᵀ M b`` per column (``‖M^{½} b‖²``), the weight of the
@@ -73,10 +84,104 @@ class CGResult:
     iterations: int
     column_iterations: Tensor
     residual: Tensor
-    converged: bool
+    converged: Optional[bool]
     alphas: Optional[Tensor]
     betas: Optional[Tensor]
     initial_rz: Tensor
+
+    @property
+    def iterations_needed(self) -> "int | Tensor":
+        """Iterations the run took: :attr:`iterations`, or for a run of a fixed
+        :class:`CGSchedule` what its slowest column needed, as a 0-dim device tensor (not read)."""
+        return self.iterations if self.converged is not None else self.column_iterations.max()
+
+    @property
+    def residual_max(self) -> "float | Tensor":
+        """The largest final relative residual: a float, or for a run of a fixed schedule a
+        0-dim device tensor (not read)."""
+        return float(self.residual.max()) if self.converged is not None else self.residual.max()
+
+
+class CGSchedule:
+    """Iteration counts of the :func:`block_cg` runs of one computation, by call order.
+
+    ``CGSchedule.record()`` notes what each run needed (:attr:`counts`); ``CGSchedule.fixed(c)``
+    makes run ``i`` do exactly ``c[i]`` iterations without reading the device, and keeps each
+    run's per-column state for :meth:`check`. Activate one with :func:`cg_schedule`.
+    """
+
+    def __init__(self, counts: Optional[list[int]] = None):
+        #: iterations per run: recorded, or the fixed ones to run
+        self.counts: list[int] = [] if counts is None else [int(c) for c in counts]
+        self.is_fixed = counts is not None
+        self._next = 0
+        self._runs: list[tuple[Tensor, Tensor, Tensor]] = []  # (column_iterations, residual, active)
+
+    @classmethod
+    def record(cls) -> "CGSchedule":
+        return cls(None)
+
+    @classmethod
+    def fixed(cls, counts: list[int]) -> "CGSchedule":
+        if any(c < 1 for c in counts):
+            raise ValueError(f"every fixed iteration count must be >= 1, got {counts}")
+        return cls(list(counts))
+
+    def _start(self, max_iters: int) -> tuple[int, Optional[int]]:
+        """A run starts: its slot (runs are numbered in the order they start, whatever order
+        nested runs end in) and, on a fixed schedule, its iteration count."""
+        slot = self._next
+        self._next += 1
+        if not self.is_fixed:
+            self.counts.append(0)
+            return slot, None
+        if slot >= len(self.counts):
+            raise RuntimeError(
+                f"CGSchedule: block_cg run {slot + 1} of a schedule of {len(self.counts)} runs; the "
+                "computation made more CG runs than when the schedule was recorded"
+            )
+        self._runs.append(None)
+        return slot, min(self.counts[slot], max_iters)
+
+    def _done(self, slot: int, iterations: int, col_iters: Tensor, res: Tensor, active: Tensor) -> None:
+        if self.is_fixed:
+            self._runs[slot] = (col_iters, res, active)
+        else:
+            self.counts[slot] = iterations
+
+    @property
+    def runs(self) -> int:
+        """Runs started so far under this schedule."""
+        return self._next
+
+    def check_tensor(self) -> Tensor:
+        """``(runs, 3)`` float64 on the device: per fixed run, the most iterations a column
+        needed, whether a column is still above ``tol`` (1) or not (0), the largest final
+        relative residual. Built from device tensors only (no synchronisation): a captured
+        graph can compute it, to be read after each replay."""
+        if not self._runs or any(run is None for run in self._runs):
+            raise RuntimeError("CGSchedule.check_tensor: needs fixed runs, all of them finished")
+        rows = [torch.stack([it.max().to(torch.float64), act.any().to(torch.float64), r.max().to(torch.float64)])
+                for it, r, act in self._runs]
+        return torch.stack(rows)
+
+    def check(self) -> list[tuple[int, bool, float]]:
+        """Per fixed run: (iterations needed, converged, largest relative residual). Reads the
+        device (synchronises)."""
+        return [(int(i), not bool(a), float(r)) for i, a, r in self.check_tensor().tolist()]
+
+
+_SCHEDULE: contextvars.ContextVar[Optional[CGSchedule]] = contextvars.ContextVar("kronegp_cg_schedule", default=None)
+
+
+@contextlib.contextmanager
+def cg_schedule(schedule: Optional[CGSchedule]):
+    """Run the :func:`block_cg` calls of the block under ``schedule`` (``None``: normally)."""
+    token = _SCHEDULE.set(schedule)
+    try:
+        yield schedule
+    finally:
+        _SCHEDULE.reset(token)
 
 
 def _check_rhs(rhs: Tensor) -> None:
@@ -200,6 +305,9 @@ def block_cg(
     def per_vector(v: Tensor) -> Tensor:  # (..., t) coefficients against the block
         return v.unsqueeze(vd)
 
+    schedule = _SCHEDULE.get()
+    slot, fixed = schedule._start(max_iters) if schedule is not None else (0, None)
+
     fused = _fused_backend(rhs, inner, diag, rows) if x0 is None else None
     if fused is not None:
         x = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
@@ -234,9 +342,10 @@ def block_cg(
     if fused is not None:
         # The coefficients and the convergence state stay on the device (kronegp._cuda.cg):
         # three launches per iteration besides matvec, and one read of a flag.
-        st = fused.cg_state(rz=rz, res=res, b_norm=safe_b_norm, active=active, zero=zero_col, tol=tol,
-                            record=min(max_iters, 64) if record_lanczos else 0)
-        while iterations < max_iters and (iterations < min_iters or st.any_active()):
+        record = (fixed if fixed is not None else min(max_iters, 64)) if record_lanczos else 0
+        st = fused.cg_state(rz=rz, res=res, b_norm=safe_b_norm, active=active, zero=zero_col, tol=tol, record=record)
+        while (iterations < fixed) if fixed is not None else (
+                iterations < max_iters and (iterations < min_iters or st.any_active())):
             force = iterations < min_iters
             ap = _as_block(matvec(p), p)
             fused.cg_step("dot", st, p=p, ap=ap, rows=rows, iteration=iterations, force=force)
@@ -247,7 +356,8 @@ def block_cg(
         if record_lanczos and iterations:
             alphas, betas = [st.alphas[:iterations]], [st.betas[:iterations]]
     else:
-        while iterations < max_iters and (bool(active.any()) or iterations < min_iters):
+        while (iterations < fixed) if fixed is not None else (
+                iterations < max_iters and (bool(active.any()) or iterations < min_iters)):
             keep = active | ((iterations < min_iters) & ~zero_col)
             ap = matvec(p)
             pap = inner(p, ap)
@@ -270,8 +380,10 @@ def block_cg(
             res = torch.where(keep, inner(r, r).clamp_min(0).sqrt() / safe_b_norm, res)
             active = active & (res > tol)
 
-    converged = not bool(active.any())
-    if not converged and warn:
+    if schedule is not None:
+        schedule._done(slot, iterations, col_iters, res, active)
+    converged = None if fixed is not None else not bool(active.any())
+    if converged is False and warn:
         warnings.warn(
             f"kronegp.solvers.block_cg: stopped after {iterations} iterations (max_iters) with "
             f"relative residual {float(res.max()):.3e} > tol {tol:.1e}; raise max_iters, loosen tol "

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kronegp.solvers.cg import CGResult
 
-__all__ = ["LanczosOnHost", "cg_tridiagonals", "slq_logdet_correction", "tridiagonal_bands"]
+__all__ = ["LanczosOnHost", "cg_tridiagonals", "slq_logdet_correction", "slq_logdet_on_device", "tridiagonal_bands"]
 
 
 def tridiagonal_bands(alphas, betas, steps):
@@ -151,6 +151,59 @@ def _probe_columns(result: CGResult, columns) -> list[int]:
     return cols
 
 
+def _batched_eigh_nosync(mats: Tensor) -> tuple[Tensor, Tensor]:
+    """``(λ, V)`` of a batch ``(c, n, n)`` of symmetric float64 matrices without synchronising:
+    on CUDA the Jacobi kernel (:meth:`kronegp._cuda.CudaBackend.jacobi_eigh`, cold start), on
+    the CPU LAPACK. Eigenvectors are the columns of ``V``."""
+    if not mats.is_cuda:
+        return torch.linalg.eigh(mats)
+    from kronegp import _backend
+
+    backend = _backend.for_tensor(mats)
+    if not hasattr(backend, "jacobi_eigh"):
+        raise RuntimeError(
+            f"slq_logdet_on_device: CUDA tensors need the kronegp CUDA backend ({_backend._load_cuda()[1]})"
+        )
+    n = mats.shape[-1]
+    if n > backend.jacobi_max_rows(mats):
+        raise RuntimeError(
+            f"slq_logdet_on_device: tridiagonals of {n} rows exceed the GPU eigensolver's limit of "
+            f"{backend.jacobi_max_rows(mats)} (CG ran too many iterations for the on-device quadrature)"
+        )
+    pairs = backend.jacobi_eigh([m for m in mats], [None] * mats.shape[0])
+    return torch.stack([lam for lam, _ in pairs]), torch.stack([q for _, q in pairs])
+
+
+def slq_logdet_on_device(result: CGResult, columns: slice | None = None, pad_to: int = 16) -> Tensor:
+    """:func:`slq_logdet_correction` computed where the coefficients are, without reading them
+    on the host (so a CUDA graph can capture it): the tridiagonals are built as ``(c, K', K')``
+    float64 matrices (``K`` iterations rounded up to a multiple of ``pad_to``, the padding a
+    block decoupled from ``e₁``, see :func:`tridiagonal_bands`) and decomposed in one batch.
+
+    ``columns``: a slice (the probe columns are a range in every caller), default all.
+    """
+    cols = _probe_columns(result, columns)
+    if cols != list(range(cols[0], cols[-1] + 1)):
+        raise ValueError(f"slq_logdet_on_device takes a contiguous range of columns, got {cols}")
+    sel = slice(cols[0], cols[-1] + 1)
+    dt = result.alphas.dtype
+    alphas = result.alphas[:, sel].to(torch.float64)
+    betas = result.betas[:, sel].to(torch.float64)
+    diag, off, size = tridiagonal_bands(alphas, betas, result.column_iterations[sel])
+    k, c = diag.shape
+    kp = -(-k // pad_to) * pad_to
+    if kp > k:
+        diag = torch.cat([diag, diag.new_ones(kp - k, c)])
+        off = torch.cat([off, off.new_zeros(kp - k, c)])
+    mats = torch.diag_embed(diag.mT) + torch.diag_embed(off.mT, 1) + torch.diag_embed(off.mT, -1)
+    theta, vecs = _batched_eigh_nosync(mats.contiguous())
+    tiny = torch.finfo(dt).tiny
+    quad = (vecs[:, 0, :] ** 2 * torch.log(theta.clamp_min(tiny))).sum(-1)
+    weights = result.initial_rz[sel].to(torch.float64)
+    total = torch.where(size > 0, weights * quad, torch.zeros_like(quad)).sum()
+    return (total / c).to(dt)
+
+
 def slq_logdet_correction(
     result: CGResult, columns: slice | list[int] | None = None, host: "LanczosOnHost | None" = None
 ) -> Tensor:
@@ -165,7 +218,12 @@ def slq_logdet_correction(
         columns: which columns of the run are probes (default: all).
         host: the same run's :class:`LanczosOnHost` (same ``columns``), whose copy was queued
             earlier; otherwise the coefficients are copied here (waiting for the GPU's queue).
+
+    A run of a fixed :class:`~kronegp.solvers.CGSchedule` (``result.converged is None``: a
+    computation that must not synchronise) goes to :func:`slq_logdet_on_device` instead.
     """
+    if result.converged is None and host is None and isinstance(columns, (slice, type(None))):
+        return slq_logdet_on_device(result, columns)
     # The tridiagonals are tiny (one row per CG iteration): build and decompose them on the
     # host in float64 (numpy/LAPACK) after one transfer, instead of a GPU eigh (hundreds of
     # launches) or torch ops (tens of µs each) per column.

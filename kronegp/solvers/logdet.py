@@ -47,20 +47,29 @@ class SolveWithLogdet:
     probe_solves: Tensor
     probe_precond: Tensor
     cg: CGResult
-    lanczos: LanczosOnHost = field(repr=False)
+    lanczos: Optional[LanczosOnHost] = field(repr=False)
     precond_logdet: Optional[Tensor] = None
+    rows: bool = False
     _logdet: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def logdet(self) -> Tensor:
         if self._logdet is None:
-            est = slq_logdet_correction(self.cg, columns=self.lanczos.cols, host=self.lanczos)
+            if self.lanczos is None:  # a fixed-schedule run: quadrature on the device
+                est = slq_logdet_correction(self.cg, columns=slice(self.solution.shape[self._cdim], None))
+            else:
+                est = slq_logdet_correction(self.cg, columns=self.lanczos.cols, host=self.lanczos)
             self._logdet = est + self.precond_logdet if self.precond_logdet is not None else est
         return self._logdet
 
+    @property
+    def _cdim(self) -> int:
+        return 0 if self.rows else 1
+
     def residual_max(self) -> float:
-        """The CG run's largest final relative residual (read from the queued host copy)."""
-        return self.lanczos.residual_max()
+        """The CG run's largest final relative residual (read from the queued host copy); NaN
+        for a run of a fixed :class:`~kronegp.solvers.CGSchedule` (not read, see its ``check``)."""
+        return float("nan") if self.lanczos is None else self.lanczos.residual_max()
 
 
 def solve_with_logdet(
@@ -113,7 +122,8 @@ def solve_with_logdet(
         record_lanczos=True,
         rows=rows,
     )
-    lanczos = LanczosOnHost(result, columns=slice(t, None))  # copy queued now, read on demand
+    # copy queued now, read on demand (none for a fixed-schedule run, which must not synchronise)
+    lanczos = None if result.converged is None else LanczosOnHost(result, columns=slice(t, None))
     if precond is None:
         probe_precond = probes
     elif isinstance(precond, Tensor):
@@ -127,4 +137,5 @@ def solve_with_logdet(
         cg=result,
         lanczos=lanczos,
         precond_logdet=precond_logdet,
+        rows=rows,
     )
