@@ -25,8 +25,10 @@ The rule of :func:`symmetric_eig`:
 * CUDA matrices with at most :data:`DEVICE_JACOBI_MAX_ROWS` rows (by default as many as the
   GPU's shared memory holds: 168 on an H100) are decomposed by kronegp's Jacobi kernel
   (``cuda_ext/jacobi_eigh.cuh``) in one launch, without synchronising — started from the float64
-  eigenvectors of the previous matrix decomposed at the same place (device, size, position among
-  the call's matrices of that size). A training step's factors differ little from the previous
+  eigenvectors of the previous matrix decomposed at the same place (device, dtype, size,
+  position among the call's matrices of that size; float32 and float64 apart: a start
+  converged only to float32's tolerance leaves float64 runs converging slowly, and their stop
+  rule early — ~1e-8 off). A training step's factors differ little from the previous
   step's: three sweeps instead of ~18 from scratch, one for an unchanged matrix (H100, three
   128-row factors: 0.5–0.9 ms of GPU time, float32 or float64, none of the host's). The first
   decomposition at a place takes the rules below and keeps its float64 eigenvectors as the
@@ -92,7 +94,7 @@ EIG_CACHE_SIZE = 16
 
 _cache: "OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]]" = OrderedDict()
 # The Jacobi kernel's starting points: float64 eigenvectors of the last matrix decomposed per
-# (device, size, position among a call's matrices of that size), which the kernel overwrites,
+# (device, dtype, size, position among a call's matrices of that size), which the kernel overwrites,
 # with the stream that last wrote them.
 _starts: dict = {}
 _pool: Optional[ThreadPoolExecutor] = None
@@ -312,8 +314,9 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     start_keys: list = [None] * len(mats)  # where the Jacobi kernel keeps each one's start
     for i, m in enumerate(mats):
         if m.device.type == "cuda" and 0 < m.shape[0] <= _jacobi_rows(m):
-            slot = slots[(m.device, m.shape[0])] = slots.get((m.device, m.shape[0]), -1) + 1
-            start_keys[i] = (m.device, m.shape[0], slot)
+            place = (m.device, m.dtype, m.shape[0])
+            slot = slots[place] = slots.get(place, -1) + 1
+            start_keys[i] = (*place, slot)
         key = _key(m)
         keys.append(key)
         if key is not None and key in _cache:
