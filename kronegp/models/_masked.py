@@ -158,7 +158,7 @@ class FullGridCovariance:
             max_iters=self.max_iters,
             rows=True,
         )
-        self.solve_iterations += res.iterations
+        self.solve_iterations = self.solve_iterations + res.iterations_needed
         return self.eig.from_eigbasis_rows(res.solution)
 
     def solve(self, x: Tensor, tol: Optional[float] = None) -> Tensor:
@@ -180,7 +180,7 @@ class FullGridCovariance:
             tol=self.tol if tol is None else tol,
             max_iters=self.max_iters,
         )
-        self.solve_iterations += res.iterations
+        self.solve_iterations = self.solve_iterations + res.iterations_needed
         return self.eig.from_eigbasis(res.solution)
 
 
@@ -199,6 +199,8 @@ class CGLMLPieces:
             cells, else the ``C`` system).
         inner_iterations: total CG iterations spent in solves with ``C`` (per-cell noise).
         residual: largest final relative residual of the outermost solve.
+        Under a fixed :class:`~kronegp.solvers.CGSchedule` (which does not read the device) the
+        three counts above are 0-dim device tensors.
         eig_left, eig_right, eig_weights: more pairs, given in eigen-coordinates of
             ``cov.eig`` as rows ``(c', N)`` (``Qᵀ`` of the grid vectors), or ``None``; the
             gradient adds ``Σ w (Qᵀa)ᵀ (Qᵀ∂C Q)(Qᵀb)``. Only with homoskedastic noise, where
@@ -212,9 +214,9 @@ class CGLMLPieces:
     right: Tensor
     weights: Tensor
     exact_logdet: bool
-    iterations: int
-    inner_iterations: int = 0
-    residual: float = 0.0
+    iterations: "int | Tensor"
+    inner_iterations: "int | Tensor" = 0
+    residual: "float | Tensor" = 0.0
     extra: dict = field(default_factory=dict)
     eig_left: Optional[Tensor] = None
     eig_right: Optional[Tensor] = None
@@ -402,8 +404,9 @@ def cg_lml_pieces(
             # ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v) and zᵀv = z̃ᵀṽ (ṽ = Qᵀv), so no further matmul is needed.
             first_order = _total(inner, cov.eig.diag_of(1.0 / cov.p_diag) * (cov.fill_noise - cov.sigma_bar2))
             logdet = logdet + out.logdet + first_order - per_probe.mean()
-            cov.solve_iterations += out.cg.iterations
-            iterations, residual = out.cg.iterations, out.residual_max()
+            cov.solve_iterations = cov.solve_iterations + out.cg.iterations_needed
+            iterations = out.cg.iterations_needed
+            residual = out.cg.residual_max if out.lanczos is None else out.residual_max()
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
             # analytic gradient), the second is small when P ≈ C. The noise is fixed on this
@@ -447,11 +450,12 @@ def cg_lml_pieces(
                 record_lanczos=True,
                 **lay.cg,
             )
-            lanczos = LanczosOnHost(res, columns=slice(1, None))  # copy queued before the back-solve
+            # copy queued before the back-solve (none for a fixed-schedule run: no synchronisation)
+            lanczos = None if res.converged is None else LanczosOnHost(res, columns=slice(1, None))
             g = res.solution
             second = lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))])
             log_gdiag = _total(inner, missing * torch.log(g_diag))
-            extra["missing_iterations"] = res.iterations
+            extra["missing_iterations"] = res.iterations_needed
             # The back-solve's GPU work is queued first; the host-side SLQ (a transfer and LAPACK
             # band solves) and the residual read then run while the GPU computes it.
             # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
@@ -470,7 +474,8 @@ def cg_lml_pieces(
                 lefts.append(lay.columns(lay.take(back, slice(1, None))))
                 rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
                 weights.append(resid.new_full((s,), 0.5 / s))
-            iterations, residual = res.iterations, lanczos.residual_max()
+            iterations = res.iterations_needed
+            residual = res.residual_max if lanczos is None else lanczos.residual_max()
             logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
 
         if eig_left is None:

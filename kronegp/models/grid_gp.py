@@ -140,6 +140,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.cg_residual: Optional[float] = None
         self.history: list[float] = []
         self._probe_generator: Optional[torch.Generator] = None
+        self._probe_store = None  # set while a CUDA graph of the training step is recorded
+        self._graphed = None  # the CUDA graph of the training step (``loss_backward``)
+        self._graph_failed: Optional[str] = None  # why recording it failed, once it has
 
         values_t = data.values.reshape(-1)
         observed = data.mask.reshape(-1) if data.mask is not None else None
@@ -243,6 +246,24 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     # ------------------------------------------------------------------ parameters
 
+    def __getstate__(self):
+        # a recorded CUDA graph is not copied or pickled (a copy records its own when it trains)
+        state = self.__dict__.copy()
+        state["_graphed"] = None
+        state["_probe_store"] = None
+        return state
+
+    @property
+    def _missing(self) -> Optional[Tensor]:
+        """``~observed`` (kept while ``observed`` is the same tensor), or ``None``."""
+        obs = self.observed
+        if obs is None:
+            return None
+        cached = self.__dict__.get("_missing_cache")
+        if cached is None or cached[0] is not obs:
+            cached = self.__dict__["_missing_cache"] = (obs, ~obs)
+        return cached[1]
+
     def _grid_points(self) -> Tensor:
         mesh = torch.meshgrid(*self.axes, indexing="ij")
         return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
@@ -283,6 +304,12 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         )
 
     def _std_normal(self, rows: int, cols: int, offset: int = 0) -> Tensor:
+        store = self._probe_store
+        if store is not None:  # a CUDA graph's probes: drawn outside the graph (see _graph.py)
+            return store.get((rows, cols, offset), lambda: self._draw_normal(rows, cols, offset))
+        return self._draw_normal(rows, cols, offset)
+
+    def _draw_normal(self, rows: int, cols: int, offset: int = 0) -> Tensor:
         dev = self.y.device
         if self._probe_generator is None or not self.resample_probes or self._probe_generator.device != dev:
             self._probe_generator = torch.Generator(device=dev)
@@ -299,7 +326,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         those cells: then ``(1/S) Σ_s z_sᵀ A z_s = tr A`` exactly, so the likelihood and its
         gradient are exact up to CG tolerance.
         """
-        count = self.n_cells if cells is None else int(cells.sum())
+        count = self.n_cells if cells is None else self.n_cells - self.n_observed if cells is self._missing else int(cells.sum())
         if 0 < count <= self.exact_trace_limit:
             idx = torch.arange(self.n_cells, device=self.y.device)
             if cells is not None:
@@ -326,7 +353,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 self.observed,
                 self.n_observed,
                 probes_c=None if cov.homoskedastic else self._probes(None),
-                probes_g=None if self.observed is None else self._probes(~self.observed, offset=1),
+                probes_g=None if self.observed is None else self._probes(self._missing, offset=1),
                 tol=self.cg_tol,
                 max_iters=self.cg_max_iters,
             )
@@ -368,6 +395,50 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     # ------------------------------------------------------------------ fitting
 
+    def loss_backward(self, cuda_graph: Optional[bool] = None) -> Tensor:
+        """The training loss ``−log p(y_O) / n_observed`` (0-dim, detached), with its gradient
+        left in every trainable parameter's ``.grad`` (overwritten, not accumulated): one
+        optimiser step's evaluation, as :meth:`fit` makes it.
+
+        Args:
+            cuda_graph: replay the evaluation from a CUDA graph recorded at the first call
+                (:mod:`kronegp.models._graph`: on a 128³ grid the eager evaluation spends about
+                half its time issuing ~350 launches from the host). ``None`` (default): on CUDA
+                models except with both missing cells and per-cell noise (nested CG solves,
+                whose number follows the outer CG's), which run eagerly; if recording fails
+                (e.g. a user kernel or mean that synchronises), it warns once with the reason
+                and runs eagerly. ``True``: always, raising if it cannot; ``False``: eagerly.
+                A recorded graph keeps one evaluation's intermediate tensors allocated between
+                calls.
+        """
+        from kronegp.models._graph import GraphedLoss, graph_reason
+
+        if cuda_graph is None or cuda_graph:
+            reason = graph_reason(self) if self._graph_failed is None else self._graph_failed
+            if reason is None:
+                if self._graphed is None:
+                    self._graphed = GraphedLoss(self)
+                try:
+                    return self._graphed()
+                except Exception as err:
+                    if cuda_graph:
+                        raise
+                    self._graphed = None
+                    self._graph_failed = f"{type(err).__name__}: {err}"
+                    warnings.warn(
+                        f"GridGP: the training step could not be recorded as a CUDA graph ({self._graph_failed}); "
+                        "it runs eagerly (pass cuda_graph=False to fit/loss_backward to skip the attempt)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            elif cuda_graph:
+                raise ValueError(f"cuda_graph=True, but this model's step cannot be a CUDA graph: {reason}")
+        for p in self.parameters():
+            p.grad = None
+        loss = -self.log_marginal_likelihood() / self.n_observed
+        loss.backward()
+        return loss.detach()
+
     def fit(
         self,
         iters: int = 100,
@@ -377,6 +448,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         *,
         patience: Optional[int] = None,
         min_delta: float = 1e-5,
+        cuda_graph: Optional[bool] = None,
     ) -> list[float]:
         """Maximise the log marginal likelihood over every hyperparameter.
 
@@ -390,6 +462,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             optimizer: ``"adam"`` or ``"lbfgs"``.
             lr: learning rate (default 0.1 for Adam, 1.0 for L-BFGS).
             progress: show a tqdm progress bar with the loss.
+            cuda_graph: evaluate each step from a recorded CUDA graph (see :meth:`loss_backward`;
+                default: on CUDA models where it can be recorded).
 
         Returns:
             :attr:`history`, the loss after every step of every fit so far.
@@ -412,14 +486,13 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         last = {"loss": math.inf}
 
         def closure():
-            opt.zero_grad()
-            loss = -self.log_marginal_likelihood() / self.n_observed
-            if not torch.isfinite(loss):
+            loss = self.loss_backward(cuda_graph)
+            value = float(loss)
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"GridGP.fit: the loss became {float(loss)}; hyperparameters: {self.hyperparameters()}"
+                    f"GridGP.fit: the loss became {value}; hyperparameters: {self.hyperparameters()}"
                 )
-            loss.backward()
-            last["loss"] = float(loss.detach())
+            last["loss"] = value
             return loss
 
         self.train()

@@ -1,0 +1,249 @@
+"""One training evaluation of a :class:`~kronegp.GridGP` — loss and gradients — as a CUDA graph.
+
+On a 128³ grid an evaluation launches ~350 kernels, and the host needs ~35 µs to issue each
+(Python, autograd, cuBLAS): the step takes about twice its GPU time. Recorded once as a CUDA
+graph, it is replayed in one launch. Three things stand in the way of recording, and are
+handled here and in the solvers:
+
+* **CG stops when it has converged**, which is read on the host. Under a fixed
+  :class:`~kronegp.solvers.CGSchedule` every CG run does a set number of iterations (what it
+  needed in the eager evaluation before the recording, plus :attr:`GraphedLoss.margin`;
+  converged columns are frozen on the device), and whether each run converged in time is
+  read after the replay, together with the iteration counts (one transfer per step). If one
+  did not, the replay's result is discarded: the step runs eagerly and is recorded again.
+* **The SLQ quadrature** ran on the host; under a fixed schedule it runs on the device
+  (:func:`kronegp.solvers.lanczos.slq_logdet_on_device`).
+* **Probe vectors** are drawn outside the graph into buffers the graph reads (redrawn before
+  each replay when ``resample_probes`` is set).
+
+The graph is recorded again whenever anything it baked in changes: a parameter or buffer
+replaced (``.to()``, ``load_state_dict`` with other tensors), ``requires_grad`` switched, or a
+setting of the model changed (probes, CG tolerance, ...). Its memory pool keeps one
+evaluation's intermediate tensors allocated between steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from kronegp.solvers.cg import CGSchedule, cg_schedule
+
+__all__ = ["GraphedLoss"]
+
+
+class _ProbeStore:
+    """The probe blocks of one recorded evaluation, by ``(rows, cols, offset)``."""
+
+    def __init__(self):
+        self.blocks: dict = {}
+
+    def get(self, key, draw: Callable[[], Tensor]) -> Tensor:
+        if key not in self.blocks:
+            self.blocks[key] = draw()
+        return self.blocks[key]
+
+    def redraw(self, draw: Callable[[int, int, int], Tensor]) -> None:
+        for (rows, cols, offset), buf in self.blocks.items():
+            buf.copy_(draw(rows, cols, offset))
+
+
+def _as_f64(x, device: torch.device) -> Tensor:
+    """A count or residual as a 0-dim float64 tensor on ``device`` (a Python number through a
+    fill kernel: a host-to-device copy cannot be recorded)."""
+    if isinstance(x, Tensor):
+        return x.to(torch.float64).reshape(())
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
+class GraphedLoss:
+    """``model``'s training loss ``−log p(y_O) / n_observed`` with its gradients, replayed from a
+    CUDA graph (see the module docstring).
+
+    Calling it returns the loss (0-dim) and leaves each trainable parameter's gradient in its
+    ``.grad`` (overwritten, not accumulated). ``margin``: CG iterations recorded beyond what the
+    eager evaluation needed (each costs one operator product of GPU time per step; too few
+    makes every drift of the count a re-recording).
+    """
+
+    def __init__(self, model, margin: int = 1):
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        # weak: the model holds this object, and a reference cycle would leave the graph's
+        # destruction (and its memory pool's release) to Python's cyclic collector, which may
+        # run in the middle of another recording and invalidate it
+        self._model = weakref.ref(model)
+        self.margin = int(margin)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.recordings = 0  # how many times the step was recorded (for tests and reports)
+        self._signature = None
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._store = _ProbeStore()
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("GraphedLoss: its model no longer exists")
+        return model
+
+    # ------------------------------------------------------------------ what the graph bakes in
+
+    def _params(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _current_signature(self):
+        m = self.model
+        tensors = [(p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad) for p in m.parameters()]
+        tensors += [(b.data_ptr(), tuple(b.shape), b.dtype) for b in m.buffers()]
+        settings = (m.num_probes, m.cg_tol, m.cg_max_iters, m.precondition, m.exact_trace_limit,
+                    m.resample_probes, m.seed, m.path, self.margin)
+        return tuple(tensors), settings
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, schedule: CGSchedule) -> Tensor:
+        m = self.model
+        with cg_schedule(schedule):
+            loss = -m.log_marginal_likelihood() / m.n_observed
+        loss.backward()
+        return loss
+
+    def _eager_and_record(self) -> Tensor:
+        """Run the step eagerly on the graph's stream, then record it; this call's result is
+        the eager one.
+
+        Three passes: (1) eager with the usual stopping rule, which gives each CG run's
+        iteration count; (2) eager again under the fixed schedule with torch's sync debug
+        mode raising, so that anything that would read the device — which a recording cannot
+        do, and whose failed recording leaves torch's CUDA generator unusable — raises here,
+        before any recording starts; (3) the recording.
+        """
+        m, params = self.model, self._params()
+        dev = m.y.device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=dev)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        self._store = store = _ProbeStore()
+        m._probe_store = store  # the eager step draws the probes into it, the graph reads them
+        # the previous graph and its pool's tensors go now, not while recording
+        self.graph = self._loss = self._grads = self._check = None
+        for p in params:
+            p.grad = None
+        try:
+            with torch.cuda.stream(stream):
+                for p in params:
+                    p.grad = None
+                schedule = CGSchedule.record()
+                loss = self._evaluate(schedule).detach()
+                if bool(torch.isfinite(loss)):  # else nothing worth recording: the caller reports it
+                    counts = [c + self.margin for c in schedule.counts]
+                    for p in params:
+                        p.grad = None
+                    debug = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        loss = self._evaluate(CGSchedule.fixed(counts)).detach()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(debug)
+                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual) if m.path == "cg" else None
+                    grads = [p.grad for p in params]
+                    self._record(schedule.counts, stream)
+                    if stats is not None:
+                        m.cg_iterations, m.cg_inner_iterations = int(stats[0]), int(stats[1])
+                        m.cg_residual = float(stats[2])
+                else:
+                    grads = [p.grad for p in params]
+        finally:
+            m._probe_store = None
+            torch.cuda.current_stream(dev).wait_stream(stream)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return loss
+
+    def _record(self, counts: list[int], stream: torch.cuda.Stream) -> None:
+        m, params = self.model, self._params()
+        schedule = CGSchedule.fixed([c + self.margin for c in counts])
+        for p in params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        gc.collect()
+        gc.disable()  # no cyclic collection (and CUDA frees) in the middle of the recording
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                # detached: holding the recorded autograd graph would keep its AccumulateGrad
+                # nodes (bound to this stream) for later eager steps
+                loss = self._evaluate(schedule).detach()
+                rows = [schedule.check_tensor().reshape(-1)] if counts else []
+                if m.path == "cg":
+                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual)
+                    rows.append(torch.stack([_as_f64(v, loss.device) for v in stats]))
+                check = torch.cat(rows) if rows else None
+        finally:
+            gc.enable()
+        # The Jacobi kernel's warm starts are read and written in place by the graph: keep them
+        # alive even if the eigendecomposition cache is cleared.
+        from kronegp import linalg
+
+        self._keep = [buf for buf, _ in linalg._starts.values()]
+        self.graph, self.recordings = graph, self.recordings + 1
+        self._loss, self._grads, self._check = loss, [p.grad for p in params], check
+        self._runs = len(counts)
+        self._limits = [min(c + self.margin, m.cg_max_iters) for c in counts]
+        self._capped = [c >= m.cg_max_iters for c in self._limits]
+
+    def __call__(self) -> Tensor:
+        m = self.model
+        sig = self._current_signature()
+        if sig != self._signature:
+            self.graph, self._signature = None, sig
+        if self.graph is None:
+            return self._eager_and_record()
+        if m.resample_probes:
+            self._store.redraw(m._draw_normal)
+        self.graph.replay()
+        params = self._params()
+        for p, g in zip(params, self._grads):
+            p.grad = g
+        if self._check is not None:
+            values = self._check.tolist()  # the step's one synchronisation
+            runs = [values[3 * i : 3 * i + 3] for i in range(self._runs)]
+            for i, (needed, active, residual) in enumerate(runs):
+                if active and not self._capped[i]:
+                    return self._eager_and_record()  # ran out of recorded iterations: redo
+                if active and self._capped[i]:
+                    warnings.warn(
+                        f"kronegp.solvers.block_cg: stopped after {self._limits[i]} iterations (max_iters) with "
+                        f"relative residual {residual:.3e} > tol {m.cg_tol:.1e}; raise max_iters, loosen tol "
+                        "or use a better preconditioner",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            if m.path == "cg":
+                it, inner, residual = values[3 * self._runs :]
+                m.cg_iterations, m.cg_inner_iterations, m.cg_residual = int(it), int(inner), residual
+            # Far fewer iterations needed than recorded: record again, shorter, next time.
+            if runs and all(needed + 2 * self.margin < limit for (needed, _, _), limit in zip(runs, self._limits)):
+                self.graph = None
+        return self._loss.detach().clone()
+
+
+def graph_reason(model) -> Optional[str]:
+    """Why ``model``'s step cannot be a CUDA graph, or ``None`` if it can."""
+    dev = model.y.device
+    if dev.type != "cuda":
+        return f"the model is on {dev}, not a CUDA device"
+    if model.observed is not None and model.cell_noise is not None and model.path == "cg":
+        # every outer iteration solves with C by CG: the number of runs follows the outer count
+        return "missing cells with per-cell noise (nested CG solves)"
+    from kronegp import _backend
+
+    if not hasattr(_backend.for_tensor(model.y), "jacobi_eigh"):
+        return f"the kronegp CUDA backend is not active ({_backend._load_cuda()[1]})"
+    return None
