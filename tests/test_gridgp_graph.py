@@ -199,3 +199,15 @@ def test_cpu_models_run_eagerly_and_refuse_a_graph():
         m.loss_backward(cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True.*not a CUDA device"):
         m.fit(iters=1, progress=False, cuda_graph=True)
+
+
+@pytest.mark.cuda
+def test_axes_longer_than_the_gpu_eigensolver_run_eagerly(monkeypatch):
+    monkeypatch.setattr(linalg, "DEVICE_JACOBI_MAX_ROWS", 12)  # the grid has a 14-point axis
+    m = _model("missing", torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = m.loss_backward()
+    assert m._graphed is None and math.isfinite(float(loss))
+    with pytest.raises(ValueError, match="14 points.*more than 12 rows"):
+        m.loss_backward(cuda_graph=True)

@@ -246,4 +246,10 @@ def graph_reason(model) -> Optional[str]:
 
     if not hasattr(_backend.for_tensor(model.y), "jacobi_eigh"):
         return f"the kronegp CUDA backend is not active ({_backend._load_cuda()[1]})"
+    from kronegp.linalg import _jacobi_rows
+
+    rows = _jacobi_rows(model.y)
+    if max(model.shape) > rows:
+        return (f"a grid axis has {max(model.shape)} points: factors of more than {rows} rows are "
+                "eigendecomposed on the host or by cuSOLVER, which synchronise")
     return None

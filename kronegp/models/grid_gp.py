@@ -405,7 +405,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 (:mod:`kronegp.models._graph`: on a 128³ grid the eager evaluation spends about
                 half its time issuing ~350 launches from the host). ``None`` (default): on CUDA
                 models except with both missing cells and per-cell noise (nested CG solves,
-                whose number follows the outer CG's), which run eagerly; if recording fails
+                whose number follows the outer CG's) or with a grid axis longer than the GPU
+                eigensolver takes (:data:`kronegp.linalg.DEVICE_JACOBI_MAX_ROWS`, 168 points
+                on an H100: larger factors are decomposed by synchronising paths), which run
+                eagerly; if recording fails
                 (e.g. a user kernel or mean that synchronises), it warns once with the reason
                 and runs eagerly. ``True``: always, raising if it cannot; ``False``: eagerly.
                 A recorded graph keeps one evaluation's intermediate tensors allocated between
