@@ -108,11 +108,24 @@ def test_graph_rerecords_when_cg_needs_more_iterations_and_when_a_parameter_is_r
     loss_g = graphed.loss_backward(cuda_graph=True)
     assert graphed._graphed.recordings == 3
     _assert_same_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
+    hard = eager.cg_iterations
+    # back to the easy system: the replay (recorded for the hard one) is still right, and marks
+    # the graph for a shorter recording at the next call
+    for m in (graphed, eager):
+        with torch.no_grad():
+            m.raw_noise.add_(4.0)
+    loss_g = graphed.loss_backward(cuda_graph=True)
+    _assert_same_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
+    assert hard - eager.cg_iterations >= 2  # the premise: 2+ iterations recorded beyond the need
+    assert graphed._graphed.graph is None and graphed._graphed.recordings == 3
+    loss_g = graphed.loss_backward(cuda_graph=True)
+    assert graphed._graphed.recordings == 4
+    _assert_same_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
     # a replaced parameter: recorded again, and the new tensor is the one trained
     for m in (graphed, eager):
         m.raw_outputscale = torch.nn.Parameter(m.raw_outputscale.detach().clone() + 0.1)
     loss_g = graphed.loss_backward(cuda_graph=True)
-    assert graphed._graphed.recordings == 4 and graphed.raw_outputscale.grad is not None
+    assert graphed._graphed.recordings == 5 and graphed.raw_outputscale.grad is not None
     _assert_same_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
 
 
@@ -211,3 +224,16 @@ def test_axes_longer_than_the_gpu_eigensolver_run_eagerly(monkeypatch):
     assert m._graphed is None and math.isfinite(float(loss))
     with pytest.raises(ValueError, match="14 points.*more than 12 rows"):
         m.loss_backward(cuda_graph=True)
+
+
+@pytest.mark.cuda
+def test_steps_with_many_cg_iterations_are_not_recorded(monkeypatch):
+    from kronegp.models import _graph
+
+    monkeypatch.setattr(_graph, "MAX_RECORDED_ITERATIONS", 1)
+    m = _model("missing", torch.float64)
+    ref = copy.deepcopy(m)
+    for _ in range(2):
+        loss = m.loss_backward(cuda_graph=True)
+        assert m._graphed.graph is None and m._graphed.recordings == 0
+        _assert_same_step(m, ref, torch.float64, loss, ref.loss_backward(cuda_graph=False))

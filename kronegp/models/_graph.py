@@ -16,6 +16,9 @@ handled here and in the solvers:
 * **Probe vectors** are drawn outside the graph into buffers the graph reads (redrawn before
   each replay when ``resample_probes`` is set).
 
+A step whose CG runs take more than :data:`MAX_RECORDED_ITERATIONS` iterations in all (no
+preconditioner, a hard system) is run eagerly instead of recorded.
+
 The graph is recorded again whenever anything it baked in changes: a parameter or buffer
 replaced (``.to()``, ``load_state_dict`` with other tensors), ``requires_grad`` switched, or a
 setting of the model changed (probes, CG tolerance, ...). Its memory pool keeps one
@@ -34,7 +37,14 @@ from torch import Tensor
 
 from kronegp.solvers.cg import CGSchedule, cg_schedule
 
-__all__ = ["GraphedLoss"]
+__all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS"]
+
+
+#: A step whose CG runs would be recorded with more iterations than this in all is not recorded
+#: (each iteration is ~10 graph nodes, and the on-device quadrature decomposes tridiagonals of one
+#: row per iteration, padded to a multiple of 16, in the Jacobi kernel: at most 142 rows on an
+#: A100); the step runs eagerly instead, and recording is tried again at the next call.
+MAX_RECORDED_ITERATIONS = 128
 
 
 class _ProbeStore:
@@ -138,12 +148,12 @@ class GraphedLoss:
             p.grad = None
         try:
             with torch.cuda.stream(stream):
-                for p in params:
-                    p.grad = None
                 schedule = CGSchedule.record()
                 loss = self._evaluate(schedule).detach()
-                if bool(torch.isfinite(loss)):  # else nothing worth recording: the caller reports it
-                    counts = [c + self.margin for c in schedule.counts]
+                # not recorded: a non-finite loss (the caller reports it), or more CG iterations
+                # than a graph should unroll (this step was then an ordinary eager one)
+                counts = [c + self.margin for c in schedule.counts]
+                if bool(torch.isfinite(loss)) and sum(counts) <= MAX_RECORDED_ITERATIONS:
                     for p in params:
                         p.grad = None
                     debug = torch.cuda.get_sync_debug_mode()
@@ -228,8 +238,9 @@ class GraphedLoss:
             if m.path == "cg":
                 it, inner, residual = values[3 * self._runs :]
                 m.cg_iterations, m.cg_inner_iterations, m.cg_residual = int(it), int(inner), residual
-            # Far fewer iterations needed than recorded: record again, shorter, next time.
-            if runs and all(needed + 2 * self.margin < limit for (needed, _, _), limit in zip(runs, self._limits)):
+            # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
+            # shorter, at the next call.
+            if runs and all(limit - needed > self.margin + 1 for (needed, _, _), limit in zip(runs, self._limits)):
                 self.graph = None
         return self._loss.detach().clone()
 

@@ -406,7 +406,7 @@ def cg_lml_pieces(
             logdet = logdet + out.logdet + first_order - per_probe.mean()
             cov.solve_iterations = cov.solve_iterations + out.cg.iterations_needed
             iterations = out.cg.iterations_needed
-            residual = out.cg.residual_max if out.lanczos is None else out.residual_max()
+            residual = out.residual_max()
             # Control variate: tr(C⁻¹∂C) = tr(P⁻¹∂K) + E[uᵀ∂C v − vᵀ∂K v] with v = P⁻¹z,
             # E[v vᵀ] = P⁻¹. The first term is exact (the caller adds −½ log det P with its
             # analytic gradient), the second is small when P ≈ C. The noise is fixed on this
@@ -475,7 +475,7 @@ def cg_lml_pieces(
                 rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
                 weights.append(resid.new_full((s,), 0.5 / s))
             iterations = res.iterations_needed
-            residual = res.residual_max if lanczos is None else lanczos.residual_max()
+            residual = res.residual_max() if lanczos is None else lanczos.residual_max()
             logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
 
         if eig_left is None:

@@ -408,9 +408,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 whose number follows the outer CG's) or with a grid axis longer than the GPU
                 eigensolver takes (:data:`kronegp.linalg.DEVICE_JACOBI_MAX_ROWS`, 168 points
                 on an H100: larger factors are decomposed by synchronising paths), which run
-                eagerly; if recording fails
+                eagerly, as does a step whose CG runs need more than
+                :data:`kronegp.models._graph.MAX_RECORDED_ITERATIONS` iterations; if recording fails
                 (e.g. a user kernel or mean that synchronises), it warns once with the reason
-                and runs eagerly. ``True``: always, raising if it cannot; ``False``: eagerly.
+                and runs eagerly. ``True``: raise instead, for every reason above but the
+                iteration limit (such a step still runs eagerly); ``False``: eagerly.
                 A recorded graph keeps one evaluation's intermediate tensors allocated between
                 calls.
         """

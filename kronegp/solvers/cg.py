@@ -95,7 +95,6 @@ class CGResult:
         :class:`CGSchedule` what its slowest column needed, as a 0-dim device tensor (not read)."""
         return self.iterations if self.converged is not None else self.column_iterations.max()
 
-    @property
     def residual_max(self) -> "float | Tensor":
         """The largest final relative residual: a float, or for a run of a fixed schedule a
         0-dim device tensor (not read)."""
@@ -115,7 +114,8 @@ class CGSchedule:
         self.counts: list[int] = [] if counts is None else [int(c) for c in counts]
         self.is_fixed = counts is not None
         self._next = 0
-        self._runs: list[tuple[Tensor, Tensor, Tensor]] = []  # (column_iterations, residual, active)
+        # per fixed run: (column_iterations, residual, active), None until it has finished
+        self._runs: list[Optional[tuple[Tensor, Tensor, Tensor]]] = []
 
     @classmethod
     def record(cls) -> "CGSchedule":

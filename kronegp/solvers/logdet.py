@@ -66,10 +66,10 @@ class SolveWithLogdet:
     def _cdim(self) -> int:
         return 0 if self.rows else 1
 
-    def residual_max(self) -> float:
-        """The CG run's largest final relative residual (read from the queued host copy); NaN
-        for a run of a fixed :class:`~kronegp.solvers.CGSchedule` (not read, see its ``check``)."""
-        return float("nan") if self.lanczos is None else self.lanczos.residual_max()
+    def residual_max(self) -> "float | Tensor":
+        """The CG run's largest final relative residual (read from the queued host copy); for a
+        run of a fixed :class:`~kronegp.solvers.CGSchedule` a 0-dim device tensor (not read)."""
+        return self.cg.residual_max() if self.lanczos is None else self.lanczos.residual_max()
 
 
 def solve_with_logdet(
