@@ -187,17 +187,6 @@ def test_graph_falls_back_with_a_warning_or_raises_when_recording_fails():
         m.loss_backward(cuda_graph=True)
 
 
-@pytest.mark.cuda
-def test_missing_cells_with_cell_noise_run_eagerly_by_default():
-    m = _model("both", torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loss = m.loss_backward()
-    assert m._graphed is None and math.isfinite(float(loss))
-    with pytest.raises(ValueError, match="nested CG"):
-        m.loss_backward(cuda_graph=True)
-
-
 def test_cpu_models_run_eagerly_and_refuse_a_graph():
     m = _model("missing", torch.float64, device="cpu")
     loss = m.loss_backward()
@@ -215,14 +204,19 @@ def test_cpu_models_run_eagerly_and_refuse_a_graph():
 
 
 @pytest.mark.cuda
-def test_axes_longer_than_the_gpu_eigensolver_run_eagerly(monkeypatch):
-    monkeypatch.setattr(linalg, "DEVICE_JACOBI_MAX_ROWS", 12)  # the grid has a 14-point axis
-    m = _model("missing", torch.float64)
+@pytest.mark.parametrize("kind,jacobi_rows,reason", [
+    ("both", None, "nested CG"),  # missing cells with per-cell noise
+    ("missing", 12, "14 points.*more than 12 rows"),  # an axis longer than the GPU eigensolver takes
+])
+def test_models_that_cannot_be_recorded_run_eagerly_by_default(kind, jacobi_rows, reason, monkeypatch):
+    if jacobi_rows is not None:
+        monkeypatch.setattr(linalg, "DEVICE_JACOBI_MAX_ROWS", jacobi_rows)
+    m = _model(kind, torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss = m.loss_backward()
     assert m._graphed is None and math.isfinite(float(loss))
-    with pytest.raises(ValueError, match="14 points.*more than 12 rows"):
+    with pytest.raises(ValueError, match=reason):
         m.loss_backward(cuda_graph=True)
 
 
