@@ -41,6 +41,9 @@ class SolveWithLogdet:
             first access from the Lanczos coefficients, whose copy to the host was queued when
             the CG ended: GPU work queued before that access runs while the host computes it.
         cg: the underlying :class:`~kronegp.solvers.CGResult`.
+        lanczos: the queued host copy of its Lanczos coefficients (``None`` for a run of a fixed
+            :class:`~kronegp.solvers.CGSchedule`, whose quadrature runs on the device).
+        rows: whether the vectors are held as rows (``rows=True`` solves).
     """
 
     solution: Tensor
