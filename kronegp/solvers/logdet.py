@@ -43,31 +43,25 @@ class SolveWithLogdet:
         cg: the underlying :class:`~kronegp.solvers.CGResult`.
         lanczos: the queued host copy of its Lanczos coefficients (``None`` for a run of a fixed
             :class:`~kronegp.solvers.CGSchedule`, whose quadrature runs on the device).
-        rows: whether the vectors are held as rows (``rows=True`` solves).
+        probe_columns: which columns of the CG run are the probes (``slice(t, None)``).
     """
 
     solution: Tensor
     probe_solves: Tensor
     probe_precond: Tensor
     cg: CGResult
+    probe_columns: slice
     lanczos: Optional[LanczosOnHost] = field(repr=False)
     precond_logdet: Optional[Tensor] = None
-    rows: bool = False
     _logdet: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def logdet(self) -> Tensor:
         if self._logdet is None:
-            if self.lanczos is None:  # a fixed-schedule run: quadrature on the device
-                est = slq_logdet_correction(self.cg, columns=slice(self.solution.shape[self._cdim], None))
-            else:
-                est = slq_logdet_correction(self.cg, columns=self.lanczos.cols, host=self.lanczos)
+            # from the host copy, or on the device for a fixed-schedule run (no host copy)
+            est = slq_logdet_correction(self.cg, columns=self.probe_columns, host=self.lanczos)
             self._logdet = est + self.precond_logdet if self.precond_logdet is not None else est
         return self._logdet
-
-    @property
-    def _cdim(self) -> int:
-        return 0 if self.rows else 1
 
     def residual_max(self) -> "float | Tensor":
         """The CG run's largest final relative residual (read from the queued host copy); for a
@@ -126,7 +120,8 @@ def solve_with_logdet(
         rows=rows,
     )
     # copy queued now, read on demand (none for a fixed-schedule run, which must not synchronise)
-    lanczos = None if result.converged is None else LanczosOnHost(result, columns=slice(t, None))
+    probe_columns = slice(t, None)
+    lanczos = None if result.converged is None else LanczosOnHost(result, columns=probe_columns)
     if precond is None:
         probe_precond = probes
     elif isinstance(precond, Tensor):
@@ -140,5 +135,5 @@ def solve_with_logdet(
         cg=result,
         lanczos=lanczos,
         precond_logdet=precond_logdet,
-        rows=rows,
+        probe_columns=probe_columns,
     )
