@@ -28,14 +28,13 @@ evaluation's intermediate tensors allocated between steps.
 from __future__ import annotations
 
 import gc
-import warnings
 import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from kronegp.solvers.cg import CGSchedule, cg_schedule
+from kronegp.solvers.cg import CGSchedule, cg_schedule, warn_not_converged
 
 __all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS"]
 
@@ -118,11 +117,8 @@ class GraphedLoss:
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, schedule: CGSchedule) -> Tensor:
-        m = self.model
         with cg_schedule(schedule):
-            loss = -m.log_marginal_likelihood() / m.n_observed
-        loss.backward()
-        return loss
+            return self.model._eager_loss_backward()
 
     def _eager_and_record(self) -> Tensor:
         """Run the step eagerly on the graph's stream, then record it; this call's result is
@@ -164,7 +160,7 @@ class GraphedLoss:
                         torch.cuda.set_sync_debug_mode(debug)
                     stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual) if m.path == "cg" else None
                     grads = [p.grad for p in params]
-                    self._record(schedule.counts, stream)
+                    self._record(counts, stream)
                     if stats is not None:
                         m.cg_iterations, m.cg_inner_iterations = int(stats[0]), int(stats[1])
                         m.cg_residual = float(stats[2])
@@ -178,8 +174,9 @@ class GraphedLoss:
         return loss
 
     def _record(self, counts: list[int], stream: torch.cuda.Stream) -> None:
+        """Record the step with ``counts`` CG iterations per run (margin included)."""
         m, params = self.model, self._params()
-        schedule = CGSchedule.fixed([c + self.margin for c in counts])
+        schedule = CGSchedule.fixed(counts)
         for p in params:
             p.grad = None
         graph = torch.cuda.CUDAGraph()
@@ -204,9 +201,7 @@ class GraphedLoss:
         self._keep = [buf for buf, _ in linalg._starts.values()]
         self.graph, self.recordings = graph, self.recordings + 1
         self._loss, self._grads, self._check = loss, [p.grad for p in params], check
-        self._runs = len(counts)
-        self._limits = [min(c + self.margin, m.cg_max_iters) for c in counts]
-        self._capped = [c >= m.cg_max_iters for c in self._limits]
+        self._limits = [min(c, m.cg_max_iters) for c in counts]  # what each run does per replay
 
     def __call__(self) -> Tensor:
         m = self.model
@@ -223,20 +218,15 @@ class GraphedLoss:
             p.grad = g
         if self._check is not None:
             values = self._check.tolist()  # the step's one synchronisation
-            runs = [values[3 * i : 3 * i + 3] for i in range(self._runs)]
-            for i, (needed, active, residual) in enumerate(runs):
-                if active and not self._capped[i]:
+            n_runs = len(self._limits)
+            runs = [values[3 * i : 3 * i + 3] for i in range(n_runs)]
+            for (needed, active, residual), limit in zip(runs, self._limits):
+                if active and limit < m.cg_max_iters:
                     return self._eager_and_record()  # ran out of recorded iterations: redo
-                if active and self._capped[i]:
-                    warnings.warn(
-                        f"kronegp.solvers.block_cg: stopped after {self._limits[i]} iterations (max_iters) with "
-                        f"relative residual {residual:.3e} > tol {m.cg_tol:.1e}; raise max_iters, loosen tol "
-                        "or use a better preconditioner",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                if active:  # stopped at max_iters, as the eager step would have
+                    warn_not_converged(limit, residual, m.cg_tol, stacklevel=3)
             if m.path == "cg":
-                it, inner, residual = values[3 * self._runs :]
+                it, inner, residual = values[3 * n_runs :]
                 m.cg_iterations, m.cg_inner_iterations, m.cg_residual = int(it), int(inner), residual
             # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
             # shorter, at the next call.

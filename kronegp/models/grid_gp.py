@@ -440,9 +440,13 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 raise ValueError(f"cuda_graph=True, but this model's step cannot be a CUDA graph: {reason}")
         for p in self.parameters():
             p.grad = None
+        return self._eager_loss_backward().detach()
+
+    def _eager_loss_backward(self) -> Tensor:
+        """``−log p(y_O) / n_observed``, back-propagated into the parameters' ``.grad``."""
         loss = -self.log_marginal_likelihood() / self.n_observed
         loss.backward()
-        return loss.detach()
+        return loss
 
     def fit(
         self,

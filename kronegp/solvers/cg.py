@@ -184,6 +184,19 @@ def cg_schedule(schedule: Optional[CGSchedule]):
         _SCHEDULE.reset(token)
 
 
+def warn_not_converged(iterations: int, residual: float, tol: float, stacklevel: int) -> None:
+    """The ``RuntimeWarning`` of a CG run that stopped at ``max_iters`` above ``tol`` (also given by
+    :mod:`kronegp.models._graph` for such a run inside a replayed CUDA graph); ``stacklevel`` as
+    the caller would pass it to ``warnings.warn``."""
+    warnings.warn(
+        f"kronegp.solvers.block_cg: stopped after {iterations} iterations (max_iters) with "
+        f"relative residual {residual:.3e} > tol {tol:.1e}; raise max_iters, loosen tol "
+        "or use a better preconditioner",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _check_rhs(rhs: Tensor) -> None:
     if not isinstance(rhs, Tensor):
         raise TypeError(f"rhs must be a torch.Tensor of shape (..., n, t), got {type(rhs).__name__}")
@@ -384,13 +397,7 @@ def block_cg(
         schedule._done(slot, iterations, col_iters, res, active)
     converged = None if fixed is not None else not bool(active.any())
     if converged is False and warn:
-        warnings.warn(
-            f"kronegp.solvers.block_cg: stopped after {iterations} iterations (max_iters) with "
-            f"relative residual {float(res.max()):.3e} > tol {tol:.1e}; raise max_iters, loosen tol "
-            "or use a better preconditioner",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn_not_converged(iterations, float(res.max()), tol, stacklevel=2)
     return CGResult(
         solution=x,
         iterations=iterations,
