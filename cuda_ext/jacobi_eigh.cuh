@@ -30,7 +30,7 @@
 //
 // Output per matrix: λ ascending (a rank sort, ties by column index), Q (N × N row-major,
 // Q[:, k] the eigenvector of λ[k]), in T; optionally the eigenvectors in float64, unsorted
-// (keep: the next start); the sweep count (int).
+// (keep: the next start; not written for NaN/Inf input); the sweep count (int).
 #pragma once
 #include "kron_common.cuh"
 
@@ -303,7 +303,8 @@ __device__ __forceinline__ void kron_jacobi_eigh(const EighArgs& a) {
     for (int e = tid; e < N * N; e += NT) {
         const int j = e / N, i = e % N;
         Q[(i64)i * N + ranks[j]] = (T)u[e];
-        if (a.keep[b] != nullptr) a.keep[b][(i64)i * N + j] = u[e];  // unsorted: a start needs no order
+        // unsorted: a start needs no order; none from NaN/Inf input, which would start every later call there at NaN
+        if (finite && a.keep[b] != nullptr) a.keep[b][(i64)i * N + j] = u[e];
     }
     if (tid == 0) a.sweeps[b] = sweep;
 }

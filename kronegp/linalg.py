@@ -59,6 +59,7 @@ DLPack) are not seen — call :func:`clear_eig_cache` after them, or set
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -174,9 +175,11 @@ def _host_eighs(pieces: list[Tensor], eps: Sequence[float]) -> list[tuple[Tensor
     """``eigh`` of host float64 matrices (:func:`_centro_eigh`; ``eps``: the rounding unit of each
     matrix's original dtype): small ones side by side in single-threaded workers, larger ones on
     this thread with torch's threads."""
-    small = [i for i, p in enumerate(pieces) if p.shape[0] <= HOST_WORKER_MAX_ROWS]
+    bad = {i for i, p in enumerate(pieces) if not np.isfinite(np.tril(p.numpy())).all()}  # what eigh reads
+    small = [i for i, p in enumerate(pieces) if p.shape[0] <= HOST_WORKER_MAX_ROWS and i not in bad]
     futures = {i: _get_host_pool().submit(_centro_eigh, pieces[i], eps[i]) for i in small}
-    out = [None if i in futures else _centro_eigh(p, eps[i]) for i, p in enumerate(pieces)]
+    out = [None if i in futures else _nan_pair(p.shape[0], p.dtype, p.device) if i in bad else _centro_eigh(p, eps[i])
+           for i, p in enumerate(pieces)]
     for i, fut in futures.items():
         out[i] = fut.result()
     return out  # type: ignore[return-value]
@@ -204,7 +207,20 @@ def _check(mats: Sequence[Tensor]) -> None:
             raise TypeError(f"mats[{i}] must be float32 or float64, got {m.dtype}")
 
 
+def _nan_pair(n: int, dtype, device) -> tuple[Tensor, Tensor]:
+    """The eigenpairs of a matrix holding NaN or Inf: NaN, as the Jacobi kernel gives them.
+
+    LAPACK and cuSOLVER do not agree on such input (they raise "failed to converge", return
+    NaN, or return finite numbers, by size and by which entries are bad), so the host and
+    cuSOLVER paths do not call them with it: a model then sees a NaN loss and says which
+    hyperparameters gave it, on every device."""
+    return (torch.full((n,), math.nan, dtype=dtype, device=device),
+            torch.full((n, n), math.nan, dtype=dtype, device=device))
+
+
 def _device_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    if not bool(torch.isfinite(torch.tril(m)).all()):  # a synchronisation, as torch's eigh makes anyway
+        return _nan_pair(m.shape[0], m.dtype, m.device)
     lam, q = torch.linalg.eigh(m.to(torch.float64))
     return lam.to(m.dtype), q.to(m.dtype)
 
@@ -300,10 +316,10 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
 
     Returns:
         one ``(λ, Q)`` pair per matrix, ``M = Q diag(λ) Qᵀ``, in the matrix's dtype and on its
-        device. A matrix holding NaN or Inf gets NaN eigenvalues from the GPU Jacobi kernel
-        (which does not synchronise, so it cannot raise), as does one that the kernel does not
-        converge in :data:`kronegp._cuda.eigh.MAX_SWEEPS` sweeps; LAPACK and cuSOLVER raise or
-        return NaN as they do.
+        device. A matrix holding NaN or Inf gets NaN eigenvalues and eigenvectors on every path
+        (the GPU Jacobi kernel, which does not synchronise and so cannot raise, also gives NaN
+        eigenvalues to a matrix it does not converge in :data:`kronegp._cuda.eigh.MAX_SWEEPS`
+        sweeps); on a finite matrix LAPACK and cuSOLVER raise or return NaN as they do.
     """
     mats = list(mats)
     _check(mats)
@@ -355,7 +371,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             eps = [torch.finfo(mats[i].dtype).eps for i in host]
             for i, (lam, q) in zip(host, _host_eighs(pieces, eps)):
                 by_target.setdefault((mats[i].device, mats[i].dtype), []).append((i, lam, q))
-                if start_keys[i] is not None:  # the Jacobi kernel's first start, in float64
+                if start_keys[i] is not None and np.isfinite(lam.numpy()).all():  # the Jacobi kernel's first start
                     _keep_start(start_keys[i], torch.from_numpy(np.ascontiguousarray(q.numpy())).to(mats[i].device))
             for (dev, dt), items in by_target.items():
                 packed = np.concatenate([np.concatenate([lam.numpy(), q.numpy().reshape(-1)]) for _, lam, q in items])
@@ -381,7 +397,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
             for i in device_side:
                 out[i] = _device_eigh(mats[i].detach())
     for i in device_side:
-        if start_keys[i] is not None:
+        if start_keys[i] is not None and bool(torch.isfinite(out[i][0]).all()):  # (synchronised already)
             # a copy of its own: the kernel overwrites its start, and Q is the caller's result
             _keep_start(start_keys[i], out[i][1].to(torch.float64, memory_format=torch.contiguous_format, copy=True))
     for i, key in enumerate(keys):

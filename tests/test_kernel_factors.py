@@ -53,6 +53,30 @@ def test_matches_gpytorch_forward(name, make, n, lengthscale, dtype, tol, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,raw_tiny", [(torch.float32, -57.6), (torch.float64, -400.0)])
+@pytest.mark.parametrize("name,make", KERNELS)
+def test_extreme_lengthscales_give_the_limits_not_nan(name, make, dtype, raw_tiny, device):
+    """An optimiser's line search tries such lengthscales (L-BFGS on a 230-year axis in float32
+    tried ℓ = 1.7e-25, where r² overflowed and inf · e^{−r} made the factor NaN): the factor is
+    its limit — the identity as ℓ → 0, all ones as ℓ → ∞ — and the gradient is finite. (Set
+    through the raw parameter, as an optimiser does: ℓ = softplus(raw) = 1e-25 in float32,
+    2e-174 in float64.)"""
+    n = 50
+    x = _axis(n, dtype, device, seed=3)
+    eye = torch.eye(n, dtype=dtype, device=device)
+    for raw, limit in ((raw_tiny, eye), (1e30, torch.ones_like(eye))):
+        kern = make().to(dtype=dtype, device=device)
+        with torch.no_grad():
+            kern.raw_lengthscale.fill_(raw)
+        assert 0 < float(kern.lengthscale) < 1e-24 or raw > 0
+        k = stationary_factor(kern, x)
+        assert torch.isfinite(k).all(), (name, raw)
+        assert torch.allclose(k, limit, rtol=0, atol=1e-6), (name, raw)
+        (grad,) = torch.autograd.grad((k * torch.randn_like(k)).sum(), kern.raw_lengthscale)
+        assert torch.isfinite(grad).all(), (name, raw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_factors_of_one_kind_and_size_computed_together(device):
     # Three Matérn 5/2 axes of one size (one group), one RBF of that size and one Matérn of
     # another size: each factor and each lengthscale gradient as when computed alone.

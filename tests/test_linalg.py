@@ -124,6 +124,22 @@ def test_reads_lower_triangle_like_eigh():
     assert torch.allclose(lam, torch.linalg.eigh(m)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [5, 200])  # a host worker / the calling thread
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_matrix_gives_nan_eigenpairs(n, bad):
+    """LAPACK alone raised for NaN at n = 5, returned finite numbers for it at n = 200 and NaN
+    eigenvalues with finite eigenvectors for Inf: every path now gives NaN, like the Jacobi kernel."""
+    clear_eig_cache()
+    m = _spd(n, torch.float64, seed=n)
+    m[3, 1] = bad
+    (lam, q), = symmetric_eig([m])
+    assert torch.isnan(lam).all() and torch.isnan(q).all()
+    upper = _spd(n, torch.float64, seed=n)
+    upper[1, 3] = bad  # not read: a finite problem
+    (lam, q), = symmetric_eig([upper])
+    _check(torch.tril(upper) + torch.tril(upper, -1).T, lam, q, 1e-13)
+
+
 def test_cache_hit_and_invalidation_by_inplace_change():
     clear_eig_cache()
     m = _spd(9, torch.float64)
@@ -328,6 +344,33 @@ def test_cuda_jacobi_failure_gives_nan_eigenvalues(monkeypatch):
     monkeypatch.setattr(eigh, "MAX_SWEEPS", 1)
     (lam, _), = _jacobi([m])
     assert torch.isnan(lam).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_cuda_non_finite_matrix_gives_nan_and_leaves_the_start_alone(dtype, tol):
+    """NaN/Inf in the lower triangle: NaN eigenpairs on the cuSOLVER path (which raised "failed
+    to converge"), on the host path that seeds a Jacobi start (no start kept from it) and in the
+    kernel (its start not overwritten: later finite matrices at that place still decompose)."""
+    clear_eig_cache()
+    big = _spd(200, dtype, device="cuda", seed=2)  # beyond the host and Jacobi limits: cuSOLVER
+    big[7, 2] = float("nan")
+    (lam, q), = symmetric_eig([big])
+    assert torch.isnan(lam).all() and torch.isnan(q).all()
+    bad = _toeplitz_kernel(40, dtype, lengthscale=5.0, device="cuda")
+    bad[9, 4] = float("inf")
+    (lam, q), = symmetric_eig([bad])  # cold: the host path
+    assert torch.isnan(lam).all() and torch.isnan(q).all() and not kl._starts
+    for step, ls in enumerate((5.0, 5.1, 5.2)):
+        good = _toeplitz_kernel(40, dtype, lengthscale=ls, device="cuda")
+        (lam, q), = symmetric_eig([good])  # host (seeds the start), then the kernel twice
+        _check(good, lam, q, tol)
+        assert len(kl._starts) == 1
+        if step == 1:
+            worse = good.clone()
+            worse[20, 3] = float("nan")
+            (lam, _), = symmetric_eig([worse])  # the kernel, from the start
+            assert torch.isnan(lam).all()
 
 
 @pytest.mark.cuda

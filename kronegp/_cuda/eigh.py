@@ -110,7 +110,8 @@ def jacobi_eigh(dev: DeviceKernels, mats: Sequence[Tensor], starts: Sequence[Opt
     lower triangle is read); ``starts``: per matrix a contiguous float64 ``(N, N)`` matrix with
     orthonormal columns on that device (the eigenvectors of a nearby matrix, in any order), or
     ``None``; ``keeps``: per matrix a contiguous float64 ``(N, N)`` buffer (it may be the
-    matrix's start) that receives the eigenvectors in float64, unsorted, or ``None``.
+    matrix's start) that receives the eigenvectors in float64, unsorted (left as it was for a
+    matrix holding NaN/Inf, so that a start is never poisoned), or ``None``.
     ``sweeps``: an int32 tensor of ``len(mats)`` elements on the device to receive the sweep
     counts, or ``None``. A matrix that did not converge in :data:`MAX_SWEEPS` sweeps, or holds a
     non-finite value, gets NaN eigenvalues. ``lanes``: threads per column pair (0: the default

@@ -37,6 +37,8 @@ from torch import Tensor
 __all__ = ["stationary_factor", "stationary_factors"]
 
 _MATERN_SCALE = {0.5: 1.0, 1.5: math.sqrt(3.0), 2.5: math.sqrt(5.0)}
+#: Largest scaled distance ``r`` evaluated: ``K(r)`` and ``r ∂K/∂r`` are 0 (underflow) there.
+R_MAX = 1e4
 
 
 def _profile(kind: str, r: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +62,10 @@ class _StationaryFactors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dist: Tensor, lengthscale: Tensor, kind: str, scale: float):
-        r = dist * (scale / lengthscale).reshape(-1, 1, 1)
+        # Divided last, so the diagonal stays 0 however small ℓ gets; capped at R_MAX, where
+        # every profile is 0 in both dtypes but r² and r³ are still finite (uncapped, an
+        # optimiser's trial ℓ = 1e-25 gave r² = inf in float32, and inf · e^{−r} = NaN).
+        r = (dist * scale / lengthscale.reshape(-1, 1, 1)).clamp_(max=R_MAX)
         k, minus_r_dk = _profile(kind, r)
         ctx.save_for_backward(minus_r_dk, lengthscale)
         return tuple(k.unbind(0))
