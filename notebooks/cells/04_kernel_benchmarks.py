@@ -14,8 +14,9 @@
 # every FLOP at GEMM speed.
 #
 # The notebook reads every `benchmarks/results/kron_matmul*.json` (or the folder named by
-# `KRONEGP_BENCH_RESULTS`). When there is none, it says so and stops plotting — the results
-# come from a GPU run. The size parameter changes nothing here (plotting is instant).
+# `KRONEGP_BENCH_RESULTS`): the summary covers every run, in order, and the per-case plots
+# show the newest one. When there is none, it says so and stops plotting — the results come
+# from a GPU run. The size parameter changes nothing here (plotting is instant).
 
 # %%
 import os
@@ -26,6 +27,7 @@ if SIZE not in ("small", "medium", "full"):
 
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -52,6 +54,17 @@ for path in sorted(folder.glob("kron_matmul*.json")) if folder and folder.is_dir
         print(f"{path.name}: not a benchmarks/kron_matmul.py result (no rows with {sorted(REQUIRED)}); skipped")
         continue
     runs.append((path, data))
+
+
+def run_order(run):
+    """Date, then the file name with its numbers compared as numbers (round12 after round7)."""
+    path, data = run
+    parts = re.split(r"(\d+)", path.stem)
+    return str(data.get("date", "")), [int(t) if t.isdigit() else t for t in parts]
+
+
+runs.sort(key=run_order)
+latest = runs[-1:]  # the per-case plots: the newest run
 if not runs:
     print(f"No benchmark results found in {folder}: run `kronegp bench --out "
           f"benchmarks/results/kron_matmul_<gpu>_<date>.json` on a GPU, then re-run this notebook.")
@@ -61,7 +74,7 @@ else:
               f"{len(data['rows'])} timings; CUDA backend: {data.get('backend', {}).get('cuda_reason', '?')}")
 
 # %% [markdown]
-# ## Summary per dtype (geometric means over cases and sides)
+# ## Summary per dtype (geometric means over cases and sides), every run
 
 # %%
 def geomean(values):
@@ -70,7 +83,7 @@ def geomean(values):
 
 
 for path, data in runs:
-    print(f"{data.get('device', path.name)} ({data.get('date', '')})")
+    print(f"{path.stem}: {data.get('device', '?')} ({data.get('date', '')})")
     print(f"  {'dtype':8s} {'time/floor':>10s} {'LO time/floor':>14s} {'x vs LO':>8s} {'x vs loop':>10s} {'max rel err':>12s}")
     for dtype in sorted({r["dtype"] for r in data["rows"]}):
         sel = [r for r in data["rows"] if r["dtype"] == dtype]
@@ -80,13 +93,33 @@ for path, data in runs:
               f"{max(r.get('rel_err', float('nan')) for r in sel):12.1e}")
 
 # %% [markdown]
-# ## Per case
+# How the geometric mean of time / floor moved from run to run (the kernel's development
+# history; runs of the same code differ by a few per cent, more in the host-bound small cases).
+
+# %%
+if runs:
+    fig, ax = plt.subplots(figsize=(9, 3.2), constrained_layout=True)
+    names = [path.stem.replace("kron_matmul_", "") for path, _ in runs]
+    for dtype, marker in (("float32", "o"), ("float64", "s")):
+        ax.plot(range(len(runs)), [geomean(r["time_over_floor"] for r in data["rows"] if r["dtype"] == dtype)
+                                   for _, data in runs], marker=marker, label=f"kronegp {dtype}")
+        ax.plot(range(len(runs)), [geomean(r.get("lo_over_floor", float("nan")) for r in data["rows"]
+                                           if r["dtype"] == dtype) for _, data in runs],
+                marker=marker, ls=":", color="tab:gray", label=f"linear_operator {dtype}")
+    ax.set(xticks=range(len(runs)), yscale="log", ylabel="geo-mean time / floor", title="runs in order")
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.legend(fontsize=8, ncol=2)
+    plt.show()
+
+# %% [markdown]
+# ## Per case (newest run)
 #
 # Left: speedup over each anchor (log scale; right of the line at 1 is faster). Right:
 # time / floor for kronegp and for linear_operator (log scale; 1 is the floor).
 
 # %%
-for path, data in runs:
+for path, data in latest:
     rows = data["rows"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -108,7 +141,7 @@ for path, data in runs:
         axes[0].barh(y + 0.2, loop, height=0.4, label="vs torch loop")
         axes[0].axvline(1, color="k", lw=0.8)
         axes[0].set(xscale="log", yticks=y, yticklabels=labels, xlabel="speedup (×)",
-                    title=f"{data.get('device', '')}, {dtype}: speedup over the anchors")
+                    title=f"{data.get('device', '')} ({data.get('date', '')}), {dtype}: speedup over the anchors")
         axes[0].invert_yaxis()
         axes[0].legend(loc="lower right")
         axes[1].barh(y - 0.2, ours_floor, height=0.4, label="kronegp", color="tab:blue")
@@ -121,13 +154,13 @@ for path, data in runs:
         plt.show()
 
 # %% [markdown]
-# ## Where the time goes: floor against measured time
+# ## Where the time goes: floor against measured time (newest run)
 #
 # Each point is one case and side; the diagonal is the floor. Memory-bound cases (small
 # factors) sit at the left, compute-bound ones (large factors) at the right.
 
 # %%
-for path, data in runs:
+for path, data in latest:
     rows = data["rows"]
     fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
     for dtype, marker in (("float32", "o"), ("float64", "s")):
@@ -140,6 +173,6 @@ for path, data in runs:
     lim = [min(r["floor_ms"] for r in rows) / 2, max(max(r["ours_ms"], r.get("lo_ms", 0)) for r in rows) * 2]
     ax.plot(lim, lim, "k--", lw=0.8, label="floor")
     ax.set(xscale="log", yscale="log", xlabel="floor (ms)", ylabel="measured (ms)",
-           title=data.get("device", path.name))
+           title=f"{data.get('device', path.name)} ({data.get('date', '')})")
     ax.legend(fontsize=8)
     plt.show()

@@ -178,11 +178,14 @@ for kind, pred in [("image mean", baseline)] + [(k, v[0]) for k, v in results.it
 
 # %% [markdown]
 # **Reading the results.** In the hole, the spectral-mixture GP carries the mortar lines
-# into the gap, where the Matérn GP can only blur across it (compare the correlations).
-# To the right, neither kernel extrapolates *this* photograph: the Matérn GP reverts to the
-# mean, and the spectral mixture continues vertical stripes that fall out of phase with
-# the truth and overshoot in amplitude — though its predictive sd there is as large as the
-# pattern itself, so it does say that it does not know. The photograph is a perspective view of a staggered brick bond: the spacing of
+# into the gap, where the Matérn GP can only blur across it (compare the correlations; the
+# RMSEs stay close, since a sharp line a few pixels off costs as much as a blur).
+# To the right, neither kernel extrapolates *this* photograph: the Matérn GP relaxes to its
+# constant mean within a few pixels of the edge (overshooting next to the bright joints
+# there), and the spectral mixture continues vertical stripes that do not line up with the
+# truth (at the smaller sizes they also overshoot in amplitude) — though its predictive sd
+# there is as large as the pattern itself, so it does say that it does not know. The
+# photograph is a perspective view of a staggered brick bond: the spacing of
 # the joints changes across the image and the horizontal joints are offset from brick to
 # brick, which no product of one-dimensional kernels can represent. GPatt's extrapolations
 # work on textures whose structure is aligned with the axes; for this one, a kernel on
