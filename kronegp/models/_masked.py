@@ -45,6 +45,7 @@ holding a shard of the grid can pass sharded callables and an all-reduced ``inne
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -239,6 +240,11 @@ def _missing_matvec(
     return lambda v: mis * cov.solve(v, tol=inner_tol)
 
 
+#: How often :func:`solve_observed` solves its missing-cell system again to reach ``tol`` on
+#: the observed cells (each round from the previous solution, to a tighter tolerance).
+REFINE_ROUNDS = 3
+
+
 def _inner_tol(tol: float, dtype: torch.dtype) -> float:
     # Solves inside the G operator must be much tighter than the outer CG, or the outer
     # Lanczos coefficients describe a perturbed operator; but not below what the dtype holds.
@@ -254,9 +260,18 @@ def solve_observed(
     max_iters: int,
     inner: Inner = local_inner,
 ) -> tuple[Tensor, int]:
-    """``C_OO⁻¹ b_O`` zero-filled on the grid, for columns ``b`` (``(N, t)``, zero at missing).
+    """``C_OO⁻¹ b_O`` zero-filled on the grid, for columns ``b`` (``(N, t)``, zero at missing),
+    to a relative residual ``‖(C x − b)_O‖ / ‖b_O‖ ≤ tol`` in every column.
 
-    Returns the solution and the outer CG iterations.
+    The CG runs on the missing cells' system ``G v = [X b]_M`` (module docstring), whose
+    residual is not the observed system's: ``x = X(b − v)`` carries ``G``'s error amplified,
+    by ~1500× on a 20 %-missing climate grid with noise 2e-4 of the signal variance (a
+    mean 1 K off at ``tol`` = 1e-5). So the observed residual is measured after the solve
+    (one product with ``C``) and the ``G`` system solved again, from where it stopped, to a
+    tolerance scaled by the amplification seen, up to :data:`REFINE_ROUNDS` times; a result
+    that still misses ``tol`` (the dtype's limit reached first) warns with the residual.
+
+    Returns the solution and the outer CG iterations (all rounds).
     """
     if observed is None:
         if cov.homoskedastic:
@@ -266,16 +281,30 @@ def solve_observed(
     obs = observed.to(rhs.dtype).unsqueeze(-1)
     missing = 1 - observed.to(rhs.dtype)
     tight = _inner_tol(tol, rhs.dtype)
+    floor = 50 * torch.finfo(rhs.dtype).eps
     xb = cov.solve(rhs, tol=tight)
-    res = block_cg(
-        _missing_matvec(cov, missing, _inner_tol(tol, rhs.dtype)),
-        missing.unsqueeze(-1) * xb,
-        inner=inner,
-        tol=tol,
-        max_iters=max_iters,
-    )
-    out = obs * cov.solve(rhs - missing.unsqueeze(-1) * res.solution, tol=tight)
-    return out, res.iterations
+    g_matvec = _missing_matvec(cov, missing, tight)
+    rhs_g = missing.unsqueeze(-1) * xb
+    b_norm = inner(obs * rhs, obs * rhs).sqrt()
+    tol_g, v, iterations = tol, None, 0
+    for round_ in range(REFINE_ROUNDS + 1):
+        res = block_cg(g_matvec, rhs_g, inner=inner, tol=tol_g, max_iters=max_iters, x0=v)
+        v, iterations = res.solution, iterations + res.iterations
+        out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
+        r = obs * (cov.matvec(out) - rhs)
+        reached = float(torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),
+                                    torch.zeros_like(b_norm)).max())
+        if reached <= tol or tol_g <= floor or round_ == REFINE_ROUNDS:
+            break
+        tol_g = max(floor, tol_g * tol / reached / 2)
+    if reached > tol:
+        warnings.warn(
+            f"kronegp: the solve on the observed cells reached a relative residual of {reached:.1e}, "
+            f"not tol={tol:.0e} (its inner CG went down to {tol_g:.0e}; the limit of {rhs.dtype} is "
+            f"~{floor:.0e}): results built on it (predictions) may be off by that much relative to "
+            "the data; float64, or a model with more noise, conditions it better",
+            RuntimeWarning, stacklevel=4)
+    return out, iterations
 
 
 class _Layout:
