@@ -76,7 +76,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             cells found the same hyperparameters with 4 and 16 probes (``benchmarks/RESULTS.md``).
             Fewer probes are a reasonable speed-up on large grids with missing cells; per-cell
             noise needs more.
-        cg_tol, cg_max_iters: CG stopping rule (relative residual) for the cg path.
+        cg_tol, cg_max_iters: CG stopping rule (relative residual) for the cg path. Predictions
+            reach it on the observed cells' system itself (solved again where the missing
+            cells' system, on which the CG runs, leaves it short; a warning if the dtype cannot).
         precondition: use the Kronecker-eigendecomposition preconditioner (cg path).
         seed: seed of the probe vectors. The same probes are used at every evaluation, so
             the cg-path objective is a deterministic function of the hyperparameters
