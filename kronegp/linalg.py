@@ -178,8 +178,12 @@ def _host_eighs(pieces: list[Tensor], eps: Sequence[float]) -> list[tuple[Tensor
     bad = {i for i, p in enumerate(pieces) if not np.isfinite(np.tril(p.numpy())).all()}  # what eigh reads
     small = [i for i, p in enumerate(pieces) if p.shape[0] <= HOST_WORKER_MAX_ROWS and i not in bad]
     futures = {i: _get_host_pool().submit(_centro_eigh, pieces[i], eps[i]) for i in small}
-    out = [None if i in futures else _nan_pair(p.shape[0], p.dtype, p.device) if i in bad else _centro_eigh(p, eps[i])
-           for i, p in enumerate(pieces)]
+    out: list = [None] * len(pieces)
+    for i, p in enumerate(pieces):
+        if i in bad:
+            out[i] = _nan_pair(p.shape[0], p.dtype, p.device)
+        elif i not in futures:
+            out[i] = _centro_eigh(p, eps[i])
     for i, fut in futures.items():
         out[i] = fut.result()
     return out  # type: ignore[return-value]

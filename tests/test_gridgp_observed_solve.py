@@ -9,6 +9,7 @@ import torch
 
 import kronegp.models._masked as masked
 from kronegp import GridGP, datasets
+from _helpers import dense_kron
 
 
 def _ill_conditioned_model(dtype):
@@ -34,10 +35,7 @@ def _dense_mean(m, v, axes):
 
     with torch.no_grad():
         fs = [stationary_factor(k, torch.as_tensor(a, dtype=torch.float64)) for k, a in zip(m.kernels, axes)]
-    k = fs[0]
-    for f in fs[1:]:
-        k = torch.kron(k, f)
-    k = (580.2 * k).numpy()
+    k = (580.2 * dense_kron(fs)).numpy()
     o = ~np.isnan(v.reshape(-1))
     alpha = np.linalg.solve(k[np.ix_(o, o)] + 0.1165 * np.eye(o.sum()), v.reshape(-1)[o] - 284.5)
     return 284.5 + k[:, o] @ alpha

@@ -285,7 +285,7 @@ def solve_observed(
     xb = cov.solve(rhs, tol=tight)
     g_matvec = _missing_matvec(cov, missing, tight)
     rhs_g = missing.unsqueeze(-1) * xb
-    b_norm = inner(obs * rhs, obs * rhs).sqrt()
+    b_norm = inner(rhs, rhs).sqrt()  # rhs is zero at missing cells
     tol_g, v, iterations = tol, None, 0
     for round_ in range(REFINE_ROUNDS + 1):
         res = block_cg(g_matvec, rhs_g, inner=inner, tol=tol_g, max_iters=max_iters, x0=v)
