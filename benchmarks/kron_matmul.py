@@ -76,9 +76,9 @@ def time_ms(fn, inputs, reps: int, warmup: int = 3) -> float:
 
 
 def _cuda_backend():
-    from kronegp import _backend
+    from kronegp import device
 
-    return _backend._load_cuda()[0]
+    return device.load_cuda()[0]
 
 
 def measure_ceilings(reps: int) -> dict:

@@ -10,7 +10,7 @@ The foundation is two products that never form the Kronecker matrix:
 
 import importlib
 
-from kronegp._backend import backend_info, set_autotune
+from kronegp.device import backend_info, set_autotune
 from kronegp.ops import kron_matmul, matmul_kron
 
 __version__ = "0.1.0"

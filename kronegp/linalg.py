@@ -69,8 +69,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kronegp import device
+
 __all__ = [
-    "symmetric_eig", "clear_eig_cache", "kron_vector", "DEVICE_JACOBI_MAX_ROWS", "HOST_EIGH_MAX_ROWS",
+    "symmetric_eig", "clear_eig_cache", "kron_vector", "device_eigh_rows", "jacobi_start_buffers", "DEVICE_JACOBI_MAX_ROWS", "HOST_EIGH_MAX_ROWS",
     "HOST_WORKER_MAX_ROWS", "CENTRO_MIN_ROWS", "EIG_CACHE_SIZE",
 ]
 
@@ -189,6 +191,13 @@ def _host_eighs(pieces: list[Tensor], eps: Sequence[float]) -> list[tuple[Tensor
     return out  # type: ignore[return-value]
 
 
+def jacobi_start_buffers() -> list[Tensor]:
+    """The device eigensolver's warm starts (float64 eigenvectors it reads and overwrites in
+    place, one per device, dtype, size and position): a CUDA graph that replays
+    :func:`symmetric_eig` holds them so that they outlive the capture."""
+    return [buf for buf, _ in _starts.values()]
+
+
 def clear_eig_cache() -> None:
     """Forget every cached decomposition (and the Jacobi kernel's warm starts)."""
     _cache.clear()
@@ -229,24 +238,19 @@ def _device_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     return lam.to(m.dtype), q.to(m.dtype)
 
 
-def _jacobi_rows(m: Tensor) -> int:
-    """How many rows the Jacobi kernel takes for ``m`` (0 without the CUDA backend)."""
+def device_eigh_rows(like: Tensor) -> int:
+    """The most rows of a matrix that :func:`symmetric_eig` hands to the device's eigensolver
+    (the backend's :meth:`~kronegp.device.Backend.eigh_capability`, capped by
+    :data:`DEVICE_JACOBI_MAX_ROWS`) on ``like``'s device; 0 where it has none."""
     if DEVICE_JACOBI_MAX_ROWS == 0:
         return 0
-    from kronegp import _backend
-
-    backend = _backend.for_tensor(m)
-    if not hasattr(backend, "jacobi_eigh"):
-        return 0
-    rows = backend.jacobi_max_rows(m)
+    rows = device.backend_for(like).eigh_capability(like).limit
     return rows if DEVICE_JACOBI_MAX_ROWS is None else min(rows, DEVICE_JACOBI_MAX_ROWS)
 
 
 def _jacobi_eighs(mats: list[Tensor], keys: list[tuple]) -> list[tuple[Tensor, Tensor]]:
     """The Jacobi kernel on CUDA matrices, one launch per (device, dtype, size), each started
     from (and leaving in) the float64 eigenvectors kept under its key in :data:`_starts`."""
-    from kronegp import _backend
-
     groups: dict = {}
     for i, m in enumerate(mats):
         groups.setdefault((m.device, m.dtype, m.shape[0]), []).append(i)
@@ -262,7 +266,7 @@ def _jacobi_eighs(mats: list[Tensor], keys: list[tuple]) -> list[tuple[Tensor, T
                 buf.record_stream(stream)
                 _starts[keys[i]] = (buf, stream)
             starts.append(buf)
-        for i, pair in zip(idx, _backend.for_tensor(batch[0]).jacobi_eigh(batch, starts, starts)):
+        for i, pair in zip(idx, device.backend_for(batch[0]).small_eigh(batch, starts, starts)):
             out[i] = pair
     return out
 
@@ -333,7 +337,7 @@ def symmetric_eig(mats: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
     slots: dict = {}
     start_keys: list = [None] * len(mats)  # where the Jacobi kernel keeps each one's start
     for i, m in enumerate(mats):
-        if m.device.type == "cuda" and 0 < m.shape[0] <= _jacobi_rows(m):
+        if m.device.type == "cuda" and 0 < m.shape[0] <= device_eigh_rows(m):
             place = (m.device, m.dtype, m.shape[0])
             slot = slots[place] = slots.get(place, -1) + 1
             start_keys[i] = (*place, slot)

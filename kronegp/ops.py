@@ -1,4 +1,4 @@
-"""The two Kronecker products, the only door to every backend.
+"""The two Kronecker products, the only door to them on every backend (:mod:`kronegp.device`).
 
 * :func:`kron_matmul` ``(factors, x) = (F_1 ⊗ … ⊗ F_N) · x``
 * :func:`matmul_kron` ``(x, factors) = x · (F_1 ⊗ … ⊗ F_N)``
@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kronegp import _backend
+from kronegp import device
 
 __all__ = ["kron_matmul", "matmul_kron"]
 
@@ -184,7 +184,7 @@ def _out_batch(factors: Sequence[Tensor], x: Tensor) -> torch.Size:
 
 @torch.library.custom_op("kronegp::kron_matmul", mutates_args=())
 def _kron_matmul_op(factors: list[Tensor], x: Tensor) -> Tensor:
-    return _backend.for_tensor(x).kron_matmul(factors, x)
+    return device.backend_for(x).kron_matmul(factors, x)
 
 
 @_kron_matmul_op.register_fake
@@ -195,7 +195,7 @@ def _(factors: list[Tensor], x: Tensor) -> Tensor:
 
 @torch.library.custom_op("kronegp::matmul_kron", mutates_args=())
 def _matmul_kron_op(x: Tensor, factors: list[Tensor]) -> Tensor:
-    return _backend.for_tensor(x).matmul_kron(x, factors)
+    return device.backend_for(x).matmul_kron(x, factors)
 
 
 @_matmul_kron_op.register_fake
@@ -236,13 +236,13 @@ def _raw_matmul_kron(x: Tensor, factors: list[Tensor]) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return torch.ops.kronegp.matmul_kron(x, factors)
-    return _backend.for_tensor(x).matmul_kron(x, factors)
+    return device.backend_for(x).matmul_kron(x, factors)
 
 
 def _raw_kron_matmul(factors: list[Tensor], x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.kronegp.kron_matmul(factors, x)
-    return _backend.for_tensor(x).kron_matmul(factors, x)
+    return device.backend_for(x).kron_matmul(factors, x)
 
 
 def _around(factors: list[Tensor], j: int):

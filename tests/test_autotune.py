@@ -236,9 +236,9 @@ def test_tuned_calls_match_reference_and_choose_the_fastest(dtype, tmp_path, mon
 
 @pytest.mark.cuda
 def test_autotune_switch_reaches_the_backend():
-    from kronegp import _backend
+    from kronegp import device
 
-    backend = _backend._load_cuda()[0]
+    backend = device.load_cuda()[0]
     before = backend.autotune
     try:
         kronegp.set_autotune(True)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
 
-from kronegp import _backend  # noqa: E402
+from kronegp import device  # noqa: E402
 from kronegp._cuda import CudaBackend  # noqa: E402
 from kronegp._cuda.compiler import compile_specs, kernel_name  # noqa: E402
 from kronegp._cuda.launch import _plan, run_row_product  # noqa: E402
@@ -57,8 +57,8 @@ class _RecordingBackend(CudaBackend):
 
 def _used_specs() -> list:
     rec = _RecordingBackend()
-    orig = _backend.for_tensor
-    _backend.for_tensor = lambda x: rec
+    orig = device.backend_for
+    device.backend_for = lambda x: rec
     try:
         for case in BIG_CASES:  # too big to allocate here: plan through the backend on meta
             x, factors = make_inputs(case, "meta")
@@ -79,7 +79,7 @@ def _used_specs() -> list:
                     torch.autograd.grad(out, [x, *factors], torch.ones_like(out))
     finally:
         rec.force_path = "auto"
-        _backend.for_tensor = orig
+        device.backend_for = orig
     return sorted(rec.specs, key=repr)
 
 

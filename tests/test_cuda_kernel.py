@@ -232,9 +232,9 @@ PATH_CASES = [c for c in CASES if not c.grad][::3]
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_matches_reference(path):
-    from kronegp import _backend
+    from kronegp import device
 
-    backend = _backend._load_cuda()[0]
+    backend = device.load_cuda()[0]
     backend.force_path = path
     try:
         for case in PATH_CASES:
@@ -248,9 +248,9 @@ def test_every_path_matches_reference(path):
 def test_transpose_kernel_moves_every_element(dtype):
     # The wide → tall transpose of the rotating kron_matmul form: a pure copy, so the result
     # must equal the input's transpose bit for bit (NaN-poisoned outputs catch unwritten ones).
-    from kronegp import _backend
+    from kronegp import device
 
-    backend = _backend._load_cuda()[0]
+    backend = device.load_cuda()[0]
     gen = torch.Generator(device="cuda").manual_seed(4)
     for n, d, b in [(1, 1, 1), (1000, 11, 1), (129, 32, 3), (77, 5, 2), (4099, 16, 1)]:
         wide = torch.randn(b, d, n, dtype=dtype, device="cuda", generator=gen)
@@ -330,9 +330,9 @@ def test_more_than_2_31_elements(case):
 _MEMCHECK_SCRIPT = """
 import math, sys, torch
 sys.path.insert(0, {tests!r})
-from kronegp import _backend
+from kronegp import device
 from test_cuda_kernel import CASES, call, make_inputs
-backend = _backend._load_cuda()[0]
+backend = device.load_cuda()[0]
 backend.force_path = "fused"
 small = [c for c in CASES if not c.grad and c.rows * max(math.prod(p for p, _ in c.shapes), math.prod(q for _, q in c.shapes)) * max(1, math.prod(c.x_batch)) <= 1 << 21]
 for case in small:

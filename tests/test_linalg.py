@@ -239,9 +239,10 @@ def test_cuda_concurrent_device_path_on_a_side_stream(dtype, tol, monkeypatch):
 
 
 def _jacobi_limit():
-    from kronegp import _backend
+    from kronegp import device
 
-    return _backend.for_tensor(torch.empty(1, device="cuda")).jacobi_max_rows(torch.empty(1, device="cuda"))
+    like = torch.empty(1, device="cuda")
+    return device.backend_for(like).eigh_capability(like).limit
 
 
 def _indefinite(n, dtype, seed):
@@ -251,10 +252,10 @@ def _indefinite(n, dtype, seed):
 
 
 def _jacobi(mats, starts=None, keeps=None, sweeps=None, lanes=0):
-    from kronegp import _backend
+    from kronegp import device
 
     starts = starts or [None] * len(mats)
-    return _backend.for_tensor(mats[0]).jacobi_eigh(mats, starts, keeps, sweeps, lanes)
+    return device.backend_for(mats[0]).small_eigh(mats, starts, keeps, sweeps, lanes)
 
 
 def _jacobi_test_matrices(dtype):

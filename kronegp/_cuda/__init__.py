@@ -16,8 +16,9 @@ the fused kernels, the cuBLAS-per-factor path, or for ``kron_matmul`` with few c
 rotating form (one cuBLAS GEMM per factor that leaves the result transposed, then our transpose
 kernel).
 
-:func:`load` returns the object :mod:`kronegp._backend` calls; inputs reaching it were checked
-by :mod:`kronegp.ops` (same dtype and device, consistent shapes, broadcastable batches).
+:func:`load` returns the :class:`~kronegp.device.Backend` that :mod:`kronegp.device` hands out for
+CUDA tensors; inputs reaching it were checked by :mod:`kronegp.ops` (same dtype and device,
+consistent shapes, broadcastable batches).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from kronegp import reference
+from kronegp.device import Backend, Capability
 from kronegp._cuda.compiler import cache_dir, nvrtc_version, source_dir
 from kronegp._cuda.launch import (
     DeviceKernels, Operand, RowProduct, _check, execute_program, run_row_product, run_transpose,
@@ -82,8 +84,9 @@ def tuner_stamp(gpu_name: str) -> dict:
     return {"sources": _sources_hash(), "paths": paths, "torch": torch.__version__, "gpu": gpu_name}
 
 
-class CudaBackend:
-    """``kron_matmul`` / ``matmul_kron`` on CUDA tensors through the fused kernels."""
+class CudaBackend(Backend):
+    """The :class:`~kronegp.device.Backend` of CUDA tensors: ``kron_matmul`` / ``matmul_kron``
+    through the fused kernels or cuBLAS, the fused block-CG step, the Jacobi eigensolver."""
 
     def __init__(self, force_path: str | None = None, autotune: bool | None = None):
         self._devices: dict[int, DeviceKernels] = {}
@@ -203,6 +206,15 @@ class CudaBackend:
         execute_program(dev, prog, x, [x.data_ptr(), out.data_ptr()] + [f.data_ptr() for f in factors])
         return True
 
+    def cg_capability(self, like: Tensor) -> Capability:
+        """The fused block-CG step (:mod:`kronegp._cuda.cg`) runs on CUDA tensors, blocks of up to
+        :data:`~kronegp._cuda.cg.CG_MAX_COLUMNS` right-hand sides."""
+        if like.device.type != "cuda":
+            return Capability(False, f"the CUDA kernels take CUDA tensors, not {like.device.type}")
+        from kronegp._cuda.cg import CG_MAX_COLUMNS
+
+        return Capability(True, "fused CUDA block-CG step (kronegp._cuda.cg)", CG_MAX_COLUMNS)
+
     def cg_state(self, **initial):
         """The device-side per-column state of a fused block-CG solve (:class:`kronegp._cuda.cg.CgState`)."""
         from kronegp._cuda.cg import CgState
@@ -215,18 +227,21 @@ class CudaBackend:
 
         cg_launch(self._device(blocks["p"]), mode, state, **blocks)
 
-    def jacobi_eigh(self, mats: Sequence[Tensor], starts: Sequence[Tensor | None],
-                    keeps: Sequence[Tensor | None] | None = None, sweeps: Tensor | None = None, lanes: int = 0):
+    def eigh_capability(self, like: Tensor) -> Capability:
+        """The Jacobi kernel (:mod:`kronegp._cuda.eigh`) runs on CUDA tensors, matrices of as many
+        rows as the device's shared memory holds."""
+        if like.device.type != "cuda":
+            return Capability(False, f"the CUDA kernels take CUDA tensors, not {like.device.type}")
+        from kronegp._cuda.eigh import max_rows
+
+        return Capability(True, "CUDA Jacobi eigensolver (kronegp._cuda.eigh)", max_rows(self._device(like).smem_optin))
+
+    def small_eigh(self, mats: Sequence[Tensor], starts: Sequence[Tensor | None],
+                   keeps: Sequence[Tensor | None] | None = None, sweeps: Tensor | None = None, lanes: int = 0):
         """Eigendecompositions of small symmetric matrices in one launch (:mod:`kronegp._cuda.eigh`)."""
         from kronegp._cuda.eigh import jacobi_eigh
 
         return jacobi_eigh(self._device(mats[0]), mats, starts, keeps, sweeps, lanes)
-
-    def jacobi_max_rows(self, like: Tensor) -> int:
-        """The most rows :meth:`jacobi_eigh` takes on ``like``'s device (its shared memory)."""
-        from kronegp._cuda.eigh import max_rows
-
-        return max_rows(self._device(like).smem_optin)
 
     def _transpose(self, src: Tensor, dst: Tensor, n: int, d: int, batch: int) -> None:
         """``batch`` contiguous wide ``(d, n)`` → tall ``(n, d)`` transposes (the rotating form's
@@ -326,7 +341,7 @@ def load() -> CudaBackend:
     """The backend, after checking that the driver, NVRTC, the sources and the GPU all fit.
 
     Raises (``ImportError``, ``RuntimeError``, ``FileNotFoundError``) with the cause otherwise;
-    :mod:`kronegp._backend` turns that into one warning and the reference.
+    :mod:`kronegp.device` turns that into one warning and the reference.
     """
     from cuda.bindings import driver, nvrtc  # noqa: F401  (ImportError names the package)
 

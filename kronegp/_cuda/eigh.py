@@ -2,7 +2,7 @@
 (``cuda_ext/jacobi_eigh.cuh``: one-sided Jacobi in float64, the matrix in shared memory).
 
 :func:`kronegp.linalg.symmetric_eig` routes CUDA matrices of at most :func:`max_rows` rows here
-(through :meth:`kronegp._cuda.CudaBackend.jacobi_eigh`): the host never waits for the result,
+(through :meth:`kronegp.device.Backend.small_eigh`): the host never waits for the result,
 where a host LAPACK decomposition needs a synchronising copy and cuSOLVER a chain of ~200
 launches.
 """

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from kronegp import device
+from kronegp.linalg import device_eigh_rows, jacobi_start_buffers
 from kronegp.solvers.cg import CGSchedule, cg_schedule, warn_not_converged
 
 __all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS"]
@@ -196,9 +198,7 @@ class GraphedLoss:
             gc.enable()
         # The Jacobi kernel's warm starts are read and written in place by the graph: keep them
         # alive even if the eigendecomposition cache is cleared.
-        from kronegp import linalg
-
-        self._keep = [buf for buf, _ in linalg._starts.values()]
+        self._keep = jacobi_start_buffers()
         self.graph, self.recordings = graph, self.recordings + 1
         self._loss, self._grads, self._check = loss, [p.grad for p in params], check
         self._limits = [min(c, m.cg_max_iters) for c in counts]  # what each run does per replay
@@ -243,13 +243,10 @@ def graph_reason(model) -> Optional[str]:
     if model.observed is not None and model.cell_noise is not None and model.path == "cg":
         # every outer iteration solves with C by CG: the number of runs follows the outer count
         return "missing cells with per-cell noise (nested CG solves)"
-    from kronegp import _backend
-
-    if not hasattr(_backend.for_tensor(model.y), "jacobi_eigh"):
-        return f"the kronegp CUDA backend is not active ({_backend._load_cuda()[1]})"
-    from kronegp.linalg import _jacobi_rows
-
-    rows = _jacobi_rows(model.y)
+    capability = device.backend_for(model.y).eigh_capability(model.y)
+    if not capability:
+        return f"the factors have no on-device eigensolver ({capability.reason})"
+    rows = device_eigh_rows(model.y)
     if max(model.shape) > rows:
         return (f"a grid axis has {max(model.shape)} points: factors of more than {rows} rows are "
                 "eigendecomposed on the host or by cuSOLVER, which synchronise")

@@ -18,10 +18,11 @@ from ``M^{½} b / ‖M^{½} b‖`` (see :mod:`kronegp.solvers.lanczos`), which i
 recorded.
 
 Between two ``matvec`` calls an iteration is bandwidth-bound element-wise work on ``(n, t)``
-blocks. On a contiguous CUDA block ``(n, t)`` with a diagonal preconditioner (``precond``
-given as a tensor) or none, and the local inner product, it runs as three single-pass
-kernels (:mod:`kronegp._cuda.cg`: ``pᵀAp``; the ``x``/``r`` update with ``rᵀz`` and ``rᵀr``;
-the new direction), 11 passes over the block instead of ~23 for the same algebra in torch,
+blocks. On a contiguous block ``(n, t)`` whose backend has the fused CG step
+(:meth:`kronegp.device.Backend.cg_capability`: CUDA tensors) with a diagonal preconditioner
+(``precond`` given as a tensor) or none, and the local inner product, it runs as three
+single-pass kernels (``pᵀAp``; the ``x``/``r`` update with ``rᵀz`` and ``rᵀr``; the new
+direction), 11 passes over the block instead of ~23 for the same algebra in torch,
 and the per-column coefficients and convergence test are computed by those kernels on the
 device (instead of ~15 tiny torch launches per iteration). :data:`FUSED` turns that off
 (tests compare both).
@@ -45,6 +46,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from kronegp import device
+from kronegp.device import Backend
 
 __all__ = ["CGResult", "CGSchedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
 
@@ -214,20 +218,18 @@ def row_inner(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1)
 
 
-def _fused_backend(rhs: Tensor, inner: Optional[Inner], diag: Optional[Tensor], rows: bool):
-    """The CUDA backend if the fused iteration applies to this solve, else ``None``."""
-    if not (FUSED and rhs.is_cuda and rhs.dim() == 2 and inner in (None, local_inner, row_inner)):
+def _fused_backend(rhs: Tensor, inner: Optional[Inner], diag: Optional[Tensor], rows: bool) -> Optional[Backend]:
+    """The backend of ``rhs`` if its fused CG step applies to this solve (one block ``(n, t)``,
+    the local inner product, a diagonal or no preconditioner, ``t`` within the kernel's limit),
+    else ``None``."""
+    if not (FUSED and rhs.dim() == 2 and inner in (None, local_inner, row_inner)):
         return None
     n, t = (rhs.shape[1], rhs.shape[0]) if rows else rhs.shape
     if diag is not None and diag.shape != (n,):
         return None
-    from kronegp import _backend
-    from kronegp._cuda.cg import CG_MAX_COLUMNS
-
-    if t > CG_MAX_COLUMNS:
-        return None
-    backend = _backend.for_tensor(rhs)
-    return backend if hasattr(backend, "cg_step") else None
+    backend = device.backend_for(rhs)
+    capability = backend.cg_capability(rhs)
+    return backend if capability and t <= capability.limit else None
 
 
 def _diagonal_precond(d: Tensor, rows: bool) -> Callable[[Tensor], Tensor]:
@@ -353,7 +355,7 @@ def block_cg(
     tiny = torch.finfo(rhs.dtype).tiny
     iterations = 0
     if fused is not None:
-        # The coefficients and the convergence state stay on the device (kronegp._cuda.cg):
+        # The coefficients and the convergence state stay on the device (the backend's CG state):
         # three launches per iteration besides matvec, and one read of a flag.
         record = (fixed if fixed is not None else min(max_iters, 64)) if record_lanczos else 0
         st = fused.cg_state(rz=rz, res=res, b_norm=safe_b_norm, active=active, zero=zero_col, tol=tol, record=record)

@@ -26,6 +26,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from kronegp import device
 from kronegp.solvers.cg import CGResult
 
 __all__ = ["LanczosOnHost", "cg_tridiagonals", "slq_logdet_correction", "slq_logdet_on_device", "tridiagonal_bands"]
@@ -153,24 +154,21 @@ def _probe_columns(result: CGResult, columns) -> list[int]:
 
 def _batched_eigh_nosync(mats: Tensor) -> tuple[Tensor, Tensor]:
     """``(λ, V)`` of a batch ``(c, n, n)`` of symmetric float64 matrices without synchronising:
-    on CUDA the Jacobi kernel (:meth:`kronegp._cuda.CudaBackend.jacobi_eigh`, cold start), on
-    the CPU LAPACK. Eigenvectors are the columns of ``V``."""
-    if not mats.is_cuda:
-        return torch.linalg.eigh(mats)
-    from kronegp import _backend
-
-    backend = _backend.for_tensor(mats)
-    if not hasattr(backend, "jacobi_eigh"):
-        raise RuntimeError(
-            f"slq_logdet_on_device: CUDA tensors need the kronegp CUDA backend ({_backend._load_cuda()[1]})"
-        )
+    by the backend's eigensolver (:meth:`kronegp.device.Backend.small_eigh`, cold start: the Jacobi
+    kernel on CUDA), else on the CPU by LAPACK. Eigenvectors are the columns of ``V``."""
+    backend = device.backend_for(mats)
+    capability = backend.eigh_capability(mats)
+    if not capability:
+        if not mats.is_cuda:
+            return torch.linalg.eigh(mats)
+        raise RuntimeError(f"slq_logdet_on_device: CUDA tensors need a GPU eigensolver ({capability.reason})")
     n = mats.shape[-1]
-    if n > backend.jacobi_max_rows(mats):
+    if n > capability.limit:
         raise RuntimeError(
             f"slq_logdet_on_device: tridiagonals of {n} rows exceed the GPU eigensolver's limit of "
-            f"{backend.jacobi_max_rows(mats)} (CG ran too many iterations for the on-device quadrature)"
+            f"{capability.limit} (CG ran too many iterations for the on-device quadrature)"
         )
-    pairs = backend.jacobi_eigh([m for m in mats], [None] * mats.shape[0])
+    pairs = backend.small_eigh([m for m in mats], [None] * mats.shape[0])
     return torch.stack([lam for lam, _ in pairs]), torch.stack([q for _, q in pairs])
 
 
