@@ -358,3 +358,45 @@ class _KronMatmul(torch.autograd.Function):
     def vmap(info, in_dims, x, *factors):
         x, factors = _vmap_inputs(in_dims, x, factors)
         return kron_matmul(factors, x), 0
+
+
+# --------------------------------------------------------------------------- the custom ops' autograd
+# The public functions differentiate through the autograd.Functions above (which also give
+# torch.func a vmap rule); the same formulas are registered on the custom ops themselves, so
+# that ``torch.ops.kronegp.*`` called directly (``torch.library.opcheck``, graphs that hold the
+# op) differentiates too.
+
+
+class _OrderedContext:
+    """An op's autograd context seen with its inputs in the order ``(x, *factors)`` that the
+    backward formulas take (an op's ``needs_input_grad`` nests the factor list)."""
+
+    def __init__(self, ctx, needs_x: bool, needs_factors: Sequence[bool]):
+        self.saved_tensors = ctx.saved_tensors
+        self.needs_input_grad = (needs_x, *needs_factors)
+
+
+def _kron_matmul_op_setup(ctx, inputs, output):
+    factors, x = inputs
+    ctx.save_for_backward(x, *factors)
+
+
+def _kron_matmul_op_backward(ctx, grad: Tensor):
+    needs_factors, needs_x = ctx.needs_input_grad
+    dx, *dfs = _kron_matmul_backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
+    return dfs, dx
+
+
+def _matmul_kron_op_setup(ctx, inputs, output):
+    x, factors = inputs
+    ctx.save_for_backward(x, *factors)
+
+
+def _matmul_kron_op_backward(ctx, grad: Tensor):
+    needs_x, needs_factors = ctx.needs_input_grad
+    dx, *dfs = _matmul_kron_backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
+    return dx, dfs
+
+
+_kron_matmul_op.register_autograd(_kron_matmul_op_backward, setup_context=_kron_matmul_op_setup)
+_matmul_kron_op.register_autograd(_matmul_kron_op_backward, setup_context=_matmul_kron_op_setup)
