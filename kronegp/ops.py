@@ -35,15 +35,16 @@ from torch import Tensor
 
 from kronegp import device
 
-__all__ = ["kron_matmul", "matmul_kron"]
+__all__ = ["kron_matmul", "matmul_kron", "check_factors", "check_dtype_device", "check_batch", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- checks
+# Public for the other door to the same products, the sharded ones (kronegp.distributed.ops).
 
 
-def _check_factors(factors: Sequence[Tensor]) -> list[Tensor]:
+def check_factors(factors: Sequence[Tensor]) -> list[Tensor]:
     if isinstance(factors, Tensor) or not isinstance(factors, (list, tuple)):
         raise TypeError(
             "factors must be a list or tuple of 2-D tensors (P_i, Q_i), "
@@ -62,7 +63,7 @@ def _check_factors(factors: Sequence[Tensor]) -> list[Tensor]:
     return list(factors)
 
 
-def _check_dtype_device(factors: list[Tensor], x: Tensor) -> None:
+def check_dtype_device(factors: list[Tensor], x: Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"x must be float32 or float64, got {x.dtype}; kronegp does not compute in half "
@@ -81,7 +82,7 @@ def _check_dtype_device(factors: list[Tensor], x: Tensor) -> None:
             )
 
 
-def _check_batch(factors: list[Tensor], x_batch: torch.Size) -> None:
+def check_batch(factors: list[Tensor], x_batch: torch.Size, name: str = "x") -> None:
     if all(f.dim() == 2 for f in factors):
         return  # nothing to broadcast (and torch.broadcast_shapes costs ~20 µs)
     try:
@@ -89,7 +90,7 @@ def _check_batch(factors: list[Tensor], x_batch: torch.Size) -> None:
     except RuntimeError:
         shapes = ", ".join(str(tuple(f.shape[:-2])) for f in factors)
         raise ValueError(
-            f"batch dimensions do not broadcast: x has batch shape {tuple(x_batch)}, "
+            f"batch dimensions do not broadcast: {name} has batch shape {tuple(x_batch)}, "
             f"factors have batch shapes {shapes}"
         ) from None
 
@@ -123,10 +124,10 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
         ``(*batch', ΠP_i, T)`` (a vector of length ``ΠP_i`` for a vector ``x``), where
         ``batch'`` broadcasts the batch shapes of ``x`` and the factors.
     """
-    factors = _check_factors(factors)
+    factors = check_factors(factors)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    _check_dtype_device(factors, x)
+    check_dtype_device(factors, x)
     q_total = math.prod([f.shape[-1] for f in factors])
     vector = x.dim() == 1
     if vector:
@@ -136,7 +137,7 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
             f"x must have shape (..., ΠQ_i, T) with ΠQ_i = {q_total} for factor shapes "
             f"{_shapes(factors)}; got x.shape[-2] = {x.shape[-2]} (x.shape = {tuple(x.shape)})"
         )
-    _check_batch(factors, x.shape[:-2])
+    check_batch(factors, x.shape[:-2])
     if _differentiable(x, factors):
         out = _KronMatmul.apply(x, *factors)
     else:
@@ -154,10 +155,10 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     Returns:
         ``(*batch', M, ΠQ_i)`` (a vector of length ``ΠQ_i`` for a vector ``x``).
     """
-    factors = _check_factors(factors)
+    factors = check_factors(factors)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    _check_dtype_device(factors, x)
+    check_dtype_device(factors, x)
     p_total = math.prod([f.shape[-2] for f in factors])
     vector = x.dim() == 1
     if vector:
@@ -167,7 +168,7 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
             f"x must have shape (..., M, ΠP_i) with ΠP_i = {p_total} for factor shapes "
             f"{_shapes(factors)}; got x.shape[-1] = {x.shape[-1]} (x.shape = {tuple(x.shape)})"
         )
-    _check_batch(factors, x.shape[:-2])
+    check_batch(factors, x.shape[:-2])
     if _differentiable(x, factors):
         out = _MatmulKron.apply(x, *factors)
     else:

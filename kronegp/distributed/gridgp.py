@@ -78,11 +78,10 @@ from kronegp.distributed import ops as dist_ops
 from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
 from kronegp.distributed.sharding import GridSharding, plan_shardings
 from kronegp.linalg import kron_vector
-from kronegp.models._data import checked_axis, parse_grid_data, resolve_dtype_device
-from kronegp.models._kron import factor_eigs
-from kronegp.models._params import GridHyperparameters
-from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
-from kronegp.models.grid_gp import GridGP
+from kronegp.models import (
+    FullGridCovariance, GridGP, GridHyperparameters, cg_lml_pieces, checked_axis, factor_eigs, parse_grid_data,
+    plain_cg_lml_pieces, resolve_dtype_device,
+)
 
 __all__ = ["DistributedGridGP", "ShardedKronEigen", "sharded_grid_covariance", "grid_sharding"]
 

@@ -55,7 +55,7 @@ import kronegp
 from kronegp.distributed._exchange import ExchangeSpec, cols_to_rows, rows_to_cols
 from kronegp.distributed.reduce import replicate_factors
 from kronegp.distributed.sharding import GridSharding, plan_shardings
-from kronegp.ops import SUPPORTED_DTYPES, _check_dtype_device, _check_factors
+from kronegp.ops import SUPPORTED_DTYPES, check_batch, check_dtype_device, check_factors
 
 __all__ = ["kron_matmul", "matmul_kron", "communication_bytes", "CommunicationCount"]
 
@@ -268,17 +268,6 @@ def _check_rows(n: int, sh: GridSharding, rank: int, name: str, where: str) -> N
         )
 
 
-def _check_batch(factors: list[Tensor], x_batch: torch.Size, name: str) -> None:
-    try:
-        torch.broadcast_shapes(x_batch, *(f.shape[:-2] for f in factors))
-    except RuntimeError:
-        shapes = ", ".join(str(tuple(f.shape[:-2])) for f in factors)
-        raise ValueError(
-            f"batch dimensions do not broadcast: {name} has batch shape {tuple(x_batch)}, "
-            f"factors have batch shapes {shapes}"
-        ) from None
-
-
 def _dtensor_types():
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -414,14 +403,14 @@ def kron_matmul(
         This rank's block of rows of ``y = (⊗F)·x``, ``(*batch', P_r, T)``, split over the
         grid ``(P_1, …, P_N)`` along the same number of axes.
     """
-    factors = _check_factors(factors)
+    factors = check_factors(factors)
     factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=2)
     _check_x(x_local, "x_local")
-    _check_dtype_device(factors, x_local)
+    check_dtype_device(factors, x_local)
     group, rank, world_size = _group_info(group, x_local, "x_local")
     vector = x_local.dim() == 1
     x = x_local.unsqueeze(-1) if vector else x_local
-    _check_batch(factors, x.shape[:-2], "x_local")
+    check_batch(factors, x.shape[:-2], "x_local")
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("kron_matmul", shapes, x.shape[:-2], x.shape[-1], world_size,
                       x.element_size(), split_axes)
@@ -472,14 +461,14 @@ def matmul_kron(
         This rank's block of columns of ``x·(⊗F)``, ``(*batch', M, Q_r)``, split over the
         grid ``(Q_1, …, Q_N)`` along the same number of axes.
     """
-    factors = _check_factors(factors)
+    factors = check_factors(factors)
     factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=1)
     _check_x(x_local, "x_local")
-    _check_dtype_device(factors, x_local)
+    check_dtype_device(factors, x_local)
     group, rank, world_size = _group_info(group, x_local, "x_local")
     vector = x_local.dim() == 1
     x = x_local.unsqueeze(0) if vector else x_local
-    _check_batch(factors, x.shape[:-2], "x_local")
+    check_batch(factors, x.shape[:-2], "x_local")
     shapes = [tuple(f.shape) for f in factors]
     plan = _make_plan("matmul_kron", shapes, x.shape[:-2], x.shape[-2], world_size,
                       x.element_size(), split_axes)

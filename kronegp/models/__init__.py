@@ -1,5 +1,22 @@
-"""GP models on grids: :class:`GridGP` (exact Kronecker path, masked/heteroskedastic CG path)."""
+"""GP models on grids: :class:`GridGP` (exact Kronecker path, masked/heteroskedastic CG path).
 
+Besides the model, the pieces of its core that the sharded grid GP
+(:mod:`kronegp.distributed.gridgp`) builds on, until it is a layout of :class:`GridGP` itself:
+the checks of grid data (:func:`parse_grid_data`, :func:`checked_axis`,
+:func:`resolve_dtype_device`), the hyperparameter views (:class:`GridHyperparameters`), the
+factors' eigendecompositions (:func:`factor_eigs`) and the CG path's covariance and marginal
+likelihood pieces (:class:`FullGridCovariance`, :func:`cg_lml_pieces`,
+:func:`plain_cg_lml_pieces`).
+"""
+
+from kronegp.models._data import ParsedGrid, checked_axis, parse_grid_data, resolve_dtype_device
+from kronegp.models._kron import factor_eigs
+from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
+from kronegp.models._params import GridHyperparameters
 from kronegp.models.grid_gp import GridGP
 
-__all__ = ["GridGP"]
+__all__ = [
+    "GridGP",
+    "FullGridCovariance", "GridHyperparameters", "ParsedGrid", "cg_lml_pieces", "checked_axis", "factor_eigs",
+    "parse_grid_data", "plain_cg_lml_pieces", "resolve_dtype_device",
+]

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["GridData", "parse_grid_data", "axis_to_numeric", "checked_axis", "resolve_dtype_device"]
+__all__ = ["ParsedGrid", "parse_grid_data", "axis_to_numeric", "checked_axis", "resolve_dtype_device"]
 
 
 @dataclass
-class GridData:
-    """Checked grid data (all tensors on one device, one dtype).
+class ParsedGrid:
+    """What :func:`parse_grid_data` makes of a model's inputs: checked tensors on one device, of
+    one dtype (a dataset with its metadata is :class:`kronegp.datasets.GridData`).
 
     Attributes:
         values: grid-shaped values, missing cells set to 0.
@@ -112,7 +113,7 @@ def parse_grid_data(
     noise: Any = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device | str] = None,
-) -> GridData:
+) -> ParsedGrid:
     """Check and convert GridGP's inputs (see :class:`kronegp.models.GridGP`)."""
     axis_names: Optional[list[str]] = None
     if _is_xarray(values):
@@ -202,7 +203,7 @@ def parse_grid_data(
             )
         noise_t = torch.where(observed, nz, torch.zeros_like(nz)).contiguous()
 
-    return GridData(
+    return ParsedGrid(
         values=vals.contiguous(),
         mask=None if n_obs == math.prod(shape) else observed.contiguous(),
         noise=noise_t,
