@@ -1,6 +1,7 @@
 """Pure-torch Kronecker matmuls: the definition of correct, and what every CPU user runs.
 
-Both products reduce to one routine, :func:`apply_along_axes`: view ``x`` as
+Both products reduce to one routine, :func:`per_axis_products` (not the operators' Kronecker
+product along axes, which goes through the kernels and takes LinearOperators): view ``x`` as
 ``(*batch, L, I_1, …, I_N, R)`` and multiply axis ``i`` by a matrix ``A_i`` of shape
 ``(O_i, I_i)``::
 
@@ -31,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["apply_along_axes", "kron_matmul", "matmul_kron", "kron_dense"]
+__all__ = ["per_axis_products", "kron_matmul", "matmul_kron", "kron_dense"]
 
 
 def _application_order(mats: Sequence[Tensor]) -> list[int]:
@@ -44,7 +45,7 @@ def _application_order(mats: Sequence[Tensor]) -> list[int]:
     return sorted(range(len(mats)), key=key)
 
 
-def apply_along_axes(mats: Sequence[Tensor], x: Tensor, lead: int, trail: int) -> Tensor:
+def per_axis_products(mats: Sequence[Tensor], x: Tensor, lead: int, trail: int) -> Tensor:
     """Multiply axis ``i`` of ``x`` (viewed as ``(*batch, lead, I_1…I_N, trail)``) by ``mats[i]``.
 
     ``mats[i]`` has shape ``(*batch_i, O_i, I_i)``; its batch dimensions broadcast with
@@ -79,7 +80,7 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     m, k = x.shape[-2], x.shape[-1]
     q_total = math.prod([f.shape[-1] for f in factors])
     flat = x.reshape(*x.shape[:-2], m * k)
-    out = apply_along_axes([f.mT for f in factors], flat, lead=m, trail=1)
+    out = per_axis_products([f.mT for f in factors], flat, lead=m, trail=1)
     return out.reshape(*out.shape[:-1], m, q_total)
 
 
@@ -88,7 +89,7 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
     k, t = x.shape[-2], x.shape[-1]
     p_total = math.prod([f.shape[-2] for f in factors])
     flat = x.reshape(*x.shape[:-2], k * t)
-    out = apply_along_axes(list(factors), flat, lead=1, trail=t)
+    out = per_axis_products(list(factors), flat, lead=1, trail=t)
     return out.reshape(*out.shape[:-1], p_total, t)
 
 

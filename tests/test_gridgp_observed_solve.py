@@ -31,7 +31,7 @@ def _ill_conditioned_model(dtype):
 
 
 def _dense_mean(m, v, axes):
-    from kronegp.models._stationary import stationary_factor
+    from kronegp.kernels.stationary import stationary_factor
 
     with torch.no_grad():
         fs = [stationary_factor(k, torch.as_tensor(a, dtype=torch.float64)) for k, a in zip(m.kernels, axes)]

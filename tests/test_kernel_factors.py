@@ -1,4 +1,4 @@
-"""The fused stationary kernel factors (kronegp.models._stationary) against GPyTorch's own
+"""The fused stationary kernel factors (kronegp.kernels.stationary) against GPyTorch's own
 ``forward``: values and lengthscale gradients, the kernels it must decline, and GridGP
 giving the same likelihood and gradients through either path."""
 
@@ -8,7 +8,7 @@ import torch
 
 import kronegp.models._params as params
 from kronegp import GridGP
-from kronegp.models._stationary import stationary_factor, stationary_factors
+from kronegp.kernels.stationary import stationary_factor, stationary_factors
 
 KERNELS = [
     ("matern0.5", lambda: gpytorch.kernels.MaternKernel(nu=0.5)),

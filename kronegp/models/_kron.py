@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kronegp.linalg import kron_vector, symmetric_eig
+from kronegp.linalg import kron_bilinear_grads, kron_vector, symmetric_eig
 from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["KronEigen", "bilinear_form", "factor_eigs"]
@@ -22,8 +22,6 @@ __all__ = ["KronEigen", "bilinear_form", "factor_eigs"]
 class _BilinearForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, left: Tensor, right: Tensor, *factors: Tensor) -> Tensor:
-        from kronegp.operators.kronecker_operator import kron_bilinear_grads
-
         # G_1 is always computed: the value is ⟨F_1, G_1⟩ (the form is linear in F_1).
         needs = [True] + list(ctx.needs_input_grad[3:])
         with torch.no_grad():
@@ -41,7 +39,7 @@ def bilinear_form(left: Tensor, right: Tensor, factors: Sequence[Tensor]) -> Ten
     """``Σ_c left_cᵀ (F_1 ⊗ … ⊗ F_d) right_c`` (0-dim), differentiable in the factors only.
 
     The factor gradients are the bilinear derivative (shared prefix/suffix products, one
-    contraction GEMM per factor: :func:`kronegp.operators.kronecker_operator.kron_bilinear_grads`),
+    contraction GEMM per factor: :func:`kronegp.linalg.kron_bilinear_grads`),
     computed in the forward; the value is ``⟨F_1, ∂/∂F_1⟩``. No Kronecker product of the
     columns themselves is formed. ``left`` and ``right``: ``(N, c)``, taken as constants.
     """

@@ -62,7 +62,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from kronegp import ops
-from kronegp.linalg import kron_vector, symmetric_eig
+from kronegp.linalg import kron_bilinear_grads, kron_vector, symmetric_eig
 
 __all__ = [
     "DENSE_FACTOR_MAX_NUMEL",
@@ -428,102 +428,6 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-# ------------------------------------------------------------------ bilinear derivative, dense factors
-#
-# Layout. ``U`` and ``V`` arrive as ``(*batch, ΠP_i, T)``: grid axes in natural order, the
-# ``T`` columns trailing. Every contraction and factor application below is a GEMM on a
-# copy-free view ``(A, n, C)`` of one grid axis ``n``; it is well shaped (one GEMM, or a
-# batch of large ones) unless ``C = T`` is the short side, which happens for the LAST
-# grid axis only. So the columns are moved once, in front of the last axis: grid axes
-# ``(d_1, …, d_{N-1}, T, d_N)`` (one pass per block, in :func:`_columns_before_last_axis`).
-# There the last axis is the single GEMM ``(Πd_{<N}·T, d_N)``, the first axis the single
-# GEMM ``(d_1, rest)``, and a middle axis a batch over ``A = Πd_{<j}`` of
-# ``(d_j, Πd_{j<i<N}·T·d_N)`` products.
-
-
-def _columns_before_last_axis(x: Tensor, last: int) -> Tensor:
-    """``x`` ``(*batch, R·last, T)`` as the contiguous ``(*batch, R, T, last)`` (one copy)."""
-    return x.unflatten(-2, (-1, last)).transpose(-1, -2).contiguous()
-
-
-def _apply_on_axis(
-    x: Tensor, nb: int, sizes: Sequence[int], t: int, j: int, mat: Tensor
-) -> tuple[Tensor, int]:
-    r"""``(I ⊗ … ⊗ M ⊗ … ⊗ I) x``: ``mat`` ``(*batch_m, O, sizes[j])`` on grid axis ``j`` of ``x``.
-
-    ``x`` is contiguous in the columns-before-last-axis layout with ``nb`` leading batch
-    dims and grid axis sizes ``sizes``. One public Kronecker op on a view, no copy:
-    the last axis is ``x (Πd_{<N}·T, d_N) · Mᵀ`` (:func:`kronegp.matmul_kron`), any
-    other axis ``M · x (A, d_j, C)`` (:func:`kronegp.kron_matmul`, batched over ``A``).
-    Returns the result (same layout, axis ``j`` of size ``O``) and its batch rank.
-    """
-    n = len(sizes)
-    batch = x.shape[:nb]
-    if j == n - 1:
-        y = ops.matmul_kron(x.reshape(*batch, math.prod(sizes[:-1]) * t, sizes[j]), [mat.mT])
-        return y, y.dim() - 2
-    a = math.prod(sizes[:j])
-    c = math.prod(sizes[j + 1 : n - 1]) * t * sizes[n - 1]
-    if a == 1:
-        y = ops.kron_matmul([mat], x.reshape(*batch, sizes[j], c))
-        return y, y.dim() - 2
-    y = ops.kron_matmul([_below_one_axis(mat)], x.reshape(*batch, a, sizes[j], c))
-    return y, y.dim() - 3
-
-
-def _contract_off_axis(
-    xu: Tensor, nbu: int, su: Sequence[int], xv: Tensor, nbv: int, sv: Sequence[int], t: int, j: int
-) -> Tensor:
-    r"""``G[p, q] = Σ xu[…, p, …] · xv[…, q, …]`` over every index but grid axis ``j``.
-
-    Both blocks are in the columns-before-last-axis layout and agree in every grid axis
-    but ``j`` (sizes ``su``, ``sv``). The last axis is one GEMM over the rows
-    ``Πd_{<N}·T``; the first one GEMM over ``C``; a middle axis a batch of GEMMs over
-    ``A`` summed afterwards (``A·p·q`` entries written), or, where that would write more
-    than the blocks hold, ``einsum``'s copy to ``(p, A·C)`` and one GEMM.
-    """
-    n = len(su)
-    bu, bv = xu.shape[:nbu], xv.shape[:nbv]
-    p, q = su[j], sv[j]
-    if j == n - 1:
-        rows = math.prod(su[:-1]) * t
-        return torch.matmul(xu.reshape(*bu, rows, p).mT, xv.reshape(*bv, rows, q))
-    a = math.prod(su[:j])
-    c = math.prod(su[j + 1 : n - 1]) * t * su[n - 1]
-    if a == 1:
-        return torch.matmul(xu.reshape(*bu, p, c), xv.reshape(*bv, q, c).mT)
-    u3, v3 = xu.reshape(*bu, a, p, c), xv.reshape(*bv, a, q, c)
-    if p * q <= (p + q) * c:
-        return torch.matmul(u3, v3.mT).sum(-3)
-    return torch.einsum("...apc,...aqc->...pq", u3, v3)
-
-
-def kron_bilinear_grads(
-    mats: Sequence[Tensor], left: Tensor, right: Tensor, needs: Optional[Sequence[bool]] = None
-) -> list[Optional[Tensor]]:
-    r"""``G_j = ∂/∂F_j Σ_c u_cᵀ (F_1 ⊗ … ⊗ F_N) v_c`` for dense ``F_j`` (``mats[j]``, ``(*b_j, P_j, Q_j)``).
-
-    ``left`` ``U`` is ``(*batch, ΠP_i, T)``, ``right`` ``V`` is ``(*batch, ΠQ_i, T)``. With
-    the grid indices written out::
-
-        G_j[p, q] = Σ_{a, b, c} Ũ_j[a, p, b, c] · Ṽ_j[a, q, b, c]
-        Ũ_j = (F_1ᵀ ⊗ … ⊗ F_{j-1}ᵀ ⊗ I ⊗ … ⊗ I) U           (a over Q_1…Q_{j-1})
-        Ṽ_j = (I ⊗ … ⊗ I ⊗ F_{j+1} ⊗ … ⊗ F_N) V             (b over P_{j+1}…P_N)
-
-    Prefix and suffix are shared: ``Ũ_{j+1}`` is ``Ũ_j`` with ``F_jᵀ`` applied to axis ``j``,
-    ``Ṽ_{j-1}`` is ``Ṽ_j`` with ``F_j`` applied to axis ``j``, so ``2(N−1)`` factor
-    applications (one public Kronecker op each) and ``N`` contractions (one GEMM each,
-    see :func:`_contract_off_axis`) do all ``N`` gradients; ``U`` and ``V`` are each moved
-    once to the columns-before-last-axis layout (see the comment above). Factors outside
-    ``needs[lo..hi]`` cost nothing beyond the chains that reach the needed ones. Each
-    ``G_j`` comes back with the broadcast batch shape of ``U``, ``V`` and the factors
-    (``None`` where not needed). No autograd graph is recorded (call under ``no_grad``).
-    """
-    n = len(mats)
-    needs = [True] * n if needs is None else list(needs)
-    out: list[Optional[Tensor]] = [None] * n
-    if not any(needs):
-        return out
     if n == 1:
         out[0] = torch.matmul(left, right.mT)  # Σ_c u_c v_cᵀ
         return out

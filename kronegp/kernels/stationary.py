@@ -22,7 +22,7 @@ RBF       ``e^{−r²/2}``, ``r = d/ℓ``  ``r² e^{−r²/2}``
 
 It applies only where the result is the kernel's own: the exact classes (not subclasses,
 which may override ``forward``), one lengthscale, no batch shape, no ``active_dims``. Every
-other kernel goes through its ``forward`` (:meth:`GridHyperparameters._factors`).
+other kernel goes through its ``forward`` (:class:`kronegp.models.GridHyperparameters`).
 """
 
 from __future__ import annotations
