@@ -377,27 +377,21 @@ class _OrderedContext:
         self.needs_input_grad = (needs_x, *needs_factors)
 
 
-def _kron_matmul_op_setup(ctx, inputs, output):
-    factors, x = inputs
-    ctx.save_for_backward(x, *factors)
+def _register_op_autograd(op, backward, x_first: bool) -> None:
+    """Register ``backward`` (which takes inputs ordered ``(x, *factors)``) on the custom op
+    ``op``, whose inputs are ``(x, factors)`` (``x_first``) or ``(factors, x)``."""
+
+    def setup_context(ctx, inputs, output):
+        x, factors = inputs if x_first else inputs[::-1]
+        ctx.save_for_backward(x, *factors)
+
+    def op_backward(ctx, grad: Tensor):
+        needs_x, needs_factors = ctx.needs_input_grad if x_first else ctx.needs_input_grad[::-1]
+        dx, *dfs = backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
+        return (dx, dfs) if x_first else (dfs, dx)
+
+    op.register_autograd(op_backward, setup_context=setup_context)
 
 
-def _kron_matmul_op_backward(ctx, grad: Tensor):
-    needs_factors, needs_x = ctx.needs_input_grad
-    dx, *dfs = _kron_matmul_backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
-    return dfs, dx
-
-
-def _matmul_kron_op_setup(ctx, inputs, output):
-    x, factors = inputs
-    ctx.save_for_backward(x, *factors)
-
-
-def _matmul_kron_op_backward(ctx, grad: Tensor):
-    needs_x, needs_factors = ctx.needs_input_grad
-    dx, *dfs = _matmul_kron_backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
-    return dx, dfs
-
-
-_kron_matmul_op.register_autograd(_kron_matmul_op_backward, setup_context=_kron_matmul_op_setup)
-_matmul_kron_op.register_autograd(_matmul_kron_op_backward, setup_context=_matmul_kron_op_setup)
+_register_op_autograd(_kron_matmul_op, _kron_matmul_backward, x_first=False)
+_register_op_autograd(_matmul_kron_op, _matmul_kron_backward, x_first=True)
