@@ -71,8 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kronegp import device
-from kronegp.ops import kron_matmul, matmul_kron
+from kronegp import device, ops
 
 __all__ = [
     "symmetric_eig", "clear_eig_cache", "kron_vector", "kron_bilinear_grads", "device_eigh_rows", "jacobi_start_buffers", "DEVICE_JACOBI_MAX_ROWS", "HOST_EIGH_MAX_ROWS",
@@ -464,14 +463,14 @@ def _apply_on_axis(
     n = len(sizes)
     batch = x.shape[:nb]
     if j == n - 1:
-        y = matmul_kron(x.reshape(*batch, math.prod(sizes[:-1]) * t, sizes[j]), [mat.mT])
+        y = ops.matmul_kron(x.reshape(*batch, math.prod(sizes[:-1]) * t, sizes[j]), [mat.mT])
         return y, y.dim() - 2
     a = math.prod(sizes[:j])
     c = math.prod(sizes[j + 1 : n - 1]) * t * sizes[n - 1]
     if a == 1:
-        y = kron_matmul([mat], x.reshape(*batch, sizes[j], c))
+        y = ops.kron_matmul([mat], x.reshape(*batch, sizes[j], c))
         return y, y.dim() - 2
-    y = kron_matmul([mat.unsqueeze(-3) if mat.dim() > 2 else mat], x.reshape(*batch, a, sizes[j], c))
+    y = ops.kron_matmul([mat.unsqueeze(-3) if mat.dim() > 2 else mat], x.reshape(*batch, a, sizes[j], c))
     return y, y.dim() - 3
 
 
@@ -528,3 +527,35 @@ def kron_bilinear_grads(
     out: list[Optional[Tensor]] = [None] * n
     if not any(needs):
         return out
+    if n == 1:
+        out[0] = torch.matmul(left, right.mT)  # Σ_c u_c v_cᵀ
+        return out
+    ps = [int(m.shape[-2]) for m in mats]
+    qs = [int(m.shape[-1]) for m in mats]
+    t = left.shape[-1]
+    lo = needs.index(True)
+    hi = n - 1 - needs[::-1].index(True)
+
+    # Ṽ_j for j = N-1 … lo, each from the next by one factor (kept until its contraction)
+    v_blocks: dict[int, tuple[Tensor, int, list[int]]] = {}
+    v = _columns_before_last_axis(right, qs[-1])
+    nbv, sv = v.dim() - 3, list(qs)
+    v_blocks[n - 1] = (v, nbv, list(sv))
+    for j in range(n - 2, lo - 1, -1):
+        v, nbv = _apply_on_axis(v, nbv, sv, t, j + 1, mats[j + 1])
+        sv[j + 1] = ps[j + 1]
+        v_blocks[j] = (v, nbv, list(sv))
+    del v
+
+    # Ũ_j for j = 0 … hi, contracted with Ṽ_j as soon as both exist
+    u = _columns_before_last_axis(left, ps[-1])
+    nbu, su = u.dim() - 3, list(ps)
+    for j in range(hi + 1):
+        if j > 0:
+            u, nbu = _apply_on_axis(u, nbu, su, t, j - 1, mats[j - 1].mT)
+            su[j - 1] = qs[j - 1]
+        block = v_blocks.pop(j, None)
+        if needs[j]:
+            vj, nbvj, svj = block
+            out[j] = _contract_off_axis(u, nbu, su, vj, nbvj, svj, t, j)
+    return out

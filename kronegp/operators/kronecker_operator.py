@@ -428,40 +428,6 @@ def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-    if n == 1:
-        out[0] = torch.matmul(left, right.mT)  # Σ_c u_c v_cᵀ
-        return out
-    ps = [int(m.shape[-2]) for m in mats]
-    qs = [int(m.shape[-1]) for m in mats]
-    t = left.shape[-1]
-    lo = needs.index(True)
-    hi = n - 1 - needs[::-1].index(True)
-
-    # Ṽ_j for j = N-1 … lo, each from the next by one factor (kept until its contraction)
-    v_blocks: dict[int, tuple[Tensor, int, list[int]]] = {}
-    v = _columns_before_last_axis(right, qs[-1])
-    nbv, sv = v.dim() - 3, list(qs)
-    v_blocks[n - 1] = (v, nbv, list(sv))
-    for j in range(n - 2, lo - 1, -1):
-        v, nbv = _apply_on_axis(v, nbv, sv, t, j + 1, mats[j + 1])
-        sv[j + 1] = ps[j + 1]
-        v_blocks[j] = (v, nbv, list(sv))
-    del v
-
-    # Ũ_j for j = 0 … hi, contracted with Ṽ_j as soon as both exist
-    u = _columns_before_last_axis(left, ps[-1])
-    nbu, su = u.dim() - 3, list(ps)
-    for j in range(hi + 1):
-        if j > 0:
-            u, nbu = _apply_on_axis(u, nbu, su, t, j - 1, mats[j - 1].mT)
-            su[j - 1] = qs[j - 1]
-        block = v_blocks.pop(j, None)
-        if needs[j]:
-            vj, nbvj, svj = block
-            out[j] = _contract_off_axis(u, nbu, su, vj, nbvj, svj, t, j)
-    return out
-
-
 class KroneckerOperator(KroneckerProductLinearOperator):
     r"""``F_1 ⊗ … ⊗ F_N`` whose products run through kronegp's Kronecker kernels.
 
@@ -517,28 +483,27 @@ class KroneckerOperator(KroneckerProductLinearOperator):
 
     # ------------------------------------------------------------------ products
 
-    def _product(self, mats: list[Matrix], x: Tensor) -> Tensor:
+    def _product(self, mats: list[Matrix], rhs: Tensor) -> Tensor:
+        """``(⊗ mats) · rhs`` for a block ``(*batch, ΠQ_i, T)`` or a vector."""
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
         if all(isinstance(m, Tensor) for m in mats):
-            return ops.kron_matmul(mats, x)
-        return apply_along_axes(mats, [m.size(-1) for m in mats], x)
+            out = ops.kron_matmul(mats, x)
+        else:
+            out = apply_along_axes(mats, [m.size(-1) for m in mats], x)
+        return out.squeeze(-1) if vector else out
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         r"""``(F_1 ⊗ … ⊗ F_N) · rhs`` for ``rhs`` of shape ``(*batch, ΠQ_i, T)`` or ``(ΠQ_i,)``."""
         if not isinstance(rhs, Tensor):
             return super()._matmul(rhs)
-        vector = rhs.dim() == 1
-        x = rhs.unsqueeze(-1) if vector else rhs
-        out = self._product(self._flat_matrices()[0], x)
-        return out.squeeze(-1) if vector else out
+        return self._product(self._flat_matrices()[0], rhs)
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         r"""``(F_1 ⊗ … ⊗ F_N)ᵀ · rhs = (F_1ᵀ ⊗ … ⊗ F_Nᵀ) · rhs``, ``rhs`` of shape ``(*batch, ΠP_i, T)``."""
         if not isinstance(rhs, Tensor):
             return super()._t_matmul(rhs)
-        vector = rhs.dim() == 1
-        x = rhs.unsqueeze(-1) if vector else rhs
-        out = self._product([m.mT for m in self._flat_matrices()[0]], x)
-        return out.squeeze(-1) if vector else out
+        return self._product([m.mT for m in self._flat_matrices()[0]], rhs)
 
     def rmatmul(self, other: Union[Tensor, LinearOperator]) -> Union[Tensor, LinearOperator]:
         r"""``other · (F_1 ⊗ … ⊗ F_N)`` for ``other`` of shape ``(*batch, M, ΠP_i)`` or ``(ΠP_i,)``.
