@@ -340,6 +340,31 @@ def _below_rows(f: Tensor) -> Tensor:
     return f.unsqueeze(-3) if f.dim() > 2 else f
 
 
+def _prepare(side: str, factors, x_local, group, split_axes):
+    """The checks and the plan both products start with: ``(factors, x, vector, plan, rank, group,
+    mesh)``, ``x`` a matrix (a vector ``x_local`` gets its column, or row, dimension back), the
+    factors replicated for autograd (:func:`~kronegp.distributed.replicate_factors`)."""
+    rows_side = side == "kron_matmul"  # the grid runs along x's rows (else its columns)
+    factors = check_factors(factors)
+    factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=2 if rows_side else 1)
+    _check_x(x_local, "x_local")
+    check_dtype_device(factors, x_local)
+    group, rank, world_size = _group_info(group, x_local, "x_local")
+    vector = x_local.dim() == 1
+    x = x_local.unsqueeze(-1 if rows_side else 0) if vector else x_local
+    check_batch(factors, x.shape[:-2], "x_local")
+    shapes = [tuple(f.shape) for f in factors]
+    cols = x.shape[-1] if rows_side else x.shape[-2]
+    plan = _make_plan(side, shapes, x.shape[:-2], cols, world_size, x.element_size(), split_axes)
+    if mesh is not None:
+        _check_dtensor_split(plan.in_sh, plan.out_sh)
+    if rows_side:
+        _check_rows(x.shape[-2], plan.in_sh, rank, "x_local", "rows (x_local.shape[-2])")
+    else:
+        _check_rows(x.shape[-1], plan.in_sh, rank, "x_local", "columns (x_local.shape[-1])")
+    return replicate_factors(factors, group), x, vector, plan, rank, group, mesh
+
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -403,21 +428,7 @@ def kron_matmul(
         This rank's block of rows of ``y = (⊗F)·x``, ``(*batch', P_r, T)``, split over the
         grid ``(P_1, …, P_N)`` along the same number of axes.
     """
-    factors = check_factors(factors)
-    factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=2)
-    _check_x(x_local, "x_local")
-    check_dtype_device(factors, x_local)
-    group, rank, world_size = _group_info(group, x_local, "x_local")
-    vector = x_local.dim() == 1
-    x = x_local.unsqueeze(-1) if vector else x_local
-    check_batch(factors, x.shape[:-2], "x_local")
-    shapes = [tuple(f.shape) for f in factors]
-    plan = _make_plan("kron_matmul", shapes, x.shape[:-2], x.shape[-1], world_size,
-                      x.element_size(), split_axes)
-    if mesh is not None:
-        _check_dtensor_split(plan.in_sh, plan.out_sh)
-    _check_rows(x.shape[-2], plan.in_sh, rank, "x_local", "rows (x_local.shape[-2])")
-    factors = replicate_factors(factors, group)
+    factors, x, vector, plan, rank, group, mesh = _prepare("kron_matmul", factors, x_local, group, split_axes)
     a, t = plan.in_sh.split_axes, x.shape[-1]
     lead, trail = factors[:a], factors[a:]
 
@@ -461,21 +472,7 @@ def matmul_kron(
         This rank's block of columns of ``x·(⊗F)``, ``(*batch', M, Q_r)``, split over the
         grid ``(Q_1, …, Q_N)`` along the same number of axes.
     """
-    factors = check_factors(factors)
-    factors, x_local, group, mesh = _unwrap_dtensors(factors, x_local, group, grid_dim=1)
-    _check_x(x_local, "x_local")
-    check_dtype_device(factors, x_local)
-    group, rank, world_size = _group_info(group, x_local, "x_local")
-    vector = x_local.dim() == 1
-    x = x_local.unsqueeze(0) if vector else x_local
-    check_batch(factors, x.shape[:-2], "x_local")
-    shapes = [tuple(f.shape) for f in factors]
-    plan = _make_plan("matmul_kron", shapes, x.shape[:-2], x.shape[-2], world_size,
-                      x.element_size(), split_axes)
-    if mesh is not None:
-        _check_dtensor_split(plan.in_sh, plan.out_sh)
-    _check_rows(x.shape[-1], plan.in_sh, rank, "x_local", "columns (x_local.shape[-1])")
-    factors = replicate_factors(factors, group)
+    factors, x, vector, plan, rank, group, mesh = _prepare("matmul_kron", factors, x_local, group, split_axes)
     a, m = plan.in_sh.split_axes, x.shape[-2]
     lead, trail = factors[:a], factors[a:]
     lead_t = [f.mT for f in lead]
