@@ -21,6 +21,7 @@ from kronegp.solvers.lanczos import slq_logdet_on_device
 from _helpers import dense_kron, rel_err
 
 DTYPES = [torch.float64, torch.float32]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
@@ -168,6 +169,29 @@ def test_the_reference_says_why_it_has_no_kernels():
         ref.small_eigh([torch.eye(2)], [None])
 
 
+@pytest.mark.cuda
+def test_the_cuda_backend_has_its_kernels_on_a_gpu(monkeypatch):
+    like = torch.zeros(4, device="cuda")
+    backend = device.backend_for(like)
+    assert backend is device.load_cuda()[0]
+    cg, eigh = backend.cg_capability(like), backend.eigh_capability(like)
+    assert cg and cg.limit >= 64 and eigh and eigh.limit >= 64, (cg, eigh)
+    # block_cg on a CUDA block takes the fused step through the door
+    calls = []
+    real_step = backend.cg_step
+
+    def step(mode, state, **blocks):
+        calls.append(mode)
+        real_step(mode, state, **blocks)
+
+    monkeypatch.setattr(backend, "cg_step", step)
+    a, b, d = _spd_system(50, 3, torch.float64, seed=8)
+    a_dev = a.cuda()
+    out = block_cg(lambda v: a_dev @ v, b.cuda(), precond=d.cuda(), tol=1e-10)
+    assert calls[:3] == ["dot", "update", "direction"] and len(calls) == 3 * out.iterations
+    assert rel_err(out.solution.cpu(), torch.linalg.solve(a, b)) <= 1e-8
+
+
 def test_backend_info_on_this_machine():
     info = kronegp.backend_info()
     assert info["cpu"] == "reference" and info["cuda_reason"]
@@ -285,24 +309,29 @@ def test_the_reference_has_no_device_eigensolver_rows():
 # --------------------------------------------------------------------------- custom ops
 
 
-def _op_inputs(dtype, seed: int):
+def _op_inputs(dtype, seed: int, dev: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    fs = [torch.randn(2, 1, 3, 4, generator=g, dtype=dtype, requires_grad=True),  # batched, broadcast
-          torch.randn(5, 2, generator=g, dtype=dtype, requires_grad=True)]
-    x_km = torch.randn(3, 8, 6, generator=g, dtype=dtype, requires_grad=True)  # (batch, ΠQ, T)
-    x_mk = torch.randn(3, 7, 15, generator=g, dtype=dtype, requires_grad=True)  # (batch, M, ΠP)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(dev).requires_grad_(True)
+
+    fs = [rand(2, 1, 3, 4), rand(5, 2)]  # one batched (broadcast against x's batch), one plain
+    x_km = rand(3, 8, 6)  # (batch, ΠQ, T)
+    x_mk = rand(3, 7, 15)  # (batch, M, ΠP)
     return fs, x_km, x_mk
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_kron_matmul(dtype):
-    fs, x, _ = _op_inputs(dtype, seed=5)
+def test_opcheck_kron_matmul(dtype, dev):
+    fs, x, _ = _op_inputs(dtype, seed=5, dev=dev)
     torch.library.opcheck(torch.ops.kronegp.kron_matmul.default, (fs, x))
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_matmul_kron(dtype):
-    fs, _, x = _op_inputs(dtype, seed=6)
+def test_opcheck_matmul_kron(dtype, dev):
+    fs, _, x = _op_inputs(dtype, seed=6, dev=dev)
     torch.library.opcheck(torch.ops.kronegp.matmul_kron.default, (x, fs))
 
 
