@@ -138,20 +138,23 @@ class ReferenceBackend(Backend):
     def matmul_kron(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         return reference.matmul_kron(x, factors)
 
+    def _missing(self, kernel: str) -> str:
+        return f"no {kernel}: {self.describe()}"
+
     def cg_capability(self, like: Tensor) -> Capability:
-        return Capability(False, f"no fused CG step: {self.describe()}")
+        return Capability(False, self._missing("fused CG step"))
 
     def cg_state(self, **initial: Tensor | float | int) -> Any:
-        raise NotImplementedError(f"kronegp.device: {self.cg_capability(torch.empty(0)).reason}")
+        raise NotImplementedError(f"kronegp.device: {self._missing('fused CG step')}")
 
     def cg_step(self, mode: str, state: Any, **blocks: Any) -> None:
-        raise NotImplementedError(f"kronegp.device: {self.cg_capability(torch.empty(0)).reason}")
+        raise NotImplementedError(f"kronegp.device: {self._missing('fused CG step')}")
 
     def eigh_capability(self, like: Tensor) -> Capability:
-        return Capability(False, f"no small-matrix eigensolver kernel: {self.describe()}")
+        return Capability(False, self._missing("small-matrix eigensolver kernel"))
 
     def small_eigh(self, mats, starts, keeps=None, sweeps=None, lanes=0) -> list[tuple[Tensor, Tensor]]:
-        raise NotImplementedError(f"kronegp.device: {self.eigh_capability(torch.empty(0)).reason}")
+        raise NotImplementedError(f"kronegp.device: {self._missing('small-matrix eigensolver kernel')}")
 
 
 _HOST = ReferenceBackend("tensors off CUDA run the reference")
