@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 from datetime import datetime, timezone
 
 import torch
@@ -41,34 +40,14 @@ from kronegp import device as kdevice
 from kronegp.distributed import communication_bytes
 from kronegp.distributed._exchange import ExchangeSpec, _copy_cols
 from kronegp.distributed.ops import _make_plan
+from timing import time_call
 
 PATHS = ("fused", "axis_gemm", "axis_gemm_t")
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timed(fn, dev: torch.device, repeats: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on a GPU, the wall clock elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` (:func:`timing.time_call`: CUDA events on a GPU)."""
+    return 1e3 * statistics.median(time_call(fn, dev, repeats, warmup))
 
 
 def _path(side: str, x: torch.Tensor, factors) -> str:
@@ -94,6 +73,17 @@ def _pinned_paths(side: str, x, factors, call, dev, args) -> dict:
     finally:
         backend.force_path = "auto"
     return out
+
+
+def _copy_all(spec: ExchangeSpec, lr: int, flat: torch.Tensor, grid: torch.Tensor, to_block: bool) -> None:
+    """Every rank's run of columns between the all-to-all buffer ``flat`` and the rows block
+    ``grid`` ``(1, U, L_r, V)``: the packing of ``_rows_to_cols`` (``to_block``) or the unpacking
+    of ``_cols_to_rows``."""
+    start = 0
+    for j in range(spec.world_size):
+        c0, c1 = spec.col_range(j)
+        _copy_cols(flat[start : start + lr * (c1 - c0)].view(1, lr, c1 - c0), grid, c0, c1, to_block)
+        start += lr * (c1 - c0)
 
 
 def phases(side: str, n: int, t: int, g: int, factors, dtype, dev, args) -> dict:
@@ -147,16 +137,7 @@ def phases(side: str, n: int, t: int, g: int, factors, dtype, dev, args) -> dict
     spec_in = ExchangeSpec(in_sh.lead_counts, u, v1, 0)
     z4 = z.reshape(1, u, lr_in, v1)
     send = torch.empty(z4.numel(), device=dev, dtype=dtype)
-    counts = [lr_in * spec_in.col_counts[j] for j in range(g)]
-
-    def pack():
-        start = 0
-        for j in range(g):
-            c0, c1 = spec_in.col_range(j)
-            _copy_cols(send[start : start + counts[j]].view(1, lr_in, c1 - c0), z4, c0, c1, True)
-            start += counts[j]
-
-    row["pack_ms"] = timed(pack, dev, args.repeats, args.warmup)
+    row["pack_ms"] = timed(lambda: _copy_all(spec_in, lr_in, send, z4, True), dev, args.repeats, args.warmup)
     del z, z4, send
 
     # ---- leading factors on the exchanged block: every leading index, 1/G of the columns
@@ -169,24 +150,14 @@ def phases(side: str, n: int, t: int, g: int, factors, dtype, dev, args) -> dict
 
     row["lead_path"] = _path("kron_matmul", w, lead_f)
     row["lead_ms"] = timed(lead_call, dev, args.repeats, args.warmup)
-    wy = lead_call()
     del w
 
     # ---- unpack: cols → rows receive buffer into this rank's output block (_cols_to_rows)
     spec_out = ExchangeSpec(out_sh.lead_counts, u, plan.v_second, 0)
-    recv_counts = [lr_out * spec_out.col_counts[s] for s in range(g)]
-    recv = torch.randn(sum(recv_counts), generator=gen, device=dev, dtype=dtype)
+    recv = torch.randn(lr_out * u * plan.v_second, generator=gen, device=dev, dtype=dtype)
     out = torch.empty(1, u, lr_out, plan.v_second, device=dev, dtype=dtype)
-
-    def unpack():
-        start = 0
-        for s in range(g):
-            c0, c1 = spec_out.col_range(s)
-            _copy_cols(recv[start : start + recv_counts[s]].view(1, lr_out, c1 - c0), out, c0, c1, False)
-            start += recv_counts[s]
-
-    row["unpack_ms"] = timed(unpack, dev, args.repeats, args.warmup)
-    del wy, recv, out
+    row["unpack_ms"] = timed(lambda: _copy_all(spec_out, lr_out, recv, out, False), dev, args.repeats, args.warmup)
+    del recv, out
 
     # ---- bytes: what the exchange specs send, against communication_bytes
     first = spec_in.offrank_elements(1, True)[0] * itemsize
