@@ -298,7 +298,7 @@ def _decimal_years(times: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- reading files
 def _from_npz(archive, var: str | None, source: str) -> GridData:
     files = set(archive.files)
-    meta = json.loads(str(archive["meta"])) if "meta" in files else {}
+    meta = _meta(archive, source) if "meta" in files else {}
     key = var or ("values" if "values" in files else None)
     if key is None:
         candidates = sorted(k for k in files if not k.startswith("coord_")
@@ -307,6 +307,8 @@ def _from_npz(archive, var: str | None, source: str) -> GridData:
     if key not in files:
         raise ValueError(f"var: {source} has no array {key!r}; it holds {sorted(files)}")
     stored = archive[key]
+    if not isinstance(stored, np.ndarray):  # numpy hands back the raw bytes of a non-.npy member
+        raise ValueError(f"var: {key!r} in {source} is not a numpy array (a damaged or foreign archive member)")
     if stored.ndim == 0:
         raise ValueError(f"var: {key!r} in {source} is a 0-d array (a single number), not a grid")
     if not (np.issubdtype(stored.dtype, np.number) or stored.dtype == np.bool_):
@@ -338,6 +340,18 @@ def _from_npz(archive, var: str | None, source: str) -> GridData:
     return GridData(values=values, dims=dims, coords=coords, units=meta.get("units", ""),
                     coord_units=coord_units, name=meta.get("name", var or ""),
                     long_name=meta.get("long_name", ""), attrs=attrs)
+
+
+def _meta(archive, source: str) -> dict:
+    """The ``meta`` JSON string of an archive, checked."""
+    raw = archive["meta"]
+    try:
+        meta = json.loads(str(raw)) if isinstance(raw, np.ndarray) and raw.ndim == 0 else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: its 'meta' entry is not a JSON object string (see GridData.save_npz)")
+    return meta
 
 
 def load_grid_file(path: str | os.PathLike, var: str | None = None) -> GridData:

@@ -49,9 +49,9 @@ class GridHyperparameters:
                 parameter's own units; ``None`` or a missing name keeps a parameter.
             path: ignored (it follows from the data, not from the hyperparameters).
         """
-        merged = dict(hyperparameters or {})
         if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
             raise TypeError(f"hyperparameters must be a dict like hyperparameters() returns, got {type(hyperparameters).__name__}")
+        merged = dict(hyperparameters or {})
         merged.update(values)
         known = ("lengthscales", "outputscale", "noise", "mean", "kernels", "path")
         unknown = sorted(set(merged) - set(known))

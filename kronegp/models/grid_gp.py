@@ -193,6 +193,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             )
         if len(kernels) != self.ndim:
             raise ValueError(f"kernels must hold one kernel per dimension: {self.ndim} needed, got {len(kernels)}")
+        for k, kern in enumerate(kernels):
+            if not isinstance(kern, gpytorch.kernels.Kernel):
+                raise TypeError(f"kernels[{k}] must be a gpytorch.kernels.Kernel, got {type(kern).__name__}")
         self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
         for k, (kern, ax) in enumerate(zip(self.kernels, data.axes)):
             self._check_kernel(k, kern, ax)
