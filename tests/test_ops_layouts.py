@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -68,43 +69,29 @@ def cases(draw):
     return ps, qs, vector, x_batch, f_batches, x_layout, f_layouts, cols, dtype, seed
 
 
-def _factors(ps, qs, f_batches, f_layouts, dtype, gen):
-    return [_make((*b, p, q), layout, dtype, gen) for p, q, b, layout in zip(ps, qs, f_batches, f_layouts)]
-
-
-@settings(max_examples=150, deadline=None)
-@given(cases())
-def test_matmul_kron_every_layout_and_rank(case):
-    ps, qs, vector, x_batch, f_batches, x_layout, f_layouts, rows, dtype, seed = case
-    gen = torch.Generator().manual_seed(seed)
-    factors = _factors(ps, qs, f_batches, f_layouts, dtype, gen)
-    p = math.prod(ps)
-    x = _make((p,) if vector else (*x_batch, rows, p), x_layout, dtype, gen)
+def _product(op: str, factors, x, vector: bool):
+    """The op's result and the dense reference: ``x @ K`` (matmul_kron) or ``K @ x`` (kron_matmul)."""
     kron = dense_kron([_plain(f) for f in factors])
-    if vector:
-        expected = (x.double().unsqueeze(-2) @ kron).squeeze(-2)
-    else:
-        expected = x.double() @ kron
-    y = kronegp.matmul_kron(x, factors)
-    assert y.shape == expected.shape, (y.shape, expected.shape)
-    assert y.dtype == dtype
-    assert rel_err(y, expected) < TOL[dtype]
+    xd = x.double()
+    if op == "matmul_kron":
+        expected = (xd.unsqueeze(-2) @ kron).squeeze(-2) if vector else xd @ kron
+        return kronegp.matmul_kron(x, factors), expected
+    expected = (kron @ xd.unsqueeze(-1)).squeeze(-1) if vector else kron @ xd
+    return kronegp.kron_matmul(factors, x), expected
 
 
+@pytest.mark.parametrize("op", ["matmul_kron", "kron_matmul"])
 @settings(max_examples=150, deadline=None)
-@given(cases())
-def test_kron_matmul_every_layout_and_rank(case):
+@given(case=cases())
+def test_every_layout_and_rank_against_torch_kron(op, case):
     ps, qs, vector, x_batch, f_batches, x_layout, f_layouts, cols, dtype, seed = case
     gen = torch.Generator().manual_seed(seed)
-    factors = _factors(ps, qs, f_batches, f_layouts, dtype, gen)
-    q = math.prod(qs)
-    x = _make((q,) if vector else (*x_batch, q, cols), x_layout, dtype, gen)
-    kron = dense_kron([_plain(f) for f in factors])
-    if vector:
-        expected = (kron @ x.double().unsqueeze(-1)).squeeze(-1)
-    else:
-        expected = kron @ x.double()
-    y = kronegp.kron_matmul(factors, x)
+    factors = [_make((*b, p, q), layout, dtype, gen) for p, q, b, layout in zip(ps, qs, f_batches, f_layouts)]
+    if op == "matmul_kron":  # x is (..., M, ΠP)
+        x = _make((math.prod(ps),) if vector else (*x_batch, cols, math.prod(ps)), x_layout, dtype, gen)
+    else:  # x is (..., ΠQ, T)
+        x = _make((math.prod(qs),) if vector else (*x_batch, math.prod(qs), cols), x_layout, dtype, gen)
+    y, expected = _product(op, factors, x, vector)
     assert y.shape == expected.shape, (y.shape, expected.shape)
     assert y.dtype == dtype
     assert rel_err(y, expected) < TOL[dtype]
