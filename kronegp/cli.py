@@ -1,21 +1,22 @@
-"""The ``kronegp`` command: show the toolkit working, fit a user's grid, benchmark, report.
+"""The ``kronegp`` command: it parses arguments, calls the library and prints.
 
 ::
 
     kronegp demo  [--out kronegp_demo.png] [--iters 60] [--small] [--device auto]
-    kronegp fit   FILE.nc|FILE.npz --var NAME [--out predictions.npz] [--iters 60]
+    kronegp fit   FILE.nc|FILE.npz [--var NAME] [--out predictions.npz|.nc] [--iters 60]
     kronegp bench [ARGS passed to benchmarks/kron_matmul.py]
     kronegp info
 
-``demo`` holds out a block of the shipped ozone grid (:func:`kronegp.datasets.load_ozone`):
-it learns a :class:`kronegp.GridGP`'s hyperparameters by exact Kronecker inference on the
-complete years before the block, predicts every cell from all observed cells (the CG path,
-block missing), and scores the held-out cells against a per-cell monthly climatology and a
-spatial linear interpolation. ``fit`` fits a GridGP to any gridded file (missing cells are
-NaN) and writes the posterior mean and standard deviations of every cell.
+``demo`` holds out a block of the shipped ozone grid (:mod:`kronegp.demo`): it learns a
+:class:`kronegp.GridGP`'s hyperparameters by exact Kronecker inference on the complete
+years before the block, predicts every cell from all observed cells (the CG path, block
+missing), and scores the held-out cells against the baselines of :mod:`kronegp.baselines`.
+``fit`` fits a GridGP to any gridded file (missing cells are NaN) and writes the posterior
+mean and standard deviations of every cell (:func:`kronegp.datasets.save_predictions`).
 
-GridGP standardises values internally and reports everything in the field's units;
-coordinates keep their own units, so lengthscales read in degrees, years, pixels…
+Every mistake in what the user typed or handed over (unreadable or malformed input, a
+missing variable, an output path that cannot be written, a bad option value) is reported
+as one line on stderr with exit status 2, before any fitting starts; never a traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +35,9 @@ import numpy as np
 
 __all__ = ["main"]
 
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+class UserError(Exception):
+    """A problem with the command's input: printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -59,10 +61,17 @@ def _pick_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"kronegp: --device {name}: no CUDA GPU is available "
-                         "(torch.cuda.is_available() is False); use --device cpu or auto")
+        raise UserError(f"--device {name}: no CUDA GPU is available "
+                        "(torch.cuda.is_available() is False); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
 
@@ -80,16 +89,6 @@ def _dtype(name: str):
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _as_float(value) -> Any:
-    """Tensors and arrays to plain Python numbers/lists, for printing."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value.item() if value.size == 1 else value.tolist()
-    return value
-
-
-# ---------------------------------------------------------------------- fitting
 def _sync(device) -> None:
     import torch
 
@@ -104,180 +103,62 @@ def _timed_fit(model, args, device, clock, per: str) -> tuple[list, float]:
     history = model.fit(iters=args.iters, optimizer=args.optimizer, lr=args.lr, progress=not args.quiet)
     _sync(device)
     seconds = time.perf_counter() - t0
-    clock.say(f"fitted in {seconds:.1f} s ({len(history)} steps, loss "
-              f"{history[0]:.4f} -> {history[-1]:.4f} {per})")
+    if history:
+        clock.say(f"fitted in {seconds:.1f} s ({len(history)} steps, loss "
+                  f"{history[0]:.4f} -> {history[-1]:.4f} {per})")
     return history, seconds
 
 
-def _plain_unit(unit: str) -> str:
-    """``"year (decimal, mid-month)"`` → ``"year"``: the unit without its explanation."""
-    return unit.split(" (")[0].strip()
+def _check_output(out: str, suffixes: tuple[str, ...], option: str = "--out") -> None:
+    """``out`` has one of ``suffixes`` and can be written: its folder exists and takes a new
+    file (checked by creating and removing one), and it is not a folder itself."""
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in suffixes:
+        raise UserError(f"{option}: expected a file name ending in {' or '.join(suffixes)} (the suffix "
+                        f"chooses the format), got {out!r}")
+    path = Path(out)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{option}: the folder {str(folder)!r} of {out!r} does not exist")
+    if path.is_dir():
+        raise UserError(f"{option}: {out!r} is a folder, not a file name")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise UserError(f"{option}: cannot write {out!r}: {err.strerror or err}") from None
+    if not existed:
+        path.unlink()
 
 
-def describe_hyperparameters(hyper: dict, dims: Sequence[str], coord_units: dict,
-                             units: str) -> list[str]:
-    """Lines describing :meth:`GridGP.hyperparameters` with axis names and units.
-
-    Lengthscales are per dimension, in that axis's units; the output scale and the noise
-    are variances in the field's units squared, printed with their square roots.
-    """
-    lines = []
-    lengthscales = hyper.get("lengthscales")
-    if isinstance(lengthscales, (list, tuple)) and len(lengthscales) == len(dims):
-        parts = []
-        for d, ls in zip(dims, lengthscales):
-            unit = _plain_unit(coord_units.get(d, ""))
-            if isinstance(ls, (int, float)):
-                parts.append(f"{d} {ls:.4g} {unit}".rstrip())
-            elif ls is None:
-                parts.append(f"{d} (none: see its kernel below)")
-            else:
-                parts.append(f"{d} {ls}")
-        lines.append("lengthscale per dimension: " + ", ".join(parts))
-    for key, label in (("outputscale", "signal variance"), ("noise", "noise variance")):
-        value = hyper.get(key)
-        if isinstance(value, (int, float)):
-            lines.append(f"{label}: {value:.4g} {units}² (sd {np.sqrt(value):.3g} {units})")
-        elif value is not None:
-            lines.append(f"{label}: {value}")
-    if isinstance(hyper.get("mean"), (int, float)):
-        lines.append(f"constant mean: {hyper['mean']:.4g} {units}")
-    # Kernel parameters beyond a lengthscale (e.g. spectral-mixture weights), per dimension.
-    for d, params in zip(dims, hyper.get("kernels") or []):
-        extra = {k: v for k, v in params.items() if k != "lengthscale"}
-        if extra:
-            lines.append(f"kernel of {d}: " + ", ".join(
-                f"{k}={_format_number(v) if isinstance(v, float) else v}" for k, v in extra.items()))
-    return lines
-
-
-def _format_number(x) -> str:
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def copy_hyperparameters(source, target) -> None:
-    """Give GridGP ``target`` the hyperparameters of ``source`` (same kernels, other data).
-
-    Kernel parameters are in axis units and copy as they are; the output scale, noise and
-    constant mean live in each model's own standardised units, so they pass through data
-    units: ``θ_target = θ_data / scale_target²`` (variances) and
-    ``μ_target = (μ_data − shift_target) / scale_target``.
-    """
-    import torch
-
-    hyper = source.hyperparameters()
-    with torch.no_grad():
-        target.kernels.load_state_dict(source.kernels.state_dict())
-        like = target.raw_outputscale
-        target.raw_outputscale.copy_(target.outputscale_constraint.inverse_transform(
-            torch.as_tensor(hyper["outputscale"] / target.scale**2, dtype=like.dtype,
-                            device=like.device)))
-        if source.learn_noise and target.learn_noise:
-            target.raw_noise.copy_(target.noise_constraint.inverse_transform(
-                torch.as_tensor(hyper["noise"] / target.scale**2, dtype=like.dtype,
-                                device=like.device)))
-        if not source.user_mean and not target.user_mean:
-            target.mean_module.constant.fill_((hyper["mean"] - target.shift) / target.scale)
-
-
-# ---------------------------------------------------------------------- baselines
-def climatology_baseline(values: np.ndarray, month_of_year: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell monthly climatology: the mean and sd over the observed years of that month.
-
-    ``values`` is ``(..., time)`` with NaN for missing; ``month_of_year`` gives each time
-    step's calendar month. Returns ``(mean, sd)`` grids of the same shape; a cell whose
-    month is never observed gets NaN.
-    """
-    mean = np.full(values.shape, np.nan)
-    sd = np.full(values.shape, np.nan)
-    for m in np.unique(month_of_year):
-        sel = month_of_year == m
-        block = values[..., sel]
-        n = (~np.isnan(block)).sum(axis=-1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mu = np.nansum(block, axis=-1, keepdims=True) / n
-            var = np.nansum((block - mu) ** 2, axis=-1, keepdims=True) / np.maximum(n - 1, 1)
-        mean[..., sel] = np.where(n > 0, mu, np.nan)
-        sd[..., sel] = np.where(n > 1, np.sqrt(var), np.nan)
-    return mean, sd
-
-
-def spatial_interpolation_baseline(values: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Per time step, linear interpolation in (lat, lon) from that step's observed cells.
-
-    ``values`` is ``(lat, lon, time)``; cells outside the convex hull of the observed ones
-    fall back to the nearest observed cell.
-    """
-    from scipy.interpolate import griddata
-
-    grid_lat, grid_lon = np.meshgrid(lat, lon, indexing="ij")
-    points_all = np.column_stack([grid_lat.ravel(), grid_lon.ravel()])
-    out = values.copy()
-    for t in range(values.shape[-1]):
-        frame = values[..., t]
-        ok = ~np.isnan(frame)
-        if ok.all() or not ok.any():
-            continue
-        pts = np.column_stack([grid_lat[ok], grid_lon[ok]])
-        linear = griddata(pts, frame[ok], points_all, method="linear")
-        nearest = griddata(pts, frame[ok], points_all, method="nearest")
-        filled = np.where(np.isnan(linear), nearest, linear).reshape(frame.shape)
-        out[..., t] = np.where(ok, frame, filled)
-    return out
-
-
-def _rmse(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((pred - truth) ** 2)))
-
-
-def _coverage(mean: np.ndarray, sd: np.ndarray, truth: np.ndarray) -> float | None:
-    """Fraction of ``truth`` inside ``mean ± 1.96 sd``, over cells where ``sd`` is defined."""
-    ok = np.isfinite(sd)
-    if not ok.any():
-        return None
-    return float(np.mean(np.abs(truth[ok] - mean[ok]) <= Z95 * sd[ok]))
+def _netcdf_engine_available() -> bool:
+    try:
+        import xarray  # noqa: F401
+    except ImportError:
+        return False
+    return any(importlib.util.find_spec(m) is not None for m in ("netCDF4", "h5netcdf"))
 
 
 # ---------------------------------------------------------------------- demo
-@dataclass
-class DemoSetup:
-    """The demo's data split: a training period for the hyperparameters and a held-out block."""
-
-    ozone: Any              # GridData, the whole grid (the truth)
-    train_months: int       # hyperparameters are learned on months [0, train_months)
-    held_out: np.ndarray    # bool grid, True = held out (inside the months after training)
-
-
-def demo_setup(small: bool) -> DemoSetup:
-    """Full: 24 x 24 x 72, hyperparameters from 1995-1999, a block of 2000 held out.
-
-    The block covers 1.25-18.75 N, 93.75-76.25 W (Central America and the Caribbean) for
-    all of 2000: 8 x 8 cells x 12 months = 768 cells. ``small`` is a 16 x 16 x 36 corner
-    (1998-2000) with a 5 x 5 x 6 block, for tests.
-    """
-    from kronegp import datasets
-
-    ozone = datasets.load_ozone()
-    if small:
-        ozone = ozone.isel(lat=slice(4, 20), lon=slice(4, 20), time=slice(36, 72))
-        train_months, block = 24, (slice(5, 10), slice(5, 10), slice(24, 30))
-    else:
-        train_months, block = 60, (slice(9, 17), slice(8, 16), slice(60, 72))
-    held_out = np.zeros(ozone.shape, dtype=bool)
-    held_out[block] = True
-    return DemoSetup(ozone=ozone, train_months=train_months, held_out=held_out)
-
-
-def _month_of_year(decimal_years: np.ndarray) -> np.ndarray:
-    """Calendar month (1-12) of mid-month decimal years."""
-    return np.floor((decimal_years % 1) * 12).astype(int) + 1
-
-
 def run_demo(args) -> int:
     import torch
 
-    from kronegp.models import GridGP
+    from kronegp.baselines import climatology_baseline, coverage, rmse, spatial_interpolation_baseline
+    from kronegp.demo import demo_figure, demo_setup, month_of_year
+    from kronegp.models import GridGP, copy_hyperparameters, describe_hyperparameters
 
+    if args.out:
+        try:  # the demo makes its figure's folder (fit does not: a typo there loses a long fit)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out: cannot make the folder of {args.out!r}: {err.strerror or err}") from None
+        _check_output(args.out, (".png",))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--out: writing the figure needs matplotlib (pip install matplotlib); "
+                            "pass --out '' for no figure") from None
     clock = _Clock()
     device = _pick_device(args.device)
     dtype = _dtype(args.dtype)
@@ -293,7 +174,7 @@ def run_demo(args) -> int:
               f"({ozone.size} cells, {ozone.units}), {time_[0]:.0f}-{time_[-1]:.0f}")
     clock.say(f"held out: {held_out.sum()} cells, {block_lat[0]:g}..{block_lat[-1]:g} N x "
               f"{block_lon[0]:g}..{block_lon[-1]:g} E, {len(block_time)} months from "
-              f"{int(block_time[0])}-{_month_of_year(block_time[:1])[0]:02d}")
+              f"{int(block_time[0])}-{month_of_year(block_time[:1])[0]:02d}")
 
     # 1. Hyperparameters by exact Kronecker inference on the complete training years: the
     #    held-out block lies after them, so nothing of it leaks into the fit.
@@ -325,7 +206,7 @@ def run_demo(args) -> int:
     sd = np.sqrt(var_t.detach().cpu().double().numpy() + noise)  # of a new observation
 
     truth = ozone.values[held_out]
-    clim_mean, clim_sd = climatology_baseline(train.values, _month_of_year(time_))
+    clim_mean, clim_sd = climatology_baseline(train.values, month_of_year(time_))
     interp = spatial_interpolation_baseline(train.values, lat, lon)
     rows = [
         ("GridGP", mean, sd),
@@ -335,140 +216,78 @@ def run_demo(args) -> int:
     print(f"held-out cells: {held_out.sum()} (sd of the truth there {truth.std():.2f} "
           f"{ozone.units})")
     print(f"  {'method':30s} {'RMSE':>8s}   95 % interval coverage")
-    scores = {}
     for name, pred, pred_sd in rows:
-        rmse = _rmse(pred[held_out], truth)
-        cover = _coverage(pred[held_out], pred_sd[held_out], truth) if pred_sd is not None else None
-        scores[name] = (rmse, cover)
+        error = rmse(pred[held_out], truth)
+        cover = coverage(pred[held_out], pred_sd[held_out], truth) if pred_sd is not None else None
         cover_s = f"{100 * cover:5.1f} %" if cover is not None else "  -   (no interval)"
-        print(f"  {name:30s} {rmse:8.2f}   {cover_s}")
+        print(f"  {name:30s} {error:8.2f}   {cover_s}")
     print(f"  (RMSE in {ozone.units}; GridGP interval: mean +- 1.96 predictive sd; climatology: "
           f"mean +- 1.96 sd over the other years of that month)")
     if args.out:
         months = np.flatnonzero(held_out.any(axis=(0, 1)))
-        if _demo_figure(ozone, train, mean, sd, held_out, int(months[len(months) // 2]),
-                        args.out):
-            clock.say(f"wrote {args.out}")
+        demo_figure(ozone, train, mean, sd, held_out, int(months[len(months) // 2]), args.out)
+        clock.say(f"wrote {args.out}")
     clock.say(f"done on {_device_words(device)} in {clock.elapsed():.1f} s "
               f"(fit {seconds_fit:.1f} s, predict {seconds_predict:.1f} s)")
     return 0
-
-
-def _demo_figure(ozone, train, mean, sd, held_out, t: int, out: str) -> bool:
-    """Observed (block held out), truth, GP mean and GP sd for month ``t``; False if no matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        print("kronegp: matplotlib is not installed, so no figure was written "
-              "(pip install matplotlib)", file=sys.stderr)
-        return False
-    lat, lon, time_ = (ozone.coords[d] for d in ozone.dims)
-    year, month = int(time_[t]), int(_month_of_year(time_[t:t + 1])[0])
-    half_lat, half_lon = np.diff(lat).mean() / 2, np.diff(lon).mean() / 2
-    extent = [lon[0] - half_lon, lon[-1] + half_lon, lat[0] - half_lat, lat[-1] + half_lat]
-    rows = np.flatnonzero(held_out[:, :, t].any(axis=1))
-    cols = np.flatnonzero(held_out[:, :, t].any(axis=0))
-    lo, hi = np.nanmin(ozone.values[..., t]), np.nanmax(ozone.values[..., t])
-    panels = [
-        (train.values[..., t], f"observed, block held out ({ozone.units})", "viridis", lo, hi),
-        (ozone.values[..., t], f"truth ({ozone.units})", "viridis", lo, hi),
-        (mean[..., t], f"GridGP mean ({ozone.units})", "viridis", lo, hi),
-        (sd[..., t], f"GridGP predictive sd ({ozone.units})", "magma", None, None),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), constrained_layout=True)
-    for ax, (field_, title, cmap, vmin, vmax) in zip(axes, panels):
-        im = ax.imshow(field_, origin="lower", extent=extent, cmap=cmap, vmin=vmin, vmax=vmax,
-                       aspect="auto", interpolation="nearest")
-        ax.add_patch(Rectangle((lon[cols[0]] - half_lon, lat[rows[0]] - half_lat),
-                               2 * half_lon * len(cols), 2 * half_lat * len(rows), fill=False,
-                               edgecolor="red", linewidth=1.5))
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("longitude (°E)")
-        fig.colorbar(im, ax=ax, shrink=0.85)
-    axes[0].set_ylabel("latitude (°N)")
-    fig.suptitle(f"Total column ozone, {year}-{month:02d}: GridGP fills the held-out block (red)")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------------- fit
 def run_fit(args) -> int:
     import torch
 
-    from kronegp.datasets import load_grid_file
-    from kronegp.models import GridGP
+    from kronegp.baselines import rmse
+    from kronegp.datasets import load_grid_file, save_predictions
+    from kronegp.models import GridGP, describe_hyperparameters
 
-    clock = _Clock()
+    # Everything the user handed over is checked before the (possibly long) fit.
+    out = args.out or str(Path(args.file).with_suffix("")) + "_kronegp.npz"
+    _check_output(out, (".npz", ".nc"))
+    if out.lower().endswith(".nc") and not _netcdf_engine_available():
+        raise UserError(f"--out {out}: writing netCDF needs xarray and netCDF4 or h5netcdf: "
+                        "pip install 'kronegp[netcdf]' (or write .npz)")
     device = _pick_device(args.device)
     dtype = _dtype(args.dtype)
-    torch.manual_seed(args.seed)
     try:
         grid = load_grid_file(args.file, args.var)
-    except (ValueError, ImportError, OSError) as err:
-        raise SystemExit(f"kronegp fit: {err}") from err
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    clock = _Clock()
     clock.say(f"read {args.file}: {grid!r}")
     if grid.n_missing == grid.size:
-        raise SystemExit(f"kronegp fit: every cell of {args.var or 'values'} is missing (NaN)")
-    model = GridGP(grid.values, [grid.coords[d] for d in grid.dims], dtype=dtype, device=device,
-                   variance_samples=args.variance_samples, seed=args.seed)
+        raise UserError(f"{args.file}: every cell of {grid.name or args.var or 'values'} is missing (NaN)")
+    torch.manual_seed(args.seed)
+    try:
+        model = GridGP(grid.to_xarray(), dtype=dtype, device=device,
+                       variance_samples=args.variance_samples, seed=args.seed)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{args.file}: {err}") from None
     clock.say(f"fitting GridGP ({model.path} path, {grid.size - grid.n_missing} observed cells, "
               f"{grid.n_missing} to predict) on {_device_words(device)}, {args.dtype}, up to "
               f"{args.iters} {args.optimizer} steps")
-    history, _ = _timed_fit(model, args, device, clock, "per observed cell")
+    _timed_fit(model, args, device, clock, "per observed cell")
     print("fitted hyperparameters:")
-    hyper = model.hyperparameters()
-    for line in describe_hyperparameters(hyper, grid.dims, grid.coord_units, grid.units):
+    for line in describe_hyperparameters(model.hyperparameters(), grid.dims, grid.coord_units, grid.units):
         print(f"  {line}")
     with torch.no_grad():
         lml = float(model.log_marginal_likelihood())
     print(f"log marginal likelihood: {lml:.6g}")
     method = "mc" if model.path == "cg" and grid.size > model.exact_variance_limit else "exact"
     t0 = time.perf_counter()
-    mean_t, var_t = model.predict(variance=method)
+    predictions = model.predict(variance=method)
     _sync(device)
     clock.say(f"predicted all {grid.size} cells in {time.perf_counter() - t0:.1f} s"
               + (f" (variance by Monte Carlo, {args.variance_samples} samples)"
                  if model.path == "cg" and method == "mc" else ""))
-    mean = mean_t.detach().cpu().double().numpy()
-    sd_f = np.sqrt(var_t.detach().cpu().double().numpy())
-    sd_y = np.sqrt(sd_f**2 + float(hyper["noise"]))
     obs = grid.observed
     print(f"in-sample RMSE on the {obs.sum()} observed cells: "
-          f"{_rmse(mean[obs], grid.values[obs]):.4g} {grid.units}")
-    out = args.out or str(Path(args.file).with_suffix("")) + "_kronegp.npz"
-    _write_predictions(grid, mean, sd_f, sd_y, out)
+          f"{rmse(predictions['mean'].values[obs], grid.values[obs]):.4g} {grid.units}")
+    try:
+        save_predictions(predictions, out)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--out: writing {out!r} failed: {str(err).splitlines()[0]}") from None
     clock.say(f"wrote mean, sd and sd_observation of all {grid.size} cells to {out}")
     return 0
-
-
-def _write_predictions(grid, mean, sd_f, sd_y, out: str) -> None:
-    """Predictions on the grid: ``mean``, ``sd`` (of the field f), ``sd_observation``
-    (of a new observation y = f + noise), ``observed`` (1 where the input had a value)."""
-    fields = {"mean": mean, "sd": sd_f, "sd_observation": sd_y}
-    if out.endswith(".nc"):
-        ds = grid.replace(values=mean, name="mean").to_xarray().to_dataset(name="mean")
-        for name in ("sd", "sd_observation"):
-            ds[name] = grid.replace(values=fields[name], name=name).to_xarray()
-        ds["observed"] = (grid.dims, grid.observed.astype(np.int8))
-        ds.to_netcdf(out)
-        return
-    import json
-
-    meta = {"name": grid.name, "dims": list(grid.dims), "units": grid.units,
-            "coord_units": grid.coord_units,
-            "long_name": f"GridGP predictions of {grid.long_name or grid.name or 'the field'}",
-            "variables": "mean: posterior mean; sd: posterior sd of the field; "
-                         "sd_observation: predictive sd of a new observation; "
-                         "observed: True where the input had a value"}
-    np.savez_compressed(out, **{k: v.astype(np.float32) for k, v in fields.items()},
-                        observed=grid.observed, meta=np.array(json.dumps(meta)),
-                        **{f"coord_{d}": grid.coords[d] for d in grid.dims})
 
 
 # ---------------------------------------------------------------------- bench
@@ -578,24 +397,55 @@ def run_info(args) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _add_fit_options(p: argparse.ArgumentParser, iters: int) -> None:
-    p.add_argument("--iters", type=int, default=iters, help=f"optimiser steps (default {iters})")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--iters", type=_at_least(1), default=iters, help=f"optimiser steps (default {iters})")
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: GridGP's, 0.1 for Adam, 1 for L-BFGS)")
     p.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam")
     p.add_argument("--device", default="auto",
                    help="auto (GPU when present, else CPU), cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--seed", type=int, default=0, help="seed for the stochastic estimators")
-    p.add_argument("--variance-samples", type=int, default=32,
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed for the stochastic estimators")
+    p.add_argument("--variance-samples", type=_at_least(1), default=32,
                    help="Monte Carlo samples for predictive variances on the CG path (default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kronegp", description="Gaussian processes on grids with Kronecker-structured kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="fit a GridGP to the shipped ozone grid with a block "
                                        "held out; score it against baselines; write a PNG")
@@ -607,11 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=run_demo)
 
     fit = sub.add_parser("fit", help="fit a GridGP to your own gridded .npz or .nc file")
-    fit.add_argument("file", help=".npz (see kronegp.datasets.load_grid_file) or .nc (needs xarray)")
+    fit.add_argument("file", help=".npz (see kronegp.datasets.load_grid_file) or netCDF .nc")
     fit.add_argument("--var", default=None,
-                     help="variable to fit (required for .nc; .npz default: 'values')")
+                     help="variable to fit (.nc: default the only one; .npz default: 'values')")
     fit.add_argument("--out", default=None,
-                     help="predictions file, .npz or .nc (default FILE_kronegp.npz)")
+                     help="predictions file: .npz or .nc (netCDF-4), by its suffix "
+                          "(default FILE_kronegp.npz)")
     _add_fit_options(fit, iters=60)
     fit.set_defaults(run=run_fit)
 
@@ -626,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns its exit status (2 for a user error, said in one line)."""
     parser = build_parser()
     # The benchmark script owns its options (including -h): pass everything after `bench`.
     args, extra = parser.parse_known_args(argv)
@@ -633,7 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"kronegp {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

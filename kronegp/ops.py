@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kronegp import device
 
-__all__ = ["kron_matmul", "matmul_kron", "check_factors", "check_dtype_device", "check_batch", "SUPPORTED_DTYPES"]
+__all__ = ["kron_matmul", "matmul_kron", "check_factors", "check_x", "check_dtype_device", "check_batch", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -63,7 +63,23 @@ def check_factors(factors: Sequence[Tensor]) -> list[Tensor]:
     return list(factors)
 
 
+def check_x(x: Tensor) -> None:
+    """``x`` is a tensor with at least one dimension: a vector or a batch of matrices."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(
+            "x must be a vector or a (..., rows, columns) tensor, got a 0-d tensor (a scalar): "
+            "multiply the factors by it instead"
+        )
+
+
 def check_dtype_device(factors: list[Tensor], x: Tensor) -> None:
+    if not x.is_floating_point() or x.is_complex():
+        raise TypeError(
+            f"x must be a floating-point tensor (float32 or float64), got {x.dtype}: cast it "
+            "with x.double() or x.float()"
+        )
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"x must be float32 or float64, got {x.dtype}; kronegp does not compute in half "
@@ -121,12 +137,11 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
         x: ``(*batch, ΠQ_i, T)``, or a vector of length ``ΠQ_i``.
 
     Returns:
-        ``(*batch', ΠP_i, T)`` (a vector of length ``ΠP_i`` for a vector ``x``), where
-        ``batch'`` broadcasts the batch shapes of ``x`` and the factors.
+        ``(*batch', ΠP_i, T)`` (``(*batch', ΠP_i)`` for a vector ``x``), where ``batch'``
+        broadcasts the batch shapes of ``x`` and the factors.
     """
     factors = check_factors(factors)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_x(x)
     check_dtype_device(factors, x)
     q_total = math.prod([f.shape[-1] for f in factors])
     vector = x.dim() == 1
@@ -153,11 +168,11 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         factors: matrices ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, one or more.
 
     Returns:
-        ``(*batch', M, ΠQ_i)`` (a vector of length ``ΠQ_i`` for a vector ``x``).
+        ``(*batch', M, ΠQ_i)`` (``(*batch', ΠQ_i)`` for a vector ``x``), ``batch'`` as in
+        :func:`kron_matmul`.
     """
     factors = check_factors(factors)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_x(x)
     check_dtype_device(factors, x)
     p_total = math.prod([f.shape[-2] for f in factors])
     vector = x.dim() == 1
@@ -173,7 +188,8 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         out = _MatmulKron.apply(x, *factors)
     else:
         out = _raw_matmul_kron(x, factors)
-    return out.squeeze(0) if vector else out
+    # the row dimension added above: with batched factors the result has batch dimensions in front
+    return out.squeeze(-2) if vector else out
 
 
 # --------------------------------------------------------------------------- custom ops

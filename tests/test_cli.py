@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kronegp import cli, datasets
+from kronegp import baselines, cli, datasets, demo
+from kronegp.models import describe_hyperparameters
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +74,7 @@ def test_demo_small_fits_scores_and_writes_png(tmp_path, capsys):
 
 def test_demo_setup_holds_out_a_block_after_the_training_months():
     for small in (False, True):
-        setup = cli.demo_setup(small)
+        setup = demo.demo_setup(small)
         held = setup.held_out
         assert held.shape == setup.ozone.shape and held.any()
         months = np.flatnonzero(held.any(axis=(0, 1)))
@@ -82,7 +83,7 @@ def test_demo_setup_holds_out_a_block_after_the_training_months():
         lon_idx = np.flatnonzero(held.any(axis=(0, 2)))
         # A contiguous box: every cell of lat x lon x months is held out.
         assert held.sum() == len(lat_idx) * len(lon_idx) * len(months)
-    assert cli.demo_setup(False).held_out.sum() == 8 * 8 * 12
+    assert demo.demo_setup(False).held_out.sum() == 8 * 8 * 12
 
 
 def _user_grid(tmp_path) -> tuple[Path, datasets.GridData, np.ndarray]:
@@ -119,30 +120,40 @@ def test_fit_npz_writes_predictions_for_every_cell(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fit_netcdf_in_and_out(tmp_path, capsys):
+def test_fit_netcdf4_in_and_out(tmp_path, capsys):
+    """A real netCDF-4 (HDF5) file in, netCDF-4 out, through the engine the extras install."""
     xr = pytest.importorskip("xarray")
-    pytest.importorskip("scipy.io")
+    pytest.importorskip("netCDF4")
     _, truth, missing = _user_grid(tmp_path)
     nc = tmp_path / "field.nc"
-    truth.with_missing(missing).to_xarray().to_dataset(name="o3").to_netcdf(nc, engine="scipy")
+    truth.with_missing(missing).to_xarray().to_dataset(name="o3").to_netcdf(nc, engine="netcdf4",
+                                                                            format="NETCDF4")
+    assert nc.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # HDF5, i.e. netCDF-4
     out_nc = tmp_path / "pred.nc"
-    assert cli.main(["fit", str(nc), "--var", "o3", "--iters", "5", "--quiet",
+    assert cli.main(["fit", str(nc), "--iters", "5", "--quiet", "--device", "cpu",  # its only variable
                      "--out", str(out_nc)]) == 0
+    assert out_nc.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
     with xr.open_dataset(out_nc) as ds:
         assert set(ds.data_vars) >= {"mean", "sd", "sd_observation", "observed"}
         assert ds["mean"].dims == truth.dims and np.isfinite(ds["mean"].values).all()
-    with pytest.raises(SystemExit, match=r"var: name one of the variables .*'o3'"):
-        cli.main(["fit", str(nc), "--var", "ozone"])
+        assert ds["mean"].attrs["units"] == "DU"
+        np.testing.assert_allclose(ds["lat"].values, truth.coords["lat"])
+        assert (ds["sd_observation"].values > ds["sd"].values).all()
+        np.testing.assert_array_equal(ds["observed"].values, (~missing).astype(np.int8))
+    capsys.readouterr()
+    assert cli.main(["fit", str(nc), "--var", "ozone"]) == 2
+    assert re.fullmatch(r"kronegp fit: var: name one of the variables of .*\['o3'\] \(got 'ozone'\)\n",
+                        capsys.readouterr().err)
 
 
-def test_fit_rejects_missing_files_and_unknown_devices(tmp_path):
-    with pytest.raises(SystemExit, match="expected a .npz or .nc file"):
-        cli.main(["fit", str(tmp_path / "grid.csv")])
-    with pytest.raises(SystemExit, match="kronegp fit"):
-        cli.main(["fit", str(tmp_path / "absent.npz")])
+def test_fit_rejects_missing_files_and_unknown_devices(tmp_path, capsys):
+    assert cli.main(["fit", str(tmp_path / "grid.csv")]) == 2
+    assert "expected a .npz or .nc file" in capsys.readouterr().err
+    assert cli.main(["fit", str(tmp_path / "absent.npz")]) == 2
+    assert "absent.npz does not exist" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA GPU is available"):
-            cli.main(["demo", "--device", "cuda"])
+        assert cli.main(["demo", "--device", "cuda"]) == 2
+        assert "no CUDA GPU is available" in capsys.readouterr().err
 
 
 def test_bench_says_when_there_is_no_gpu_and_runs_the_script(tmp_path, monkeypatch, capsys):
@@ -174,7 +185,7 @@ def test_climatology_baseline_matches_a_direct_computation():
     values = rng.normal(size=(3, 4, 36))
     values[0, 1, [2, 14]] = np.nan
     month = np.tile(np.arange(1, 13), 3)
-    mean, sd = cli.climatology_baseline(values, month)
+    mean, sd = baselines.climatology_baseline(values, month)
     for i, j, t in [(0, 1, 2), (2, 3, 35), (1, 0, 13)]:
         same = values[i, j, month == month[t]]
         same = same[~np.isnan(same)]
@@ -189,7 +200,7 @@ def test_spatial_interpolation_baseline_reproduces_a_plane():
     plane = 2.0 * lat[:, None, None] - 0.5 * lon[None, :, None] + np.arange(3.0)
     values = plane.copy()
     values[2:5, 3:6, 1] = np.nan
-    filled = cli.spatial_interpolation_baseline(values, lat, lon)
+    filled = baselines.spatial_interpolation_baseline(values, lat, lon)
     np.testing.assert_allclose(filled, plane, rtol=1e-10, atol=1e-10)
 
 
@@ -197,7 +208,7 @@ def test_describe_hyperparameters_labels_dimensions_and_units():
     hyper = {"lengthscales": [2.5, 0.25, None], "outputscale": 4.0, "noise": 0.25,
              "mean": 10.0, "kernels": [{"lengthscale": 2.5}, {"lengthscale": 0.25},
                                        {"period_length": 1.0}], "path": "exact"}
-    lines = cli.describe_hyperparameters(hyper, ("lat", "time", "x"),
+    lines = describe_hyperparameters(hyper, ("lat", "time", "x"),
                                          {"lat": "degrees_north", "time": "year (decimal)"}, "K")
     assert lines[0] == ("lengthscale per dimension: lat 2.5 degrees_north, time 0.25 year, "
                         "x (none: see its kernel below)")

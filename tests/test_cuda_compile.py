@@ -100,6 +100,7 @@ def test_recorder_sees_both_kernels(used_specs):
     assert len(used_specs) > 20
 
 
+@pytest.mark.slow  # every variant through NVRTC: minutes on a CPU (CI runs it)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_used_spec_compiles(used_specs, arch, tmp_path, monkeypatch):
     # A fresh cache: this test is about compiling, not about finding old cubins.
@@ -226,6 +227,7 @@ EIGH_SIZES = (1, 2, 3, 5, 9, 12, 16, 24, 31, 40, 61, 64, 72, 80, 100, 127, 128, 
 EIGH_LANES = (0, 4, 16, 32)
 
 
+@pytest.mark.slow  # every variant through NVRTC: minutes on a CPU (CI runs it)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_jacobi_eigh_kernel_compiles(arch, tmp_path, monkeypatch):
     """The Jacobi eigensolver (kronegp._cuda.eigh) for the sizes and layouts in use, both dtypes."""

@@ -320,11 +320,12 @@ def _spawn(world: int, backend: str, tmp_path: Path, cases=CASES, timeout: float
     run_workers(_worker, world, backend, tmp_path, cases, timeout)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gloo_matches_single_process(world, tmp_path):
     _spawn(world, "gloo", tmp_path)
 
 
+@pytest.mark.slow
 def test_distributed_cg_solves_like_a_dense_solve(tmp_path):
     pytest.importorskip("kronegp.solvers")
     _spawn(2, "gloo", tmp_path, cases="cg")
@@ -340,6 +341,7 @@ def test_nccl_all_gpus_match_single_device(tmp_path):
     _spawn(torch.cuda.device_count(), "nccl", tmp_path, timeout=600.0)
 
 
+@pytest.mark.slow
 def test_benchmark_reports_the_formula_counts_on_gloo(tmp_path):
     world = 4
     out = tmp_path / "multi_gpu.json"

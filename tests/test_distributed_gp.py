@@ -240,7 +240,7 @@ def _spawn(world: int, backend: str, tmp_path: Path, which: str = "all", timeout
     run_workers(_worker, world, backend, tmp_path, which, timeout)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_gloo_gridgp_step_matches_single_process(world, tmp_path):
     # G = 1 is the degenerate split (no exchange moves anything); the CUDA test runs it on NCCL
     _spawn(world, "gloo", tmp_path, which="all" if world == 2 else "cases")
@@ -263,6 +263,7 @@ def test_needs_an_initialised_group():
         kd.DistributedGridGP(torch.zeros(4), [torch.arange(4.0)])
 
 
+@pytest.mark.slow
 def test_benchmark_step_runs_on_gloo(tmp_path):
     out = tmp_path / "gp.json"
     cmd = [

@@ -243,13 +243,14 @@ def assert_cg_matches_dense(model, n_points, lml_tol, grad_tol, mean_tol, var_to
     assert max_rel(var, ref_var) < var_tol
 
 
-@pytest.mark.parametrize("kind", ["mask", "noise", "both"])
+@pytest.mark.parametrize("kind", [pytest.param("mask", marks=pytest.mark.slow), "noise",
+                                  pytest.param("both", marks=pytest.mark.slow)])
 def test_cg_path_matches_dense_default_settings(kind):
     model = cg_problem(kind, shape=CG_SHAPES[kind])
     assert_cg_matches_dense(model, 40, lml_tol=1e-3, grad_tol=1e-3, mean_tol=1e-3, var_tol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["mask", "noise", "both"])
+@pytest.mark.parametrize("kind", ["mask", "noise", pytest.param("both", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("probes", ["exact", "random"])
 def test_cg_path_row_and_column_layouts_agree(kind, probes, monkeypatch):
     """The local solves hold their vectors as rows (cov.rows); the sharded model uses the
@@ -295,6 +296,7 @@ def test_missing_cell_pairs_in_eigen_coordinates_match_grid_pairs(probes, monkey
     assert rel(grads_eig, grads_grid) < 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mask", "noise"])
 def test_cg_path_stochastic_estimates(kind):
     """Random probes (forced): SLQ and trace estimates within their statistical error.

@@ -21,12 +21,7 @@ def _ill_conditioned_model(dtype):
     axes = [np.asarray(air.coords[d])[::4] for d in air.dims]
     v[np.random.default_rng(0).random(v.shape) < 0.2] = np.nan
     m = GridGP(v, axes, dtype=dtype, seed=0)
-    with torch.no_grad():
-        m.raw_outputscale.copy_(m.outputscale_constraint.inverse_transform(torch.tensor(580.2 / m.scale**2, dtype=dtype)))
-        m.raw_noise.copy_(m.noise_constraint.inverse_transform(torch.tensor(0.1165 / m.scale**2, dtype=dtype)))
-        for k, ls in zip(m.kernels, (12.96, 7.604, 12.14)):
-            k.lengthscale = ls
-        m.mean_module.constant.fill_((284.5 - m.shift) / m.scale)
+    m.set_hyperparameters(outputscale=580.2, noise=0.1165, lengthscales=[12.96, 7.604, 12.14], mean=284.5)
     return m, v, axes
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
@@ -42,6 +43,7 @@ __all__ = [
     "load_grid_file",
     "load_ozone",
     "load_texture",
+    "save_predictions",
 ]
 
 
@@ -296,7 +298,7 @@ def _decimal_years(times: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- reading files
 def _from_npz(archive, var: str | None, source: str) -> GridData:
     files = set(archive.files)
-    meta = json.loads(str(archive["meta"])) if "meta" in files else {}
+    meta = _meta(archive, source) if "meta" in files else {}
     key = var or ("values" if "values" in files else None)
     if key is None:
         candidates = sorted(k for k in files if not k.startswith("coord_")
@@ -305,6 +307,12 @@ def _from_npz(archive, var: str | None, source: str) -> GridData:
     if key not in files:
         raise ValueError(f"var: {source} has no array {key!r}; it holds {sorted(files)}")
     stored = archive[key]
+    if not isinstance(stored, np.ndarray):  # numpy hands back the raw bytes of a non-.npy member
+        raise ValueError(f"var: {key!r} in {source} is not a numpy array (a damaged or foreign archive member)")
+    if stored.ndim == 0:
+        raise ValueError(f"var: {key!r} in {source} is a 0-d array (a single number), not a grid")
+    if not (np.issubdtype(stored.dtype, np.number) or stored.dtype == np.bool_):
+        raise ValueError(f"var: {key!r} in {source} holds {stored.dtype}, not numbers")
     if "dims" in meta:
         dims = tuple(meta["dims"])
     elif "dims" in files:
@@ -334,6 +342,18 @@ def _from_npz(archive, var: str | None, source: str) -> GridData:
                     long_name=meta.get("long_name", ""), attrs=attrs)
 
 
+def _meta(archive, source: str) -> dict:
+    """The ``meta`` JSON string of an archive, checked."""
+    raw = archive["meta"]
+    try:
+        meta = json.loads(str(raw)) if isinstance(raw, np.ndarray) and raw.ndim == 0 else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: its 'meta' entry is not a JSON object string (see GridData.save_npz)")
+    return meta
+
+
 def load_grid_file(path: str | os.PathLike, var: str | None = None) -> GridData:
     """Read a grid from a ``.npz`` (always) or netCDF ``.nc`` file (needs xarray).
 
@@ -348,21 +368,103 @@ def load_grid_file(path: str | os.PathLike, var: str | None = None) -> GridData:
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".npz", ".nc", ".nc4", ".netcdf"):
+        raise ValueError(f"path: expected a .npz or .nc file, got {path!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path} is a directory, not a file")
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        return _read_npz(path, var)
+    try:
+        import xarray as xr
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs xarray and a netCDF engine: "
+                          "pip install 'kronegp[netcdf]' (.npz files need neither)") from err
+    try:
+        dataset = xr.open_dataset(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"path: {path} is not a readable netCDF file ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
+    with dataset:
+        names = sorted(str(v) for v in dataset.data_vars)
+        if var is None and len(names) == 1:
+            var = names[0]
+        if var is None or var not in dataset.data_vars:
+            raise ValueError(f"var: name one of the variables of {path}: {names} (got {var!r})")
+        array = dataset[var]
+        if array.ndim == 0:
+            raise ValueError(f"var: {var!r} in {path} is a 0-d variable (a single number), not a grid")
+        if not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"var: {var!r} in {path} holds {array.dtype}, not numbers")
+        return GridData.from_xarray(array.load(), name=var)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_npz(path: str, var: str | None) -> GridData:
+    """``np.load`` with every way a file can fail to be a ``.npz`` archive said in one line."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"path: {path} is not a valid .npz archive (truncated or corrupt: "
+                         f"{_first_line(err)})") from None
+    except ValueError as err:  # numpy: "Cannot load file containing pickled data ..."
+        raise ValueError(f"path: {path} is neither a .npz archive nor a plain .npy array "
+                         f"(numpy: {_first_line(err)}); kronegp never loads pickles") from None
+    except OSError as err:
+        raise ValueError(f"path: cannot read {path}: {_first_line(err)}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"path: {path} holds one bare array (.npy data) of shape "
+                         f"{getattr(loaded, 'shape', '?')}, not a .npz archive of named arrays: "
+                         "save it with numpy.savez(path, values=array, coord_<dim>=...)")
+    try:
+        with loaded as archive:
             return _from_npz(archive, var, path)
-    if suffix in (".nc", ".nc4", ".netcdf"):
-        try:
-            import xarray as xr
-        except ImportError as err:
-            raise ImportError(f"reading {path} needs xarray and a netCDF engine "
-                              "(pip install xarray netCDF4); .npz files need neither") from err
-        with xr.open_dataset(path) as dataset:
-            if var is None or var not in dataset.data_vars:
-                raise ValueError(f"var: name one of the variables of {path}: "
-                                 f"{sorted(dataset.data_vars)} (got {var!r})")
-            return GridData.from_xarray(dataset[var].load(), name=var)
-    raise ValueError(f"path: expected a .npz or .nc file, got {path!r}")
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"path: {path} is a damaged .npz archive ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
+
+
+def save_predictions(predictions, path: str | os.PathLike) -> None:
+    """Write ``GridGP.predict``'s ``xarray.Dataset`` on the grid to ``.nc`` or ``.npz``.
+
+    ``.nc``: the Dataset itself (netCDF-4 through xarray's default engine: netCDF4 or
+    h5netcdf). ``.npz``: the layout :func:`load_grid_file` reads: ``mean``, ``sd`` and
+    ``sd_observation`` (float32), ``observed`` (bool), ``coord_<dim>`` per axis and a
+    ``meta`` JSON string (dims, units, coordinate units, long_name); so
+    ``load_grid_file(path, var="sd")`` gives a :class:`GridData` of any of them. Any other
+    suffix is a ``ValueError`` (the suffix chooses the format; nothing is appended).
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".nc":
+        predictions.to_netcdf(path)
+        return
+    if suffix != ".npz":
+        raise ValueError(f"path: expected a .npz or .nc file name, got {path!r}")
+    mean = predictions["mean"]
+    dims = [str(d) for d in mean.dims]
+    units = str(mean.attrs.get("units", ""))
+    coords = {d: np.asarray(predictions[d].values) for d in dims}
+    meta = {"name": "mean", "dims": dims, "units": units,
+            "coord_units": {d: str(predictions[d].attrs.get("units", "")) for d in dims},
+            "long_name": str(mean.attrs.get("long_name", "")),
+            "variables": "mean: posterior mean; sd: posterior sd of the field; "
+                         "sd_observation: predictive sd of a new observation; "
+                         "observed: True where the input had a value"}
+    for d, c in coords.items():
+        if not np.issubdtype(c.dtype, np.number):
+            raise ValueError(f"predictions: coordinate {d!r} is {c.dtype}; .npz holds numbers only, "
+                             "write .nc instead")
+    np.savez_compressed(path, **{k: np.asarray(predictions[k].values, dtype=np.float32)
+                                 for k in ("mean", "sd", "sd_observation")},
+                        observed=np.asarray(predictions["observed"].values).astype(bool),
+                        meta=np.array(json.dumps(meta)),
+                        **{f"coord_{d}": c for d, c in coords.items()})
 
 
 # ---------------------------------------------------------------------- shipped data

@@ -1,4 +1,5 @@
-"""GP models on grids: :class:`GridGP` (exact Kronecker path, masked/heteroskedastic CG path).
+"""GP models on grids: :class:`GridGP` (exact Kronecker path, masked/heteroskedastic CG path),
+and what to do with their hyperparameters (:mod:`kronegp.models.hyperparameters`).
 
 Besides the model, the pieces of its core that the sharded grid GP
 (:mod:`kronegp.distributed.gridgp`) builds on, until it is a layout of :class:`GridGP` itself:
@@ -14,9 +15,10 @@ from kronegp.models._kron import factor_eigs
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models._params import GridHyperparameters
 from kronegp.models.grid_gp import GridGP
+from kronegp.models.hyperparameters import copy_hyperparameters, describe_hyperparameters
 
 __all__ = [
-    "GridGP",
+    "GridGP", "copy_hyperparameters", "describe_hyperparameters",
     "FullGridCovariance", "GridHyperparameters", "ParsedGrid", "cg_lml_pieces", "checked_axis", "factor_eigs",
     "parse_grid_data", "plain_cg_lml_pieces", "resolve_dtype_device",
 ]

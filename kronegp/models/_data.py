@@ -14,7 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ParsedGrid", "parse_grid_data", "axis_to_numeric", "checked_axis", "resolve_dtype_device"]
+__all__ = [
+    "ParsedGrid",
+    "axis_to_numeric",
+    "check_settings",
+    "checked_axis",
+    "parse_grid_data",
+    "resolve_dtype_device",
+    "standardisation",
+]
 
 
 @dataclass
@@ -30,6 +38,9 @@ class ParsedGrid:
         axis_names: a name per dimension (xarray dims, else ``dim0``…).
         axis_units: ``"days"`` for axes converted from datetimes, else ``None``.
         axis_origins: the datetime subtracted from a converted axis, else ``None``.
+        coords: the ``xarray.Dataset`` of an ``xarray.DataArray`` input's coordinates (its
+            name and attributes in ``attrs["name"]`` and ``attrs["attrs"]``), from which
+            predictions are returned as xarray; ``None`` for other inputs.
     """
 
     values: Tensor
@@ -39,6 +50,7 @@ class ParsedGrid:
     axis_names: list[str]
     axis_units: list[Optional[str]]
     axis_origins: list[Any]
+    coords: Any = None
 
 
 def _is_xarray(obj: Any) -> bool:
@@ -116,8 +128,10 @@ def parse_grid_data(
 ) -> ParsedGrid:
     """Check and convert GridGP's inputs (see :class:`kronegp.models.GridGP`)."""
     axis_names: Optional[list[str]] = None
+    coords = None
     if _is_xarray(values):
         axis_names = [str(d) for d in values.dims]
+        coords = _coords_template(values)
         if axes is None:
             axes = [
                 values.coords[d].values if d in values.coords else np.arange(values.sizes[d])
@@ -140,6 +154,7 @@ def parse_grid_data(
     shape = tuple(vals.shape)
     if any(n == 0 for n in shape):
         raise ValueError(f"values has an empty dimension: shape {shape}")
+    _check_range("values", vals, dtype)
     vals = vals.to(device=device, dtype=dtype)
     d = len(shape)
     names = axis_names or [f"dim{k}" for k in range(d)]
@@ -211,4 +226,99 @@ def parse_grid_data(
         axis_names=names,
         axis_units=units,
         axis_origins=origins,
+        coords=coords,
     )
+
+
+def _coords_template(array: Any) -> Any:
+    """An ``xarray.DataArray``'s coordinates as a Dataset, with its name and attributes."""
+    ds = array.coords.to_dataset()
+    ds.attrs = {"name": array.name, "attrs": dict(array.attrs)}
+    return ds
+
+
+def _check_range(name: str, vals: Tensor, dtype: torch.dtype) -> None:
+    """Finite entries of ``vals`` must stay finite in ``dtype`` (1e39 is inf in float32)."""
+    finite = vals[torch.isfinite(vals)] if vals.is_floating_point() else vals
+    if finite.numel() == 0:
+        return
+    largest = float(finite.abs().max())
+    if largest > torch.finfo(dtype).max:
+        raise ValueError(
+            f"{name} holds numbers up to {largest:.3g}, beyond the largest {dtype} "
+            f"({torch.finfo(dtype).max:.3g}); use dtype=torch.float64 or rescale the values"
+        )
+
+
+def standardisation(observed_values: Tensor, standardize: bool, dtype: torch.dtype) -> tuple[float, float]:
+    """``(shift, scale)``: the model fits ``(y − shift) / scale``; ``(0, 1)`` unless ``standardize``.
+
+    Mean and standard deviation of the observed values, computed in float64 on the values
+    divided by their largest magnitude, so data near the top of the dtype's range (1e154
+    in float64, whose squares overflow; 1e20 in float32) standardise correctly. Variances
+    are reported in data units (``scale²``), so a spread whose square the dtype cannot hold
+    with room to spare (sd above ``√max / 100``: 1.3e152 in float64, 1.8e17 in float32) is
+    rejected with a clear error instead of predicting inf or NaN.
+    """
+    v = observed_values.detach().to(torch.float64)
+    largest = float(v.abs().max()) if v.numel() else 0.0
+    if largest == 0.0:
+        return 0.0, 1.0
+    u = v / largest
+    shift = float(u.mean()) * largest
+    std = float(u.std()) * largest if u.numel() > 1 else 0.0
+    limit = math.sqrt(torch.finfo(dtype).max) / 100
+    spread = std if standardize else largest
+    if spread > limit:
+        raise ValueError(
+            f"values: their {'standard deviation' if standardize else 'magnitude'} {spread:.3g} is too "
+            f"large for variances in data units in {dtype} (its square must stay well below "
+            f"{torch.finfo(dtype).max:.3g}); rescale the values (e.g. change their units)"
+        )
+    if not standardize:
+        return 0.0, 1.0
+    return shift, (std if std > 0 else 1.0)
+
+
+def _int_setting(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _bool_setting(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_settings(
+    *,
+    standardize: Any,
+    num_probes: Any,
+    cg_tol: Any,
+    cg_max_iters: Any,
+    precondition: Any,
+    seed: Any,
+    exact_variance_limit: Any,
+    variance_samples: Any,
+    exact_trace_limit: Any,
+) -> dict[str, Any]:
+    """GridGP's solver settings, checked at construction (not later, under the solver's names)."""
+    if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float, np.floating, np.integer)):
+        raise TypeError(f"cg_tol must be a number in (0, 1), got {cg_tol!r}")
+    if not (0 < float(cg_tol) < 1):
+        raise ValueError(f"cg_tol must be a relative residual in (0, 1), got {cg_tol}")
+    return {
+        "standardize": _bool_setting("standardize", standardize),
+        "num_probes": _int_setting("num_probes", num_probes, 1),
+        "cg_tol": float(cg_tol),
+        "cg_max_iters": _int_setting("cg_max_iters", cg_max_iters, 1),
+        "precondition": _bool_setting("precondition", precondition),
+        "seed": _int_setting("seed", seed, 0),
+        "exact_variance_limit": _int_setting("exact_variance_limit", exact_variance_limit, 0),
+        "variance_samples": _int_setting("variance_samples", variance_samples, 1),
+        "exact_trace_limit": _int_setting("exact_trace_limit", exact_trace_limit, 0),
+    }

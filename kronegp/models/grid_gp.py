@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import gpytorch
+import numpy as np
 import torch
 from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
-from kronegp.models._data import parse_grid_data
+from kronegp.models._data import check_settings, parse_grid_data, standardisation
 from kronegp.models._exact import eigen_bilinear_form, exact_lml
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
@@ -45,6 +46,11 @@ __all__ = ["GridGP"]
 # Points per chunk in predictions at arbitrary points and in exact CG variances: bounds
 # the (chunk × N / n_k) temporaries of the row-wise Kronecker products.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _loaded_state(module: "GridGP", incompatible_keys: Any) -> None:
+    """After ``load_state_dict`` the hyperparameters are the user's (no unfitted warning)."""
+    module._hyperparameters_chosen = True
 
 
 class GridGP(GridHyperparameters, torch.nn.Module):
@@ -90,6 +96,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         exact_variance_limit: on the cg path, grid variances are exact (one CG solve per
             cell) for grids of at most this many cells, else a Monte Carlo estimate with
             ``variance_samples`` samples and a control variate (see :meth:`predict`).
+        hyperparameters: initial hyperparameters in data units, as :meth:`set_hyperparameters`
+            takes them (e.g. another model's :meth:`hyperparameters`, for a warm start, or
+            ``{"lengthscales": [2.0, 0.5], "noise": 0.01}`` from physical knowledge); the
+            others keep their defaults (kernel defaults, the data's variance as ``s²``, a tenth
+            of it as noise, the observed mean).
 
     Attributes:
         path: ``"exact"`` or ``"cg"``.
@@ -118,8 +129,14 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         exact_variance_limit: int = 4096,
         variance_samples: int = 64,
         exact_trace_limit: int = 1024,
+        hyperparameters: Optional[Mapping[str, Any]] = None,
     ):
         super().__init__()
+        settings = check_settings(
+            standardize=standardize, num_probes=num_probes, cg_tol=cg_tol, cg_max_iters=cg_max_iters,
+            precondition=precondition, seed=seed, exact_variance_limit=exact_variance_limit,
+            variance_samples=variance_samples, exact_trace_limit=exact_trace_limit,
+        )
         data = parse_grid_data(values, axes, mask=mask, noise=noise, dtype=dtype, device=device)
         self.shape = tuple(data.values.shape)
         self.ndim = len(self.shape)
@@ -127,17 +144,16 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.axis_names = data.axis_names
         self.axis_units = data.axis_units
         self.axis_origins = data.axis_origins
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-        self.num_probes = int(num_probes)
-        self.cg_tol = float(cg_tol)
-        self.cg_max_iters = int(cg_max_iters)
-        self.precondition = bool(precondition)
-        self.seed = int(seed)
+        self._coords = data.coords  # an xarray input's coordinates: predictions come back as xarray
+        self.num_probes = settings["num_probes"]
+        self.cg_tol = settings["cg_tol"]
+        self.cg_max_iters = settings["cg_max_iters"]
+        self.precondition = settings["precondition"]
+        self.seed = settings["seed"]
         self.resample_probes = False
-        self.exact_variance_limit = int(exact_variance_limit)
-        self.exact_trace_limit = int(exact_trace_limit)
-        self.variance_samples = int(variance_samples)
+        self.exact_variance_limit = settings["exact_variance_limit"]
+        self.exact_trace_limit = settings["exact_trace_limit"]
+        self.variance_samples = settings["variance_samples"]
         self.cg_iterations: Optional[int] = None
         self.cg_residual: Optional[float] = None
         self.history: list[float] = []
@@ -150,12 +166,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         observed = data.mask.reshape(-1) if data.mask is not None else None
         self.n_observed = int(observed.sum()) if observed is not None else self.n_cells
         obs_vals = values_t[observed] if observed is not None else values_t
-        if standardize:
-            self.shift = float(obs_vals.mean())
-            std = float(obs_vals.std()) if obs_vals.numel() > 1 else 0.0
-            self.scale = std if std > 0 else 1.0
-        else:
-            self.shift, self.scale = 0.0, 1.0
+        self.shift, self.scale = standardisation(obs_vals, settings["standardize"], values_t.dtype)
         y = (values_t - self.shift) / self.scale
         if observed is not None:
             y = torch.where(observed, y, torch.zeros_like(y))
@@ -182,6 +193,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             )
         if len(kernels) != self.ndim:
             raise ValueError(f"kernels must hold one kernel per dimension: {self.ndim} needed, got {len(kernels)}")
+        for k, kern in enumerate(kernels):
+            if not isinstance(kern, gpytorch.kernels.Kernel):
+                raise TypeError(f"kernels[{k}] must be a gpytorch.kernels.Kernel, got {type(kern).__name__}")
         self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
         for k, (kern, ax) in enumerate(zip(self.kernels, data.axes)):
             self._check_kernel(k, kern, ax)
@@ -205,6 +219,13 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         elif not isinstance(mean, gpytorch.means.Mean):
             raise TypeError(f"mean must be a gpytorch.means.Mean or None, got {type(mean).__name__}")
         self.mean_module = mean.to(dtype=dt, device=dev)
+
+        # ---- initial hyperparameters: chosen by the user (data units), else the defaults above
+        self._hyperparameters_chosen = False  # set by set_hyperparameters and load_state_dict
+        self._warned_unfitted = False
+        self.register_load_state_dict_post_hook(_loaded_state)
+        if hyperparameters is not None:
+            self.set_hyperparameters(hyperparameters)
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -547,6 +568,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             raise TypeError(f"points has dtype {pts.dtype} but the model is {self.y.dtype}; cast them (nothing is promoted silently)")
         if pts.device != self.y.device and isinstance(points, Tensor):
             raise ValueError(f"points is on {pts.device} but the model is on {self.y.device}; move one of them")
+        if pts.is_floating_point():
+            bad = ~torch.isfinite(pts).all(dim=-1)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).reshape(-1)[:5].tolist()
+                raise ValueError(f"points holds NaN or inf coordinates ({int(bad.sum())} rows, e.g. rows {rows})")
         return pts.to(dtype=self.y.dtype, device=self.y.device)
 
     def _point_chunks(self, n: int):
@@ -578,7 +604,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         *,
         include_noise: bool = False,
         variance: str = "auto",
-    ) -> tuple[Tensor, Tensor]:
+        as_xarray: Optional[bool] = None,
+    ) -> Any:
         """Posterior mean and variance of ``f`` (data units) on the grid or at points.
 
         On the grid: ``m = μ + K α`` and ``v = diag(K − K W^{½} B⁻¹ W^{½} K)``; on the exact
@@ -595,10 +622,23 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 and the exact homoskedastic posterior as control variate, unbiased, error
                 ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
                 else mc with a warning). Ignored on the exact path.
+            as_xarray: return an ``xarray.Dataset`` (default: when the model was built from
+                an ``xarray.DataArray``); ``False`` for the ``(mean, var)`` tensors.
 
         Returns:
-            ``(mean, var)``: grid-shaped, or ``(n,)`` for points.
+            ``(mean, var)`` tensors: grid-shaped, or ``(n,)`` for points. Or, for a model
+            built from an ``xarray.DataArray``, an ``xarray.Dataset`` (:meth:`_as_dataset`)
+            with ``mean``, ``sd`` (of ``f``) and ``sd_observation`` (of a new observation,
+            ``f`` + noise) on the input's coordinates, with its attributes.
+
+        Before any :meth:`fit` (and without :meth:`set_hyperparameters` or
+        ``hyperparameters=``) it warns, once, that the initial hyperparameters are used.
         """
+        self._warn_if_unfitted()
+        if as_xarray is None:
+            as_xarray = self._coords is not None
+        if as_xarray:
+            return self._as_dataset(points, include_noise, variance)
         if variance not in ("auto", "exact", "mc"):
             raise ValueError(f"variance must be 'auto', 'exact' or 'mc', got {variance!r}")
         factors = self._factors()
@@ -648,6 +688,82 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             shape = (pts.shape[0],)
         var = var.clamp_min(0)
         return (mean * self.scale + self.shift).reshape(shape), (var * self.scale**2).reshape(shape)
+
+    def _warn_if_unfitted(self) -> None:
+        if self.history or self._hyperparameters_chosen or self._warned_unfitted:
+            return
+        self._warned_unfitted = True
+        warnings.warn(
+            "GridGP.predict: the model was never fitted, so it predicts with its initial "
+            f"hyperparameters {self._short_hyperparameters()}; call fit() first, or choose them with "
+            "set_hyperparameters() (this warning is shown once per model)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _short_hyperparameters(self) -> str:
+        hyper = self.hyperparameters()
+        return ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in hyper.items() if k in ("lengthscales", "outputscale", "noise", "mean")
+        )
+
+    def _as_dataset(self, points: Any, include_noise: bool, variance: str) -> Any:
+        """Predictions as an ``xarray.Dataset``: ``mean``, ``sd``, ``sd_observation`` (data units).
+
+        On the grid they carry the input's dimensions, coordinates and attributes, plus
+        ``observed`` (1 where the input had a value); at points, a ``point`` dimension with
+        one coordinate variable per grid dimension. ``sd_observation`` adds the noise
+        variance: the learned one, or the per-cell noise on the grid (NaN at missing cells
+        and at points, where per-cell noise is unknown).
+        """
+        try:
+            import xarray as xr
+        except ImportError as err:
+            raise ImportError("GridGP.predict(as_xarray=True) needs xarray: pip install xarray") from err
+        if include_noise:
+            raise ValueError(
+                "include_noise=True applies to the (mean, var) tensors (as_xarray=False); the Dataset "
+                "holds both sd (of f) and sd_observation (of a new observation)"
+            )
+        mean, var = self.predict(points, variance=variance, as_xarray=False)
+        mean = mean.detach().cpu().double().numpy()
+        var = var.detach().cpu().double().numpy()
+        if self.learn_noise:
+            noise = float(self.noise) * self.scale**2
+        elif points is None:
+            cell = (self.cell_noise * self.scale**2).detach().cpu().double()
+            if self.observed is not None:
+                cell = torch.where(self.observed.cpu(), cell, torch.full_like(cell, math.nan))
+            noise = cell.numpy().reshape(self.shape)
+        else:
+            noise = math.nan
+        template = self._coords
+        name = (template.attrs.get("name") if template is not None else None) or "values"
+        attrs = dict(template.attrs.get("attrs", {})) if template is not None else {}
+        units = {"units": attrs["units"]} if "units" in attrs else {}
+        fields = {
+            "mean": (mean, f"posterior mean of {name}"),
+            "sd": (np.sqrt(var), f"posterior standard deviation of {name} (the noise-free field)"),
+            "sd_observation": (np.sqrt(var + noise), f"predictive standard deviation of a new observation of {name}"),
+        }
+        if points is None:
+            dims = tuple(self.axis_names)
+            ds = template.copy() if template is not None else xr.Dataset(
+                coords={d: ax.detach().cpu().numpy() for d, ax in zip(dims, self.axes)})
+            for key, (value, long_name) in fields.items():
+                ds[key] = (dims, value, {**units, "long_name": long_name})
+            observed = self.observed.reshape(self.shape) if self.observed is not None else None
+            ds["observed"] = (dims, (observed.cpu().numpy() if observed is not None else
+                                     np.ones(self.shape)).astype("int8"),
+                              {"long_name": f"1 where {name} was observed"})
+        else:
+            pts = self._check_points(points).detach().cpu().double().numpy()
+            ds = xr.Dataset(coords={d: ("point", pts[:, k]) for k, d in enumerate(self.axis_names)})
+            for key, (value, long_name) in fields.items():
+                ds[key] = (("point",), value, {**units, "long_name": long_name})
+        ds.attrs = {**attrs, "model": f"kronegp.GridGP ({self.path} path)"}
+        return ds
 
     def _grid_noise_for_prediction(self) -> Tensor:
         if self.learn_noise:

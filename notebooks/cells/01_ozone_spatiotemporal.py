@@ -31,9 +31,9 @@ from matplotlib.patches import Rectangle
 
 import kronegp
 from kronegp import datasets
-from kronegp.cli import (climatology_baseline, copy_hyperparameters, demo_setup,
-                         describe_hyperparameters, spatial_interpolation_baseline)
-from kronegp.models import GridGP
+from kronegp.baselines import climatology_baseline, spatial_interpolation_baseline
+from kronegp.demo import demo_setup
+from kronegp.models import GridGP, copy_hyperparameters, describe_hyperparameters
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets

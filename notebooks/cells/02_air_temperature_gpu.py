@@ -32,8 +32,7 @@ from gpytorch.utils.grid import create_data_from_grid
 
 import kronegp
 from kronegp import datasets
-from kronegp.cli import describe_hyperparameters
-from kronegp.models import GridGP
+from kronegp.models import GridGP, describe_hyperparameters
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from kronegp import datasets
-from kronegp.cli import copy_hyperparameters
-from kronegp.models import GridGP
+from kronegp.models import GridGP, copy_hyperparameters
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
