@@ -368,7 +368,9 @@ def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
                 if gx > _MAX_GRID_X:
                     raise ValueError(f"kronegp: problem too large for one launch ({gx} blocks)")
                 launches.append(_Launch(spec, (gx, gy, nz), args, tuple(patches)))
-    return _Program(launches, n_tmps, n_batch * m * k_max)
+    # each intermediate a multiple of 64 elements (256 bytes): both parts of execute_program's one
+    # block stay 16-byte aligned, as the specs' vectorisation above assumed (residue 0)
+    return _Program(launches, n_tmps, -(-(n_batch * m * k_max) // 64) * 64)
 
 
 def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
@@ -407,11 +409,12 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
     intermediates like ``like`` (dtype, device)."""
     device = like.device
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
-    # after this stream's queued kernels, so dropping them on return is safe.
-    # (held until every launch is queued: two live tensors never share a block)
-    tmps = [torch.empty(prog.tmp_elems, dtype=like.dtype, device=device) for _ in range(prog.n_tmps)]
-    if tmps:
-        ptrs = ptrs + [t.data_ptr() for t in tmps]
+    # after this stream's queued kernels, so dropping them on return is safe. One block for
+    # both (held until every launch is queued), each part a multiple of 256 bytes long.
+    if prog.n_tmps:
+        tmp = torch.empty(prog.n_tmps * prog.tmp_elems, dtype=like.dtype, device=device)
+        base, step = tmp.data_ptr(), prog.tmp_elems * like.element_size()
+        ptrs = ptrs + [base + i * step for i in range(prog.n_tmps)]
     stream = current_stream_handle(device)
     with dev.current():
         for launch in prog.launches:

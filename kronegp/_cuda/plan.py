@@ -421,6 +421,12 @@ class Rates:
 
     copy_bytes_per_s: float = 2.9e12  # device-to-device copy, bytes read + written
     gemm_flops_per_s: tuple = ((4, 51e12), (8, 55e12))  # cuBLAS, TF32 off; fp64 on DMMA
+    # cuBLAS float32 with TF32 on (H100 SXM: 495 TFLOP/s dense peak; a guess at what its GEMMs of
+    # our shapes reach, not yet measured: benchmarks/kron_matmul.py --precisions reports it)
+    tf32_gemm_flops_per_s: float = 250e12
+    # one torch elementwise op of the split-TF32 path (host time per call; its bytes go at the
+    # copy rate)
+    elementwise_call_s: float = 8e-6
     gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
     # the fused kernel per pass: ~1.6 of 2.9 TB/s before its loads were batched (NOTES.md, round 3),
     # 11 % faster on average after (round 4: row-layout passes of 16^2 up to 2.4 TB/s)
@@ -463,13 +469,22 @@ def _gemm_shape_efficiency(rows: int, cols: int, inner: int) -> float:
     return max(eff, 0.05)
 
 
-def _gemm_seconds(flops: float, nbytes: float, eff: float, itemsize: int, rates: Rates) -> float:
+def _gemm_seconds(flops: float, nbytes: float, eff: float, itemsize: int, rates: Rates,
+                  precision: str = "highest", in_bytes: float = 0.0) -> float:
     """One cuBLAS GEMM call of the axis paths: the larger of its bytes at cuBLAS's share of the
     copy rate and its FLOPs at the GEMM rate times the shape efficiency ``eff``, plus the call's
-    host time."""
+    host time. float32 ``precision`` (:mod:`kronegp.precision`): ``"medium"`` one TF32 GEMM;
+    ``"high"`` three, plus the split of the input (``in_bytes``: three elementwise passes that
+    read it and write two parts)."""
     bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
-    rate = rates.get(rates.gemm_flops_per_s, itemsize)
-    return max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+    if itemsize == 8 or precision == "highest":
+        rate = rates.get(rates.gemm_flops_per_s, itemsize)
+        return max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+    one = max(nbytes / bw, flops / (rates.tf32_gemm_flops_per_s * eff)) + rates.gemm_call_s
+    if precision == "medium":
+        return one
+    split = 7 * in_bytes / rates.copy_bytes_per_s + 3 * rates.elementwise_call_s
+    return 3 * one + split
 
 
 def _factor_flops(shapes, m: int, order) -> list[float]:
@@ -504,7 +519,8 @@ def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rat
     return total
 
 
-def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES) -> float:
+def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES,
+                      precision: str = "highest") -> float:
     """Seconds the one-cuBLAS-GEMM-per-factor plan (:mod:`kronegp._cuda.axis_gemm`) should take.
 
     ``shapes`` in row form ``(I_i, O_i)``; ``col``: the ``m`` rows are the trailing (contiguous)
@@ -534,12 +550,13 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             # at ~0.2), measured against the tile cuBLAS picks, which is no wider than O (64³ with
             # C = 11 ran at ~0.3 of the rate: a 128-wide reference sent it to a slower path)
             eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / min(128.0, max(o, 16))) ** 0.7
-        total += _gemm_seconds(flops, nbytes, eff, itemsize, rates)
+        total += _gemm_seconds(flops, nbytes, eff, itemsize, rates, precision, a * i * c * itemsize)
         dims[ax] = o
     return total
 
 
-def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES) -> float:
+def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES,
+                                 precision: str = "highest") -> float:
     """``kron_matmul`` by the rotating form (:func:`kronegp._cuda.axis_gemm.rotated_products`):
     one GEMM per factor, ``y(R, O) = x(I, R)ᵀ·Wᵀ`` with ``R`` all the other axes and the ``T``
     columns (every GEMM has that long side, where the natural-order plan gives the factor next to
@@ -551,7 +568,8 @@ def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = R
     for i, o in shapes:
         rest = size // i
         nbytes = (rest * (i + o) + i * o) * itemsize
-        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates)
+        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates,
+                               precision, rest * i * itemsize)
         size = rest * o
     eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
     return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.transpose_call_s
@@ -585,6 +603,7 @@ def choose_path(
     axis_ok: bool = True,
     force: str = "auto",
     rates: Rates = RATES,
+    precision: str = "highest",
 ) -> PathChoice:
     """Pick the cheaper plan by the cost model: our fused kernels (:func:`plan_tiles`) or one
     cuBLAS GEMM per factor on natural-order axis views (``axis_ok``: the operands allow it).
@@ -595,12 +614,17 @@ def choose_path(
     up to the full GEMM rate (fp64 on tensor cores). So runs of small factors (memory-bound, few
     passes) stay fused, and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
     ``"axis_gemm"``) overrides the choice for benchmarks and tests.
+
+    ``precision`` (float32, :mod:`kronegp.precision`): the cuBLAS paths run ``"medium"`` as TF32
+    and ``"high"`` as split TF32, priced at the TF32 rate; the fused kernels are exact float32 in
+    every mode (their FMA rate whatever was asked).
     """
     steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))
     t_fused = predict_fused_plan(steps, shapes, m, itemsize, rates)
-    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates) if axis_ok else math.inf
+    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates, precision) if axis_ok else math.inf
     # out_col: kron_matmul with T > 1 columns trailing; the transposed form only pays for small T
-    t_axis_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if axis_ok and out_col else math.inf
+    t_axis_t = (predict_transposed_axis_plan(shapes, m, itemsize, rates, precision)
+                if axis_ok and out_col else math.inf)
     times = {"fused": t_fused, "axis_gemm": t_axis, "axis_gemm_t": t_axis_t}
     if force != "auto" and times[force] < math.inf:
         path = force
