@@ -301,6 +301,9 @@ class CudaBackend:
             out = rec(x, factors)
         else:
             shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors, batch)
+            # the mode the cuBLAS paths run in (exact where split TF32 would be slower)
+            precision = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path,
+                                precision).axis_precision
             run = (lambda p: self._by_path(side, x, factors, batch, shapes, in_col, p, precision))
             path, final = self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision)
             out, launched = self._by_path(side, x, factors, batch, shapes, in_col, path, precision)

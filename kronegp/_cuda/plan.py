@@ -586,6 +586,9 @@ class PathChoice:
     predicted_fused_s: float
     predicted_axis_s: float
     predicted_axis_t_s: float = math.inf
+    #: the float32 mode the cuBLAS paths run in: the asked one, or "highest" where exact float32
+    #: is predicted faster than split TF32 (exact also meets "high"'s bound)
+    axis_precision: str = "highest"
 
     @property
     def predicted_s(self) -> float:
@@ -616,8 +619,9 @@ def choose_path(
     ``"axis_gemm"``) overrides the choice for benchmarks and tests.
 
     ``precision`` (float32, :mod:`kronegp.precision`): the cuBLAS paths run ``"medium"`` as TF32
-    and ``"high"`` as split TF32, priced at the TF32 rate; the fused kernels are exact float32 in
-    every mode (their FMA rate whatever was asked).
+    and ``"high"`` as split TF32 (or exact float32 where that is predicted faster:
+    ``axis_precision``), priced at the TF32 rate; the fused kernels are exact float32 in every
+    mode (their FMA rate whatever was asked).
     """
     steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))
     t_fused = predict_fused_plan(steps, shapes, m, itemsize, rates)
@@ -625,6 +629,14 @@ def choose_path(
     # out_col: kron_matmul with T > 1 columns trailing; the transposed form only pays for small T
     t_axis_t = (predict_transposed_axis_plan(shapes, m, itemsize, rates, precision)
                 if axis_ok and out_col else math.inf)
+    axis_precision = precision if itemsize == 4 else "highest"
+    if axis_precision == "high" and axis_ok:
+        # split TF32 triples the GEMMs' bytes and adds the split passes: where that outweighs
+        # the TF32 rate (memory-bound shapes), exact float32 is both faster and more precise
+        ex_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates)
+        ex_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if out_col else math.inf
+        if min(ex_axis, ex_t) < min(t_axis, t_axis_t):
+            t_axis, t_axis_t, axis_precision = ex_axis, ex_t, "highest"
     times = {"fused": t_fused, "axis_gemm": t_axis, "axis_gemm_t": t_axis_t}
     if force != "auto" and times[force] < math.inf:
         path = force
@@ -634,4 +646,4 @@ def choose_path(
         path = "fused"
     else:
         path = min(times, key=times.get)
-    return PathChoice(path, steps, t_fused, t_axis, t_axis_t)
+    return PathChoice(path, steps, t_fused, t_axis, t_axis_t, axis_precision)
