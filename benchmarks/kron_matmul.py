@@ -211,103 +211,108 @@ def run(args) -> dict:
         for name, m, sizes in cases:
             k = math.prod(sizes)
             for side in args.sides:
-                gen = torch.Generator(device="cuda").manual_seed(0)
-                inputs = []
-                for _ in range(2):
-                    fs = [torch.randn(p, p, device="cuda", dtype=dt, generator=gen) / math.sqrt(p) for p in sizes]
-                    shape = (k, m) if side == "kron_matmul" else (m, k)
-                    x = torch.randn(*shape, device="cuda", dtype=dt, generator=gen)
-                    inputs.append((x, fs))
-                if side == "kron_matmul":
-                    loop = lambda x, fs: reference.kron_matmul(fs, x)  # noqa: E731
-                    lo = lambda x, op: op._matmul(x)  # noqa: E731
-                else:
-                    loop = lambda x, fs: reference.matmul_kron(x, fs)  # noqa: E731
-                    lo = lambda x, op: x @ op  # noqa: E731
-                nbytes = (2 * m * k + sum(p * p for p in sizes)) * x.element_size()
-                flops = case_flops(m, sizes)
-                floor_ms = max(nbytes / ceil["copy_bytes_per_s"], flops / rate, 5e-6) * 1e3
-                with torch.no_grad():
-                    x0, f0 = inputs[0]
-                    ref = (reference.kron_matmul([f.double() for f in f0], x0.double()) if side == "kron_matmul"
-                           else reference.matmul_kron(x0.double(), [f.double() for f in f0]))
-                    t_loop = measure(loop, inputs, args.reps)
-                    lo_inputs = [(x, lo_operator(fs)) for x, fs in inputs]
-                    try:
-                        t_lo = measure(lo, lo_inputs, args.reps)
-                    except Exception as e:  # noqa: BLE001 — an anchor that fails is reported, not fatal
-                        print(f"  linear_operator failed on {name}: {e}", file=sys.stderr)
-                        t_lo = {"device_ms": float("nan"), "eager_ms": float("nan")}
-                    del lo_inputs
-                    for prec in precisions:
-                        if side == "kron_matmul":
-                            ours = lambda x, fs, p=prec: kronegp.kron_matmul(fs, x, precision=p)  # noqa: E731
-                        else:
-                            ours = lambda x, fs, p=prec: kronegp.matmul_kron(x, fs, precision=p)  # noqa: E731
-                        out = ours(x0, f0)
-                        err, nan = _rel_err(out, ref), bool(torch.isnan(out).any())
-                        del out
-                        t = measure(ours, inputs, args.reps)
-                        by_path = {}
-                        for path in args.paths:  # each path pinned, for the cost model's calibration
-                            backend.force_path = path
-                            try:
-                                o = ours(x0, f0)
-                                by_path[path] = {**measure(ours, inputs, args.reps), "rel_err": _rel_err(o, ref)}
-                                nan = nan or bool(torch.isnan(o).any())
-                                del o
-                            finally:
-                                backend.force_path = "auto"
-                        if prec != "highest" and not args.no_direct:
-                            # the cuBLAS path forced into this mode (the cost model may run exact
-                            # float32 instead for "high"): calibrates Rates.tf32_gemm_flops_per_s
-                            from kronegp._cuda.axis_gemm import axis_products
-
+                try:
+                    gen = torch.Generator(device="cuda").manual_seed(0)
+                    inputs = []
+                    for _ in range(2):
+                        fs = [torch.randn(p, p, device="cuda", dtype=dt, generator=gen) / math.sqrt(p) for p in sizes]
+                        shape = (k, m) if side == "kron_matmul" else (m, k)
+                        x = torch.randn(*shape, device="cuda", dtype=dt, generator=gen)
+                        inputs.append((x, fs))
+                    if side == "kron_matmul":
+                        loop = lambda x, fs: reference.kron_matmul(fs, x)  # noqa: E731
+                        lo = lambda x, op: op._matmul(x)  # noqa: E731
+                    else:
+                        loop = lambda x, fs: reference.matmul_kron(x, fs)  # noqa: E731
+                        lo = lambda x, op: x @ op  # noqa: E731
+                    nbytes = (2 * m * k + sum(p * p for p in sizes)) * x.element_size()
+                    flops = case_flops(m, sizes)
+                    floor_ms = max(nbytes / ceil["copy_bytes_per_s"], flops / rate, 5e-6) * 1e3
+                    with torch.no_grad():
+                        x0, f0 = inputs[0]
+                        ref = (reference.kron_matmul([f.double() for f in f0], x0.double()) if side == "kron_matmul"
+                               else reference.matmul_kron(x0.double(), [f.double() for f in f0]))
+                        t_loop = measure(loop, inputs, args.reps)
+                        lo_inputs = [(x, lo_operator(fs)) for x, fs in inputs]
+                        try:
+                            t_lo = measure(lo, lo_inputs, args.reps)
+                        except Exception as e:  # noqa: BLE001 — an anchor that fails is reported, not fatal
+                            print(f"  linear_operator failed on {name}: {e}", file=sys.stderr)
+                            t_lo = {"device_ms": float("nan"), "eager_ms": float("nan")}
+                        del lo_inputs
+                        for prec in precisions:
                             if side == "kron_matmul":
-                                direct = lambda x, fs, p=prec: axis_products(x, 1, sizes, m, fs, p)  # noqa: E731
+                                ours = lambda x, fs, p=prec: kronegp.kron_matmul(fs, x, precision=p)  # noqa: E731
                             else:
-                                direct = lambda x, fs, p=prec: axis_products(x, m, sizes, 1, [f.mT for f in fs], p)  # noqa: E731
-                            o = direct(x0, f0).view(ref.shape)
-                            by_path[f"axis_gemm[{prec}]"] = {**measure(direct, inputs, args.reps), "rel_err": _rel_err(o, ref)}
-                            del o
-                        choice = backend.choice(side, x0, f0, prec)
-                        row = {
-                            "case": name, "dtype": dtname, "side": side, "precision": prec, "M": m,
-                            "factors": sizes, "bytes": nbytes, "flops": flops, "floor_ms": floor_ms,
-                            "ours": t, "lo": t_lo, "loop": t_loop,
-                            "device_over_floor": t["device_ms"] / floor_ms,
-                            "eager_over_floor": t["eager_ms"] / floor_ms,
-                            "lo_over_floor": t_lo["eager_ms"] / floor_ms,
-                            "eager_speedup_vs_lo": t_lo["eager_ms"] / t["eager_ms"],
-                            "device_speedup_vs_lo": t_lo["device_ms"] / t["device_ms"],
-                            "eager_speedup_vs_loop": t_loop["eager_ms"] / t["eager_ms"],
-                            "rel_err": err, "nan": nan,
-                            "path": backend.path_taken(side, x0, f0, prec), "model_path": choice.path,
-                            "axis_precision": choice.axis_precision,
-                            "plan_launches": len(choice.steps) if choice.path == "fused" else len(sizes),
-                            "predicted_fused_ms": choice.predicted_fused_s * 1e3,
-                            "predicted_axis_ms": choice.predicted_axis_s * 1e3,
-                            "predicted_axis_t_ms": (choice.predicted_axis_t_s * 1e3
-                                                    if math.isfinite(choice.predicted_axis_t_s) else None),
-                            "by_path": by_path,
-                        }
-                        rows.append(row)
-                        print(
-                            f"{name:22s} {dtname[5:]:2s} {side:11s} {prec:7s} dev {t['device_ms']:8.4f} "
-                            f"eager {t['eager_ms']:8.4f} host {t['host_us']:6.1f} issue {t['issue_us']:5.1f} "
-                            f"floor {floor_ms:7.4f} d/f {row['device_over_floor']:5.2f} e/f {row['eager_over_floor']:5.2f} "
-                            f"LO {t_lo['eager_ms']:8.3f} xLO {row['eager_speedup_vs_lo']:5.2f} "
-                            f"xloop {row['eager_speedup_vs_loop']:5.2f} err {err:.1e} {row['path']}"
-                            + (f"[{choice.axis_precision}]" if row["path"] != "fused" else "")
-                            + "".join(f" | {k} {v['device_ms']:.3f} err {v['rel_err']:.1e}" for k, v in by_path.items()),
-                            flush=True,
-                        )
-                del inputs, ref
-                torch.cuda.empty_cache()
-    summary = {}
+                                ours = lambda x, fs, p=prec: kronegp.matmul_kron(x, fs, precision=p)  # noqa: E731
+                            out = ours(x0, f0)
+                            err, nan = _rel_err(out, ref), bool(torch.isnan(out).any())
+                            del out
+                            t = measure(ours, inputs, args.reps)
+                            by_path = {}
+                            for path in args.paths:  # each path pinned, for the cost model's calibration
+                                backend.force_path = path
+                                try:
+                                    o = ours(x0, f0)
+                                    by_path[path] = {**measure(ours, inputs, args.reps), "rel_err": _rel_err(o, ref)}
+                                    nan = nan or bool(torch.isnan(o).any())
+                                    del o
+                                finally:
+                                    backend.force_path = "auto"
+                            if prec != "highest" and not args.no_direct:
+                                # the cuBLAS path forced into this mode (the cost model may run exact
+                                # float32 instead for "high"): calibrates Rates.tf32_gemm_flops_per_s
+                                from kronegp._cuda.axis_gemm import axis_products
+
+                                if side == "kron_matmul":
+                                    direct = lambda x, fs, p=prec: axis_products(x, 1, sizes, m, fs, p)  # noqa: E731
+                                else:
+                                    direct = lambda x, fs, p=prec: axis_products(x, m, sizes, 1, [f.mT for f in fs], p)  # noqa: E731
+                                o = direct(x0, f0).view(ref.shape)
+                                by_path[f"axis_gemm[{prec}]"] = {**measure(direct, inputs, args.reps), "rel_err": _rel_err(o, ref)}
+                                del o
+                            choice = backend.choice(side, x0, f0, prec)
+                            row = {
+                                "case": name, "dtype": dtname, "side": side, "precision": prec, "M": m,
+                                "factors": sizes, "bytes": nbytes, "flops": flops, "floor_ms": floor_ms,
+                                "ours": t, "lo": t_lo, "loop": t_loop,
+                                "device_over_floor": t["device_ms"] / floor_ms,
+                                "eager_over_floor": t["eager_ms"] / floor_ms,
+                                "lo_over_floor": t_lo["eager_ms"] / floor_ms,
+                                "eager_speedup_vs_lo": t_lo["eager_ms"] / t["eager_ms"],
+                                "device_speedup_vs_lo": t_lo["device_ms"] / t["device_ms"],
+                                "eager_speedup_vs_loop": t_loop["eager_ms"] / t["eager_ms"],
+                                "rel_err": err, "nan": nan,
+                                "path": backend.path_taken(side, x0, f0, prec), "model_path": choice.path,
+                                "axis_precision": choice.axis_precision,
+                                "plan_launches": len(choice.steps) if choice.path == "fused" else len(sizes),
+                                "predicted_fused_ms": choice.predicted_fused_s * 1e3,
+                                "predicted_axis_ms": choice.predicted_axis_s * 1e3,
+                                "predicted_axis_t_ms": (choice.predicted_axis_t_s * 1e3
+                                                        if math.isfinite(choice.predicted_axis_t_s) else None),
+                                "by_path": by_path,
+                            }
+                            rows.append(row)
+                            print(
+                                f"{name:22s} {dtname[5:]:2s} {side:11s} {prec:7s} dev {t['device_ms']:8.4f} "
+                                f"eager {t['eager_ms']:8.4f} host {t['host_us']:6.1f} issue {t['issue_us']:5.1f} "
+                                f"floor {floor_ms:7.4f} d/f {row['device_over_floor']:5.2f} e/f {row['eager_over_floor']:5.2f} "
+                                f"LO {t_lo['eager_ms']:8.3f} xLO {row['eager_speedup_vs_lo']:5.2f} "
+                                f"xloop {row['eager_speedup_vs_loop']:5.2f} err {err:.1e} {row['path']}"
+                                + (f"[{choice.axis_precision}]" if row["path"] != "fused" else "")
+                                + "".join(f" | {k} {v['device_ms']:.3f} err {v['rel_err']:.1e}" for k, v in by_path.items()),
+                                flush=True,
+                            )
+                    del inputs, ref
+                    torch.cuda.empty_cache()
+                except Exception as err:  # noqa: BLE001 — report the case and go on with the others
+                    print(f"{name} {dtname} {side}: FAILED {type(err).__name__}: {err}", flush=True)
+                    rows.append({"case": name, "dtype": dtname, "side": side, "error": f"{type(err).__name__}: {err}"})
+                    torch.cuda.empty_cache()
+    summary = {"failed": [f"{r['case']} {r['dtype']} {r['side']}" for r in rows if "error" in r]}
     for dtname in args.dtypes:
         for prec in (args.precisions if dtname == "float32" else ["highest"]):
-            sel = [r for r in rows if r["dtype"] == dtname and r["precision"] == prec]
+            sel = [r for r in rows if r["dtype"] == dtname and r.get("precision") == prec]
             if not sel:
                 continue
 
@@ -333,10 +338,11 @@ def run(args) -> dict:
         # the issue's split-TF32 target: GP-shaped cases with P ≥ 64, "high" against "highest"
         ratio = {}
         for r in rows:
-            if r["dtype"] == "float32" and r["precision"] == "high" and r["case"].startswith("GP") and min(r["factors"]) >= 64:
-                base = next(b for b in rows if b["precision"] == "highest" and b["case"] == r["case"]
-                            and b["side"] == r["side"] and b["dtype"] == "float32")
-                ratio[f"{r['case']} {r['side']}"] = base["ours"]["device_ms"] / r["ours"]["device_ms"]
+            if r["dtype"] == "float32" and r.get("precision") == "high" and r["case"].startswith("GP") and min(r["factors"]) >= 64:
+                base = next((b for b in rows if b.get("precision") == "highest" and b["case"] == r["case"]
+                             and b["side"] == r["side"] and b["dtype"] == "float32"), None)
+                if base is not None:
+                    ratio[f"{r['case']} {r['side']}"] = base["ours"]["device_ms"] / r["ours"]["device_ms"]
         summary["high_speedup_over_highest_gp_p64"] = ratio
     print("# summary")
     for key, val in summary.items():
