@@ -269,7 +269,7 @@ class CudaBackend:
     def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
         """``x · (F_1 ⊗ … ⊗ F_N)``: rows of x times the Kronecker product, ``G_i = F_i``."""
         key = (False, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               *[f.shape + f.stride() for f in factors])
+               *[(f.shape, f.stride()) for f in factors])
         rec = self._records.get(key)
         if rec is not None:
             return rec(x, factors)
@@ -278,7 +278,7 @@ class CudaBackend:
     def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
         """``(F_1 ⊗ … ⊗ F_N) · x``: each column of x is a row times ``⊗F_iᵀ`` (``G_i = F_iᵀ``)."""
         key = (True, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               *[f.shape + f.stride() for f in factors])
+               *[(f.shape, f.stride()) for f in factors])
         rec = self._records.get(key)
         if rec is not None:
             return rec(x, factors)

@@ -271,6 +271,8 @@ class _Launch:
     template: KronArgs  # strides, sizes, factor strides; pointers hold offsets only
     patches: tuple  # (field, slot, operand, byte offset): field "x", "y" or "f" (slot g)
     fn: object = None
+    xy: tuple = ()  # ((operand, byte offset) of x, of y): the patches, split for execute_program
+    fs: tuple = ()  # (slot g, operand, byte offset) per factor
     fn_ptr: int = 0  # the CUfunction's address, for the ctypes launch
     nt: int = 0
     smem: int = 0
@@ -395,6 +397,9 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
             launch.fn = dev.function(launch.spec)
             launch.fn_ptr = int(launch.fn)
             launch.nt, launch.smem = launch.spec.NT, launch.spec.smem_bytes
+            by_field = {f: (t, off) for f, _, t, off in launch.patches if f != "f"}
+            launch.xy = (by_field["x"], by_field["y"])
+            launch.fs = tuple((g, t, off) for f, g, t, off in launch.patches if f == "f")
         if len(dev.programs) >= _MAX_PROGRAMS:
             dev.programs.clear()  # a crude bound: signatures rarely number this many
         dev.programs[key] = prog
@@ -406,28 +411,34 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
 
 def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs: list) -> None:
     """Run a cached program: ``ptrs`` = data pointers of x, y and the factors, in that order;
-    intermediates like ``like`` (dtype, device)."""
-    device = like.device
+    intermediates like ``like`` (dtype, device). This is the whole per-call host path of a
+    fused call (a few µs of Python per launch): keep it lean."""
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
     # after this stream's queued kernels, so dropping them on return is safe. One block for
     # both (held until every launch is queued), each part a multiple of 256 bytes long.
     if prog.n_tmps:
-        tmp = torch.empty(prog.n_tmps * prog.tmp_elems, dtype=like.dtype, device=device)
-        base, step = tmp.data_ptr(), prog.tmp_elems * like.element_size()
+        base = like.new_empty(prog.n_tmps * prog.tmp_elems).data_ptr()
+        step = prog.tmp_elems * like.element_size()
         ptrs = ptrs + [base + i * step for i in range(prog.n_tmps)]
-    stream = current_stream_handle(device)
+    stream = current_stream_handle(like.device)
+    c_launch = _c_launch()
     with dev.current():
         for launch in prog.launches:
             args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
-            for field, g, t, off in launch.patches:
-                if field == "f":
-                    args.f[g] = ptrs[t] + off
-                elif field == "x":
-                    args.x = ptrs[t] + off
-                else:
-                    args.y = ptrs[t] + off
-            launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec,
-                          smem=launch.smem, fn_ptr=launch.fn_ptr)
+            (tx, ox), (ty, oy) = launch.xy
+            args.x, args.y = ptrs[tx] + ox, ptrs[ty] + oy
+            fa = args.f
+            for g, t, off in launch.fs:
+                fa[g] = ptrs[t] + off
+            if c_launch is None:
+                launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec, smem=launch.smem)
+                continue
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+            gx, gy, gz = launch.grid
+            code = c_launch(launch.fn_ptr, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream,
+                            ctypes.addressof(params), None)
+            if code != 0:
+                _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
 
 
 def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, spec,

@@ -34,7 +34,7 @@ class FusedRecord:
         self.dev, self.prog, self.out_shape = dev, prog, out_shape
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(self.out_shape)
         ptrs = [x.data_ptr(), out.data_ptr()]
         ptrs += [f.data_ptr() for f in factors]
         execute_program(self.dev, self.prog, x, ptrs)
@@ -70,7 +70,7 @@ class RotatedRecord:
         self.p_total = out_shape[-2]
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(self.out_shape)
         yt = rotated_products(x, self.nb, self.dims, self.t, factors, self.precision)
         self.transpose(yt, out, self.p_total, self.t, self.nb)
         return out
