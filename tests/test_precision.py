@@ -251,3 +251,42 @@ def test_split_tf32_gemms_on_the_gpu():
             errs[mode] = max(rel_err(nat, ref), rel_err(rot, ref))
             assert errs[mode] < BOUND[mode], (dims, mode, errs[mode])
         assert errs["high"] < errs["medium"] / 20, errs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernels_on_tensor_cores(dtype):
+    # KRONEGP_FUSED_MMA: the fused kernels' products on DMMA (float64) or TF32 / split TF32
+    # (float32 "medium" / "high"), every mode within its bound, outputs poisoned.
+    from kronegp import _backend
+
+    backend = _backend.for_tensor(torch.empty(1, device="cuda"))
+    if int(backend._device(torch.empty(1, device="cuda")).arch[3:]) < 80:
+        pytest.skip("tensor-core products need sm_80")
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    cases = [("matmul_kron", 33, ((8, 8),) * 5), ("kron_matmul", 7, ((24, 24), (3, 5), (12, 7))),
+             ("kron_matmul", 1024, ((16, 16),) * 3), ("matmul_kron", 11, ((32, 31), (5, 32))),
+             ("matmul_kron", 1, ((2, 3), (31, 1)))]
+    modes = PRECISIONS if dtype == torch.float32 else ("highest",)
+    try:
+        backend.force_path, backend.fused_mma_enabled = "fused", True
+        for side, rows, shapes in cases:
+            fs = [torch.randn(p, q, device="cuda", dtype=dtype, generator=gen) / math.sqrt(q) for p, q in shapes]
+            fd = [f.double() for f in fs]
+            for mode in modes:
+                if side == "kron_matmul":
+                    x = torch.randn(math.prod(q for _, q in shapes), rows, device="cuda", dtype=dtype, generator=gen)
+                    got = _poisoned_run(lambda: kronegp.kron_matmul(fs, x, precision=mode))
+                    ref = reference.kron_matmul(fd, x.double())
+                else:
+                    x = torch.randn(rows, math.prod(p for p, _ in shapes), device="cuda", dtype=dtype, generator=gen)
+                    got = _poisoned_run(lambda: kronegp.matmul_kron(x, fs, precision=mode))
+                    ref = reference.matmul_kron(x.double(), fd)
+                assert not torch.isnan(got).any(), (side, shapes, mode)
+                err = rel_err(got, ref)
+                bound = 1e-13 if dtype == torch.float64 else BOUND[mode]
+                assert err < bound, (side, shapes, mode, err)
+                if mode == "medium":
+                    assert err > 1e-6, "medium ran exact: the TF32 products did not run"
+    finally:
+        backend.force_path, backend.fused_mma_enabled = "auto", False

@@ -42,7 +42,7 @@ from kronegp._cuda.launch import (
     DeviceKernels, Operand, RowProduct, _check, execute_program, run_row_product, run_transpose,
 )
 from kronegp._cuda.axis_gemm import axis_gemm_allowed, axis_products, rotated_products
-from kronegp._cuda.plan import TRANSPOSE_MAX_D, PathChoice, TransposeSpec, choose_path, plan_tiles
+from kronegp._cuda.plan import TRANSPOSE_MAX_D, PathChoice, TransposeSpec, choose_path, fused_mma, plan_tiles
 from kronegp._cuda.records import AxisRecord, FusedRecord, ReferenceRecord, RotatedRecord
 from kronegp._cuda.tune import PathTuner, time_candidates, tune_key
 
@@ -102,6 +102,7 @@ class CudaBackend:
         self.autotune = bool(autotune)
         #: save tuned choices in the kernel cache folder (tests switch this off)
         self.autotune_persist = True
+        self.fused_mma_enabled = os.environ.get("KRONEGP_FUSED_MMA", "") not in ("", "0")
 
     @property
     def force_path(self) -> str:
@@ -114,6 +115,18 @@ class CudaBackend:
             raise ValueError(f"force_path must be one of {_PATHS}, got {value!r}")
         self._force_path = value
         self._records = {}  # records hold a path: choose again
+
+    @property
+    def fused_mma_enabled(self) -> bool:
+        """The fused kernels' products on the tensor cores (fp64 DMMA; TF32 / split TF32 for
+        float32 "medium" / "high"; sm_80+); ``KRONEGP_FUSED_MMA=1``. Opt-in until device timings
+        show they pay."""
+        return self._fused_mma
+
+    @fused_mma_enabled.setter
+    def fused_mma_enabled(self, value: bool) -> None:
+        self._fused_mma = bool(value)
+        self._records = {}
 
     @property
     def autotune(self) -> bool:
@@ -302,19 +315,19 @@ class CudaBackend:
         else:
             shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors, batch)
             # the mode the cuBLAS paths run in (exact where split TF32 would be slower)
-            precision = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path,
+            axis_prec = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path,
                                 precision).axis_precision
-            run = (lambda p: self._by_path(side, x, factors, batch, shapes, in_col, p, precision))
+            run = (lambda p: self._by_path(side, x, factors, batch, shapes, in_col, p, precision, axis_prec))
             path, final = self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision)
-            out, launched = self._by_path(side, x, factors, batch, shapes, in_col, path, precision)
+            out, launched = self._by_path(side, x, factors, batch, shapes, in_col, path, precision, axis_prec)
             dims = [p for p, _ in shapes]
             if not final:
                 return out
             if path == "axis_gemm":
                 lead, trail = (rows * nb, 1) if side == "matmul_kron" else (nb, rows)
-                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, precision)
+                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, axis_prec)
             elif path == "axis_gemm_t":
-                rec = RotatedRecord(nb, dims, rows, out_shape, precision, self._transpose)
+                rec = RotatedRecord(nb, dims, rows, out_shape, axis_prec, self._transpose)
             elif launched is not None:
                 rec = FusedRecord(*launched, out_shape)
             else:
@@ -325,44 +338,46 @@ class CudaBackend:
         return out
 
     def _by_path(self, side, x: Tensor, factors, batch: torch.Size, shapes: tuple, in_col: bool, path: str,
-                 precision: str):
+                 precision: str, axis_precision: str):
         """One call by ``path``: ``(out, (device, program) or None)`` (the program of the fused
-        path, for its launch record)."""
+        path, for its launch record). ``precision``: the asked float32 mode (the fused kernels'
+        product unit); ``axis_precision``: the mode the cuBLAS paths run in."""
         if side == "matmul_kron":
-            return self._matmul_kron(x, factors, batch, shapes, in_col, path, precision)
-        return self._kron_matmul(factors, x, batch, shapes, in_col, path, precision)
+            return self._matmul_kron(x, factors, batch, shapes, in_col, path, precision, axis_precision)
+        return self._kron_matmul(factors, x, batch, shapes, in_col, path, precision, axis_precision)
 
     def _matmul_kron(self, x: Tensor, factors, batch: torch.Size, shapes: tuple, in_col: bool, path: str,
-                     precision: str = "highest"):
+                     precision: str = "highest", axis_precision: str = "highest"):
         m = x.shape[-2]
         q_total = math.prod(q for _, q in shapes)
         if path == "axis_gemm":
             # rows (batch·M) lead, each factor's axis in natural order: x (B·M, P_1, …, P_N)
-            y = axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors], precision)
+            y = axis_products(x, m * math.prod(batch), [p for p, _ in shapes], 1, [f.mT for f in factors],
+                              axis_precision)
             return y.view(*batch, m, q_total), None
         out = torch.empty((*batch, m, q_total), dtype=x.dtype, device=x.device)
-        return out, self._row_form(False, x, factors, out, batch, shapes, m, in_col, False)
+        return out, self._row_form(False, x, factors, out, batch, shapes, m, in_col, False, precision)
 
     def _kron_matmul(self, factors, x: Tensor, batch: torch.Size, shapes: tuple, in_col: bool, path: str,
-                     precision: str = "highest"):
+                     precision: str = "highest", axis_precision: str = "highest"):
         t = x.shape[-1]
         nb = math.prod(batch)
         p_total = math.prod(p for _, p in shapes)
         if path == "axis_gemm":
             # x (B, Q_1, …, Q_N, T): the T columns trail, each factor acts on its axis
-            y = axis_products(x, nb, [p for p, _ in shapes], t, list(factors), precision)
+            y = axis_products(x, nb, [p for p, _ in shapes], t, list(factors), axis_precision)
             return y.view(*batch, p_total, t), None
         out = torch.empty((*batch, p_total, t), dtype=x.dtype, device=x.device)
         if path == "axis_gemm_t":
             # rotating form: one GEMM per factor leaves yᵀ (B, T, ΠP), one transpose pass back
-            yt = rotated_products(x, nb, [p for p, _ in shapes], t, list(factors), precision)
+            yt = rotated_products(x, nb, [p for p, _ in shapes], t, list(factors), axis_precision)
             self._transpose(yt, out, p_total, t, nb)
             return out, None
         # rows of the row form are the columns t of x (and of out): strides swapped
-        return out, self._row_form(True, x, factors, out, batch, shapes, t, in_col, t > 1)
+        return out, self._row_form(True, x, factors, out, batch, shapes, t, in_col, t > 1, precision)
 
     def _row_form(self, swapped: bool, x: Tensor, factors, out: Tensor, batch: torch.Size, shapes: tuple,
-                  m: int, in_col: bool, out_col: bool):
+                  m: int, in_col: bool, out_col: bool, precision: str = "highest"):
         """Run the kernel plan of the row form ``out = x · (⊗G)`` with ``m`` rows; ``swapped``
         (kron_matmul): the rows are the tensors' last dimension, so their two matrix strides
         swap. Returns what :meth:`_run` does."""
@@ -371,9 +386,16 @@ class CudaBackend:
             r, c = (a.stride(-1), a.stride(-2)) if swapped else (a.stride(-2), a.stride(-1))
             return Operand(a, _batch_strides(a, batch), r, c)
 
+        mma = fused_mma(x.element_size(), precision, self._arch(x), self.fused_mma_enabled)
         prod = RowProduct(x=operand(x), factors=[operand(f) for f in factors], shapes=shapes, y=operand(out),
-                          batch=tuple(batch), m=m, in_col=in_col, out_col=out_col)
+                          batch=tuple(batch), m=m, in_col=in_col, out_col=out_col, mma=mma)
         return self._run(x, prod)
+
+    def _arch(self, x: Tensor) -> int:
+        """The compute capability of ``x``'s GPU as a number (90 for sm_90); 0 off the GPU."""
+        if x.device.type != "cuda":
+            return 0
+        return int(self._device(x).arch[3:])
 
 
 def load() -> CudaBackend:

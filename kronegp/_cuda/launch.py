@@ -238,11 +238,13 @@ class RowProduct:
     m: int
     in_col: bool
     out_col: bool
+    mma: int = 0  # the fused kernels' product unit (FusedSpec.mma)
 
 
 @lru_cache(maxsize=4096)
-def _plan(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, budget: int) -> tuple[Step, ...]:
-    return tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, budget))
+def _plan(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, budget: int,
+          mma: int = 0) -> tuple[Step, ...]:
+    return tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, budget, mma=mma))
 
 
 def _merge_batch(sizes: Sequence[int], strides: Sequence[Sequence[int]]):
@@ -291,7 +293,7 @@ def _signature(prod: RowProduct) -> tuple:
     """Everything a program depends on besides the data pointers (only their 16-byte residue)."""
     x, y = prod.x, prod.y
     return (
-        prod.shapes, prod.m, prod.in_col, prod.out_col, prod.batch, x.tensor.dtype,
+        prod.shapes, prod.m, prod.in_col, prod.out_col, prod.batch, x.tensor.dtype, prod.mma,
         x.batch_strides, x.s_row, x.s_col, x.tensor.data_ptr() % 16,
         y.batch_strides, y.s_row, y.s_col, y.tensor.data_ptr() % 16,
         tuple((f.batch_strides, f.s_row, f.s_col) for f in prod.factors),
@@ -307,7 +309,7 @@ def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
     """
     x, y = prod.x, prod.y
     itemsize = x.tensor.element_size()
-    steps = _plan(prod.shapes, prod.m, itemsize, prod.in_col, prod.out_col, smem_budget)
+    steps = _plan(prod.shapes, prod.m, itemsize, prod.in_col, prod.out_col, smem_budget, prod.mma)
     m = prod.m
     n_tmps, k_max = 0, 0
     tmp_bstrides = tuple(0 for _ in prod.batch)

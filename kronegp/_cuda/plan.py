@@ -28,7 +28,7 @@ from typing import Sequence
 
 __all__ = [
     "FusedSpec", "GemmSpec", "TransposeSpec", "TRANSPOSE_MAX_D", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED", "Rates", "PathChoice",
-    "choose_path", "predict_fused_plan", "predict_axis_plan",
+    "choose_path", "predict_fused_plan", "predict_axis_plan", "fused_mma",
 ]
 
 #: Largest P or Q that the fused kernel takes (its factors live whole in shared memory).
@@ -87,6 +87,9 @@ class FusedSpec:
     out_col: bool
     in_vec: bool = False  # 16-byte global loads (set per launch from pointer/stride alignment)
     out_vec: bool = False  # 16-byte global stores
+    #: products on the tensor cores (sm_80+, :func:`fused_mma`): 0 FMA; 1 DMMA (float64) or TF32
+    #: (float32 "medium"); 3 split TF32 (float32 "high")
+    mma: int = 0
 
     kind = "fused"
 
@@ -156,7 +159,7 @@ class FusedSpec:
         if (iv, ov) == (self.in_vec, self.out_vec):
             return self
         return FusedSpec(self.itemsize, self.P, self.Q, self.TM, self.TS, self.NT, self.in_col,
-                         self.out_col, iv, ov)
+                         self.out_col, iv, ov, self.mma)
 
     def source(self, name: str) -> str:
         nf = len(self.P)
@@ -169,6 +172,7 @@ static constexpr int Q[{nf}] = {{{qs}}};
 static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
 static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)};
 static constexpr bool IN_VEC = {_b(self.in_vec)}, OUT_VEC = {_b(self.out_vec)};
+static constexpr int MMA = {self.mma};
 """
         check = (f"static_assert(FusedGeom<Spec>::smem_elems() * sizeof({_CTYPE[self.itemsize]}) == "
                  f"{self.smem_bytes}, \"smem size mismatch\");\n")
@@ -296,7 +300,19 @@ class Step:
         return self.s * self.spec.QG
 
 
-def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_elems):
+def fused_mma(itemsize: int, precision: str, arch: int, enabled: bool) -> int:
+    """The fused kernel's product unit (:attr:`FusedSpec.mma`) for a dtype size, float32
+    ``precision`` and GPU architecture (e.g. 90): tensor cores only where ``enabled`` (opt-in,
+    ``KRONEGP_FUSED_MMA=1``, until the device timings show they pay) and the GPU has them for
+    this type (sm_80+: fp64 DMMA, TF32); float32 ``"highest"`` always FMA (exact)."""
+    if not enabled or arch < 80:
+        return 0
+    if itemsize == 8:
+        return 1
+    return {"highest": 0, "high": 3, "medium": 1}[precision]
+
+
+def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_elems, mma=0):
     """The largest (TM, TS) within budget for a fused group, or None if even the least fails."""
     elem_run = 32 // itemsize  # a 32-byte sector of consecutive elements
     if in_col or out_col:
@@ -319,7 +335,7 @@ def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_ele
     for tm in tm_opts:
         for ts in sorted(ts_opts):
             ts = min(ts, s)
-            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, nt, in_col, out_col)
+            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, nt, in_col, out_col, mma=mma)
             if spec.smem_bytes > smem_budget:
                 break
             elems = tm * ts * max(spec.PG, spec.QG)
@@ -340,6 +356,7 @@ def plan_tiles(
     out_col: bool,
     smem_budget: int = 100 * 1024,
     target_elems: int | None = None,
+    mma: int = 0,
 ) -> list[Step]:
     """Plan ``x·(G_1 ⊗ … ⊗ G_N)`` for factor shapes ``shapes[i] = (P_i, Q_i)`` and ``m`` rows.
 
@@ -374,7 +391,7 @@ def plan_tiles(
             cur_in_col = out_col
             continue
         group_first = i
-        spec = _fused_tile(itemsize, [p], [q], m, k_in // p, cur_in_col, out_col, smem_budget, target)
+        spec = _fused_tile(itemsize, [p], [q], m, k_in // p, cur_in_col, out_col, smem_budget, target, mma)
         if spec is None:
             raise ValueError(f"no fused tile fits {smem_budget} bytes for factor {(p, q)}")
         while group_first - 1 >= 0 and i - group_first + 1 < MAX_FUSED:
@@ -384,7 +401,7 @@ def plan_tiles(
             ps = [s[0] for s in shapes[group_first - 1 : i + 1]]
             qs = [s[1] for s in shapes[group_first - 1 : i + 1]]
             s_cand = k_in // math.prod(ps)
-            cand = _fused_tile(itemsize, ps, qs, m, s_cand, cur_in_col, out_col, smem_budget, target)
+            cand = _fused_tile(itemsize, ps, qs, m, s_cand, cur_in_col, out_col, smem_budget, target, mma)
             if cand is None or not _runs_ok(cand, m, s_cand, itemsize):
                 break
             spec = cand
