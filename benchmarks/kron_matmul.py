@@ -195,6 +195,8 @@ def run(args) -> dict:
         flush=True,
     )
     print(f"# backend: {kronegp.backend_info().get('cuda_reason')}", flush=True)
+    if _cuda_backend().fused_mma_enabled:
+        print("# fused kernels on the tensor cores (KRONEGP_FUSED_MMA)", flush=True)
     print("# times: device (graph replay) / eager (back-to-back wall) ms, host = eager - device µs, "
           "issue = host µs to return from a call", flush=True)
     backend = _cuda_backend()
@@ -251,14 +253,18 @@ def run(args) -> dict:
                             t = measure(ours, inputs, args.reps)
                             by_path = {}
                             for path in args.paths:  # each path pinned, for the cost model's calibration
-                                backend.force_path = path
+                                if path == "fused_mma" and dt == torch.float32 and prec == "highest":
+                                    continue  # exact float32 is FMA: the same kernels as "fused"
+                                # fused_mma: the fused path with its products on the tensor cores
+                                backend.force_path = "fused" if path == "fused_mma" else path
+                                backend.fused_mma_enabled = path == "fused_mma"
                                 try:
                                     o = ours(x0, f0)
                                     by_path[path] = {**measure(ours, inputs, args.reps), "rel_err": _rel_err(o, ref)}
                                     nan = nan or bool(torch.isnan(o).any())
                                     del o
                                 finally:
-                                    backend.force_path = "auto"
+                                    backend.force_path, backend.fused_mma_enabled = "auto", False
                             if prec != "highest" and not args.no_direct:
                                 # the cuBLAS path forced into this mode (the cost model may run exact
                                 # float32 instead for "high"): calibrates Rates.tf32_gemm_flops_per_s
@@ -413,8 +419,9 @@ def main(argv=None):
                     choices=["highest", "high", "medium"], help="float32 precision modes of ours")
     ap.add_argument("--sides", nargs="+", default=["matmul_kron", "kron_matmul"])
     ap.add_argument("--limit", type=int, default=0, help="only the first N cases")
-    ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "axis_gemm", "axis_gemm_t"],
-                    help="also time ours with each path pinned (cost-model calibration)")
+    ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "fused_mma", "axis_gemm", "axis_gemm_t"],
+                    help="also time ours with each path pinned (cost-model calibration); fused_mma: the fused "
+                         "path on the tensor cores (KRONEGP_FUSED_MMA)")
     ap.add_argument("--no-direct", action="store_true",
                     help="skip timing the cuBLAS path forced into each float32 mode other than highest")
     ap.add_argument("--autotune", action="store_true",
