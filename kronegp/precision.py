@@ -64,18 +64,25 @@ def _get_tf32() -> bool:
         return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
-def _set_tf32(enabled: bool) -> None:
+def _switch_tf32(enabled: bool):
+    """Set torch's cuBLAS TF32 switch; return what restores the previous state exactly (through
+    the same API the process uses: torch ≥ 2.9 refuses a mix of its two)."""
     try:
         torch._C._get_cublas_allow_tf32()  # raises if the newer API is in use
-        torch.backends.cuda.matmul.allow_tf32 = enabled
     except (RuntimeError, AttributeError):
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        matmul = torch.backends.cuda.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        return lambda: setattr(matmul, "fp32_precision", before)
+    mode = torch.get_float32_matmul_precision()  # "medium" and "high" both mean TF32 on: keep which
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return lambda: torch.set_float32_matmul_precision(mode)
 
 
 class cublas_tf32:
     """``with cublas_tf32(enabled):`` torch's float32 cuBLAS GEMMs use TF32 iff ``enabled``
-    inside the block; the flag is restored on exit. Costs one flag read when it already has
-    the wanted value."""
+    inside the block; the previous setting is restored on exit. Costs one flag read when it
+    already has the wanted value."""
 
     __slots__ = ("enabled", "restore")
 
@@ -85,12 +92,11 @@ class cublas_tf32:
 
     def __enter__(self):
         if _get_tf32() != self.enabled:
-            _set_tf32(self.enabled)
-            self.restore = not self.enabled
+            self.restore = _switch_tf32(self.enabled)
         return self
 
     def __exit__(self, *exc):
         if self.restore is not None:
-            _set_tf32(self.restore)
+            self.restore()
             self.restore = None
         return False

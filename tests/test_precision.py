@@ -66,14 +66,15 @@ def test_tf32_split_is_exact_and_rounds_to_tf32():
     assert float((lo.abs() / t.abs()).max()) > 2.0**-12
 
 
-def test_cublas_tf32_switch_restores_the_flag(restore_matmul_precision):
-    for mode in ("highest", "high"):
+def test_cublas_tf32_switch_restores_the_setting(restore_matmul_precision):
+    for mode in PRECISIONS:  # "medium" and "high" both mean TF32 on: the switch must keep which
         torch.set_float32_matmul_precision(mode)
         before = torch.backends.cuda.matmul.allow_tf32
         for enabled in (True, False):
             with cublas_tf32(enabled):
                 assert torch.backends.cuda.matmul.allow_tf32 is enabled
             assert torch.backends.cuda.matmul.allow_tf32 is before
+            assert torch.get_float32_matmul_precision() == mode
 
 
 @pytest.mark.parametrize("force", ["axis_gemm", "axis_gemm_t"])
@@ -290,3 +291,29 @@ def test_fused_kernels_on_tensor_cores(dtype):
                     assert err > 1e-6, "medium ran exact: the TF32 products did not run"
     finally:
         backend.force_path, backend.fused_mma_enabled = "auto", False
+
+
+def test_torchs_newer_tf32_api_is_followed_and_restored():
+    # torch ≥ 2.9 raises when its legacy and newer TF32 APIs are mixed; a process that set the
+    # newer one (torch.backends.cuda.matmul.fp32_precision) must get its mode read and restored
+    # through that API. A subprocess: the API choice sticks to a process.
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 switch")
+    code = (
+        "import torch\n"
+        "from kronegp.precision import cublas_tf32, default_precision\n"
+        "m = torch.backends.cuda.matmul\n"
+        "m.fp32_precision = 'tf32'\n"
+        "assert default_precision() == 'high', default_precision()\n"
+        "with cublas_tf32(False):\n"
+        "    assert m.fp32_precision == 'ieee'\n"
+        "assert m.fp32_precision == 'tf32'\n"
+        "m.fp32_precision = 'ieee'\n"
+        "assert default_precision() == 'highest'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
