@@ -16,6 +16,7 @@
 // The factors are read as broadcast vectors (every lane of a warp reads the same columns).
 #pragma once
 #include "kron_common.cuh"
+#include "kron_mma.cuh"
 
 template <class Spec>
 struct FusedGeom {
@@ -174,26 +175,6 @@ __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ 
 //   tf32: A a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);  B b0 = (t, g), b1 = (t+4, g)
 //         C c0,c1 = (g, 2t), (g, 2t+1);  c2,c3 = (g+8, 2t), (g+8, 2t+1)
 // Rows u ≥ U read row U−1 and are not stored; p ≥ P and q ≥ Q read as zeros.
-
-__device__ __forceinline__ unsigned to_tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void mma_f64(double (&c)[2], double a, double b) {
-    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0,%1}, {%2}, {%3}, {%0,%1};"
-                 : "+d"(c[0]), "+d"(c[1])
-                 : "d"(a), "d"(b));
-}
 
 template <class Spec, int f>
 __device__ __forceinline__ unsigned mma_row_base(unsigned u) {

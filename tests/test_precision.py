@@ -257,8 +257,8 @@ def test_split_tf32_gemms_on_the_gpu():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_kernels_on_tensor_cores(dtype):
-    # KRONEGP_FUSED_MMA: the fused kernels' products on DMMA (float64) or TF32 / split TF32
-    # (float32 "medium" / "high"), every mode within its bound, outputs poisoned.
+    # KRONEGP_FUSED_MMA: our kernels' products (fused and large-factor GEMM) on DMMA (float64) or
+    # TF32 / split TF32 (float32 "medium" / "high"), every mode within its bound, outputs poisoned.
     from kronegp import _backend
 
     backend = _backend.for_tensor(torch.empty(1, device="cuda"))
@@ -267,7 +267,10 @@ def test_fused_kernels_on_tensor_cores(dtype):
     gen = torch.Generator(device="cuda").manual_seed(15)
     cases = [("matmul_kron", 33, ((8, 8),) * 5), ("kron_matmul", 7, ((24, 24), (3, 5), (12, 7))),
              ("kron_matmul", 1024, ((16, 16),) * 3), ("matmul_kron", 11, ((32, 31), (5, 32))),
-             ("matmul_kron", 1, ((2, 3), (31, 1)))]
+             ("matmul_kron", 1, ((2, 3), (31, 1))),
+             # large factors: the GEMM kernel's MMA variant (odd P, Q; both layouts)
+             ("kron_matmul", 11, ((64, 64),) * 2), ("matmul_kron", 5, ((100, 128), (3, 5), (61, 37))),
+             ("kron_matmul", 3, ((365, 72), (8, 8)))]
     modes = PRECISIONS if dtype == torch.float32 else ("highest",)
     try:
         backend.force_path, backend.fused_mma_enabled = "fused", True

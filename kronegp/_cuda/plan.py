@@ -196,6 +196,7 @@ class GemmSpec:
     TQ: int
     in_col: bool
     out_col: bool
+    mma: int = 0  # as FusedSpec.mma: the products on the tensor cores
 
     kind = "gemm"
 
@@ -210,7 +211,8 @@ class GemmSpec:
     @property
     def smem_bytes(self) -> int:
         vec = 16 // self.itemsize
-        return self.KC * ((self.BR + vec) + self.BQ) * self.itemsize
+        ldb = self.BQ + (8 if self.mma else 0)  # kron_gemm.cuh's LDB
+        return self.KC * ((self.BR + vec) + ldb) * self.itemsize
 
     @property
     def PG(self) -> int:
@@ -232,11 +234,12 @@ static constexpr int P = {self.P}, Q = {self.Q};
 static constexpr int BR = {self.BR}, BQ = {self.BQ}, KC = {self.KC}, TR = {self.TR}, TQ = {self.TQ};
 static constexpr int NT = {self.NT};
 static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)}, M_FAST = {_b(self.m_fast)};
+static constexpr int MMA = {self.mma};
 """
         return kernel_source(name, self.itemsize, members, "kron_gemm", self.NT)
 
 
-def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> GemmSpec:
+def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool, mma: int = 0) -> GemmSpec:
     if itemsize == 4:
         tq = 8 if q > 8 else 4
         tr = 8
@@ -250,7 +253,15 @@ def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> Ge
     br = ntr * tr
     kc_max = 16 if itemsize == 4 else 8
     kc = min(kc_max, max(1, 2048 // br), p)
-    return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col)
+    if mma:
+        # whole MMA steps per stage (8 deep for TF32, 4 for DMMA) and whole 8-column tiles
+        # (TF32: one step per stage; 16 deep spilled on the 128 × 128 tiles, 255 registers)
+        kt = 8 if itemsize == 4 else 4
+        kc = kt if itemsize == 4 else max(kt, kc // kt * kt)
+        warps, mt = ntr * ntq // 32, 16 if itemsize == 4 else 8
+        if bq % 8 or (ntr * ntq) % 32 or br % warps or (br // warps) % mt:
+            mma = 0  # this tile does not split into warp MMA tiles: FMA
+    return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col, mma)
 
 
 # --------------------------------------------------------------------------- transpose kernel
@@ -384,7 +395,7 @@ def plan_tiles(
         k_in = math.prod(dims)
         p, q = shapes[i]
         if p > FUSE_MAX or q > FUSE_MAX:
-            spec = _gemm_spec(itemsize, p, q, cur_in_col, out_col)
+            spec = _gemm_spec(itemsize, p, q, cur_in_col, out_col, mma)
             steps.append(Step(i, 1, spec, k_in, k_in // p))
             dims[i] = q
             i -= 1
