@@ -184,6 +184,42 @@ def _rel_err(out, ref) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def _compile_one(job):
+    from kronegp._cuda.compiler import compile_specs, kernel_name
+
+    spec, arch = job
+    compile_specs([(kernel_name(spec), spec)], arch)
+    return 1
+
+
+def precompile(cases, dtypes, precisions, mma: bool, arch: str, smem_budget: int = 100 * 1024) -> int:
+    """Compile, in parallel processes, every fused/GEMM kernel spec the run's fused plans use
+    (contiguous operands: the launcher's 16-byte variants too; with ``mma`` the tensor-core
+    variants), into the kernel cache: the timed loop then only loads cubins. Returns the count."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kronegp._cuda.plan import fused_mma, plan_tiles
+
+    specs = set()
+    for dtname in dtypes:
+        itemsize = 8 if dtname == "float64" else 4
+        modes = precisions if itemsize == 4 else ["highest"]
+        units = {fused_mma(itemsize, p, int(arch[3:]), on) for p in modes for on in ((False, True) if mma else (False,))}
+        for _, m, sizes in cases:
+            shapes = [(p, p) for p in sizes]
+            for col in (False, True):  # matmul_kron: row layouts; kron_matmul with T > 1: column
+                if col and m == 1:
+                    continue
+                for unit in units:
+                    for st in plan_tiles(shapes, m, itemsize, col, col, smem_budget, mma=unit):
+                        specs.add(st.spec)
+                        specs.add(st.spec.vectorized(m, st.s, 0, 0, 1 if col else st.k_in, m if col else 1,
+                                                     0, 0, 1 if col else st.k_out, m if col else 1))
+    with ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
+        return sum(pool.map(_compile_one, [(sp, arch) for sp in specs]))
+
+
 def run(args) -> dict:
     dev = torch.cuda.get_device_name()
     ceil = measure_ceilings(args.reps)
@@ -200,6 +236,12 @@ def run(args) -> dict:
     print("# times: device (graph replay) / eager (back-to-back wall) ms, host = eager - device µs, "
           "issue = host µs to return from a call", flush=True)
     backend = _cuda_backend()
+    if not args.no_precompile:
+        cap = torch.cuda.get_device_capability()
+        t0 = time.perf_counter()
+        n = precompile(CASES[: args.limit] if args.limit else CASES, args.dtypes, args.precisions,
+                       "fused_mma" in args.paths, f"sm_{cap[0]}{cap[1]}")
+        print(f"# precompiled {n} kernel specs in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.autotune:
         # "ours" runs with the path of each signature tuned in this run (timed on its first call)
         backend.autotune, backend.autotune_persist = True, False
@@ -422,6 +464,8 @@ def main(argv=None):
     ap.add_argument("--paths", nargs="*", default=[], choices=["fused", "fused_mma", "axis_gemm", "axis_gemm_t"],
                     help="also time ours with each path pinned (cost-model calibration); fused_mma: the fused "
                          "path on the tensor cores (KRONEGP_FUSED_MMA)")
+    ap.add_argument("--no-precompile", action="store_true",
+                    help="skip compiling the run's kernels in parallel first (they compile on first use)")
     ap.add_argument("--no-direct", action="store_true",
                     help="skip timing the cuBLAS path forced into each float32 mode other than highest")
     ap.add_argument("--autotune", action="store_true",

@@ -26,7 +26,7 @@ if [[ $stage == check || $stage == all ]]; then
   echo "test_cuda_kernel rc=$?"; tail -n 8 "$out/test_cuda_kernel.log"
 fi
 if [[ $stage == bench || $stage == all ]]; then
-  timeout 420 python benchmarks/kron_matmul.py --reps 7 --paths fused_mma \
+  timeout 560 python benchmarks/kron_matmul.py --reps 7 --paths fused_mma \
     --out "$out/kron_matmul_round13.json" > "$out/kron_matmul_round13.log" 2>&1
   echo "kron_matmul rc=$?"
   grep -E "^# (NVIDIA|copy|summary|failed|float|high_)|FAILED" "$out/kron_matmul_round13.log" | cut -c1-1200
