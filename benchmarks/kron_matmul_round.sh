@@ -19,6 +19,19 @@ pip install --no-deps --no-build-isolation -e . -q > "$out/pip.log" 2>&1 || tail
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 date -u
 if [[ $stage == check || $stage == all ]]; then
+  # the kernel tests' specs (tests/test_cuda_compile.py's recorder) compiled in parallel first
+  timeout 150 python - > "$out/precompile_tests.log" 2>&1 <<'PY'
+import os, sys, torch
+from concurrent.futures import ProcessPoolExecutor
+sys.path.insert(0, "tests"); sys.path.insert(0, "benchmarks")
+from test_cuda_compile import _used_specs
+from kron_matmul import _compile_one
+major, minor = torch.cuda.get_device_capability()
+specs = _used_specs()
+with ProcessPoolExecutor(max(1, (os.cpu_count() or 2) - 1)) as pool:
+    print(sum(pool.map(_compile_one, [(s, f"sm_{major}{minor}") for s in specs])), "specs precompiled")
+PY
+  echo "precompile rc=$?"; tail -n 1 "$out/precompile_tests.log"
   timeout 240 python -m pytest -m cuda -q -x tests/test_precision.py > "$out/test_precision.log" 2>&1
   echo "test_precision rc=$?"; tail -n 12 "$out/test_precision.log"
   timeout 300 python -m pytest -m cuda -q tests/test_cuda_kernel.py tests/test_autotune.py \
