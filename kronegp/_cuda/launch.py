@@ -418,9 +418,10 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
     # after this stream's queued kernels, so dropping them on return is safe. One block for
     # both (held until every launch is queued), each part a multiple of 256 bytes long.
+    tmp = None  # held until every launch is queued: no other allocation may get its block before
     if prog.n_tmps:
-        base = like.new_empty(prog.n_tmps * prog.tmp_elems).data_ptr()
-        step = prog.tmp_elems * like.element_size()
+        tmp = like.new_empty(prog.n_tmps * prog.tmp_elems)
+        base, step = tmp.data_ptr(), prog.tmp_elems * like.element_size()
         ptrs = ptrs + [base + i * step for i in range(prog.n_tmps)]
     stream = current_stream_handle(like.device)
     c_launch = _c_launch()
@@ -441,6 +442,7 @@ def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs
                             ctypes.addressof(params), None)
             if code != 0:
                 _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
+    del tmp
 
 
 def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, spec,
