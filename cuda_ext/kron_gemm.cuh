@@ -13,6 +13,25 @@
 #include "kron_common.cuh"
 #include "kron_mma.cuh"
 
+// The staged main loop of both bodies: stage 0 into shared memory, then per chunk c load chunk
+// c+1 into registers, multiply chunk c from shared memory (mul(), one chunk of KC), and store the
+// next one in its place.
+template <int NCHUNK, class LoadStage, class StoreStage, class Mul>
+__device__ __forceinline__ void staged_chunks(LoadStage load_stage, StoreStage store_stage, Mul mul) {
+    load_stage(0);
+    store_stage();
+    __syncthreads();
+    for (int c = 0; c < NCHUNK; ++c) {
+        if (c + 1 < NCHUNK) load_stage(c + 1);
+        mul();
+        if (c + 1 < NCHUNK) {
+            __syncthreads();
+            store_stage();
+            __syncthreads();
+        }
+    }
+}
+
 // Tensor-core variant (Spec::MMA, sm_80+): the same block tile and stages, the products as warp
 // MMAs (fp64 DMMA m8n8k4; TF32 m16n8k8, MMA = 1; split TF32, MMA = 3: see kron_fused.cuh). Warp w
 // owns rows [w·RW, (w+1)·RW) of the block tile and all BQ columns; fragments are read from the
@@ -43,11 +62,7 @@ __device__ __forceinline__ void kron_gemm_mma(const KronArgs& a, const typename 
 #pragma unroll
             for (int e = 0; e < NACC; ++e) acc[i][j][e] = T(0);
 
-    load_stage(0);
-    store_stage();
-    __syncthreads();
-    for (int c = 0; c < NCHUNK; ++c) {
-        if (c + 1 < NCHUNK) load_stage(c + 1);
+    staged_chunks<NCHUNK>(load_stage, store_stage, [&]() {
 #pragma unroll
         for (int k0 = 0; k0 < KC; k0 += KT) {
             if constexpr (F64) {
@@ -93,12 +108,7 @@ __device__ __forceinline__ void kron_gemm_mma(const KronArgs& a, const typename 
                 }
             }
         }
-        if (c + 1 < NCHUNK) {
-            __syncthreads();
-            store_stage();
-            __syncthreads();
-        }
-    }
+    });
 
     // rotated store: (rho, q) -> y[m, q*S + s]
     T* yp = reinterpret_cast<T*>(a.y) + (i64)blockIdx.z * a.yb;
@@ -213,11 +223,7 @@ __device__ __forceinline__ void kron_gemm(const KronArgs& a) {
         kron_gemm_mma<Spec>(a, As, Bs, load_stage, store_stage);
         return;
     }
-    load_stage(0);
-    store_stage();
-    __syncthreads();
-    for (int c = 0; c < NCHUNK; ++c) {
-        if (c + 1 < NCHUNK) load_stage(c + 1);
+    staged_chunks<NCHUNK>(load_stage, store_stage, [&]() {
 #pragma unroll
         for (int kk = 0; kk < KC; ++kk) {
             T av[TR], bv[TQ];
@@ -238,12 +244,7 @@ __device__ __forceinline__ void kron_gemm(const KronArgs& a) {
 #pragma unroll
                 for (int j = 0; j < TQ; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
         }
-        if (c + 1 < NCHUNK) {
-            __syncthreads();
-            store_stage();
-            __syncthreads();
-        }
-    }
+    });
 
     // rotated store: (rho, q) -> y[m, q*S + s]
     T* yp = reinterpret_cast<T*>(a.y) + b * a.yb;
