@@ -16,6 +16,7 @@
 // The factors are read as broadcast vectors (every lane of a warp reads the same columns).
 #pragma once
 #include "kron_common.cuh"
+#include "kron_mma.cuh"
 
 template <class Spec>
 struct FusedGeom {
@@ -161,12 +162,128 @@ __device__ __forceinline__ void fused_step(const typename Spec::T* __restrict__ 
     }
 }
 
+// ---- tensor-core step (Spec::MMA != 0; sm_80 and later) --------------------------------------
+// The same product as fused_step, out[u, q] = Σ_p in[u, p]·F[p, q] over the U = TM·R rows of the
+// tile, as warp-level matrix multiplies: a warp owns MT consecutive rows u and every column tile
+// of 8 q, walks p in steps of KT, loads one A fragment per step and reuses it for all column tiles.
+//   double: DMMA m8n8k4 (IEEE fp64 products and sums: float64 stays float64);
+//   float, MMA = 1: TF32 m16n8k8 (inputs rounded to TF32, float32 accumulation: "medium");
+//   float, MMA = 3: split TF32, a = a_hi + a_lo with a_hi = rna_tf32(a), a_lo = rna_tf32(a − a_hi),
+//     acc += a_lo·b_hi + a_hi·b_lo + a_hi·b_hi ("high": ~float32 accuracy).
+// Fragment layouts (PTX ISA, mma.m8n8k4.f64 / mma.m16n8k8.tf32), g = lane/4, t = lane%4:
+//   f64:  A a0 = (g, t);  B b0 = (t, g);  C c0,c1 = (g, 2t), (g, 2t+1)
+//   tf32: A a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4);  B b0 = (t, g), b1 = (t+4, g)
+//         C c0,c1 = (g, 2t), (g, 2t+1);  c2,c3 = (g+8, 2t), (g+8, 2t+1)
+// Rows u ≥ U read row U−1 and are not stored; p ≥ P and q ≥ Q read as zeros.
+
+template <class Spec, int f>
+__device__ __forceinline__ unsigned mma_row_base(unsigned u) {
+    typedef FusedGeom<Spec> G;
+    constexpr unsigned R = G::rows(f), LD = G::ld(f), U = Spec::TM * R;
+    u = u < U ? u : U - 1;
+    return (G::mstride_in(f) == int(R * LD)) ? u * LD : (u / R) * G::mstride_in(f) + (u % R) * LD;
+}
+
+template <class Spec, int f>
+__device__ __forceinline__ void mma_store(typename Spec::T* __restrict__ out, unsigned u, unsigned q,
+                                          typename Spec::T v) {
+    typedef FusedGeom<Spec> G;
+    typedef StepOut<Spec, f> O;
+    constexpr unsigned R = G::rows(f), U = Spec::TM * R;
+    if (u < U && q < unsigned(Spec::Q[f])) out[O::base(u / R, u % R) + q * O::step()] = v;
+}
+
+template <class Spec, int f>
+__device__ __forceinline__ void fused_step_mma(const typename Spec::T* __restrict__ in,
+                                               typename Spec::T* __restrict__ out,
+                                               const typename Spec::T* __restrict__ F) {
+    typedef typename Spec::T T;
+    typedef FusedGeom<Spec> G;
+    constexpr bool F64 = sizeof(T) == 8;
+    constexpr int P = Spec::P[f], Q = Spec::Q[f];
+    constexpr int U = Spec::TM * G::rows(f);
+    constexpr int QS = G::qstride(f);
+    constexpr int MT = F64 ? 8 : 16, KT = F64 ? 4 : 8;
+    constexpr int NQT = cdiv(Q, 8);       // column tiles of 8
+    constexpr int NW = Spec::NT / 32;
+    static_assert(Spec::NT % 32 == 0, "whole warps");
+    static_assert(F64 || Spec::MMA == 1 || Spec::MMA == 3, "float: MMA 1 (TF32) or 3 (split TF32)");
+    const unsigned lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    for (int u0 = (threadIdx.x >> 5) * MT; u0 < U; u0 += NW * MT) {
+        if constexpr (F64) {
+            const unsigned ra = mma_row_base<Spec, f>(u0 + g);
+            double acc[NQT][2];
+#pragma unroll
+            for (int j = 0; j < NQT; ++j) acc[j][0] = acc[j][1] = 0.0;
+#pragma unroll(P <= 32 ? cdiv(P, KT) : 4)
+            for (int p0 = 0; p0 < P; p0 += KT) {
+                const unsigned p = p0 + t;
+                const double a = (P % KT == 0 || p < unsigned(P)) ? in[ra + p] : 0.0;
+#pragma unroll
+                for (int j = 0; j < NQT; ++j) {
+                    const unsigned q = j * 8 + g;
+                    const double b = ((P % KT == 0 || p < unsigned(P)) && (QS >= NQT * 8 || q < unsigned(QS)))
+                                         ? F[p * QS + q] : 0.0;
+                    mma_f64(acc[j], a, b);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NQT; ++j) {
+                mma_store<Spec, f>(out, u0 + g, j * 8 + 2 * t, acc[j][0]);
+                mma_store<Spec, f>(out, u0 + g, j * 8 + 2 * t + 1, acc[j][1]);
+            }
+        } else {
+            const unsigned ra0 = mma_row_base<Spec, f>(u0 + g), ra1 = mma_row_base<Spec, f>(u0 + g + 8);
+            float acc[NQT][4];
+#pragma unroll
+            for (int j = 0; j < NQT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll(P <= 32 ? cdiv(P, KT) : 4)
+            for (int p0 = 0; p0 < P; p0 += KT) {
+                const unsigned pa = p0 + t, pb = p0 + t + 4;
+                const bool oka = P % KT == 0 || pa < unsigned(P), okb = P % KT == 0 || pb < unsigned(P);
+                const float av[4] = {oka ? in[ra0 + pa] : 0.f, oka ? in[ra1 + pa] : 0.f,
+                                     okb ? in[ra0 + pb] : 0.f, okb ? in[ra1 + pb] : 0.f};
+                unsigned ahi[4], alo[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    ahi[i] = to_tf32(av[i]);
+                    if constexpr (Spec::MMA == 3) alo[i] = to_tf32(av[i] - __uint_as_float(ahi[i]));
+                }
+#pragma unroll
+                for (int j = 0; j < NQT; ++j) {
+                    const unsigned q = j * 8 + g;
+                    const bool okq = QS >= NQT * 8 || q < unsigned(QS);
+                    const float b0 = (oka && okq) ? F[pa * QS + q] : 0.f;
+                    const float b1 = (okb && okq) ? F[pb * QS + q] : 0.f;
+                    const unsigned bhi[2] = {to_tf32(b0), to_tf32(b1)};
+                    if constexpr (Spec::MMA == 3) {
+                        const unsigned blo[2] = {to_tf32(b0 - __uint_as_float(bhi[0])),
+                                                 to_tf32(b1 - __uint_as_float(bhi[1]))};
+                        mma_tf32(acc[j], alo, bhi);
+                        mma_tf32(acc[j], ahi, blo);
+                    }
+                    mma_tf32(acc[j], ahi, bhi);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NQT; ++j) {
+                const unsigned q = j * 8 + 2 * t;
+                mma_store<Spec, f>(out, u0 + g, q, acc[j][0]);
+                mma_store<Spec, f>(out, u0 + g, q + 1, acc[j][1]);
+                mma_store<Spec, f>(out, u0 + g + 8, q, acc[j][2]);
+                mma_store<Spec, f>(out, u0 + g + 8, q + 1, acc[j][3]);
+            }
+        }
+    }
+}
+
 template <class Spec, int f>
 __device__ __forceinline__ void fused_steps(typename Spec::T* buf0, typename Spec::T* buf1,
                                             const typename Spec::T* fsm) {
     typedef FusedGeom<Spec> G;
     constexpr int OFF = G::f_off(f);
-    fused_step<Spec, f>(buf0, buf1, fsm + OFF);
+    if constexpr (Spec::MMA != 0) fused_step_mma<Spec, f>(buf0, buf1, fsm + OFF);
+    else fused_step<Spec, f>(buf0, buf1, fsm + OFF);
     __syncthreads();
     if constexpr (f > 0) fused_steps<Spec, f - 1>(buf1, buf0, fsm);
 }

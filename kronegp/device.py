@@ -77,12 +77,13 @@ class Backend(ABC):
     # ---------------------------------------------------------------- Kronecker products
 
     @abstractmethod
-    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor) -> Tensor:
-        """``(F_1 ⊗ … ⊗ F_N) · x`` for ``x`` of shape ``(..., ΠQ_i, T)``."""
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
+        """``(F_1 ⊗ … ⊗ F_N) · x`` for ``x`` of shape ``(..., ΠQ_i, T)``; ``precision``: the
+        float32 mode (:mod:`kronegp.precision`), which a backend may exceed but never undercut."""
 
     @abstractmethod
-    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        """``x · (F_1 ⊗ … ⊗ F_N)`` for ``x`` of shape ``(..., M, ΠP_i)``."""
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
+        """``x · (F_1 ⊗ … ⊗ F_N)`` for ``x`` of shape ``(..., M, ΠP_i)``; ``precision`` as above."""
 
     # ---------------------------------------------------------------- fused block-CG step
 
@@ -132,11 +133,11 @@ class ReferenceBackend(Backend):
     def describe(self) -> str:
         return f"pure-torch reference ({self.why})"
 
-    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor) -> Tensor:
-        return reference.kron_matmul(factors, x)
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
+        return reference.kron_matmul(factors, x, precision)
 
-    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-        return reference.matmul_kron(x, factors)
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
+        return reference.matmul_kron(x, factors, precision)
 
     def _missing(self, kernel: str) -> str:
         return f"no {kernel}: {self.describe()}"

@@ -15,6 +15,10 @@ below this module nobody checks again.
 Dtypes: float32 and float64. Half precision (float16, bfloat16) is rejected rather than
 silently computed in another precision; cast explicitly if you want it.
 
+Precision: float32 products follow ``torch.get_float32_matmul_precision()`` (``"highest"``
+exact, ``"high"`` split TF32, ``"medium"`` TF32; :mod:`kronegp.precision`), overridden per call
+by ``precision=``; float64 is always IEEE float64. The backward runs in the forward's mode.
+
 Backward (``g`` the incoming gradient):
 
 * ``y = x·(⊗F)``: ``dx = g·(⊗F_iᵀ)``; ``dF_j[p, q] = Σ Z_j[…, p, …] g[…, q, …]`` where
@@ -34,6 +38,7 @@ import torch
 from torch import Tensor
 
 from kronegp import device
+from kronegp.precision import resolve_precision
 
 __all__ = ["kron_matmul", "matmul_kron", "check_factors", "check_x", "check_dtype_device", "check_batch", "SUPPORTED_DTYPES"]
 
@@ -129,12 +134,14 @@ def _differentiable(x: Tensor, factors: list[Tensor]) -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
+def kron_matmul(factors: Sequence[Tensor], x: Tensor, *, precision: str | None = None) -> Tensor:
     """``(F_1 ⊗ … ⊗ F_N) · x``.
 
     Args:
         factors: matrices ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, one or more.
         x: ``(*batch, ΠQ_i, T)``, or a vector of length ``ΠQ_i``.
+        precision: float32 only: ``"highest"``, ``"high"`` or ``"medium"``
+            (:mod:`kronegp.precision`); ``None`` follows ``torch.get_float32_matmul_precision()``.
 
     Returns:
         ``(*batch', ΠP_i, T)`` (``(*batch', ΠP_i)`` for a vector ``x``), where ``batch'``
@@ -143,6 +150,7 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
     factors = check_factors(factors)
     check_x(x)
     check_dtype_device(factors, x)
+    precision = resolve_precision(precision, x.dtype)
     q_total = math.prod([f.shape[-1] for f in factors])
     vector = x.dim() == 1
     if vector:
@@ -154,18 +162,19 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
         )
     check_batch(factors, x.shape[:-2])
     if _differentiable(x, factors):
-        out = _KronMatmul.apply(x, *factors)
+        out = _KronMatmul.apply(precision, x, *factors)
     else:
-        out = _raw_kron_matmul(factors, x)
+        out = _raw_kron_matmul(factors, x, precision)
     return out.squeeze(-1) if vector else out
 
 
-def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+def matmul_kron(x: Tensor, factors: Sequence[Tensor], *, precision: str | None = None) -> Tensor:
     """``x · (F_1 ⊗ … ⊗ F_N)``.
 
     Args:
         x: ``(*batch, M, ΠP_i)``, or a vector of length ``ΠP_i``.
         factors: matrices ``F_i`` of shape ``(*batch_i, P_i, Q_i)``, one or more.
+        precision: as for :func:`kron_matmul`.
 
     Returns:
         ``(*batch', M, ΠQ_i)`` (``(*batch', ΠQ_i)`` for a vector ``x``), ``batch'`` as in
@@ -174,6 +183,7 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     factors = check_factors(factors)
     check_x(x)
     check_dtype_device(factors, x)
+    precision = resolve_precision(precision, x.dtype)
     p_total = math.prod([f.shape[-2] for f in factors])
     vector = x.dim() == 1
     if vector:
@@ -185,9 +195,9 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         )
     check_batch(factors, x.shape[:-2])
     if _differentiable(x, factors):
-        out = _MatmulKron.apply(x, *factors)
+        out = _MatmulKron.apply(precision, x, *factors)
     else:
-        out = _raw_matmul_kron(x, factors)
+        out = _raw_matmul_kron(x, factors, precision)
     # the row dimension added above: with batched factors the result has batch dimensions in front
     return out.squeeze(-2) if vector else out
 
@@ -200,23 +210,23 @@ def _out_batch(factors: Sequence[Tensor], x: Tensor) -> torch.Size:
 
 
 @torch.library.custom_op("kronegp::kron_matmul", mutates_args=())
-def _kron_matmul_op(factors: list[Tensor], x: Tensor) -> Tensor:
-    return device.backend_for(x).kron_matmul(factors, x)
+def _kron_matmul_op(factors: list[Tensor], x: Tensor, precision: str) -> Tensor:
+    return device.backend_for(x).kron_matmul(factors, x, precision=precision)
 
 
 @_kron_matmul_op.register_fake
-def _(factors: list[Tensor], x: Tensor) -> Tensor:
+def _(factors: list[Tensor], x: Tensor, precision: str) -> Tensor:
     p_total = math.prod([f.shape[-2] for f in factors])
     return x.new_empty((*_out_batch(factors, x), p_total, x.shape[-1]))
 
 
 @torch.library.custom_op("kronegp::matmul_kron", mutates_args=())
-def _matmul_kron_op(x: Tensor, factors: list[Tensor]) -> Tensor:
-    return device.backend_for(x).matmul_kron(x, factors)
+def _matmul_kron_op(x: Tensor, factors: list[Tensor], precision: str) -> Tensor:
+    return device.backend_for(x).matmul_kron(x, factors, precision=precision)
 
 
 @_matmul_kron_op.register_fake
-def _(x: Tensor, factors: list[Tensor]) -> Tensor:
+def _(x: Tensor, factors: list[Tensor], precision: str) -> Tensor:
     q_total = math.prod([f.shape[-1] for f in factors])
     return x.new_empty((*_out_batch(factors, x), x.shape[-2], q_total))
 
@@ -240,11 +250,12 @@ def _below_rows(f: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, *factors = inputs
+    precision, x, *factors = inputs
+    ctx.precision = precision
     ctx.save_for_backward(x, *factors)
 
 
-def _raw_matmul_kron(x: Tensor, factors: list[Tensor]) -> Tensor:
+def _raw_matmul_kron(x: Tensor, factors: list[Tensor], precision: str) -> Tensor:
     """The product without autograd: the custom op while tracing, the backend eagerly.
 
     Inputs are already checked. Backward passes use this too (double backward is not
@@ -252,14 +263,14 @@ def _raw_matmul_kron(x: Tensor, factors: list[Tensor]) -> Tensor:
     Python dispatch would only add ~20 µs per call, so the backend is called directly.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.kronegp.matmul_kron(x, factors)
-    return device.backend_for(x).matmul_kron(x, factors)
+        return torch.ops.kronegp.matmul_kron(x, factors, precision)
+    return device.backend_for(x).matmul_kron(x, factors, precision=precision)
 
 
-def _raw_kron_matmul(factors: list[Tensor], x: Tensor) -> Tensor:
+def _raw_kron_matmul(factors: list[Tensor], x: Tensor, precision: str) -> Tensor:
     if torch.compiler.is_compiling():
-        return torch.ops.kronegp.kron_matmul(factors, x)
-    return device.backend_for(x).kron_matmul(factors, x)
+        return torch.ops.kronegp.kron_matmul(factors, x, precision)
+    return device.backend_for(x).kron_matmul(factors, x, precision=precision)
 
 
 def _around(factors: list[Tensor], j: int):
@@ -278,25 +289,25 @@ def _matmul_kron_backward(ctx, grad: Tensor):
     m = x.shape[-2]
     batch = grad.shape[:-2]
     dx = None
-    if ctx.needs_input_grad[0]:
-        dx = _sum_to(_raw_matmul_kron(grad, [f.mT for f in factors]), x.shape)
+    if ctx.needs_input_grad[1]:
+        dx = _sum_to(_raw_matmul_kron(grad, [f.mT for f in factors], ctx.precision), x.shape)
     dfs = []
     for j, f in enumerate(factors):
-        if not ctx.needs_input_grad[1 + j]:
+        if not ctx.needs_input_grad[2 + j]:
             dfs.append(None)
             continue
         before, after, (pa, qa), (p_j, q_j), (pb, qb) = _around(factors, j)
         z, zb = x, x.shape[:-2]
         if after:  # (…, M·Pa·P_j, Pb) · (⊗F_after)
-            z = _raw_matmul_kron(z.reshape(*zb, m * pa * p_j, pb), after)
+            z = _raw_matmul_kron(z.reshape(*zb, m * pa * p_j, pb), after, ctx.precision)
             zb = z.shape[:-2]
         if before:  # (⊗F_beforeᵀ) acting on the Pa axis of (…, M, Pa, P_j·Qb)
-            z = _raw_kron_matmul([_below_rows(g.mT) for g in before], z.reshape(*zb, m, pa, p_j * qb))
+            z = _raw_kron_matmul([_below_rows(g.mT) for g in before], z.reshape(*zb, m, pa, p_j * qb), ctx.precision)
             zb = z.shape[:-3]
         z = z.reshape(*zb, m * qa, p_j, qb)
         g = grad.reshape(*batch, m * qa, q_j, qb)
         dfs.append(_sum_to(torch.einsum("...lpb,...lqb->...pq", z, g), f.shape))
-    return (dx, *dfs)
+    return (None, dx, *dfs)
 
 
 def _kron_matmul_backward(ctx, grad: Tensor):
@@ -304,25 +315,25 @@ def _kron_matmul_backward(ctx, grad: Tensor):
     t = x.shape[-1]
     batch = grad.shape[:-2]
     dx = None
-    if ctx.needs_input_grad[0]:
-        dx = _sum_to(_raw_kron_matmul([f.mT for f in factors], grad), x.shape)
+    if ctx.needs_input_grad[1]:
+        dx = _sum_to(_raw_kron_matmul([f.mT for f in factors], grad, ctx.precision), x.shape)
     dfs = []
     for j, f in enumerate(factors):
-        if not ctx.needs_input_grad[1 + j]:
+        if not ctx.needs_input_grad[2 + j]:
             dfs.append(None)
             continue
         before, after, (pa, qa), (p_j, q_j), (pb, qb) = _around(factors, j)
         z, zb = x, x.shape[:-2]
         if after:  # ⊗F_after acting on the Qb axis of (…, Qa·Q_j, Qb, T)
-            z = _raw_kron_matmul([_below_rows(g) for g in after], z.reshape(*zb, qa * q_j, qb, t))
+            z = _raw_kron_matmul([_below_rows(g) for g in after], z.reshape(*zb, qa * q_j, qb, t), ctx.precision)
             zb = z.shape[:-3]
         if before:  # ⊗F_before acting on the Qa axis of (…, Qa, Q_j·Pb·T)
-            z = _raw_kron_matmul(before, z.reshape(*zb, qa, q_j * pb * t))
+            z = _raw_kron_matmul(before, z.reshape(*zb, qa, q_j * pb * t), ctx.precision)
             zb = z.shape[:-2]
         z = z.reshape(*zb, pa, q_j, pb * t)
         g = grad.reshape(*batch, pa, p_j, pb * t)
         dfs.append(_sum_to(torch.einsum("...apb,...aqb->...pq", g, z), f.shape))
-    return (dx, *dfs)
+    return (None, dx, *dfs)
 
 
 def _vmap_inputs(in_dims, x: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -349,32 +360,32 @@ class _MatmulKron(torch.autograd.Function):
     """Differentiation (autograd, torch.func) around the opaque custom op."""
 
     @staticmethod
-    def forward(x, *factors):
-        return _raw_matmul_kron(x, [*factors])  # list(...) trips dynamo
+    def forward(precision, x, *factors):
+        return _raw_matmul_kron(x, [*factors], precision)  # list(...) trips dynamo
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_matmul_kron_backward)
 
     @staticmethod
-    def vmap(info, in_dims, x, *factors):
-        x, factors = _vmap_inputs(in_dims, x, factors)
-        return matmul_kron(x, factors), 0
+    def vmap(info, in_dims, precision, x, *factors):
+        x, factors = _vmap_inputs(in_dims[1:], x, factors)
+        return matmul_kron(x, factors, precision=precision), 0
 
 
 class _KronMatmul(torch.autograd.Function):
     """Differentiation (autograd, torch.func) around the opaque custom op."""
 
     @staticmethod
-    def forward(x, *factors):
-        return _raw_kron_matmul([*factors], x)  # list(...) trips dynamo
+    def forward(precision, x, *factors):
+        return _raw_kron_matmul([*factors], x, precision)  # list(...) trips dynamo
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_kron_matmul_backward)
 
     @staticmethod
-    def vmap(info, in_dims, x, *factors):
-        x, factors = _vmap_inputs(in_dims, x, factors)
-        return kron_matmul(factors, x), 0
+    def vmap(info, in_dims, precision, x, *factors):
+        x, factors = _vmap_inputs(in_dims[1:], x, factors)
+        return kron_matmul(factors, x, precision=precision), 0
 
 
 # --------------------------------------------------------------------------- the custom ops' autograd
@@ -385,26 +396,28 @@ class _KronMatmul(torch.autograd.Function):
 
 
 class _OrderedContext:
-    """An op's autograd context seen with its inputs in the order ``(x, *factors)`` that the
-    backward formulas take (an op's ``needs_input_grad`` nests the factor list)."""
+    """An op's autograd context seen with its inputs in the order ``(precision, x, *factors)``
+    that the backward formulas take (an op's ``needs_input_grad`` nests the factor list)."""
 
     def __init__(self, ctx, needs_x: bool, needs_factors: Sequence[bool]):
         self.saved_tensors = ctx.saved_tensors
-        self.needs_input_grad = (needs_x, *needs_factors)
+        self.precision = ctx.precision
+        self.needs_input_grad = (False, needs_x, *needs_factors)
 
 
 def _register_op_autograd(op, backward, x_first: bool) -> None:
-    """Register ``backward`` (which takes inputs ordered ``(x, *factors)``) on the custom op
-    ``op``, whose inputs are ``(x, factors)`` (``x_first``) or ``(factors, x)``."""
+    """Register ``backward`` (inputs ordered ``(precision, x, *factors)``) on the custom op
+    ``op``, whose inputs are ``(x, factors, precision)`` (``x_first``) or ``(factors, x, precision)``."""
 
     def setup_context(ctx, inputs, output):
-        x, factors = inputs if x_first else inputs[::-1]
+        x, factors = inputs[:2] if x_first else inputs[1::-1]
+        ctx.precision = inputs[2]
         ctx.save_for_backward(x, *factors)
 
     def op_backward(ctx, grad: Tensor):
-        needs_x, needs_factors = ctx.needs_input_grad if x_first else ctx.needs_input_grad[::-1]
-        dx, *dfs = backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
-        return (dx, dfs) if x_first else (dfs, dx)
+        needs_x, needs_factors = ctx.needs_input_grad[:2] if x_first else ctx.needs_input_grad[1::-1]
+        _, dx, *dfs = backward(_OrderedContext(ctx, needs_x, needs_factors), grad)
+        return (dx, dfs, None) if x_first else (dfs, dx, None)
 
     op.register_autograd(op_backward, setup_context=setup_context)
 

@@ -21,6 +21,10 @@ Factors are applied in the order that minimises FLOPs: a factor that shrinks its
 should be swapped when ``1/O_j − 1/I_j > 1/O_i − 1/I_i``, so sorting by that key (stable,
 so square factors keep their order) gives the optimum.
 
+Precision: ``precision`` is accepted for the backend interface. On the CPU every mode is exact
+float32 (more precise than ``"high"``/``"medium"`` ask, never less); on a GPU (the fallback when
+the kernels cannot load) float32 GEMMs run with torch's TF32 flag off, or on for ``"medium"``.
+
 No input checking happens here: :mod:`kronegp.ops` is the door and checks everything.
 """
 
@@ -31,6 +35,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from kronegp.precision import cublas_tf32
 
 __all__ = ["per_axis_products", "kron_matmul", "matmul_kron", "kron_dense"]
 
@@ -75,21 +81,28 @@ def per_axis_products(mats: Sequence[Tensor], x: Tensor, lead: int, trail: int) 
     return cur
 
 
-def matmul_kron(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+def _apply(mats: Sequence[Tensor], x: Tensor, lead: int, trail: int, precision: str) -> Tensor:
+    if x.device.type == "cuda" and x.dtype == torch.float32:
+        with cublas_tf32(precision == "medium"):
+            return per_axis_products(mats, x, lead, trail)
+    return per_axis_products(mats, x, lead, trail)
+
+
+def matmul_kron(x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
     """``x · (F_1 ⊗ … ⊗ F_N)`` for ``x`` of shape ``(..., M, ΠP_i)``; returns ``(..., M, ΠQ_i)``."""
     m, k = x.shape[-2], x.shape[-1]
     q_total = math.prod([f.shape[-1] for f in factors])
     flat = x.reshape(*x.shape[:-2], m * k)
-    out = per_axis_products([f.mT for f in factors], flat, lead=m, trail=1)
+    out = _apply([f.mT for f in factors], flat, m, 1, precision)
     return out.reshape(*out.shape[:-1], m, q_total)
 
 
-def kron_matmul(factors: Sequence[Tensor], x: Tensor) -> Tensor:
+def kron_matmul(factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
     """``(F_1 ⊗ … ⊗ F_N) · x`` for ``x`` of shape ``(..., ΠQ_i, T)``; returns ``(..., ΠP_i, T)``."""
     k, t = x.shape[-2], x.shape[-1]
     p_total = math.prod([f.shape[-2] for f in factors])
     flat = x.reshape(*x.shape[:-2], k * t)
-    out = per_axis_products(list(factors), flat, lead=1, trail=t)
+    out = _apply(list(factors), flat, 1, t, precision)
     return out.reshape(*out.shape[:-1], p_total, t)
 
 

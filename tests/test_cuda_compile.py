@@ -249,3 +249,29 @@ def test_jacobi_eigh_sizes_fit_in_shared_memory():
         assert max_rows(optin) == rows
         assert EighSpec(8, rows).smem_bytes < optin < EighSpec(8, rows + 1).smem_bytes + 512
         assert rows in EIGH_SIZES
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_fused_specs_compile(arch, tmp_path, monkeypatch):
+    # The fused and GEMM kernels' tensor-core products (FusedSpec/GemmSpec.mma: fp64 DMMA, TF32, split TF32, opt-in
+    # with KRONEGP_FUSED_MMA; SASS checked: DMMA.884 / HMMA.1688.F32.TF32, no local memory) for the
+    # tensor-core cases of tests/test_precision.py: the planner's
+    # specs for their shapes, both layouts, with the launcher's vectorised variants.
+    monkeypatch.setenv("KRONEGP_CACHE_DIR", str(tmp_path))
+    specs = set()
+    for itemsize, mmas in ((8, (0, 1)), (4, (0, 1, 3))):  # with FMA (0) beside them
+        for mma in mmas:
+            for shapes, m in ((((8, 8),) * 5, 33), (((24, 24), (3, 5), (12, 7)), 7), (((16, 16),) * 3, 1024),
+                              (((32, 31), (5, 32)), 11), (((2, 3), (31, 1)), 1), (((64, 64),) * 2, 11),
+                              (((100, 128), (3, 5), (61, 365)), 4)):
+                for col in (False, True):
+                    for st in plan_tiles(shapes, m, itemsize, col, col, SMEM_BUDGET, mma=mma):
+                        if st.spec.kind == "gemm":  # large factors: the GEMM kernel's MMA variant
+                            specs.add(st.spec)
+                        if st.spec.kind == "fused":
+                            assert st.spec.mma == mma
+                            specs.add(st.spec)
+                            specs.add(st.spec.vectorized(m, st.s, 0, 0, 1 if col else st.k_in, m if col else 1,
+                                                         0, 0, 1 if col else st.k_out, m if col else 1))
+    specs = sorted(specs, key=repr)
+    assert compile_specs([(kernel_name(s), s) for s in specs], arch)

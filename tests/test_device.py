@@ -60,13 +60,13 @@ class FakeBackend(Backend):
     def describe(self) -> str:
         return "fake backend for tests"
 
-    def kron_matmul(self, factors, x):
+    def kron_matmul(self, factors, x, precision="highest"):
         self.calls.append("kron_matmul")
-        return reference.kron_matmul(factors, x)
+        return reference.kron_matmul(factors, x, precision)
 
-    def matmul_kron(self, x, factors):
+    def matmul_kron(self, x, factors, precision="highest"):
         self.calls.append("matmul_kron")
-        return reference.matmul_kron(x, factors)
+        return reference.matmul_kron(x, factors, precision)
 
     def cg_capability(self, like):
         return Capability(self.cg_limit > 0, "fake CG step" if self.cg_limit else "fake: no CG step", self.cg_limit)
@@ -321,24 +321,26 @@ def _op_inputs(dtype, seed: int, dev: str = "cpu"):
     return fs, x_km, x_mk
 
 
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_kron_matmul(dtype, dev):
+def test_opcheck_kron_matmul(dtype, dev, precision):
     fs, x, _ = _op_inputs(dtype, seed=5, dev=dev)
-    torch.library.opcheck(torch.ops.kronegp.kron_matmul.default, (fs, x))
+    torch.library.opcheck(torch.ops.kronegp.kron_matmul.default, (fs, x, precision))
 
 
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_opcheck_matmul_kron(dtype, dev):
+def test_opcheck_matmul_kron(dtype, dev, precision):
     fs, _, x = _op_inputs(dtype, seed=6, dev=dev)
-    torch.library.opcheck(torch.ops.kronegp.matmul_kron.default, (x, fs))
+    torch.library.opcheck(torch.ops.kronegp.matmul_kron.default, (x, fs, precision))
 
 
 def test_the_ops_own_gradients_match_the_dense_product():
     fs, x_km, x_mk = _op_inputs(torch.float64, seed=7)
     small = [f.detach()[:1, :1].clone().requires_grad_(True) if f.dim() > 2 else f for f in fs]
-    assert torch.autograd.gradcheck(lambda x, a, b: torch.ops.kronegp.kron_matmul([a, b], x),
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.ops.kronegp.kron_matmul([a, b], x, "highest"),
                                     (x_km.detach()[:1].clone().requires_grad_(True), *small))
-    assert torch.autograd.gradcheck(lambda x, a, b: torch.ops.kronegp.matmul_kron(x, [a, b]),
+    assert torch.autograd.gradcheck(lambda x, a, b: torch.ops.kronegp.matmul_kron(x, [a, b], "highest"),
                                     (x_mk.detach()[:1].clone().requires_grad_(True), *small))

@@ -18,7 +18,7 @@ from typing import Sequence
 
 __all__ = ["source_dir", "cache_dir", "compile_specs", "nvrtc_version", "CompileError"]
 
-_HEADERS = ("kron_common.cuh", "kron_fused.cuh", "kron_gemm.cuh", "kron_transpose.cuh", "cg_update.cuh", "jacobi_eigh.cuh")
+_HEADERS = ("kron_common.cuh", "kron_mma.cuh", "kron_fused.cuh", "kron_gemm.cuh", "kron_transpose.cuh", "cg_update.cuh", "jacobi_eigh.cuh")
 _announced = False
 
 

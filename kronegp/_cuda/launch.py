@@ -238,11 +238,13 @@ class RowProduct:
     m: int
     in_col: bool
     out_col: bool
+    mma: int = 0  # the fused kernels' product unit (FusedSpec.mma)
 
 
 @lru_cache(maxsize=4096)
-def _plan(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, budget: int) -> tuple[Step, ...]:
-    return tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, budget))
+def _plan(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, budget: int,
+          mma: int = 0) -> tuple[Step, ...]:
+    return tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, budget, mma=mma))
 
 
 def _merge_batch(sizes: Sequence[int], strides: Sequence[Sequence[int]]):
@@ -271,6 +273,8 @@ class _Launch:
     template: KronArgs  # strides, sizes, factor strides; pointers hold offsets only
     patches: tuple  # (field, slot, operand, byte offset): field "x", "y" or "f" (slot g)
     fn: object = None
+    xy: tuple = ()  # ((operand, byte offset) of x, of y): the patches, split for execute_program
+    fs: tuple = ()  # (slot g, operand, byte offset) per factor
     fn_ptr: int = 0  # the CUfunction's address, for the ctypes launch
     nt: int = 0
     smem: int = 0
@@ -289,7 +293,7 @@ def _signature(prod: RowProduct) -> tuple:
     """Everything a program depends on besides the data pointers (only their 16-byte residue)."""
     x, y = prod.x, prod.y
     return (
-        prod.shapes, prod.m, prod.in_col, prod.out_col, prod.batch, x.tensor.dtype,
+        prod.shapes, prod.m, prod.in_col, prod.out_col, prod.batch, x.tensor.dtype, prod.mma,
         x.batch_strides, x.s_row, x.s_col, x.tensor.data_ptr() % 16,
         y.batch_strides, y.s_row, y.s_col, y.tensor.data_ptr() % 16,
         tuple((f.batch_strides, f.s_row, f.s_col) for f in prod.factors),
@@ -305,7 +309,7 @@ def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
     """
     x, y = prod.x, prod.y
     itemsize = x.tensor.element_size()
-    steps = _plan(prod.shapes, prod.m, itemsize, prod.in_col, prod.out_col, smem_budget)
+    steps = _plan(prod.shapes, prod.m, itemsize, prod.in_col, prod.out_col, smem_budget, prod.mma)
     m = prod.m
     n_tmps, k_max = 0, 0
     tmp_bstrides = tuple(0 for _ in prod.batch)
@@ -368,7 +372,9 @@ def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
                 if gx > _MAX_GRID_X:
                     raise ValueError(f"kronegp: problem too large for one launch ({gx} blocks)")
                 launches.append(_Launch(spec, (gx, gy, nz), args, tuple(patches)))
-    return _Program(launches, n_tmps, n_batch * m * k_max)
+    # each intermediate a multiple of 64 elements (256 bytes): both parts of execute_program's one
+    # block stay 16-byte aligned, as the specs' vectorisation above assumed (residue 0)
+    return _Program(launches, n_tmps, -(-(n_batch * m * k_max) // 64) * 64)
 
 
 def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
@@ -393,6 +399,9 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
             launch.fn = dev.function(launch.spec)
             launch.fn_ptr = int(launch.fn)
             launch.nt, launch.smem = launch.spec.NT, launch.spec.smem_bytes
+            by_field = {f: (t, off) for f, _, t, off in launch.patches if f != "f"}
+            launch.xy = (by_field["x"], by_field["y"])
+            launch.fs = tuple((g, t, off) for f, g, t, off in launch.patches if f == "f")
         if len(dev.programs) >= _MAX_PROGRAMS:
             dev.programs.clear()  # a crude bound: signatures rarely number this many
         dev.programs[key] = prog
@@ -404,27 +413,36 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
 
 def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs: list) -> None:
     """Run a cached program: ``ptrs`` = data pointers of x, y and the factors, in that order;
-    intermediates like ``like`` (dtype, device)."""
-    device = like.device
+    intermediates like ``like`` (dtype, device). This is the whole per-call host path of a
+    fused call (a few µs of Python per launch): keep it lean."""
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
-    # after this stream's queued kernels, so dropping them on return is safe.
-    # (held until every launch is queued: two live tensors never share a block)
-    tmps = [torch.empty(prog.tmp_elems, dtype=like.dtype, device=device) for _ in range(prog.n_tmps)]
-    if tmps:
-        ptrs = ptrs + [t.data_ptr() for t in tmps]
-    stream = current_stream_handle(device)
+    # after this stream's queued kernels, so dropping them on return is safe. One block for
+    # both (held until every launch is queued), each part a multiple of 256 bytes long.
+    tmp = None  # held until every launch is queued: no other allocation may get its block before
+    if prog.n_tmps:
+        tmp = like.new_empty(prog.n_tmps * prog.tmp_elems)
+        base, step = tmp.data_ptr(), prog.tmp_elems * like.element_size()
+        ptrs = ptrs + [base + i * step for i in range(prog.n_tmps)]
+    stream = current_stream_handle(like.device)
+    c_launch = _c_launch()
     with dev.current():
         for launch in prog.launches:
             args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
-            for field, g, t, off in launch.patches:
-                if field == "f":
-                    args.f[g] = ptrs[t] + off
-                elif field == "x":
-                    args.x = ptrs[t] + off
-                else:
-                    args.y = ptrs[t] + off
-            launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec,
-                          smem=launch.smem, fn_ptr=launch.fn_ptr)
+            (tx, ox), (ty, oy) = launch.xy
+            args.x, args.y = ptrs[tx] + ox, ptrs[ty] + oy
+            fa = args.f
+            for g, t, off in launch.fs:
+                fa[g] = ptrs[t] + off
+            if c_launch is None:
+                launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec, smem=launch.smem)
+                continue
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
+            gx, gy, gz = launch.grid
+            code = c_launch(launch.fn_ptr, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream,
+                            ctypes.addressof(params), None)
+            if code != 0:
+                _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
+    del tmp
 
 
 def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, spec,

@@ -28,7 +28,7 @@ from typing import Sequence
 
 __all__ = [
     "FusedSpec", "GemmSpec", "TransposeSpec", "TRANSPOSE_MAX_D", "Step", "plan_tiles", "FUSE_MAX", "MAX_FUSED", "Rates", "PathChoice",
-    "choose_path", "predict_fused_plan", "predict_axis_plan",
+    "choose_path", "predict_fused_plan", "predict_axis_plan", "fused_mma",
 ]
 
 #: Largest P or Q that the fused kernel takes (its factors live whole in shared memory).
@@ -87,6 +87,9 @@ class FusedSpec:
     out_col: bool
     in_vec: bool = False  # 16-byte global loads (set per launch from pointer/stride alignment)
     out_vec: bool = False  # 16-byte global stores
+    #: products on the tensor cores (sm_80+, :func:`fused_mma`): 0 FMA; 1 DMMA (float64) or TF32
+    #: (float32 "medium"); 3 split TF32 (float32 "high")
+    mma: int = 0
 
     kind = "fused"
 
@@ -156,7 +159,7 @@ class FusedSpec:
         if (iv, ov) == (self.in_vec, self.out_vec):
             return self
         return FusedSpec(self.itemsize, self.P, self.Q, self.TM, self.TS, self.NT, self.in_col,
-                         self.out_col, iv, ov)
+                         self.out_col, iv, ov, self.mma)
 
     def source(self, name: str) -> str:
         nf = len(self.P)
@@ -169,6 +172,7 @@ static constexpr int Q[{nf}] = {{{qs}}};
 static constexpr int TM = {self.TM}, TS = {self.TS}, NT = {self.NT};
 static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)};
 static constexpr bool IN_VEC = {_b(self.in_vec)}, OUT_VEC = {_b(self.out_vec)};
+static constexpr int MMA = {self.mma};
 """
         check = (f"static_assert(FusedGeom<Spec>::smem_elems() * sizeof({_CTYPE[self.itemsize]}) == "
                  f"{self.smem_bytes}, \"smem size mismatch\");\n")
@@ -192,6 +196,7 @@ class GemmSpec:
     TQ: int
     in_col: bool
     out_col: bool
+    mma: int = 0  # as FusedSpec.mma: the products on the tensor cores
 
     kind = "gemm"
 
@@ -206,7 +211,8 @@ class GemmSpec:
     @property
     def smem_bytes(self) -> int:
         vec = 16 // self.itemsize
-        return self.KC * ((self.BR + vec) + self.BQ) * self.itemsize
+        ldb = self.BQ + (8 if self.mma else 0)  # kron_gemm.cuh's LDB
+        return self.KC * ((self.BR + vec) + ldb) * self.itemsize
 
     @property
     def PG(self) -> int:
@@ -228,11 +234,12 @@ static constexpr int P = {self.P}, Q = {self.Q};
 static constexpr int BR = {self.BR}, BQ = {self.BQ}, KC = {self.KC}, TR = {self.TR}, TQ = {self.TQ};
 static constexpr int NT = {self.NT};
 static constexpr bool IN_COL = {_b(self.in_col)}, OUT_COL = {_b(self.out_col)}, M_FAST = {_b(self.m_fast)};
+static constexpr int MMA = {self.mma};
 """
         return kernel_source(name, self.itemsize, members, "kron_gemm", self.NT)
 
 
-def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> GemmSpec:
+def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool, mma: int = 0) -> GemmSpec:
     if itemsize == 4:
         tq = 8 if q > 8 else 4
         tr = 8
@@ -246,7 +253,15 @@ def _gemm_spec(itemsize: int, p: int, q: int, in_col: bool, out_col: bool) -> Ge
     br = ntr * tr
     kc_max = 16 if itemsize == 4 else 8
     kc = min(kc_max, max(1, 2048 // br), p)
-    return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col)
+    if mma:
+        # whole MMA steps per stage (8 deep for TF32, 4 for DMMA) and whole 8-column tiles
+        # (TF32: one step per stage; 16 deep spilled on the 128 × 128 tiles, 255 registers)
+        kt = 8 if itemsize == 4 else 4
+        kc = kt if itemsize == 4 else max(kt, kc // kt * kt)
+        warps, mt = ntr * ntq // 32, 16 if itemsize == 4 else 8
+        if bq % 8 or (ntr * ntq) % 32 or br % warps or (br // warps) % mt:
+            mma = 0  # this tile does not split into warp MMA tiles: FMA
+    return GemmSpec(itemsize, p, q, br, bq, kc, tr, tq, in_col, out_col, mma)
 
 
 # --------------------------------------------------------------------------- transpose kernel
@@ -296,7 +311,19 @@ class Step:
         return self.s * self.spec.QG
 
 
-def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_elems):
+def fused_mma(itemsize: int, precision: str, arch: int, enabled: bool) -> int:
+    """The fused kernel's product unit (:attr:`FusedSpec.mma`) for a dtype size, float32
+    ``precision`` and GPU architecture (e.g. 90): tensor cores only where ``enabled`` (opt-in,
+    ``KRONEGP_FUSED_MMA=1``, until the device timings show they pay) and the GPU has them for
+    this type (sm_80+: fp64 DMMA, TF32); float32 ``"highest"`` always FMA (exact)."""
+    if not enabled or arch < 80:
+        return 0
+    if itemsize == 8:
+        return 1
+    return {"highest": 0, "high": 3, "medium": 1}[precision]
+
+
+def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_elems, mma=0):
     """The largest (TM, TS) within budget for a fused group, or None if even the least fails."""
     elem_run = 32 // itemsize  # a 32-byte sector of consecutive elements
     if in_col or out_col:
@@ -319,7 +346,7 @@ def _fused_tile(itemsize, ps, qs, m, s, in_col, out_col, smem_budget, target_ele
     for tm in tm_opts:
         for ts in sorted(ts_opts):
             ts = min(ts, s)
-            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, nt, in_col, out_col)
+            spec = FusedSpec(itemsize, tuple(ps), tuple(qs), tm, ts, nt, in_col, out_col, mma=mma)
             if spec.smem_bytes > smem_budget:
                 break
             elems = tm * ts * max(spec.PG, spec.QG)
@@ -340,6 +367,7 @@ def plan_tiles(
     out_col: bool,
     smem_budget: int = 100 * 1024,
     target_elems: int | None = None,
+    mma: int = 0,
 ) -> list[Step]:
     """Plan ``x·(G_1 ⊗ … ⊗ G_N)`` for factor shapes ``shapes[i] = (P_i, Q_i)`` and ``m`` rows.
 
@@ -367,14 +395,14 @@ def plan_tiles(
         k_in = math.prod(dims)
         p, q = shapes[i]
         if p > FUSE_MAX or q > FUSE_MAX:
-            spec = _gemm_spec(itemsize, p, q, cur_in_col, out_col)
+            spec = _gemm_spec(itemsize, p, q, cur_in_col, out_col, mma)
             steps.append(Step(i, 1, spec, k_in, k_in // p))
             dims[i] = q
             i -= 1
             cur_in_col = out_col
             continue
         group_first = i
-        spec = _fused_tile(itemsize, [p], [q], m, k_in // p, cur_in_col, out_col, smem_budget, target)
+        spec = _fused_tile(itemsize, [p], [q], m, k_in // p, cur_in_col, out_col, smem_budget, target, mma)
         if spec is None:
             raise ValueError(f"no fused tile fits {smem_budget} bytes for factor {(p, q)}")
         while group_first - 1 >= 0 and i - group_first + 1 < MAX_FUSED:
@@ -384,7 +412,7 @@ def plan_tiles(
             ps = [s[0] for s in shapes[group_first - 1 : i + 1]]
             qs = [s[1] for s in shapes[group_first - 1 : i + 1]]
             s_cand = k_in // math.prod(ps)
-            cand = _fused_tile(itemsize, ps, qs, m, s_cand, cur_in_col, out_col, smem_budget, target)
+            cand = _fused_tile(itemsize, ps, qs, m, s_cand, cur_in_col, out_col, smem_budget, target, mma)
             if cand is None or not _runs_ok(cand, m, s_cand, itemsize):
                 break
             spec = cand
@@ -421,6 +449,12 @@ class Rates:
 
     copy_bytes_per_s: float = 2.9e12  # device-to-device copy, bytes read + written
     gemm_flops_per_s: tuple = ((4, 51e12), (8, 55e12))  # cuBLAS, TF32 off; fp64 on DMMA
+    # cuBLAS float32 with TF32 on (H100 SXM: 495 TFLOP/s dense peak; a guess at what its GEMMs of
+    # our shapes reach, not yet measured: benchmarks/kron_matmul.py --precisions reports it)
+    tf32_gemm_flops_per_s: float = 250e12
+    # one torch elementwise op of the split-TF32 path (host time per call; its bytes go at the
+    # copy rate)
+    elementwise_call_s: float = 8e-6
     gemm_bw_efficiency: float = 0.8  # a memory-bound cuBLAS GEMM moves bytes at this × copy
     # the fused kernel per pass: ~1.6 of 2.9 TB/s before its loads were batched (NOTES.md, round 3),
     # 11 % faster on average after (round 4: row-layout passes of 16^2 up to 2.4 TB/s)
@@ -463,13 +497,22 @@ def _gemm_shape_efficiency(rows: int, cols: int, inner: int) -> float:
     return max(eff, 0.05)
 
 
-def _gemm_seconds(flops: float, nbytes: float, eff: float, itemsize: int, rates: Rates) -> float:
+def _gemm_seconds(flops: float, nbytes: float, eff: float, itemsize: int, rates: Rates,
+                  precision: str = "highest", in_bytes: float = 0.0) -> float:
     """One cuBLAS GEMM call of the axis paths: the larger of its bytes at cuBLAS's share of the
     copy rate and its FLOPs at the GEMM rate times the shape efficiency ``eff``, plus the call's
-    host time."""
+    host time. float32 ``precision`` (:mod:`kronegp.precision`): ``"medium"`` one TF32 GEMM;
+    ``"high"`` three, plus the split of the input (``in_bytes``: three elementwise passes that
+    read it and write two parts)."""
     bw = rates.gemm_bw_efficiency * rates.copy_bytes_per_s
-    rate = rates.get(rates.gemm_flops_per_s, itemsize)
-    return max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+    if itemsize == 8 or precision == "highest":
+        rate = rates.get(rates.gemm_flops_per_s, itemsize)
+        return max(nbytes / bw, flops / (rate * eff)) + rates.gemm_call_s
+    one = max(nbytes / bw, flops / (rates.tf32_gemm_flops_per_s * eff)) + rates.gemm_call_s
+    if precision == "medium":
+        return one
+    split = 7 * in_bytes / rates.copy_bytes_per_s + 3 * rates.elementwise_call_s
+    return 3 * one + split
 
 
 def _factor_flops(shapes, m: int, order) -> list[float]:
@@ -504,7 +547,8 @@ def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rat
     return total
 
 
-def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES) -> float:
+def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES,
+                      precision: str = "highest") -> float:
     """Seconds the one-cuBLAS-GEMM-per-factor plan (:mod:`kronegp._cuda.axis_gemm`) should take.
 
     ``shapes`` in row form ``(I_i, O_i)``; ``col``: the ``m`` rows are the trailing (contiguous)
@@ -534,12 +578,13 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
             # at ~0.2), measured against the tile cuBLAS picks, which is no wider than O (64³ with
             # C = 11 ran at ~0.3 of the rate: a 128-wide reference sent it to a slower path)
             eff = _gemm_shape_efficiency(o, 128, i) * min(1.0, c / min(128.0, max(o, 16))) ** 0.7
-        total += _gemm_seconds(flops, nbytes, eff, itemsize, rates)
+        total += _gemm_seconds(flops, nbytes, eff, itemsize, rates, precision, a * i * c * itemsize)
         dims[ax] = o
     return total
 
 
-def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES) -> float:
+def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES,
+                                 precision: str = "highest") -> float:
     """``kron_matmul`` by the rotating form (:func:`kronegp._cuda.axis_gemm.rotated_products`):
     one GEMM per factor, ``y(R, O) = x(I, R)ᵀ·Wᵀ`` with ``R`` all the other axes and the ``T``
     columns (every GEMM has that long side, where the natural-order plan gives the factor next to
@@ -551,7 +596,8 @@ def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = R
     for i, o in shapes:
         rest = size // i
         nbytes = (rest * (i + o) + i * o) * itemsize
-        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates)
+        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates,
+                               precision, rest * i * itemsize)
         size = rest * o
     eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
     return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.transpose_call_s
@@ -568,6 +614,9 @@ class PathChoice:
     predicted_fused_s: float
     predicted_axis_s: float
     predicted_axis_t_s: float = math.inf
+    #: the float32 mode the cuBLAS paths run in: the asked one, or "highest" where exact float32
+    #: is predicted faster than split TF32 (exact also meets "high"'s bound)
+    axis_precision: str = "highest"
 
     @property
     def predicted_s(self) -> float:
@@ -585,6 +634,7 @@ def choose_path(
     axis_ok: bool = True,
     force: str = "auto",
     rates: Rates = RATES,
+    precision: str = "highest",
 ) -> PathChoice:
     """Pick the cheaper plan by the cost model: our fused kernels (:func:`plan_tiles`) or one
     cuBLAS GEMM per factor on natural-order axis views (``axis_ok``: the operands allow it).
@@ -595,12 +645,26 @@ def choose_path(
     up to the full GEMM rate (fp64 on tensor cores). So runs of small factors (memory-bound, few
     passes) stay fused, and factors with P ≳ 32 (compute-bound) go to cuBLAS. ``force`` (``"fused"``,
     ``"axis_gemm"``) overrides the choice for benchmarks and tests.
+
+    ``precision`` (float32, :mod:`kronegp.precision`): the cuBLAS paths run ``"medium"`` as TF32
+    and ``"high"`` as split TF32 (or exact float32 where that is predicted faster:
+    ``axis_precision``), priced at the TF32 rate; the fused kernels are exact float32 in every
+    mode (their FMA rate whatever was asked).
     """
     steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))
     t_fused = predict_fused_plan(steps, shapes, m, itemsize, rates)
-    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates) if axis_ok else math.inf
+    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates, precision) if axis_ok else math.inf
     # out_col: kron_matmul with T > 1 columns trailing; the transposed form only pays for small T
-    t_axis_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if axis_ok and out_col else math.inf
+    t_axis_t = (predict_transposed_axis_plan(shapes, m, itemsize, rates, precision)
+                if axis_ok and out_col else math.inf)
+    axis_precision = precision if itemsize == 4 else "highest"
+    if axis_precision == "high" and axis_ok:
+        # split TF32 triples the GEMMs' bytes and adds the split passes: where that outweighs
+        # the TF32 rate (memory-bound shapes), exact float32 is both faster and more precise
+        ex_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates)
+        ex_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if out_col else math.inf
+        if min(ex_axis, ex_t) < min(t_axis, t_axis_t):
+            t_axis, t_axis_t, axis_precision = ex_axis, ex_t, "highest"
     times = {"fused": t_fused, "axis_gemm": t_axis, "axis_gemm_t": t_axis_t}
     if force != "auto" and times[force] < math.inf:
         path = force
@@ -610,4 +674,4 @@ def choose_path(
         path = "fused"
     else:
         path = min(times, key=times.get)
-    return PathChoice(path, steps, t_fused, t_axis, t_axis_t)
+    return PathChoice(path, steps, t_fused, t_axis, t_axis_t, axis_precision)

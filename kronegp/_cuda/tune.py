@@ -4,7 +4,7 @@ The cost model (:func:`kronegp._cuda.plan.choose_path`) picks a path from predic
 FLOPs and host costs; where it is wrong (NOTES.md lists such shapes) the pick can be 1.4×
 slower than the best path. With autotuning on (``kronegp.set_autotune(True)`` or
 ``KRONEGP_AUTOTUNE=1``), the first call of each signature — side, factor shapes, rows,
-dtype size, layout, whether the cuBLAS path is allowed — runs every candidate path a few
+dtype size, layout, whether the cuBLAS path is allowed, float32 precision mode — runs every candidate path a few
 times on the call's own operands, keeps the fastest and stores the timings in a JSON file in
 the kernel cache folder, one per GPU model. Later calls, and later processes on the same GPU
 model with the same kernel sources, cuBLAS-path code and torch version, look the choice up.
@@ -28,18 +28,21 @@ import torch
 
 __all__ = ["PathTuner", "time_candidates", "tune_key"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: keys carry the float32 precision mode
 
 
-def tune_key(side: str, shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, axis_ok: bool) -> tuple:
+def tune_key(side: str, shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, axis_ok: bool,
+             precision: str = "highest") -> tuple:
     """The signature a tuned choice is valid for (hashable; :func:`_key_text` spells it)."""
-    return (side, tuple((int(p), int(q)) for p, q in shapes), int(m), int(itemsize), bool(in_col), bool(out_col), bool(axis_ok))
+    return (side, tuple((int(p), int(q)) for p, q in shapes), int(m), int(itemsize), bool(in_col), bool(out_col),
+            bool(axis_ok), str(precision))
 
 
 def _key_text(key: tuple) -> str:
-    side, shapes, m, itemsize, in_col, out_col, axis_ok = key
+    side, shapes, m, itemsize, in_col, out_col, axis_ok, precision = key
     sh = ",".join(f"{p}x{q}" for p, q in shapes)
-    return f"{side}|{sh}|m={m}|b={itemsize}|in_col={int(in_col)}|out_col={int(out_col)}|axis={int(axis_ok)}"
+    return (f"{side}|{sh}|m={m}|b={itemsize}|in_col={int(in_col)}|out_col={int(out_col)}|axis={int(axis_ok)}"
+            f"|prec={precision}")
 
 
 def time_candidates(
