@@ -5,7 +5,8 @@ kronegp:
   import ``kronegp._cuda``;
 * nobody probes a backend with ``hasattr``: the door's capabilities say what a backend has;
 * no private name (``_x``, or a name from a private module) is imported, or read as an
-  attribute of an imported module, across a package boundary.
+  attribute of an imported module, across a package boundary, nor from the doors
+  (:mod:`kronegp.device`, :mod:`kronegp.ops`) by any other module.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def _imports(mod: Module):
 
 
 def _crosses(mod: Module, target: str) -> bool:
-    return _package_of(target) != mod.package
+    """Whether ``mod`` reaching into ``target`` crosses a boundary: another package, or the
+    internals of a door (:data:`CUDA_DOOR`: nobody else, not even its own package, reads them)."""
+    return _package_of(target) != mod.package or (target in CUDA_DOOR and target != mod.name)
 
 
 def _private_module(target: str) -> bool:
@@ -145,7 +148,8 @@ def test_the_rules_catch_what_they_forbid(tmp_path, rule, monkeypatch):
     source = {
         "door": "from kronegp._cuda.cg import CG_MAX_COLUMNS\n",
         "hasattr": "def f(backend):\n    return hasattr(backend, 'cg_step')\n",
-        "private": "from kronegp import linalg\nfrom kronegp.ops import _check_factors\nx = linalg._starts\n",
+        "private": ("from kronegp import device, linalg\nfrom kronegp.ops import _raw_kron_matmul\n"
+                    "x = linalg._starts\ny = device._cuda_state\n"),
     }[rule]
     fake = Module("kronegp.solvers.example", "kronegp.solvers", ast.parse(source), ROOT / "solvers" / "example.py")
     monkeypatch.setattr(sys.modules[__name__], "MODULES", [fake])
@@ -154,4 +158,13 @@ def test_the_rules_catch_what_they_forbid(tmp_path, rule, monkeypatch):
     with pytest.raises(AssertionError) as err:
         test()
     if rule == "private":
-        assert "_check_factors" in str(err.value) and "linalg._starts" in str(err.value)
+        for name in ("_raw_kron_matmul", "linalg._starts", "device._cuda_state"):
+            assert name in str(err.value)
+
+
+def test_the_doors_internals_are_theirs_even_within_their_package(monkeypatch):
+    source = "from kronegp import device\nx = device._cuda_state\n"
+    fake = Module("kronegp.linalg", "kronegp", ast.parse(source), ROOT / "linalg.py")
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", [fake])
+    with pytest.raises(AssertionError, match="device._cuda_state"):
+        test_no_private_name_crosses_a_package_boundary()
