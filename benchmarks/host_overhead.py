@@ -34,7 +34,7 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
 import torch
 
 import kronegp
-from kronegp import _backend
+from kronegp import device
 from kronegp._cuda import CudaBackend, axis_gemm, launch
 
 CASES = [  # (name, rows, factor sizes, path): the host-bound GP shapes and one many-factor one
@@ -113,7 +113,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     backend, counter = stub_backend()
-    _backend.for_tensor = lambda x: backend  # the public op reaches the stubbed CUDA backend
+    device.backend_for = lambda x: backend  # the public op reaches the stubbed CUDA backend
     print(f"# host µs per call, launches stubbed, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'case':22s} {'dtype':8s} {'side':12s} {'path':10s} {'public op':>10s} {'backend':>9s} {'launches':>8s}")
     worst = None

@@ -171,9 +171,9 @@ def _poisoned_run(fn):
 @pytest.mark.parametrize("path", ["auto", "fused", "axis_gemm", "axis_gemm_t"])
 @pytest.mark.parametrize("mode", PRECISIONS)
 def test_every_mode_within_its_bound(mode, path):
-    from kronegp import _backend
+    from kronegp import device
 
-    backend = _backend.for_tensor(torch.empty(1, device="cuda"))
+    backend = device.backend_for(torch.empty(1, device="cuda"))
     gen = torch.Generator(device="cuda").manual_seed(11)
     try:
         backend.force_path = path
@@ -259,9 +259,9 @@ def test_split_tf32_gemms_on_the_gpu():
 def test_fused_kernels_on_tensor_cores(dtype):
     # KRONEGP_FUSED_MMA: our kernels' products (fused and large-factor GEMM) on DMMA (float64) or
     # TF32 / split TF32 (float32 "medium" / "high"), every mode within its bound, outputs poisoned.
-    from kronegp import _backend
+    from kronegp import device
 
-    backend = _backend.for_tensor(torch.empty(1, device="cuda"))
+    backend = device.backend_for(torch.empty(1, device="cuda"))
     if int(backend._device(torch.empty(1, device="cuda")).arch[3:]) < 80:
         pytest.skip("tensor-core products need sm_80")
     gen = torch.Generator(device="cuda").manual_seed(15)
