@@ -311,6 +311,7 @@ def test_cg_path_stochastic_estimates(kind):
     assert rel(grads, ref_grads) < 2e-2
 
 
+@pytest.mark.slow
 def test_cg_path_grid_prediction_matches_dense():
     model = cg_problem("mask")
     mean, var = model.predict()  # 3120 cells ≤ exact_variance_limit: one solve per cell
@@ -322,7 +323,8 @@ def test_cg_path_grid_prediction_matches_dense():
     assert float(((var_mc - var).abs() / var).median()) < 0.1
 
 
-@pytest.mark.parametrize("kind", ["mask", "noise", "both"])
+@pytest.mark.parametrize("kind", [pytest.param("mask", marks=pytest.mark.slow), "noise",
+                                  pytest.param("both", marks=pytest.mark.slow)])
 def test_cg_path_tighter_settings_are_tighter(kind):
     """With exact traces (≤ 1024 cells concerned) and a tight CG tolerance the CG path —
     the Schur complement for missing cells, CG in eigen-coordinates for per-cell noise,

@@ -40,6 +40,7 @@ def test_fit_recovers_lengthscales_and_noise():
     assert true_s2 / 2 < hp["outputscale"] < true_s2 * 2
 
 
+@pytest.mark.slow
 def test_masked_heldout_intervals_are_calibrated():
     shape = (24, 22, 12)
     f, y = gp_draw(shape, (4.0, 3.0, 2.0), 1.0, 0.04, seed=5)

@@ -36,6 +36,7 @@ def _dense_mean(m, v, axes):
     return 284.5 + k[:, o] @ alpha
 
 
+@pytest.mark.slow
 def test_predicted_mean_matches_a_dense_solve_in_an_ill_conditioned_regime():
     m, v, axes = _ill_conditioned_model(torch.float64)
     with warnings.catch_warnings():

@@ -134,6 +134,7 @@ def test_tridiagonal_quadrature_matches_quadratic_form():
     assert abs(quad - exact) / abs(exact) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precondition", [False, True])
 def test_slq_logdet_estimates_logdet(precondition):
     n, s = 200, 400
