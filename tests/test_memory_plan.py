@@ -191,3 +191,49 @@ def test_cg_plan_error_names_the_probe_count_that_fits():
     assert "float32" in str(err.value)
     assert model.cg_iterations is None  # nothing ran
     assert n > 0
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_gram_k_split_matches_one_gemm(split):
+    from kronegp.models._exact import _gram
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(24, 4096, generator=gen, dtype=torch.float64)
+    b = torch.randn(24, 4096, generator=gen, dtype=torch.float64)
+    assert rel_err(_gram(a, b, split=split), a @ b.mT) < 1e-13
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [448])  # large enough that the 64 MiB runtime term is a few %
+def test_cuda_plans_within_ten_percent_of_max_memory_allocated(n):
+    """On the GPU: each plan against torch.cuda.max_memory_allocated (model buffers included), and
+    the chunked exact likelihood against the CPU in float64."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randn(n, n, n, generator=gen)
+    results = {}
+    for kind in ("exact", "missing"):
+        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind == "missing" else None
+        model = GridGP(values.to(dev), mask=mask.to(dev) if mask is not None else None, num_probes=4,
+                       exact_trace_limit=0, dtype=torch.float32)
+        ops = [("step", lambda: model.loss_backward(cuda_graph=False))]
+        if kind == "exact":
+            ops += [("predict", model.predict), ("sample", lambda: model.sample(2))]
+        for op, run in ops:
+            run()  # warm: kernels compiled, caches filled
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            out = run()
+            torch.cuda.synchronize()
+            del out
+            peak = torch.cuda.max_memory_allocated()
+            plan = model.memory_plan(op, samples=2).peak_bytes
+            results[(kind, op)] = (plan, peak)
+        del model
+    bad = {k: (p / 2**20, m / 2**20) for k, (p, m) in results.items() if abs(p - m) > 0.1 * m}
+    assert not bad, f"plan vs measured (MiB): {bad}"
+    cpu = GridGP(values.double())
+    gpu = GridGP(values.double().to(dev))
+    assert abs(float(cpu.log_marginal_likelihood()) - float(gpu.log_marginal_likelihood())) \
+        < 1e-9 * abs(float(cpu.log_marginal_likelihood()))

@@ -206,10 +206,12 @@ def _axis_gram(eig: KronEigen, x: Tensor, i: int, chunk: int) -> Tensor:
     return gram
 
 
-def _gram(aw: Tensor, b: Tensor) -> Tensor:
-    """``aw · bᵀ`` for ``(n, K)`` blocks; K-split into a batch when ``n`` is small (see :func:`_k_split`)."""
+def _gram(aw: Tensor, b: Tensor, split: Optional[bool] = None) -> Tensor:
+    """``aw · bᵀ`` for ``(n, K)`` blocks; K-split into a batch (see :func:`_k_split`) when ``split``
+    (default: on CUDA with ``n < 512``: few output tiles, a long contraction) and both are contiguous."""
     n, length = b.shape
-    s, k = _k_split(length) if n < 512 and aw.is_cuda and b.is_contiguous() and aw.is_contiguous() else (1, length)
+    split = (n < 512 and aw.is_cuda) if split is None else split
+    s, k = _k_split(length) if split and b.is_contiguous() and aw.is_contiguous() else (1, length)
     if s == 1:
         return aw @ b.mT
     return torch.bmm(aw.view(n, s, k).transpose(0, 1), b.view(n, s, k).permute(1, 2, 0)).sum(0)
