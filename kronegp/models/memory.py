@@ -12,7 +12,7 @@ buffers are alive at once. Each count below is taken from the code that allocate
   transposed CUDA path; the backward's slab sums: eigenvalues, weights and one product). A user
   mean adds its grid vector and ``α = Qα̃`` (its gradient).
 * **exact path, prediction on the grid**: mean and variance (two grid vectors, the results) and
-  slabs; **sample**: the ``n`` draws, the posterior mean and slabs (draws are made one at a
+  two slabs (the variance's Kronecker product); **sample**: the ``n`` draws, the posterior mean and slabs (draws are made one at a
   time, in place).
 * **cg path** (missing cells or per-cell noise; :mod:`kronegp.models._masked`): block CG with
   ``t = num_probes + 1`` columns holds a fixed number of ``(t, N)`` blocks plus a fixed number of
@@ -26,8 +26,8 @@ Besides: the model's own buffers (values, mask, per-cell noise), factor-sized ma
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
 
 The chunk is chosen from the free memory of the device (:func:`free_memory`, or any number
-passed in: tests fake it): the largest chunk, up to ``N / 8`` elements and
-:data:`MAX_CHUNK`, that leaves the predicted peak within :data:`HEADROOM` of what is free.
+passed in: tests fake it): the largest chunk, up to ``N`` elements and :data:`MAX_CHUNK`
+(``N/8`` at 1024³), that leaves the predicted peak within :data:`HEADROOM` of what is free.
 """
 
 from __future__ import annotations
@@ -150,7 +150,9 @@ def plan_exact_predict(shape: Sequence[int], dtype: torch.dtype, chunk: int, *, 
     """``predict()`` on the grid, exact path: the mean and variance (results) and slabs."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     slab = slab_elements(shape, chunk) * item
-    parts = {"mean": n * item, "var": n * item, "slabs": 3 * slab}
+    # peak while the variance's Kronecker product runs: mean, var and the product's two slab
+    # temporaries (the mean's slab loop before it holds one grid vector and three slabs: less)
+    parts = {"mean": n * item, "var": n * item, "slabs": 2 * slab}
     if user_mean:
         parts["prior_mean"] = n * item
     parts["factors"] = _factor_bytes(shape)
@@ -163,7 +165,8 @@ def plan_exact_sample(shape: Sequence[int], dtype: torch.dtype, chunk: int, samp
     """``sample(samples)`` on the exact path: the draws (result), the posterior mean and slabs."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     slab = slab_elements(shape, chunk) * item
-    parts = {"samples": samples * n * item, "mean": n * item, "slabs": 3 * slab}
+    # the draws, the mean, and two slabs (the slab loop's eigenvalue products, then a draw's product)
+    parts = {"samples": samples * n * item, "mean": n * item, "slabs": 2 * slab}
     if user_mean:
         parts["prior_mean"] = n * item
     parts["factors"] = _factor_bytes(shape)
@@ -206,9 +209,11 @@ def free_memory(device: torch.device) -> Optional[int]:
 
 
 def _choose_chunk(planner: Callable[[int], MemoryPlan], n: int, budget: Optional[float]) -> MemoryPlan:
-    """The plan with the largest chunk (powers of two, ≤ min(N/8, MAX_CHUNK)) within ``budget``
-    bytes; the smallest chunk's plan when none is (the caller reports it)."""
-    chunk = max(1, min(MAX_CHUNK, n // 8))
+    """The plan with the largest chunk (``min(N, MAX_CHUNK)``, halved while over ``budget`` bytes)
+    within ``budget``; the one-row slab's plan when none is (the caller reports it). The largest
+    that fits, not the smallest: each slab costs launches (a 128³ step in one slab launches about
+    as many kernels as before slabs existed)."""
+    chunk = max(1, min(MAX_CHUNK, n))
     plan = planner(chunk)
     while budget is not None and plan.peak_bytes > budget and chunk > 1:
         smaller = planner(chunk // 2)
