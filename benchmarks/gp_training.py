@@ -28,7 +28,7 @@ probes) — per observed cell and relative.
 Usage::
 
     python benchmarks/gp_training.py --device cuda --out results.json          # 64^3, 128^3
-    python benchmarks/gp_training.py --device cuda --scale --out scale.json     # 512^3, 20 % missing
+    python benchmarks/gp_training.py --device cuda --scale --out scale.json     # 512^3 … 1024^3 (below)
     python benchmarks/gp_training.py --device cpu --small                       # smoke test
 """
 
@@ -216,24 +216,191 @@ def run_case(n: int, regime: str, args, device: torch.device) -> dict:
     return rec
 
 
-def run_scale(args, device: torch.device) -> dict:
-    n = args.scale_n
-    dtype = torch.float32
-    y, axes, noise, mask = make_data(n, "missing20", dtype, device)
-    y[~mask] = float("nan")
-    model = build_gridgp(y, axes, None, mask, dtype, num_probes=args.scale_probes)
-    del y
+def scale_data(n: int, device: torch.device, missing: bool, seed: int = 0, chunk: int = 1 << 26):
+    """A float32 GP draw on an n³ grid built in place (one grid vector, plus the mask): Matérn-5/2
+    with lengthscale n/8 cells, ``f = Q(√λ ∘ ξ)`` by the chunked Kronecker product, noise sd 0.1,
+    20 % of cells missing (NaN) if ``missing``."""
+    import gpytorch
+    from kronegp.models._kron import kron_apply_into, kron_vector_slab, slabs
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    axis = torch.arange(n, dtype=torch.float64, device=device)
+    kern = gpytorch.kernels.MaternKernel(nu=2.5).to(device=device, dtype=torch.float64)
+    kern.lengthscale = n / 8
+    with torch.no_grad():
+        lam, q = torch.linalg.eigh(kern(axis[:, None], axis[:, None]).to_dense())
+        lam, q = lam.clamp_min(0).float(), q.float()
+        y = torch.randn(n**3, generator=g, dtype=torch.float32, device=device)
+        rows = y.view(n, -1)
+        for a, b in slabs([n] * 3, chunk):
+            rows[a:b] *= kron_vector_slab([lam] * 3, a, b).sqrt_().view(b - a, -1)
+        kron_apply_into([q] * 3, y, y, chunk)
+        for a, b in slabs([n] * 3, chunk):
+            rows[a:b] += 0.1 * torch.randn(b - a, n * n, generator=g, dtype=torch.float32, device=device)
+            if missing:
+                rows[a:b][torch.rand(b - a, n * n, generator=g, device=device) < 0.2] = float("nan")
+    return y.view(n, n, n), [axis.float()] * 3
+
+
+def _gib(x: int | float) -> float:
+    return x / 2**30
+
+
+def _measure(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of ``fn`` and the peak allocated memory over its calls (GiB)."""
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_call(gridgp_step(model, None if args.cuda_graph else False), device, args.scale_repeats, 1)
-    rec = {
-        "n": n, "cells": n**3, "regime": "missing20", "dtype": "float32", "num_probes": args.scale_probes,
-        "gridgp_s": statistics.median(times), "cg_iterations": model.cg_iterations,
-        "cuda_graph": model._graphed is not None,
-    }
-    if device.type == "cuda":
-        rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    t = statistics.median(time_call(fn, device, repeats, warmup))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    return t, _gib(peak)
+
+
+def run_scale_exact(n: int, args, device: torch.device) -> dict:
+    """The exact path on a full n³ float32 grid: training step, prediction on the grid, one sample;
+    time, measured and planned peak memory; likelihood against the same model in float64."""
+    y, axes = scale_data(n, device, missing=False)
+    model = GridGP(y, axes, dtype=torch.float32)
+    del y
+    rec: dict = {"n": n, "cells": n**3, "regime": "homoskedastic", "dtype": "float32", "path": model.path}
+    plan = model.memory_plan("step")
+    rec.update(plan_gib=_gib(plan.peak_bytes), plan_chunk=plan.chunk, plan=plan.describe())
+    rec["allocated_before_gib"] = _gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+    rec["gridgp_s"], rec["peak_gib"] = _measure(gridgp_step(model, False), device, args.scale_repeats)
+    rec["plan_rel_error"] = (rec["plan_gib"] - rec["peak_gib"]) / rec["peak_gib"] if device.type == "cuda" else None
+    rec["cg_iterations"] = model.cg_iterations
+    with torch.no_grad():
+        lml = float(model.log_marginal_likelihood())
+    rec["gridgp_lml"] = lml
+    pplan = model.memory_plan("predict")
+    rec["predict_plan_gib"] = _gib(pplan.peak_bytes)
+    rec["predict_s"], rec["predict_peak_gib"] = _measure(lambda: model.predict(), device, 1, 0)
+    splan = model.memory_plan("sample", samples=1)
+    rec["sample_plan_gib"] = _gib(splan.peak_bytes)
+    rec["sample_s"], rec["sample_peak_gib"] = _measure(lambda: model.sample(1), device, 1, 0)
+    if args.check_lml:
+        # the tighter run: the same data and hyperparameters in float64 (GridGP initialises
+        # them from the data identically)
+        ref = GridGP((model.y.double() * model.scale + model.shift).view(model.shape), [a.double() for a in axes],
+                     dtype=torch.float64)
+        with torch.no_grad():
+            ref_lml = float(ref.log_marginal_likelihood())
+        del ref
+        rec["reference_lml"] = ref_lml
+        rec["lml_rel_error"] = abs(lml - ref_lml) / abs(ref_lml)
+        rec["lml_error_per_cell"] = abs(lml - ref_lml) / model.n_observed
+    if args.slice_out and n == max(args.scale_sizes):
+        model.fit(iters=args.scale_fit_iters, optimizer="adam", lr=0.1, progress=False, cuda_graph=False)
+        rec["fit_steps"] = len(model.history)
+        rec["fit_loss"] = model.history[-1] if model.history else None
+        mean, var = model.predict()
+        k = n // 2
+        data = model.y.view(model.shape)[:, :, k] * model.scale + model.shift
+        np_out = {
+            "observed": data.cpu().numpy(), "mean": mean[:, :, k].cpu().numpy(),
+            "sd": var[:, :, k].sqrt().cpu().numpy(), "n": n, "slice_index": k,
+            "hyperparameters": json.dumps(model.hyperparameters()),
+        }
+        import numpy as np
+
+        np.savez_compressed(args.slice_out, **np_out)
+        rec["slice_out"] = args.slice_out
+        del mean, var
     return rec
+
+
+def run_scale_missing(n: int, probes: int, args, device: torch.device) -> dict:
+    """The cg path on an n³ float32 grid with 20 % of cells missing: training step (time, measured
+    and planned peak), CG iterations, likelihood against a run with a 100× tighter CG tolerance
+    (same probes)."""
+    y, axes = scale_data(n, device, missing=True)
+    model = build_gridgp(y, axes, None, None, torch.float32, num_probes=probes)
+    del y
+    rec: dict = {"n": n, "cells": n**3, "regime": "missing20", "dtype": "float32", "num_probes": probes, "path": model.path}
+    plan = model.memory_plan("step")
+    rec.update(plan_gib=_gib(plan.peak_bytes), plan=plan.describe())
+    rec["allocated_before_gib"] = _gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+    rec["gridgp_s"], rec["peak_gib"] = _measure(gridgp_step(model, None if args.cuda_graph else False), device,
+                                                args.scale_repeats)
+    rec["plan_rel_error"] = (rec["plan_gib"] - rec["peak_gib"]) / rec["peak_gib"] if device.type == "cuda" else None
+    rec["cuda_graph"] = model._graphed is not None
+    rec["cg_iterations"] = model.cg_iterations
+    if args.check_lml:
+        with torch.no_grad():
+            lml = float(model.log_marginal_likelihood())
+            model.cg_tol = model.cg_tol * 1e-2
+            ref_lml = float(model.log_marginal_likelihood())
+        rec["reference_cg_iterations"] = model.cg_iterations
+        rec.update(gridgp_lml=lml, reference_lml=ref_lml, reference="same probes, cg_tol / 100",
+                   lml_rel_error=abs(lml - ref_lml) / abs(ref_lml), lml_error_per_cell=abs(lml - ref_lml) / model.n_observed)
+    return rec
+
+
+def _missing_candidates(args, device: torch.device):
+    """(n, probes) to run with 20 % missing: the largest size in ``--scale-missing-sizes`` whose plan
+    fits the free memory, with the most probes (≤ ``--scale-probes``, ≥ 2) that fit, and 512³
+    with ``--scale-probes`` (the earlier rounds' case) when it fits; what was skipped and why."""
+    from kronegp.models import memory
+
+    free = memory.free_memory(device)
+    chosen, skipped = [], []
+    for n in sorted(args.scale_missing_sizes, reverse=True):
+        for p in range(args.scale_probes, 1, -1):
+            plan = memory.plan_cg_step((n, n, n), torch.float32, p, missing=True, per_cell=False, device_type=device.type)
+            if free is None or plan.peak_bytes <= memory.HEADROOM * free:
+                chosen.append((n, p))
+                break
+        else:
+            skipped.append({"n": n, "regime": "missing20", "skipped": f"the plan does not fit {_gib(free):.1f} GiB free "
+                            f"with 2 probes: {memory.plan_cg_step((n, n, n), torch.float32, 2, missing=True, per_cell=False).describe()}"})
+            continue
+        break
+    if 512 in args.scale_missing_sizes and (512, args.scale_probes) not in chosen:
+        plan = memory.plan_cg_step((512,) * 3, torch.float32, args.scale_probes, missing=True, per_cell=False,
+                                   device_type=device.type)
+        if free is None or plan.peak_bytes <= memory.HEADROOM * free:
+            chosen.append((512, args.scale_probes))
+    return chosen, skipped
+
+
+def run_scale(args, device: torch.device) -> list[dict]:
+    """The scale suite: the exact path at ``--scale-sizes``, then 20 % missing at the sizes that fit;
+    each case in its own try (an out-of-memory error is recorded, and the next case runs)."""
+    out = []
+    cases = [("exact", n, None) for n in args.scale_sizes]
+    if args.scale_missing_sizes:
+        chosen, skipped = _missing_candidates(args, device)
+        out.extend(skipped)
+        cases += [("missing", n, p) for n, p in chosen]
+    for kind, n, p in cases:
+        try:
+            rec = run_scale_exact(n, args, device) if kind == "exact" else run_scale_missing(n, p, args, device)
+        except Exception as err:  # recorded, not fatal: the other sizes still run
+            rec = {"n": n, "regime": "homoskedastic" if kind == "exact" else "missing20",
+                   "failed": f"{type(err).__name__}: {err}"[:500]}
+        out.append(rec)
+        print(json.dumps(rec), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def print_scale_table(results: list[dict]) -> None:
+    cols = [("n", "n", "{}"), ("regime", "regime", "{}"), ("probes", "num_probes", "{}"), ("step s", "gridgp_s", "{:.3f}"),
+            ("peak GiB", "peak_gib", "{:.2f}"), ("plan GiB", "plan_gib", "{:.2f}"), ("plan err", "plan_rel_error", "{:+.1%}"),
+            ("CG it", "cg_iterations", "{}"), ("lml rel err", "lml_rel_error", "{:.1e}"),
+            ("predict s", "predict_s", "{:.3f}"), ("pred peak", "predict_peak_gib", "{:.2f}"),
+            ("pred plan", "predict_plan_gib", "{:.2f}")]
+    print(" | ".join(f"{h:>11}" for h, _, _ in cols))
+    for rec in results:
+        if "failed" in rec or "skipped" in rec:
+            print(f"{rec['n']:>11} | {rec['regime']:>11} | {rec.get('failed') or rec.get('skipped')}")
+            continue
+        row = []
+        for _, key, fmt in cols:
+            v = rec.get(key)
+            row.append(f"{fmt.format(v) if v is not None and v == v else '-':>11}")
+        print(" | ".join(row))
 
 
 def main(argv=None) -> int:
@@ -257,10 +424,15 @@ def main(argv=None) -> int:
     p.add_argument("--gpytorch-scale", default="both", choices=["both", "scale", "noscale"],
                    help="GPyTorch anchors with ScaleKernel(GridKernel), GridKernel alone, or both")
     p.add_argument("--no-check-lml", dest="check_lml", action="store_false")
-    p.add_argument("--scale", action="store_true", help="only the 512^3, 20 %% missing case")
-    p.add_argument("--scale-n", type=int, default=512)
+    p.add_argument("--scale", action="store_true",
+                   help="the scale suite: exact float32 at --scale-sizes, 20 %% missing at the largest size that fits")
+    p.add_argument("--scale-sizes", type=int, nargs="*", default=[512, 768, 1024], help="exact-path grid sizes n (n³ cells)")
+    p.add_argument("--scale-missing-sizes", type=int, nargs="*", default=[1024, 896, 768, 640, 576, 512],
+                   help="20 %% missing candidates, largest first; the memory plan picks the largest that fits")
     p.add_argument("--scale-probes", type=int, default=8)
     p.add_argument("--scale-repeats", type=int, default=3)
+    p.add_argument("--scale-fit-iters", type=int, default=10, help="Adam steps before the saved slice")
+    p.add_argument("--slice-out", default=None, help="save a slice of the largest exact fit (npz) for plot_scale_slice.py")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.gpytorch_scale = {"both": (True, False), "scale": (True,), "noscale": (False,)}[args.gpytorch_scale]
@@ -275,9 +447,12 @@ def main(argv=None) -> int:
     }
     results = []
     if args.scale:
-        rec = run_scale(args, device)
-        results.append(rec)
-        print(json.dumps(rec))
+        results = run_scale(args, device)
+        header["date"] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc).isoformat(timespec="seconds")
+        if args.out:  # written before the table, so a cut-off run keeps its numbers
+            with open(args.out, "w") as fh:
+                json.dump({"meta": header, "results": results}, fh, indent=1)
+        print_scale_table(results)
     else:
         cols = ["n", "regime", "gridgp_s", "gridgp_eager_s", "gpytorch_best_s", "speedup", "cg_iterations", "cg_iterations_no_precond", "lml_error_per_cell", "lml_rel_error", "gpytorch_loss_rel_error"]
         print(" | ".join(f"{c:>16}" for c in cols))

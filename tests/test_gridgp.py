@@ -584,12 +584,13 @@ def test_off_axis_gram_matches_its_definition(sizes, split):
         assert (got - want).norm() / want.norm() < 1e-13
 
 
-@pytest.mark.parametrize("sizes", [[32, 32, 32], [40, 30, 20]])
-def test_eigen_factor_gradients_match_their_definition(sizes):
-    """Q_i (M_i − diag v_i) Q_iᵀ with M_i = X_i diag(L_i) X_iᵀ and v_i = W_i L_i (module docstring of
-    kronegp.models._exact), against einsums; the off-axis lengths here (≥ 600) are cut into chunks."""
+@pytest.mark.parametrize("sizes", [[32, 32, 32], [40, 30, 20], [6, 5, 4, 3]])
+@pytest.mark.parametrize("chunk", [1, 700, 10**7])
+def test_eigen_factor_gradients_match_their_definition(sizes, chunk):
+    """M_i = X_i diag(L_i) X_iᵀ and v_i = W_i L_i (module docstring of kronegp.models._exact) as
+    the chunked slab sums compute them, against einsums (w = 1/(s²λ + σ²))."""
     from kronegp.linalg import kron_vector
-    from kronegp.models._exact import _eigen_factor_gradients
+    from kronegp.models._exact import _slab_sums
     from kronegp.models._kron import KronEigen
 
     g = torch.Generator().manual_seed(12)
@@ -600,12 +601,16 @@ def test_eigen_factor_gradients_match_their_definition(sizes):
     eig = KronEigen(factors)
     n_all = math.prod(sizes)
     alpha_t = torch.randn(n_all, dtype=torch.float64, generator=g)
-    w = torch.rand(n_all, dtype=torch.float64, generator=g) + 0.5
-    got = _eigen_factor_gradients(eig, list(range(len(sizes))), alpha_t, w)
+    s2, noise = torch.tensor(1.3, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    lam = eig.eigvals()
+    w = 1 / (s2 * lam + noise)
+    got = _slab_sums(eig, alpha_t, noise, s2, list(range(len(sizes))), chunk)
+    assert abs(float(got["w"] - w.sum())) < 1e-12 * float(w.sum())
+    assert abs(float(got["qform"] - (lam * alpha_t**2).sum())) < 1e-12 * float((lam * alpha_t**2).sum())
     for i, n in enumerate(sizes):
         others = kron_vector(eig.vals[:i] + eig.vals[i + 1 :])
         x = alpha_t.view(sizes).movedim(i, 0).reshape(n, -1)
         wi = w.view(sizes).movedim(i, 0).reshape(n, -1)
-        m = torch.einsum("pr,r,qr->pq", x, others, x) - torch.diag(wi @ others)
-        want = eig.vecs[i] @ m @ eig.vecs[i].mT
-        assert (got[i] - want).norm() / want.norm() < 1e-12
+        gram = torch.einsum("pr,r,qr->pq", x, others, x)
+        assert (got["gram"][i] - gram).norm() / gram.norm() < 1e-12
+        assert (got["v"][i] - wi @ others).norm() / (wi @ others).norm() < 1e-12

@@ -103,3 +103,71 @@ class KronEigen:
     def diag_of(self, diag: Tensor) -> Tensor:
         """``diag(Q diag(g) Qᵀ) = (Q∘Q) g`` with ``Q∘Q = ⊗(Q_k∘Q_k)``, length ``N``."""
         return kron_matmul([q * q for q in self.vecs], diag.reshape(-1, 1)).reshape(-1)
+
+
+# ---------------------------------------------------------------------- chunked, in-place forms
+#
+# On a 1024³ float32 grid one grid vector is 4 GiB. The functions below work on a grid vector in
+# slabs of the first axis (rows of its ``(n_1, N/n_1)`` view) or column blocks of that view, so
+# every temporary they create is at most ``chunk`` elements (a slab when one slab is larger):
+# a training step or a prediction then holds a handful of grid vectors, whatever the grid
+# (:mod:`kronegp.models.memory` counts them).
+
+
+def slab_rows(sizes: Sequence[int], chunk: int) -> int:
+    """Rows of the first axis per slab: as many as keep a slab within ``chunk`` elements (≥ 1)."""
+    rest = math.prod(sizes[1:])
+    return max(1, min(sizes[0], chunk // max(rest, 1)))
+
+
+def slabs(sizes: Sequence[int], chunk: int):
+    """``(start, stop)`` ranges of first-axis rows, each slab at most ``chunk`` elements (≥ 1 row)."""
+    rows = slab_rows(sizes, chunk)
+    for start in range(0, sizes[0], rows):
+        yield start, min(sizes[0], start + rows)
+
+
+def kron_vector_slab(vectors: Sequence[Tensor], start: int, stop: int) -> Tensor:
+    """Entries of ``v_1 ⊗ … ⊗ v_N`` whose first index lies in ``[start, stop)`` (a slab of the
+    first axis, contiguous in the flattened vector), always a new tensor (callers update it in place)."""
+    if len(vectors) == 1:
+        return vectors[0][start:stop].clone()
+    return kron_vector([vectors[0][start:stop], *vectors[1:]])
+
+
+def kron_apply_into(mats: Sequence[Tensor], src: Tensor, out: Tensor, chunk: int) -> Tensor:
+    """``out ← (A_1 ⊗ … ⊗ A_d) src`` for square ``A_k`` (``n_k × n_k``) and grid vectors ``src``,
+    ``out`` (contiguous, length ``N``; ``out`` may be ``src``: in place), with temporaries of at
+    most about ``3·chunk`` elements.
+
+    Two stages on the ``(n_1, R)`` view (``R = N/n_1``): (1) each slab of first-axis rows gets
+    ``(A_2 ⊗ … ⊗ A_d)`` applied by :func:`kronegp.matmul_kron` (rows times ``⊗A_kᵀ``), the
+    result copied into ``out``'s slab (a slab larger than ``chunk`` recurses on its own grid);
+    (2) ``A_1`` multiplies column blocks of ``out`` (one GEMM each, through a reused buffer).
+    Slabs and column blocks are disjoint, so ``out`` can be ``src``. One extra read and write of
+    the grid per stage over :func:`kronegp.kron_matmul`, which instead allocates its result and
+    up to two grid-sized intermediates.
+    """
+    sizes = [int(a.shape[-1]) for a in mats]
+    n0, rest = sizes[0], math.prod(sizes[1:])
+    src2, out2 = src.view(n0, rest), out.view(n0, rest)
+    if len(mats) > 1:
+        inner_t = [a.mT for a in mats[1:]]
+        for start, stop in slabs(sizes, chunk):
+            if stop - start == 1 and rest > chunk and len(mats) > 2:
+                kron_apply_into(mats[1:], src2[start], out2[start], chunk)
+            else:
+                out2[start:stop] = matmul_kron(src2[start:stop], inner_t)
+    elif out.data_ptr() != src.data_ptr():
+        out.copy_(src)
+    if rest == 1:
+        out2.copy_(mats[0] @ out2)
+        return out
+    cols = max(1, min(rest, chunk // n0))
+    buf = torch.empty(n0 * cols, dtype=out.dtype, device=out.device)
+    for start in range(0, rest, cols):
+        stop = min(rest, start + cols)
+        tmp = buf[: n0 * (stop - start)].view(n0, stop - start)
+        torch.mm(mats[0], out2[:, start:stop], out=tmp)
+        out2[:, start:stop] = tmp
+    return out

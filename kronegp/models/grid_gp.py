@@ -34,7 +34,8 @@ from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
 from kronegp.models._data import check_settings, parse_grid_data, standardisation
-from kronegp.models._exact import eigen_bilinear_form, exact_lml
+from kronegp.models._exact import eigen_bilinear_form, exact_lml, exact_posterior_grid, exact_posterior_samples
+from kronegp.models import memory
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
@@ -363,10 +364,12 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     def _lml_model_units(self) -> Tensor:
         factors = self._factors()
-        resid = self.y - self._mean_grid()
         if self.path == "exact":
             self.cg_iterations = 0
-            return exact_lml(resid, self.noise, self.outputscale, factors)
+            # y and μ apart (a constant μ never becomes a grid vector): memory.py counts this step
+            mean = self._mean_grid() if self.user_mean else self.mean_module.constant
+            return exact_lml(self.y, self.noise, self.outputscale, factors, mean=mean, chunk=self._memory_chunk())
+        resid = self.y - self._mean_grid()
         cov = self._full_cov(factors)
         n, sp = self.n_cells, self.num_probes
         if self.precondition:
@@ -441,6 +444,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         """
         from kronegp.models._graph import GraphedLoss, graph_reason
 
+        self._memory_chunk("step")  # MemoryPlanError before any work when the step cannot fit
         if cuda_graph is None or cuda_graph:
             reason = graph_reason(self) if self._graph_failed is None else self._graph_failed
             if reason is None:
@@ -506,6 +510,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
+        self.__dict__.pop("_step_chunk", None)  # plan the step for the memory free now
+        self._memory_chunk("step")
         params = [p for p in self.parameters() if p.requires_grad]
         if optimizer == "adam":
             opt = torch.optim.Adam(params, lr=0.1 if lr is None else lr)
@@ -641,6 +647,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             return self._as_dataset(points, include_noise, variance)
         if variance not in ("auto", "exact", "mc"):
             raise ValueError(f"variance must be 'auto', 'exact' or 'mc', got {variance!r}")
+        if points is None and self.path == "exact":
+            return self._predict_exact_grid(include_noise)
         factors = self._factors()
         s2 = self.outputscale
         resid = self.y - self._mean_grid()
@@ -848,27 +856,60 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        factors = self._factors()
-        s2 = self.outputscale
-        mu = self._mean_grid()
-        resid = self.y - mu
         g = torch.Generator(device=self.y.device)
         g.manual_seed(int(torch.randint(0, 2**62, (1,))))
-        xi = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
         if self.path == "exact":
-            eig = KronEigen(factors)
-            lam = s2 * eig.eigvals()
-            w = 1.0 / (lam + self.noise)
-            mean = mu + s2 * kron_matmul(factors, eig.apply_function(w, resid.unsqueeze(-1))).squeeze(-1)
-            out = mean.unsqueeze(-1) + eig.apply_function((lam * self.noise * w).sqrt(), xi)
-        else:
-            cov = self._full_cov(factors)
-            f0 = cov.eig.apply_function(cov.lam.sqrt(), xi)
-            eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
-            noise_sd = self._fill_noise().sqrt().unsqueeze(-1)
-            sol = self._solve_observed(cov, self._obs_zero(resid.unsqueeze(-1) - f0 - noise_sd * eps))
-            out = mu.unsqueeze(-1) + f0 + cov.kernel_matvec(sol)
+            return self._sample_exact(n, g)
+        factors = self._factors()
+        mu = self._mean_grid()
+        resid = self.y - mu
+        xi = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+        cov = self._full_cov(factors)
+        f0 = cov.eig.apply_function(cov.lam.sqrt(), xi)
+        eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+        noise_sd = self._fill_noise().sqrt().unsqueeze(-1)
+        sol = self._solve_observed(cov, self._obs_zero(resid.unsqueeze(-1) - f0 - noise_sd * eps))
+        out = mu.unsqueeze(-1) + f0 + cov.kernel_matvec(sol)
         return (out.mT * self.scale + self.shift).reshape(n, *self.shape)
+
+    # ------------------------------------------------------------------ memory (kronegp.models.memory)
+
+    #: ``device ↦ free bytes`` the memory plans are made for (replace it to plan for another budget)
+    free_memory = staticmethod(memory.free_memory)
+
+    def memory_plan(self, operation: str = "step", *, samples: int = 1,
+                    free_bytes: Optional[int] = None) -> memory.MemoryPlan:
+        """The predicted peak memory of a training ``"step"``, ``"predict"`` (on the grid) or
+        ``"sample"`` and the chunk of its temporaries (:mod:`kronegp.models.memory`), for
+        ``free_bytes`` or the device's free memory (:attr:`free_memory`)."""
+        return memory.plan_for_model(self, operation, samples=samples, free_bytes=free_bytes, free=self.free_memory)
+
+    def _memory_chunk(self, operation: str = "step", samples: int = 1) -> int:
+        """The chunk of ``operation``, after checking that it fits (:class:`memory.MemoryPlanError`
+        before any work otherwise). A training step's is kept until the next :meth:`fit`."""
+        if operation != "step":
+            return memory.check_plan(self.memory_plan(operation, samples=samples), self).chunk
+        key = (self.y.dtype, self.y.device, self.path, self.num_probes, self.shape)
+        cached = self.__dict__.get("_step_chunk")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_step_chunk"] = (key, memory.check_plan(self.memory_plan("step"), self).chunk)
+        return cached[1]
+
+    def _predict_exact_grid(self, include_noise: bool) -> tuple[Tensor, Tensor]:
+        chunk = self._memory_chunk("predict")
+        mean = self._mean_grid() if self.user_mean else self.mean_module.constant
+        m, v = exact_posterior_grid(self.y, mean, self.noise, self.outputscale, self._factors(), chunk)
+        if include_noise:
+            v += self.noise
+        v.clamp_min_(0).mul_(self.scale**2)
+        m.mul_(self.scale).add_(self.shift)
+        return m.view(self.shape), v.view(self.shape)
+
+    def _sample_exact(self, n: int, generator: torch.Generator) -> Tensor:
+        chunk = self._memory_chunk("sample", samples=n)
+        mean = self._mean_grid() if self.user_mean else self.mean_module.constant
+        out = exact_posterior_samples(self.y, mean, self.noise, self.outputscale, self._factors(), n, generator, chunk)
+        return out.mul_(self.scale).add_(self.shift).view(n, *self.shape)
 
     # ------------------------------------------------------------------ reporting
 

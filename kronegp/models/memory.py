@@ -1,0 +1,345 @@
+"""Memory plan of a :class:`~kronegp.GridGP`: how many bytes a training step, a prediction or a
+sample holds at its peak, the chunk size of its temporaries, and a clear error before the work
+starts when it cannot fit.
+
+On a 1024³ float32 grid one grid vector is 4 GiB, so what matters is how many grid-sized
+buffers are alive at once. Each count below is taken from the code that allocates them:
+
+* **exact path, training step** (:func:`kronegp.models._exact.exact_lml`): ``α̃ = Qᵀα`` (one grid
+  vector, computed in place from ``Qᵀy`` by :func:`kronegp.models._kron.kron_apply_into` and
+  saved for the backward) plus first-axis slabs of at most ``chunk`` elements: two or three alive
+  at once (the Kronecker product of a slab: its result and one intermediate, three on the
+  transposed CUDA path; the backward's slab sums: eigenvalues, weights and one product). A user
+  mean adds its grid vector and ``α = Qα̃`` (its gradient).
+* **exact path, prediction on the grid**: mean and variance (two grid vectors, the results) and
+  two slabs (the variance's Kronecker product); **sample**: the ``n`` draws, the posterior mean and slabs (draws are made one at a
+  time, in place).
+* **cg path** (missing cells or per-cell noise; :mod:`kronegp.models._masked`): block CG with
+  ``t = num_probes + 1`` columns holds a fixed number of ``(t, N)`` blocks plus a fixed number of
+  grid vectors. The two coefficients (:data:`CG_BLOCKS`, :data:`CG_VECTORS`) were measured on the
+  CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors included)
+  and are checked against that measurement in ``tests/test_memory_plan.py``; they do not
+  shrink with the chunk (the cg path is not chunked: fewer probes, float32 or a sharded model
+  are what make it fit).
+
+Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
+(``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
+
+The chunk is chosen from the free memory of the device (:func:`free_memory`, or any number
+passed in: tests fake it): the largest chunk, up to ``N`` elements and :data:`MAX_CHUNK`
+(``N/8`` at 1024³), that leaves the predicted peak within :data:`HEADROOM` of what is free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MemoryPlan", "MemoryPlanError", "LiveBytes", "free_memory", "plan_exact_step", "plan_exact_predict",
+    "plan_exact_sample", "plan_cg_step", "plan_for_model", "check_plan", "MAX_CHUNK", "HEADROOM",
+]
+
+GIB = 2**30
+#: Largest chunk (elements) the plan picks: 2²⁷ (512 MiB in float32) keeps GEMMs large and
+#: launches few on a billion cells; a smaller one costs launches, not memory.
+MAX_CHUNK = 1 << 27
+#: Share of the free memory a plan may use (the rest: allocator rounding and fragmentation).
+HEADROOM = 0.92
+#: cuBLAS/cuSOLVER workspaces and other small allocations of a step on CUDA.
+RUNTIME_BYTES = 64 * 2**20
+#: cg path: ``(t, N)`` blocks (t = probes + 1 columns) and extra grid vectors alive at the peak
+#: of a training step (measured with :class:`LiveBytes`; see the module docstring).
+CG_BLOCKS = {"missing": 14.0, "per-cell": 12.0, "both": 27.0}
+CG_VECTORS = {"missing": 8.0, "per-cell": 4.8, "both": 3.0}
+
+
+class MemoryPlanError(MemoryError):
+    """A GridGP operation cannot fit in the device's free memory (raised before it starts)."""
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one operation.
+
+    Attributes:
+        operation: what is planned (``"exact step"``, ``"exact predict"``, ``"cg step"``, ...).
+        shape, dtype: the grid.
+        chunk: elements per temporary slab.
+        model_bytes: the model's own buffers (values, mask, per-cell noise), held throughout.
+        parts: bytes of each buffer alive at the operation's peak (besides ``model_bytes``).
+        free_bytes: the free memory the plan was made for (``None``: unlimited, e.g. the CPU).
+    """
+
+    operation: str
+    shape: tuple
+    dtype: torch.dtype
+    chunk: int
+    model_bytes: int
+    parts: dict = field(default_factory=dict)
+    free_bytes: Optional[int] = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak of allocated memory (model buffers included)."""
+        return self.model_bytes + sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.peak_bytes <= HEADROOM * self.free_bytes
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items() if v >= 2**20)
+        free = "" if self.free_bytes is None else f" of {self.free_bytes / GIB:.2f} GiB free"
+        return (f"{self.operation} on a {'×'.join(map(str, self.shape))} {str(self.dtype).replace('torch.', '')} grid: "
+                f"peak {self.peak_bytes / GIB:.2f} GiB{free} (model {self.model_bytes / GIB:.2f} GiB; {parts} GiB; "
+                f"chunk {self.chunk} elements)")
+
+
+# ---------------------------------------------------------------------- counting
+
+
+def _cells(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def slab_elements(shape: Sequence[int], chunk: int) -> int:
+    """Elements of one first-axis slab for ``chunk`` (``kronegp.models._kron.slabs``): whole rows,
+    at least one."""
+    rest = _cells(shape[1:])
+    rows = max(1, min(int(shape[0]), chunk // max(rest, 1)))
+    return rows * rest
+
+
+def model_bytes(shape: Sequence[int], dtype: torch.dtype, *, mask: bool = False, cell_noise: bool = False) -> int:
+    """The model's grid buffers: values, the mask (and its complement, bool), per-cell noise."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    return n * item * (1 + int(cell_noise)) + (2 * n if mask else 0)
+
+
+def _factor_bytes(shape: Sequence[int]) -> int:
+    """Factor-sized matrices of a step (kernel matrices, eigenvectors in float64 and in the model's
+    dtype, grams, gradients): two float64 matrices per factor at the peak (measured, LiveBytes)."""
+    return 2 * 8 * sum(int(s) ** 2 for s in shape)
+
+
+def _runtime(device_type: str) -> int:
+    return RUNTIME_BYTES if device_type == "cuda" else 0
+
+
+def plan_exact_step(shape: Sequence[int], dtype: torch.dtype, chunk: int, *, user_mean: bool = False,
+                    device_type: str = "cuda") -> MemoryPlan:
+    """A training step (likelihood and gradients) on the exact path."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    slab = slab_elements(shape, chunk) * item
+    parts = {"alpha_t": n * item, "slabs": 3 * slab}
+    if user_mean:
+        parts["mean"] = n * item
+        parts["alpha"] = n * item
+    parts["factors"] = _factor_bytes(shape)
+    parts["runtime"] = _runtime(device_type)
+    return MemoryPlan("exact step", tuple(shape), dtype, chunk, model_bytes(shape, dtype), parts)
+
+
+def plan_exact_predict(shape: Sequence[int], dtype: torch.dtype, chunk: int, *, user_mean: bool = False,
+                       device_type: str = "cuda") -> MemoryPlan:
+    """``predict()`` on the grid, exact path: the mean and variance (results) and slabs."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    slab = slab_elements(shape, chunk) * item
+    # peak while the variance's Kronecker product runs: mean, var and the product's two slab
+    # temporaries (the mean's slab loop before it holds one grid vector and three slabs: less)
+    parts = {"mean": n * item, "var": n * item, "slabs": 2 * slab}
+    if user_mean:
+        parts["prior_mean"] = n * item
+    parts["factors"] = _factor_bytes(shape)
+    parts["runtime"] = _runtime(device_type)
+    return MemoryPlan("exact predict", tuple(shape), dtype, chunk, model_bytes(shape, dtype), parts)
+
+
+def plan_exact_sample(shape: Sequence[int], dtype: torch.dtype, chunk: int, samples: int, *,
+                      user_mean: bool = False, device_type: str = "cuda") -> MemoryPlan:
+    """``sample(samples)`` on the exact path: the draws (result), the posterior mean and slabs."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    slab = slab_elements(shape, chunk) * item
+    # the draws, the mean, and two slabs (the slab loop's eigenvalue products, then a draw's product)
+    parts = {"samples": samples * n * item, "mean": n * item, "slabs": 2 * slab}
+    if user_mean:
+        parts["prior_mean"] = n * item
+    parts["factors"] = _factor_bytes(shape)
+    parts["runtime"] = _runtime(device_type)
+    return MemoryPlan(f"exact sample({samples})", tuple(shape), dtype, chunk, model_bytes(shape, dtype), parts)
+
+
+def _cg_kind(missing: bool, per_cell: bool) -> str:
+    return "both" if missing and per_cell else "missing" if missing else "per-cell"
+
+
+def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
+                 device_type: str = "cuda") -> MemoryPlan:
+    """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns)."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    kind = _cg_kind(missing, per_cell)
+    cols = probes + 1
+    parts = {
+        f"cg blocks ({CG_BLOCKS[kind]:g} × {cols} columns)": int(CG_BLOCKS[kind] * cols * n * item),
+        "grid vectors": int(CG_VECTORS[kind] * n * item),
+        "factors": _factor_bytes(shape),
+        "runtime": _runtime(device_type),
+    }
+    return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, 0,
+                      model_bytes(shape, dtype, mask=missing, cell_noise=per_cell), parts)
+
+
+# ---------------------------------------------------------------------- choosing and checking
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes a new allocation can get on ``device``: the driver's free memory plus what torch's
+    caching allocator holds unused; ``None`` off CUDA (no limit is planned for)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + cached)
+
+
+def _choose_chunk(planner: Callable[[int], MemoryPlan], n: int, budget: Optional[float]) -> MemoryPlan:
+    """The plan with the largest chunk (``min(N, MAX_CHUNK)``, halved while over ``budget`` bytes)
+    within ``budget``; the one-row slab's plan when none is (the caller reports it). The largest
+    that fits, not the smallest: each slab costs launches (a 128³ step in one slab launches about
+    as many kernels as before slabs existed)."""
+    chunk = max(1, min(MAX_CHUNK, n))
+    plan = planner(chunk)
+    while budget is not None and plan.peak_bytes > budget and chunk > 1:
+        smaller = planner(chunk // 2)
+        if smaller.peak_bytes >= plan.peak_bytes:  # one slab is the floor: no gain below it
+            return smaller
+        chunk, plan = chunk // 2, smaller
+    return plan
+
+
+def plan_for_model(model, operation: str = "step", *, samples: int = 1,
+                   free_bytes: Optional[int] = None,
+                   free: Callable[[torch.device], Optional[int]] = free_memory) -> MemoryPlan:
+    """The plan of ``operation`` (``"step"``, ``"predict"`` or ``"sample"``) for a GridGP ``model``.
+
+    ``free_bytes``: the memory available (default ``free(device)`` plus the model's own buffers,
+    which the plan counts: they are already allocated). The chunk is the largest within
+    :data:`HEADROOM` of it.
+    """
+    shape, dtype, dev = tuple(model.shape), model.y.dtype, model.y.device
+    own = model_bytes(shape, dtype, mask=model.observed is not None, cell_noise=model.cell_noise is not None)
+    if free_bytes is None:
+        avail = free(dev)
+        free_bytes = None if avail is None else avail + own
+    budget = None if free_bytes is None else HEADROOM * free_bytes
+    n = _cells(shape)
+    user_mean = bool(getattr(model, "user_mean", False))
+    if model.path == "exact":
+        if operation == "step":
+            plan = _choose_chunk(lambda c: plan_exact_step(shape, dtype, c, user_mean=user_mean, device_type=dev.type), n, budget)
+        elif operation == "predict":
+            plan = _choose_chunk(lambda c: plan_exact_predict(shape, dtype, c, user_mean=user_mean, device_type=dev.type), n, budget)
+        elif operation == "sample":
+            plan = _choose_chunk(lambda c: plan_exact_sample(shape, dtype, c, samples, user_mean=user_mean,
+                                                             device_type=dev.type), n, budget)
+        else:
+            raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
+    else:
+        plan = plan_cg_step(shape, dtype, model.num_probes, missing=model.observed is not None,
+                            per_cell=model.cell_noise is not None, device_type=dev.type)
+        plan.operation = f"cg {operation} ({model.num_probes} probes)"
+    plan.free_bytes = free_bytes
+    return plan
+
+
+def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
+    """Raise :class:`MemoryPlanError` when ``plan`` does not fit, saying what it needs and what
+    would fit (fewer probes, float32, a sharded model over several GPUs); return it otherwise."""
+    if plan.fits:
+        return plan
+    need, free = plan.peak_bytes, plan.free_bytes
+    hints = []
+    if plan.operation.startswith("cg") and model is not None:
+        shape, dtype = plan.shape, plan.dtype
+        missing, per_cell = model.observed is not None, model.cell_noise is not None
+        fitting = [p for p in range(model.num_probes - 1, 0, -1)
+                   if plan_cg_step(shape, dtype, p, missing=missing, per_cell=per_cell,
+                                       device_type=model.y.device.type).peak_bytes <= HEADROOM * free]
+        if fitting:
+            hints.append(f"num_probes={fitting[0]} fits")
+        else:
+            hints.append("no probe count fits")
+    if plan.dtype == torch.float64:
+        hints.append("float32 halves every grid buffer")
+    if plan.operation.startswith("exact sample"):
+        hints.append("fewer samples per call")
+    gpus = max(2, math.ceil(need / (HEADROOM * free)))
+    hints.append(f"kronegp.distributed.DistributedGridGP splits the grid over ranks (about {gpus} such GPUs)")
+    raise MemoryPlanError(
+        f"GridGP: not enough device memory: {plan.describe()}; needs {need / GIB:.2f} GiB but "
+        f"{HEADROOM:.0%} of {free / GIB:.2f} GiB free is {HEADROOM * free / GIB:.2f} GiB. What would fit: "
+        + "; ".join(hints) + "."
+    )
+
+
+# ---------------------------------------------------------------------- measuring (CPU)
+
+
+class LiveBytes:
+    """Peak bytes of tensor storage alive while it is active, counted at every torch operation
+    (a ``TorchDispatchMode``): every tensor an operation returns — autograd's saved tensors and
+    the backward's included — until its storage is freed. Storages that existed before count
+    from the first operation that returns them, or from the start if passed as ``existing``
+    (:attr:`baseline` is their total). For checking a plan on the CPU, where
+    ``torch.cuda.max_memory_allocated`` has no counterpart::
+
+        with LiveBytes(existing=model.buffers()) as live:
+            model.loss_backward()
+        live.peak - live.baseline  # bytes the step added at its peak
+    """
+
+    def __init__(self, existing=()):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.peak = 0
+        self.now = 0
+        self._live: dict = {}
+        for t in existing:
+            if isinstance(t, Tensor):
+                s = t.untyped_storage()
+                self._live[s._cdata] = (StorageWeakRef(s), s.nbytes())
+        self.baseline = self.now = self.peak = sum(b for _, b in self._live.values())
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                live = tracker._live
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, Tensor) and t.device.type != "meta":
+                        s = t.untyped_storage()
+                        key = s._cdata
+                        if key not in live or live[key][0].expired():
+                            live[key] = (StorageWeakRef(s), s.nbytes())
+                for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                    del live[key]
+                tracker.now = sum(b for _, b in live.values())
+                tracker.peak = max(tracker.peak, tracker.now)
+                return out
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> "LiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

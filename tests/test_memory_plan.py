@@ -1,0 +1,239 @@
+"""The memory plan (kronegp.models.memory) and the chunked exact path it plans for.
+
+The plan's counts are checked against :class:`LiveBytes` (every tensor storage an operation
+creates, autograd's saved tensors included) on small grids; the chunked products, likelihood,
+gradients, predictions and samples against dense references on odd sizes in both dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _helpers import dense_kron, rel_err
+from kronegp.models import GridGP, memory
+from kronegp.models._exact import exact_lml, exact_posterior_grid, exact_posterior_samples
+from kronegp.models._kron import kron_apply_into
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def _spd(n: int, dtype, gen) -> torch.Tensor:
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    return (a @ a.T / n + 0.2 * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes", [[7], [3, 5], [5, 4, 3], [2, 3, 5, 3]])
+@pytest.mark.parametrize("chunk", [1, 13, 10**6])
+def test_kron_apply_into_matches_dense_in_place_and_out_of_place(sizes, chunk, dtype):
+    gen = torch.Generator().manual_seed(len(sizes) * 100 + chunk % 97)
+    mats = [torch.randn(n, n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
+    x = torch.randn(math.prod(sizes), generator=gen, dtype=torch.float64).to(dtype)
+    ref = dense_kron([m.double() for m in mats]) @ x.double()
+    out = torch.empty_like(x)
+    kron_apply_into(mats, x, out, chunk)
+    assert rel_err(out, ref) < TOL[dtype]
+    y = x.clone()
+    kron_apply_into(mats, y, y, chunk)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes", [[6], [3, 7], [4, 5, 3]])
+@pytest.mark.parametrize("mean_kind", ["constant", "grid", "none"])
+def test_chunked_exact_lml_and_gradients_match_dense_cholesky(sizes, mean_kind, dtype):
+    gen = torch.Generator().manual_seed(7 + len(sizes))
+    n = math.prod(sizes)
+    factors = [_spd(k, dtype, gen).requires_grad_() for k in sizes]
+    y = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    noise = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    s2 = torch.tensor(1.6, dtype=dtype, requires_grad=True)
+    mean = {"constant": torch.tensor(0.4, dtype=dtype, requires_grad=True),
+            "grid": torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(),
+            "none": None}[mean_kind]
+    params = [noise, s2, *factors] + ([mean] if mean is not None else [])
+    # dense reference in float64
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    c = p64[1] * dense_kron(p64[2:2 + len(sizes)]) + p64[0] * torch.eye(n, dtype=torch.float64)
+    r = y.double() - (p64[-1] if mean is not None else 0)
+    chol = torch.linalg.cholesky(c)
+    ref = -0.5 * r @ torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1) \
+        - torch.log(chol.diagonal()).sum() - 0.5 * n * math.log(2 * math.pi)
+    ref_grads = torch.autograd.grad(ref, p64)
+    for chunk in (1, 5, None):
+        value = exact_lml(y, noise, s2, factors, mean=mean, chunk=chunk)
+        grads = torch.autograd.grad(value, params)
+        assert abs(float(value) - float(ref)) / abs(float(ref)) < TOL[dtype]
+        for g, gr in zip(grads, ref_grads):
+            assert rel_err(g, gr) < 20 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_posterior_mean_variance_and_samples_match_dense(dtype):
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5, 3, 4]
+    n = math.prod(sizes)
+    factors = [_spd(k, dtype, gen) for k in sizes]
+    y = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    noise, s2, mu = torch.tensor(0.2, dtype=dtype), torch.tensor(1.3, dtype=dtype), torch.tensor(-0.3, dtype=dtype)
+    k = (s2 * dense_kron(factors)).double()
+    c = k + float(noise) * torch.eye(n, dtype=torch.float64)
+    ref_mean = float(mu) + k @ torch.linalg.solve(c, y.double() - float(mu))
+    ref_cov = k - k @ torch.linalg.solve(c, k)
+    for chunk in (1, 7, None):
+        m, v = exact_posterior_grid(y, mu, noise, s2, factors, chunk)
+        assert rel_err(m, ref_mean) < TOL[dtype]
+        assert rel_err(v, ref_cov.diagonal()) < 10 * TOL[dtype]
+    draws = exact_posterior_samples(y, mu, noise, s2, factors, 4000, torch.Generator().manual_seed(0), chunk=7)
+    assert draws.shape == (4000, n)
+    dev = draws.double() - ref_mean
+    emp = dev.T @ dev / draws.shape[0]
+    # Monte Carlo: each entry within 5 standard errors, sd(Ĉ_ij) = √((C_ii C_jj + C_ij²) / S)
+    s = draws.shape[0]
+    d = ref_cov.diagonal()
+    se = ((d[:, None] * d[None, :] + ref_cov**2) / s).sqrt()
+    assert bool(((emp - ref_cov).abs() <= 5 * se).all())
+    assert bool(((draws.double().mean(0) - ref_mean).abs() <= 5 * (d / s).sqrt()).all())
+
+
+def _model(shape, dtype, missing=0.0, per_cell=False, probes=4):
+    gen = torch.Generator().manual_seed(sum(shape))
+    values = torch.randn(*shape, generator=gen, dtype=dtype)
+    mask = torch.rand(*shape, generator=gen) >= missing if missing else None
+    noise = 0.05 + 0.1 * torch.rand(*shape, generator=gen, dtype=dtype) if per_cell else None
+    return GridGP(values, mask=mask, noise=noise, dtype=dtype, num_probes=probes, exact_trace_limit=0)
+
+
+def _measured(model, run) -> int:
+    """Bytes ``run()`` adds at its peak over the model's own buffers (LiveBytes: every storage an
+    operation creates, autograd's saved tensors included)."""
+    run()  # warm caches (eigendecompositions) outside the count
+    with memory.LiveBytes(existing=list(model.buffers()) + list(model.parameters())) as live:
+        result = run()
+    del result
+    return live.peak - live.baseline
+
+
+def _measured_step(model) -> int:
+    return _measured(model, lambda: model.loss_backward(cuda_graph=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(40, 36, 30), (24, 20, 18, 6)])
+def test_exact_step_plan_within_ten_percent_of_measured_peak(shape, dtype):
+    model = _model(shape, dtype)
+    assert model.path == "exact"
+    chunk = model._memory_chunk("step")
+    plan = memory.plan_exact_step(shape, dtype, chunk, device_type="cpu")
+    transient = plan.peak_bytes - plan.model_bytes
+    measured = _measured_step(model)
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_predict_and_sample_plans_within_ten_percent_of_measured(dtype):
+    shape = (36, 30, 28)
+    model = _model(shape, dtype)
+    measured = _measured(model, model.predict)
+    plan = memory.plan_for_model(model, "predict")
+    transient = plan.peak_bytes - plan.model_bytes
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+    measured = _measured(model, lambda: model.sample(3))
+    plan = memory.plan_for_model(model, "sample", samples=3)
+    transient = plan.peak_bytes - plan.model_bytes
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+    assert model.sample(3).shape == (3, *shape)
+
+
+@pytest.mark.parametrize("probes", [2, 8])
+@pytest.mark.parametrize("kind", ["missing", "per-cell"])
+def test_cg_step_plan_within_ten_percent_of_measured_peak(kind, probes):
+    shape = (28, 24, 20)
+    model = _model(shape, torch.float32, missing=0.2 if kind == "missing" else 0.0,
+                   per_cell=kind == "per-cell", probes=probes)
+    assert model.path == "cg"
+    plan = model.memory_plan("step")
+    transient = plan.peak_bytes - plan.model_bytes
+    measured = _measured_step(model)
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+
+
+def test_chunk_shrinks_with_free_memory_and_a_grid_that_cannot_fit_raises_before_work():
+    shape = (64, 48, 40)
+    model = _model(shape, torch.float32)
+    n, item = math.prod(shape), 4
+    roomy = model.memory_plan("step", free_bytes=100 * n * item)
+    assert roomy.chunk == min(n, memory.MAX_CHUNK) and roomy.fits
+    tight = model.memory_plan("step", free_bytes=int(2.6 * n * item))
+    assert tight.chunk < roomy.chunk and tight.fits
+    assert tight.peak_bytes <= memory.HEADROOM * 2.6 * n * item
+    # two grid vectors (values, α̃) plus a slab do not fit in 1.5 grid vectors: error, with numbers
+    model.free_memory = staticmethod(lambda device: int(0.5 * n * item))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(memory.MemoryPlanError, match=r"needs .* GiB .* free") as err:
+        model.fit(iters=1, progress=False)
+    assert "DistributedGridGP" in str(err.value)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_cg_plan_error_names_the_probe_count_that_fits():
+    shape = (32, 32, 30)
+    model = _model(shape, torch.float64, missing=0.2, probes=16)
+    n = math.prod(shape)
+    fits4 = memory.plan_cg_step(shape, torch.float64, 4, missing=True, per_cell=False, device_type="cpu").peak_bytes
+    fits5 = memory.plan_cg_step(shape, torch.float64, 5, missing=True, per_cell=False, device_type="cpu").peak_bytes
+    free = int((fits4 + fits5) / 2 / memory.HEADROOM)
+    model.free_memory = staticmethod(lambda device: free - memory.model_bytes(shape, torch.float64, mask=True))
+    with pytest.raises(memory.MemoryPlanError, match="num_probes=4 fits") as err:
+        model.loss_backward(cuda_graph=False)
+    assert "float32" in str(err.value)
+    assert model.cg_iterations is None  # nothing ran
+    assert n > 0
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_gram_k_split_matches_one_gemm(split):
+    from kronegp.models._exact import _gram
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(24, 4096, generator=gen, dtype=torch.float64)
+    b = torch.randn(24, 4096, generator=gen, dtype=torch.float64)
+    assert rel_err(_gram(a, b, split=split), a @ b.mT) < 1e-13
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [448])  # large enough that the 64 MiB runtime term is a few %
+def test_cuda_plans_within_ten_percent_of_max_memory_allocated(n):
+    """On the GPU: each plan against torch.cuda.max_memory_allocated (model buffers included), and
+    the chunked exact likelihood against the CPU in float64."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randn(n, n, n, generator=gen)
+    results = {}
+    for kind in ("exact", "missing"):
+        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind == "missing" else None
+        model = GridGP(values.to(dev), mask=mask.to(dev) if mask is not None else None, num_probes=4,
+                       exact_trace_limit=0, dtype=torch.float32)
+        ops = [("step", lambda: model.loss_backward(cuda_graph=False))]
+        if kind == "exact":
+            ops += [("predict", model.predict), ("sample", lambda: model.sample(2))]
+        for op, run in ops:
+            run()  # warm: kernels compiled, caches filled
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            out = run()
+            torch.cuda.synchronize()
+            del out
+            peak = torch.cuda.max_memory_allocated()
+            plan = model.memory_plan(op, samples=2).peak_bytes
+            results[(kind, op)] = (plan, peak)
+        del model
+    bad = {k: (p / 2**20, m / 2**20) for k, (p, m) in results.items() if abs(p - m) > 0.1 * m}
+    assert not bad, f"plan vs measured (MiB): {bad}"
+    cpu = GridGP(values.double())
+    gpu = GridGP(values.double().to(dev))
+    assert abs(float(cpu.log_marginal_likelihood()) - float(gpu.log_marginal_likelihood())) \
+        < 1e-9 * abs(float(cpu.log_marginal_likelihood()))
