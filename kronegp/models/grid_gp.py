@@ -463,9 +463,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         if self._probe_store is None:  # not while a CUDA graph is recorded (no reads there)
             self._check_finite(factors)
         n, sp = self.n_cells, self.num_probes
+        fm = None
         if self.path == "exact-missing":
-            pieces = self._few_missing_pieces(factors, resid.detach())
-            eig, level = pieces.extra.pop("eig"), self.noise
+            pieces, fm = self._few_missing_pieces(factors, resid.detach())
+            eig, level = fm.eig, self.noise
         else:
             pieces, cov = self._cg_pieces(factors, resid, n, sp)
             eig = cov.eig
@@ -486,28 +487,31 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
             surrogate = surrogate + self.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, eig, factors)
             surrogate = surrogate + self.noise * (left_w * pieces.eig_right).sum()
-        if pieces.exact_logdet and (self.precondition or self.path == "exact-missing"):
+        if fm is not None:
+            surrogate = surrogate + fm.logdet_g_surrogate(self.outputscale, self.noise, factors)
+        if pieces.exact_logdet and (self.precondition or fm is not None):
             # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
             # preconditioner's fixed σ̄² (per-cell noise, control variate).
             surrogate = surrogate + exact_lml(None, level, self.outputscale, factors)
         return pieces.value + (surrogate - surrogate.detach())
 
-    def _few_missing_pieces(self, factors: list[Tensor], resid: Tensor) -> CGLMLPieces:
-        """The exact-missing path's value and gradient pairs (:mod:`kronegp.models._few_missing`)."""
+    def _few_missing_pieces(self, factors: list[Tensor], resid: Tensor) -> tuple[CGLMLPieces, FewMissing]:
+        """The exact-missing path's value and data pair (:mod:`kronegp.models._few_missing`); the
+        ``log det G`` term's gradient comes from :meth:`FewMissing.logdet_g_surrogate`."""
         with torch.no_grad():
             fm = FewMissing(KronEigen(factors), self.outputscale, self.noise, self._missing)
             r = self._obs_zero(resid)
-            quad, alpha_t, left, right = fm.lml_terms(r)
+            quad, alpha_t = fm.lml_terms(r)
             logdet = torch.log(fm.lam + fm.noise).sum() + fm.logdet_g
             value = -0.5 * quad - 0.5 * logdet - 0.5 * self.n_observed * math.log(2 * math.pi)
             alpha = self._obs_zero(fm.eig.from_eigbasis_rows(alpha_t)[0])
-            weights = torch.cat([r.new_full((1,), 0.5), r.new_full((fm.m,), 0.5)])
         empty = r.new_zeros(r.shape[0], 0)
-        return CGLMLPieces(
+        pieces = CGLMLPieces(
             value=value, alpha=alpha, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
-            iterations=0, residual=0.0, extra={"eig": fm.eig},
-            eig_left=torch.cat([alpha_t, left]), eig_right=torch.cat([alpha_t, right]), eig_weights=weights,
+            iterations=0, residual=0.0, extra={"boxed": fm.boxed, "missing": fm.m},
+            eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
         )
+        return pieces, fm
 
     def _cg_pieces(self, factors: list[Tensor], resid: Tensor, n: int, sp: int):
         cov = self._full_cov(factors)
