@@ -555,7 +555,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             cuda_graph: replay the evaluation from a CUDA graph recorded at the first call
                 (:mod:`kronegp.models._graph`: on a 128³ grid the eager evaluation spends about
                 half its time issuing ~350 launches from the host). ``None`` (default): on CUDA
-                models except with both missing cells and per-cell noise (nested CG solves,
+                models except on the exact-missing path (eager: its factorisation checks
+                read the device), with both missing cells and per-cell noise (nested CG solves,
                 whose number follows the outer CG's) or with a grid axis longer than the GPU
                 eigensolver takes (:data:`kronegp.linalg.DEVICE_JACOBI_MAX_ROWS`, 168 points
                 on an H100: larger factors are decomposed by synchronising paths), which run
