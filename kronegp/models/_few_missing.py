@@ -143,7 +143,8 @@ class FewMissing:
         self._box_factors = [q[b] for q, b in zip(eig.vecs, box)]  # A_k (b_k, n_k)
         self.box = math.prod(self._box_sizes)
         #: whether G and the gradient go through the box (compact holes) or the rows (scatter)
-        self.boxed = self.box <= MAX_BOX_CELLS
+        # (the box's b² entries against the m·N of the rows: scattered cells span the whole grid)
+        self.boxed = self.box <= MAX_BOX_CELLS and self.box * self.box <= 4 * self.m * eig.size
         self._U = None
         if self.boxed:
             self._khatri = [(a.unsqueeze(1) * a.unsqueeze(0)).reshape(-1, a.shape[1]) for a in self._box_factors]
