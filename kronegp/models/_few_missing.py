@@ -210,8 +210,8 @@ class FewMissing:
         (module docstring: the gradient of ``tr(G⁻¹ U diag(p) Q̃ diag(p) Uᵀ)`` in ``K_i``).
 
         ``S`` for axis ``i`` contracts every other axis's pair ``(c_k, c_k')`` of ``vec(G⁻¹)`` with
-        ``F_k``; the contractions are shared between axes (a prefix and a suffix pass, as in a
-        bilinear derivative), and ``M_i = Σ_j (A_i ∘ w_j)ᵀ S_j (A_i ∘ p_j)`` is one GEMM over
+        ``F_k``, the axes that shrink it most first; axes share the contractions they start
+        with (kept by the axes they contracted), and ``M_i = Σ_j (A_i ∘ w_j)ᵀ S_j (A_i ∘ p_j)`` is one GEMM over
         ``(j, c)`` (``w_j = L_i[j] p_j``)."""
         d, b, n = len(self.sizes), self._box_sizes, self.sizes
         # vec(G⁻¹) in the pair order (c_1, c_1', c_2, c_2', …) of the Khatri–Rao factors

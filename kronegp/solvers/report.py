@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-__all__ = ["Shortfall", "Shortfalls", "one_warning", "shortfall"]
+__all__ = ["Shortfall", "Shortfalls", "note", "one_warning", "shortfall"]
 
 
 @dataclass
