@@ -307,17 +307,32 @@ class FewMissing:
 
     # ------------------------------------------------------------------ posterior
 
+    def _x(self, v: Tensor) -> Tensor:
+        """``X v = Q (p ∘ Qᵀ v)`` for columns ``v`` (``(N, t)``)."""
+        return self.eig.apply_function(self.p, v)
+
     def apply(self, v: Tensor) -> Tensor:
-        """``Z v = C_OO⁻¹ v_O`` zero-filled, for columns ``v`` (``(N, t)``)."""
-        vt = self.eig.to_eigbasis(v)  # (N, t)
-        y = self.Y
-        w = torch.cholesky_solve(y @ vt, self.L)  # G⁻¹ Bᵀ v
-        out = self.eig.from_eigbasis(self.p.unsqueeze(-1) * vt - y.mT @ w)
+        """``Z v = C_OO⁻¹ v_O`` zero-filled, for columns ``v`` (``(N, t)``):
+        ``X (v − E_M G⁻¹ [X v]_M)``, four Kronecker matmuls of the columns (no rows ``U``)."""
+        xv = self._x(v)
+        w = torch.cholesky_solve(xv[self.missing], self.L)  # G⁻¹ Bᵀ v
+        full = torch.zeros_like(v)
+        full[self.missing] = w
+        out = xv - self._x(full)
         return (~self.missing).to(out.dtype).unsqueeze(-1) * out
 
-    def grid_variance(self) -> Tensor:
-        """``diag(K − K Z K)`` over the grid (length ``N``)."""
+    def grid_variance(self, chunk_elements: int = 1 << 26) -> Tensor:
+        """``diag(K − K Z K)`` over the grid (length ``N``): ``diag(Q (λσ²/(λ+σ²)) Qᵀ)`` plus
+        ``Σ_c (K B L⁻ᵀ)_c²``, the ``m`` columns ``K B L⁻ᵀ e_c = Q(λp ∘ Qᵀ E_M L⁻ᵀ e_c)`` in chunks
+        of at most ``chunk_elements`` grid values (``4·m·N·Σn_k`` flops in all)."""
         full = self.eig.diag_of(self.lam * self.noise * self.p)
-        t = self.eig.from_eigbasis((self.lam * self.Y).mT)  # K B (N, m)
-        tl = torch.linalg.solve_triangular(self.L, t.mT, upper=False)  # L⁻¹ Bᵀ K  (m, N)
-        return full + (tl * tl).sum(0)
+        linv_t = torch.linalg.solve_triangular(self.L, torch.eye(self.m, dtype=self.L.dtype, device=self.L.device),
+                                               upper=False).mT  # L⁻ᵀ
+        size = max(1, min(self.m, chunk_elements // self.eig.size))
+        for start in range(0, self.m, size):
+            cols = linv_t[:, start : start + size]
+            grid = cols.new_zeros(self.eig.size, cols.shape[1])
+            grid[self.missing] = cols
+            h = self.eig.apply_function(self.lam * self.p, grid)
+            full = full + (h * h).sum(-1)
+        return full
