@@ -747,7 +747,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 ``"mc"`` (grid only: Monte Carlo with ``variance_samples`` posterior samples
                 and the exact homoskedastic posterior as control variate, unbiased, error
                 ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
-                else mc with a warning). Ignored on the exact path.
+                else mc with a warning). Ignored on the exact paths (``"exact-missing"``: the
+                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor).
 
         Returns:
             ``(mean, var)``: grid-shaped, or ``(n,)`` for points.
@@ -886,9 +887,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
     def sample(self, n: int = 1) -> Tensor:
         """``n`` joint posterior samples of ``f`` on the grid, shape ``(n, *grid)`` (data units).
 
-        Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. cg path: pathwise conditioning
+        Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. exact-missing and cg paths: pathwise conditioning
         (Matheron's rule), ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O`` with ``f₀ ~ N(0, K)``
-        and ``ε ~ N(0, D)``, one block solve for all samples.
+        and ``ε ~ N(0, D)``, one block solve for all samples (exact with ``G``'s factor on the
+        exact-missing path).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
