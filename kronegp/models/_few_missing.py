@@ -66,13 +66,17 @@ from kronegp.ops import kron_matmul, matmul_kron
 __all__ = ["FewMissing", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit"]
 
-#: Most missing cells for the exact few-missing path on a CPU. Measured on a 2-core CPU
-#: (2026-12-07, float64, 20 × 25 × 49 grid): see NOTES.md and ``benchmarks/gaps.py --limit``.
-MAX_MISSING_CPU = 4096
-#: The same on a CUDA device: a default for the lead to calibrate on the H100/H200 with
-#: ``python benchmarks/gaps.py --limit --device cuda`` (the m where the exact step's time
-#: meets the CG step's).
-MAX_MISSING_CUDA = 8192
+#: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
+#: 2026-12-07, 20³ float64, ``benchmarks/gaps.py --limit``): up to m = 1000 its step beats the cg
+#: path's (then exact too, with one unit probe per missing cell: 0.70 s against 85 s for a hole,
+#: 2.5 s against 15 s scattered); at m = 1728 the cg path's 16 random probes are faster
+#: (0.99 s / 0.18 s against 2.5 s / 6.5 s) but stochastic. So the limit follows the cg path's
+#: ``exact_trace_limit`` default.
+MAX_MISSING_CPU = 1024
+#: The same on a CUDA device: a default, not yet measured, for the lead to calibrate on the
+#: H100/H200 with ``python benchmarks/gaps.py --limit --device cuda --n 64`` (the m where the
+#: exact step's time meets the cg step's).
+MAX_MISSING_CUDA = 2048
 #: Most elements of one ``m × N`` block of rows (``U``, ``Y``, ``G⁻¹Y``: three are alive at once).
 MAX_FORM_ELEMENTS = 1 << 28
 #: Largest box (cells spanned by the missing cells' indices) handled as a box (``b²`` entries).
