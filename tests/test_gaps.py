@@ -173,7 +173,7 @@ def test_exact_missing_samples_have_the_posterior_moments():
 
 def test_exact_missing_fit_decreases_the_loss():
     gp = model("hole")
-    history = gp.fit(iters=3, optimizer="lbfgs", progress=False)
+    history = gp.fit(iters=3, optimizer="adam", lr=0.05, progress=False)
     assert history[-1] < history[0]
 
 
@@ -222,6 +222,7 @@ def ill_conditioned(dtype=torch.float64, **kw):
     return gp
 
 
+@pytest.mark.slow  # ~15 s on a loaded 2-core CPU: the refinement's solves with C run ~1000 iterations
 def test_ill_conditioned_likelihood_matches_dense_or_warns():
     gp = ill_conditioned()
     assert gp.path == "cg"
