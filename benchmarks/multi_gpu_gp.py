@@ -130,7 +130,7 @@ def run_case(shape, regime, dtype, args, rank, world, device) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             gp = kronegp.GridGP(full_values.reshape(shape), axes, noise=None if full_noise is None else full_noise.reshape(shape),
-                                device=device, **settings)
+                                device=device, path="cg" if regime != "exact" else "auto", **settings)  # the sharded model's path
             t_1, loss_1, peak_1 = _time_steps(gp, device, args.repeats, args.warmup, None)
             iters_1 = gp.cg_iterations
             del gp, full_values, full_noise

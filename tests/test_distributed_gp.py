@@ -95,7 +95,8 @@ def _check_case(case, dtype, rank, world, device, fail):
     kwargs = dict(cg_tol=1e-9 if dtype == torch.float64 else 1e-5, **extra)
     if kwargs.get("mean") == "linear":
         kwargs["mean"] = _linear_mean(len(shape), dtype)
-    gp = kronegp.GridGP(values, axes, noise=noise, device=device, **kwargs)
+    # the distributed model has the exact and cg paths: GridGP on the same one
+    gp = kronegp.GridGP(values, axes, noise=noise, device=device, path="cg" if missing else "auto", **kwargs)
     if "mean" in kwargs:
         kwargs["mean"] = _linear_mean(len(shape), dtype)
     dgp = kd.DistributedGridGP.from_grid(values, axes, noise=noise, device=device, **kwargs)
@@ -176,14 +177,14 @@ def _check_fit(rank, world, device, fail):
     shape = (6, 5, 7)
     values, axes, _ = _data(shape, 0.2, False, torch.float64, seed=5)
     kwargs = dict(exact_trace_limit=0, num_probes=4, cg_tol=1e-9)
-    gp = kronegp.GridGP(values, axes, device=device, **kwargs)
+    gp = kronegp.GridGP(values, axes, device=device, path="cg", **kwargs)
     dgp = kd.DistributedGridGP.from_grid(values, axes, device=device, **kwargs)
     h_ref = gp.fit(iters=3, progress=False)
     h = dgp.fit(iters=3, progress=False)
     err = rel_err(torch.tensor(h), torch.tensor(h_ref))
     if len(h) != 3 or not err <= 1e-7:
         fail.append(f"fit: loss history {h} vs GridGP {h_ref} (rel {err:.2e})")
-    fresh = kronegp.GridGP(values, axes, device=device, **kwargs)
+    fresh = kronegp.GridGP(values, axes, device=device, path="cg", **kwargs)
     fresh.load_state_dict(dgp.hyperparameter_state(), strict=False)
     for name, p in fresh.named_parameters():
         err = rel_err(p.detach(), dict(gp.named_parameters())[name].detach())

@@ -221,6 +221,7 @@ def cg_problem(kind, dtype=torch.float64, shape=(15, 16, 13), **kw):
         values[torch.rand(shape, generator=g) < 0.2] = float("nan")
     if kind in ("noise", "both"):
         kw["noise"] = (0.01 + 0.05 * torch.rand(shape, generator=g, dtype=torch.float64)).to(dtype)
+    kw.setdefault("path", "cg")  # (the default path of few missing cells is exact-missing: tests/test_gaps.py)
     return GridGP(values, axes, standardize=False, **kw)
 
 
@@ -428,7 +429,7 @@ def test_mask_argument_and_nan():
     v = values.clone()
     v[1, 1, 1] = float("nan")  # NaN where the mask says missing: consistent
     model = GridGP(v, axes, mask=mask)
-    assert model.n_observed == values.numel() - 2 and model.path == "cg"
+    assert model.n_observed == values.numel() - 2 and model.path == "exact-missing"
     v[2, 2, 2] = float("nan")  # NaN where the mask says observed: ambiguous, refused
     with pytest.raises(ValueError, match="values is NaN at cells that mask marks observed"):
         GridGP(v, axes, mask=mask)

@@ -8,12 +8,16 @@ over the cells ``c`` of the grid ``x = (axes[0][i_1], …, axes[d-1][i_d])``. Th
 of ``f`` on the grid is ``K = s² (K_1 ⊗ … ⊗ K_d)``, ``K_k`` the ``n_k × n_k`` matrix of the
 kernel of dimension ``k`` on its axis. ``d_c = σ²`` (learned) unless per-cell noise is given.
 
-Two inference paths, chosen from the data:
+Three inference paths, chosen once from the data when the model is built (``path``):
 
 * **exact** (every cell observed, homoskedastic noise): eigendecompose each ``K_k``;
   the likelihood, its analytic gradients, the posterior mean and the exact posterior
   variance on the grid cost a few Kronecker matmuls (:mod:`kronegp.models._exact`).
-* **cg** (missing cells and/or per-cell noise): preconditioned block CG on
+* **exact-missing** (homoskedastic noise, at most
+  :func:`~kronegp.models._few_missing.few_missing_limit` missing cells): the Schur complement
+  ``G = [C⁻¹]_MM`` over the missing cells is formed and Cholesky-factored: exact likelihood,
+  gradients and posterior, no iterations, no probes (:mod:`kronegp.models._few_missing`).
+* **cg** (per-cell noise, or more missing cells): preconditioned block CG on
   ``B = I + W^{½} K W^{½}``, log-determinant by stochastic Lanczos quadrature, gradients
   by stochastic trace estimation (:mod:`kronegp.models._masked`).
 
@@ -23,8 +27,10 @@ No dense ``N × N`` matrix is ever formed: every product with ``K`` or its eigen
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import gpytorch
@@ -39,10 +45,12 @@ from kronegp.models import memory
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
-from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
+from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.solvers.report import one_warning
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["GridGP"]
+__all__ = ["GridGP", "SolveInfo"]
 
 # Points per chunk in predictions at arbitrary points and in exact CG variances: bounds
 # the (chunk × N / n_k) temporaries of the row-wise Kronecker products.
@@ -52,6 +60,50 @@ _CHUNK_ELEMENTS = 1 << 24
 def _loaded_state(module: "GridGP", incompatible_keys: Any) -> None:
     """After ``load_state_dict`` the hyperparameters are the user's (no unfitted warning)."""
     module._hyperparameters_chosen = True
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How a :class:`GridGP` computed its last likelihood (:attr:`GridGP.last_solve`).
+
+    Attributes:
+        path: ``"exact"``, ``"exact-missing"`` or ``"cg"``.
+        iterations: CG iterations of the outermost solve (0 on the exact paths; ``None`` before any).
+        inner_iterations: CG iterations inside products with ``C`` (per-cell noise).
+        residual: the outermost CG's largest final relative residual.
+        observed_residual: the observed cells' system's relative residual after refinement
+            (cg path with missing cells), else ``None``.
+        lml_error: first-order estimate of the likelihood's error from that residual (nats,
+            model units), else ``None``.
+        probes: probe vectors of the stochastic estimates (0 on the exact paths).
+    """
+
+    path: str
+    iterations: Optional[int]
+    inner_iterations: int
+    residual: Optional[float]
+    observed_residual: Optional[float]
+    lml_error: Optional[float]
+    probes: int
+
+
+def _warns_once(where: str):
+    """Run the method inside :func:`kronegp.solvers.report.one_warning`: the solves that fall
+    short of their tolerance during one call give one warning (the worst residual)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with one_warning(where, stacklevel=4):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+def _nonfinite_message(where: str, value: float, hyperparameters: dict) -> str:
+    return f"{where}: the loss became {value}; hyperparameters: {hyperparameters}"
 
 
 class GridGP(GridHyperparameters, torch.nn.Module):
@@ -103,8 +155,14 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             others keep their defaults (kernel defaults, the data's variance as ``s²``, a tenth
             of it as noise, the observed mean).
 
+        path: ``"auto"`` (default: the fastest exact path the data allow, else ``"cg"``), or
+            force one of ``"exact"`` (full grid, homoskedastic noise), ``"exact-missing"``
+            (homoskedastic noise, missing cells) or ``"cg"`` (any data); a path the data do not
+            allow raises ``ValueError``.
+
     Attributes:
-        path: ``"exact"`` or ``"cg"``.
+        path: ``"exact"``, ``"exact-missing"`` or ``"cg"``.
+        last_solve: how the last likelihood was computed (:class:`SolveInfo`).
         cg_iterations: iterations of the last CG run (``None`` before any, 0 on the exact path).
         history: loss (negative log marginal likelihood per observed cell, data units) at
             every optimiser step of every :meth:`fit`.
@@ -131,6 +189,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         variance_samples: int = 64,
         exact_trace_limit: int = 1024,
         hyperparameters: Optional[Mapping[str, Any]] = None,
+        path: str = "auto",
     ):
         super().__init__()
         settings = check_settings(
@@ -173,6 +232,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             y = torch.where(observed, y, torch.zeros_like(y))
         self.register_buffer("y", y)
         self.register_buffer("observed", observed)
+        self._path = self._choose_path(path, observed, data.noise is not None, values_t.device)
+        self._last_extra: dict = {}
         self.register_buffer(
             "cell_noise", data.noise.reshape(-1) / self.scale**2 if data.noise is not None else None
         )
@@ -229,6 +290,49 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             self.set_hyperparameters(hyperparameters)
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _choose_path(self, path: str, observed: Optional[Tensor], per_cell: bool, device: torch.device) -> str:
+        """The inference path, once (see the ``path`` argument)."""
+        if path not in ("auto", "exact", "exact-missing", "cg"):
+            raise ValueError(f"path must be 'auto', 'exact', 'exact-missing' or 'cg', got {path!r}")
+        n_missing = 0 if observed is None else self.n_cells - self.n_observed
+        if path == "exact" and (n_missing or per_cell):
+            raise ValueError(
+                f"path='exact' needs every cell observed and one noise level; this grid has {n_missing} missing "
+                f"cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+        if path == "exact-missing" and (per_cell or not n_missing):
+            raise ValueError(
+                "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
+                f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+        if path != "auto":
+            return path
+        if per_cell:
+            return "cg"
+        if not n_missing:
+            return "exact"
+        if n_missing <= few_missing_limit(device) and n_missing * self.n_cells <= MAX_FORM_ELEMENTS:
+            return "exact-missing"
+        return "cg"
+
+    @property
+    def path(self) -> str:
+        """The inference path chosen when the model was built: ``"exact"``, ``"exact-missing"``
+        or ``"cg"``."""
+        return self._path
+
+    @property
+    def last_solve(self) -> "SolveInfo":
+        """How the last likelihood was computed: path, CG iterations, residuals, probes."""
+        extra = self._last_extra
+        return SolveInfo(
+            path=self.path,
+            iterations=self.cg_iterations,
+            inner_iterations=getattr(self, "cg_inner_iterations", 0),
+            residual=self.cg_residual,
+            observed_residual=extra.get("observed_residual"),
+            lml_error=extra.get("lml_error"),
+            probes=extra.get("probes", 0),
+        )
 
     @staticmethod
     def _default_kernel(axis: Tensor) -> gpytorch.kernels.Kernel:
@@ -362,16 +466,79 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     # ------------------------------------------------------------------ likelihood
 
+    def _check_finite(self, factors: list[Tensor]) -> None:
+        """Raise the error ``fit`` gives for a non-finite loss, before any solve runs on
+        non-finite hyperparameters (CG would fail with an unrelated message)."""
+        parts = [self.outputscale.detach().reshape(1)] + [f.detach().reshape(-1) for f in factors]
+        if self.learn_noise:
+            parts.append(self.noise.detach().reshape(1))
+        if not bool(torch.isfinite(torch.cat(parts)).all()):
+            raise FloatingPointError(_nonfinite_message("GridGP.log_marginal_likelihood", float("nan"), self.hyperparameters()))
+
     def _lml_model_units(self) -> Tensor:
         factors = self._factors()
         if self.path == "exact":
             self.cg_iterations = 0
+            self._last_extra = {}
             # y and μ apart (a constant μ never becomes a grid vector): memory.py counts this step
             mean = self._mean_grid() if self.user_mean else self.mean_module.constant
             return exact_lml(self.y, self.noise, self.outputscale, factors, mean=mean, chunk=self._memory_chunk())
         resid = self.y - self._mean_grid()
-        cov = self._full_cov(factors)
+        if self._probe_store is None:  # not while a CUDA graph is recorded (no reads there)
+            self._check_finite(factors)
         n, sp = self.n_cells, self.num_probes
+        fm = None
+        if self.path == "exact-missing":
+            pieces, fm = self._few_missing_pieces(factors, resid.detach())
+            eig, level = fm.eig, self.noise
+        else:
+            pieces, cov = self._cg_pieces(factors, resid, n, sp)
+            eig = cov.eig
+            level = self.noise if cov.homoskedastic else cov.sigma_bar2
+        self.cg_iterations = pieces.iterations
+        self.cg_inner_iterations = pieces.inner_iterations
+        self.cg_residual = pieces.residual
+        self._last_extra = pieces.extra
+        # Surrogate: its gradient is the estimated gradient (bilinear derivatives with the
+        # CG vectors held fixed); its value is discarded.
+        surrogate = (pieces.alpha * self._mean_grid()).sum()
+        if pieces.left.shape[-1]:
+            left_w = pieces.left * pieces.weights
+            surrogate = surrogate + self.outputscale * bilinear_form(left_w, pieces.right, factors)
+            surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
+        if pieces.eig_left is not None:
+            # pairs in eigen-coordinates (homoskedastic noise: ∂C = s²∂(⊗K) + ∂σ² I, Q orthogonal)
+            left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
+            surrogate = surrogate + self.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, eig, factors)
+            surrogate = surrogate + self.noise * (left_w * pieces.eig_right).sum()
+        if fm is not None:
+            surrogate = surrogate + fm.logdet_g_surrogate(self.outputscale, self.noise, factors)
+        if pieces.exact_logdet and (self.precondition or fm is not None):
+            # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
+            # preconditioner's fixed σ̄² (per-cell noise, control variate).
+            surrogate = surrogate + exact_lml(None, level, self.outputscale, factors)
+        return pieces.value + (surrogate - surrogate.detach())
+
+    def _few_missing_pieces(self, factors: list[Tensor], resid: Tensor) -> tuple[CGLMLPieces, FewMissing]:
+        """The exact-missing path's value and data pair (:mod:`kronegp.models._few_missing`); the
+        ``log det G`` term's gradient comes from :meth:`FewMissing.logdet_g_surrogate`."""
+        with torch.no_grad():
+            fm = FewMissing(KronEigen(factors), self.outputscale, self.noise, self._missing)
+            r = self._obs_zero(resid)
+            quad, alpha_t = fm.lml_terms(r)
+            logdet = torch.log(fm.lam + fm.noise).sum() + fm.logdet_g
+            value = -0.5 * quad - 0.5 * logdet - 0.5 * self.n_observed * math.log(2 * math.pi)
+            alpha = self._obs_zero(fm.eig.from_eigbasis_rows(alpha_t)[0])
+        empty = r.new_zeros(r.shape[0], 0)
+        pieces = CGLMLPieces(
+            value=value, alpha=alpha, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
+            iterations=0, residual=0.0, extra={"boxed": fm.boxed, "missing": fm.m},
+            eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
+        )
+        return pieces, fm
+
+    def _cg_pieces(self, factors: list[Tensor], resid: Tensor, n: int, sp: int):
+        cov = self._full_cov(factors)
         if self.precondition:
             pieces = cg_lml_pieces(
                 cov,
@@ -388,27 +555,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 cov.matvec, resid.detach(), self.observed, self.n_observed, self._std_normal(n, sp),
                 tol=self.cg_tol, max_iters=self.cg_max_iters,
             )
-        self.cg_iterations = pieces.iterations
-        self.cg_inner_iterations = pieces.inner_iterations
-        self.cg_residual = pieces.residual
-        # Surrogate: its gradient is the estimated gradient (bilinear derivatives with the
-        # CG vectors held fixed); its value is discarded.
-        surrogate = (pieces.alpha * self._mean_grid()).sum()
-        if pieces.left.shape[-1]:
-            left_w = pieces.left * pieces.weights
-            surrogate = surrogate + self.outputscale * bilinear_form(left_w, pieces.right, factors)
-            surrogate = surrogate + ((left_w * pieces.right).sum(-1) * self._fill_noise()).sum()
-        if pieces.eig_left is not None:
-            # pairs in eigen-coordinates (homoskedastic noise: ∂C = s²∂(⊗K) + ∂σ² I, Q orthogonal)
-            left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
-            surrogate = surrogate + self.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, cov.eig, factors)
-            surrogate = surrogate + self.noise * (left_w * pieces.eig_right).sum()
-        if pieces.exact_logdet and self.precondition:
-            # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
-            # preconditioner's fixed σ̄² (per-cell noise, control variate).
-            level = self.noise if cov.homoskedastic else cov.sigma_bar2
-            surrogate = surrogate + exact_lml(None, level, self.outputscale, factors)
-        return pieces.value + (surrogate - surrogate.detach())
+        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())) - 1
+        return pieces, cov
 
     def log_marginal_likelihood(self) -> Tensor:
         """``log p(y_O)`` in data units (0-dim tensor, differentiable in the hyperparameters).
@@ -417,7 +565,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         stochastic (SLQ with ``num_probes`` probes) and whose gradient is the stochastic
         trace estimate (see :mod:`kronegp.models._masked`).
         """
-        return self._lml_model_units() - self.n_observed * math.log(self.scale)
+        with one_warning("GridGP.log_marginal_likelihood", stacklevel=4):
+            return self._lml_model_units() - self.n_observed * math.log(self.scale)
 
     # ------------------------------------------------------------------ fitting
 
@@ -430,7 +579,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             cuda_graph: replay the evaluation from a CUDA graph recorded at the first call
                 (:mod:`kronegp.models._graph`: on a 128³ grid the eager evaluation spends about
                 half its time issuing ~350 launches from the host). ``None`` (default): on CUDA
-                models except with both missing cells and per-cell noise (nested CG solves,
+                models except on the exact-missing path (eager: its factorisation checks
+                read the device), with both missing cells and per-cell noise (nested CG solves,
                 whose number follows the outer CG's) or with a grid axis longer than the GPU
                 eigensolver takes (:data:`kronegp.linalg.DEVICE_JACOBI_MAX_ROWS`, 168 points
                 on an H100: larger factors are decomposed by synchronising paths), which run
@@ -527,15 +677,20 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             loss = self.loss_backward(cuda_graph)
             value = float(loss)
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"GridGP.fit: the loss became {value}; hyperparameters: {self.hyperparameters()}"
-                )
+                raise FloatingPointError(_nonfinite_message("GridGP.fit", value, self.hyperparameters()))
             last["loss"] = value
             return loss
 
         self.train()
-        best, waited = math.inf, 0
         bar = tqdm(range(iters), disable=not progress, desc=f"GridGP ({self.path})")
+        with one_warning("GridGP.fit", stacklevel=4):  # solves that fall short: one warning per fit
+            self._fit_loop(bar, opt, closure, last, patience, min_delta)
+        bar.close()
+        self.eval()
+        return self.history
+
+    def _fit_loop(self, bar, opt, closure, last, patience, min_delta) -> None:
+        best, waited = math.inf, 0
         for _ in bar:
             opt.step(closure)
             # The last evaluation is at the accepted point (L-BFGS's line search ends there).
@@ -548,9 +703,6 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 waited += 1
                 if waited >= patience:
                     break
-        bar.close()
-        self.eval()
-        return self.history
 
     # ------------------------------------------------------------------ prediction
 
@@ -603,6 +755,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         one = rows[0].new_ones(1, 1)
         return kron_matmul(factors, one).squeeze(-1).mT
 
+    @_warns_once("GridGP.predict")
     @torch.no_grad()
     def predict(
         self,
@@ -627,7 +780,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 ``"mc"`` (grid only: Monte Carlo with ``variance_samples`` posterior samples
                 and the exact homoskedastic posterior as control variate, unbiased, error
                 ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
-                else mc with a warning). Ignored on the exact path.
+                else mc with a warning). Ignored on the exact paths (``"exact-missing"``: the
+                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor).
             as_xarray: return an ``xarray.Dataset`` (default: when the model was built from
                 an ``xarray.DataArray``); ``False`` for the ``(mean, var)`` tensors.
 
@@ -652,12 +806,16 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         factors = self._factors()
         s2 = self.outputscale
         resid = self.y - self._mean_grid()
+        fm = None
         if self.path == "exact":
             eig = KronEigen(factors)
             lam = s2 * eig.eigvals()
             w = 1.0 / (lam + self.noise)
             alpha = eig.apply_function(w, resid.unsqueeze(-1)).squeeze(-1)
             system = None
+        elif self.path == "exact-missing":
+            fm = system = FewMissing(KronEigen(factors), s2, self.noise, self._missing)
+            alpha = fm.apply(self._obs_zero(resid).unsqueeze(-1)).squeeze(-1)
         else:
             system = self._full_cov(factors)
             eig, lam = system.eig, system.lam
@@ -667,6 +825,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             mean = self._mean_grid() + s2 * kron_matmul(factors, alpha.unsqueeze(-1)).squeeze(-1)
             if system is None:
                 var = eig.diag_of(lam * self.noise * w)
+            elif fm is not None:
+                var = fm.grid_variance()
             else:
                 var = self._masked_grid_variance(system, factors, variance)
             if include_noise:
@@ -682,8 +842,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                     proj = [c @ q for c, q in zip(cross, eig.vecs)]
                     red = s2 * s2 * self._rowwise_kron_dot(w, [p * p for p in proj])
                 else:
-                    cols = s2 * self._rowwise_kron_columns(cross)
-                    red = self._masked_reduction(system, cols)
+                    cols = self._obs_zero(s2 * self._rowwise_kron_columns(cross))
+                    red = (cols * fm.apply(cols)).sum(0) if fm is not None else self._masked_reduction(system, cols)
                 vars_.append(s2 * prior - red)
             mean, var = torch.cat(means), torch.cat(vars_)
             if include_noise:
@@ -846,13 +1006,15 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         var_control = eig.diag_of(lam * sb2 / (lam + sb2))
         return var_control + (dev_model * dev_model - dev_control * dev_control).mean(-1)
 
+    @_warns_once("GridGP.sample")
     @torch.no_grad()
     def sample(self, n: int = 1) -> Tensor:
         """``n`` joint posterior samples of ``f`` on the grid, shape ``(n, *grid)`` (data units).
 
-        Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. cg path: pathwise conditioning
+        Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. exact-missing and cg paths: pathwise conditioning
         (Matheron's rule), ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O`` with ``f₀ ~ N(0, K)``
-        and ``ε ~ N(0, D)``, one block solve for all samples.
+        and ``ε ~ N(0, D)``, one block solve for all samples (exact with ``G``'s factor on the
+        exact-missing path).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -861,15 +1023,24 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         if self.path == "exact":
             return self._sample_exact(n, g)
         factors = self._factors()
+        s2 = self.outputscale
         mu = self._mean_grid()
         resid = self.y - mu
         xi = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
-        cov = self._full_cov(factors)
-        f0 = cov.eig.apply_function(cov.lam.sqrt(), xi)
-        eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
-        noise_sd = self._fill_noise().sqrt().unsqueeze(-1)
-        sol = self._solve_observed(cov, self._obs_zero(resid.unsqueeze(-1) - f0 - noise_sd * eps))
-        out = mu.unsqueeze(-1) + f0 + cov.kernel_matvec(sol)
+        if self.path == "exact-missing":
+            # Matheron's rule as on the cg path, with C_OO⁻¹ applied exactly
+            fm = FewMissing(KronEigen(factors), s2, self.noise, self._missing)
+            f0 = fm.eig.apply_function(fm.lam.sqrt(), xi)
+            eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+            sol = fm.apply(self._obs_zero(resid.unsqueeze(-1) - f0 - self.noise.sqrt() * eps))
+            out = mu.unsqueeze(-1) + f0 + s2 * kron_matmul(factors, sol)
+        else:
+            cov = self._full_cov(factors)
+            f0 = cov.eig.apply_function(cov.lam.sqrt(), xi)
+            eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
+            noise_sd = self._fill_noise().sqrt().unsqueeze(-1)
+            sol = self._solve_observed(cov, self._obs_zero(resid.unsqueeze(-1) - f0 - noise_sd * eps))
+            out = mu.unsqueeze(-1) + f0 + cov.kernel_matvec(sol)
         return (out.mT * self.scale + self.shift).reshape(n, *self.shape)
 
     # ------------------------------------------------------------------ memory (kronegp.models.memory)

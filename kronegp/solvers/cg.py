@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,8 +48,9 @@ from torch import Tensor
 
 from kronegp import device
 from kronegp.device import Backend
+from kronegp.solvers.report import shortfall
 
-__all__ = ["CGResult", "CGSchedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
+__all__ = ["CGResult", "CGSchedule", "active_schedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -188,15 +188,23 @@ def cg_schedule(schedule: Optional[CGSchedule]):
         _SCHEDULE.reset(token)
 
 
+def active_schedule() -> Optional[CGSchedule]:
+    """The :class:`CGSchedule` the :func:`block_cg` runs follow now, or ``None``: a computation
+    under one must make the same runs whatever their results (no data-dependent extra solve)."""
+    return _SCHEDULE.get()
+
+
 def warn_not_converged(iterations: int, residual: float, tol: float, stacklevel: int) -> None:
     """The ``RuntimeWarning`` of a CG run that stopped at ``max_iters`` above ``tol`` (also given by
     :mod:`kronegp.models._graph` for such a run inside a replayed CUDA graph); ``stacklevel`` as
-    the caller would pass it to ``warnings.warn``."""
-    warnings.warn(
+    the caller would pass it to ``warnings.warn``. Inside :func:`kronegp.solvers.report.one_warning`
+    it is recorded, and the block warns once."""
+    shortfall(
+        residual,
+        tol,
         f"kronegp.solvers.block_cg: stopped after {iterations} iterations (max_iters) with "
         f"relative residual {residual:.3e} > tol {tol:.1e}; raise max_iters, loosen tol "
         "or use a better preconditioner",
-        RuntimeWarning,
         stacklevel=stacklevel + 1,
     )
 

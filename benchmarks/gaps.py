@@ -1,0 +1,232 @@
+"""GridGP on grids with gaps (issue 22): one row per missing-data pattern, a table and JSON.
+
+Data: a draw from the model itself (Matérn-5/2 per axis, lengthscales 1/6 of each axis, noise
+1e-2 of the signal variance) on an n × n × n grid (axis 0 is "time"). Patterns:
+
+* ``scatter-1/10/20/50``: that percentage of cells missing at random;
+* ``block-0.1/1/5/10``: one contiguous cube-shaped hole of that percentage of the cells;
+* ``clouds-20``: random balls ("clouds") until 20 % of the cells are missing;
+* ``time-mask-30``: a random 30 % of space missing at every time step (a land mask);
+* ``cell-noise``: full grid, per-cell noise variances spread over a 1e4 range;
+* ``block-1+cell-noise``: the 1 % hole with that per-cell noise.
+
+Per pattern: the path GridGP chose, the training step (``loss_backward``, median), its CG
+iterations, the likelihood's relative error against a reference (a dense Cholesky up to
+``--dense-max`` observed cells, else the model in float64: on the same exact path, or on the cg
+path at ``cg_tol`` 1e-10 with 64 probes),
+the time to fit to convergence with L-BFGS (``--fit``), and at the missing cells the held-out
+RMSE of the posterior mean against the data and the coverage of its 95 % predictive interval.
+GPyTorch's settings are timed on the GPU by ``benchmarks/gp_training.py`` (same regimes at
+64³/128³), not here.
+
+``--limit``: the exact-missing path's step against the cg path's for growing m (one
+contiguous hole, and m scattered cells) on the same grid: where the exact path stops paying,
+i.e. the value for ``kronegp.models._few_missing.MAX_MISSING_CPU`` / ``MAX_MISSING_CUDA``.
+
+Usage::
+
+    python benchmarks/gaps.py --small                               # a quick CPU run
+    python benchmarks/gaps.py --device cpu --n 24 --out gaps_cpu.json
+    python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --out gaps_128.json
+    python benchmarks/gaps.py --limit --device cuda --n 64          # calibrate MAX_MISSING_CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import time
+import warnings
+
+import torch
+
+from kronegp import GridGP, kron_matmul
+from timing import time_call
+
+
+def draw(n: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A draw of f + noise on an n³ grid from the model, with its axes."""
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
+    chols = []
+    for ax in axes:
+        d = (ax[:, None] - ax[None, :]).abs() / (1 / 6)
+        k = (1 + math.sqrt(5) * d + 5 / 3 * d * d) * torch.exp(-math.sqrt(5) * d)
+        chols.append(torch.linalg.cholesky(k + 1e-8 * torch.eye(n, dtype=torch.float64)))
+    f = kron_matmul(chols, torch.randn(n**3, 1, generator=g, dtype=torch.float64)).reshape(n, n, n)
+    y = f + 0.1 * torch.randn(f.shape, generator=g, dtype=torch.float64)
+    return y.to(device, dtype), [a.to(device, dtype) for a in axes]
+
+
+def pattern(name: str, n: int, seed: int = 1):
+    """``(missing cells (bool grid) or None, per-cell noise variances or None)``."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, n, n)
+    missing, noise = None, None
+    kind, _, frac = name.partition("-")
+    if kind == "scatter":
+        missing = torch.rand(shape, generator=g) < float(frac) / 100
+    elif kind == "block":
+        pct = float(frac.split("+")[0])
+        side = max(1, round(n * (pct / 100) ** (1 / 3)))
+        lo = (n - side) // 2
+        missing = torch.zeros(shape, dtype=torch.bool)
+        missing[lo : lo + side, lo : lo + side, lo : lo + side] = True
+    elif kind == "clouds":
+        idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij"), -1)
+        missing = torch.zeros(shape, dtype=torch.bool)
+        while float(missing.double().mean()) < float(frac) / 100:
+            centre = torch.rand(3, generator=g, dtype=torch.float64) * n
+            radius = (0.05 + 0.1 * float(torch.rand(1, generator=g))) * n
+            missing |= ((idx - centre) ** 2).sum(-1) < radius**2
+    elif kind == "time":
+        missing = (torch.rand(shape[1:], generator=g) < 0.3).expand(shape).clone()
+    if "cell-noise" in name:
+        noise = 0.01 * 10 ** (4 * torch.rand(shape, generator=g, dtype=torch.float64) - 2)
+    return missing, noise
+
+
+def dense_lml(gp: GridGP) -> float:
+    """``log p(y_O)`` (data units) by a dense Cholesky in float64."""
+    with torch.no_grad():
+        from functools import reduce
+
+        fs = [k(a.unsqueeze(-1), a.unsqueeze(-1)).to_dense().double() for k, a in zip(gp.kernels, gp.axes)]
+        K = float(gp.outputscale) * reduce(torch.kron, fs)
+        obs = gp.observed if gp.observed is not None else torch.ones(gp.n_cells, dtype=torch.bool, device=K.device)
+        d = (gp.noise.expand(gp.n_cells) if gp.learn_noise else gp.cell_noise).double()
+        L = torch.linalg.cholesky(K[obs][:, obs] + torch.diag(d[obs]))
+        r = (gp.y - gp._mean_grid()).double()[obs]
+        a = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+        n = int(obs.sum())
+        return float(-0.5 * (r * a).sum() - torch.log(L.diagonal()).sum() - 0.5 * n * math.log(2 * math.pi)
+                     - n * math.log(gp.scale))
+
+
+def build(y, axes, missing, noise, **kw) -> GridGP:
+    v = y.clone()
+    if missing is not None:
+        v[missing.to(v.device)] = float("nan")
+    return GridGP(v, axes, noise=None if noise is None else noise.to(y.device, y.dtype), **kw)
+
+
+def run_pattern(name: str, y, axes, args) -> dict:
+    dev = y.device
+    missing, noise = pattern(name, args.n)
+    gp = build(y, axes, missing, noise)
+    row = {"pattern": name, "path": gp.path, "cells": gp.n_cells, "missing": gp.n_cells - gp.n_observed}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        times = time_call(gp.loss_backward, dev, repeats=args.repeats)
+        lml = float(gp.log_marginal_likelihood())
+    row["step_s"] = statistics.median(times)
+    info = gp.last_solve
+    row.update(iterations=info.iterations, probes=info.probes, observed_residual=info.observed_residual,
+               warnings=len([w for w in caught if issubclass(w.category, RuntimeWarning)]))
+    if gp.n_observed <= args.dense_max:
+        ref, how = dense_lml(gp), "dense"
+    else:  # the same exact path in float64, or the cg path at cg_tol 1e-10 (its SLQ estimate)
+        path = "cg" if gp.path == "cg" else gp.path
+        tight = build(y.double(), [a.double() for a in axes], missing, noise, path=path, cg_tol=1e-10,
+                      num_probes=64)
+        tight.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in gp.state_dict().items()})
+        ref, how = float(tight.log_marginal_likelihood()), f"{path} float64" + (" cg_tol 1e-10, 64 probes" if path == "cg" else "")
+    row.update(lml=lml, lml_ref=ref, lml_ref_by=how, lml_rel_err=abs(lml - ref) / abs(ref))
+    if args.fit:
+        t0 = time.perf_counter()
+        gp.fit(iters=args.fit_iters, optimizer="lbfgs", progress=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        row["fit_s"] = time.perf_counter() - t0
+        row["fit_evaluations"] = len(gp.history)
+    if missing is not None:
+        variance = "exact" if gp.path != "cg" or gp.n_cells <= gp.exact_variance_limit else "mc"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mean, var = gp.predict(include_noise=gp.learn_noise, variance=variance)
+        held = missing.to(dev)
+        err = (mean - y)[held]
+        row["heldout_rmse"] = float(err.pow(2).mean().sqrt())
+        if gp.learn_noise:
+            row["heldout_coverage95"] = float((err.abs() <= 1.96 * var[held].sqrt()).double().mean())
+    return row
+
+
+def run_limit(y, axes, args) -> list[dict]:
+    """Exact-missing vs cg step for growing m (a hole and scattered cells)."""
+    rows = []
+    n = args.n
+    for side in args.limit_sides:
+        m = side**3
+        if m >= n**3 // 2:
+            break
+        for kind in ("hole", "scatter"):
+            if kind == "hole":
+                missing = torch.zeros((n, n, n), dtype=torch.bool)
+                lo = (n - side) // 2
+                missing[lo : lo + side, lo : lo + side, lo : lo + side] = True
+            else:
+                g = torch.Generator().manual_seed(side)
+                missing = torch.zeros(n**3, dtype=torch.bool)
+                missing[torch.randperm(n**3, generator=g)[:m]] = True
+                missing = missing.reshape(n, n, n)
+            row = {"kind": kind, "m": m}
+            for path in ("exact-missing", "cg"):
+                gp = build(y, axes, missing, None, path=path)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    row[path] = statistics.median(time_call(gp.loss_backward, y.device, repeats=args.repeats))
+            rows.append(row)
+            print(f"{kind:8s} m={m:6d}  exact-missing {row['exact-missing']:.4f} s   cg {row['cg']:.4f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    ap.add_argument("--n", type=int, default=20, help="grid side (n³ cells)")
+    ap.add_argument("--small", action="store_true", help="n = 10, no fit, 2 repeats")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--fit-iters", type=int, default=10)
+    ap.add_argument("--dense-max", type=int, default=4000)
+    ap.add_argument("--patterns", nargs="*", default=["scatter-1", "scatter-10", "scatter-20", "scatter-50",
+                                                      "block-0.1", "block-1", "block-5", "block-10", "clouds-20",
+                                                      "time-mask-30", "cell-noise", "block-1+cell-noise"])
+    ap.add_argument("--limit", action="store_true", help="calibrate the exact-missing path's limit on m")
+    ap.add_argument("--limit-sides", type=int, nargs="*", default=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.small:
+        args.n, args.fit, args.repeats = 10, False, 2
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    y, axes = draw(args.n, dtype, dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    meta = {"device": name, "date": datetime.date.today().isoformat(), "n": args.n, "dtype": args.dtype,
+            "torch": torch.__version__}
+    print(f"# gaps on {args.n}^3 {args.dtype}, {name}, {meta['date']}", flush=True)
+    if args.limit:
+        out = {"meta": meta, "limit": run_limit(y, axes, args)}
+    else:
+        rows = []
+        head = f"{'pattern':20s} {'path':13s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"
+        print(head, flush=True)
+        for pat in args.patterns:
+            row = run_pattern(pat, y, axes, args)
+            rows.append(row)
+            fmt = lambda k, f: format(row[k], f) if row.get(k) is not None else "-"  # noqa: E731
+            print(f"{pat:20s} {row['path']:13s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
+                  f"{row['lml_rel_err']:11.2e} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
+                  f"{fmt('heldout_coverage95', '6.3f'):>6s}", flush=True)
+        out = {"meta": meta, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""GridGP with gaps (issue 22): each inference path against a dense Cholesky on small float64 grids.
+
+The reference forms ``C_OO = s² (⊗K_k)_OO + D_O`` densely from the model's own kernel modules
+(``kernel(axis, axis)``, not GridGP's factor code), factors it with ``torch.linalg.cholesky`` and
+differentiates ``log N(r_O | 0, C_OO)`` by autograd in every raw hyperparameter.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import kronegp.models._few_missing as few_missing
+import kronegp.models._masked as masked
+from _helpers import dense_kron
+from kronegp import GridGP
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _dense_parts(gp):
+    fs = [k(a.unsqueeze(-1), a.unsqueeze(-1)).to_dense() for k, a in zip(gp.kernels, gp.axes)]
+    K = gp.outputscale * dense_kron(fs)
+    obs = gp.observed if gp.observed is not None else torch.ones(gp.n_cells, dtype=torch.bool)
+    d = gp.noise.expand(gp.n_cells) if gp.learn_noise else gp.cell_noise
+    C = K[obs][:, obs] + torch.diag(d[obs])
+    r = (gp.y - gp._mean_grid())[obs]
+    return K, obs, C, r
+
+
+def dense_lml(gp):
+    """``log p(y_O)`` in data units, differentiable (dense Cholesky)."""
+    _, obs, C, r = _dense_parts(gp)
+    L = torch.linalg.cholesky(C)
+    a = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    n = int(obs.sum())
+    return -0.5 * (r * a).sum() - torch.log(L.diagonal()).sum() - 0.5 * n * math.log(2 * math.pi) - n * math.log(gp.scale)
+
+
+def dense_grid_posterior(gp):
+    """Posterior mean and variance of ``f`` on the grid (data units)."""
+    with torch.no_grad():
+        K, obs, C, r = _dense_parts(gp)
+        L = torch.linalg.cholesky(C)
+        kx = K[:, obs]
+        mean = gp._mean_grid() + kx @ torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+        w = torch.linalg.solve_triangular(L, kx.mT, upper=False)
+        var = K.diagonal() - (w * w).sum(0)
+    return mean * gp.scale + gp.shift, var * gp.scale**2
+
+
+def lml_and_grads(gp, fn):
+    params = [p for p in gp.parameters() if p.requires_grad]
+    value = fn(gp)
+    grads = torch.autograd.grad(value, params)
+    return float(value.detach()), torch.cat([g.reshape(-1) for g in grads])
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ----------------------------------------------------------------------------- data
+
+
+SHAPE = (7, 8, 9)
+
+
+def field(shape=SHAPE, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    axes = [torch.cumsum(0.5 + torch.rand(n, generator=g, dtype=torch.float64), 0) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    v = sum(torch.sin(m / (2.0 + k)) for k, m in enumerate(mesh)) + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+    return v.to(dtype), [a.to(dtype) for a in axes]
+
+
+def pattern(name, shape=SHAPE, seed=1):
+    """A boolean grid of missing cells."""
+    g = torch.Generator().manual_seed(seed)
+    miss = torch.zeros(shape, dtype=torch.bool)
+    if name == "hole":  # one contiguous block
+        miss[1:4, 2:6, 3:8] = True
+    elif name == "scatter":
+        miss = torch.rand(shape, generator=g) < 0.15
+    elif name == "clouds":  # a few random blobs
+        idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+        for _ in range(3):
+            centre = torch.tensor([float(torch.randint(n, (1,), generator=g)) for n in shape], dtype=torch.float64)
+            miss |= ((idx - centre) ** 2).sum(-1) < 2.5
+    elif name == "two-holes":
+        miss[0:2, 0:2, 0:3] = True
+        miss[5:7, 5:8, 6:9] = True
+    elif name == "constant-in-time":  # the same spatial mask at every time step (axis 0)
+        miss[:, torch.rand(shape[1:], generator=g) < 0.3] = True
+    return miss
+
+
+def model(name, *, seed=0, dtype=torch.float64, **kw):
+    v, axes = field(seed=seed, dtype=dtype)
+    v = v.clone()
+    v[pattern(name)] = float("nan")
+    gp = GridGP(v, axes, **kw)
+    with torch.no_grad():  # away from the initial values, so every gradient term matters
+        for k, kern in enumerate(gp.kernels):
+            kern.lengthscale = kern.lengthscale * (0.6 + 0.3 * k)
+        gp.raw_outputscale.add_(0.3)
+        if gp.learn_noise:
+            gp.raw_noise.add_(-0.7)
+        gp.mean_module.constant.add_(0.2)
+    return gp
+
+
+# ----------------------------------------------------------------------------- exact-missing path
+
+
+@pytest.mark.parametrize("name", ["hole", "scatter", "clouds", "two-holes", "constant-in-time"])
+@pytest.mark.parametrize("boxed", [True, False], ids=["box", "rows"])
+def test_exact_missing_matches_dense(name, boxed, monkeypatch):
+    if not boxed:
+        monkeypatch.setattr(few_missing, "MAX_BOX_CELLS", 0)  # the rows formulation
+    gp = model(name)
+    assert gp.path == "exact-missing"
+    lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    assert abs(lml - ref) <= 1e-10 * abs(ref)
+    assert rel(grads, ref_grads) <= 1e-10, (grads, ref_grads)
+    assert gp.last_solve.path == "exact-missing" and gp.last_solve.probes == 0 and gp.last_solve.iterations == 0
+
+    mean, var = gp.predict()
+    ref_mean, ref_var = dense_grid_posterior(gp)
+    assert rel(mean.reshape(-1), ref_mean) <= 1e-10
+    assert rel(var.reshape(-1), ref_var) <= 1e-10
+    # at points: the grid's own coordinates give the grid's posterior
+    pts = gp._grid_points()[::7]
+    pm, pv = gp.predict(pts)
+    assert rel(pm, ref_mean[::7]) <= 1e-10
+    assert rel(pv, ref_var[::7]) <= 1e-9
+
+
+def test_exact_missing_box_and_rows_agree_with_the_cg_path(monkeypatch):
+    exact = model("clouds")
+    cg = model("clouds", path="cg", cg_tol=1e-10)
+    assert cg.path == "cg"
+    a, ga = lml_and_grads(exact, lambda m: m.log_marginal_likelihood())
+    b, gb = lml_and_grads(cg, lambda m: m.log_marginal_likelihood())
+    assert abs(a - b) <= 1e-6 * abs(a)
+    assert rel(gb, ga) <= 1e-6
+
+
+def test_exact_missing_float32_agrees_with_float64():
+    m64 = model("hole")
+    m32 = model("hole", dtype=torch.float32)
+    assert m32.path == "exact-missing" and m32.y.dtype == torch.float32
+    a, ga = lml_and_grads(m64, lambda m: m.log_marginal_likelihood())
+    b, gb = lml_and_grads(m32, lambda m: m.log_marginal_likelihood())
+    assert abs(a - b) <= 1e-4 * abs(a)
+    assert rel(gb.double(), ga) <= 1e-3
+    assert rel(m32.predict()[0].double(), m64.predict()[0]) <= 1e-4
+
+
+def test_exact_missing_samples_have_the_posterior_moments():
+    gp = model("hole")
+    torch.manual_seed(0)
+    s = gp.sample(4000).reshape(4000, -1)
+    mean, var = gp.predict()
+    sd = var.reshape(-1).sqrt()
+    # sample mean within 5 standard errors everywhere; sample variance within 15 %
+    assert float(((s.mean(0) - mean.reshape(-1)).abs() / (sd / math.sqrt(4000))).max()) < 5
+    assert float((s.var(0) / var.reshape(-1) - 1).abs().max()) < 0.15
+
+
+def test_exact_missing_fit_decreases_the_loss():
+    gp = model("hole")
+    history = gp.fit(iters=3, optimizer="adam", lr=0.05, progress=False)
+    assert history[-1] < history[0]
+
+
+# ----------------------------------------------------------------------------- choosing a path
+
+
+def test_path_is_chosen_once_and_can_be_forced(monkeypatch):
+    v, axes = field()
+    assert GridGP(v, axes).path == "exact"
+    holed = v.clone()
+    holed[pattern("hole")] = float("nan")
+    assert GridGP(holed, axes).path == "exact-missing"
+    assert GridGP(holed, axes, path="cg").path == "cg"
+    assert GridGP(holed, axes, noise=0.01 * torch.ones_like(v)).path == "cg"  # per-cell noise
+    monkeypatch.setattr(few_missing, "MAX_MISSING_CPU", 10)  # more missing cells than the limit
+    import kronegp.models.grid_gp as grid_gp
+
+    assert GridGP(holed, axes).path == "cg" and grid_gp.few_missing_limit(torch.device("cpu")) == 10
+    assert GridGP(holed, axes, path="exact-missing").path == "exact-missing"  # forced past the limit
+    with pytest.raises(ValueError, match="path='exact' needs every cell observed"):
+        GridGP(holed, axes, path="exact")
+    with pytest.raises(ValueError, match="path='exact-missing' needs missing cells and a homoskedastic"):
+        GridGP(v, axes, path="exact-missing")
+    with pytest.raises(ValueError, match="path='exact-missing' needs missing cells and a homoskedastic"):
+        GridGP(holed, axes, noise=0.01 * torch.ones_like(v), path="exact-missing")
+    with pytest.raises(ValueError, match="path must be 'auto', 'exact', 'exact-missing' or 'cg'"):
+        GridGP(v, axes, path="dense")
+
+
+# ----------------------------------------------------------------------------- cg path: certified
+
+
+def ill_conditioned(dtype=torch.float64, **kw):
+    """The issue's case: 5 × 6 × 7, lengthscale 8, per-cell noise ~1e-8, 20 % missing."""
+    g = torch.Generator().manual_seed(0)
+    shape = (5, 6, 7)
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    v = sum(torch.sin(m / 3.0) for m in mesh) + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)
+    v[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    noise = 1e-8 * (0.5 + torch.rand(shape, generator=g, dtype=torch.float64))
+    gp = GridGP(v.to(dtype), [a.to(dtype) for a in axes], noise=noise.to(dtype), standardize=False, **kw)
+    gp.set_hyperparameters(lengthscales=[8.0] * 3)  # chosen: predict does not warn that it is unfitted
+    return gp
+
+
+@pytest.mark.slow  # ~15 s on a loaded 2-core CPU: the refinement's solves with C run ~1000 iterations
+def test_ill_conditioned_likelihood_matches_dense_or_warns():
+    gp = ill_conditioned()
+    assert gp.path == "cg"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    ours = [w for w in caught if "GridGP" in str(w.message)]
+    if abs(lml - ref) > 1e-3 * abs(ref) or rel(grads, ref_grads) > 1e-3:
+        assert len(ours) == 1 and "relative residual" in str(ours[0].message)
+    else:
+        assert not ours
+    # the observed system's residual was checked and reached (it was 0.36 before the check)
+    assert gp.last_solve.observed_residual is not None and gp.last_solve.observed_residual <= gp.cg_tol
+    assert rel(grads, ref_grads) <= 1e-3  # the gradient shares α: 400 % off before
+
+
+def test_a_shortfall_warns_once_per_call_with_the_likelihood_error(monkeypatch):
+    monkeypatch.setattr(masked, "REFINE_ROUNDS", 0)  # the missing cells' residual alone
+    gp = ill_conditioned(cg_max_iters=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp.log_marginal_likelihood()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    msg = str(caught[0].message)
+    assert msg.startswith("GridGP.log_marginal_likelihood: ") and "relative residual" in msg
+    assert "solves fell short" in msg and "the log likelihood's data term may be off by" in msg
+    assert gp.last_solve.lml_error is not None and gp.last_solve.lml_error > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp.predict()
+    assert len(caught) == 1 and str(caught[0].message).startswith("GridGP.predict: ")
+
+
+def test_fit_warns_once(monkeypatch):
+    gp = ill_conditioned(cg_max_iters=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp.fit(iters=2, optimizer="adam", progress=False)
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(ours) == 1 and str(ours[0].message).startswith("GridGP.fit: "), [str(w.message) for w in ours]
+
+
+@pytest.mark.parametrize("path", ["exact-missing", "cg"])
+def test_non_finite_hyperparameters_raise_the_fit_error(path):
+    gp = model("hole", path=path)
+    with torch.no_grad():
+        gp.raw_outputscale.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the loss became nan; hyperparameters"):
+        gp.fit(iters=1, progress=False)
+    with pytest.raises(FloatingPointError, match="the loss became nan; hyperparameters"):
+        gp.log_marginal_likelihood()
+
+
+def test_last_solve_reports_the_cg_run():
+    gp = model("scatter", path="cg")
+    gp.log_marginal_likelihood()
+    info = gp.last_solve
+    assert info.path == "cg" and info.iterations >= 1 and 0 < info.residual <= gp.cg_tol
+    assert info.observed_residual <= gp.cg_tol and info.probes == gp.n_cells - gp.n_observed
