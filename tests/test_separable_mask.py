@@ -128,10 +128,14 @@ def test_forcing_errors():
 
 
 def test_point_limit(monkeypatch):
+    import kronegp.models.grid_gp as grid_gp
+
     monkeypatch.setattr(separable_mask, "MAX_POINTS_CPU", 10)
     v, axes = field((5, 6, 7))
     mask = constant_mask((5, 6, 7), [0, 1])  # ~21 observed points > 10
-    assert GridGP(v, axes, mask=mask).path == "exact-missing"  # the small grid falls back to it
+    assert GridGP(v, axes, mask=mask).path == "exact-missing"  # auto: past the limit (the small grid falls back to it)
+    assert GridGP(v, axes, mask=mask, path="separable-mask").path == "separable-mask"  # forced past it
+    monkeypatch.setattr(grid_gp, "MAX_POINTS_ANY", 10)
     with pytest.raises(ValueError, match="> 10"):
         GridGP(v, axes, mask=mask, path="separable-mask")
 

@@ -32,7 +32,8 @@ cross-covariance from ``S`` to every point of ``grid_A``) and ``W = (Q∘Q)(P∘
 at points and for samples, products with ``C_OO⁻¹`` (:meth:`SeparableMask.apply`).
 
 Cost per step: one ``eigh`` of ``|S| × |S|`` (``~9|S|³`` flops) plus the above; memory ``|S|²`` and a
-few ``|S| × n_B`` blocks. :func:`separable_mask_limit` bounds ``|S|``.
+few ``|S| × n_B`` blocks. :func:`separable_mask_limit` bounds ``|S|`` for ``path="auto"``,
+:data:`MAX_POINTS_ANY` when the path is forced.
 """
 
 from __future__ import annotations
@@ -47,14 +48,21 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["SeparableMask", "MAX_POINTS_CPU", "MAX_POINTS_CUDA", "separable_mask_limit", "mask_axes",
+__all__ = ["SeparableMask", "MAX_POINTS_CPU", "MAX_POINTS_CUDA", "MAX_POINTS_ANY", "separable_mask_limit", "mask_axes",
            "lml_surrogate"]
 
-#: Most observed points ``|S|`` of the masked axes on a CPU (one dense ``eigh`` per step: about
-#: 1 s at 4096 on one core in float64).
-MAX_POINTS_CPU = 4096
+#: Most observed points ``|S|`` of the masked axes for which ``path="auto"`` takes this path on a
+#: CPU. Measured (2-core CPU, loaded, one thread, float64, 2026-12-07): ``eigh`` of ``|S|`` = 1024 /
+#: 2048 / 4096 takes 0.38 / 2.4 / 20 s. A step on 30 × 30 × 40 with a 30 % land mask constant in
+#: time (``|S|`` = 630) takes 0.12 s against the cg path's 0.65 s (16 random probes, stochastic); on
+#: 60 × 60 × 20 (``|S|`` = 2520) 7.2 s against 1.2 s. Past ~2000 points the exact step costs more
+#: than cg's stochastic one unless the free axes are long (cg's cost grows with them, this path's
+#: ``eigh`` does not), so the limit is 2048.
+MAX_POINTS_CPU = 2048
 #: The same on a CUDA device: a default, not measured.
-MAX_POINTS_CUDA = 16384
+MAX_POINTS_CUDA = 8192
+#: Most points ``path="separable-mask"`` accepts when forced (``K_S`` and ``V``: 2 GiB in float64).
+MAX_POINTS_ANY = 16384
 
 
 def separable_mask_limit(device: torch.device) -> int:

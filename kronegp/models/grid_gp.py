@@ -49,7 +49,8 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
-from kronegp.models._separable_mask import SeparableMask, lml_surrogate, mask_axes, separable_mask_limit
+from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
+                                            separable_mask_limit)
 from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
 from kronegp.solvers.report import one_warning
 from kronegp.ops import kron_matmul, matmul_kron
@@ -167,7 +168,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             within its limit and no more than the observed points ``|S|`` of the masked axes
             (its ``m × m`` system is then no larger than separable-mask's ``|S| × |S|``
             eigenproblem), else separable-mask when the mask is constant along some axis and
-            ``|S|`` is within :func:`~kronegp.models._separable_mask.separable_mask_limit`, else cg.
+            ``|S|`` is within :func:`~kronegp.models._separable_mask.separable_mask_limit` (2048 on
+            a CPU; forced, up to ``MAX_POINTS_ANY`` = 16384), else cg.
 
     Attributes:
         path: ``"exact"``, ``"exact-missing"``, ``"separable-mask"`` or ``"cg"``.
@@ -314,16 +316,16 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
                 f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
         self._masked_axes, n_points = mask_axes(observed, self.shape) if n_missing else ([], 0)
-        separable = len(self._masked_axes) < self.ndim and n_points <= separable_mask_limit(device)
-        if path == "separable-mask" and (per_cell or not n_missing or not separable):
+        constant = len(self._masked_axes) < self.ndim
+        if path == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
             why = ("per-cell noise" if per_cell else "no missing cells" if not n_missing else
-                   "a mask that depends on every axis" if len(self._masked_axes) == self.ndim else
-                   f"{n_points} observed points on the masked axes {self._masked_axes} > "
-                   f"{separable_mask_limit(device)}")
+                   "a mask that depends on every axis" if not constant else
+                   f"{n_points} observed points on the masked axes {self._masked_axes} > {MAX_POINTS_ANY}")
             raise ValueError(
                 "path='separable-mask' needs a homoskedastic (learned) noise and a mask constant along at least "
-                f"one axis with at most {separable_mask_limit(device)} observed points on the others; this grid "
-                f"has {why} (use path='auto')")
+                f"one axis with at most {MAX_POINTS_ANY} observed points on the others; this grid has {why} "
+                "(use path='auto')")
+        separable = constant and n_points <= separable_mask_limit(device)
         if path != "auto":
             return path
         if per_cell:
