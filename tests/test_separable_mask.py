@@ -116,6 +116,29 @@ def test_a_varying_mask_is_not_separable():
         GridGP(v, axes, mask=mask, path="separable-mask")
 
 
+def test_a_length_one_axis_does_not_make_a_mask_separable():
+    v, axes = field((6, 7, 1))
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(6, 7, 1, generator=g) > 0.6  # more missing than observed: separable-mask would win
+    assert GridGP(v, axes, mask=mask).path != "separable-mask"
+    with pytest.raises(ValueError, match="depends on every axis"):
+        GridGP(v, axes, mask=mask, path="separable-mask")
+
+
+def test_two_dimensional_outage():
+    v, axes = field((8, 9))
+    mask = torch.ones(8, 9, dtype=torch.bool)
+    mask[:, 2:6] = False  # four whole columns missing
+    gp = GridGP(v, axes, mask=mask, hyperparameters={"lengthscales": [1.5, 2.0], "noise": 0.05})
+    assert gp.path == "separable-mask" and gp._masked_axes == [1]
+    a, ga = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    b, gb = lml_and_grads(gp, dense_lml)
+    assert abs(a - b) <= 1e-10 * abs(b) and rel(ga, gb) <= 1e-10
+    mean, var = gp.predict(as_xarray=False)
+    ref_mean, ref_var = dense_grid_posterior(gp)
+    assert rel(mean.reshape(-1), ref_mean) <= 1e-10 and rel(var.reshape(-1), ref_var) <= 1e-10
+
+
 def test_forcing_errors():
     v, axes = field((5, 6, 7))
     with pytest.raises(ValueError, match="no missing cells"):

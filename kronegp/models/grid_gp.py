@@ -316,7 +316,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
                 f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
         self._masked_axes, n_points = mask_axes(observed, self.shape) if n_missing else ([], 0)
-        constant = len(self._masked_axes) < self.ndim
+        # constant along an axis with more than one point (a length-1 axis says nothing)
+        constant = math.prod(n for k, n in enumerate(self.shape) if k not in self._masked_axes) > 1
         if path == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
             why = ("per-cell noise" if per_cell else "no missing cells" if not n_missing else
                    "a mask that depends on every axis" if not constant else
