@@ -825,7 +825,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 and the exact homoskedastic posterior as control variate, unbiased, error
                 ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
                 else mc with a warning). Ignored on the exact paths (``"exact-missing"``: the
-                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor).
+                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor;
+                ``"separable-mask"``: from the eigendecomposition of ``C_OO``).
             as_xarray: return an ``xarray.Dataset`` (default: when the model was built from
                 an ``xarray.DataArray``); ``False`` for the ``(mean, var)`` tensors.
 
@@ -1059,7 +1060,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. exact-missing and cg paths: pathwise conditioning
         (Matheron's rule), ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O`` with ``f₀ ~ N(0, K)``
         and ``ε ~ N(0, D)``, one block solve for all samples (exact with ``G``'s factor on the
-        exact-missing path).
+        exact-missing path, with ``C_OO``'s eigendecomposition on the separable-mask path).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
