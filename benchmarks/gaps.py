@@ -213,13 +213,13 @@ def main() -> None:
         out = {"meta": meta, "limit": run_limit(y, axes, args)}
     else:
         rows = []
-        head = f"{'pattern':20s} {'path':13s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"
+        head = f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"
         print(head, flush=True)
         for pat in args.patterns:
             row = run_pattern(pat, y, axes, args)
             rows.append(row)
             fmt = lambda k, f: format(row[k], f) if row.get(k) is not None else "-"  # noqa: E731
-            print(f"{pat:20s} {row['path']:13s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
+            print(f"{pat:20s} {row['path']:14s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
                   f"{row['lml_rel_err']:11.2e} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
                   f"{fmt('heldout_coverage95', '6.3f'):>6s}", flush=True)
         out = {"meta": meta, "rows": rows}

@@ -120,7 +120,7 @@ def model(name, *, seed=0, dtype=torch.float64, **kw):
 def test_exact_missing_matches_dense(name, boxed, monkeypatch):
     if not boxed:
         monkeypatch.setattr(few_missing, "MAX_BOX_CELLS", 0)  # the rows formulation
-    gp = model(name)
+    gp = model(name, path="exact-missing")  # auto picks separable-mask for constant-in-time
     assert gp.path == "exact-missing"
     lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     ref, ref_grads = lml_and_grads(gp, dense_lml)
@@ -199,7 +199,7 @@ def test_path_is_chosen_once_and_can_be_forced(monkeypatch):
         GridGP(v, axes, path="exact-missing")
     with pytest.raises(ValueError, match="path='exact-missing' needs missing cells and a homoskedastic"):
         GridGP(holed, axes, noise=0.01 * torch.ones_like(v), path="exact-missing")
-    with pytest.raises(ValueError, match="path must be 'auto', 'exact', 'exact-missing' or 'cg'"):
+    with pytest.raises(ValueError, match="path must be 'auto', 'exact', 'exact-missing', 'separable-mask' or 'cg'"):
         GridGP(v, axes, path="dense")
 
 

@@ -243,6 +243,9 @@ def graph_reason(model) -> Optional[str]:
     if model.path == "exact-missing":
         # its Cholesky factorisation's check (and the box's index maps) read the device
         return "the exact-missing path (few missing cells) runs eagerly"
+    if model.path == "separable-mask":
+        # its dense eigh over the observed points synchronises
+        return "the separable-mask path runs eagerly"
     if model.observed is not None and model.cell_noise is not None and model.path == "cg":
         # every outer iteration solves with C by CG: the number of runs follows the outer count
         return "missing cells with per-cell noise (nested CG solves)"

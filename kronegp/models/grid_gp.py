@@ -8,7 +8,7 @@ over the cells ``c`` of the grid ``x = (axes[0][i_1], …, axes[d-1][i_d])``. Th
 of ``f`` on the grid is ``K = s² (K_1 ⊗ … ⊗ K_d)``, ``K_k`` the ``n_k × n_k`` matrix of the
 kernel of dimension ``k`` on its axis. ``d_c = σ²`` (learned) unless per-cell noise is given.
 
-Three inference paths, chosen once from the data when the model is built (``path``):
+Four inference paths, chosen once from the data when the model is built (``path``):
 
 * **exact** (every cell observed, homoskedastic noise): eigendecompose each ``K_k``;
   the likelihood, its analytic gradients, the posterior mean and the exact posterior
@@ -17,6 +17,9 @@ Three inference paths, chosen once from the data when the model is built (``path
   :func:`~kronegp.models._few_missing.few_missing_limit` missing cells): the Schur complement
   ``G = [C⁻¹]_MM`` over the missing cells is formed and Cholesky-factored: exact likelihood,
   gradients and posterior, no iterations, no probes (:mod:`kronegp.models._few_missing`).
+* **separable-mask** (homoskedastic noise, a mask constant along some axes, e.g. a land mask
+  repeated at every time step): ``C_OO = s²(K_S ⊗ K_B) + σ²I`` with ``K_S`` dense over the
+  observed points of the masked axes, diagonalised exactly (:mod:`kronegp.models._separable_mask`).
 * **cg** (per-cell noise, or more missing cells): preconditioned block CG on
   ``B = I + W^{½} K W^{½}``, log-determinant by stochastic Lanczos quadrature, gradients
   by stochastic trace estimation (:mod:`kronegp.models._masked`).
@@ -46,6 +49,8 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
+from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
+                                            separable_mask_limit)
 from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
 from kronegp.solvers.report import one_warning
 from kronegp.ops import kron_matmul, matmul_kron
@@ -67,7 +72,7 @@ class SolveInfo:
     """How a :class:`GridGP` computed its last likelihood (:attr:`GridGP.last_solve`).
 
     Attributes:
-        path: ``"exact"``, ``"exact-missing"`` or ``"cg"``.
+        path: ``"exact"``, ``"exact-missing"``, ``"separable-mask"`` or ``"cg"``.
         iterations: CG iterations of the outermost solve (0 on the exact paths; ``None`` before any).
         inner_iterations: CG iterations inside products with ``C`` (per-cell noise).
         residual: the outermost CG's largest final relative residual.
@@ -157,11 +162,17 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
         path: ``"auto"`` (default: the fastest exact path the data allow, else ``"cg"``), or
             force one of ``"exact"`` (full grid, homoskedastic noise), ``"exact-missing"``
-            (homoskedastic noise, missing cells) or ``"cg"`` (any data); a path the data do not
-            allow raises ``ValueError``.
+            (homoskedastic noise, missing cells), ``"separable-mask"`` (homoskedastic noise, a mask
+            constant along at least one axis) or ``"cg"`` (any data); a path the data do not
+            allow raises ``ValueError``. Auto picks exact-missing when the missing cells are
+            within its limit and no more than the observed points ``|S|`` of the masked axes
+            (its ``m × m`` system is then no larger than separable-mask's ``|S| × |S|``
+            eigenproblem), else separable-mask when the mask is constant along some axis and
+            ``|S|`` is within :func:`~kronegp.models._separable_mask.separable_mask_limit` (2048 on
+            a CPU; forced, up to ``MAX_POINTS_ANY`` = 16384), else cg.
 
     Attributes:
-        path: ``"exact"``, ``"exact-missing"`` or ``"cg"``.
+        path: ``"exact"``, ``"exact-missing"``, ``"separable-mask"`` or ``"cg"``.
         last_solve: how the last likelihood was computed (:class:`SolveInfo`).
         cg_iterations: iterations of the last CG run (``None`` before any, 0 on the exact path).
         history: loss (negative log marginal likelihood per observed cell, data units) at
@@ -293,8 +304,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     def _choose_path(self, path: str, observed: Optional[Tensor], per_cell: bool, device: torch.device) -> str:
         """The inference path, once (see the ``path`` argument)."""
-        if path not in ("auto", "exact", "exact-missing", "cg"):
-            raise ValueError(f"path must be 'auto', 'exact', 'exact-missing' or 'cg', got {path!r}")
+        if path not in ("auto", "exact", "exact-missing", "separable-mask", "cg"):
+            raise ValueError(f"path must be 'auto', 'exact', 'exact-missing', 'separable-mask' or 'cg', got {path!r}")
         n_missing = 0 if observed is None else self.n_cells - self.n_observed
         if path == "exact" and (n_missing or per_cell):
             raise ValueError(
@@ -304,20 +315,35 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             raise ValueError(
                 "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
                 f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+        self._masked_axes, n_points = mask_axes(observed, self.shape) if n_missing else ([], 0)
+        # constant along an axis with more than one point (a length-1 axis says nothing)
+        constant = math.prod(n for k, n in enumerate(self.shape) if k not in self._masked_axes) > 1
+        if path == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
+            why = ("per-cell noise" if per_cell else "no missing cells" if not n_missing else
+                   "a mask that depends on every axis" if not constant else
+                   f"{n_points} observed points on the masked axes {self._masked_axes} > {MAX_POINTS_ANY}")
+            raise ValueError(
+                "path='separable-mask' needs a homoskedastic (learned) noise and a mask constant along at least "
+                f"one axis with at most {MAX_POINTS_ANY} observed points on the others; this grid has {why} "
+                "(use path='auto')")
+        separable = constant and n_points <= separable_mask_limit(device)
         if path != "auto":
             return path
         if per_cell:
             return "cg"
         if not n_missing:
             return "exact"
-        if n_missing <= few_missing_limit(device) and n_missing * self.n_cells <= MAX_FORM_ELEMENTS:
+        if (n_missing <= few_missing_limit(device) and n_missing * self.n_cells <= MAX_FORM_ELEMENTS
+                and (not separable or n_missing <= n_points)):
             return "exact-missing"
+        if separable:
+            return "separable-mask"
         return "cg"
 
     @property
     def path(self) -> str:
-        """The inference path chosen when the model was built: ``"exact"``, ``"exact-missing"``
-        or ``"cg"``."""
+        """The inference path chosen when the model was built: ``"exact"``, ``"exact-missing"``,
+        ``"separable-mask"`` or ``"cg"``."""
         return self._path
 
     @property
@@ -486,6 +512,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         resid = self.y - self._mean_grid()
         if self._probe_store is None:  # not while a CUDA graph is recorded (no reads there)
             self._check_finite(factors)
+        if self.path == "separable-mask":
+            return self._separable_mask_lml(factors, resid)
         n, sp = self.n_cells, self.num_probes
         fm = None
         if self.path == "exact-missing":
@@ -536,6 +564,22 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
         )
         return pieces, fm
+
+    def _separable_mask_lml(self, factors: list[Tensor], resid: Tensor) -> Tensor:
+        """The separable-mask path's likelihood with its exact gradient
+        (:mod:`kronegp.models._separable_mask`)."""
+        with torch.no_grad():
+            sm = self._separable(factors)
+            quad, logdet, alpha = sm.lml_terms(resid.detach())
+            value = -0.5 * quad - 0.5 * logdet - 0.5 * self.n_observed * math.log(2 * math.pi)
+            alpha_grid = sm.from_sb(alpha.unsqueeze(0)).squeeze(-1)
+        self.cg_iterations, self.cg_inner_iterations, self.cg_residual = 0, 0, 0.0
+        self._last_extra = {"masked_axes": list(sm.A), "observed_points": sm.n_points}
+        surrogate = (alpha_grid * self._mean_grid()).sum() + lml_surrogate(sm, alpha, self.outputscale, self.noise, factors)
+        return value + (surrogate - surrogate.detach())
+
+    def _separable(self, factors: list[Tensor]) -> SeparableMask:
+        return SeparableMask(factors, self.outputscale, self.noise, self.observed, self._masked_axes)
 
     def _cg_pieces(self, factors: list[Tensor], resid: Tensor, n: int, sp: int):
         cov = self._full_cov(factors)
@@ -781,7 +825,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 and the exact homoskedastic posterior as control variate, unbiased, error
                 ∝ 1/√samples) or ``"auto"`` (exact up to ``exact_variance_limit`` cells,
                 else mc with a warning). Ignored on the exact paths (``"exact-missing"``: the
-                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor).
+                variance is exact, ``diag(K − K C_OO⁻¹ K)`` from ``G``'s Cholesky factor;
+                ``"separable-mask"``: from the eigendecomposition of ``C_OO``).
             as_xarray: return an ``xarray.Dataset`` (default: when the model was built from
                 an ``xarray.DataArray``); ``False`` for the ``(mean, var)`` tensors.
 
@@ -813,8 +858,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             w = 1.0 / (lam + self.noise)
             alpha = eig.apply_function(w, resid.unsqueeze(-1)).squeeze(-1)
             system = None
-        elif self.path == "exact-missing":
-            fm = system = FewMissing(KronEigen(factors), s2, self.noise, self._missing)
+        elif self.path in ("exact-missing", "separable-mask"):
+            fm = system = (FewMissing(KronEigen(factors), s2, self.noise, self._missing) if self.path == "exact-missing"
+                           else self._separable(factors))
             alpha = fm.apply(self._obs_zero(resid).unsqueeze(-1)).squeeze(-1)
         else:
             system = self._full_cov(factors)
@@ -1014,7 +1060,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         Exact path: ``m + Q ((λσ²/(λ+σ²))^{½} ∘ ξ)``. exact-missing and cg paths: pathwise conditioning
         (Matheron's rule), ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O`` with ``f₀ ~ N(0, K)``
         and ``ε ~ N(0, D)``, one block solve for all samples (exact with ``G``'s factor on the
-        exact-missing path).
+        exact-missing path, with ``C_OO``'s eigendecomposition on the separable-mask path).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -1027,9 +1073,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         mu = self._mean_grid()
         resid = self.y - mu
         xi = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
-        if self.path == "exact-missing":
+        if self.path in ("exact-missing", "separable-mask"):
             # Matheron's rule as on the cg path, with C_OO⁻¹ applied exactly
-            fm = FewMissing(KronEigen(factors), s2, self.noise, self._missing)
+            fm = (FewMissing(KronEigen(factors), s2, self.noise, self._missing) if self.path == "exact-missing"
+                  else self._separable(factors))
             f0 = fm.eig.apply_function(fm.lam.sqrt(), xi)
             eps = torch.randn(self.n_cells, n, generator=g, dtype=self.y.dtype, device=self.y.device)
             sol = fm.apply(self._obs_zero(resid.unsqueeze(-1) - f0 - self.noise.sqrt() * eps))
