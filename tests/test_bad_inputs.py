@@ -365,6 +365,7 @@ def test_cli_user_errors_are_one_line_exit_2_before_fitting(case, cli_files, cap
     assert status == 2, (case, status, captured.err)
     assert captured.err.count("\n") == 1 and captured.err.startswith("kronegp"), captured.err
     assert "Traceback" not in captured.err
+    assert "allow_pickle" not in captured.err  # never numpy's hint to unpickle an untrusted file
     assert fragment in captured.err, (fragment, captured.err)
     assert "fitting GridGP" not in captured.out  # checked before any fitting
 

@@ -412,9 +412,9 @@ def _read_npz(path: str, var: str | None) -> GridData:
     except (zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"path: {path} is not a valid .npz archive (truncated or corrupt: "
                          f"{_first_line(err)})") from None
-    except ValueError as err:  # numpy: "Cannot load file containing pickled data ..."
-        raise ValueError(f"path: {path} is neither a .npz archive nor a plain .npy array "
-                         f"(numpy: {_first_line(err)}); kronegp never loads pickles") from None
+    except ValueError:  # numpy falls back to unpickling anything else, which is refused here
+        raise ValueError(f"path: {path} is neither a .npz archive nor a plain .npy array (it is "
+                         "corrupt, another format, or a pickle: kronegp never loads pickles)") from None
     except OSError as err:
         raise ValueError(f"path: cannot read {path}: {_first_line(err)}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
