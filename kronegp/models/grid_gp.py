@@ -226,6 +226,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.exact_trace_limit = settings["exact_trace_limit"]
         self.variance_samples = settings["variance_samples"]
         self.cg_iterations: Optional[int] = None
+        self.cg_inner_iterations = 0
         self.cg_residual: Optional[float] = None
         self.history: list[float] = []
         self._probe_generator: Optional[torch.Generator] = None
@@ -353,7 +354,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         return SolveInfo(
             path=self.path,
             iterations=self.cg_iterations,
-            inner_iterations=getattr(self, "cg_inner_iterations", 0),
+            inner_iterations=self.cg_inner_iterations,
             residual=self.cg_residual,
             observed_residual=extra.get("observed_residual"),
             lml_error=extra.get("lml_error"),
