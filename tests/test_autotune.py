@@ -138,6 +138,9 @@ def test_path_is_tuned_once_per_signature(monkeypatch):
     # another signature (other rows) is tuned on its own
     backend._path("kron_matmul", x, shapes, 12, False, True, True, ran.append)
     assert fake.calls == 2
+    # as is a batched call with as many rows in all (2 products of 6 columns: other GEMMs)
+    backend._path("kron_matmul", x, shapes, 12, False, True, True, ran.append, nb=2)
+    assert fake.calls == 3
 
 
 def test_model_path_when_no_candidate_could_be_timed(monkeypatch):

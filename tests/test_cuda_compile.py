@@ -184,6 +184,36 @@ def test_cost_model_picks_the_regime():
     assert c.path == "fused" and c.predicted_axis_s == math.inf
 
 
+def test_cost_model_prices_a_batched_kron_matmul_as_its_products():
+    # A batched kron_matmul, x (B, ΠQ, T), is B products of T columns: the batch leads the grid
+    # axes, so the natural-order path's last-axis GEMMs keep C = T (the 11-column GEMMs the rotating
+    # form avoids), whatever B. Counting the batch as B·T trailing columns (the model before issue
+    # 23) priced the natural order as wide GEMMs and sent the sharded 512³ kron_matmul's trailing
+    # step there. With the per-call host costs zeroed, every path's prediction for the batched call
+    # is B times one product's (to 2 %: a batched GEMM reads the factor once, not B times), and
+    # the choice is the same.
+    from kronegp._cuda.plan import Rates, choose_path
+
+    free = Rates(launch_s=0.0, gemm_call_s=0.0, transpose_call_s=0.0, elementwise_call_s=0.0)
+    cases = [(((512, 512),) * 2, 11, 256, 4), (((256, 256),) * 3, 11, 8, 8), (((64, 64),) * 3, 4, 16, 4),
+             (((24, 24), (24, 24), (72, 72)), 11, 5, 8), (((128, 96), (64, 128)), 32, 3, 4)]
+    for shapes, t, b, itemsize in cases:
+        one = choose_path(shapes, t, itemsize, False, True, rates=free)
+        many = choose_path(shapes, b * t, itemsize, False, True, rates=free, batch=b)
+        for attr in ("predicted_fused_s", "predicted_axis_s", "predicted_axis_t_s"):
+            assert getattr(many, attr) == pytest.approx(b * getattr(one, attr), rel=0.02), (shapes, b, attr)
+        assert many.path == one.path, (shapes, b)
+    # the distributed trailing step's shape (512³, G = 2): the rotating form, as for one product
+    shapes = ((512, 512),) * 2
+    c = choose_path(shapes, 256 * 11, 4, False, True, batch=256)
+    assert c.path == "axis_gemm_t" and c.predicted_axis_s > 2 * c.predicted_axis_t_s
+    # matmul_kron's batch is more rows of the same GEMMs: it changes nothing there
+    rows = choose_path(shapes, 256 * 11, 4, False, False)
+    assert choose_path(shapes, 256 * 11, 4, False, False, batch=256).predicted_axis_s == rows.predicted_axis_s
+    with pytest.raises(ValueError, match="batch must be a positive divisor of the rows m = 22, got 3"):
+        choose_path(shapes, 22, 4, False, True, batch=3)
+
+
 def test_axis_gemm_path_on_cpu_tensors_matches_dense():
     # The cuBLAS path is plain torch on strided views, so it runs (on the CPU's BLAS) here too:
     # every formulation (first axis, middle batch, last axis, transposed form), P ≠ Q, batches.

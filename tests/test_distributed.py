@@ -113,6 +113,28 @@ def test_communication_bytes_rejects_bad_shapes():
         kd.communication_bytes([(2, 3, 3), (2, 2)], (4, 6, 1), 2)
 
 
+@pytest.mark.parametrize("g", [2, 4, 8])
+def test_sharded_kron_matmul_local_steps_plan_like_the_single_device_op(g):
+    # Issue 23: each rank's local work must be <= 1.15/G of the single-device op. The trailing
+    # step of kron_matmul is a *batched* call on (L_r, R, T) (ops.apply_trail); the CUDA cost
+    # model (run here on meta tensors: it plans from shapes) must see that its batch leads the grid
+    # axes and take the rotating form as the whole op does, not the natural order whose last axis
+    # is L_r·512 GEMMs of 11 columns. Then trailing + leading steps cost 1/G of the whole op.
+    from kronegp._cuda import CudaBackend
+
+    model = CudaBackend(force_path="auto", autotune=False)
+    n, t = 512, 11
+    factors = [torch.empty(n, n, device="meta") for _ in range(3)]
+    in_sh, _ = kd.plan_shardings((n, n, n), None, g)
+    a, lr = in_sh.split_axes, in_sh.lead_counts[0]
+    whole = model.choice("kron_matmul", torch.empty(n**3, t, device="meta"), factors)
+    trail = model.choice("kron_matmul", torch.empty(lr, in_sh.rest, t, device="meta"), factors[a:])
+    lead = model.choice("kron_matmul", torch.empty(in_sh.lead, in_sh.rest * t // g, device="meta"), factors[:a])
+    assert whole.path == trail.path == "axis_gemm_t", (whole, trail)
+    assert trail.predicted_axis_s > 2 * trail.predicted_axis_t_s  # the 11-column GEMMs it avoids
+    assert trail.predicted_s + lead.predicted_s <= 1.15 * whole.predicted_s / g
+
+
 def test_ops_need_an_initialised_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

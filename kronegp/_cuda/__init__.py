@@ -59,8 +59,9 @@ _MAX_RECORDS = 4096  # launch records kept (a crude bound: signatures rarely num
 
 @lru_cache(maxsize=4096)
 def _choice(shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, axis_ok: bool, force: str,
-            precision: str = "highest") -> PathChoice:
-    return choose_path(shapes, m, itemsize, in_col, out_col, _CHOICE_SMEM, axis_ok, force, precision=precision)
+            precision: str = "highest", nb: int = 1) -> PathChoice:
+    return choose_path(shapes, m, itemsize, in_col, out_col, _CHOICE_SMEM, axis_ok, force, precision=precision,
+                       batch=nb)
 
 
 def _batch_shape(x: Tensor, factors: Sequence[Tensor]) -> torch.Size:
@@ -142,9 +143,11 @@ class CudaBackend(Backend):
         self._records = {}
 
     def _signature(self, side: str, x: Tensor, factors: Sequence[Tensor], batch: torch.Size | None = None) -> tuple:
-        """``(shapes, rows, in_col, out_col, axis_ok)`` of a call in row form: the factors as
+        """``(shapes, rows, in_col, out_col, axis_ok, nb)`` of a call in row form: the factors as
         ``(P_i, Q_i)`` of ``G_i``, rows over the broadcast ``batch`` (computed if not given), the
-        layouts of x and y, and whether the cuBLAS path may run."""
+        layouts of x and y, whether the cuBLAS path may run, and the batch size ``nb`` (the cost
+        model needs it apart from the rows: a batched ``kron_matmul``'s batch leads its grid
+        axes, its ``T`` columns trail them)."""
         nb = math.prod(_batch_shape(x, factors) if batch is None else batch)
         if side == "matmul_kron":
             shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in factors)
@@ -154,24 +157,24 @@ class CudaBackend(Backend):
             shapes = tuple((int(f.shape[-1]), int(f.shape[-2])) for f in factors)
             m = x.shape[-1]
             in_col, out_col = m > 1 and x.stride(-1) == 1 and x.stride(-2) != 1, m > 1
-        return shapes, m * nb, in_col, out_col, axis_gemm_allowed(x, factors)
+        return shapes, m * nb, in_col, out_col, axis_gemm_allowed(x, factors), nb
 
     def choice(self, side: str, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> PathChoice:
         """The cost model's plan for a call ``side`` (``"matmul_kron"``/``"kron_matmul"``) with
         these operands (``force_path`` applied)."""
-        shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors)
-        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision)
+        shapes, m, in_col, out_col, axis_ok, nb = self._signature(side, x, factors)
+        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision, nb)
 
     def path_taken(self, side: str, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> str:
         """The path such a call runs now: the tuned one where autotuning has timed this
         signature, else the cost model's (nothing is timed here)."""
-        shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors)
+        shapes, m, in_col, out_col, axis_ok, nb = self._signature(side, x, factors)
         if self.autotune and self._force_path == "auto":
             hit = self.tuner(x.device).lookup(
-                tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok, precision))
+                tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok, precision, nb))
             if hit is not None:
                 return hit
-        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision).path
+        return _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision, nb).path
 
     def tuner(self, device: torch.device) -> PathTuner:
         """The tuned path choices for the GPU model of ``device``."""
@@ -189,17 +192,17 @@ class CudaBackend(Backend):
         return tuner
 
     def _path(self, side: str, x: Tensor, shapes: tuple, m: int, in_col: bool, out_col: bool, axis_ok: bool, run,
-              precision: str = "highest") -> str:
+              precision: str = "highest", nb: int = 1) -> str:
         """The path of one call: pinned (``force_path``), tuned (``autotune``), or the cost model's.
 
         ``run(path)`` performs the call by ``path``; autotuning times it on the first call of a
         signature (:mod:`kronegp._cuda.tune`)."""
-        return self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision)[0]
+        return self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision, nb)[0]
 
-    def _path_final(self, side, x, shapes, m, in_col, out_col, axis_ok, run, precision) -> tuple[str, bool]:
+    def _path_final(self, side, x, shapes, m, in_col, out_col, axis_ok, run, precision, nb=1) -> tuple[str, bool]:
         """:meth:`_path` and whether it is final (False: the model's stand-in until autotuning
         could time the signature, so no launch record may keep it)."""
-        choice = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision)
+        choice = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path, precision, nb)
         if not self.autotune or self._force_path != "auto":
             return choice.path, True
         times = {"fused": choice.predicted_fused_s, "axis_gemm": choice.predicted_axis_s,
@@ -207,7 +210,7 @@ class CudaBackend(Backend):
         candidates = [p for p, t in times.items() if t < math.inf]
         if len(candidates) < 2:
             return choice.path, True
-        key = tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok, precision)
+        key = tune_key(side, shapes, m, x.element_size(), in_col, out_col, axis_ok, precision, nb)
         tuner = self.tuner(x.device)
         path = tuner.lookup(key)
         if path is None:
@@ -328,12 +331,12 @@ class CudaBackend(Backend):
             rec = ReferenceRecord(side, precision)
             out = rec(x, factors)
         else:
-            shapes, m, in_col, out_col, axis_ok = self._signature(side, x, factors, batch)
+            shapes, m, in_col, out_col, axis_ok, nb = self._signature(side, x, factors, batch)
             # the mode the cuBLAS paths run in (exact where split TF32 would be slower)
             axis_prec = _choice(shapes, m, x.element_size(), in_col, out_col, axis_ok, self._force_path,
-                                precision).axis_precision
+                                precision, nb).axis_precision
             run = (lambda p: self._by_path(side, x, factors, batch, shapes, in_col, p, precision, axis_prec))
-            path, final = self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision)
+            path, final = self._path_final(side, x, shapes, m, in_col, out_col, axis_ok, run, precision, nb)
             out, launched = self._by_path(side, x, factors, batch, shapes, in_col, path, precision, axis_prec)
             dims = [p for p, _ in shapes]
             if not final:

@@ -548,11 +548,15 @@ def predict_fused_plan(steps: Sequence[Step], shapes, m: int, itemsize: int, rat
 
 
 def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = RATES,
-                      precision: str = "highest") -> float:
+                      precision: str = "highest", batch: int = 1) -> float:
     """Seconds the one-cuBLAS-GEMM-per-factor plan (:mod:`kronegp._cuda.axis_gemm`) should take.
 
     ``shapes`` in row form ``(I_i, O_i)``; ``col``: the ``m`` rows are the trailing (contiguous)
     axis of the natural layout (``kron_matmul``), else the leading one (``matmul_kron``).
+    ``batch`` (``col`` only): the rows come as ``batch`` products of ``m / batch`` rows each, the
+    grid axes between the batch index and the rows (``x (B, ΠI, T)``, ``m = B·T``): the batch
+    leads and only ``T`` columns trail, so the last axis's GEMMs keep ``C = T`` however large the
+    batch (counting the batch as trailing rows priced ``C = B·T``: NOTES.md, issue 23).
     """
     from kronegp._cuda.axis_gemm import axis_order
 
@@ -560,7 +564,7 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
     outs = [q for _, q in shapes]
     order = axis_order(ins, outs)
     dims = list(ins)
-    lead, trail = (1, m) if col else (m, 1)
+    lead, trail = (batch, m // batch) if col else (m, 1)
     total = 0.0
     for ax in order:
         i, o = dims[ax], outs[ax]
@@ -584,22 +588,26 @@ def predict_axis_plan(shapes, m: int, itemsize: int, col: bool, rates: Rates = R
 
 
 def predict_transposed_axis_plan(shapes, m: int, itemsize: int, rates: Rates = RATES,
-                                 precision: str = "highest") -> float:
+                                 precision: str = "highest", batch: int = 1) -> float:
     """``kron_matmul`` by the rotating form (:func:`kronegp._cuda.axis_gemm.rotated_products`):
     one GEMM per factor, ``y(R, O) = x(I, R)ᵀ·Wᵀ`` with ``R`` all the other axes and the ``T``
     columns (every GEMM has that long side, where the natural-order plan gives the factor next to
     a short ``T`` a ``C = T`` side), then one transpose pass of the result ``(T, ΠO) → (ΠO, T)``.
 
-    ``shapes`` in row form ``(I_i, O_i)`` (``I_i = Q_i`` of ``F_i``)."""
+    ``shapes`` in row form ``(I_i, O_i)`` (``I_i = Q_i`` of ``F_i``). ``batch``: the ``m`` rows
+    are ``batch`` products of ``T = m / batch`` columns each (a batched GEMM per factor, ``R`` per
+    product; one transpose of ``batch`` blocks ``(T, ΠO)``, by our kernel where ``T`` ≤
+    :data:`TRANSPOSE_MAX_D`)."""
+    t = m // batch
     size = m * math.prod(p for p, _ in shapes)
     total = 0.0
     for i, o in shapes:
         rest = size // i
         nbytes = (rest * (i + o) + i * o) * itemsize
-        total += _gemm_seconds(2.0 * rest * i * o, nbytes, _gemm_shape_efficiency(rest, o, i), itemsize, rates,
-                               precision, rest * i * itemsize)
+        eff = _gemm_shape_efficiency(rest // batch, o, i)
+        total += _gemm_seconds(2.0 * rest * i * o, nbytes, eff, itemsize, rates, precision, rest * i * itemsize)
         size = rest * o
-    eff = rates.own_transpose_bw_efficiency if m <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
+    eff = rates.own_transpose_bw_efficiency if t <= TRANSPOSE_MAX_D else rates.transpose_bw_efficiency
     return total + 2 * size * itemsize / (eff * rates.copy_bytes_per_s) + rates.transpose_call_s
 
 
@@ -635,6 +643,7 @@ def choose_path(
     force: str = "auto",
     rates: Rates = RATES,
     precision: str = "highest",
+    batch: int = 1,
 ) -> PathChoice:
     """Pick the cheaper plan by the cost model: our fused kernels (:func:`plan_tiles`) or one
     cuBLAS GEMM per factor on natural-order axis views (``axis_ok``: the operands allow it).
@@ -650,19 +659,27 @@ def choose_path(
     and ``"high"`` as split TF32 (or exact float32 where that is predicted faster:
     ``axis_precision``), priced at the TF32 rate; the fused kernels are exact float32 in every
     mode (their FMA rate whatever was asked).
+
+    ``batch``: the call's broadcast batch size, ``m`` counting the rows of all its products
+    (``m = batch · rows``). It does not change the bytes or FLOPs, but it does change the GEMMs
+    of a batched ``kron_matmul`` (``out_col``): its ``x (B, ΠQ, T)`` has the batch *leading*,
+    so the natural-order path still multiplies the last axis by ``T``-column GEMMs, and the
+    rotating form's transpose is ``B`` blocks of ``T`` rows.
     """
-    steps = tuple(plan_tiles(shapes, m, itemsize, in_col, out_col, smem_budget))
+    if batch < 1 or m % batch:
+        raise ValueError(f"batch must be a positive divisor of the rows m = {m}, got {batch}")
+    steps = tuple(plan_tiles(shapes, m // batch, itemsize, in_col, out_col, smem_budget))
     t_fused = predict_fused_plan(steps, shapes, m, itemsize, rates)
-    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates, precision) if axis_ok else math.inf
+    t_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates, precision, batch) if axis_ok else math.inf
     # out_col: kron_matmul with T > 1 columns trailing; the transposed form only pays for small T
-    t_axis_t = (predict_transposed_axis_plan(shapes, m, itemsize, rates, precision)
+    t_axis_t = (predict_transposed_axis_plan(shapes, m, itemsize, rates, precision, batch)
                 if axis_ok and out_col else math.inf)
     axis_precision = precision if itemsize == 4 else "highest"
     if axis_precision == "high" and axis_ok:
         # split TF32 triples the GEMMs' bytes and adds the split passes: where that outweighs
         # the TF32 rate (memory-bound shapes), exact float32 is both faster and more precise
-        ex_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates)
-        ex_t = predict_transposed_axis_plan(shapes, m, itemsize, rates) if out_col else math.inf
+        ex_axis = predict_axis_plan(shapes, m, itemsize, out_col, rates, batch=batch)
+        ex_t = predict_transposed_axis_plan(shapes, m, itemsize, rates, batch=batch) if out_col else math.inf
         if min(ex_axis, ex_t) < min(t_axis, t_axis_t):
             t_axis, t_axis_t, axis_precision = ex_axis, ex_t, "highest"
     times = {"fused": t_fused, "axis_gemm": t_axis, "axis_gemm_t": t_axis_t}

@@ -28,21 +28,23 @@ import torch
 
 __all__ = ["PathTuner", "time_candidates", "tune_key"]
 
-_FORMAT = 2  # 2: keys carry the float32 precision mode
+_FORMAT = 3  # 2: keys carry the float32 precision mode; 3: and the batch size
 
 
 def tune_key(side: str, shapes: tuple, m: int, itemsize: int, in_col: bool, out_col: bool, axis_ok: bool,
-             precision: str = "highest") -> tuple:
-    """The signature a tuned choice is valid for (hashable; :func:`_key_text` spells it)."""
+             precision: str = "highest", batch: int = 1) -> tuple:
+    """The signature a tuned choice is valid for (hashable; :func:`_key_text` spells it). ``m``
+    counts the rows of all ``batch`` products: a batched ``kron_matmul`` of ``B`` products with
+    ``T`` columns and an unbatched one with ``B·T`` columns share ``m`` but not their best path."""
     return (side, tuple((int(p), int(q)) for p, q in shapes), int(m), int(itemsize), bool(in_col), bool(out_col),
-            bool(axis_ok), str(precision))
+            bool(axis_ok), str(precision), int(batch))
 
 
 def _key_text(key: tuple) -> str:
-    side, shapes, m, itemsize, in_col, out_col, axis_ok, precision = key
+    side, shapes, m, itemsize, in_col, out_col, axis_ok, precision, batch = key
     sh = ",".join(f"{p}x{q}" for p, q in shapes)
     return (f"{side}|{sh}|m={m}|b={itemsize}|in_col={int(in_col)}|out_col={int(out_col)}|axis={int(axis_ok)}"
-            f"|prec={precision}")
+            f"|prec={precision}|nb={batch}")
 
 
 def time_candidates(
