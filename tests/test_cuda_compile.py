@@ -241,6 +241,25 @@ def test_axis_gemm_path_on_cpu_tensors_matches_dense():
                     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
 
+def test_batched_kron_matmul_auto_path_on_cpu_tensors_matches_reference():
+    # The sharded kron_matmul's trailing step in small: a batch of 4 products of 256² × 11. The
+    # model now picks the rotating form for it (batch leading, B blocks of T rows to transpose);
+    # the first call plans it and the second replays its launch record, both right.
+    from kronegp import reference
+    from kronegp._cuda import CudaBackend
+
+    backend = CudaBackend(force_path="auto", autotune=False)
+    gen = torch.Generator().manual_seed(6)
+    for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        fs = [torch.randn(256, 256, dtype=dt, generator=gen) / 16 for _ in range(2)]
+        x = torch.randn(4, 256 * 256, 11, dtype=dt, generator=gen)
+        assert backend.path_taken("kron_matmul", x, fs) == "axis_gemm_t"
+        ref = reference.kron_matmul([f.double() for f in fs], x.double())
+        for _ in range(2):
+            got = backend.kron_matmul(fs, x)
+            assert got.shape == ref.shape and ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_cg_step_kernel_compiles(arch, tmp_path, monkeypatch):
     """The fused block-CG steps (kronegp._cuda.cg): every mode in both dtypes and layouts."""
