@@ -4,7 +4,7 @@ The cost model (:func:`kronegp._cuda.plan.choose_path`) picks a path from predic
 FLOPs and host costs; where it is wrong (NOTES.md lists such shapes) the pick can be 1.4×
 slower than the best path. With autotuning on (``kronegp.set_autotune(True)`` or
 ``KRONEGP_AUTOTUNE=1``), the first call of each signature — side, factor shapes, rows,
-dtype size, layout, whether the cuBLAS path is allowed, float32 precision mode — runs every candidate path a few
+batch size, dtype size, layout, whether the cuBLAS path is allowed, float32 precision mode — runs every candidate path a few
 times on the call's own operands, keeps the fastest and stores the timings in a JSON file in
 the kernel cache folder, one per GPU model. Later calls, and later processes on the same GPU
 model with the same kernel sources, cuBLAS-path code and torch version, look the choice up.
