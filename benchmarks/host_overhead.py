@@ -62,6 +62,12 @@ class _StubDevice:
     def current(self):
         return _NoCtx()
 
+    def make_current(self):
+        return False  # the context is current already: what a call on torch's current device finds
+
+    def pop_current(self):
+        raise AssertionError("nothing was pushed")
+
 
 class _NoCtx:
     def __enter__(self):

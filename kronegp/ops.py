@@ -32,13 +32,14 @@ those after it), never stored, so the forward saves only its inputs.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from kronegp import device
-from kronegp.precision import resolve_precision
+from kronegp.precision import default_precision, resolve_precision
 
 __all__ = ["kron_matmul", "matmul_kron", "check_factors", "check_x", "check_dtype_device", "check_batch", "SUPPORTED_DTYPES"]
 
@@ -134,6 +135,62 @@ def _differentiable(x: Tensor, factors: list[Tensor]) -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+# --------------------------------------------------------------------------- call signatures
+# A repeated call is checked once. The signature of a call holds everything the checks above and a
+# backend's plan depend on: the float32 mode, x's and each factor's shape, strides, dtype and
+# device, x's 16-byte alignment, and whether any operand requires grad. The first call of a
+# signature runs every check; once they pass, the signature is remembered, and a later call with
+# the same one skips them (they would pass again: they read nothing else) and hands the backend the
+# remembered entry, by which it keys its plan for the call (``kronegp._cuda`` keeps a launch
+# record per entry). A call whose signature cannot be read cheaply (factors not a plain list or
+# tuple, an operand that is no tensor or has no storage, torch.compile tracing, a torch.func
+# transform) takes the checked path every time.
+
+
+class CallSignature:
+    """A remembered call signature whose checks passed: what the call needs besides its operands.
+    Backends key per-signature plans by the object itself (hashed by identity)."""
+
+    __slots__ = ("precision", "vector", "grad")
+
+    def __init__(self, precision: str, vector: bool, grad: bool):
+        self.precision, self.vector, self.grad = precision, vector, grad
+
+
+_SEQUENCES = (list, tuple)
+_strides = torch._C.TensorBase.stride  # raises TypeError on anything but a tensor
+_meta = attrgetter("shape", "dtype", "device", "requires_grad")
+_checked: dict = {}  # call signature -> CallSignature
+_MAX_CHECKED = 4096  # signatures remembered (a crude bound: calls rarely have this many)
+
+
+def _lookup(side: str, factors, x, precision) -> tuple[CallSignature | None, tuple | None]:
+    """``(remembered entry or None, signature)`` of a call; the signature is None where the checked
+    path must run every time (then nothing here is read by torch.compile's tracing either)."""
+    if (type(factors) not in _SEQUENCES or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return None, None
+    try:
+        dtype = x.dtype
+        if precision is None and dtype is torch.float32:
+            precision = default_precision()
+        key = (side, precision, _strides(x), x.shape, dtype, x.device, x.requires_grad, x.data_ptr() & 15,
+               *map(_meta, factors), *map(_strides, factors))
+        return _checked.get(key), key
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, no storage, unhashable precision
+        return None, None
+
+
+def _remember(key: tuple | None, precision: str, vector: bool, x: Tensor, factors: list[Tensor]) -> CallSignature | None:
+    """Remember the signature ``key`` of a call whose checks have just passed."""
+    if key is None:
+        return None
+    if len(_checked) >= _MAX_CHECKED:
+        _checked.clear()
+    entry = _checked[key] = CallSignature(precision, vector, x.requires_grad or any(f.requires_grad for f in factors))
+    return entry
+
+
 def kron_matmul(factors: Sequence[Tensor], x: Tensor, *, precision: str | None = None) -> Tensor:
     """``(F_1 ⊗ … ⊗ F_N) · x``.
 
@@ -147,6 +204,14 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor, *, precision: str | None =
         ``(*batch', ΠP_i, T)`` (``(*batch', ΠP_i)`` for a vector ``x``), where ``batch'``
         broadcasts the batch shapes of ``x`` and the factors.
     """
+    known, key = _lookup("kron_matmul", factors, x, precision)
+    if known is not None:  # checked before: only what depends on the data and on grad mode
+        xin = x.unsqueeze(-1) if known.vector else x
+        if known.grad and torch.is_grad_enabled():
+            out = _KronMatmul.apply(known.precision, xin, *factors)
+        else:
+            out = device.backend_for(x).kron_matmul(factors, xin, known.precision, signature=known)
+        return out.squeeze(-1) if known.vector else out
     factors = check_factors(factors)
     check_x(x)
     check_dtype_device(factors, x)
@@ -161,10 +226,11 @@ def kron_matmul(factors: Sequence[Tensor], x: Tensor, *, precision: str | None =
             f"{_shapes(factors)}; got x.shape[-2] = {x.shape[-2]} (x.shape = {tuple(x.shape)})"
         )
     check_batch(factors, x.shape[:-2])
+    known = _remember(key, precision, vector, x, factors)
     if _differentiable(x, factors):
         out = _KronMatmul.apply(precision, x, *factors)
     else:
-        out = _raw_kron_matmul(factors, x, precision)
+        out = _raw_kron_matmul(factors, x, precision, known)
     return out.squeeze(-1) if vector else out
 
 
@@ -180,6 +246,14 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor], *, precision: str | None =
         ``(*batch', M, ΠQ_i)`` (``(*batch', ΠQ_i)`` for a vector ``x``), ``batch'`` as in
         :func:`kron_matmul`.
     """
+    known, key = _lookup("matmul_kron", factors, x, precision)
+    if known is not None:  # checked before: only what depends on the data and on grad mode
+        xin = x.unsqueeze(0) if known.vector else x
+        if known.grad and torch.is_grad_enabled():
+            out = _MatmulKron.apply(known.precision, xin, *factors)
+        else:
+            out = device.backend_for(x).matmul_kron(xin, factors, known.precision, signature=known)
+        return out.squeeze(-2) if known.vector else out
     factors = check_factors(factors)
     check_x(x)
     check_dtype_device(factors, x)
@@ -194,10 +268,11 @@ def matmul_kron(x: Tensor, factors: Sequence[Tensor], *, precision: str | None =
             f"{_shapes(factors)}; got x.shape[-1] = {x.shape[-1]} (x.shape = {tuple(x.shape)})"
         )
     check_batch(factors, x.shape[:-2])
+    known = _remember(key, precision, vector, x, factors)
     if _differentiable(x, factors):
         out = _MatmulKron.apply(precision, x, *factors)
     else:
-        out = _raw_matmul_kron(x, factors, precision)
+        out = _raw_matmul_kron(x, factors, precision, known)
     # the row dimension added above: with batched factors the result has batch dimensions in front
     return out.squeeze(-2) if vector else out
 
@@ -255,22 +330,25 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, *factors)
 
 
-def _raw_matmul_kron(x: Tensor, factors: list[Tensor], precision: str) -> Tensor:
+def _raw_matmul_kron(x: Tensor, factors: list[Tensor], precision: str,
+                     signature: CallSignature | None = None) -> Tensor:
     """The product without autograd: the custom op while tracing, the backend eagerly.
 
     Inputs are already checked. Backward passes use this too (double backward is not
     offered, so no autograd.Function is nested in a backward). Eagerly the custom op's
     Python dispatch would only add ~20 µs per call, so the backend is called directly.
+    ``signature``: the call's remembered signature, for the backend's plan cache.
     """
     if torch.compiler.is_compiling():
         return torch.ops.kronegp.matmul_kron(x, factors, precision)
-    return device.backend_for(x).matmul_kron(x, factors, precision=precision)
+    return device.backend_for(x).matmul_kron(x, factors, precision, signature=signature)
 
 
-def _raw_kron_matmul(factors: list[Tensor], x: Tensor, precision: str) -> Tensor:
+def _raw_kron_matmul(factors: list[Tensor], x: Tensor, precision: str,
+                     signature: CallSignature | None = None) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.kronegp.kron_matmul(factors, x, precision)
-    return device.backend_for(x).kron_matmul(factors, x, precision=precision)
+    return device.backend_for(x).kron_matmul(factors, x, precision, signature=signature)
 
 
 def _around(factors: list[Tensor], j: int):

@@ -24,6 +24,8 @@ from kronegp._cuda.launch import execute_program
 
 __all__ = ["FusedRecord", "AxisRecord", "RotatedRecord", "ReferenceRecord"]
 
+_data_ptr = torch.Tensor.data_ptr
+
 
 class FusedRecord:
     """Our kernels: a cached launch program (:func:`kronegp._cuda.launch.execute_program`)."""
@@ -35,9 +37,7 @@ class FusedRecord:
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         out = x.new_empty(self.out_shape)
-        ptrs = [x.data_ptr(), out.data_ptr()]
-        ptrs += [f.data_ptr() for f in factors]
-        execute_program(self.dev, self.prog, x, ptrs)
+        execute_program(self.dev, self.prog, x, [x.data_ptr(), out.data_ptr(), *map(_data_ptr, factors)])
         return out
 
 
