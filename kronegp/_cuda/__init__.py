@@ -350,7 +350,7 @@ class CudaBackend(Backend):
                 return out
             if path == "axis_gemm":
                 lead, trail = (rows * nb, 1) if side == "matmul_kron" else (nb, rows)
-                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, axis_prec)
+                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, axis_prec, [q for _, q in shapes])
             elif path == "axis_gemm_t":
                 rec = RotatedRecord(nb, dims, rows, out_shape, axis_prec, self._transpose)
             elif launched is not None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kronegp import reference
-from kronegp._cuda.axis_gemm import axis_products, rotated_products
+from kronegp._cuda.axis_gemm import axis_products, axis_steps, rotated_products
 from kronegp._cuda.launch import execute_program
 
 __all__ = ["FusedRecord", "AxisRecord", "RotatedRecord", "ReferenceRecord"]
@@ -43,18 +43,21 @@ class FusedRecord:
 
 class AxisRecord:
     """One cuBLAS GEMM per factor in natural order (:func:`kronegp._cuda.axis_gemm.axis_products`);
-    ``transposed``: the factors act as ``F_iᵀ`` (``matmul_kron``)."""
+    ``transposed``: the factors act as ``F_iᵀ`` (``matmul_kron``); ``outs``: each one's output size.
+    The GEMM shapes are worked out once, here."""
 
-    __slots__ = ("lead", "dims", "trail", "transposed", "out_shape", "precision")
+    __slots__ = ("lead", "dims", "trail", "transposed", "out_shape", "precision", "steps")
 
     def __init__(self, lead: int, dims: Sequence[int], trail: int, transposed: bool, out_shape: tuple,
-                 precision: str):
+                 precision: str, outs: Sequence[int]):
         self.lead, self.dims, self.trail = lead, list(dims), trail
         self.transposed, self.out_shape, self.precision = transposed, out_shape, precision
+        self.steps = axis_steps(lead, dims, outs, trail)
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         mats = [f.mT for f in factors] if self.transposed else factors
-        return axis_products(x, self.lead, self.dims, self.trail, mats, self.precision).view(self.out_shape)
+        return axis_products(x, self.lead, self.dims, self.trail, mats, self.precision,
+                             self.steps).view(self.out_shape)
 
 
 class RotatedRecord:
