@@ -8,7 +8,10 @@ data: allocate the output (and intermediates) from torch's caching allocator, pa
 pointers into the prepared argument blocks, launch on the current stream. Outputs are fresh
 contiguous tensors, so their strides and alignment are part of the plan, not of the key.
 
-A record is a callable ``record(x, factors) -> out``.
+A record is a callable ``record(x, factors) -> out``. A public call hands the backend the
+signature that :mod:`kronegp.ops` remembered for it (:class:`kronegp.ops.CallSignature`), and the
+record is kept under that object, so a repeated public call reads nothing of its operands for
+the lookup; calls without one (the backward's products) build the key above.
 """
 
 from __future__ import annotations
