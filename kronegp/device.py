@@ -77,13 +77,22 @@ class Backend(ABC):
     # ---------------------------------------------------------------- Kronecker products
 
     @abstractmethod
-    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest", *,
+                    signature: Any = None) -> Tensor:
         """``(F_1 ⊗ … ⊗ F_N) · x`` for ``x`` of shape ``(..., ΠQ_i, T)``; ``precision``: the
-        float32 mode (:mod:`kronegp.precision`), which a backend may exceed but never undercut."""
+        float32 mode (:mod:`kronegp.precision`), which a backend may exceed but never undercut.
+
+        ``signature``: ``None``, or the call's signature as :mod:`kronegp.ops` remembered it (a
+        :class:`kronegp.ops.CallSignature`, hashed by identity): every call handed the same object
+        has operands of the same shapes, strides, dtype, device and 16-byte alignment of ``x`` and
+        the same ``precision``, so a backend may key a per-signature plan by it instead of reading
+        all of that again."""
 
     @abstractmethod
-    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
-        """``x · (F_1 ⊗ … ⊗ F_N)`` for ``x`` of shape ``(..., M, ΠP_i)``; ``precision`` as above."""
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest", *,
+                    signature: Any = None) -> Tensor:
+        """``x · (F_1 ⊗ … ⊗ F_N)`` for ``x`` of shape ``(..., M, ΠP_i)``; ``precision`` and
+        ``signature`` as above."""
 
     # ---------------------------------------------------------------- fused block-CG step
 
@@ -133,10 +142,12 @@ class ReferenceBackend(Backend):
     def describe(self) -> str:
         return f"pure-torch reference ({self.why})"
 
-    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest", *,
+                    signature: Any = None) -> Tensor:
         return reference.kron_matmul(factors, x, precision)
 
-    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest", *,
+                    signature: Any = None) -> Tensor:
         return reference.matmul_kron(x, factors, precision)
 
     def _missing(self, kernel: str) -> str:
@@ -186,8 +197,11 @@ def load_cuda() -> tuple[Optional[Backend], str]:
 def backend_for(x: Tensor) -> Backend:
     """The backend that computes for ``x``: the CUDA kernels for a CUDA tensor when they load,
     else the reference (warning once, with the reason, the first time a CUDA tensor gets it)."""
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         return _HOST
+    backend = _cuda_state.get("backend")
+    if backend is not None:  # loaded: the common case, without load_cuda's call (host time)
+        return backend
     backend, reason = load_cuda()
     if backend is None:
         if not _cuda_state.get("warned"):

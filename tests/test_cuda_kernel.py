@@ -389,3 +389,64 @@ def test_fused_kernels_stay_in_bounds_under_memcheck(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "cases run:" in out and "ERROR SUMMARY: 0 errors" in out, out[-4000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "axis_gemm", "axis_gemm_t"])
+def test_repeated_calls_replay_their_record_right(path):
+    # The first call of a signature is checked and planned; the repeats skip the checks, find the
+    # record by the door's remembered signature and only patch pointers: fresh data each time,
+    # poisoned outputs, both sides, a vector x.
+    from kronegp import device
+
+    backend = device.load_cuda()[0]
+    backend.force_path = path
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(21)
+        fs = [torch.randn(p, q, device="cuda", generator=gen) for p, q in ((8, 8), (12, 5), (16, 16))]
+        fd = [f.double() for f in fs]
+        for rep in range(4):
+            x = torch.randn(5 * 8 * 16, 11, device="cuda", generator=gen)
+            poison(4 * 8 * 12 * 16 * 11 * 3, "cuda")
+            assert rel_err(kronegp.kron_matmul(fs, x), reference.kron_matmul(fd, x.double())) <= 1e-5
+            w = torch.randn(3, 8 * 12 * 16, device="cuda", generator=gen)
+            assert rel_err(kronegp.matmul_kron(w, fs), reference.matmul_kron(w.double(), fd)) <= 1e-5
+            v = torch.randn(5 * 8 * 16, device="cuda", generator=gen)
+            assert rel_err(kronegp.kron_matmul(fs, v), reference.kron_matmul(fd, v[:, None].double())[:, 0]) <= 1e-5
+    finally:
+        backend.force_path = "auto"
+
+
+@pytest.mark.cuda
+def test_threads_replaying_one_signature_each_get_their_own_result():
+    # Fused launches patch per-thread argument blocks (ctypes releases the GIL inside
+    # cuLaunchKernel): several threads calling one signature at once must not mix their pointers.
+    import threading
+
+    from kronegp import device
+
+    backend = device.load_cuda()[0]
+    backend.force_path = "fused"
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(22)
+        fs = [torch.randn(8, 8, device="cuda", generator=gen) for _ in range(6)]
+        fd = [f.double() for f in fs]
+        kronegp.matmul_kron(torch.randn(4, 8**6, device="cuda"), fs)  # plan it once
+        xs = [torch.randn(4, 8**6, device="cuda", generator=gen) for _ in range(4)]
+        outs: dict = {}
+
+        def work(i):
+            for _ in range(20):
+                outs[i] = kronegp.matmul_kron(xs[i], fs)
+            torch.cuda.current_stream().synchronize()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        torch.cuda.synchronize()
+        for i, x in enumerate(xs):
+            assert rel_err(outs[i], reference.matmul_kron(x.double(), fd)) <= 1e-5, i
+    finally:
+        backend.force_path = "auto"

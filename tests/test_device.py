@@ -60,11 +60,11 @@ class FakeBackend(Backend):
     def describe(self) -> str:
         return "fake backend for tests"
 
-    def kron_matmul(self, factors, x, precision="highest"):
+    def kron_matmul(self, factors, x, precision="highest", *, signature=None):
         self.calls.append("kron_matmul")
         return reference.kron_matmul(factors, x, precision)
 
-    def matmul_kron(self, x, factors, precision="highest"):
+    def matmul_kron(self, x, factors, precision="highest", *, signature=None):
         self.calls.append("matmul_kron")
         return reference.matmul_kron(x, factors, precision)
 

@@ -48,11 +48,13 @@ def test_matmul_kron_matches_dense(problem):
     ps, qs, x_batch, factor_batched, m, dtype, seed = problem
     gen = torch.Generator().manual_seed(seed)
     factors = make_factors(ps, qs, x_batch, factor_batched, dtype, gen)
-    x = torch.randn(*x_batch, m, math.prod(ps), dtype=dtype, generator=gen)
-    y = kronegp.matmul_kron(x, factors)
-    expected = x.double() @ dense_kron([f.double() for f in factors])
-    assert y.shape == expected.shape and y.dtype == dtype
-    assert rel_err(y, expected) < TOL[dtype]
+    dense = dense_kron([f.double() for f in factors])
+    for _ in range(2):  # the repeat (fresh data, same signature) skips the checks: same answer
+        x = torch.randn(*x_batch, m, math.prod(ps), dtype=dtype, generator=gen)
+        y = kronegp.matmul_kron(x, factors)
+        expected = x.double() @ dense
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert rel_err(y, expected) < TOL[dtype]
 
 
 @settings(max_examples=120, deadline=None)
@@ -61,11 +63,13 @@ def test_kron_matmul_matches_dense(problem):
     ps, qs, x_batch, factor_batched, t, dtype, seed = problem
     gen = torch.Generator().manual_seed(seed)
     factors = make_factors(ps, qs, x_batch, factor_batched, dtype, gen)
-    x = torch.randn(*x_batch, math.prod(qs), t, dtype=dtype, generator=gen)
-    y = kronegp.kron_matmul(factors, x)
-    expected = dense_kron([f.double() for f in factors]) @ x.double()
-    assert y.shape == expected.shape and y.dtype == dtype
-    assert rel_err(y, expected) < TOL[dtype]
+    dense = dense_kron([f.double() for f in factors])
+    for _ in range(2):  # the repeat (fresh data, same signature) skips the checks: same answer
+        x = torch.randn(*x_batch, math.prod(qs), t, dtype=dtype, generator=gen)
+        y = kronegp.kron_matmul(factors, x)
+        expected = dense @ x.double()
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert rel_err(y, expected) < TOL[dtype]
 
 
 def test_kron_dense_helper_matches_torch_kron():
@@ -251,3 +255,96 @@ def test_torch_func_vmap_matches_loop():
     out2 = torch.func.vmap(lambda x: kronegp.kron_matmul([a[0], b], x), in_dims=2)(xs2)
     loop2 = torch.stack([dense_kron([a[0], b]) @ xs2[:, :, i] for i in range(4)])
     assert rel_err(out2, loop2) < 1e-12
+
+
+# --------------------------------------------------------------------------- repeated calls
+
+
+def test_a_repeated_call_is_checked_once(monkeypatch):
+    # The door remembers the signature of a call whose checks passed: a repeat with fresh data
+    # skips them, and the backend gets one signature object per signature (its plan key).
+    from kronegp import device, ops
+
+    monkeypatch.setattr(ops, "_checked", {})
+    checked, seen = [], []
+    real_check = ops.check_factors
+    monkeypatch.setattr(ops, "check_factors", lambda fs: checked.append(1) or real_check(fs))
+    real_backend = device.backend_for
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def kron_matmul(self, factors, x, precision="highest", *, signature=None):
+            seen.append(signature)
+            return self.inner.kron_matmul(factors, x, precision, signature=signature)
+
+        def matmul_kron(self, x, factors, precision="highest", *, signature=None):
+            seen.append(signature)
+            return self.inner.matmul_kron(x, factors, precision, signature=signature)
+
+    monkeypatch.setattr(device, "backend_for", lambda x: Spy(real_backend(x)))
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(7, 3, generator=gen), torch.randn(2, 5, generator=gen)
+    dense = dense_kron([a.double(), b.double()])
+    for _ in range(3):
+        x = torch.randn(4, 14, generator=gen)
+        assert rel_err(kronegp.matmul_kron(x, [a, b]), x.double() @ dense) < TOL[torch.float32]
+    assert len(checked) == 1 and len(seen) == 3 and seen[0] is seen[1] is seen[2] is not None
+    # other strides of x, a vector x, the other side: other signatures, each checked once, each right
+    xt = torch.randn(14, 4, generator=gen).mT
+    assert rel_err(kronegp.matmul_kron(xt, [a, b]), xt.double() @ dense) < TOL[torch.float32]
+    v, w = torch.randn(14, generator=gen), torch.randn(15, generator=gen)
+    for _ in range(2):
+        assert rel_err(kronegp.matmul_kron(v, (a, b)), v.double() @ dense) < TOL[torch.float32]
+        assert rel_err(kronegp.kron_matmul([a, b], w), dense @ w.double()) < TOL[torch.float32]
+    assert len(checked) == 4 and seen[3] is not seen[0] and seen[-1] is seen[-3] and seen[-2] is seen[-4]
+
+
+def test_bad_input_is_named_after_a_good_call_of_the_same_shapes(monkeypatch):
+    # A remembered signature holds dtype, device and type of every operand: a bad call that
+    # agrees with a good one in shapes still meets the checks and their messages.
+    from kronegp import ops
+
+    monkeypatch.setattr(ops, "_checked", {})
+    a, b = torch.randn(3, 4), torch.randn(5, 2)
+    x = torch.randn(2, 15)
+    for _ in range(2):
+        kronegp.matmul_kron(x, [a, b])
+    with pytest.raises(TypeError, match=r"factors\[0\] has dtype torch.float64 but x has dtype torch.float32"):
+        kronegp.matmul_kron(x, [a.double(), b])
+    with pytest.raises(TypeError, match=r"x must be float32 or float64|factors\[0\] has dtype"):
+        kronegp.matmul_kron(x.double(), [a, b])
+    with pytest.raises(ValueError, match=r"factors\[1\] is on meta but x is on cpu"):
+        kronegp.matmul_kron(x, [a, b.to("meta")])
+    with pytest.raises(TypeError, match=r"factors\[1\] must be a torch.Tensor"):
+        kronegp.matmul_kron(x, [a, b.numpy()])
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        kronegp.matmul_kron(x.numpy(), [a, b])
+    with pytest.raises(TypeError, match="list or tuple"):
+        kronegp.matmul_kron(x, (f for f in [a, b]))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        kronegp.matmul_kron(x, [a, b], precision="low")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        kronegp.matmul_kron(x, [a, b], precision=["high"])  # unhashable: no signature, still named
+    with pytest.raises(ValueError, match=r"ΠP_i = 15.*got x.shape\[-1\] = 16"):
+        kronegp.matmul_kron(torch.randn(2, 16), [a, b])
+
+
+def test_a_remembered_signature_keeps_gradients_and_grad_mode():
+    # Whether an operand requires grad is part of the signature; grad mode is read every call.
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(3, 3, dtype=torch.float64, generator=gen), torch.randn(4, 2, dtype=torch.float64, generator=gen)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=gen)
+    for _ in range(2):
+        assert kronegp.kron_matmul([a, b], x).grad_fn is None
+    a.requires_grad_()
+    for _ in range(2):
+        y = kronegp.kron_matmul([a, b], x)
+        assert y.grad_fn is not None
+        (ga,) = torch.autograd.grad(y.square().sum(), a)
+        a_ref = a.detach().clone().requires_grad_()
+        (dense_kron([a_ref, b]) @ x).square().sum().backward()
+        assert rel_err(ga, a_ref.grad) < 1e-12
+        with torch.no_grad():
+            assert kronegp.kron_matmul([a, b], x).grad_fn is None

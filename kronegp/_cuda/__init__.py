@@ -297,19 +297,29 @@ class CudaBackend(Backend):
     # device and precision are everything a record depends on (outputs and intermediates come
     # fresh from torch's caching allocator: aligned, contiguous).
 
-    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest") -> Tensor:
+    # ``signature`` (the door's remembered signature of the call, :class:`kronegp.ops.CallSignature`)
+    # stands for all of that: the record is kept under it, and a repeated public call reads nothing
+    # here but the record. Calls without one (the backward's products, tests) build the key.
+
+    def matmul_kron(self, x: Tensor, factors: Sequence[Tensor], precision: str = "highest", *,
+                    signature=None) -> Tensor:
         """``x · (F_1 ⊗ … ⊗ F_N)``: rows of x times the Kronecker product, ``G_i = F_i``."""
-        key = (False, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               *[(f.shape, f.stride()) for f in factors])
+        key = signature
+        if key is None:
+            key = (False, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+                   *[(f.shape, f.stride()) for f in factors])
         rec = self._records.get(key)
         if rec is not None:
             return rec(x, factors)
         return self._first_call(key, "matmul_kron", x, factors, precision)
 
-    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest") -> Tensor:
+    def kron_matmul(self, factors: Sequence[Tensor], x: Tensor, precision: str = "highest", *,
+                    signature=None) -> Tensor:
         """``(F_1 ⊗ … ⊗ F_N) · x``: each column of x is a row times ``⊗F_iᵀ`` (``G_i = F_iᵀ``)."""
-        key = (True, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
-               *[(f.shape, f.stride()) for f in factors])
+        key = signature
+        if key is None:
+            key = (True, precision, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+                   *[(f.shape, f.stride()) for f in factors])
         rec = self._records.get(key)
         if rec is not None:
             return rec(x, factors)
@@ -343,7 +353,7 @@ class CudaBackend(Backend):
                 return out
             if path == "axis_gemm":
                 lead, trail = (rows * nb, 1) if side == "matmul_kron" else (nb, rows)
-                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, axis_prec)
+                rec = AxisRecord(lead, dims, trail, side == "matmul_kron", out_shape, axis_prec, [q for _, q in shapes])
             elif path == "axis_gemm_t":
                 rec = RotatedRecord(nb, dims, rows, out_shape, axis_prec, self._transpose)
             elif launched is not None:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from kronegp.precision import cublas_tf32
 
-__all__ = ["axis_products", "rotated_products", "axis_order", "axis_gemm_allowed", "tf32_split"]
+__all__ = ["axis_products", "axis_steps", "rotated_products", "axis_order", "axis_gemm_allowed", "tf32_split"]
 
 
 def axis_gemm_allowed(x: Tensor, factors: Sequence[Tensor]) -> bool:
@@ -112,13 +112,21 @@ def _axis_steps(lead: int, dims: tuple, outs: tuple, trail: int) -> tuple:
     return tuple(steps)
 
 
+def axis_steps(lead: int, dims: Sequence[int], outs: Sequence[int], trail: int) -> tuple:
+    """The GEMMs of :func:`axis_products` for factors of shapes ``(outs[i], dims[i])``: ``(axis, A,
+    I, C)`` each, in :func:`axis_order`. A caller that repeats a signature computes them once."""
+    return _axis_steps(lead, tuple(dims), tuple(outs), trail)
+
+
 def axis_products(x: Tensor, lead: int, dims: Sequence[int], trail: int, mats: Sequence[Tensor],
-                  precision: str = "highest") -> Tensor:
+                  precision: str = "highest", steps: tuple | None = None) -> Tensor:
     """Apply ``mats[i]`` (shape ``(O_i, dims[i])``) to axis ``i`` of contiguous ``x`` viewed as
     ``(lead, *dims, trail)``; returns the result as a new contiguous tensor of ``lead·ΠO_i·trail``
     elements (its shape is the last GEMM's: the caller views it). Intermediates come from torch's
-    caching allocator (stream-ordered). ``precision`` (float32): the module docstring."""
-    steps = _axis_steps(lead, tuple(dims), tuple(int(w.shape[0]) for w in mats), trail)
+    caching allocator (stream-ordered). ``precision`` (float32): the module docstring. ``steps``:
+    :func:`axis_steps` of these shapes, if the caller has them."""
+    if steps is None:
+        steps = _axis_steps(lead, tuple(dims), tuple(int(w.shape[0]) for w in mats), trail)
     cur = x
     if x.dtype != torch.float32:
         for ax, a, i, c in steps:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
-from dataclasses import dataclass
+import struct
+import threading
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
@@ -61,12 +63,26 @@ def _drv():
 
 
 _C_LAUNCH = None
+_vp = ctypes.c_void_p
+
+
+def bind_launch(fn):
+    """Set up the ctypes function ``fn`` as ``cuLaunchKernel`` is called here: an ``int`` result and
+    no ``argtypes``. Callers pass the handles and pointers as ``c_void_p`` (the kernel-parameter
+    array as the ctypes array itself, which ctypes passes by address), the sizes as Python ints
+    (ctypes' default C ``int``: every grid, block and shared-memory size here is below 2³¹), and
+    ``None`` for ``extra``. Converting by hand halves ctypes' per-call cost (~0.7 against ~1.5 µs
+    of host time on the 2-core CPU machine) against ``argtypes`` conversion."""
+    fn.restype = ctypes.c_int
+    fn.argtypes = None
+    return fn
 
 
 def _c_launch():
     """``cuLaunchKernel`` of the process's libcuda through ctypes (or None if it cannot be
-    found): a plain C call costs ~1 µs of host time where the cuda-bindings wrapper, which
-    converts every argument to its own types, costs several. Same library, same context."""
+    found), set up by :func:`bind_launch`: a plain C call costs ~1 µs of host time where the
+    cuda-bindings wrapper, which converts every argument to its own types, costs several. Same
+    library, same context."""
     global _C_LAUNCH
     if _C_LAUNCH is None:
         try:
@@ -78,10 +94,7 @@ def _c_launch():
                           RuntimeWarning, stacklevel=3)
             _C_LAUNCH = False
         else:
-            u = ctypes.c_uint
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            _C_LAUNCH = fn
+            _C_LAUNCH = bind_launch(fn)
     return _C_LAUNCH or None
 
 
@@ -98,17 +111,19 @@ def _c_ctx_get_current():
         except (OSError, AttributeError):
             _C_CTX_GET = False
         else:
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            fn.restype = ctypes.c_int  # one argument, passed as ctypes.byref: no argtypes needed
             _C_CTX_GET = fn
     return _C_CTX_GET or None
 
 
-def current_stream_handle(device: torch.device) -> int:
-    """torch's current stream on ``device`` as a raw ``CUstream`` handle: what
-    ``torch.cuda.current_stream(device).cuda_stream`` returns, without building the Stream
-    object (torch's own raw accessor, the one Triton uses, where this torch has it)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def current_stream_handle(device: torch.device | int) -> int:
+    """torch's current stream on ``device`` (or the device of that index) as a raw ``CUstream``
+    handle: what ``torch.cuda.current_stream(device).cuda_stream`` returns, without building the
+    Stream object (torch's own raw accessor, the one Triton uses, where this torch has it)."""
+    if isinstance(device, int):
+        index = device
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:
         return raw(index)
@@ -133,6 +148,7 @@ class DeviceKernels:
         self.index = index
         self.device = _check(driver.cuDeviceGet(index), "cuDeviceGet")
         self.ctx = _check(driver.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
+        self.ctx_handle = int(self.ctx)  # the CUcontext's address, compared on every call
         attr = driver.CUdevice_attribute
         major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.device), "cuDeviceGetAttribute")
         minor = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device), "cuDeviceGetAttribute")
@@ -172,35 +188,44 @@ class DeviceKernels:
         return self._functions[spec][1]
 
     def current(self):
-        return _CtxGuard(self.ctx)
+        """``with dev.current():`` this GPU's context is current inside the block."""
+        return _CtxGuard(self)
 
-
-class _CtxGuard:
-    """Make ``ctx`` current for a block (pushed only when another context is current)."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.pushed = False
-
-    def __enter__(self):
-        driver = _drv()
+    def make_current(self) -> bool:
+        """Make this GPU's context current on the calling thread; True when that pushed it (another
+        was current: :meth:`pop_current` after the launches), False when it already was."""
         get = _c_ctx_get_current()
         if get is not None:
             cur = ctypes.c_void_p()
             code = get(ctypes.byref(cur))
             if code != 0:
-                _check((driver.CUresult(code),), "cuCtxGetCurrent")
-            same = (cur.value or 0) == int(self.ctx)
-        else:
-            same = int(_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) == int(self.ctx)
-        if not same:
-            _check(driver.cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
-            self.pushed = True
+                _check((_drv().CUresult(code),), "cuCtxGetCurrent")
+            if (cur.value or 0) == self.ctx_handle:
+                return False
+        elif int(_check(_drv().cuCtxGetCurrent(), "cuCtxGetCurrent")) == self.ctx_handle:
+            return False
+        _check(_drv().cuCtxPushCurrent(self.ctx), "cuCtxPushCurrent")
+        return True
+
+    def pop_current(self) -> None:
+        """Undo a :meth:`make_current` that pushed."""
+        _check(_drv().cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+
+class _CtxGuard:
+    """Make a device's context current for a block (pushed only when another context is current)."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.pushed = False
+
+    def __enter__(self):
+        self.pushed = self.dev.make_current()
         return self
 
     def __exit__(self, *exc):
         if self.pushed:
-            _check(_drv().cuCtxPopCurrent(), "cuCtxPopCurrent")
+            self.dev.pop_current()
         return False
 
 
@@ -273,9 +298,11 @@ class _Launch:
     template: KronArgs  # strides, sizes, factor strides; pointers hold offsets only
     patches: tuple  # (field, slot, operand, byte offset): field "x", "y" or "f" (slot g)
     fn: object = None
-    xy: tuple = ()  # ((operand, byte offset) of x, of y): the patches, split for execute_program
-    fs: tuple = ()  # (slot g, operand, byte offset) per factor
-    fn_ptr: int = 0  # the CUfunction's address, for the ctypes launch
+    # What execute_program reads per call (set when the program is cached, :func:`_prepare`):
+    slots: tuple = ()  # (operand, byte offset) of the pointers x, y, f[0], f[1], … in field order
+    pack: object = None  # struct.Struct writing those pointers (KronArgs' first fields, 8 bytes each)
+    fn_vp: object = None  # the CUfunction as c_void_p, for the ctypes launch
+    fn_ptr: int = 0
     nt: int = 0
     smem: int = 0
 
@@ -287,6 +314,27 @@ class _Program:
     launches: list
     n_tmps: int
     tmp_elems: int
+    tmp_bytes: int = 0  # bytes of one intermediate (tmp_elems of the signature's dtype)
+    # per thread: the argument blocks of every launch, reused from call to call (_ArgBlocks)
+    local: threading.local = field(default_factory=threading.local)
+
+
+class _ArgBlocks:
+    """One thread's argument blocks for a program: each launch's ``KronArgs`` filled from its
+    template once, and the kernel-parameter array pointing at it. A call writes only the data
+    pointers into them before each launch: ``cuLaunchKernel`` copies the parameters when it
+    enqueues (and a graph capture into its node), so the blocks are free again when it returns;
+    they are per thread because ctypes releases the GIL during the call."""
+
+    __slots__ = ("args", "table", "params")
+
+    def __init__(self, launches: list):
+        n = len(launches)
+        self.args = (KronArgs * n)(*[launch.template for launch in launches])
+        size = ctypes.sizeof(KronArgs)
+        self.table = (ctypes.c_void_p * n)(*[ctypes.addressof(self.args) + i * size for i in range(n)])
+        base = ctypes.addressof(self.table)
+        self.params = [ctypes.c_void_p(base + i * ctypes.sizeof(ctypes.c_void_p)) for i in range(n)]
 
 
 def _signature(prod: RowProduct) -> tuple:
@@ -374,7 +422,22 @@ def _build_program(prod: RowProduct, smem_budget: int) -> _Program:
                 launches.append(_Launch(spec, (gx, gy, nz), args, tuple(patches)))
     # each intermediate a multiple of 64 elements (256 bytes): both parts of execute_program's one
     # block stay 16-byte aligned, as the specs' vectorisation above assumed (residue 0)
-    return _Program(launches, n_tmps, -(-(n_batch * m * k_max) // 64) * 64)
+    tmp_elems = -(-(n_batch * m * k_max) // 64) * 64
+    return _Program(launches, n_tmps, tmp_elems, tmp_elems * itemsize)
+
+
+def _prepare(dev: DeviceKernels, prog: _Program) -> None:
+    """Load the kernels of a program about to be cached and precompute what each call reads."""
+    for launch in prog.launches:
+        launch.fn = dev.function(launch.spec)
+        launch.fn_ptr = int(launch.fn)
+        launch.fn_vp = ctypes.c_void_p(launch.fn_ptr)
+        launch.nt, launch.smem = launch.spec.NT, launch.spec.smem_bytes
+        by_field = {f: (t, off) for f, _, t, off in launch.patches if f != "f"}
+        fs = sorted((g, t, off) for f, g, t, off in launch.patches if f == "f")
+        assert [g for g, _, _ in fs] == list(range(len(fs)))  # f[0..count): contiguous after x and y
+        launch.slots = (by_field["x"], by_field["y"], *[(t, off) for _, t, off in fs])
+        launch.pack = struct.Struct(f"<{len(launch.slots)}Q")
 
 
 def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
@@ -395,13 +458,7 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
     prog = dev.programs.get(key)
     if prog is None:
         prog = _build_program(prod, dev.smem_budget)
-        for launch in prog.launches:
-            launch.fn = dev.function(launch.spec)
-            launch.fn_ptr = int(launch.fn)
-            launch.nt, launch.smem = launch.spec.NT, launch.spec.smem_bytes
-            by_field = {f: (t, off) for f, _, t, off in launch.patches if f != "f"}
-            launch.xy = (by_field["x"], by_field["y"])
-            launch.fs = tuple((g, t, off) for f, g, t, off in launch.patches if f == "f")
+        _prepare(dev, prog)
         if len(dev.programs) >= _MAX_PROGRAMS:
             dev.programs.clear()  # a crude bound: signatures rarely number this many
         dev.programs[key] = prog
@@ -414,35 +471,40 @@ def run_row_product(dev: DeviceKernels, prod: RowProduct, record=None) -> None:
 def execute_program(dev: DeviceKernels, prog: _Program, like: torch.Tensor, ptrs: list) -> None:
     """Run a cached program: ``ptrs`` = data pointers of x, y and the factors, in that order;
     intermediates like ``like`` (dtype, device). This is the whole per-call host path of a
-    fused call (a few µs of Python per launch): keep it lean."""
+    fused call (~1 µs of Python per launch besides the launch itself): keep it lean."""
     # Intermediates come from torch's caching allocator on this stream: it reuses them only
     # after this stream's queued kernels, so dropping them on return is safe. One block for
     # both (held until every launch is queued), each part a multiple of 256 bytes long.
     tmp = None  # held until every launch is queued: no other allocation may get its block before
     if prog.n_tmps:
         tmp = like.new_empty(prog.n_tmps * prog.tmp_elems)
-        base, step = tmp.data_ptr(), prog.tmp_elems * like.element_size()
-        ptrs = ptrs + [base + i * step for i in range(prog.n_tmps)]
-    stream = current_stream_handle(like.device)
+        base = tmp.data_ptr()
+        ptrs = [*ptrs, base, base + prog.tmp_bytes] if prog.n_tmps > 1 else [*ptrs, base]
+    blocks = getattr(prog.local, "blocks", None)
+    if blocks is None:
+        blocks = prog.local.blocks = _ArgBlocks(prog.launches)
+    args = blocks.args
+    stream = _vp(current_stream_handle(dev.index))
     c_launch = _c_launch()
-    with dev.current():
-        for launch in prog.launches:
-            args = KronArgs.from_buffer_copy(launch.template)  # per call: threads may share a program
-            (tx, ox), (ty, oy) = launch.xy
-            args.x, args.y = ptrs[tx] + ox, ptrs[ty] + oy
-            fa = args.f
-            for g, t, off in launch.fs:
-                fa[g] = ptrs[t] + off
+    pushed = dev.make_current()
+    try:
+        for i, launch in enumerate(prog.launches):
+            launch.pack.pack_into(args, i * _ARGS_BYTES, *[ptrs[t] + off for t, off in launch.slots])
             if c_launch is None:
-                launch_struct(launch.fn, launch.grid, launch.nt, args, stream, launch.spec, smem=launch.smem)
+                launch_struct(launch.fn, launch.grid, launch.nt, args[i], stream.value or 0, launch.spec,
+                              smem=launch.smem)
                 continue
-            params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
             gx, gy, gz = launch.grid
-            code = c_launch(launch.fn_ptr, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream,
-                            ctypes.addressof(params), None)
+            code = c_launch(launch.fn_vp, gx, gy, gz, launch.nt, 1, 1, launch.smem, stream, blocks.params[i], None)
             if code != 0:
                 _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(launch.spec)})")
+    finally:
+        if pushed:
+            dev.pop_current()
     del tmp
+
+
+_ARGS_BYTES = ctypes.sizeof(KronArgs)
 
 
 def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Structure, stream: int, spec,
@@ -455,7 +517,7 @@ def launch_struct(fn, grid: tuple[int, int, int], threads: int, args: ctypes.Str
     params = (ctypes.c_void_p * 1)(ctypes.addressof(args))
     c_launch = _c_launch()
     if c_launch is not None:
-        code = c_launch(fn_ptr or int(fn), *grid, threads, 1, 1, smem, stream, ctypes.addressof(params), None)
+        code = c_launch(_vp(fn_ptr or int(fn)), *grid, threads, 1, 1, smem, _vp(stream), params, None)
         if code != 0:
             _check((_drv().CUresult(code),), f"cuLaunchKernel({kernel_name(spec)})")
         return

@@ -8,7 +8,10 @@ data: allocate the output (and intermediates) from torch's caching allocator, pa
 pointers into the prepared argument blocks, launch on the current stream. Outputs are fresh
 contiguous tensors, so their strides and alignment are part of the plan, not of the key.
 
-A record is a callable ``record(x, factors) -> out``.
+A record is a callable ``record(x, factors) -> out``. A public call hands the backend the
+signature that :mod:`kronegp.ops` remembered for it (:class:`kronegp.ops.CallSignature`), and the
+record is kept under that object, so a repeated public call reads nothing of its operands for
+the lookup; calls without one (the backward's products) build the key above.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import torch
 from torch import Tensor
 
 from kronegp import reference
-from kronegp._cuda.axis_gemm import axis_products, rotated_products
+from kronegp._cuda.axis_gemm import axis_products, axis_steps, rotated_products
 from kronegp._cuda.launch import execute_program
 
 __all__ = ["FusedRecord", "AxisRecord", "RotatedRecord", "ReferenceRecord"]
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 class FusedRecord:
@@ -35,26 +40,27 @@ class FusedRecord:
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         out = x.new_empty(self.out_shape)
-        ptrs = [x.data_ptr(), out.data_ptr()]
-        ptrs += [f.data_ptr() for f in factors]
-        execute_program(self.dev, self.prog, x, ptrs)
+        execute_program(self.dev, self.prog, x, [x.data_ptr(), out.data_ptr(), *map(_data_ptr, factors)])
         return out
 
 
 class AxisRecord:
     """One cuBLAS GEMM per factor in natural order (:func:`kronegp._cuda.axis_gemm.axis_products`);
-    ``transposed``: the factors act as ``F_iᵀ`` (``matmul_kron``)."""
+    ``transposed``: the factors act as ``F_iᵀ`` (``matmul_kron``); ``outs``: each one's output size.
+    The GEMM shapes are worked out once, here."""
 
-    __slots__ = ("lead", "dims", "trail", "transposed", "out_shape", "precision")
+    __slots__ = ("lead", "dims", "trail", "transposed", "out_shape", "precision", "steps")
 
     def __init__(self, lead: int, dims: Sequence[int], trail: int, transposed: bool, out_shape: tuple,
-                 precision: str):
+                 precision: str, outs: Sequence[int]):
         self.lead, self.dims, self.trail = lead, list(dims), trail
         self.transposed, self.out_shape, self.precision = transposed, out_shape, precision
+        self.steps = axis_steps(lead, dims, outs, trail)
 
     def __call__(self, x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         mats = [f.mT for f in factors] if self.transposed else factors
-        return axis_products(x, self.lead, self.dims, self.trail, mats, self.precision).view(self.out_shape)
+        return axis_products(x, self.lead, self.dims, self.trail, mats, self.precision,
+                             self.steps).view(self.out_shape)
 
 
 class RotatedRecord:
