@@ -46,6 +46,12 @@ def test_gpytorch_column_matches_the_reference_and_names_its_setting(gaps, tmp_p
         # cells by a large fixed noise): close, not exact
         for name in ("scale_toeplitz_off", "noscale_toeplitz_off"):
             assert settings[name]["lml_rel_err"] <= 0.05, (row["pattern"], name, settings[name])
+        # at equal accuracy: the fastest setting within max(ours, the floor 1e-6), Cholesky at worst
+        acc = row["gpytorch_accurate_setting"]
+        assert settings[acc]["lml_rel_err"] <= row["gpytorch_accuracy_tol"] == max(row["lml_rel_err"], 1e-6)
+        assert row["gpytorch_accurate_step_s"] == min(r["step_s"] for r in settings.values()
+                                                      if r["lml_rel_err"] <= row["gpytorch_accuracy_tol"])
+        assert math.isclose(row["speedup_equal_accuracy"], row["gpytorch_accurate_step_s"] / row["step_s"], rel_tol=1e-12)
     assert (tmp_path / "gaps.json").exists()
 
 
