@@ -184,7 +184,8 @@ def _matmul_seconds(op, cols: int, device: torch.device) -> float:
 def grid_setting(y, axes, *, noise=None, observed=None, hyper=None, scale=True, toeplitz=True,
                  dtype=torch.float64, device=torch.device("cpu")) -> Setting:
     """GPyTorch's ``GridKernel`` ExactGP on the full grid (its Kronecker structure plus a diagonal,
-    solved by CG and stochastic Lanczos quadrature at its default settings).
+    solved by CG and stochastic Lanczos quadrature at its default settings; grids of at most
+    ``max_cholesky_size``, 800 cells, are factored densely there).
 
     ``y`` (grid), ``noise`` (per-cell variances or ``None``), ``observed`` (bool grid or ``None``),
     data units. Missing cells get a fixed noise variance ``MISSING_VARIANCE`` (× the signal

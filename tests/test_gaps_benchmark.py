@@ -42,10 +42,11 @@ def test_gpytorch_column_matches_the_reference_and_names_its_setting(gaps, tmp_p
         # reference: the hyperparameters, units and noise carried over (to ~√ε: GPyTorch forms
         # distances from x² + y² − 2xy)
         assert settings["dense_cholesky"]["lml_rel_err"] <= 1e-6, (row["pattern"], settings["dense_cholesky"])
-        # the grid settings estimate the same likelihood (CG + SLQ at GPyTorch's defaults, missing
-        # cells by a large fixed noise): close, not exact
-        for name in ("scale_toeplitz_off", "noscale_toeplitz_off"):
-            assert settings[name]["lml_rel_err"] <= 0.05, (row["pattern"], name, settings[name])
+        # the grid settings (under GPyTorch's max_cholesky_size at 5³, so factored densely): missing
+        # cells by a fixed noise 1e4 × the signal variance, its ½ log 2πv per cell taken out; what
+        # is left is O(1e-4) per missing cell (without the correction: ~5.5 nats per cell)
+        for name in ("scale_toeplitz_off", "noscale_toeplitz_on"):
+            assert settings[name]["lml_rel_err"] <= 1e-4, (row["pattern"], name, settings[name])
         # at equal accuracy: the fastest setting within max(ours, the floor 1e-6), Cholesky at worst
         acc = row["gpytorch_accurate_setting"]
         assert settings[acc]["lml_rel_err"] <= row["gpytorch_accuracy_tol"] == max(row["lml_rel_err"], 1e-6)
