@@ -16,8 +16,21 @@ iterations, the likelihood's relative error against a reference (a dense Cholesk
 path at ``cg_tol`` 1e-10 with 64 probes),
 the time to fit to convergence with L-BFGS (``--fit``), and at the missing cells the held-out
 RMSE of the posterior mean against the data and the coverage of its 95 % predictive interval.
-GPyTorch's settings are timed on the GPU by ``benchmarks/gp_training.py`` (same regimes at
-64³/128³), not here.
+
+GPyTorch in the same run (``--gpytorch``, on by default), at GridGP's hyperparameters on the same
+data and device: every applicable setting of ``gpytorch_models.py`` is timed (training step,
+median) and the fastest counts: ``GridKernel`` on the full grid with and without ``ScaleKernel``,
+``use_toeplitz`` on and off (Kronecker plus a diagonal, CG and stochastic Lanczos quadrature at
+GPyTorch's defaults; missing cells get a fixed noise variance of 1e4 × the signal variance,
+per-cell noise is ``FixedNoiseGaussianLikelihood``), and an ``ExactGP`` on the observed cells alone
+by Cholesky. Reported: the fastest setting, its step, its likelihood error against the same
+reference as ours, ``speedup`` = its step / ours; and the fastest setting whose likelihood error
+is at most ours (or ``--gpytorch-accuracy-floor``), with ``speedup_equal_accuracy`` (the issue's
+target compares at equal or better accuracy; GPyTorch's CG settings estimate the log determinant
+with 10 probes and are often 1e-2 off on small grids). A setting whose estimate (one covariance product
+timed × the products per step, or n_O³ for Cholesky; memory likewise) exceeds
+``--gpytorch-timeout`` seconds for its warm-up and timed steps, or ``--gpytorch-memory-gib``, is
+skipped before it runs, and the table says why.
 
 ``--limit``: the exact-missing path's step against the cg path's for growing m (one
 contiguous hole, and m scattered cells) on the same grid: where the exact path stops paying,
@@ -29,6 +42,8 @@ Usage::
     python benchmarks/gaps.py --device cpu --n 24 --out gaps_cpu.json
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --out gaps_128.json
     python benchmarks/gaps.py --limit --device cuda --n 64          # calibrate MAX_MISSING_CUDA
+    python benchmarks/gaps.py --no-gpytorch --n 64                  # GridGP alone
+    python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --gpytorch-timeout 120
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import warnings
 
 import torch
 
+import gpytorch_models as gm
 from kronegp import GridGP, kron_matmul
 from timing import time_call
 
@@ -135,6 +151,8 @@ def run_pattern(name: str, y, axes, args) -> dict:
         tight.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in gp.state_dict().items()})
         ref, how = float(tight.log_marginal_likelihood()), f"{path} float64" + (" cg_tol 1e-10, 64 probes" if path == "cg" else "")
     row.update(lml=lml, lml_ref=ref, lml_ref_by=how, lml_rel_err=abs(lml - ref) / abs(ref))
+    if args.gpytorch:
+        row.update(run_gpytorch(gp, y, missing, noise, axes, row, args))
     if args.fit:
         t0 = time.perf_counter()
         gp.fit(iters=args.fit_iters, optimizer="lbfgs", progress=False)
@@ -153,6 +171,71 @@ def run_pattern(name: str, y, axes, args) -> dict:
         if gp.learn_noise:
             row["heldout_coverage95"] = float((err.abs() <= 1.96 * var[held].sqrt()).double().mean())
     return row
+
+
+def run_gpytorch(gp: GridGP, y, missing, noise, axes, row: dict, args) -> dict:
+    """GPyTorch's fastest applicable setting on this pattern, at ``gp``'s hyperparameters: the
+    ``gpytorch_*`` keys of the row (``gpytorch_skipped`` with the reasons where none ran)."""
+    dev, dtype = y.device, y.dtype
+    hyper = gp.hyperparameters()
+    if any(not isinstance(ls, float) for ls in hyper["lengthscales"]) or hyper["mean"] == "user":
+        return {"gpytorch_skipped": "GridGP's kernels or mean have no GPyTorch counterpart here"}
+    observed = None if missing is None else ~missing
+    noise = None if noise is None else noise.to(dev, dtype)
+    settings = [(f"{'scale' if sc else 'noscale'}_toeplitz_{'on' if tp else 'off'}",
+                 lambda sc=sc, tp=tp: gm.grid_setting(y, axes, noise=noise, observed=observed, hyper=hyper, scale=sc,
+                                                      toeplitz=tp, dtype=dtype, device=dev))
+                for sc in (True, False) for tp in (True, False)]
+    settings.append(("dense_cholesky", lambda: gm.dense_setting(y, axes, noise=noise, observed=observed, hyper=hyper,
+                                                                 dtype=dtype, device=dev)))
+    if args.gpytorch_memory_gib is not None:
+        memory = args.gpytorch_memory_gib * 2**30
+    elif dev.type == "cuda":
+        memory = 0.8 * torch.cuda.mem_get_info(dev)[0]
+    else:
+        memory = 4 * 2**30
+    timed = gm.fastest_setting(settings, dev, args.repeats, budget_s=args.gpytorch_timeout, memory_bytes=memory,
+                               lml_ref=row["lml_ref"])
+    out = {"gpytorch_settings": timed["settings"]}
+    best = timed["best"]
+    if best is None:
+        out["gpytorch_skipped"] = "; ".join(f"{k}: {v.get('skipped') or v.get('failed')}"
+                                            for k, v in timed["settings"].items())
+        return out
+    rec = timed["settings"][best]
+    out.update(gpytorch_setting=best, gpytorch_step_s=rec["step_s"], gpytorch_lml_rel_err=rec["lml_rel_err"],
+               speedup=rec["step_s"] / row["step_s"])
+    # the issue's comparison: GPyTorch's fastest setting at equal or better likelihood accuracy
+    tol = max(row["lml_rel_err"], args.gpytorch_accuracy_floor)
+    accurate = [(r["step_s"], k) for k, r in timed["settings"].items() if "step_s" in r and r["lml_rel_err"] <= tol]
+    out["gpytorch_accuracy_tol"] = tol
+    if accurate:
+        t, name = min(accurate)
+        out.update(gpytorch_accurate_setting=name, gpytorch_accurate_step_s=t, speedup_equal_accuracy=t / row["step_s"])
+    return out
+
+
+GPYTORCH_HEAD = (f" {'GPyTorch fastest':20s} {'gpyt s':>8s} {'gpyt err':>9s} {'speedup':>7s}"
+                 f" {'GPyTorch as accurate':20s} {'speedup':>7s}")
+
+
+def gpytorch_cells(row: dict) -> str:
+    """The GPyTorch columns of a pattern's line, then a line per setting not run and why."""
+    if "gpytorch_step_s" in row:
+        cells = (f" {row['gpytorch_setting']:20s} {row['gpytorch_step_s']:8.4f} {row['gpytorch_lml_rel_err']:9.2e}"
+                 f" {row['speedup']:6.3g}x")
+        if "speedup_equal_accuracy" in row:
+            cells += f" {row['gpytorch_accurate_setting']:20s} {row['speedup_equal_accuracy']:6.3g}x"
+        else:
+            cells += f" {'none':20s} {'-':>7s}"
+    else:
+        cells = f" {'skipped':20s} {'-':>8s} {'-':>9s} {'-':>7s} {'-':20s} {'-':>7s}"
+    for name, rec in row.get("gpytorch_settings", {}).items():
+        if "step_s" not in rec:
+            cells += f"\n#   GPyTorch {name}: {'skipped, ' + rec['skipped'] if 'skipped' in rec else 'failed, ' + rec['failed']}"
+    if "gpytorch_settings" not in row and "gpytorch_skipped" in row:
+        cells += f"\n#   GPyTorch skipped: {row['gpytorch_skipped']}"
+    return cells
 
 
 def run_limit(y, axes, args) -> list[dict]:
@@ -184,7 +267,7 @@ def run_limit(y, axes, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
@@ -197,10 +280,18 @@ def main() -> None:
     ap.add_argument("--patterns", nargs="*", default=["scatter-1", "scatter-10", "scatter-20", "scatter-50",
                                                       "block-0.1", "block-1", "block-5", "block-10", "clouds-20",
                                                       "time-mask-30", "cell-noise", "block-1+cell-noise"])
+    ap.add_argument("--gpytorch", action=argparse.BooleanOptionalAction, default=True,
+                    help="time GPyTorch's fastest applicable setting per pattern in the same run")
+    ap.add_argument("--gpytorch-timeout", type=float, default=120.0,
+                    help="seconds one GPyTorch setting may take per pattern (warm-up + timed steps, by estimate)")
+    ap.add_argument("--gpytorch-memory-gib", type=float, default=None,
+                    help="memory one GPyTorch setting may take (default: 80%% of free GPU memory, 4 GiB on a CPU)")
+    ap.add_argument("--gpytorch-accuracy-floor", type=float, default=1e-6,
+                    help="a GPyTorch setting counts as accurate as ours within max(our lml rel err, this)")
     ap.add_argument("--limit", action="store_true", help="calibrate the exact-missing path's limit on m")
     ap.add_argument("--limit-sides", type=int, nargs="*", default=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24])
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.small:
         args.n, args.fit, args.repeats = 10, False, 2
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -214,6 +305,7 @@ def main() -> None:
     else:
         rows = []
         head = f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"
+        head += GPYTORCH_HEAD if args.gpytorch else ""
         print(head, flush=True)
         for pat in args.patterns:
             row = run_pattern(pat, y, axes, args)
@@ -221,11 +313,12 @@ def main() -> None:
             fmt = lambda k, f: format(row[k], f) if row.get(k) is not None else "-"  # noqa: E731
             print(f"{pat:20s} {row['path']:14s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
                   f"{row['lml_rel_err']:11.2e} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
-                  f"{fmt('heldout_coverage95', '6.3f'):>6s}", flush=True)
+                  f"{fmt('heldout_coverage95', '6.3f'):>6s}" + (gpytorch_cells(row) if args.gpytorch else ""), flush=True)
         out = {"meta": meta, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ fastest of the four counts), with
 ``GaussianLikelihood`` (homoskedastic), ``FixedNoiseGaussianLikelihood`` (per-cell) and, for
 missing cells (``GridKernel`` needs the inputs to be exactly the grid), a full grid whose
 missing cells get a fixed noise variance of 1e4 on top of the learned one
-(``FixedNoiseGaussianLikelihood(..., learn_additional_noise=True)``).
+(``FixedNoiseGaussianLikelihood(..., learn_additional_noise=True)``); the models are
+``gpytorch_models.grid_setting``, shared with ``gaps.py``.
 
 GridGP's step is what ``GridGP.fit`` runs: ``loss_backward``, on CUDA replayed from a CUDA
 graph (``gridgp_s``); the same step run eagerly is timed too (``gridgp_eager_s``; only that one
@@ -46,6 +47,7 @@ import torch
 import kronegp
 from kronegp.models import GridGP
 from kronegp.models._kron import KronEigen
+import gpytorch_models as gm
 from timing import time_call
 
 REGIMES = ("homoskedastic", "per-cell", "missing20")
@@ -93,66 +95,6 @@ def build_gridgp(y, axes, noise, mask, dtype, **kw) -> GridGP:
     return GridGP(y, [a.to(dtype) for a in axes], mask=mask, noise=noise, dtype=dtype, **kw)
 
 
-def gpytorch_step(y, axes, noise, mask, dtype, device, toeplitz: bool, scale: bool = True):
-    """A GPyTorch GridKernel ExactGP on the full grid; returns the step.
-
-    ``scale``: ``ScaleKernel(GridKernel(...))`` (a learned output scale, as GridGP has). Under
-    a ScaleKernel linear_operator no longer sees a Kronecker product plus a diagonal and solves
-    by CG even with homoskedastic noise; ``scale=False`` (``GridKernel`` alone, output scale
-    fixed at 1) keeps its Kronecker eigen-solve, so both are timed and the faster counts."""
-    import gpytorch
-    from gpytorch.utils.grid import create_data_from_grid
-
-    grid = [a.to(dtype) for a in axes]
-    train_x = create_data_from_grid(grid)
-    train_y = torch.nan_to_num(y.reshape(-1), nan=0.0)
-    if noise is not None:
-        lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise.reshape(-1))
-    elif mask is not None:
-        fixed = torch.where(mask.reshape(-1), torch.zeros_like(train_y), torch.full_like(train_y, 1e4))
-        lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=fixed.clamp_min(1e-4), learn_additional_noise=True)
-    else:
-        lik = gpytorch.likelihoods.GaussianLikelihood()
-
-    class GridModel(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(train_x, train_y, lik)
-            self.mean_module = gpytorch.means.ConstantMean()
-            grid_kernel = gpytorch.kernels.GridKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=3), grid=grid)
-            self.covar_module = gpytorch.kernels.ScaleKernel(grid_kernel) if scale else grid_kernel
-
-        def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-    model = GridModel().to(device=device, dtype=dtype)
-    lik = lik.to(device=device, dtype=dtype)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
-    model.train()
-    lik.train()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with gpytorch.settings.use_toeplitz(toeplitz), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = -mll(model(train_x), train_y)
-            loss.backward()
-
-    def loss_error() -> float:
-        """Relative error of GPyTorch's training loss at its default CG settings (tolerance 1,
-        20 Lanczos steps, 10 probes) against the same model with tight ones."""
-        with torch.no_grad(), gpytorch.settings.use_toeplitz(toeplitz), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.manual_seed(0)
-            default = float(-mll(model(train_x), train_y))
-            with gpytorch.settings.cg_tolerance(1e-6), gpytorch.settings.max_cg_iterations(20000), \
-                    gpytorch.settings.max_lanczos_quadrature_iterations(300), gpytorch.settings.num_trace_samples(64):
-                tight = float(-mll(model(train_x), train_y))
-        return abs(default - tight) / abs(tight)
-
-    step.loss_error = loss_error
-    return step
-
-
 def run_case(n: int, regime: str, args, device: torch.device) -> dict:
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
     y, axes, noise, mask = make_data(n, regime, dtype, device)
@@ -196,23 +138,21 @@ def run_case(n: int, regime: str, args, device: torch.device) -> dict:
         del ref
 
     if not args.no_gpytorch:
-        best, best_step = None, None
-        variants = [(scale, toeplitz) for scale in args.gpytorch_scale for toeplitz in (True, False)]
-        for scale, toeplitz in variants:
-            key = f"gpytorch_{'scale' if scale else 'noscale'}_toeplitz_{'on' if toeplitz else 'off'}_s"
-            try:
-                step = gpytorch_step(y, axes, noise, mask, dtype, device, toeplitz, scale)
-                t = statistics.median(time_call(step, device, args.gpytorch_repeats, 1))
-                rec[key] = t
-                if best is None or t < best:
-                    best, best_step = t, step
-            except Exception as err:  # an anchor that fails is reported, not fatal
-                rec[key] = f"failed: {type(err).__name__}: {err}"[:300]
+        def anchor(scale, toeplitz):
+            return lambda: gm.grid_setting(y, axes, noise=noise, observed=mask, scale=scale, toeplitz=toeplitz,
+                                           dtype=dtype, device=device)
+
+        variants = [(f"{'scale' if sc else 'noscale'}_toeplitz_{'on' if tp else 'off'}", anchor(sc, tp))
+                    for sc in args.gpytorch_scale for tp in (True, False)]
+        timed = gm.fastest_setting(variants, device, args.gpytorch_repeats)
+        for name, r in timed["settings"].items():
+            rec[f"gpytorch_{name}_s"] = r["step_s"] if "step_s" in r else f"failed: {r.get('failed')}"
+        best = timed["best"]
         if best is not None:
-            rec["gpytorch_best_s"] = best
+            rec["gpytorch_best_s"] = timed["settings"][best]["step_s"]
             if args.gpytorch_accuracy:
-                rec["gpytorch_loss_rel_error"] = best_step.loss_error()
-            rec["speedup"] = best / rec["gridgp_s"]
+                rec["gpytorch_loss_rel_error"] = dict(variants)[best]().loss_error()
+            rec["speedup"] = rec["gpytorch_best_s"] / rec["gridgp_s"]
     return rec
 
 

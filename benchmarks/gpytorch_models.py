@@ -34,6 +34,7 @@ import math
 import platform
 import statistics
 import sys
+import warnings
 
 import gpytorch
 import linear_operator
@@ -98,6 +99,275 @@ class KissModel(gpytorch.models.ExactGP):
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+# ------------------------------------------------------------------ a GridGP problem as GPyTorch models
+#
+# One home for the GPyTorch anchors of ``gp_training.py`` and ``gaps.py``: a grid of values with
+# missing cells and/or per-cell noise, as GPyTorch can take it. Each ``*_setting`` returns a
+# ``Setting``: the training step (``loss = -mll; loss.backward()``, GPyTorch's default solver
+# settings), ``lml()`` (log p(y_O) as that step estimates it, data units) and a cost estimate
+# made before any step runs.
+
+MISSING_VARIANCE = 1e4
+"""Fixed noise variance on missing cells for ``GridKernel``, which needs every grid point as an
+input: the missing cells then barely inform the rest (times the signal variance ``outputscale +
+noise`` where hyperparameters are given)."""
+
+STEP_MATMULS = 30
+"""Products with the training covariance per GPyTorch CG training step, for the estimate: at
+its default settings the forward runs ``max_lanczos_quadrature_iterations`` (20) CG iterations
+on the targets and ``num_trace_samples`` (10) probes together, plus the preconditioner, the
+bilinear derivative and margin."""
+
+
+class MaternGridModel(gpytorch.models.ExactGP):
+    """``[ScaleKernel](GridKernel(MaternKernel(ν=5/2, ARD)))`` on a full grid: ``⊗_k Matérn_1d(ℓ_k)``
+    (GridKernel evaluates the base kernel per dimension), GridGP's default kernel."""
+
+    def __init__(self, grid, x, y, likelihood, scale: bool):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        kern = gpytorch.kernels.GridKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=len(grid)), grid=grid)
+        self.covar_module = gpytorch.kernels.ScaleKernel(kern) if scale else kern
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class MaternPointsModel(gpytorch.models.ExactGP):
+    """``ScaleKernel(∏_k MaternKernel(ν=5/2, active_dims=[k]))`` on scattered points (the observed
+    cells): the same covariance as ``MaternGridModel`` restricted to them."""
+
+    def __init__(self, x, y, likelihood):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        parts = [gpytorch.kernels.MaternKernel(nu=2.5, active_dims=[k]) for k in range(x.shape[-1])]
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.ProductKernel(*parts))
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class Setting:
+    """One GPyTorch setting on one problem: ``step()``, ``lml()``, ``estimate() -> (s, bytes)``."""
+
+    def __init__(self, name, step, lml, estimate, context):
+        self.name, self.step, self.lml, self.estimate, self.context = name, step, lml, estimate, context
+
+
+def _set_hyper(model, likelihood, hyper: dict, unit: float, scale: bool, learned_noise: float | None) -> None:
+    """GridGP's hyperparameters (data units) on a GPyTorch model whose data were divided by ``unit``."""
+    base = model.covar_module.base_kernel if scale else model.covar_module
+    if isinstance(base, gpytorch.kernels.GridKernel):
+        base.base_kernel.lengthscale = torch.tensor(hyper["lengthscales"], dtype=torch.float64)
+    else:  # ProductKernel of one Matérn per dimension
+        for kern, ls in zip(base.kernels, hyper["lengthscales"]):
+            kern.lengthscale = ls
+    if scale:
+        model.covar_module.outputscale = hyper["outputscale"] / unit**2
+    model.mean_module.constant = hyper["mean"] / unit
+    if learned_noise is not None:
+        if isinstance(likelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood):
+            likelihood.second_noise = learned_noise / unit**2
+        else:
+            likelihood.noise = learned_noise / unit**2
+
+
+def _matmul_seconds(op, cols: int, device: torch.device) -> float:
+    rhs = torch.randn(op.shape[-1], cols, dtype=op.dtype, device=device)
+    with torch.no_grad():
+        op @ rhs  # warm-up (caches, kernels)
+        return statistics.median(time_call(lambda: op @ rhs, device, repeats=2, warmup=0))
+
+
+def grid_setting(y, axes, *, noise=None, observed=None, hyper=None, scale=True, toeplitz=True,
+                 dtype=torch.float64, device=torch.device("cpu")) -> Setting:
+    """GPyTorch's ``GridKernel`` ExactGP on the full grid (its Kronecker structure plus a diagonal,
+    solved by CG and stochastic Lanczos quadrature at its default settings; grids of at most
+    ``max_cholesky_size``, 800 cells, are factored densely there).
+
+    ``y`` (grid), ``noise`` (per-cell variances or ``None``), ``observed`` (bool grid or ``None``),
+    data units. Missing cells get a fixed noise variance ``MISSING_VARIANCE`` (× the signal
+    variance) on top of the learned one (``FixedNoiseGaussianLikelihood(...,
+    learn_additional_noise=True)``); per-cell noise is ``FixedNoiseGaussianLikelihood``.
+    ``hyper``: GridGP's ``hyperparameters()`` to set (else GPyTorch's initial values).
+    ``scale=False``: ``GridKernel`` alone, so linear_operator keeps its Kronecker eigen-solve
+    where the noise is homoskedastic; with ``hyper`` the data are divided by ``√outputscale`` to
+    keep the same model. ``lml()``: the full grid's estimate, plus ``½ Σ_M log 2πv_M`` (the
+    missing cells' marginal at their fake variance ``v_M``, up to ``O(1/MISSING_VARIANCE)`` per
+    missing cell), in ``y``'s units."""
+    from gpytorch.utils.grid import create_data_from_grid
+
+    unit = math.sqrt(hyper["outputscale"]) if hyper is not None and not scale else 1.0
+    grid = [a.to(device, dtype) for a in axes]
+    train_x = create_data_from_grid(grid)
+    obs = None if observed is None else observed.reshape(-1).to(device)
+    fill = hyper["mean"] if hyper is not None else 0.0
+    train_y = torch.nan_to_num(y.reshape(-1).to(device, dtype), nan=fill) / unit
+    if obs is not None:
+        train_y = torch.where(obs, train_y, torch.full_like(train_y, fill / unit))
+    learned = hyper["noise"] if hyper is not None and noise is None else None
+    signal = (hyper["outputscale"] + (learned or 0.0)) / unit**2 if hyper is not None else 1.0
+    big = MISSING_VARIANCE * signal
+    with gpytorch.settings.min_fixed_noise(float_value=1e-30, double_value=1e-30):
+        if noise is not None:
+            fixed = noise.reshape(-1).to(device, dtype) / unit**2
+            if obs is not None:
+                fixed = torch.where(obs, fixed, torch.full_like(fixed, big))
+            lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=fixed)
+        elif obs is not None:
+            fixed = torch.where(obs, torch.zeros_like(train_y), torch.full_like(train_y, big))
+            lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=fixed.clamp_min(1e-4 if hyper is None else 1e-30),
+                                                                   learn_additional_noise=True)
+        else:
+            lik = gpytorch.likelihoods.GaussianLikelihood()
+    model = MaternGridModel(grid, train_x, train_y, lik, scale).to(device=device, dtype=dtype)
+    lik = lik.to(device=device, dtype=dtype)
+    if hyper is not None:
+        _set_hyper(model, lik, hyper, unit, scale, learned)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    model.train()
+    lik.train()
+    n_obs = len(train_y) if obs is None else int(obs.sum())
+
+    def context():
+        return gpytorch.settings.use_toeplitz(toeplitz)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = -mll(model(train_x), train_y)
+            loss.backward()
+
+    def lml() -> float:
+        with torch.no_grad(), context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            value = float(mll(model(train_x), train_y)) * len(train_y)
+            if obs is not None:
+                v_m = lik.noise[~obs].double()
+                value += 0.5 * float(torch.log(2 * math.pi * v_m).sum())
+        return value - n_obs * math.log(unit)
+
+    def estimate():
+        with torch.no_grad(), context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op = lik(model(train_x)).lazy_covariance_matrix
+            t = _matmul_seconds(op, gpytorch.settings.num_trace_samples.value() + 1, device)
+        itemsize = torch.finfo(dtype).bits // 8
+        return STEP_MATMULS * t, 16 * len(train_y) * (gpytorch.settings.num_trace_samples.value() + 1) * itemsize
+
+    def loss_error() -> float:
+        """Relative error of the training loss at GPyTorch's default CG settings (tolerance 1,
+        20 Lanczos steps, 10 probes) against the same model with tight ones."""
+        with torch.no_grad(), context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            default = float(-mll(model(train_x), train_y))
+            with gpytorch.settings.cg_tolerance(1e-6), gpytorch.settings.max_cg_iterations(20000), \
+                    gpytorch.settings.max_lanczos_quadrature_iterations(300), gpytorch.settings.num_trace_samples(64):
+                tight = float(-mll(model(train_x), train_y))
+        return abs(default - tight) / abs(tight)
+
+    s = Setting(f"{'scale' if scale else 'noscale'}_toeplitz_{'on' if toeplitz else 'off'}", step, lml, estimate, context)
+    s.loss_error = loss_error
+    return s
+
+
+DENSE_PROBE_POINTS = 1000
+"""Points in the Cholesky setting's trial step; its estimate scales that step's time by n³."""
+
+
+def dense_setting(y, axes, *, noise=None, observed=None, hyper=None, dtype=torch.float64,
+                  device=torch.device("cpu")) -> Setting:
+    """GPyTorch's ExactGP on the observed cells only (no grid structure), solved by Cholesky
+    (``max_cholesky_size`` above their count): exact, ``O(n_O³)`` time and ``O(n_O²)`` memory.
+    Its estimate times one step on the first ``DENSE_PROBE_POINTS`` observed cells, × (n_O/that)³."""
+    grid = [a.to(device, dtype) for a in axes]
+    mesh = torch.meshgrid(*grid, indexing="ij")
+    x = torch.stack([m.reshape(-1) for m in mesh], -1)
+    yv = y.reshape(-1).to(device, dtype)
+    obs = torch.isfinite(yv) if observed is None else observed.reshape(-1).to(device)
+    x, yv = x[obs], yv[obs]
+    d = None if noise is None else noise.reshape(-1).to(device, dtype)[obs]
+
+    def build(k: int):
+        if d is not None:
+            with gpytorch.settings.min_fixed_noise(float_value=1e-30, double_value=1e-30):
+                lik = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=d[:k])
+        else:
+            lik = gpytorch.likelihoods.GaussianLikelihood()
+        model = MaternPointsModel(x[:k], yv[:k], lik).to(device=device, dtype=dtype)
+        lik = lik.to(device=device, dtype=dtype)
+        if hyper is not None:
+            _set_hyper(model, lik, hyper, 1.0, True, hyper["noise"] if d is None else None)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+        model.train()
+        lik.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with gpytorch.settings.max_cholesky_size(k + 1), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = -mll(model(x[:k]), yv[:k])
+                loss.backward()
+
+        def lml() -> float:
+            with torch.no_grad(), gpytorch.settings.max_cholesky_size(k + 1):
+                return float(mll(model(x[:k]), yv[:k])) * k
+
+        return step, lml
+
+    n = len(yv)
+    step, lml = build(n)
+
+    def estimate():
+        k = min(n, DENSE_PROBE_POINTS)
+        trial = build(k)[0] if k < n else step
+        t = statistics.median(time_call(trial, device, repeats=1, warmup=1))
+        itemsize = torch.finfo(dtype).bits // 8
+        return t * (n / k) ** 3, 6 * n * n * itemsize  # kernel matrices, factor, their gradients
+
+    return Setting("dense_cholesky", step, lml, estimate, lambda: gpytorch.settings.max_cholesky_size(n + 1))
+
+
+def fastest_setting(settings, device: torch.device, repeats: int, *, budget_s: float | None = None,
+                    memory_bytes: float | None = None, lml_ref: float | None = None) -> dict:
+    """Time each setting, given as ``(name, build)`` pairs (so a failing build is reported too);
+    skip by estimate those that would not fit ``memory_bytes`` or would not finish their warm-up
+    and ``repeats`` steps in ``budget_s``. Returns the fastest's name (``best``, ``None`` if none
+    ran) and per setting: ``step_s`` (median), or ``skipped`` / ``failed`` with the reason; with
+    ``lml_ref`` also its ``lml`` and ``lml_rel_err``."""
+    out: dict = {"settings": {}, "best": None}
+    for name, make in settings:
+        rec: dict = out["settings"].setdefault(name, {})
+        try:
+            s = make()
+            est_s, est_bytes = s.estimate()
+            rec.update(estimate_step_s=est_s, estimate_bytes=est_bytes)
+            if memory_bytes is not None and est_bytes > memory_bytes:
+                rec["skipped"] = f"est. {est_bytes / 2**30:.3g} GiB > {memory_bytes / 2**30:.3g} GiB budget"
+                continue
+            if budget_s is not None and est_s * (1 + repeats) > budget_s:
+                rec["skipped"] = f"est. {est_s:.3g} s/step x {1 + repeats} > {budget_s:g} s budget"
+                continue
+            rec["step_s"] = statistics.median(time_call(s.step, device, repeats=repeats, warmup=1))
+            if lml_ref is not None:
+                rec["lml"] = s.lml()
+                rec["lml_rel_err"] = abs(rec["lml"] - lml_ref) / abs(lml_ref)
+        except Exception as err:  # an anchor that fails (out of memory, a constraint) is reported
+            rec["failed"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        finally:
+            s = None  # free the model before the next setting is built
+        best = out["best"]
+        if best is None or rec["step_s"] < out["settings"][best]["step_s"]:
+            out["best"] = name
+    return out
 
 
 def build(kind: str, sizes: dict, dtype: torch.dtype, device: torch.device):

@@ -1,0 +1,69 @@
+"""benchmarks/gaps.py's GPyTorch column (issue 22 item 6) on a tiny grid: it runs, it is the same
+model as GridGP's (GPyTorch's exact Cholesky setting reproduces the dense reference), and a
+setting past the budgets is skipped with the reason instead of run."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gaps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gaps as module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+BASE = ["--n", "5", "--no-fit", "--repeats", "1", "--dense-max", "1000"]
+
+
+def test_gpytorch_column_matches_the_reference_and_names_its_setting(gaps, tmp_path):
+    out = gaps.main(BASE + ["--patterns", "scatter-20", "block-10", "block-1+cell-noise",
+                            "--out", str(tmp_path / "gaps.json")])
+    assert len(out["rows"]) == 3
+    for row in out["rows"]:
+        assert row["lml_ref_by"] == "dense"
+        settings = row["gpytorch_settings"]
+        assert set(settings) == {"scale_toeplitz_on", "scale_toeplitz_off", "noscale_toeplitz_on",
+                                 "noscale_toeplitz_off", "dense_cholesky"}
+        assert all("step_s" in rec for rec in settings.values()), settings
+        best = row["gpytorch_setting"]
+        assert row["gpytorch_step_s"] == min(rec["step_s"] for rec in settings.values())
+        assert row["gpytorch_step_s"] == settings[best]["step_s"]
+        assert math.isclose(row["speedup"], row["gpytorch_step_s"] / row["step_s"], rel_tol=1e-12)
+        # GPyTorch's Cholesky on the observed cells at GridGP's hyperparameters is the dense
+        # reference: the hyperparameters, units and noise carried over (to ~√ε: GPyTorch forms
+        # distances from x² + y² − 2xy)
+        assert settings["dense_cholesky"]["lml_rel_err"] <= 1e-6, (row["pattern"], settings["dense_cholesky"])
+        # the grid settings (under GPyTorch's max_cholesky_size at 5³, so factored densely): missing
+        # cells by a fixed noise 1e4 × the signal variance, its ½ log 2πv per cell taken out; what
+        # is left is O(1e-4) per missing cell (without the correction: ~5.5 nats per cell)
+        for name in ("scale_toeplitz_off", "noscale_toeplitz_on"):
+            assert settings[name]["lml_rel_err"] <= 1e-4, (row["pattern"], name, settings[name])
+        # at equal accuracy: the fastest setting within max(ours, the floor 1e-6), Cholesky at worst
+        acc = row["gpytorch_accurate_setting"]
+        assert settings[acc]["lml_rel_err"] <= row["gpytorch_accuracy_tol"] == max(row["lml_rel_err"], 1e-6)
+        assert row["gpytorch_accurate_step_s"] == min(r["step_s"] for r in settings.values()
+                                                      if r["lml_rel_err"] <= row["gpytorch_accuracy_tol"])
+        assert math.isclose(row["speedup_equal_accuracy"], row["gpytorch_accurate_step_s"] / row["step_s"], rel_tol=1e-12)
+    assert (tmp_path / "gaps.json").exists()
+
+
+def test_gpytorch_settings_past_the_budgets_are_skipped_with_the_reason(gaps, capsys):
+    out = gaps.main(BASE + ["--patterns", "scatter-10", "--gpytorch-memory-gib", "1e-9"])
+    row = out["rows"][0]
+    assert "gpytorch_step_s" not in row and "speedup" not in row
+    assert all("GiB budget" in rec["skipped"] for rec in row["gpytorch_settings"].values())
+    assert "dense_cholesky: est." in row["gpytorch_skipped"]
+    printed = capsys.readouterr().out
+    assert "GPyTorch dense_cholesky: skipped, est." in printed and " skipped " in printed
+
+    out = gaps.main(BASE + ["--patterns", "scatter-10", "--gpytorch-timeout", "1e-9"])
+    assert all("s budget" in rec["skipped"] for rec in out["rows"][0]["gpytorch_settings"].values())
