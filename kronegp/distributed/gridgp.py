@@ -70,7 +70,6 @@ import gpytorch
 import numpy as np
 import torch
 import torch.distributed as dist
-from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
 import kronegp
@@ -79,7 +78,8 @@ from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate
 from kronegp.distributed.sharding import GridSharding, plan_shardings
 from kronegp.linalg import kron_vector
 from kronegp.models import (
-    FullGridCovariance, GridGP, GridHyperparameters, cg_lml_pieces, checked_axis, factor_eigs, parse_grid_data,
+    FullGridCovariance, GridGP, GridHyperparameters, cg_lml_pieces, checked_axis, default_kernel, factor_eigs,
+    parse_grid_data,
     plain_cg_lml_pieces, resolve_dtype_device,
 )
 
@@ -524,7 +524,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
 
         # ---- hyperparameters: GridGP's names and initial values
         if kernels is None:
-            kernels = [GridGP._default_kernel(ax) for ax in self.axes_list]
+            kernels = [default_kernel(ax) for ax in self.axes_list]
         if isinstance(kernels, gpytorch.kernels.Kernel) or not isinstance(kernels, (list, tuple)):
             raise TypeError(
                 f"kernels must be a list of {self.ndim} GPyTorch kernels (one per dimension), got {type(kernels).__name__}"
@@ -532,24 +532,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         if len(kernels) != self.ndim or not all(isinstance(k, gpytorch.kernels.Kernel) for k in kernels):
             raise ValueError(f"kernels must hold one gpytorch.kernels.Kernel per dimension ({self.ndim})")
         self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
-        self.outputscale_constraint = Positive()
-        self.raw_outputscale = torch.nn.Parameter(
-            self.outputscale_constraint.inverse_transform(torch.tensor(var0, dtype=dt, device=dev))
-        )
-        self.learn_noise = noise_t is None
-        if self.learn_noise:
-            self.noise_constraint = GreaterThan(1e-6)
-            self.raw_noise = torch.nn.Parameter(
-                self.noise_constraint.inverse_transform(torch.tensor(0.1 * var0, dtype=dt, device=dev))
-            )
-        self.user_mean = mean is not None
-        if mean is None:
-            mean = gpytorch.means.ConstantMean()
-            with torch.no_grad():
-                mean.constant.fill_(y_mean)
-        elif not isinstance(mean, gpytorch.means.Mean):
-            raise TypeError(f"mean must be a gpytorch.means.Mean or None, got {type(mean).__name__}")
-        self.mean_module = mean.to(dtype=dt, device=dev)
+        self._init_hyperparameters(var0, y_mean, noise_t is None, mean, dt, dev)
         self.check_replicated()
 
     # ------------------------------------------------------------------ construction
