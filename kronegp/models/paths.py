@@ -393,12 +393,13 @@ class CGPath(InferencePath):
                 cov, resid.detach(), gp.observed, gp.n_observed,
                 probes_c=None if cov.homoskedastic else self.probes(gp, None),
                 probes_g=None if gp.observed is None else self.probes(gp, _missing(gp), offset=1),
-                tol=gp.cg_tol, max_iters=gp.cg_max_iters,
+                tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
             )
         else:
             pieces = plain_cg_lml_pieces(
                 cov.matvec, resid.detach(), gp.observed, gp.n_observed,
                 self.std_normal(gp, gp.n_cells, gp.num_probes), tol=gp.cg_tol, max_iters=gp.cg_max_iters,
+                inner=self.layout.inner,
             )
         pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())) - 1
         level = gp.noise if cov.homoskedastic else cov.sigma_bar2
