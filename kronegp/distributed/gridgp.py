@@ -21,7 +21,8 @@ path is :class:`kronegp.models.paths.CGPath`, the same object the single-process
 working through a :class:`ShardedLayout` (this rank's block of every grid vector, the
 distributed products, all-reduced sums, the sharded covariance, this rank's probe rows): so
 with the same probe vectors the two runs take the same CG steps and agree to float
-tolerance. The exact path is still :class:`_DistributedExactLML` here.
+tolerance. The exact path is :class:`~kronegp.models.paths.ExactPath` on the same layout, whose
+``exact_lml`` is :class:`_DistributedExactLML`.
 
 Gradients follow :mod:`kronegp.distributed.reduce`'s convention: the loss is one
 replicated scalar, every rank calls ``loss.backward()`` on it once, and afterwards every
@@ -82,7 +83,7 @@ from kronegp.models import (
     FullGridCovariance, GridHyperparameters, checked_axis, default_kernel, factor_eigs, parse_grid_data,
     resolve_dtype_device,
 )
-from kronegp.models.paths import CGPath
+from kronegp.models.paths import CGPath, ExactPath
 
 __all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "sharded_grid_covariance", "grid_sharding"]
 
@@ -389,7 +390,16 @@ class ShardedLayout:
         # the factors' gradients are summed over the ranks inside the distributed product
         return self.total(left * self.kron_matmul(factors, right))
 
-    def exact_lml(self, resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor]) -> Tensor:
+    @staticmethod
+    def step_chunk(gp) -> None:
+        return None  # the sharded exact step is not chunked
+
+    def exact_lml(self, y: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], *,
+                  mean: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
+        """``log N(y − mean | 0, s² ⊗K_k + σ² I)`` on this rank's block (``y`` ``None``: ``r = 0``)."""
+        if mean is not None and mean.dim() == 0:  # a constant: replicated, meeting sharded data here
+            (mean,) = replicate_factors([mean], self.group)
+        resid = y if y is None or mean is None else y - mean
         return _DistributedExactLML.apply(resid, noise, outputscale, self.info, *factors)
 
     def covariance(self, factors: list[Tensor], outputscale: Tensor, fill_noise: Tensor, *, homoskedastic: bool,
@@ -626,7 +636,8 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         self.register_buffer("y", y)
         self.register_buffer("observed", None if self.n_observed == self.n_cells else observed.contiguous())
         self.register_buffer("cell_noise", noise_t / self.scale**2 if noise_t is not None else None)
-        self.inference = CGPath(self.layout)  # used when the grid has missing cells or per-cell noise
+        # the path: GridGP's exact or cg object (the other two need the whole grid), chosen once
+        self.inference = (ExactPath if self.path == "exact" else CGPath)(self.layout)
         for k, ax in enumerate(self.axes_list):
             self.register_buffer(f"axis_{k}", ax)
         # statistics of the standardised observations (GridGP: y_obs.mean(), y_obs.var())
@@ -726,13 +737,8 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
     # ------------------------------------------------------------------ likelihood
 
     def _lml_model_units(self) -> Tensor:
-        if self.path != "exact":
-            # the cg path is GridGP's own path object, run on this rank's block through the layout
-            return self.inference.lml(self)
-        factors = self._factors()
-        resid = self.y - self._mean_local()
-        self.cg_iterations = 0
-        return _DistributedExactLML.apply(resid, self.noise, self.outputscale, self._info, *factors)
+        # GridGP's own path objects, run on this rank's block through the layout
+        return self.inference.lml(self)
 
     def log_marginal_likelihood(self) -> Tensor:
         """``log p(y_O)`` in data units: a 0-dim tensor, the same on every rank.

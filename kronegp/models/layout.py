@@ -23,8 +23,10 @@ must do there:
   ``replicate_factors``).
 * :meth:`covariance`: the full-grid ``C = K + diag(d̃)`` the CG solves use
   (:class:`~kronegp.models._masked.FullGridCovariance`; sharded: ``sharded_grid_covariance``).
-* :meth:`exact_lml`: the exact Kronecker likelihood with its analytic gradient
-  (:func:`~kronegp.models._exact.exact_lml`; sharded: ``_DistributedExactLML``).
+* :meth:`exact_lml` ``(y, noise, s², factors, mean=, chunk=)``: the exact Kronecker likelihood
+  with its analytic gradient (:func:`~kronegp.models._exact.exact_lml`; sharded:
+  ``_DistributedExactLML`` on ``y − mean``, a 0-dim mean passed through ``replicate_factors``),
+  with :meth:`step_chunk` ``(gp)`` the slab size it may use (the memory plan; sharded: ``None``).
 * :meth:`kron_vector`: ``⊗v_k`` on this layout's cells (sharded: ``_local_kron_vector``).
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
@@ -102,6 +104,13 @@ class LocalLayout:
     @staticmethod
     def bilinear(left: Tensor, right: Tensor, factors: list[Tensor]) -> Tensor:
         return bilinear_form(left, right, factors)
+
+    @staticmethod
+    def step_chunk(gp) -> Optional[int]:
+        """The slab size of ``gp``'s exact training step (:func:`kronegp.models.memory.operation_chunk`)."""
+        from kronegp.models import memory
+
+        return memory.operation_chunk(gp, "step")
 
     @staticmethod
     def exact_lml(resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], **kw) -> Tensor:

@@ -204,7 +204,7 @@ class ExactPath(InferencePath):
         factors = gp._factors()
         _report(gp, 0, gp.cg_inner_iterations, gp.cg_residual, {})
         return self.layout.exact_lml(gp.y, gp.noise, gp.outputscale, factors, mean=self._mean(gp),
-                                     chunk=memory.operation_chunk(gp, "step"))
+                                     chunk=self.layout.step_chunk(gp))
 
     def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
         chunk = memory.operation_chunk(gp, "predict")
