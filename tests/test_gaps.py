@@ -133,7 +133,7 @@ def test_exact_missing_matches_dense(name, boxed, monkeypatch):
     assert rel(mean.reshape(-1), ref_mean) <= 1e-10
     assert rel(var.reshape(-1), ref_var) <= 1e-10
     # at points: the grid's own coordinates give the grid's posterior
-    pts = gp._grid_points()[::7]
+    pts = gp.layout.grid_points(gp.axes)[::7]
     pm, pv = gp.predict(pts)
     assert rel(pm, ref_mean[::7]) <= 1e-10
     assert rel(pv, ref_var[::7]) <= 1e-9
@@ -189,9 +189,9 @@ def test_path_is_chosen_once_and_can_be_forced(monkeypatch):
     assert GridGP(holed, axes, path="cg").path == "cg"
     assert GridGP(holed, axes, noise=0.01 * torch.ones_like(v)).path == "cg"  # per-cell noise
     monkeypatch.setattr(few_missing, "MAX_MISSING_CPU", 10)  # more missing cells than the limit
-    import kronegp.models.grid_gp as grid_gp
+    import kronegp.models.paths as paths
 
-    assert GridGP(holed, axes).path == "cg" and grid_gp.few_missing_limit(torch.device("cpu")) == 10
+    assert GridGP(holed, axes).path == "cg" and paths.few_missing_limit(torch.device("cpu")) == 10
     assert GridGP(holed, axes, path="exact-missing").path == "exact-missing"  # forced past the limit
     with pytest.raises(ValueError, match="path='exact' needs every cell observed"):
         GridGP(holed, axes, path="exact")

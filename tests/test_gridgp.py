@@ -47,7 +47,7 @@ class _DenseGP(gpytorch.models.ExactGP):
 
 
 def _dense(model):
-    pts = model._grid_points()
+    pts = model.layout.grid_points(model.axes)
     obs = model.observed if model.observed is not None else torch.ones_like(model.y, dtype=torch.bool)
     if model.learn_noise:
         lik = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=GreaterThan(1e-6))
@@ -162,7 +162,7 @@ def test_exact_path_matches_dense_float64(shape):
     assert max_rel(grads, ref_grads) < 1e-6
 
     mean, var = model.predict()
-    ref_mean, ref_var = reference_predict(model, model._grid_points())
+    ref_mean, ref_var = reference_predict(model, model.layout.grid_points(model.axes))
     assert mean.shape == shape and var.shape == shape
     assert rel(mean.reshape(-1), ref_mean) < 1e-8
     assert max_rel(var.reshape(-1), ref_var) < 1e-8
@@ -187,7 +187,7 @@ def test_exact_path_float32():
     assert abs(float(lml) - float(ref_lml)) / abs(float(ref_lml)) < 1e-5
     assert rel(grads.double(), ref_grads) < 1e-4
     mean, var = m32.predict()
-    ref_mean, ref_var = reference_predict(m64, m64._grid_points())
+    ref_mean, ref_var = reference_predict(m64, m64.layout.grid_points(m64.axes))
     assert rel(mean.reshape(-1).double(), ref_mean) < 1e-5
     assert max_rel(var.reshape(-1).double(), ref_var) < 1e-3
 
@@ -260,15 +260,17 @@ def test_cg_path_row_and_column_layouts_agree(kind, probes, monkeypatch):
     model = cg_problem(kind, shape=CG_SHAPES[kind], **limit)
     torch.manual_seed(0)
     lml_rows, grads_rows = model_lml_and_grads(model)
-    full_cov = GridGP._full_cov
+    from kronegp.models.paths import CGPath
 
-    def columns_cov(self, factors):
-        cov = full_cov(self, factors)
+    full_cov = CGPath.covariance
+
+    def columns_cov(self, gp, factors):
+        cov = full_cov(self, gp, factors)
         assert cov.rows
         cov.rows = False
         return cov
 
-    monkeypatch.setattr(GridGP, "_full_cov", columns_cov)
+    monkeypatch.setattr(CGPath, "covariance", columns_cov)
     torch.manual_seed(0)
     lml_cols, grads_cols = model_lml_and_grads(model)
     assert abs(float(lml_rows - lml_cols)) <= 1e-9 * abs(float(lml_cols))
@@ -280,13 +282,13 @@ def test_missing_cell_pairs_in_eigen_coordinates_match_grid_pairs(probes, monkey
     """With homoskedastic noise the missing-cell gradient pairs stay in eigen-coordinates
     (``eigen_bilinear_form``); on the same solves they must give the gradient of the grid-
     coordinate pairs (``bilinear_form`` + noise term), which the dense tests check."""
-    from kronegp.models import _masked, grid_gp
+    from kronegp.models import _masked, paths
 
     limit = {} if probes == "exact" else {"exact_trace_limit": 0}
     model = cg_problem("mask", shape=CG_SHAPES["mask"], **limit)
     calls = []
-    real = grid_gp.eigen_bilinear_form
-    monkeypatch.setattr(grid_gp, "eigen_bilinear_form", lambda *a: calls.append(1) or real(*a))
+    real = paths.eigen_bilinear_form
+    monkeypatch.setattr(paths, "eigen_bilinear_form", lambda *a: calls.append(1) or real(*a))
     lml_eig, grads_eig = model_lml_and_grads(model)
     assert calls, "the eigen-coordinate pairs were not used"
     monkeypatch.setattr(_masked, "_EIGEN_PAIRS", False)
@@ -316,7 +318,7 @@ def test_cg_path_stochastic_estimates(kind):
 def test_cg_path_grid_prediction_matches_dense():
     model = cg_problem("mask")
     mean, var = model.predict()  # 3120 cells ≤ exact_variance_limit: one solve per cell
-    ref_mean, ref_var = reference_predict(model, model._grid_points())
+    ref_mean, ref_var = reference_predict(model, model.layout.grid_points(model.axes))
     assert rel(mean.reshape(-1), ref_mean) < 1e-3
     assert max_rel(var.reshape(-1), ref_var) < 1e-3
     # The Monte Carlo estimate is unbiased with error ∝ 1/√samples: loose, but it must be close.

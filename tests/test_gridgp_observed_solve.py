@@ -49,8 +49,8 @@ def test_predicted_mean_matches_a_dense_solve_in_an_ill_conditioned_regime():
 def test_observed_residual_reaches_tol_and_a_shortfall_warns(monkeypatch):
     m, _, _ = _ill_conditioned_model(torch.float64)
     with torch.no_grad():
-        cov = m._full_cov(m._factors())
-        rhs = m._obs_zero(m.y - m._mean_grid()).unsqueeze(-1)
+        cov = m.inference.covariance(m, m._factors())
+        rhs = (m.observed * (m.y - m._mean_grid())).unsqueeze(-1)
         out, _ = masked.solve_observed(cov, rhs, m.observed, tol=1e-5, max_iters=1000)
         obs = m.observed.to(rhs.dtype).unsqueeze(-1)
         r = obs * (cov.matvec(out) - rhs)

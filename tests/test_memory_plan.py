@@ -125,7 +125,7 @@ def _measured_step(model) -> int:
 def test_exact_step_plan_within_ten_percent_of_measured_peak(shape, dtype):
     model = _model(shape, dtype)
     assert model.path == "exact"
-    chunk = model._memory_chunk("step")
+    chunk = memory.operation_chunk(model, "step")
     plan = memory.plan_exact_step(shape, dtype, chunk, device_type="cpu")
     transient = plan.peak_bytes - plan.model_bytes
     measured = _measured_step(model)

@@ -42,7 +42,7 @@ CASES = [
 def test_likelihood_gradient_posterior_match_dense(shape, masked):
     gp = model(shape, masked)
     assert gp.path == "separable-mask"
-    assert gp._masked_axes == masked
+    assert gp.inference.masked_axes == masked
     a, ga = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     b, gb = lml_and_grads(gp, dense_lml)
     assert abs(a - b) <= 1e-10 * abs(b)
@@ -54,7 +54,7 @@ def test_likelihood_gradient_posterior_match_dense(shape, masked):
     assert rel(mean.reshape(-1), ref_mean) <= 1e-10
     assert rel(var.reshape(-1), ref_var) <= 1e-10
     # at points (the grid's own, masked-out cells included): the same posterior
-    pts = gp._grid_points()[::3]
+    pts = gp.layout.grid_points(gp.axes)[::3]
     pm, pv = gp.predict(pts, as_xarray=False)
     assert rel(pm, ref_mean[::3]) <= 1e-10
     assert rel(pv, ref_var[::3]) <= 1e-10
@@ -130,7 +130,7 @@ def test_two_dimensional_outage():
     mask = torch.ones(8, 9, dtype=torch.bool)
     mask[:, 2:6] = False  # four whole columns missing
     gp = GridGP(v, axes, mask=mask, hyperparameters={"lengthscales": [1.5, 2.0], "noise": 0.05})
-    assert gp.path == "separable-mask" and gp._masked_axes == [1]
+    assert gp.path == "separable-mask" and gp.inference.masked_axes == [1]
     a, ga = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     b, gb = lml_and_grads(gp, dense_lml)
     assert abs(a - b) <= 1e-10 * abs(b) and rel(ga, gb) <= 1e-10
@@ -151,14 +151,14 @@ def test_forcing_errors():
 
 
 def test_point_limit(monkeypatch):
-    import kronegp.models.grid_gp as grid_gp
+    import kronegp.models.paths as paths
 
     monkeypatch.setattr(separable_mask, "MAX_POINTS_CPU", 10)
     v, axes = field((5, 6, 7))
     mask = constant_mask((5, 6, 7), [0, 1])  # ~21 observed points > 10
     assert GridGP(v, axes, mask=mask).path == "exact-missing"  # auto: past the limit (the small grid falls back to it)
     assert GridGP(v, axes, mask=mask, path="separable-mask").path == "separable-mask"  # forced past it
-    monkeypatch.setattr(grid_gp, "MAX_POINTS_ANY", 10)
+    monkeypatch.setattr(paths, "MAX_POINTS_ANY", 10)
     with pytest.raises(ValueError, match="> 10"):
         GridGP(v, axes, mask=mask, path="separable-mask")
 

@@ -16,11 +16,13 @@ divides the leading axes. What is sharded and what is replicated:
 
 Every product with ``K``, ``Q`` or ``Qᵀ`` (including the preconditioner
 ``P⁻¹ = Q (λ + σ̄²)⁻¹ Qᵀ``) is :func:`kronegp.distributed.kron_matmul`; every sum over
-the grid is a local sum followed by one ``all_reduce`` (:func:`allreduce_inner`). The
-solver code is :mod:`kronegp.models._masked`'s ``cg_lml_pieces``, the same function the
-single-process model runs, handed a sharded covariance and the all-reduced ``inner``: so
+the grid is a local sum followed by one ``all_reduce`` (:func:`allreduce_inner`). The cg
+path is :class:`kronegp.models.paths.CGPath`, the same object the single-process model runs,
+working through a :class:`ShardedLayout` (this rank's block of every grid vector, the
+distributed products, all-reduced sums, the sharded covariance, this rank's probe rows): so
 with the same probe vectors the two runs take the same CG steps and agree to float
-tolerance.
+tolerance. The exact path is :class:`~kronegp.models.paths.ExactPath` on the same layout, whose
+``exact_lml`` is :class:`_DistributedExactLML`.
 
 Gradients follow :mod:`kronegp.distributed.reduce`'s convention: the loss is one
 replicated scalar, every rank calls ``loss.backward()`` on it once, and afterwards every
@@ -70,7 +72,6 @@ import gpytorch
 import numpy as np
 import torch
 import torch.distributed as dist
-from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
 import kronegp
@@ -79,11 +80,12 @@ from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate
 from kronegp.distributed.sharding import GridSharding, plan_shardings
 from kronegp.linalg import kron_vector
 from kronegp.models import (
-    FullGridCovariance, GridGP, GridHyperparameters, cg_lml_pieces, checked_axis, factor_eigs, parse_grid_data,
-    plain_cg_lml_pieces, resolve_dtype_device,
+    FullGridCovariance, GridHyperparameters, checked_axis, default_kernel, factor_eigs, parse_grid_data,
+    resolve_dtype_device,
 )
+from kronegp.models.paths import CGPath, ExactPath
 
-__all__ = ["DistributedGridGP", "ShardedKronEigen", "sharded_grid_covariance", "grid_sharding"]
+__all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "sharded_grid_covariance", "grid_sharding"]
 
 # "auto" probes: draw the whole (N, S) block on every rank up to this many entries.
 _REPLICATED_PROBE_LIMIT = 1 << 24
@@ -347,6 +349,122 @@ class _DistributedExactLML(torch.autograd.Function):
 # --------------------------------------------------------------------------- input checking
 
 
+class ShardedLayout:
+    """:class:`kronegp.models.layout.LocalLayout`'s interface on a grid sharded over ``group``:
+    every grid vector is this rank's block ``rows(rank)`` of the flattened grid, sums and inner
+    products are all-reduced, Kronecker products are the distributed ones (see
+    :mod:`kronegp.models.layout` for what each method does). The inference paths of
+    :mod:`kronegp.models.paths` run on it unchanged (today :class:`DistributedGridGP`'s cg path).
+
+    Args:
+        sharding, rank, group: the split of the grid and this rank's place in it.
+        probes: ``"replicated"``, ``"chunked"`` or ``"auto"`` (module docstring).
+    """
+
+    def __init__(self, sharding: GridSharding, rank: int, group, probes: str = "auto"):
+        self.sharding, self.rank, self.group, self.probe_scheme = sharding, rank, group, probes
+        self.shape = tuple(sharding.sizes)
+        self.n_cells = math.prod(self.shape)
+        self.rows = sharding.rows(rank)
+        self.n_local = sharding.local_size(rank)
+        self.inner = allreduce_inner(group)
+        self.info = _ShardInfo(sharding, rank, group)
+        self.probe_store = None  # no CUDA graph of a sharded step
+
+    def kron_matmul(self, factors: list[Tensor], x: Tensor) -> Tensor:
+        return dist_ops.kron_matmul(factors, x, self.group)
+
+    def eigen(self, factors: list[Tensor]) -> ShardedKronEigen:
+        return ShardedKronEigen(factors, self.sharding, self.rank, self.group)
+
+    def kron_vector(self, vectors: list[Tensor]) -> Tensor:
+        return _local_kron_vector(vectors, self.sharding, self.rank)
+
+    def total(self, x: Tensor) -> Tensor:
+        return allreduce_sum(x.sum(), self.group)
+
+    def count(self, cells: Tensor) -> int:
+        return int(_sum_over_ranks([int(cells.sum())], self.group, cells.device)[0])
+
+    def bilinear(self, left: Tensor, right: Tensor, factors: list[Tensor]) -> Tensor:
+        # the factors' gradients are summed over the ranks inside the distributed product
+        return self.total(left * self.kron_matmul(factors, right))
+
+    @staticmethod
+    def step_chunk(gp) -> None:
+        return None  # the sharded exact step is not chunked
+
+    def exact_lml(self, y: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], *,
+                  mean: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
+        """``log N(y − mean | 0, s² ⊗K_k + σ² I)`` on this rank's block (``y`` ``None``: ``r = 0``)."""
+        if mean is not None and mean.dim() == 0:  # a constant: replicated, meeting sharded data here
+            (mean,) = replicate_factors([mean], self.group)
+        resid = y if y is None or mean is None else y - mean
+        return _DistributedExactLML.apply(resid, noise, outputscale, self.info, *factors)
+
+    def covariance(self, factors: list[Tensor], outputscale: Tensor, fill_noise: Tensor, *, homoskedastic: bool,
+                   tol: float, max_iters: int, precondition: bool) -> FullGridCovariance:
+        return sharded_grid_covariance(factors, outputscale, fill_noise, homoskedastic=homoskedastic, tol=tol,
+                                       max_iters=max_iters, sharding=self.sharding, rank=self.rank,
+                                       group=self.group, precondition=precondition)
+
+    def fill_noise(self, noise: Optional[Tensor], cell_noise: Optional[Tensor], observed: Optional[Tensor]) -> Tensor:
+        """``d̃`` on this rank's cells: ``σ²`` (replicated: its gradient summed over the ranks), or
+        the per-cell noise with its global geometric mean at missing cells (no gradient)."""
+        if cell_noise is None:
+            (noise,) = replicate_factors([noise], self.group)
+            return noise.expand(self.n_local)
+        if observed is None:
+            return cell_noise
+        with torch.no_grad():
+            safe = torch.where(observed, cell_noise, torch.ones_like(cell_noise))
+            fill = torch.exp(self.total(torch.log(safe)[observed]) / self.count(observed))
+            return torch.where(observed, cell_noise, fill)
+
+    def grid_points(self, axes: list[Tensor]) -> Tensor:
+        idx = torch.arange(self.rows.start, self.rows.stop, device=axes[0].device)
+        multi = torch.unravel_index(idx, self.shape)
+        return torch.stack([ax[m] for ax, m in zip(axes, multi)], dim=-1)
+
+    def std_normal(self, rows: int, cols: int, offset: int, *, seed: int, resample: bool, like: Tensor) -> Tensor:
+        """This rank's rows of an ``(N, cols)`` standard normal block (module docstring)."""
+        dev, dt = like.device, like.dtype
+        scheme = self.probe_scheme
+        if scheme == "auto":
+            scheme = "replicated" if self.n_cells * cols <= _REPLICATED_PROBE_LIMIT else "chunked"
+        if scheme == "replicated":
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed + offset)
+            # GridGP's draw: column after column (its (N, cols) block is a transposed view)
+            return torch.randn(cols, self.n_cells, generator=gen, dtype=dt, device=dev)[:, self.rows].mT.contiguous()
+        out = []
+        start, stop = self.rows.start, self.rows.stop
+        for chunk in range(start // _PROBE_CHUNK_ROWS, (stop - 1) // _PROBE_CHUNK_ROWS + 1):
+            c0 = chunk * _PROBE_CHUNK_ROWS
+            c1 = min(self.n_cells, c0 + _PROBE_CHUNK_ROWS)
+            key = hashlib.blake2b(f"{seed},{offset},{chunk}".encode(), digest_size=8).digest()
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(int.from_bytes(key, "little") >> 1)
+            block = torch.randn(c1 - c0, cols, generator=gen, dtype=dt, device=dev)
+            out.append(block[max(start, c0) - c0 : min(stop, c1) - c0])
+        return torch.cat(out)
+
+    def unit_probes(self, cells: Optional[Tensor], count: int, like: Tensor) -> Tensor:
+        """This rank's rows of ``√S`` times the unit vectors of the ``S = count`` cells (global order)."""
+        dev = like.device
+        local = self.n_local if cells is None else int(cells.sum())
+        counts = torch.zeros(self.sharding.world_size, dtype=torch.int64, device=dev)
+        counts[self.rank] = local
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
+        before = int(counts[: self.rank].sum())
+        idx = torch.arange(self.n_local, device=dev)
+        if cells is not None:
+            idx = idx[cells]
+        out = torch.zeros(self.n_local, count, dtype=like.dtype, device=dev)
+        out[idx, torch.arange(before, before + local, device=dev)] = math.sqrt(count)
+        return out
+
+
 def _check_axes(axes: Any, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
     if not isinstance(axes, (list, tuple)) or len(axes) == 0:
         raise TypeError(
@@ -454,8 +572,12 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         self.cg_iterations: Optional[int] = None
         self.cg_residual: Optional[float] = None
         self.history: list[float] = []
-        self._inner = allreduce_inner(group)
-        self._info = _ShardInfo(self.sharding, rank, group)
+        #: where the grid vectors live: this rank's block (:class:`ShardedLayout`)
+        self.layout = ShardedLayout(self.sharding, rank, group, probes)
+        self._info = self.layout.info
+        self.resample_probes = False  # the probes are the same at every evaluation (L-BFGS needs that)
+        self.cg_inner_iterations = 0
+        self._last_extra: dict = {}
 
         # ---- this rank's data, checked; every rank learns every rank's verdict
         problem = None
@@ -514,6 +636,8 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         self.register_buffer("y", y)
         self.register_buffer("observed", None if self.n_observed == self.n_cells else observed.contiguous())
         self.register_buffer("cell_noise", noise_t / self.scale**2 if noise_t is not None else None)
+        # the path: GridGP's exact or cg object (the other two need the whole grid), chosen once
+        self.inference = (ExactPath if self.path == "exact" else CGPath)(self.layout)
         for k, ax in enumerate(self.axes_list):
             self.register_buffer(f"axis_{k}", ax)
         # statistics of the standardised observations (GridGP: y_obs.mean(), y_obs.var())
@@ -524,7 +648,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
 
         # ---- hyperparameters: GridGP's names and initial values
         if kernels is None:
-            kernels = [GridGP._default_kernel(ax) for ax in self.axes_list]
+            kernels = [default_kernel(ax) for ax in self.axes_list]
         if isinstance(kernels, gpytorch.kernels.Kernel) or not isinstance(kernels, (list, tuple)):
             raise TypeError(
                 f"kernels must be a list of {self.ndim} GPyTorch kernels (one per dimension), got {type(kernels).__name__}"
@@ -532,24 +656,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         if len(kernels) != self.ndim or not all(isinstance(k, gpytorch.kernels.Kernel) for k in kernels):
             raise ValueError(f"kernels must hold one gpytorch.kernels.Kernel per dimension ({self.ndim})")
         self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
-        self.outputscale_constraint = Positive()
-        self.raw_outputscale = torch.nn.Parameter(
-            self.outputscale_constraint.inverse_transform(torch.tensor(var0, dtype=dt, device=dev))
-        )
-        self.learn_noise = noise_t is None
-        if self.learn_noise:
-            self.noise_constraint = GreaterThan(1e-6)
-            self.raw_noise = torch.nn.Parameter(
-                self.noise_constraint.inverse_transform(torch.tensor(0.1 * var0, dtype=dt, device=dev))
-            )
-        self.user_mean = mean is not None
-        if mean is None:
-            mean = gpytorch.means.ConstantMean()
-            with torch.no_grad():
-                mean.constant.fill_(y_mean)
-        elif not isinstance(mean, gpytorch.means.Mean):
-            raise TypeError(f"mean must be a gpytorch.means.Mean or None, got {type(mean).__name__}")
-        self.mean_module = mean.to(dtype=dt, device=dev)
+        self._init_hyperparameters(var0, y_mean, noise_t is None, mean, dt, dev)
         self.check_replicated()
 
     # ------------------------------------------------------------------ construction
@@ -600,9 +707,7 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
 
     def _local_points(self) -> Tensor:
         """Coordinates ``(N_r, d)`` of this rank's cells."""
-        idx = torch.arange(self.rows.start, self.rows.stop, device=self.y.device)
-        multi = torch.unravel_index(idx, self.shape)
-        return torch.stack([ax[m] for ax, m in zip(self.axes, multi)], dim=-1)
+        return self.layout.grid_points(self.axes)
 
     def _mean_local(self) -> Tensor:
         """``μ`` on this rank's cells (model units).
@@ -619,117 +724,21 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         return (out - self.shift) / self.scale
 
     def _fill_noise(self) -> Tensor:
-        """``d̃`` on this rank's cells (model units), no gradient: σ² everywhere, or the
-        per-cell noise at observed cells and its (global) geometric mean at missing ones."""
-        with torch.no_grad():
-            if self.cell_noise is None:
-                return self.noise.detach().expand(self.n_local)
-            if self.observed is None:
-                return self.cell_noise
-            obs = self.observed
-            safe = torch.where(obs, self.cell_noise, torch.ones_like(self.cell_noise))
-            log_sum = allreduce_sum(torch.log(safe)[obs].sum(), self.group)
-            fill = torch.exp(log_sum / self.n_observed)
-            return torch.where(obs, self.cell_noise, fill)
+        """``d̃`` on this rank's cells (model units): :meth:`ShardedLayout.fill_noise`."""
+        return self.layout.fill_noise(self.noise, self.cell_noise, self.observed)
 
-    # ------------------------------------------------------------------ probes
+    #: μ on this rank's cells, under the name the inference paths call
+    _mean_grid = _mean_local
 
     def _std_normal_rows(self, cols: int, offset: int) -> Tensor:
         """This rank's rows of an ``(N, cols)`` standard normal block (module docstring)."""
-        dev, dt = self.y.device, self.y.dtype
-        scheme = self.probe_scheme
-        if scheme == "auto":
-            scheme = "replicated" if self.n_cells * cols <= _REPLICATED_PROBE_LIMIT else "chunked"
-        if scheme == "replicated":
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(self.seed + offset)
-            # GridGP's draw: column after column (its (N, cols) block is a transposed view)
-            return torch.randn(cols, self.n_cells, generator=gen, dtype=dt, device=dev)[:, self.rows].mT.contiguous()
-        out = []
-        start, stop = self.rows.start, self.rows.stop
-        for chunk in range(start // _PROBE_CHUNK_ROWS, (stop - 1) // _PROBE_CHUNK_ROWS + 1):
-            c0 = chunk * _PROBE_CHUNK_ROWS
-            c1 = min(self.n_cells, c0 + _PROBE_CHUNK_ROWS)
-            key = hashlib.blake2b(f"{self.seed},{offset},{chunk}".encode(), digest_size=8).digest()
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(int.from_bytes(key, "little") >> 1)
-            block = torch.randn(c1 - c0, cols, generator=gen, dtype=dt, device=dev)
-            out.append(block[max(start, c0) - c0 : min(stop, c1) - c0])
-        return torch.cat(out)
-
-    def _probes(self, cells: Optional[Tensor], offset: int = 0) -> Tensor:
-        """This rank's rows of GridGP's probe block for traces over ``cells`` (``None`` = all).
-
-        ``√S`` times the unit vectors of the ``S`` cells concerned (in global order) when
-        ``S ≤ exact_trace_limit``, else ``num_probes`` standard normal columns.
-        """
-        dev = self.y.device
-        local = self.n_local if cells is None else int(cells.sum())
-        counts = torch.zeros(self.world_size, dtype=torch.int64, device=dev)
-        counts[self.rank] = local
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        count = int(counts.sum())
-        if 0 < count <= self.exact_trace_limit:
-            before = int(counts[: self.rank].sum())
-            idx = torch.arange(self.n_local, device=dev)
-            if cells is not None:
-                idx = idx[cells]
-            out = torch.zeros(self.n_local, count, dtype=self.y.dtype, device=dev)
-            out[idx, torch.arange(before, before + local, device=dev)] = math.sqrt(count)
-            return out
-        return self._std_normal_rows(self.num_probes, offset)
+        return self.layout.std_normal(self.n_cells, cols, offset, seed=self.seed, resample=False, like=self.y)
 
     # ------------------------------------------------------------------ likelihood
 
     def _lml_model_units(self) -> Tensor:
-        factors = self._factors()
-        resid = self.y - self._mean_local()
-        if self.path == "exact":
-            self.cg_iterations = 0
-            return _DistributedExactLML.apply(resid, self.noise, self.outputscale, self._info, *factors)
-        homoskedastic = self.cell_noise is None
-        cov = sharded_grid_covariance(
-            factors, self.outputscale.detach(), self._fill_noise(), homoskedastic=homoskedastic,
-            tol=self.cg_tol, max_iters=self.cg_max_iters, sharding=self.sharding, rank=self.rank,
-            group=self.group, precondition=self.precondition,
-        )
-        if self.precondition:
-            pieces = cg_lml_pieces(
-                cov,
-                resid.detach(),
-                self.observed,
-                self.n_observed,
-                probes_c=None if homoskedastic else self._probes(None),
-                probes_g=None if self.observed is None else self._probes(~self.observed, offset=1),
-                tol=self.cg_tol,
-                max_iters=self.cg_max_iters,
-                inner=self._inner,
-            )
-            value = pieces.value
-        else:
-            pieces = plain_cg_lml_pieces(
-                cov.matvec, resid.detach(), self.observed, self.n_observed,
-                self._std_normal_rows(self.num_probes, 0), tol=self.cg_tol,
-                max_iters=self.cg_max_iters, inner=self._inner,
-            )
-            value = pieces.value
-        self.cg_iterations = pieces.iterations
-        self.cg_inner_iterations = pieces.inner_iterations
-        self.cg_residual = pieces.residual
-        # Surrogate whose gradient is the estimated one (CG vectors held fixed), as GridGP
-        # builds it, with every grid sum all-reduced. s² and σ² multiply replicated sums;
-        # the factors' gradients are summed inside the distributed product; the mean's
-        # parameters pass through replicate_factors in _mean_local.
-        left_w = pieces.left * pieces.weights
-        k_right = dist_ops.kron_matmul(factors, pieces.right, self.group)
-        surrogate = self.outputscale * allreduce_sum((left_w * k_right).sum(), self.group)
-        if self.learn_noise:
-            surrogate = surrogate + self.noise * allreduce_sum((left_w * pieces.right).sum(), self.group)
-        surrogate = surrogate + allreduce_sum((pieces.alpha * self._mean_local()).sum(), self.group)
-        if pieces.exact_logdet and self.precondition:
-            level = self.noise if homoskedastic else cov.sigma_bar2
-            surrogate = surrogate + _DistributedExactLML.apply(None, level, self.outputscale, self._info, *factors)
-        return value + (surrogate - surrogate.detach())
+        # GridGP's own path objects, run on this rank's block through the layout
+        return self.inference.lml(self)
 
     def log_marginal_likelihood(self) -> Tensor:
         """``log p(y_O)`` in data units: a 0-dim tensor, the same on every rank.

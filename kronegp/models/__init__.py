@@ -1,5 +1,7 @@
-"""GP models on grids: :class:`GridGP` (exact Kronecker path, masked/heteroskedastic CG path),
-and what to do with their hyperparameters (:mod:`kronegp.models.hyperparameters`).
+"""GP models on grids: :class:`GridGP`, its inference paths (:mod:`kronegp.models.paths`: exact
+Kronecker, exact few-missing, separable mask, preconditioned CG; one object each, chosen once)
+and the layout they work through (:mod:`kronegp.models.layout`), and what to do with the
+hyperparameters (:mod:`kronegp.models.hyperparameters`).
 
 Besides the model, the pieces of its core that the sharded grid GP
 (:mod:`kronegp.distributed.gridgp`) builds on, until it is a layout of :class:`GridGP` itself:
@@ -10,7 +12,7 @@ likelihood pieces (:class:`FullGridCovariance`, :func:`cg_lml_pieces`,
 :func:`plain_cg_lml_pieces`).
 """
 
-from kronegp.models._data import ParsedGrid, checked_axis, parse_grid_data, resolve_dtype_device
+from kronegp.models._data import ParsedGrid, checked_axis, default_kernel, parse_grid_data, resolve_dtype_device
 from kronegp.models._kron import factor_eigs
 from kronegp.models._masked import FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces
 from kronegp.models._params import GridHyperparameters
@@ -19,6 +21,6 @@ from kronegp.models.hyperparameters import copy_hyperparameters, describe_hyperp
 
 __all__ = [
     "GridGP", "copy_hyperparameters", "describe_hyperparameters",
-    "FullGridCovariance", "GridHyperparameters", "ParsedGrid", "cg_lml_pieces", "checked_axis", "factor_eigs",
+    "FullGridCovariance", "GridHyperparameters", "ParsedGrid", "cg_lml_pieces", "checked_axis", "default_kernel", "factor_eigs",
     "parse_grid_data", "plain_cg_lml_pieces", "resolve_dtype_device",
 ]

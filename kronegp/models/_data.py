@@ -18,7 +18,9 @@ __all__ = [
     "ParsedGrid",
     "axis_to_numeric",
     "check_settings",
+    "check_kernels",
     "checked_axis",
+    "default_kernel",
     "parse_grid_data",
     "resolve_dtype_device",
     "standardisation",
@@ -322,3 +324,63 @@ def check_settings(
         "variance_samples": _int_setting("variance_samples", variance_samples, 1),
         "exact_trace_limit": _int_setting("exact_trace_limit", exact_trace_limit, 0),
     }
+
+
+def default_kernel(axis: Tensor):
+    """Matérn-5/2 with the lengthscale ``√(spacing · extent)`` of ``axis``: between the grid
+    spacing (the finest resolvable scale) and the extent (the coarsest)."""
+    import gpytorch
+
+    kern = gpytorch.kernels.MaternKernel(nu=2.5)
+    n = axis.shape[0]
+    if n > 1:
+        extent = float((axis[-1] - axis[0]).abs())
+        spacing = float(axis.diff().abs().median())
+        init = math.sqrt(spacing * extent)
+    else:
+        init = 1.0
+    kern.lengthscale = init
+    return kern
+
+
+def check_kernels(kernels: Any, axes: Sequence[Tensor]) -> list:
+    """``kernels`` (one GPyTorch kernel per grid dimension, or ``None`` for the defaults) moved
+    to the axes' dtype and device, after checking each takes 1-D inputs ``(n, 1)``."""
+    import gpytorch
+
+    ndim = len(axes)
+    if kernels is None:
+        kernels = [default_kernel(ax) for ax in axes]
+    if isinstance(kernels, gpytorch.kernels.Kernel) or not isinstance(kernels, (list, tuple)):
+        raise TypeError(
+            f"kernels must be a list of {ndim} GPyTorch kernels (one per dimension), got {type(kernels).__name__}"
+        )
+    if len(kernels) != ndim:
+        raise ValueError(f"kernels must hold one kernel per dimension: {ndim} needed, got {len(kernels)}")
+    out = []
+    for k, (kern, axis) in enumerate(zip(kernels, axes)):
+        if not isinstance(kern, gpytorch.kernels.Kernel):
+            raise TypeError(f"kernels[{k}] must be a gpytorch.kernels.Kernel, got {type(kern).__name__}")
+        kern = kern.to(dtype=axis.dtype, device=axis.device)
+        ard = getattr(kern, "ard_num_dims", None)
+        if ard not in (None, 1):
+            raise ValueError(
+                f"kernels[{k}] has ard_num_dims={ard}, but each GridGP kernel takes 1-D inputs "
+                "(one kernel per grid dimension): use ard_num_dims=None or 1"
+            )
+        x = axis[: min(2, axis.shape[0])].unsqueeze(-1)
+        try:
+            with torch.no_grad():
+                value = kern(x, x).to_dense()
+        except Exception as err:  # any failure here means: the kernel cannot take 1-D inputs
+            raise ValueError(
+                f"kernels[{k}] ({type(kern).__name__}) does not accept 1-D inputs of shape (n, 1): "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        if tuple(value.shape) != (x.shape[0], x.shape[0]):
+            raise ValueError(
+                f"kernels[{k}] ({type(kern).__name__}) returned shape {tuple(value.shape)} for 1-D inputs of "
+                f"shape {tuple(x.shape)}; expected {(x.shape[0], x.shape[0])} (batched kernels are not supported)"
+            )
+        out.append(kern)
+    return out

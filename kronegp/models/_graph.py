@@ -28,6 +28,7 @@ evaluation's intermediate tensors allocated between steps.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -38,7 +39,7 @@ from kronegp import device
 from kronegp.linalg import device_eigh_rows, jacobi_start_buffers
 from kronegp.solvers.cg import CGSchedule, cg_schedule, warn_not_converged
 
-__all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS"]
+__all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS", "graph_reason", "loss_backward"]
 
 
 #: A step whose CG runs would be recorded with more iterations than this in all is not recorded
@@ -139,7 +140,7 @@ class GraphedLoss:
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(dev))
         self._store = store = _ProbeStore()
-        m._probe_store = store  # the eager step draws the probes into it, the graph reads them
+        m.layout.probe_store = store  # the eager step draws the probes into it, the graph reads them
         # the previous graph and its pool's tensors go now, not while recording
         self.graph = self._loss = self._grads = self._check = None
         for p in params:
@@ -160,7 +161,7 @@ class GraphedLoss:
                         loss = self._evaluate(CGSchedule.fixed(counts)).detach()
                     finally:
                         torch.cuda.set_sync_debug_mode(debug)
-                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual) if m.path == "cg" else None
+                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual) if m.inference.reports_cg else None
                     grads = [p.grad for p in params]
                     self._record(counts, stream)
                     if stats is not None:
@@ -169,7 +170,7 @@ class GraphedLoss:
                 else:
                     grads = [p.grad for p in params]
         finally:
-            m._probe_store = None
+            m.layout.probe_store = None
             torch.cuda.current_stream(dev).wait_stream(stream)
         for p, g in zip(params, grads):
             p.grad = g
@@ -190,7 +191,7 @@ class GraphedLoss:
                 # nodes (bound to this stream) for later eager steps
                 loss = self._evaluate(schedule).detach()
                 rows = [schedule.check_tensor().reshape(-1)] if counts else []
-                if m.path == "cg":
+                if m.inference.reports_cg:
                     stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual)
                     rows.append(torch.stack([_as_f64(v, loss.device) for v in stats]))
                 check = torch.cat(rows) if rows else None
@@ -211,7 +212,7 @@ class GraphedLoss:
         if self.graph is None:
             return self._eager_and_record()
         if m.resample_probes:
-            self._store.redraw(m._draw_normal)
+            self._store.redraw(lambda rows, cols, offset: m.layout.draw_normal(rows, cols, offset, m.seed, True, m.y))
         self.graph.replay()
         params = self._params()
         for p, g in zip(params, self._grads):
@@ -225,7 +226,7 @@ class GraphedLoss:
                     return self._eager_and_record()  # ran out of recorded iterations: redo
                 if active:  # stopped at max_iters, as the eager step would have
                     warn_not_converged(limit, residual, m.cg_tol, stacklevel=3)
-            if m.path == "cg":
+            if m.inference.reports_cg:
                 it, inner, residual = values[3 * n_runs :]
                 m.cg_iterations, m.cg_inner_iterations, m.cg_residual = int(it), int(inner), residual
             # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
@@ -240,15 +241,9 @@ def graph_reason(model) -> Optional[str]:
     dev = model.y.device
     if dev.type != "cuda":
         return f"the model is on {dev}, not a CUDA device"
-    if model.path == "exact-missing":
-        # its Cholesky factorisation's check (and the box's index maps) read the device
-        return "the exact-missing path (few missing cells) runs eagerly"
-    if model.path == "separable-mask":
-        # its dense eigh over the observed points synchronises
-        return "the separable-mask path runs eagerly"
-    if model.observed is not None and model.cell_noise is not None and model.path == "cg":
-        # every outer iteration solves with C by CG: the number of runs follows the outer count
-        return "missing cells with per-cell noise (nested CG solves)"
+    obstacle = model.inference.graph_obstacle(model)
+    if obstacle is not None:
+        return obstacle
     capability = device.backend_for(model.y).eigh_capability(model.y)
     if not capability:
         return f"the factors have no on-device eigensolver ({capability.reason})"
@@ -257,3 +252,32 @@ def graph_reason(model) -> Optional[str]:
         return (f"a grid axis has {max(model.shape)} points: factors of more than {rows} rows are "
                 "eigendecomposed on the host or by cuSOLVER, which synchronise")
     return None
+
+
+def loss_backward(model, cuda_graph: Optional[bool]) -> Tensor:
+    """:meth:`GridGP.loss_backward <kronegp.GridGP.loss_backward>`: the step from the model's
+    recorded graph where it can be one (recorded at the first call; a failed recording warns
+    once and the model runs eagerly from then on), else eagerly."""
+    if cuda_graph is None or cuda_graph:
+        reason = graph_reason(model) if model._graph_failed is None else model._graph_failed
+        if reason is None:
+            if model._graphed is None:
+                model._graphed = GraphedLoss(model)
+            try:
+                return model._graphed()
+            except Exception as err:
+                if cuda_graph:
+                    raise
+                model._graphed = None
+                model._graph_failed = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"GridGP: the training step could not be recorded as a CUDA graph ({model._graph_failed}); "
+                    "it runs eagerly (pass cuda_graph=False to fit/loss_backward to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        elif cuda_graph:
+            raise ValueError(f"cuda_graph=True, but this model's step cannot be a CUDA graph: {reason}")
+    for p in model.parameters():
+        p.grad = None
+    return model._eager_loss_backward().detach()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
+import gpytorch
 import torch
+from gpytorch.constraints import GreaterThan, Positive
 from torch import Tensor
 
 from kronegp.kernels.stationary import stationary_factors
@@ -24,6 +26,30 @@ class GridHyperparameters:
 
     #: what :meth:`hyperparameters` reports where a model has no such number to set
     _NOT_A_VALUE = {"noise": "per-cell (fixed)", "mean": "user"}
+
+    def _init_hyperparameters(self, var0: float, mean0: float, learn_noise: bool, mean: Any,
+                              dtype: torch.dtype, device: torch.device) -> None:
+        """Create the output scale (``s² = var0``), the noise (``σ² = var0 / 10``, learned unless
+        per-cell noise is given) and the mean (``mean``, a ``gpytorch.means.Mean``, or a learned
+        constant ``mean0``), in model units."""
+        self.outputscale_constraint = Positive()
+        self.raw_outputscale = torch.nn.Parameter(
+            self.outputscale_constraint.inverse_transform(torch.tensor(var0, dtype=dtype, device=device))
+        )
+        self.learn_noise = learn_noise
+        if learn_noise:
+            self.noise_constraint = GreaterThan(1e-6)
+            self.raw_noise = torch.nn.Parameter(
+                self.noise_constraint.inverse_transform(torch.tensor(0.1 * var0, dtype=dtype, device=device))
+            )
+        self.user_mean = mean is not None
+        if mean is None:
+            mean = gpytorch.means.ConstantMean()
+            with torch.no_grad():
+                mean.constant.fill_(mean0)
+        elif not isinstance(mean, gpytorch.means.Mean):
+            raise TypeError(f"mean must be a gpytorch.means.Mean or None, got {type(mean).__name__}")
+        self.mean_module = mean.to(dtype=dtype, device=device)
 
     def set_hyperparameters(self, hyperparameters: Optional[Mapping[str, Any]] = None, /, **values: Any) -> None:
         """Set hyperparameters in data units: the inverse of :meth:`hyperparameters`.
@@ -134,6 +160,33 @@ class GridHyperparameters:
     def path(self) -> str:
         """``"exact"`` on a full grid with one noise level, ``"cg"`` otherwise."""
         return "exact" if self.observed is None and self.cell_noise is None else "cg"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Current hyperparameters in data units, for printing.
+
+        Keys: ``lengthscales`` (one per dimension, axis units; ``None`` for a kernel
+        without one), ``outputscale`` (variance of ``f``), ``noise`` (learned variance, or
+        ``"per-cell (fixed)"``), ``mean`` (the constant, or ``"user"``), ``kernels`` (every
+        constrained kernel parameter by dimension), ``path``.
+        """
+        with torch.no_grad():
+            lengthscales, kern_params = [], []
+            for kern in self.kernels:
+                ls = getattr(kern, "lengthscale", None)
+                lengthscales.append(ls.reshape(-1).tolist()[0] if isinstance(ls, Tensor) and ls.numel() == 1 else (ls.reshape(-1).tolist() if isinstance(ls, Tensor) else None))
+                params = {}
+                for name, raw, constraint in kern.named_parameters_and_constraints():
+                    value = constraint.transform(raw) if constraint is not None else raw
+                    params[name.replace("raw_", "")] = value.reshape(-1).tolist() if value.numel() > 1 else float(value)
+                kern_params.append(params)
+            return {
+                "lengthscales": lengthscales,
+                "outputscale": float(self.outputscale) * self.scale**2,
+                "noise": float(self.noise) * self.scale**2 if self.learn_noise else self._NOT_A_VALUE["noise"],
+                "mean": float(self.mean_module.constant) * self.scale + self.shift if not self.user_mean else self._NOT_A_VALUE["mean"],
+                "kernels": kern_params,
+                "path": self.path,
+            }
 
     @property
     def axes(self) -> list[Tensor]:

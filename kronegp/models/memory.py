@@ -41,7 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "MemoryPlan", "MemoryPlanError", "LiveBytes", "free_memory", "plan_exact_step", "plan_exact_predict",
-    "plan_exact_sample", "plan_cg_step", "plan_for_model", "check_plan", "MAX_CHUNK", "HEADROOM",
+    "plan_exact_sample", "plan_cg_step", "plan_for_model", "operation_chunk", "check_plan", "MAX_CHUNK", "HEADROOM",
 ]
 
 GIB = 2**30
@@ -240,7 +240,7 @@ def plan_for_model(model, operation: str = "step", *, samples: int = 1,
     budget = None if free_bytes is None else HEADROOM * free_bytes
     n = _cells(shape)
     user_mean = bool(getattr(model, "user_mean", False))
-    if model.path == "exact":
+    if model.inference.chunked:
         if operation == "step":
             plan = _choose_chunk(lambda c: plan_exact_step(shape, dtype, c, user_mean=user_mean, device_type=dev.type), n, budget)
         elif operation == "predict":
@@ -256,6 +256,19 @@ def plan_for_model(model, operation: str = "step", *, samples: int = 1,
         plan.operation = f"cg {operation} ({model.num_probes} probes)"
     plan.free_bytes = free_bytes
     return plan
+
+
+def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
+    """The chunk of ``operation`` for a GridGP ``model``, after checking that it fits
+    (:class:`MemoryPlanError` before any work otherwise). A training step's is kept (in the
+    model) until the next ``fit`` drops it (``model.__dict__["_step_chunk"]``)."""
+    if operation != "step":
+        return check_plan(model.memory_plan(operation, samples=samples), model).chunk
+    key = (model.y.dtype, model.y.device, model.path, model.num_probes, model.shape)
+    cached = model.__dict__.get("_step_chunk")
+    if cached is None or cached[0] != key:
+        cached = model.__dict__["_step_chunk"] = (key, check_plan(model.memory_plan("step"), model).chunk)
+    return cached[1]
 
 
 def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:

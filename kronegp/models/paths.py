@@ -1,0 +1,519 @@
+"""The inference paths of a grid GP: one object per path, chosen once when the model is built.
+
+Every path has the same small interface (:class:`InferencePath`); the model calls it and never
+asks which path it holds:
+
+* :meth:`~InferencePath.lml`: the log marginal likelihood in model units, as a *surrogate*:
+  its value is the likelihood (or its estimate), its gradient the right gradient (analytic on
+  the exact paths, the stochastic trace estimate on the cg path). It records how it was
+  computed in the model's ``cg_iterations``, ``cg_inner_iterations``, ``cg_residual`` and
+  ``_last_extra`` (what :class:`~kronegp.models.grid_gp.SolveInfo` reports).
+* :meth:`~InferencePath.posterior_grid` / :meth:`~InferencePath.posterior_points`: the
+  posterior mean and variance of ``f`` (model units, noise-free) on the grid or at points.
+* :meth:`~InferencePath.sample`: joint posterior samples on the grid (model units).
+* :attr:`~InferencePath.chunked` (what the memory plan counts: slabs of the exact path, or the
+  CG blocks) and :meth:`~InferencePath.graph_obstacle` (why a training step cannot be a CUDA
+  graph).
+
+The paths and their numerical homes:
+
+* :class:`ExactPath` (every cell observed, homoskedastic noise): :mod:`kronegp.models._exact`.
+* :class:`ExactMissingPath` (few missing cells): ``G = X_MM`` factored,
+  :mod:`kronegp.models._few_missing`.
+* :class:`SeparableMaskPath` (a mask constant along some axes): :mod:`kronegp.models._separable_mask`.
+* :class:`CGPath` (per-cell noise, or many missing cells): :mod:`kronegp.models._masked`.
+
+Each does its grid-vector work through the model's layout (:mod:`kronegp.models.layout`:
+Kronecker products, eigendecompositions, sums over the grid, probes), so that a sharded
+layout can run the same paths. A path object holds no tensor of the model: it reads the
+model's buffers and hyperparameters at every call (they follow ``.to()``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from kronegp.models import memory
+from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
+from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
+from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
+from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
+                                            separable_mask_limit)
+
+__all__ = ["InferencePath", "ExactPath", "ExactMissingPath", "SeparableMaskPath", "CGPath", "choose_path", "PATHS"]
+
+
+def nonfinite_message(where: str, value: float, hyperparameters: dict) -> str:
+    return f"{where}: the loss became {value}; hyperparameters: {hyperparameters}"
+
+
+def check_finite(gp, factors: list[Tensor]) -> None:
+    """Raise the error ``fit`` gives for a non-finite loss, before any solve runs on
+    non-finite hyperparameters (CG would fail with an unrelated message)."""
+    if gp.layout.probe_store is not None:  # not while a CUDA graph is recorded (no reads there)
+        return
+    parts = [gp.outputscale.detach().reshape(1)] + [f.detach().reshape(-1) for f in factors]
+    if gp.learn_noise:
+        parts.append(gp.noise.detach().reshape(1))
+    if not bool(torch.isfinite(torch.cat(parts)).all()):
+        raise FloatingPointError(nonfinite_message("GridGP.log_marginal_likelihood", float("nan"), gp.hyperparameters()))
+
+
+def _checked_inputs(gp) -> tuple[list[Tensor], Tensor]:
+    """The factors ``K_k`` and the residual ``y − μ`` on the grid, after :func:`check_finite`."""
+    factors = gp._factors()
+    resid = gp.y - gp._mean_grid()
+    check_finite(gp, factors)
+    return factors, resid
+
+
+def _obs_zero(gp, vec: Tensor) -> Tensor:
+    """Zero a grid vector (or ``(N, t)`` block) at missing cells."""
+    if gp.observed is None:
+        return vec
+    obs = gp.observed.to(vec.dtype)
+    return obs * vec if vec.dim() == 1 else obs.unsqueeze(-1) * vec
+
+
+def _missing(gp) -> Optional[Tensor]:
+    """``~observed`` (kept while ``observed`` is the same tensor), or ``None``."""
+    obs = gp.observed
+    if obs is None:
+        return None
+    cached = gp.__dict__.get("_missing_cache")
+    if cached is None or cached[0] is not obs:
+        cached = gp.__dict__["_missing_cache"] = (obs, ~obs)
+    return cached[1]
+
+
+def _report(gp, iterations, inner, residual, extra: dict) -> None:
+    gp.cg_iterations, gp.cg_inner_iterations, gp.cg_residual, gp._last_extra = iterations, inner, residual, extra
+
+
+class InferencePath:
+    """One way to compute a grid GP's likelihood, posterior and samples (module docstring).
+
+    Args:
+        layout: where the grid vectors live (:class:`~kronegp.models.layout.LocalLayout`).
+    """
+
+    #: the name :attr:`GridGP.path` reports
+    name: ClassVar[str] = ""
+    #: whether the work runs in slabs of a chunk the memory plan chooses (else the CG blocks' plan)
+    chunked: ClassVar[bool] = False
+    #: whether a CUDA graph of the step must carry the CG statistics back to the model
+    reports_cg: ClassVar[bool] = False
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # ------------------------------------------------------------------ the interface
+
+    def lml(self, gp) -> Tensor:
+        """``log p(y_O)`` in model units (without the standardisation's Jacobian), as a surrogate."""
+        raise NotImplementedError
+
+    def graph_obstacle(self, gp) -> Optional[str]:
+        """Why this path's training step cannot be recorded as a CUDA graph, or ``None``."""
+        return None
+
+    def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of ``f`` on the grid (model units, flat, fresh tensors)."""
+        factors, s2 = gp._factors(), gp.outputscale
+        system, alpha = self._solved(gp, factors, gp.y - gp._mean_grid())
+        mean = gp._mean_grid() + s2 * self.layout.kron_matmul(factors, alpha.unsqueeze(-1)).squeeze(-1)
+        return mean, self._grid_variance(gp, system, factors, variance)
+
+    def posterior_points(self, gp, pts: Tensor, chunks) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of ``f`` at ``pts`` (``(n, d)``, checked), by ``chunks``
+        (slices of the points), in model units."""
+        factors, s2 = gp._factors(), gp.outputscale
+        system, alpha = self._solved(gp, factors, gp.y - gp._mean_grid())
+        means, vars_ = [], []
+        for sl in chunks:
+            cross, prior = cross_factors(gp.kernels, gp.axes, pts[sl])
+            means.append(gp._mean_points(pts[sl]) + s2 * rowwise_kron_dot(alpha, cross))
+            vars_.append(s2 * prior - self._point_reduction(gp, system, cross, s2))
+        return torch.cat(means), torch.cat(vars_)
+
+    def sample(self, gp, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` joint posterior samples of ``f`` on the grid, ``(n, N)`` in model units.
+
+        Pathwise conditioning (Matheron's rule): ``f = μ + f₀ + K_{·O} C_OO⁻¹ (r − f₀ − ε)_O``
+        with ``f₀ ~ N(0, K)`` and ``ε ~ N(0, D)``, one block solve for all samples.
+        """
+        factors, like = gp._factors(), gp.y
+        mu = gp._mean_grid()
+        resid = gp.y - mu
+        xi = torch.randn(gp.n_cells, n, generator=generator, dtype=like.dtype, device=like.device)
+        system = self._system(gp, factors)
+        f0 = system.eig.apply_function(system.lam.sqrt(), xi)
+        eps = torch.randn(gp.n_cells, n, generator=generator, dtype=like.dtype, device=like.device)
+        noise_sd = gp._fill_noise().sqrt().unsqueeze(-1)
+        sol = self._apply_inverse(gp, system, _obs_zero(gp, resid.unsqueeze(-1) - f0 - noise_sd * eps))
+        return (mu.unsqueeze(-1) + f0 + gp.outputscale * self.layout.kron_matmul(factors, sol)).mT
+
+    # ------------------------------------------------------------------ what the posteriors need
+
+    def _system(self, gp, factors: list[Tensor]):
+        """The system that applies ``C_OO⁻¹`` (with ``.eig``, ``.lam``: ``K``'s eigendecomposition)."""
+        raise NotImplementedError
+
+    def _apply_inverse(self, gp, system, rhs: Tensor) -> Tensor:
+        """``C_OO⁻¹ b_O`` zero-filled, for ``(N, t)`` columns zero at missing cells."""
+        return system.apply(rhs)
+
+    def _solved(self, gp, factors: list[Tensor], resid: Tensor):
+        """``(system, α)``: what the variances need, and ``α = C_OO⁻¹ r_O`` zero-filled."""
+        system = self._system(gp, factors)
+        return system, self._apply_inverse(gp, system, _obs_zero(gp, resid).unsqueeze(-1)).squeeze(-1)
+
+    def _grid_variance(self, gp, system, factors: list[Tensor], variance: str) -> Tensor:
+        raise NotImplementedError
+
+    def _point_reduction(self, gp, system, cross: list[Tensor], s2: Tensor) -> Tensor:
+        """``k*ᵀ C_OO⁻¹ k*`` for the points whose cross factors are ``cross``."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- exact Kronecker
+
+
+class ExactPath(InferencePath):
+    """Every cell observed, one noise level: ``C = Q diag(λ + σ²) Qᵀ`` exactly
+    (:mod:`kronegp.models._exact`), chunked by the memory plan."""
+
+    name = "exact"
+    chunked = True
+
+    @staticmethod
+    def _mean(gp) -> Tensor:
+        # y and μ apart (a constant μ never becomes a grid vector): memory.py counts this
+        return gp._mean_grid() if gp.user_mean else gp.mean_module.constant
+
+    def lml(self, gp) -> Tensor:
+        factors = gp._factors()
+        _report(gp, 0, gp.cg_inner_iterations, gp.cg_residual, {})
+        return self.layout.exact_lml(gp.y, gp.noise, gp.outputscale, factors, mean=self._mean(gp),
+                                     chunk=self.layout.step_chunk(gp))
+
+    def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
+        chunk = memory.operation_chunk(gp, "predict")
+        return exact_posterior_grid(gp.y, self._mean(gp), gp.noise, gp.outputscale, gp._factors(), chunk)
+
+    def sample(self, gp, n: int, generator: torch.Generator) -> Tensor:
+        chunk = memory.operation_chunk(gp, "sample", samples=n)
+        return exact_posterior_samples(gp.y, self._mean(gp), gp.noise, gp.outputscale, gp._factors(), n,
+                                       generator, chunk)
+
+    def _solved(self, gp, factors, resid):
+        eig = self.layout.eigen(factors)
+        w = 1.0 / (gp.outputscale * eig.eigvals() + gp.noise)
+        return (eig, w), eig.apply_function(w, resid.unsqueeze(-1)).squeeze(-1)
+
+    def _point_reduction(self, gp, system, cross, s2):
+        eig, w = system
+        proj = [c @ q for c, q in zip(cross, eig.vecs)]
+        return s2 * s2 * rowwise_kron_dot(w, [p * p for p in proj])
+
+
+# ---------------------------------------------------------------------- shared by the two factored paths and cg
+
+
+def _pieces_surrogate(gp, pieces: CGLMLPieces, eig, factors: list[Tensor], level: Optional[Tensor],
+                      extra: Optional[Tensor] = None) -> Tensor:
+    """``value + (surrogate − surrogate.detach())``: the surrogate's gradient is the estimated
+    gradient (bilinear derivatives with the CG vectors held fixed); its value is discarded.
+    ``level``: add ``−½ log det(K + level·I)`` with its exact gradient (``None``: not)."""
+    layout = gp.layout
+    _report(gp, pieces.iterations, pieces.inner_iterations, pieces.residual, pieces.extra)
+    surrogate = layout.total(pieces.alpha * gp._mean_grid())
+    if pieces.left.shape[-1]:
+        left_w = pieces.left * pieces.weights
+        surrogate = surrogate + gp.outputscale * layout.bilinear(left_w, pieces.right, factors)
+        surrogate = surrogate + layout.total((left_w * pieces.right).sum(-1) * gp._fill_noise())
+    if pieces.eig_left is not None:
+        # pairs in eigen-coordinates (homoskedastic noise: ∂C = s²∂(⊗K) + ∂σ² I, Q orthogonal)
+        left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
+        surrogate = surrogate + gp.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, eig, factors)
+        surrogate = surrogate + gp.noise * layout.total(left_w * pieces.eig_right)
+    if extra is not None:
+        surrogate = surrogate + extra
+    if level is not None:
+        # −½ log det(K + σ²I) with its exact gradient: σ² is the learned noise, or the
+        # preconditioner's fixed σ̄² (per-cell noise, control variate).
+        surrogate = surrogate + layout.exact_lml(None, level, gp.outputscale, factors)
+    return pieces.value + (surrogate - surrogate.detach())
+
+
+class _FactoredPath(InferencePath):
+    """A path whose ``C_OO⁻¹`` is applied exactly by a factored system (``.apply``,
+    ``.grid_variance``, ``.eig``, ``.lam``) built once per call from the hyperparameters."""
+
+    #: why its training step is not a CUDA graph (its factorisation reads the device)
+    eager_because: ClassVar[str] = ""
+
+    def graph_obstacle(self, gp) -> Optional[str]:
+        return self.eager_because
+
+    def _grid_variance(self, gp, system, factors, variance):
+        return system.grid_variance()
+
+    def _point_reduction(self, gp, system, cross, s2):
+        cols = _obs_zero(gp, s2 * rowwise_kron_columns(cross))
+        return (cols * system.apply(cols)).sum(0)
+
+
+
+class ExactMissingPath(_FactoredPath):
+    """Few missing cells, one noise level: ``G = [C⁻¹]_MM`` Cholesky-factored
+    (:mod:`kronegp.models._few_missing`); exact likelihood, gradients, posterior."""
+
+    name = "exact-missing"
+
+    def _system(self, gp, factors):
+        return FewMissing(self.layout.eigen(factors), gp.outputscale, gp.noise, _missing(gp))
+
+    # its Cholesky factorisation's check (and the box's index maps) read the device
+    eager_because = "the exact-missing path (few missing cells) runs eagerly"
+
+    def lml(self, gp) -> Tensor:
+        factors, resid = _checked_inputs(gp)
+        with torch.no_grad():
+            fm = self._system(gp, factors)
+            r = _obs_zero(gp, resid.detach())
+            quad, alpha_t = fm.lml_terms(r)
+            logdet = torch.log(fm.lam + fm.noise).sum() + fm.logdet_g
+            value = -0.5 * quad - 0.5 * logdet - 0.5 * gp.n_observed * math.log(2 * math.pi)
+            alpha = _obs_zero(gp, fm.eig.from_eigbasis_rows(alpha_t)[0])
+        empty = r.new_zeros(r.shape[0], 0)
+        pieces = CGLMLPieces(
+            value=value, alpha=alpha, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
+            iterations=0, residual=0.0, extra={"boxed": fm.boxed, "missing": fm.m},
+            eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
+        )
+        # the log det G term's gradient: FewMissing.logdet_g_surrogate
+        return _pieces_surrogate(gp, pieces, fm.eig, factors, gp.noise,
+                                 extra=fm.logdet_g_surrogate(gp.outputscale, gp.noise, factors))
+
+
+class SeparableMaskPath(_FactoredPath):
+    """A mask constant along some axes, one noise level: ``C_OO = s²(K_S ⊗ K_B) + σ²I``
+    diagonalised exactly (:mod:`kronegp.models._separable_mask`).
+
+    Args:
+        masked_axes: the axes the mask depends on (:func:`~kronegp.models._separable_mask.mask_axes`).
+    """
+
+    name = "separable-mask"
+
+    def __init__(self, layout, masked_axes: list[int]):
+        super().__init__(layout)
+        self.masked_axes = list(masked_axes)
+
+    def __repr__(self) -> str:
+        return f"SeparableMaskPath(masked_axes={self.masked_axes})"
+
+    def _system(self, gp, factors):
+        return SeparableMask(factors, gp.outputscale, gp.noise, gp.observed, self.masked_axes)
+
+    # its dense eigh over the observed points synchronises
+    eager_because = "the separable-mask path runs eagerly"
+
+    def lml(self, gp) -> Tensor:
+        factors, resid = _checked_inputs(gp)
+        with torch.no_grad():
+            sm = self._system(gp, factors)
+            quad, logdet, alpha = sm.lml_terms(resid.detach())
+            value = -0.5 * quad - 0.5 * logdet - 0.5 * gp.n_observed * math.log(2 * math.pi)
+            alpha_grid = sm.from_sb(alpha.unsqueeze(0)).squeeze(-1)
+        _report(gp, 0, 0, 0.0, {"masked_axes": list(sm.A), "observed_points": sm.n_points})
+        surrogate = (gp.layout.total(alpha_grid * gp._mean_grid())
+                     + lml_surrogate(sm, alpha, gp.outputscale, gp.noise, factors))
+        return value + (surrogate - surrogate.detach())
+
+
+# ---------------------------------------------------------------------- preconditioned CG
+
+
+class CGPath(InferencePath):
+    """Per-cell noise or many missing cells: preconditioned block CG on the full-grid
+    covariance (:mod:`kronegp.models._masked`), stochastic log-determinant and traces."""
+
+    name = "cg"
+    reports_cg = True
+
+    def covariance(self, gp, factors: list[Tensor]) -> FullGridCovariance:
+        """``C = K + diag(d̃)`` at the current hyperparameters (no autograd)."""
+        return self.layout.covariance(factors, gp.outputscale.detach(), gp._fill_noise().detach(),
+                                      homoskedastic=gp.cell_noise is None, tol=gp.cg_tol,
+                                      max_iters=gp.cg_max_iters, precondition=gp.precondition)
+
+    def graph_obstacle(self, gp) -> Optional[str]:
+        if gp.observed is not None and gp.cell_noise is not None:
+            # every outer iteration solves with C by CG: the number of runs follows the outer count
+            return "missing cells with per-cell noise (nested CG solves)"
+        return None
+
+    # ------------------------------------------------------------------ probes
+
+    def std_normal(self, gp, rows: int, cols: int, offset: int = 0) -> Tensor:
+        return self.layout.std_normal(rows, cols, offset, seed=gp.seed, resample=gp.resample_probes, like=gp.y)
+
+    def probes(self, gp, cells: Optional[Tensor], offset: int = 0) -> Tensor:
+        """Probe columns for trace estimates over ``cells`` (bool grid; ``None`` = all).
+
+        Random standard normal (``num_probes`` columns), or, when at most
+        ``exact_trace_limit`` cells are concerned, ``√S`` times the ``S`` unit vectors of
+        those cells: then ``(1/S) Σ_s z_sᵀ A z_s = tr A`` exactly, so the likelihood and its
+        gradient are exact up to CG tolerance.
+        """
+        count = (gp.n_cells if cells is None else gp.n_cells - gp.n_observed if cells is _missing(gp)
+                 else self.layout.count(cells))
+        if 0 < count <= gp.exact_trace_limit:
+            return self.layout.unit_probes(cells, count, gp.y)
+        return self.std_normal(gp, gp.n_cells, gp.num_probes, offset=offset)
+
+    # ------------------------------------------------------------------ likelihood
+
+    def lml(self, gp) -> Tensor:
+        factors, resid = _checked_inputs(gp)
+        cov = self.covariance(gp, factors)
+        if gp.precondition:
+            pieces = cg_lml_pieces(
+                cov, resid.detach(), gp.observed, gp.n_observed,
+                probes_c=None if cov.homoskedastic else self.probes(gp, None),
+                probes_g=None if gp.observed is None else self.probes(gp, _missing(gp), offset=1),
+                tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
+            )
+        else:
+            pieces = plain_cg_lml_pieces(
+                cov.matvec, resid.detach(), gp.observed, gp.n_observed,
+                self.std_normal(gp, gp.n_cells, gp.num_probes), tol=gp.cg_tol, max_iters=gp.cg_max_iters,
+                inner=self.layout.inner,
+            )
+        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())) - 1
+        level = gp.noise if cov.homoskedastic else cov.sigma_bar2
+        return _pieces_surrogate(gp, pieces, cov.eig, factors,
+                                 level if pieces.exact_logdet and gp.precondition else None)
+
+    # ------------------------------------------------------------------ posterior
+
+    def _solve_observed(self, gp, cov: FullGridCovariance, rhs: Tensor, tol: Optional[float] = None) -> Tensor:
+        """``C_OO⁻¹ b_O`` zero-filled, for ``(N, t)`` columns zero at missing cells."""
+        out, gp.cg_iterations = solve_observed(cov, rhs, gp.observed, tol=gp.cg_tol if tol is None else tol,
+                                               max_iters=gp.cg_max_iters)
+        return out
+
+    def _system(self, gp, factors):
+        return self.covariance(gp, factors)
+
+    def _apply_inverse(self, gp, cov, rhs):
+        return self._solve_observed(gp, cov, rhs)
+
+    def _point_reduction(self, gp, cov, cross, s2):
+        return self._reduction(gp, cov, _obs_zero(gp, s2 * rowwise_kron_columns(cross)))
+
+    def _reduction(self, gp, cov: FullGridCovariance, kcols: Tensor) -> Tensor:
+        """``diag(k_Oᵀ C_OO⁻¹ k_O)`` for grid columns ``k`` (``(N, c)``).
+
+        Solved 100× tighter than ``cg_tol``: the variance ``k** − kᵀC⁻¹k`` is a difference
+        of near-equal terms next to observed cells, so its relative error is the solve's
+        error amplified.
+        """
+        rhs = _obs_zero(gp, kcols)
+        out = self._solve_observed(gp, cov, rhs, tol=max(gp.cg_tol * 1e-2, 50 * torch.finfo(rhs.dtype).eps))
+        return (rhs * out).sum(0)
+
+    def _grid_variance(self, gp, cov, factors, method):
+        s2 = cov.outputscale
+        if method == "auto":
+            method = "exact" if gp.n_cells <= gp.exact_variance_limit else "mc"
+            if method == "mc":
+                warnings.warn(
+                    f"GridGP.predict: the grid has {gp.n_cells} cells > exact_variance_limit="
+                    f"{gp.exact_variance_limit}, so the cg-path variance is a Monte Carlo estimate with "
+                    f"{gp.variance_samples} samples (pass variance='exact' for one CG solve per cell)",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        prior = s2 * self.layout.kron_vector([f.diagonal() for f in factors])
+        if method == "exact":
+            n = gp.n_cells
+            chunk = max(1, min(n, CHUNK_ELEMENTS // n, 1024))
+            red = []
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                unit = torch.zeros(n, stop - start, dtype=prior.dtype, device=prior.device)
+                unit[torch.arange(start, stop, device=prior.device), torch.arange(stop - start, device=prior.device)] = 1
+                red.append(self._reduction(gp, cov, cov.kernel_matvec(unit)))
+            return prior - torch.cat(red)
+        # Monte Carlo with a control variate: the deviation of a posterior sample from the
+        # posterior mean, for this model and for the full-grid homoskedastic model with noise
+        # σ̄² (exact variance known), driven by the same random numbers so the two correlate.
+        s = gp.variance_samples
+        lam, eig, sb2 = cov.lam, cov.eig, cov.sigma_bar2
+        f0 = eig.apply_function(lam.sqrt(), self.std_normal(gp, gp.n_cells, s, offset=2))
+        eps = self.std_normal(gp, gp.n_cells, s, offset=3)
+        noise_sd = gp._fill_noise().detach().sqrt().unsqueeze(-1)
+        sol = self._solve_observed(gp, cov, _obs_zero(gp, f0 + noise_sd * eps))
+        dev_model = f0 - cov.kernel_matvec(sol)
+        dev_control = f0 - eig.apply_function(lam / (lam + sb2), f0 + sb2.sqrt() * eps)
+        var_control = eig.diag_of(lam * sb2 / (lam + sb2))
+        return var_control + (dev_model * dev_model - dev_control * dev_control).mean(-1)
+
+
+
+#: every path by the name ``GridGP(path=...)`` takes
+PATHS = {cls.name: cls for cls in (ExactPath, ExactMissingPath, SeparableMaskPath, CGPath)}
+
+
+def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: int, per_cell: bool,
+                device: torch.device) -> InferencePath:
+    """The inference path, once (see ``GridGP``'s ``path`` argument): the requested one after
+    checking that the data allow it, or for ``"auto"`` the fastest exact path they allow, else cg."""
+    if requested != "auto" and requested not in PATHS:
+        raise ValueError(f"path must be 'auto', 'exact', 'exact-missing', 'separable-mask' or 'cg', got {requested!r}")
+    shape, n_cells = layout.shape, layout.n_cells
+    n_missing = 0 if observed is None else n_cells - n_observed
+    if requested == "exact" and (n_missing or per_cell):
+        raise ValueError(
+            f"path='exact' needs every cell observed and one noise level; this grid has {n_missing} missing "
+            f"cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+    if requested == "exact-missing" and (per_cell or not n_missing):
+        raise ValueError(
+            "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
+            f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+    masked, n_points = mask_axes(observed, shape) if n_missing else ([], 0)
+    # constant along an axis with more than one point (a length-1 axis says nothing)
+    constant = math.prod(n for k, n in enumerate(shape) if k not in masked) > 1
+    if requested == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
+        why = ("per-cell noise" if per_cell else "no missing cells" if not n_missing else
+               "a mask that depends on every axis" if not constant else
+               f"{n_points} observed points on the masked axes {masked} > {MAX_POINTS_ANY}")
+        raise ValueError(
+            "path='separable-mask' needs a homoskedastic (learned) noise and a mask constant along at least "
+            f"one axis with at most {MAX_POINTS_ANY} observed points on the others; this grid has {why} "
+            "(use path='auto')")
+    separable = constant and n_points <= separable_mask_limit(device)
+    name = requested
+    if requested == "auto":
+        if per_cell:
+            name = "cg"
+        elif not n_missing:
+            name = "exact"
+        elif (n_missing <= few_missing_limit(device) and n_missing * n_cells <= MAX_FORM_ELEMENTS
+              and (not separable or n_missing <= n_points)):
+            name = "exact-missing"
+        else:
+            name = "separable-mask" if separable else "cg"
+    return SeparableMaskPath(layout, masked) if name == "separable-mask" else PATHS[name](layout)

@@ -1,0 +1,152 @@
+"""One object per inference path (issue 22 item 5, issue 23 "one grid-GP core").
+
+* each path object (:mod:`kronegp.models.paths`), forced on a small float64 grid, against a dense
+  Cholesky (the references of :mod:`test_gaps`): likelihood, gradient, posterior on the grid
+  and at points;
+* every path class has the same interface;
+* ``GridGP`` never branches on the path (read from its source with ``ast``);
+* the paths do their grid-vector work through the model's layout (a layout that counts its
+  calls gives the same numbers).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from kronegp import GridGP
+from kronegp.models.layout import LocalLayout
+from kronegp.models.paths import PATHS, InferencePath
+from test_gaps import dense_grid_posterior, dense_lml, field, lml_and_grads, pattern, rel
+
+GRID_GP_SOURCE = Path(__file__).resolve().parent.parent / "kronegp" / "models" / "grid_gp.py"
+
+
+def _separable_mask(shape):
+    g = torch.Generator().manual_seed(4)
+    keep = torch.rand(shape[0], shape[1], 1, generator=g) > 0.3
+    return keep.expand(shape).clone()
+
+
+def _build(case):
+    v, axes = field()
+    hyper = {"lengthscales": [1.5, 2.0, 2.5], "noise": 0.05}
+    if case == "exact":
+        return GridGP(v, axes, path="exact", hyperparameters=hyper)
+    if case == "exact-missing":
+        v[pattern("clouds")] = float("nan")
+        return GridGP(v, axes, path="exact-missing", hyperparameters=hyper)
+    if case == "separable-mask":
+        return GridGP(v, axes, mask=_separable_mask(v.shape), path="separable-mask", hyperparameters=hyper)
+    if case == "cg-missing":
+        v[pattern("hole")] = float("nan")
+        return GridGP(v, axes, path="cg", cg_tol=1e-10, hyperparameters=hyper)
+    g = torch.Generator().manual_seed(5)  # cg with per-cell noise over two decades
+    noise = 0.01 * 10 ** (2 * torch.rand(v.shape, generator=g, dtype=v.dtype))
+    return GridGP(v, axes, noise=noise, path="cg", cg_tol=1e-10, hyperparameters={"lengthscales": [1.5, 2.0, 2.5]})
+
+
+CASES = ["exact", "exact-missing", "separable-mask", "cg-missing", "cg-noise"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_path_object_matches_a_dense_cholesky(case):
+    gp = _build(case)
+    name = case if not case.startswith("cg") else "cg"
+    assert gp.path == name and type(gp.inference) is PATHS[name]
+    tol = 1e-6 if name == "cg" else 1e-10
+    a, ga = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    b, gb = lml_and_grads(gp, dense_lml)
+    assert abs(a - b) <= tol * abs(b), (a, b)
+    assert rel(ga, gb) <= tol * 10
+    assert gp.last_solve.path == name
+    mean, var = gp.predict(variance="exact")
+    ref_mean, ref_var = dense_grid_posterior(gp)
+    assert rel(mean.reshape(-1), ref_mean) <= tol
+    assert rel(var.reshape(-1), ref_var) <= tol * 100  # a difference of near-equal terms
+    # at points that are grid nodes the posterior is the grid's
+    pts = gp.layout.grid_points(gp.axes)[::7]
+    pmean, pvar = gp.predict(pts, variance="exact")
+    assert rel(pmean, ref_mean[::7]) <= tol
+    assert rel(pvar, ref_var[::7]) <= tol * 100
+    torch.manual_seed(0)
+    draws = gp.sample(3)
+    assert draws.shape == (3, *gp.shape) and bool(torch.isfinite(draws).all())
+
+
+def test_every_path_class_has_the_same_interface():
+    members = ["lml", "posterior_grid", "posterior_points", "sample", "graph_obstacle"]
+    assert sorted(PATHS) == ["cg", "exact", "exact-missing", "separable-mask"]
+    for name, cls in PATHS.items():
+        assert issubclass(cls, InferencePath) and cls.name == name
+        for member in members:
+            params = list(inspect.signature(getattr(cls, member)).parameters)
+            assert params == list(inspect.signature(getattr(InferencePath, member)).parameters), (name, member)
+        # what the base leaves to each path is there
+        overridden = {m for m in ("lml", "sample", "_system", "_solved", "_point_reduction")
+                      if getattr(cls, m) is not getattr(InferencePath, m)}
+        assert {"lml", "_point_reduction"} <= overridden, name
+        assert "_system" in overridden or {"_solved", "sample"} <= overridden, name
+        assert isinstance(cls.chunked, bool) and isinstance(cls.reports_cg, bool)
+
+
+def _path_branches(source: str) -> list[int]:
+    """Lines where ``source`` compares something with a path's name (``x == "cg"``,
+    ``x in ("exact", …)``) or with a ``.path`` / ``path`` value. (``variance`` takes
+    ``"exact"`` too, as a method: comparisons of ``variance`` are not about the path.)"""
+    names = set(PATHS)
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare) or (isinstance(node.left, ast.Name) and node.left.id == "variance"):
+            continue
+        for operand in [node.left, *node.comparators]:
+            consts = [operand] + (list(operand.elts) if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [])
+            if any(isinstance(c, ast.Constant) and c.value in names for c in consts) or (
+                    isinstance(operand, ast.Attribute) and operand.attr in ("path", "_path")) or (
+                    isinstance(operand, ast.Name) and operand.id == "path"):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_gridgp_does_not_branch_on_the_path():
+    # the check finds a branch where there is one
+    assert _path_branches('if self.path == "cg":\n    pass\n') == [1]
+    assert _path_branches('x = gp.path in ("exact-missing", "separable-mask")\n') == [1]
+    found = _path_branches(GRID_GP_SOURCE.read_text())
+    assert not found, f"grid_gp.py compares the path at lines {found}: ask gp.inference instead"
+
+
+class _CountingLayout(LocalLayout):
+    """A local layout that counts the calls of every method a path may use."""
+
+    def __init__(self, shape):
+        super().__init__(shape)
+        self.calls: dict[str, int] = {}
+        for name in ("kron_matmul", "eigen", "kron_vector", "total", "bilinear", "exact_lml", "covariance",
+                     "std_normal", "unit_probes", "fill_noise", "grid_points"):
+            real = getattr(self, name)
+
+            def counted(*args, _real=real, _name=name, **kw):
+                self.calls[_name] = self.calls.get(_name, 0) + 1
+                return _real(*args, **kw)
+
+            setattr(self, name, counted)
+
+
+@pytest.mark.parametrize("case", ["exact", "cg-missing", "cg-noise"])
+def test_paths_work_through_the_layout(case):
+    gp = _build(case)
+    before, grads_before = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    gp.layout = gp.inference.layout = _CountingLayout(gp.shape)
+    after, grads_after = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    assert after == before and rel(grads_after, grads_before) == 0.0
+    calls = gp.layout.calls
+    if case == "exact":
+        assert calls.get("exact_lml", 0) == 1
+    else:
+        assert calls.get("covariance", 0) == 1 and calls.get("total", 0) >= 1 and calls.get("fill_noise", 0) >= 1
+        assert calls.get("unit_probes", 0) + calls.get("std_normal", 0) >= 1
