@@ -249,6 +249,9 @@ def graph_reason(model) -> Optional[str]:
     if model.observed is not None and model.cell_noise is not None and model.path == "cg":
         # every outer iteration solves with C by CG: the number of runs follows the outer count
         return "missing cells with per-cell noise (nested CG solves)"
+    if model.path == "cg" and model.observed is not None and model._memory_chunk("step") <= model.num_probes:
+        # a graph keeps its probes as inputs: all of them, where the runs hold one run's
+        return "the memory plan splits the probes into several CG runs (a graph would hold them all)"
     capability = device.backend_for(model.y).eigh_capability(model.y)
     if not capability:
         return f"the factors have no on-device eigensolver ({capability.reason})"

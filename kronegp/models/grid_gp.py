@@ -51,7 +51,8 @@ from kronegp.models._params import GridHyperparameters
 from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
 from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
                                             separable_mask_limit)
-from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
+                                    solve_observed)
 from kronegp.solvers.report import one_warning
 from kronegp.ops import kron_matmul, matmul_kron
 
@@ -473,6 +474,12 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         # rows (t, N), so the probes need no transposing copy there.
         return torch.randn(cols, rows, generator=self._probe_generator, dtype=self.y.dtype, device=dev).mT
 
+    def _exact_trace(self, cells: Optional[Tensor]) -> int:
+        """How many cells ``cells`` covers when that is at most ``exact_trace_limit`` (their unit
+        vectors are the probes), else 0."""
+        count = self.n_cells if cells is None else self.n_cells - self.n_observed if cells is self._missing else int(cells.sum())
+        return count if 0 < count <= self.exact_trace_limit else 0
+
     def _probes(self, cells: Optional[Tensor], offset: int = 0) -> Tensor:
         """Probe columns for trace estimates over ``cells`` (bool grid; ``None`` = all).
 
@@ -481,8 +488,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         those cells: then ``(1/S) Σ_s z_sᵀ A z_s = tr A`` exactly, so the likelihood and its
         gradient are exact up to CG tolerance.
         """
-        count = self.n_cells if cells is None else self.n_cells - self.n_observed if cells is self._missing else int(cells.sum())
-        if 0 < count <= self.exact_trace_limit:
+        count = self._exact_trace(cells)
+        if count:
             idx = torch.arange(self.n_cells, device=self.y.device)
             if cells is not None:
                 idx = idx[cells]
@@ -490,6 +497,23 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             out[idx, torch.arange(count, device=self.y.device)] = math.sqrt(count)
             return out
         return self._std_normal(self.n_cells, self.num_probes, offset=offset)
+
+    def _missing_probes(self) -> "Tensor | ProbeDraws":
+        """The missing cells' probes: drawn at once, or run by run when the memory plan splits the
+        CG into runs (:meth:`memory_plan`'s ``chunk`` columns per run; a run holds only its own
+        probes). Run by run, the later runs continue the first run's generator: other numbers than
+        one draw of all columns, from the same distribution."""
+        per_run = self._memory_chunk("step")
+        if per_run > self.num_probes or self._probe_store is not None or self._exact_trace(self._missing):
+            return self._probes(self._missing, offset=1)
+
+        def take(a: int, b: int) -> Tensor:
+            if a == 0:  # seeded (or continued) as a draw of all columns is
+                return self._draw_normal(self.n_cells, b, offset=1)
+            return torch.randn(b - a, self.n_cells, generator=self._probe_generator, dtype=self.y.dtype,
+                               device=self.y.device).mT
+
+        return ProbeDraws(self.num_probes, take)
 
     # ------------------------------------------------------------------ likelihood
 
@@ -540,6 +564,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
             surrogate = surrogate + self.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, eig, factors)
             surrogate = surrogate + self.noise * (left_w * pieces.eig_right).sum()
+        if pieces.eig_sums is not None:  # pairs reduced run by run (probes in several CG runs)
+            surrogate = surrogate + pieces.eig_sums.surrogate(self.outputscale, self.noise, factors)
         if fm is not None:
             surrogate = surrogate + fm.logdet_g_surrogate(self.outputscale, self.noise, factors)
         if pieces.exact_logdet and (self.precondition or fm is not None):
@@ -591,16 +617,18 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 self.observed,
                 self.n_observed,
                 probes_c=None if cov.homoskedastic else self._probes(None),
-                probes_g=None if self.observed is None else self._probes(self._missing, offset=1),
+                probes_g=None if self.observed is None else self._missing_probes(),
                 tol=self.cg_tol,
                 max_iters=self.cg_max_iters,
+                probe_chunk=self._memory_chunk("step"),
             )
         else:
             pieces = plain_cg_lml_pieces(
                 cov.matvec, resid.detach(), self.observed, self.n_observed, self._std_normal(n, sp),
                 tol=self.cg_tol, max_iters=self.cg_max_iters,
             )
-        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())) - 1
+        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())
+                                     + (0 if pieces.eig_sums is None else pieces.eig_sums.rows)) - 1
         return pieces, cov
 
     def log_marginal_likelihood(self) -> Tensor:
