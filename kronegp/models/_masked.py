@@ -353,19 +353,21 @@ def refine_observed(
     missing = 1 - observed.to(rhs.dtype)
     tight = _inner_tol(tol, rhs.dtype)
     floor = 50 * torch.finfo(rhs.dtype).eps
-    rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
     b_norm = inner(rhs, rhs).sqrt()  # rhs is zero at missing cells
     tol_g, v, iterations, rounds = tol, start, 0, 0
+    out = r = None
     for round_ in range(REFINE_ROUNDS + 1):
         if round_ > 0:
             # per-cell noise: the solves with C inside G's product follow the outer tolerance
             # down (applied to 1e-7, X caps what a tighter G solve can reach)
             tight = max(floor, min(tight, tol_g * 1e-2))
-            rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
         if v is None or round_ > 0:
+            out = r = None  # the previous round's, freed before this round's solve
+            rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
             res = block_cg(_missing_matvec(cov, missing, tight), rhs_g, inner=inner, tol=tol_g,
                            max_iters=max_iters, x0=v)
             v, iterations, rounds = res.solution, iterations + res.iterations, rounds + 1
+            del res, rhs_g
         out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
         r = obs * (cov.matvec(out) - rhs)
         reached = float(torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),

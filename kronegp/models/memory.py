@@ -69,7 +69,7 @@ CG_VECTORS = {"missing": 10.4, "per-cell": 3.5, "both": 6.4}
 CG_RUN_VECTORS = 2.1
 #: "missing": the data column's refinement after the first run (an unfused CG of one column, on the
 #: CUDA too) holds ``(blocks per column of the run, grid vectors)``: the peak when runs are short
-CG_REFINE = (3.0, 21.4)
+CG_REFINE = (3.0, 18.4)
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
 CG_FUSED_SAVES = {"missing": 1.0, "per-cell": 1.0, "both": 2.0}
 
