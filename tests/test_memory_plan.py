@@ -307,10 +307,13 @@ def test_cuda_plans_within_ten_percent_of_max_memory_allocated(n):
     gen = torch.Generator().manual_seed(n)
     values = torch.randn(n, n, n, generator=gen)
     results = {}
-    for kind in ("exact", "missing"):
-        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind == "missing" else None
+    for kind in ("exact", "missing", "missing in runs"):
+        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind != "exact" else None
         model = GridGP(values.to(dev), mask=mask.to(dev) if mask is not None else None, num_probes=4,
                        exact_trace_limit=0, dtype=torch.float32)
+        if kind == "missing in runs":  # the fused CG's count, in runs of 2 of the 5 columns
+            _free_for(model, memory.plan_cg_step(model.shape, torch.float32, 4, missing=True, per_cell=False, run=2))
+            assert model.memory_plan("step").chunk == 2
         ops = [("step", lambda: model.loss_backward(cuda_graph=False))]
         if kind == "exact":
             ops += [("predict", model.predict), ("sample", lambda: model.sample(2))]
