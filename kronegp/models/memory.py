@@ -15,8 +15,8 @@ buffers are alive at once. Each count below is taken from the code that allocate
   two slabs (the variance's Kronecker product); **sample**: the ``n`` draws, the posterior mean and slabs (draws are made one at a
   time, in place).
 * **cg path** (missing cells or per-cell noise; :mod:`kronegp.models._masked`): block CG on
-  ``c`` columns holds a fixed number of ``(c, N)`` blocks (:data:`CG_BLOCKS`), the probes not yet
-  in a run (:data:`CG_PROBES` per probe) and a fixed number of grid vectors (:data:`CG_VECTORS`).
+  ``c`` columns holds a fixed number of ``(c, N)`` blocks (:data:`CG_BLOCKS`) and a fixed number
+  of grid vectors (:data:`CG_VECTORS`; with per-cell noise the probes are among the blocks).
   With missing cells and homoskedastic noise (the 20 %-missing grids) the peak is in the
   ``G`` system's CG: ``Qᵀ X [r, z/g]`` (kept for the gradient), the CG's ``x``, ``r`` (the
   right-hand side itself) and ``p``, and one product ``A p`` (its input ``Qᵀp``, one
@@ -28,7 +28,11 @@ buffers are alive at once. Each count below is taken from the code that allocate
   it all fits. Per-cell noise runs one CG on all ``t`` columns. The coefficients were measured
   on the CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors
   included) and are checked against that measurement in ``tests/test_memory_plan.py``; on CUDA
-  the fused CG iteration holds no ``z`` (:data:`CG_FUSED_SAVES` blocks fewer).
+  the fused CG iteration holds no ``z`` (:data:`CG_FUSED_SAVES` blocks fewer; checked against
+  ``torch.cuda.max_memory_allocated`` by that file's CUDA test). With one-column runs the floor is
+  the data column's refinement after the first run (:data:`CG_REFINE`): 1024³ float32 with 20 %
+  missing and 16 probes needs 112 GiB in runs of 2 columns by this plan (an H200's 139 GiB),
+  and 92 GiB at the least (more than an H100), where 896³ fits in 61 GiB.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
