@@ -258,7 +258,9 @@ def run_scale_missing(n: int, probes: int, args, device: torch.device) -> dict:
     del y
     rec: dict = {"n": n, "cells": n**3, "regime": "missing20", "dtype": "float32", "num_probes": probes, "path": model.path}
     plan = model.memory_plan("step")
-    rec.update(plan_gib=_gib(plan.peak_bytes), plan=plan.describe())
+    # columns per block CG run and runs per step (the plan splits the probes when memory is short)
+    rec.update(plan_gib=_gib(plan.peak_bytes), plan=plan.describe(), plan_run_columns=plan.chunk,
+               cg_runs=-(-(probes + 1) // plan.chunk))
     rec["allocated_before_gib"] = _gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     rec["gridgp_s"], rec["peak_gib"] = _measure(gridgp_step(model, None if args.cuda_graph else False), device,
                                                 args.scale_repeats)
@@ -276,30 +278,33 @@ def run_scale_missing(n: int, probes: int, args, device: torch.device) -> dict:
     return rec
 
 
+#: 20 %-missing sizes run whenever their plan fits (besides the largest that fits)
+ALWAYS_MISSING_SIZES = (512, 768, 1024)
+
+
 def _missing_candidates(args, device: torch.device):
-    """(n, probes) to run with 20 % missing: the largest size in ``--scale-missing-sizes`` whose plan
-    fits the free memory, with the most probes (≤ ``--scale-probes``, ≥ 2) that fit, and 512³
-    with ``--scale-probes`` (the earlier rounds' case) when it fits; what was skipped and why."""
+    """(n, probes) to run with 20 % missing and ``--scale-probes`` probes: the largest size in
+    ``--scale-missing-sizes`` whose plan fits the free memory (the plan splits the probes into
+    shorter CG runs where all at once do not fit, :func:`kronegp.models.memory.choose_cg_run`), and
+    each of :data:`ALWAYS_MISSING_SIZES` listed there whose plan fits; every listed size that does
+    not fit is skipped with the plan's numbers (so is a smaller one that fits but is not run)."""
     from kronegp.models import memory
 
     free = memory.free_memory(device)
-    chosen, skipped = [], []
+    budget = None if free is None else memory.HEADROOM * free
+    chosen, skipped, largest = [], [], None
     for n in sorted(args.scale_missing_sizes, reverse=True):
-        for p in range(args.scale_probes, 1, -1):
-            plan = memory.plan_cg_step((n, n, n), torch.float32, p, missing=True, per_cell=False, device_type=device.type)
-            if free is None or plan.peak_bytes <= memory.HEADROOM * free:
-                chosen.append((n, p))
-                break
+        plan = memory.choose_cg_run((n, n, n), torch.float32, args.scale_probes, missing=True, per_cell=False,
+                                    device_type=device.type, budget=budget)
+        fits = budget is None or plan.peak_bytes <= budget
+        if fits and (largest is None or n in ALWAYS_MISSING_SIZES):
+            largest = n if largest is None else largest
+            chosen.append((n, args.scale_probes))
         else:
-            skipped.append({"n": n, "regime": "missing20", "skipped": f"the plan does not fit {_gib(free):.1f} GiB free "
-                            f"with 2 probes: {memory.plan_cg_step((n, n, n), torch.float32, 2, missing=True, per_cell=False).describe()}"})
-            continue
-        break
-    if 512 in args.scale_missing_sizes and (512, args.scale_probes) not in chosen:
-        plan = memory.plan_cg_step((512,) * 3, torch.float32, args.scale_probes, missing=True, per_cell=False,
-                                   device_type=device.type)
-        if free is None or plan.peak_bytes <= memory.HEADROOM * free:
-            chosen.append((512, args.scale_probes))
+            why = (f"the plan does not fit {_gib(free):.1f} GiB free (even CG runs of {plan.chunk} columns)"
+                   if not fits else f"fits, but smaller than {largest}³ (not in {ALWAYS_MISSING_SIZES})")
+            skipped.append({"n": n, "regime": "missing20", "num_probes": args.scale_probes, "plan_gib": _gib(plan.peak_bytes),
+                            "plan_run_columns": plan.chunk, "skipped": f"{why}: {plan.describe()}"})
     return chosen, skipped
 
 
@@ -328,7 +333,7 @@ def run_scale(args, device: torch.device) -> list[dict]:
 def print_scale_table(results: list[dict]) -> None:
     cols = [("n", "n", "{}"), ("regime", "regime", "{}"), ("probes", "num_probes", "{}"), ("step s", "gridgp_s", "{:.3f}"),
             ("peak GiB", "peak_gib", "{:.2f}"), ("plan GiB", "plan_gib", "{:.2f}"), ("plan err", "plan_rel_error", "{:+.1%}"),
-            ("CG it", "cg_iterations", "{}"), ("lml rel err", "lml_rel_error", "{:.1e}"),
+            ("CG it", "cg_iterations", "{}"), ("CG runs", "cg_runs", "{}"), ("lml rel err", "lml_rel_error", "{:.1e}"),
             ("predict s", "predict_s", "{:.3f}"), ("pred peak", "predict_peak_gib", "{:.2f}"),
             ("pred plan", "predict_plan_gib", "{:.2f}")]
     print(" | ".join(f"{h:>11}" for h, _, _ in cols))
@@ -369,7 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale-sizes", type=int, nargs="*", default=[512, 768, 1024], help="exact-path grid sizes n (n³ cells)")
     p.add_argument("--scale-missing-sizes", type=int, nargs="*", default=[1024, 896, 768, 640, 576, 512],
                    help="20 %% missing candidates, largest first; the memory plan picks the largest that fits")
-    p.add_argument("--scale-probes", type=int, default=8)
+    p.add_argument("--scale-probes", type=int, default=16,
+                   help="probes of the 20 %% missing rows (GridGP's default; rounds before issue 25 used 8)")
     p.add_argument("--scale-repeats", type=int, default=3)
     p.add_argument("--scale-fit-iters", type=int, default=10, help="Adam steps before the saved slice")
     p.add_argument("--slice-out", default=None, help="save a slice of the largest exact fit (npz) for plot_scale_slice.py")

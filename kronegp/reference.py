@@ -76,7 +76,11 @@ def per_axis_products(mats: Sequence[Tensor], x: Tensor, lead: int, trail: int) 
             block = cur.reshape(*batch, before, in_size, after)
             out = torch.matmul(mat if mat.dim() == 2 else mat.unsqueeze(-3), block)
             out_batch = out.shape[:-3]
+        # drop the views of the previous intermediate now, so that at most one intermediate
+        # and the new product are alive at once (the memory plan counts a product that way)
+        rows = block = None
         cur = out.reshape(*out_batch, before * out_size * after)
+        out = None
         dims[i] = out_size
     return cur
 

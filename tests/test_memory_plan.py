@@ -98,12 +98,12 @@ def test_chunked_posterior_mean_variance_and_samples_match_dense(dtype):
     assert bool(((draws.double().mean(0) - ref_mean).abs() <= 5 * (d / s).sqrt()).all())
 
 
-def _model(shape, dtype, missing=0.0, per_cell=False, probes=4):
+def _model(shape, dtype, missing=0.0, per_cell=False, probes=4, path="auto"):
     gen = torch.Generator().manual_seed(sum(shape))
     values = torch.randn(*shape, generator=gen, dtype=dtype)
     mask = torch.rand(*shape, generator=gen) >= missing if missing else None
     noise = 0.05 + 0.1 * torch.rand(*shape, generator=gen, dtype=dtype) if per_cell else None
-    return GridGP(values, mask=mask, noise=noise, dtype=dtype, num_probes=probes, exact_trace_limit=0)
+    return GridGP(values, mask=mask, noise=noise, dtype=dtype, num_probes=probes, exact_trace_limit=0, path=path)
 
 
 def _measured(model, run) -> int:
@@ -147,17 +147,94 @@ def test_exact_predict_and_sample_plans_within_ten_percent_of_measured(dtype):
     assert model.sample(3).shape == (3, *shape)
 
 
+def _free_for(model, plan) -> None:
+    """Make ``model`` plan for just enough free memory to hold ``plan``."""
+    need = int(plan.peak_bytes / memory.HEADROOM) + 1 - plan.model_bytes
+    model.free_memory = staticmethod(lambda device: need)
+
+
 @pytest.mark.parametrize("probes", [2, 8])
-@pytest.mark.parametrize("kind", ["missing", "per-cell"])
-def test_cg_step_plan_within_ten_percent_of_measured_peak(kind, probes):
+@pytest.mark.parametrize("kind,run", [("missing", None), ("missing", 1), ("missing", 3), ("per-cell", None),
+                                      ("both", None)])
+def test_cg_step_plan_within_ten_percent_of_measured_peak(kind, run, probes):
     shape = (28, 24, 20)
-    model = _model(shape, torch.float32, missing=0.2 if kind == "missing" else 0.0,
-                   per_cell=kind == "per-cell", probes=probes)
-    assert model.path == "cg"
+    model = _model(shape, torch.float32, missing=0.0 if kind == "per-cell" else 0.2,
+                   per_cell=kind != "missing", probes=probes, path="cg")
+    if run is not None:
+        _free_for(model, memory.plan_cg_step(shape, torch.float32, probes, missing=True, per_cell=False,
+                                             device_type="cpu", run=run))
     plan = model.memory_plan("step")
+    assert plan.chunk == (probes + 1 if run is None else run), plan.describe()
     transient = plan.peak_bytes - plan.model_bytes
     measured = _measured_step(model)
     assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+
+
+def test_cg_runs_chosen_from_free_memory():
+    """The longest CG run that fits: all columns when they fit, else fewer, else one (the caller's
+    error); per-cell noise is never split."""
+    shape, dt = (64, 64, 60), torch.float32
+    kw = dict(missing=True, per_cell=False, device_type="cuda")
+    plans = {r: memory.plan_cg_step(shape, dt, 16, run=r, **kw) for r in range(1, 18)}
+    assert plans[17].chunk == 17 and " runs)" not in plans[17].describe()
+    # longer runs need more memory (the refinement's floor aside)
+    assert all(plans[r + 1].peak_bytes >= plans[r].peak_bytes for r in range(1, 17))
+    assert memory.choose_cg_run(shape, dt, 16, budget=None, **kw).chunk == 17
+    assert memory.choose_cg_run(shape, dt, 16, budget=plans[17].peak_bytes, **kw).chunk == 17
+    for r in (3, 8, 12):
+        budget = (plans[r].peak_bytes + plans[r + 1].peak_bytes) / 2
+        chosen = memory.choose_cg_run(shape, dt, 16, budget=budget, **kw)
+        assert chosen.chunk == r and chosen.peak_bytes <= budget, chosen.describe()
+        assert f"{-(-17 // r)} runs)" in chosen.describe()
+    assert memory.choose_cg_run(shape, dt, 16, budget=plans[1].peak_bytes / 2, **kw).chunk == 1
+    per_cell = memory.choose_cg_run(shape, dt, 16, budget=plans[1].peak_bytes / 2, missing=False, per_cell=True)
+    assert per_cell.chunk == 17
+    # on the CPU the unfused CG holds one more block per column than the fused CUDA iteration
+    cpu = memory.plan_cg_step(shape, dt, 16, missing=True, per_cell=False, device_type="cpu")
+    n = math.prod(shape) * 4
+    assert cpu.peak_bytes - plans[17].peak_bytes == pytest.approx(17 * n - memory.RUNTIME_BYTES, rel=1e-6)
+
+
+@pytest.mark.parametrize("run", [1, 2, 4])
+def test_cg_step_in_runs_matches_one_run_with_the_same_probes(run):
+    """Several CG runs (probes run by run, their gradient pairs reduced as they come) give the
+    one run's likelihood, gradients and CG counts in float64, for the same probes."""
+    shape, probes = (12, 10, 9), 5
+    model = _model(shape, torch.float64, missing=0.25, probes=probes, path="cg")
+    fixed = torch.randn(math.prod(shape), probes, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model.inference.missing_probes = lambda gp: fixed
+
+    def step():
+        value = model.log_marginal_likelihood()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return value.detach(), torch.autograd.grad(value, params), model.cg_iterations, model._last_extra["probes"]
+
+    model.free_memory = staticmethod(memory.free_memory)
+    one = step()
+    assert model.memory_plan("step").chunk == probes + 1
+    _free_for(model, memory.plan_cg_step(shape, torch.float64, probes, missing=True, per_cell=False,
+                                         device_type="cpu", run=run))
+    model.__dict__.pop("_step_chunk", None)
+    assert model.memory_plan("step").chunk == run
+    split = step()
+    assert abs(float(split[0] - one[0])) <= 1e-12 * abs(float(one[0]))
+    for a, b in zip(split[1], one[1]):
+        assert rel_err(a, b) < 1e-12
+    assert split[2] == one[2] and split[3] == one[3] == probes
+
+
+def test_cg_runs_draw_their_own_probes():
+    """Probes drawn run by run are new standard normal columns (not one run's repeated)."""
+    shape = (16, 12, 10)
+    model = _model(shape, torch.float32, missing=0.2, probes=6, path="cg")
+    _free_for(model, memory.plan_cg_step(shape, torch.float32, 6, missing=True, per_cell=False, device_type="cpu", run=2))
+    draws = model.inference.missing_probes(model)
+    cols = [draws.take(0, 1), draws.take(1, 3), draws.take(3, 5), draws.take(5, 6)]
+    allc = torch.cat(cols, dim=1)
+    assert allc.shape == (math.prod(shape), 6)
+    corr = torch.corrcoef(allc.T.double())
+    assert float((corr - torch.eye(6, dtype=torch.float64)).abs().max()) < 0.1
+    assert abs(float(allc.double().std()) - 1) < 0.05
 
 
 def test_chunk_shrinks_with_free_memory_and_a_grid_that_cannot_fit_raises_before_work():
@@ -179,18 +256,36 @@ def test_chunk_shrinks_with_free_memory_and_a_grid_that_cannot_fit_raises_before
 
 
 def test_cg_plan_error_names_the_probe_count_that_fits():
+    """Per-cell noise runs all columns at once: the error names the probe count that fits."""
     shape = (32, 32, 30)
-    model = _model(shape, torch.float64, missing=0.2, probes=16)
-    n = math.prod(shape)
-    fits4 = memory.plan_cg_step(shape, torch.float64, 4, missing=True, per_cell=False, device_type="cpu").peak_bytes
-    fits5 = memory.plan_cg_step(shape, torch.float64, 5, missing=True, per_cell=False, device_type="cpu").peak_bytes
+    model = _model(shape, torch.float64, per_cell=True, probes=16)
+    kw = dict(missing=False, per_cell=True, device_type="cpu")
+    fits4 = memory.plan_cg_step(shape, torch.float64, 4, **kw).peak_bytes
+    fits5 = memory.plan_cg_step(shape, torch.float64, 5, **kw).peak_bytes
     free = int((fits4 + fits5) / 2 / memory.HEADROOM)
-    model.free_memory = staticmethod(lambda device: free - memory.model_bytes(shape, torch.float64, mask=True))
+    model.free_memory = staticmethod(lambda device: free - memory.model_bytes(shape, torch.float64, cell_noise=True))
     with pytest.raises(memory.MemoryPlanError, match="num_probes=4 fits") as err:
         model.loss_backward(cuda_graph=False)
     assert "float32" in str(err.value)
     assert model.cg_iterations is None  # nothing ran
-    assert n > 0
+
+
+def test_missing_cells_split_into_runs_before_the_plan_gives_up():
+    """Missing cells: a budget too small for one run of 17 columns runs in shorter runs; one too
+    small for runs of one column raises before any work, naming float32 and a sharded model."""
+    shape = (32, 32, 30)
+    model = _model(shape, torch.float64, missing=0.2, probes=16, path="cg")
+    kw = dict(missing=True, per_cell=False, device_type="cpu")
+    _free_for(model, memory.plan_cg_step(shape, torch.float64, 16, run=5, **kw))
+    plan = model.memory_plan("step")
+    assert plan.fits and plan.chunk == 5 and "4 runs)" in plan.describe()
+    one = memory.plan_cg_step(shape, torch.float64, 16, run=1, **kw)
+    model.free_memory = staticmethod(lambda device: int(0.9 * one.peak_bytes) - one.model_bytes)
+    model.__dict__.pop("_step_chunk", None)
+    with pytest.raises(memory.MemoryPlanError, match="not even CG runs of one column") as err:
+        model.loss_backward(cuda_graph=False)
+    assert "float32" in str(err.value) and "DistributedGridGP" in str(err.value)
+    assert model.cg_iterations is None  # nothing ran
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -212,10 +307,13 @@ def test_cuda_plans_within_ten_percent_of_max_memory_allocated(n):
     gen = torch.Generator().manual_seed(n)
     values = torch.randn(n, n, n, generator=gen)
     results = {}
-    for kind in ("exact", "missing"):
-        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind == "missing" else None
+    for kind in ("exact", "missing", "missing in runs"):
+        mask = torch.rand(n, n, n, generator=gen) >= 0.2 if kind != "exact" else None
         model = GridGP(values.to(dev), mask=mask.to(dev) if mask is not None else None, num_probes=4,
                        exact_trace_limit=0, dtype=torch.float32)
+        if kind == "missing in runs":  # the fused CG's count, in runs of 2 of the 5 columns
+            _free_for(model, memory.plan_cg_step(model.shape, torch.float32, 4, missing=True, per_cell=False, run=2))
+            assert model.memory_plan("step").chunk == 2
         ops = [("step", lambda: model.loss_backward(cuda_graph=False))]
         if kind == "exact":
             ops += [("predict", model.predict), ("sample", lambda: model.sample(2))]

@@ -221,6 +221,30 @@ def test_block_cg_diagonal_tensor_preconditioner_equals_callable():
         block_cg(lambda v: a @ v, b, d.float())
 
 
+@pytest.mark.parametrize("rows", [False, True])
+def test_block_cg_overwrite_rhs_solves_the_same_and_uses_the_block_as_residual(rows):
+    """A handed-over right-hand side gives the same solve (bit for bit) and ends as the residual
+    ``b − A x``; a non-contiguous one is copied as before (left untouched)."""
+    a = _spd(40, torch.float64, cond=1e3, seed=2)
+    b = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    d = 1.0 / torch.diagonal(a)
+    if rows:
+        mv, rhs = (lambda v: v @ a), b.mT.contiguous()
+    else:
+        mv, rhs = (lambda v: a @ v), b.clone()
+    ref = block_cg(mv, rhs.clone(), d, tol=1e-10, max_iters=500, record_lanczos=True, rows=rows)
+    given = rhs.clone()
+    out = block_cg(mv, given, d, tol=1e-10, max_iters=500, record_lanczos=True, rows=rows, overwrite_rhs=True)
+    assert torch.equal(out.solution, ref.solution) and torch.equal(out.alphas, ref.alphas)
+    # the recursive residual: small, and the true one up to round-off
+    assert float(given.norm()) < 1e-8 * float(rhs.norm())
+    assert float((given - (rhs - mv(out.solution))).norm()) < 1e-12 * float(rhs.norm())
+    strided = torch.cat([rhs, rhs], dim=-1)[..., ::2] if not rows else torch.cat([rhs, rhs], dim=0)[::2]
+    before = strided.clone()
+    block_cg(mv, strided, d, tol=1e-10, max_iters=500, rows=rows, overwrite_rhs=True)
+    assert torch.equal(strided, before)
+
+
 @pytest.mark.parametrize("batch", [(), (2,)])
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_block_cg_rows_layout_equals_columns(batch, diagonal):

@@ -394,6 +394,10 @@ class ShardedLayout:
     def step_chunk(gp) -> None:
         return None  # the sharded exact step is not chunked
 
+    @staticmethod
+    def cg_run(gp) -> None:
+        return None  # the sharded cg path solves all its columns in one block CG run
+
     def exact_lml(self, y: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], *,
                   mean: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
         """``log N(y − mean | 0, s² ⊗K_k + σ² I)`` on this rank's block (``y`` ``None``: ``r = 0``)."""

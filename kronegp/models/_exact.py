@@ -256,6 +256,14 @@ def _off_axis_gram(a: Tensor, b: Tensor, sizes: list[int], i: int, weight: Tenso
     return torch.bmm(aw.view(c * pre, n, post), b4.view(c * pre, n, post).mT).sum(0)
 
 
+def _eigen_gram(eig: KronEigen, left_t: Tensor, right_t: Tensor, i: int) -> Tensor:
+    """``M_i = Σ_c Ã_{c,(i)} diag(L_i) B̃_{c,(i)}ᵀ`` (``L_i = ⊗_{k≠i} λ_k``): factor ``i``'s gradient of
+    ``Σ_c ã_cᵀ (⊗K_k) b̃_c`` is ``Q_i M_i Q_iᵀ`` (:func:`eigen_bilinear_form`)."""
+    others = eig.vals[:i] + eig.vals[i + 1 :]
+    weight = kron_vector(others) if others else left_t.new_ones(1)
+    return _off_axis_gram(left_t, right_t, eig.sizes, i, weight)
+
+
 class _EigenBilinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, left_t: Tensor, right_t: Tensor, eig: KronEigen, *factors: Tensor) -> Tensor:
@@ -267,16 +275,63 @@ class _EigenBilinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         left_t, right_t = ctx.saved_tensors
         eig: KronEigen = ctx.eig
-        sizes = eig.sizes
-        out: list = [None] * len(sizes)
-        for i in range(len(sizes)):
-            if not ctx.needs_input_grad[3 + i]:
-                continue
-            others = eig.vals[:i] + eig.vals[i + 1 :]
-            weight = kron_vector(others) if others else left_t.new_ones(1)
-            q = eig.vecs[i]
-            out[i] = grad * (q @ _off_axis_gram(left_t, right_t, sizes, i, weight) @ q.mT)
+        out: list = [None] * len(eig.sizes)
+        for i in range(len(eig.sizes)):
+            if ctx.needs_input_grad[3 + i]:
+                q = eig.vecs[i]
+                out[i] = grad * (q @ _eigen_gram(eig, left_t, right_t, i) @ q.mT)
         return (None, None, None, *out)
+
+
+class EigenPairSums:
+    """:func:`eigen_bilinear_form` of many row pairs, reduced as they come: blocks of pairs
+    ``(ã_c, b̃_c)`` are added one block at a time (:meth:`add`) and only factor-sized sums are
+    kept (the value ``Σ w_c ã_cᵀ(λ∘b̃_c)``, the trace ``Σ w_c ã_cᵀb̃_c`` and each factor's gram
+    ``M_i``), so a block can be freed before the next is made: the cg path's probes in runs
+    when their rows do not fit at once (:mod:`kronegp.models.memory`). The grams are the work the
+    backward of :func:`eigen_bilinear_form` would do, done in the forward."""
+
+    def __init__(self, eig: KronEigen):
+        self.eig = eig
+        self.rows = 0
+        self.value: Optional[Tensor] = None
+        self.trace: Optional[Tensor] = None
+        self.grams: list = [None] * len(eig.sizes)
+
+    def add(self, left_t: Tensor, right_t: Tensor, weight: float) -> None:
+        """Add the pairs of rows ``left_t``, ``right_t`` (``(c, N)``), each with ``weight``."""
+        with torch.no_grad():
+            lw = left_t * weight
+            per_cell = (lw * right_t).sum(0)
+            value, trace = (per_cell * self.eig.eigvals()).sum(), per_cell.sum()
+            del per_cell
+            self.value = value if self.value is None else self.value + value
+            self.trace = trace if self.trace is None else self.trace + trace
+            for i in range(len(self.grams)):
+                m = _eigen_gram(self.eig, lw, right_t, i)
+                self.grams[i] = m if self.grams[i] is None else self.grams[i] + m
+            self.rows += left_t.shape[0]
+
+    def surrogate(self, outputscale: Tensor, noise: Tensor, factors: list[Tensor]) -> Tensor:
+        """``s²·Σ w ãᵀ(⊗K)b̃ + σ²·Σ w ãᵀb̃`` with the gradient of :func:`eigen_bilinear_form` (the
+        vectors held fixed): the cg path's ``∂C = s²∂(⊗K) + ∂σ² I`` term of these pairs."""
+        if self.value is None:
+            return outputscale.new_zeros(())
+        return outputscale * _SummedEigenBilinear.apply(self, *factors) + noise * self.trace
+
+
+class _SummedEigenBilinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sums: EigenPairSums, *factors: Tensor) -> Tensor:
+        ctx.sums = sums
+        return sums.value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sums: EigenPairSums = ctx.sums
+        out = [grad * (q @ m @ q.mT) if need else None
+               for q, m, need in zip(sums.eig.vecs, sums.grams, ctx.needs_input_grad[1:])]
+        return (None, *out)
 
 
 def eigen_bilinear_form(left_t: Tensor, right_t: Tensor, eig: KronEigen, factors: list[Tensor]) -> Tensor:

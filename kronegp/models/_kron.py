@@ -93,8 +93,9 @@ class KronEigen:
         return matmul_kron(x, [q.mT for q in self.vecs])
 
     def apply_function_rows(self, diag: Tensor, x: Tensor) -> Tensor:
-        """:meth:`apply_function` on rows ``(..., t, N)``."""
-        return self.from_eigbasis_rows(diag * self.to_eigbasis_rows(x))
+        """:meth:`apply_function` on rows ``(..., t, N)`` (scaled in place: one block fewer alive
+        during the second product)."""
+        return self.from_eigbasis_rows(self.to_eigbasis_rows(x).mul_(diag))
 
     def apply_function(self, diag: Tensor, x: Tensor) -> Tensor:
         """``Q diag(g) Qᵀ x`` for ``g`` of length ``N`` (e.g. ``(λ + σ²)⁻¹``)."""

@@ -51,6 +51,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from kronegp.models._exact import EigenPairSums
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
@@ -58,13 +59,36 @@ from kronegp.solvers.cg import active_schedule
 from kronegp.solvers.lanczos import LanczosOnHost
 from kronegp.solvers.report import note, shortfall
 
-__all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "ObservedSolve", "refine_observed", "solve_observed"]
+__all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "ObservedSolve", "ProbeDraws", "refine_observed",
+           "solve_observed"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
 #: Whether :func:`cg_lml_pieces` may return the missing-cell pairs in eigen-coordinates (tests
 #: switch it off to compare with the grid-coordinate pairs on the same solves).
 _EIGEN_PAIRS = True
+
+
+@dataclass
+class ProbeDraws:
+    """``count`` probe columns drawn on demand: ``take(a, b)`` returns columns ``a … b−1`` as
+    ``(N, b − a)``, called once per range in increasing order (a run of the cg path's probes
+    draws only its own, :func:`cg_lml_pieces` with ``probe_chunk``)."""
+
+    count: int
+    take: Callable[[int, int], Tensor]
+
+    @classmethod
+    def of(cls, probes: Tensor) -> "ProbeDraws":
+        """The columns of a drawn ``(N, S)`` tensor."""
+        return cls(probes.shape[-1], lambda a, b: probes[:, a:b])
+
+
+def _larger(a, b):
+    """The larger of two counts or residuals: numbers, or 0-dim device tensors (not read)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return max(a, b)
 
 
 def _total(inner: Inner, vec: Tensor) -> Tensor:
@@ -208,6 +232,8 @@ class CGLMLPieces:
             gradient adds ``Σ w (Qᵀa)ᵀ (Qᵀ∂C Q)(Qᵀb)``. Only with homoskedastic noise, where
             ``∂C = s²∂(⊗K_k) + ∂σ² I`` keeps that form cheap (see
             :func:`kronegp.models._exact.eigen_bilinear_form`).
+        eig_sums: more such pairs already reduced (the probes' pairs of a run in several CG runs,
+            ``probe_chunk``), added by :meth:`~kronegp.models._exact.EigenPairSums.surrogate`.
     """
 
     value: Tensor
@@ -223,6 +249,7 @@ class CGLMLPieces:
     eig_left: Optional[Tensor] = None
     eig_right: Optional[Tensor] = None
     eig_weights: Optional[Tensor] = None
+    eig_sums: Optional[EigenPairSums] = None
 
 
 def _missing_matvec(
@@ -235,10 +262,11 @@ def _missing_matvec(
     this product are all zero there), so neither the input nor the identity block on the
     observed cells needs a pass of its own.
     """
+    # the solves return new blocks: masked in place (no second block beside them)
     if rows:
-        return lambda v: missing * cov.solve_rows(v, tol=inner_tol)
+        return lambda v: cov.solve_rows(v, tol=inner_tol).mul_(missing)
     mis = missing.unsqueeze(-1)
-    return lambda v: mis * cov.solve(v, tol=inner_tol)
+    return lambda v: cov.solve(v, tol=inner_tol).mul_(mis)
 
 
 #: How often :func:`solve_observed` solves its missing-cell system again to reach ``tol`` on
@@ -325,19 +353,21 @@ def refine_observed(
     missing = 1 - observed.to(rhs.dtype)
     tight = _inner_tol(tol, rhs.dtype)
     floor = 50 * torch.finfo(rhs.dtype).eps
-    rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
     b_norm = inner(rhs, rhs).sqrt()  # rhs is zero at missing cells
     tol_g, v, iterations, rounds = tol, start, 0, 0
+    out = r = None
     for round_ in range(REFINE_ROUNDS + 1):
         if round_ > 0:
             # per-cell noise: the solves with C inside G's product follow the outer tolerance
             # down (applied to 1e-7, X caps what a tighter G solve can reach)
             tight = max(floor, min(tight, tol_g * 1e-2))
-            rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
         if v is None or round_ > 0:
+            out = r = None  # the previous round's, freed before this round's solve
+            rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
             res = block_cg(_missing_matvec(cov, missing, tight), rhs_g, inner=inner, tol=tol_g,
                            max_iters=max_iters, x0=v)
             v, iterations, rounds = res.solution, iterations + res.iterations, rounds + 1
+            del res, rhs_g
         out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
         r = obs * (cov.matvec(out) - rhs)
         reached = float(torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),
@@ -412,6 +442,7 @@ def cg_lml_pieces(
     tol: float,
     max_iters: int,
     inner: Inner = local_inner,
+    probe_chunk: Optional[int] = None,
 ) -> CGLMLPieces:
     """Estimate ``log N(r_O | 0, C_OO)`` and the pieces of its gradient (see module docstring).
 
@@ -428,7 +459,14 @@ def cg_lml_pieces(
             at observed cells are ignored).
             Either may instead be ``√S`` times ``S`` distinct unit vectors covering every
             cell concerned: the trace estimates are then exact (up to CG tolerance).
+            ``probes_g`` may also be :class:`ProbeDraws` (drawn run by run).
         tol, max_iters: CG rule. inner: column-wise inner product.
+        probe_chunk: columns per block CG run of the missing cells' system (the data column
+            and the probes, ``S + 1`` in all); default all in one run. With fewer, the runs go
+            one after another and each run's gradient pairs are reduced before the next
+            (:attr:`CGLMLPieces.eig_sums`): the memory of ``probe_chunk`` columns instead of
+            ``S + 1`` (:func:`kronegp.models.memory.plan_cg_step`), the same values up to
+            round-off for the same probes. Homoskedastic noise on a local grid only (else one run).
     """
     if not cov.precondition:
         raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
@@ -438,7 +476,7 @@ def cg_lml_pieces(
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
         r = obs_f * resid
         lefts, rights, weights = [], [], []
-        eig_left = eig_right = eig_weights = None
+        eig_left = eig_right = eig_weights = sums = None
         logdet = resid.new_zeros(())
         inner_before = cov.solve_iterations
         iterations, residual = 0, 0.0
@@ -503,74 +541,119 @@ def cg_lml_pieces(
             # diag(P⁻¹)_M otherwise). It centres G's log-spectrum on 0, which is what makes
             # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
             g_diag = torch.where(missing > 0, cov.eig.diag_of(1.0 / cov.p_diag), torch.ones_like(missing))
+            g_inv = 1.0 / g_diag
+            g_scale = missing * g_diag.sqrt()
             tight = _inner_tol(tol, dt)
-            zg = lay.d(missing * g_diag.sqrt()) * lay.from_columns(probes_g)  # z ~ N(0, diag(G)) on M
-            s = lay.count(zg)
+            draws = probes_g if isinstance(probes_g, ProbeDraws) else ProbeDraws.of(probes_g)
+            probes_g = None  # held by draws until its last run has taken them
+            s = draws.count
             # With exact solves on a local grid, X = Q diag(p_inv) Qᵀ: the probes' vectors of the
             # gradient stay in eigen-coordinates (only the data vector comes back to the grid),
             # which saves two Kronecker products of s rows here and the bilinear derivative's
             # partial products in the backward.
             eig_pairs = _EIGEN_PAIRS and lay.rows and cov.homoskedastic
-            first = lay.cat([lay.block(r), lay.d(missing) * zg / lay.d(g_diag)])
-            if eig_pairs:
-                first_t = cov.eig.to_eigbasis_rows(first) * cov.p_inv  # Qᵀ X [r, z/g]
-                xr = cov.eig.from_eigbasis_rows(first_t[:1])
-            else:
-                xr_and_z = lay.solve(first, tight)
-                xr = lay.take(xr_and_z, slice(0, 1))
-            rhs_g = lay.cat([lay.d(missing) * xr, zg])
-            res = block_cg(
-                _missing_matvec(cov, missing, tight, rows=lay.rows),
-                rhs_g,
-                1.0 / g_diag,
-                tol=tol,
-                max_iters=max_iters,
-                record_lanczos=True,
-                **lay.cg,
-            )
-            # copy queued before the back-solve (none for a fixed-schedule run: no synchronisation)
-            lanczos = None if res.converged is None else LanczosOnHost(res, columns=slice(1, None))
-            g = res.solution
-            second = lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))])
+            # The G system's s + 1 columns (the data column first, then the probes) run in one
+            # block CG, or in runs of probe_chunk columns (eigen-coordinate pairs only): each run
+            # holds its own blocks, draws its own probes and reduces its gradient pairs at once
+            # (EigenPairSums), so memory scales with the run, not with s.
+            cols = s + 1
+            step = cols if probe_chunk is None or not eig_pairs else max(1, min(cols, int(probe_chunk)))
+            sums = EigenPairSums(cov.eig) if step < cols else None
             log_gdiag = _total(inner, missing * torch.log(g_diag))
-            extra["missing_iterations"] = res.iterations_needed
-            # The back-solve's GPU work is queued first; the host-side SLQ (a transfer and LAPACK
-            # band solves) and the residual read then run while the GPU computes it.
-            # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
-            if eig_pairs:
-                second_t = cov.eig.to_eigbasis_rows(second) * cov.p_inv  # Qᵀ X [r − g_r, G⁻¹z]
-                alpha = obs_f * cov.eig.from_eigbasis_rows(second_t[:1])[0]
-            else:
-                back = lay.solve(second, tight)
-                alpha = obs_f * lay.take(back, 0)
-            if active_schedule() is None:
-                # The data term needs C_OO α = r_O, whose residual is not G's (solve_observed):
-                # measure it and solve G's data column again from where it stopped if it falls
-                # short. A run under a CG schedule (a CUDA graph's step) makes fixed runs and skips it.
-                check = refine_observed(cov, r.unsqueeze(-1), observed, lay.columns(lay.take(g, slice(0, 1))),
-                                        tol=tol, max_iters=max_iters, inner=inner)
-                alpha = check.solution[:, 0]
-                # rᵀα̂ − rᵀα = α̂ᵀ(Cα̂ − r) to first order: the data term's error, in nats.
-                extra["lml_error"] = 0.5 * abs(float(_total(inner, alpha * check.residual[:, 0])))
-                extra["observed_residual"] = check.reached
-                extra["refine_iterations"] = check.iterations
-                if check.reached > tol:
-                    note("lml_error", f"the log likelihood's data term may be off by ~{extra['lml_error']:.2g} "
-                                      "(first-order estimate from that residual)")
-            if eig_pairs:
-                # The data pair too: Qᵀα of the masked α (one row; X(r − g_r) vanishes on M only
-                # up to the CG residual).
-                alpha_t = cov.eig.to_eigbasis_rows(alpha.unsqueeze(0))
-                eig_left = torch.cat([alpha_t, second_t[1:]])
-                eig_right = torch.cat([alpha_t, first_t[1:]])
-                eig_weights = torch.cat([resid.new_full((1,), 0.5), resid.new_full((s,), 0.5 / s)])
-            else:
-                lefts.append(lay.columns(lay.take(back, slice(1, None))))
-                rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
-                weights.append(resid.new_full((s,), 0.5 / s))
-            iterations = res.iterations_needed
-            residual = res.residual_max() if lanczos is None else lanczos.residual_max()
-            logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
+            matvec_g = _missing_matvec(cov, missing, tight, rows=lay.rows)
+            slq: list = []
+            iterations = residual = None
+            for a in range(0, cols, step):
+                b = min(cols, a + step)
+                data = a == 0
+                pcols = slice(1 if data else 0, None)  # the run's probe columns
+                zg = lay.d(g_scale) * lay.from_columns(draws.take(max(a - 1, 0), b - 1))  # z ~ N(0, diag(G)) on M
+                if b == cols:
+                    draws = None  # the probes are in zg now (freed unless the caller holds them)
+                first = lay.cat(([lay.block(r)] if data else []) + [lay.d(missing) * zg / lay.d(g_diag)])
+                if eig_pairs:
+                    first_t = cov.eig.to_eigbasis_rows(first).mul_(cov.p_inv)  # Qᵀ X [r, z/g]
+                    del first
+                    if data:
+                        xr = cov.eig.from_eigbasis_rows(first_t[:1])
+                else:
+                    xr_and_z = lay.solve(first, tight)
+                    del first
+                    if data:
+                        xr = lay.take(xr_and_z, slice(0, 1))
+                rhs_g = lay.cat(([lay.d(missing) * xr] if data else []) + [zg])
+                del zg
+                xr = None
+                res = block_cg(matvec_g, rhs_g, g_inv, tol=tol, max_iters=max_iters, record_lanczos=True,
+                               overwrite_rhs=True, **lay.cg)
+                del rhs_g  # it was the CG's residual block
+                probes_here = lay.count(res.solution) - (1 if data else 0)
+                # copy queued before the back-solve (none for a fixed-schedule run: no synchronisation)
+                lanczos = None if res.converged is None or not probes_here else LanczosOnHost(res, columns=pcols)
+                g = res.solution
+                second = lay.cat(([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1))] if data else [])
+                                 + [lay.d(missing) * lay.take(g, pcols)])
+                # The back-solve's GPU work is queued first; the host-side SLQ (a transfer and LAPACK
+                # band solves) and the residual read then run while the GPU computes it.
+                # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
+                if eig_pairs:
+                    second_t = cov.eig.to_eigbasis_rows(second).mul_(cov.p_inv)  # Qᵀ X [r − g_r, G⁻¹z]
+                    del second
+                    if data:
+                        alpha = obs_f * cov.eig.from_eigbasis_rows(second_t[:1])[0]
+                else:
+                    back = lay.solve(second, tight)
+                    del second
+                    if data:
+                        alpha = obs_f * lay.take(back, 0)
+                if data and active_schedule() is None:
+                    # The data term needs C_OO α = r_O, whose residual is not G's (solve_observed):
+                    # measure it and solve G's data column again from where it stopped if it falls
+                    # short. A run under a CG schedule (a CUDA graph's step) makes fixed runs and skips it.
+                    check = refine_observed(cov, r.unsqueeze(-1), observed, lay.columns(lay.take(g, slice(0, 1))),
+                                            tol=tol, max_iters=max_iters, inner=inner)
+                    alpha = check.solution[:, 0]
+                    # rᵀα̂ − rᵀα = α̂ᵀ(Cα̂ − r) to first order: the data term's error, in nats.
+                    extra["lml_error"] = 0.5 * abs(float(_total(inner, alpha * check.residual[:, 0])))
+                    extra["observed_residual"] = check.reached
+                    extra["refine_iterations"] = check.iterations
+                    if check.reached > tol:
+                        note("lml_error", f"the log likelihood's data term may be off by ~{extra['lml_error']:.2g} "
+                                          "(first-order estimate from that residual)")
+                    del check
+                del g
+                if eig_pairs:
+                    if data:
+                        # The data pair too: Qᵀα of the masked α (one row; X(r − g_r) vanishes on M
+                        # only up to the CG residual).
+                        alpha_t = cov.eig.to_eigbasis_rows(alpha.unsqueeze(0))
+                    if sums is not None:
+                        if probes_here:
+                            sums.add(second_t[pcols], first_t[pcols], 0.5 / s)
+                    else:  # one run: the pairs go to the backward whole (row 0 becomes the data pair)
+                        second_t[0], first_t[0] = alpha_t[0], alpha_t[0]
+                        eig_left, eig_right = second_t, first_t
+                        eig_weights = torch.cat([resid.new_full((1,), 0.5), resid.new_full((s,), 0.5 / s)])
+                    del second_t, first_t
+                else:
+                    lefts.append(lay.columns(lay.take(back, slice(1, None))))
+                    rights.append(lay.columns(lay.take(xr_and_z, slice(1, None))))
+                    weights.append(resid.new_full((s,), 0.5 / s))
+                    del back, xr_and_z
+                it = res.iterations_needed
+                reached = res.residual_max() if lanczos is None else lanczos.residual_max()
+                iterations = it if iterations is None else _larger(iterations, it)
+                residual = reached if residual is None else _larger(residual, reached)
+                if probes_here:
+                    slq.append((slq_logdet_correction(res, columns=pcols, host=lanczos), probes_here))
+                del res, lanczos
+            if sums is not None:
+                eig_left = eig_right = alpha_t
+                eig_weights = resid.new_full((1,), 0.5)
+            extra["missing_iterations"] = iterations
+            # one run: its SLQ estimate; several: their mean weighted by their probes
+            est = slq[0][0] if len(slq) == 1 else sum(e * k for e, k in slq) / s
+            logdet = logdet + log_gdiag + est
 
         if eig_left is None:
             lefts.insert(0, alpha.unsqueeze(-1))
@@ -594,6 +677,7 @@ def cg_lml_pieces(
         eig_left=eig_left,
         eig_right=eig_right,
         eig_weights=eig_weights,
+        eig_sums=sums,
     )
 
 

@@ -30,7 +30,9 @@ must do there:
 * :meth:`kron_vector`: ``⊗v_k`` on this layout's cells (sharded: ``_local_kron_vector``).
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
-  rows of the same draw, ``_std_normal_rows``; unit probes numbered in global cell order).
+  rows of the same draw, ``_std_normal_rows``; unit probes numbered in global cell order);
+  :meth:`continue_normal` and :meth:`cg_run` ``(gp)``: the cg path's probes drawn run by run
+  when the memory plan splits its block CG into runs (sharded: never split, ``None``).
 * :meth:`count` ``(cells)``: how many cells of a bool grid vector are set, over the whole grid.
 * :meth:`fill_noise`: the noise ``d̃`` on this layout's cells, the fill at missing cells being
   the geometric mean over the whole grid (sharded: through :meth:`total`).
@@ -113,6 +115,14 @@ class LocalLayout:
         return memory.operation_chunk(gp, "step")
 
     @staticmethod
+    def cg_run(gp) -> Optional[int]:
+        """Columns per block CG run of the cg path's missing-cell system: the memory plan's
+        (:func:`kronegp.models.memory.choose_cg_run`, through the step's cached plan)."""
+        from kronegp.models import memory
+
+        return memory.operation_chunk(gp, "step")
+
+    @staticmethod
     def exact_lml(resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], **kw) -> Tensor:
         return exact_lml(resid, noise, outputscale, factors, **kw)
 
@@ -157,6 +167,11 @@ class LocalLayout:
         # Drawn one column after another (a transposed view): the cg path holds its blocks as
         # rows (t, N), so the probes need no transposing copy there.
         return torch.randn(cols, rows, generator=self._generator, dtype=like.dtype, device=dev).mT
+
+    def continue_normal(self, rows: int, cols: int, like: Tensor) -> Tensor:
+        """The next ``(rows, cols)`` standard normal block of the generator the last
+        :meth:`draw_normal` seeded (a CG run's probes after the first run's)."""
+        return torch.randn(cols, rows, generator=self._generator, dtype=like.dtype, device=like.device).mT
 
     def unit_probes(self, cells: Optional[Tensor], count: int, like: Tensor) -> Tensor:
         """``√S`` times the ``S = count`` unit vectors of ``cells`` (``None``: every cell), as

@@ -14,13 +14,25 @@ buffers are alive at once. Each count below is taken from the code that allocate
 * **exact path, prediction on the grid**: mean and variance (two grid vectors, the results) and
   two slabs (the variance's Kronecker product); **sample**: the ``n`` draws, the posterior mean and slabs (draws are made one at a
   time, in place).
-* **cg path** (missing cells or per-cell noise; :mod:`kronegp.models._masked`): block CG with
-  ``t = num_probes + 1`` columns holds a fixed number of ``(t, N)`` blocks plus a fixed number of
-  grid vectors. The two coefficients (:data:`CG_BLOCKS`, :data:`CG_VECTORS`) were measured on the
-  CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors included)
-  and are checked against that measurement in ``tests/test_memory_plan.py``; they do not
-  shrink with the chunk (the cg path is not chunked: fewer probes, float32 or a sharded model
-  are what make it fit).
+* **cg path** (missing cells or per-cell noise; :mod:`kronegp.models._masked`): block CG on
+  ``c`` columns holds a fixed number of ``(c, N)`` blocks (:data:`CG_BLOCKS`) and a fixed number
+  of grid vectors (:data:`CG_VECTORS`; with per-cell noise the probes are among the blocks).
+  With missing cells and homoskedastic noise (the 20 %-missing grids) the peak is in the
+  ``G`` system's CG: ``Qᵀ X [r, z/g]`` (kept for the gradient), the CG's ``x``, ``r`` (the
+  right-hand side itself) and ``p``, and one product ``A p`` (its input ``Qᵀp``, one
+  intermediate and its output): 7 blocks; the unfused CPU iteration adds ``z = M r`` (8). There the
+  ``t = num_probes + 1`` columns may run in several CG runs of ``c`` columns
+  (:func:`kronegp.models._masked.cg_lml_pieces`'s ``probe_chunk``; :attr:`MemoryPlan.chunk`), each
+  drawing its own probes and reducing its gradient pairs before the next: the plan picks the
+  largest ``c`` that fits (:func:`choose_cg_run`), ``t`` (one run, the probes drawn at once) when
+  it all fits. Per-cell noise runs one CG on all ``t`` columns. The coefficients were measured
+  on the CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors
+  included) and are checked against that measurement in ``tests/test_memory_plan.py``; on CUDA
+  the fused CG iteration holds no ``z`` (:data:`CG_FUSED_SAVES` blocks fewer; checked against
+  ``torch.cuda.max_memory_allocated`` by that file's CUDA test). With one-column runs the floor is
+  the data column's refinement after the first run (:data:`CG_REFINE`): 1024³ float32 with 20 %
+  missing and 16 probes needs 112 GiB in runs of 2 columns by this plan (an H200's 139 GiB),
+  and 92 GiB at the least (more than an H100), where 896³ fits in 61 GiB.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
@@ -41,7 +53,8 @@ from torch import Tensor
 
 __all__ = [
     "MemoryPlan", "MemoryPlanError", "LiveBytes", "free_memory", "plan_exact_step", "plan_exact_predict",
-    "plan_exact_sample", "plan_cg_step", "plan_for_model", "operation_chunk", "check_plan", "MAX_CHUNK", "HEADROOM",
+    "plan_exact_sample", "plan_cg_step", "choose_cg_run", "plan_for_model", "operation_chunk", "check_plan",
+    "MAX_CHUNK", "HEADROOM",
 ]
 
 GIB = 2**30
@@ -52,10 +65,18 @@ MAX_CHUNK = 1 << 27
 HEADROOM = 0.92
 #: cuBLAS/cuSOLVER workspaces and other small allocations of a step on CUDA.
 RUNTIME_BYTES = 64 * 2**20
-#: cg path: ``(t, N)`` blocks (t = probes + 1 columns) and extra grid vectors alive at the peak
-#: of a training step (measured with :class:`LiveBytes`; see the module docstring).
-CG_BLOCKS = {"missing": 14.0, "per-cell": 12.0, "both": 27.0}
-CG_VECTORS = {"missing": 8.0, "per-cell": 4.8, "both": 3.0}
+#: cg path: ``(c, N)`` blocks of a CG run on ``c`` columns and other grid vectors alive at the peak
+#: of a training step (measured on the CPU with :class:`LiveBytes`; see the module docstring). With
+#: per-cell noise the probes, drawn at once, are among the blocks. Several CG runs ("missing")
+#: hold two more vectors (``α`` and ``Qᵀα``) beside each run.
+CG_BLOCKS = {"missing": 8.0, "per-cell": 10.0, "both": 19.0}
+CG_VECTORS = {"missing": 10.4, "per-cell": 3.5, "both": 6.4}
+CG_RUN_VECTORS = 2.1
+#: "missing": the data column's refinement after the first run (an unfused CG of one column, on the
+#: CUDA too) holds ``(blocks per column of the run, grid vectors)``: the peak when runs are short
+CG_REFINE = (3.0, 18.4)
+#: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
+CG_FUSED_SAVES = {"missing": 1.0, "per-cell": 1.0, "both": 2.0}
 
 
 class MemoryPlanError(MemoryError):
@@ -69,7 +90,7 @@ class MemoryPlan:
     Attributes:
         operation: what is planned (``"exact step"``, ``"exact predict"``, ``"cg step"``, ...).
         shape, dtype: the grid.
-        chunk: elements per temporary slab.
+        chunk: elements per temporary slab; for a cg plan, columns per block CG run.
         model_bytes: the model's own buffers (values, mask, per-cell noise), held throughout.
         parts: bytes of each buffer alive at the operation's peak (besides ``model_bytes``).
         free_bytes: the free memory the plan was made for (``None``: unlimited, e.g. the CPU).
@@ -97,7 +118,12 @@ class MemoryPlan:
         free = "" if self.free_bytes is None else f" of {self.free_bytes / GIB:.2f} GiB free"
         return (f"{self.operation} on a {'×'.join(map(str, self.shape))} {str(self.dtype).replace('torch.', '')} grid: "
                 f"peak {self.peak_bytes / GIB:.2f} GiB{free} (model {self.model_bytes / GIB:.2f} GiB; {parts} GiB; "
-                f"chunk {self.chunk} elements)")
+                f"{self._chunk_words()})")
+
+    def _chunk_words(self) -> str:
+        if self.operation.startswith("cg"):  # the chunk of a cg plan: columns per block CG run
+            return f"CG runs of {self.chunk} columns"
+        return f"chunk {self.chunk} elements"
 
 
 # ---------------------------------------------------------------------- counting
@@ -179,19 +205,44 @@ def _cg_kind(missing: bool, per_cell: bool) -> str:
 
 
 def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
-                 device_type: str = "cuda") -> MemoryPlan:
-    """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns)."""
+                 device_type: str = "cuda", run: Optional[int] = None) -> MemoryPlan:
+    """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns), in
+    CG runs of ``run`` columns (default all in one; several runs only with missing cells and
+    homoskedastic noise, see the module docstring). :attr:`MemoryPlan.chunk` is the run."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     kind = _cg_kind(missing, per_cell)
     cols = probes + 1
-    parts = {
-        f"cg blocks ({CG_BLOCKS[kind]:g} × {cols} columns)": int(CG_BLOCKS[kind] * cols * n * item),
-        "grid vectors": int(CG_VECTORS[kind] * n * item),
-        "factors": _factor_bytes(shape),
-        "runtime": _runtime(device_type),
-    }
-    return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, 0,
+    run = cols if run is None or kind != "missing" else max(1, min(cols, int(run)))
+    blocks = CG_BLOCKS[kind] - (CG_FUSED_SAVES[kind] if device_type == "cuda" else 0.0)
+    vectors = CG_VECTORS[kind] + (CG_RUN_VECTORS if run < cols else 0.0)
+    if kind == "missing" and CG_REFINE[0] * run + CG_REFINE[1] > blocks * run + vectors:
+        blocks, vectors, phase = CG_REFINE[0], CG_REFINE[1], "refine, "  # the data column's refinement
+    else:
+        phase = ""
+    runs = -(-cols // run)
+    parts = {f"cg blocks ({phase}{blocks:g} × {run} columns{f', {runs} runs' if runs > 1 else ''})":
+             int(blocks * run * n * item)}
+    parts["grid vectors"] = int(vectors * n * item)
+    parts["factors"] = _factor_bytes(shape)
+    parts["runtime"] = _runtime(device_type)
+    return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, run,
                       model_bytes(shape, dtype, mask=missing, cell_noise=per_cell), parts)
+
+
+def choose_cg_run(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
+                  device_type: str = "cuda", budget: Optional[float] = None) -> MemoryPlan:
+    """The cg step's plan with the longest CG run within ``budget`` bytes: all ``probes + 1``
+    columns in one run when they fit (or with no budget), else the longest shorter run (missing
+    cells with homoskedastic noise only), else the one-column run's plan (the caller reports it).
+    The longest that fits, not the shortest: each run repeats the iterations of the whole CG."""
+    plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type)
+    if budget is None or plan.peak_bytes <= budget or _cg_kind(missing, per_cell) != "missing":
+        return plan
+    for run in range(probes, 0, -1):
+        plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type, run=run)
+        if plan.peak_bytes <= budget:
+            break
+    return plan
 
 
 # ---------------------------------------------------------------------- choosing and checking
@@ -251,8 +302,7 @@ def plan_for_model(model, operation: str = "step", *, samples: int = 1,
         else:
             raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
     else:
-        plan = plan_cg_step(shape, dtype, model.num_probes, missing=model.observed is not None,
-                            per_cell=model.cell_noise is not None, device_type=dev.type)
+        plan = _cg_plan(model, model.num_probes, budget)
         plan.operation = f"cg {operation} ({model.num_probes} probes)"
     plan.free_bytes = free_bytes
     return plan
@@ -271,6 +321,16 @@ def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
     return cached[1]
 
 
+def _cg_plan(model, probes: int, budget: Optional[float]) -> MemoryPlan:
+    """:func:`choose_cg_run` for ``model`` with ``probes``: runs only where its cg path can split
+    them (the preconditioned estimator; :func:`choose_cg_run` says which noise)."""
+    missing, per_cell = model.observed is not None, model.cell_noise is not None
+    args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type)
+    if model.precondition:
+        return choose_cg_run(tuple(model.shape), model.y.dtype, probes, budget=budget, **args)
+    return plan_cg_step(tuple(model.shape), model.y.dtype, probes, **args)
+
+
 def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
     """Raise :class:`MemoryPlanError` when ``plan`` does not fit, saying what it needs and what
     would fit (fewer probes, float32, a sharded model over several GPUs); return it otherwise."""
@@ -279,15 +339,13 @@ def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
     need, free = plan.peak_bytes, plan.free_bytes
     hints = []
     if plan.operation.startswith("cg") and model is not None:
-        shape, dtype = plan.shape, plan.dtype
-        missing, per_cell = model.observed is not None, model.cell_noise is not None
         fitting = [p for p in range(model.num_probes - 1, 0, -1)
-                   if plan_cg_step(shape, dtype, p, missing=missing, per_cell=per_cell,
-                                       device_type=model.y.device.type).peak_bytes <= HEADROOM * free]
+                   if _cg_plan(model, p, HEADROOM * free).peak_bytes <= HEADROOM * free]
         if fitting:
             hints.append(f"num_probes={fitting[0]} fits")
         else:
-            hints.append("no probe count fits")
+            hints.append("no probe count fits (not even CG runs of one column)" if plan.chunk == 1
+                         else "no probe count fits")
     if plan.dtype == torch.float64:
         hints.append("float32 halves every grid buffer")
     if plan.operation.startswith("exact sample"):

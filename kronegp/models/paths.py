@@ -41,7 +41,8 @@ from torch import Tensor
 from kronegp.models import memory
 from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
 from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
-from kronegp.models._masked import CGLMLPieces, FullGridCovariance, cg_lml_pieces, plain_cg_lml_pieces, solve_observed
+from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
+                                    solve_observed)
 from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
 from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
                                             separable_mask_limit)
@@ -246,6 +247,8 @@ def _pieces_surrogate(gp, pieces: CGLMLPieces, eig, factors: list[Tensor], level
         left_w = pieces.eig_left * pieces.eig_weights.unsqueeze(-1)
         surrogate = surrogate + gp.outputscale * eigen_bilinear_form(left_w, pieces.eig_right, eig, factors)
         surrogate = surrogate + gp.noise * layout.total(left_w * pieces.eig_right)
+    if pieces.eig_sums is not None:  # pairs reduced run by run (probes in several CG runs)
+        surrogate = surrogate + pieces.eig_sums.surrogate(gp.outputscale, gp.noise, factors)
     if extra is not None:
         surrogate = surrogate + extra
     if level is not None:
@@ -362,6 +365,10 @@ class CGPath(InferencePath):
         if gp.observed is not None and gp.cell_noise is not None:
             # every outer iteration solves with C by CG: the number of runs follows the outer count
             return "missing cells with per-cell noise (nested CG solves)"
+        run = self.cg_run(gp)
+        if gp.observed is not None and run is not None and run <= gp.num_probes:
+            # a graph keeps its probes as inputs: all of them, where the runs hold one run's
+            return "the memory plan splits the probes into several CG runs (a graph would hold them all)"
         return None
 
     # ------------------------------------------------------------------ probes
@@ -377,11 +384,40 @@ class CGPath(InferencePath):
         those cells: then ``(1/S) Σ_s z_sᵀ A z_s = tr A`` exactly, so the likelihood and its
         gradient are exact up to CG tolerance.
         """
-        count = (gp.n_cells if cells is None else gp.n_cells - gp.n_observed if cells is _missing(gp)
-                 else self.layout.count(cells))
-        if 0 < count <= gp.exact_trace_limit:
+        count = self.exact_trace(gp, cells)
+        if count:
             return self.layout.unit_probes(cells, count, gp.y)
         return self.std_normal(gp, gp.n_cells, gp.num_probes, offset=offset)
+
+    def exact_trace(self, gp, cells: Optional[Tensor]) -> int:
+        """How many cells ``cells`` covers when that is at most ``exact_trace_limit`` (their unit
+        vectors are the probes), else 0."""
+        count = (gp.n_cells if cells is None else gp.n_cells - gp.n_observed if cells is _missing(gp)
+                 else self.layout.count(cells))
+        return count if 0 < count <= gp.exact_trace_limit else 0
+
+    def cg_run(self, gp) -> Optional[int]:
+        """Columns per block CG run of the missing cells' system, from the memory plan
+        (:func:`kronegp.models.memory.choose_cg_run`); ``None``: one run (the layout does not
+        split, e.g. a sharded grid)."""
+        return self.layout.cg_run(gp)
+
+    def missing_probes(self, gp) -> "Tensor | ProbeDraws":
+        """The missing cells' probes: drawn at once, or run by run when the memory plan splits the
+        CG into runs (a run holds only its own probes). Run by run, the later runs continue the
+        first run's generator: other numbers than one draw of all columns, from the same
+        distribution."""
+        run = self.cg_run(gp)
+        if (run is None or run > gp.num_probes or self.layout.probe_store is not None
+                or self.exact_trace(gp, _missing(gp))):
+            return self.probes(gp, _missing(gp), offset=1)
+
+        def take(a: int, b: int) -> Tensor:
+            if a == 0:  # seeded (or continued) as a draw of all columns is
+                return self.std_normal(gp, gp.n_cells, b, offset=1)
+            return self.layout.continue_normal(gp.n_cells, b - a, like=gp.y)
+
+        return ProbeDraws(gp.num_probes, take)
 
     # ------------------------------------------------------------------ likelihood
 
@@ -392,8 +428,9 @@ class CGPath(InferencePath):
             pieces = cg_lml_pieces(
                 cov, resid.detach(), gp.observed, gp.n_observed,
                 probes_c=None if cov.homoskedastic else self.probes(gp, None),
-                probes_g=None if gp.observed is None else self.probes(gp, _missing(gp), offset=1),
+                probes_g=None if gp.observed is None else self.missing_probes(gp),
                 tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
+                probe_chunk=None if gp.observed is None else self.cg_run(gp),
             )
         else:
             pieces = plain_cg_lml_pieces(
@@ -401,7 +438,8 @@ class CGPath(InferencePath):
                 self.std_normal(gp, gp.n_cells, gp.num_probes), tol=gp.cg_tol, max_iters=gp.cg_max_iters,
                 inner=self.layout.inner,
             )
-        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())) - 1
+        pieces.extra["probes"] = int(pieces.weights.numel() + (0 if pieces.eig_weights is None else pieces.eig_weights.numel())
+                                     + (0 if pieces.eig_sums is None else pieces.eig_sums.rows)) - 1
         level = gp.noise if cov.homoskedastic else cov.sigma_bar2
         return _pieces_surrogate(gp, pieces, cov.eig, factors,
                                  level if pieces.exact_logdet and gp.precondition else None)

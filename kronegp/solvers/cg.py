@@ -267,6 +267,7 @@ def block_cg(
     record_lanczos: bool = False,
     warn: bool = True,
     rows: bool = False,
+    overwrite_rhs: bool = False,
 ) -> CGResult:
     """Solve ``A X = B`` column by column with preconditioned CG, all columns at once.
 
@@ -293,6 +294,13 @@ def block_cg(
             rows natively (``x · (⊗F)`` in :func:`kronegp.matmul_kron`), this avoids
             transposing the block around every product. Everything else (coefficients,
             residuals, the solution's layout) follows ``rhs``.
+        overwrite_rhs: the caller hands ``rhs`` over (a contiguous block it no longer needs):
+            it becomes the residual, updated in place, instead of a copy (one block less).
+
+    Memory: besides ``rhs`` and what ``matvec`` allocates, a run holds ``x``, ``r`` and ``p``
+    (``r`` is ``rhs`` itself with ``overwrite_rhs``), plus on the unfused path ``z = M r``, and
+    ``A p`` while it is used: every update is written in place into these blocks, and ``A p``
+    is dropped before the next ``matvec`` (:mod:`kronegp.models.memory` counts them).
 
     Returns:
         :class:`CGResult`.
@@ -332,35 +340,40 @@ def block_cg(
     slot, fixed = schedule._start(max_iters) if schedule is not None else (0, None)
 
     fused = _fused_backend(rhs, inner, diag, rows) if x0 is None else None
+    b_norm = inner(rhs, rhs).sqrt()
+    # the caller's block becomes the residual (updated in place) when it is handed over
+    own = overwrite_rhs and x0 is None and rhs.is_contiguous()
     if fused is not None:
         x = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
-        r = rhs.clone(memory_format=torch.contiguous_format)
+        r = rhs if own else rhs.clone(memory_format=torch.contiguous_format)
     elif x0 is None:
         x = torch.zeros_like(rhs)
-        r = rhs.clone()
+        r = rhs if own else rhs.clone()
     else:
         if x0.shape != rhs.shape:
             raise ValueError(f"x0 must have the shape of rhs {tuple(rhs.shape)}, got {tuple(x0.shape)}")
         x = x0.clone()
         r = rhs - matvec(x)
+    del rhs  # (with overwrite_rhs it is r; its norms are taken)
 
-    b_norm = inner(rhs, rhs).sqrt()
     # A zero column is solved by x = 0; it must neither divide by zero nor hold the others back.
     zero_col = b_norm == 0
     safe_b_norm = torch.where(zero_col, torch.ones_like(b_norm), b_norm)
-    if x0 is not None:
-        x = torch.where(per_vector(zero_col), torch.zeros_like(x), x)
-        r = torch.where(per_vector(zero_col), torch.zeros_like(r), r)
+    if x0 is not None:  # in place: x and r are this function's own blocks
+        x.masked_fill_(per_vector(zero_col), 0)
+        r.masked_fill_(per_vector(zero_col), 0)
     z = apply_m(r)
     p = z.clone(memory_format=torch.contiguous_format)  # r is updated in place below; p must not alias it
     rz = inner(r, z)
+    if diag is not None and fused is None:
+        z = torch.empty_like(p)  # M r is written into this block every iteration (no new one)
     initial_rz = rz.clone()
     res = inner(r, r).sqrt() / safe_b_norm
     active = (res > tol) & ~zero_col
-    col_iters = torch.zeros(b_norm.shape, dtype=torch.long, device=rhs.device)
+    col_iters = torch.zeros(b_norm.shape, dtype=torch.long, device=x.device)
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
-    tiny = torch.finfo(rhs.dtype).tiny
+    tiny = torch.finfo(x.dtype).tiny
     iterations = 0
     if fused is not None:
         # The coefficients and the convergence state stay on the device (the backend's CG state):
@@ -374,6 +387,7 @@ def block_cg(
             fused.cg_step("dot", st, p=p, ap=ap, rows=rows, iteration=iterations, force=force)
             fused.cg_step("update", st, x=x, r=r, p=p, ap=ap, d=diag, rows=rows, iteration=iterations, force=force)
             fused.cg_step("direction", st, r=r, p=p, d=diag, rows=rows)
+            del ap  # before the next matvec: its block is not held beside the new one
             iterations += 1
         res, active, col_iters = st.res, st.active.bool(), st.iters
         if record_lanczos and iterations:
@@ -390,10 +404,14 @@ def block_cg(
             # between its Kronecker matmuls).
             x.addcmul_(p, per_vector(alpha))
             r.addcmul_(ap, per_vector(alpha), value=-1)
-            z = apply_m(r)
+            del ap  # before the next matvec: its block is not held beside the new one
+            if diag is None:
+                z = apply_m(r)
+            else:
+                torch.mul(r, diag.unsqueeze(-2) if rows else diag.unsqueeze(-1), out=z)
             rz_new = inner(r, z)
             beta = torch.where(keep, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-            p = torch.addcmul(z, p, per_vector(beta))
+            torch.addcmul(z, p, per_vector(beta), out=p)  # p ← z + β p, in place
             rz = torch.where(keep, rz_new, rz)
             col_iters = col_iters + keep.long()
             iterations += 1

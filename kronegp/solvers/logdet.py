@@ -118,6 +118,7 @@ def solve_with_logdet(
         max_iters=max_iters,
         record_lanczos=True,
         rows=rows,
+        overwrite_rhs=True,  # the concatenated block is ours: it becomes the CG's residual
     )
     # copy queued now, read on demand (none for a fixed-schedule run, which must not synchronise)
     probe_columns = slice(t, None)
