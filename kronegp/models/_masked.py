@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from kronegp.models._kron import KronEigen
+from kronegp.models._two_level import two_level
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
 from kronegp.solvers.cg import active_schedule
@@ -504,14 +505,27 @@ def cg_lml_pieces(
             # the SLQ variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue).
             g_diag = torch.where(missing > 0, cov.eig.diag_of(1.0 / cov.p_diag), torch.ones_like(missing))
             tight = _inner_tol(tol, dt)
-            zg = lay.d(missing * g_diag.sqrt()) * lay.from_columns(probes_g)  # z ~ N(0, diag(G)) on M
+            # A compact hole adds a coarse space of its smooth modes to the Jacobi scaling
+            # (kronegp.models._two_level): P = M⁻¹ is then no longer diagonal, but its log det is
+            # exact and the probes are drawn from N(0, P) all the same.
+            coarse = two_level(cov.eig, cov.factors, cov.outputscale, cov.sigma_bar2, cov.p_inv, g_diag,
+                               observed.logical_not()) if lay.rows else None
+            if coarse is None:
+                zg = lay.d(missing * g_diag.sqrt()) * lay.from_columns(probes_g)  # z ~ N(0, diag(G)) on M
+                mz = lay.d(missing) * zg / lay.d(g_diag)  # M z = P⁻¹ z
+                precond_g, log_p = 1.0 / g_diag, _total(inner, missing * torch.log(g_diag))
+            else:
+                zg = coarse.sample(missing * lay.from_columns(probes_g))  # z ~ N(0, M⁻¹) on M
+                mz = coarse.apply(zg)
+                precond_g, log_p = coarse.apply, coarse.logdet_p(missing)
+                extra["coarse_modes"] = coarse.modes
             s = lay.count(zg)
             # With exact solves on a local grid, X = Q diag(p_inv) Qᵀ: the probes' vectors of the
             # gradient stay in eigen-coordinates (only the data vector comes back to the grid),
             # which saves two Kronecker products of s rows here and the bilinear derivative's
             # partial products in the backward.
             eig_pairs = _EIGEN_PAIRS and lay.rows and cov.homoskedastic
-            first = lay.cat([lay.block(r), lay.d(missing) * zg / lay.d(g_diag)])
+            first = lay.cat([lay.block(r), mz])
             if eig_pairs:
                 first_t = cov.eig.to_eigbasis_rows(first) * cov.p_inv  # Qᵀ X [r, z/g]
                 xr = cov.eig.from_eigbasis_rows(first_t[:1])
@@ -522,7 +536,7 @@ def cg_lml_pieces(
             res = block_cg(
                 _missing_matvec(cov, missing, tight, rows=lay.rows),
                 rhs_g,
-                1.0 / g_diag,
+                precond_g,
                 tol=tol,
                 max_iters=max_iters,
                 record_lanczos=True,
@@ -532,11 +546,10 @@ def cg_lml_pieces(
             lanczos = None if res.converged is None else LanczosOnHost(res, columns=slice(1, None))
             g = res.solution
             second = lay.cat([lay.block(r) - lay.d(missing) * lay.take(g, slice(0, 1)), lay.d(missing) * lay.take(g, slice(1, None))])
-            log_gdiag = _total(inner, missing * torch.log(g_diag))
             extra["missing_iterations"] = res.iterations_needed
             # The back-solve's GPU work is queued first; the host-side SLQ (a transfer and LAPACK
             # band solves) and the residual read then run while the GPU computes it.
-            # u' = X G⁻¹ z, v' = X diag(G)⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM).
+            # u' = X G⁻¹ z, v' = X P⁻¹ z: E[u'ᵀ ∂C v'] = tr(G⁻¹ [X ∂C X]_MM) (E[z zᵀ] = P).
             if eig_pairs:
                 second_t = cov.eig.to_eigbasis_rows(second) * cov.p_inv  # Qᵀ X [r − g_r, G⁻¹z]
                 alpha = obs_f * cov.eig.from_eigbasis_rows(second_t[:1])[0]
@@ -570,7 +583,7 @@ def cg_lml_pieces(
                 weights.append(resid.new_full((s,), 0.5 / s))
             iterations = res.iterations_needed
             residual = res.residual_max() if lanczos is None else lanczos.residual_max()
-            logdet = logdet + log_gdiag + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
+            logdet = logdet + log_p + slq_logdet_correction(res, columns=slice(1, None), host=lanczos)
 
         if eig_left is None:
             lefts.insert(0, alpha.unsqueeze(-1))
