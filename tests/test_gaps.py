@@ -325,7 +325,7 @@ def test_two_level_preconditioner_is_what_its_docstring_says(name, monkeypatch):
     M = _dense_of(pre.apply, miss)
     assert rel(M, M.mT) <= 1e-12
     # M = J⁻¹ + W E⁻¹ Wᵀ with E the Galerkin matrix Wᵀ G W (homoskedastic: X is exact)
-    W = pre._w(torch.eye(pre.modes, dtype=torch.float64), miss.numel())[:, miss].mT  # (m, |S|)
+    W = pre.basis.w(torch.eye(pre.modes, dtype=torch.float64), miss.numel())[:, miss].mT  # (m, |S|)
     E = pre.L @ pre.L.mT
     assert rel(E, W.mT @ G @ W) <= 1e-10
     assert rel(M, torch.diag(1 / g_diag[miss]) + W @ torch.linalg.solve(E, W.mT)) <= 1e-10

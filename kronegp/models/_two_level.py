@@ -22,7 +22,8 @@ cells). The preconditioner is additive two-level (Jacobi plus a Galerkin coarse 
 
 ``E`` costs one Kronecker matmul of one grid column with factors of ``r_k² × n_k`` (the
 Khatri–Rao square of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`) when the hole
-fills its box; otherwise ``|S|`` grid columns through ``Qᵀ`` (then ``|S| ≤`` :data:`MAX_COLUMN_MODES`).
+fills its box; otherwise ``X W`` through the grid, :data:`COLUMN_CHUNK` modes at a time (then
+``|S| ≤`` :data:`MAX_COLUMN_MODES`).
 Applying ``M`` to a block costs two Kronecker products over the box with ``b_k × r_k`` factors
 and a ``|S| × |S|`` triangular solve pair: small against the block's two Kronecker products over
 the grid inside ``G``. ``M`` is symmetric positive definite whatever ``E`` is (exact or not),
@@ -63,7 +64,7 @@ from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
 from kronegp.models._kron import KronEigen
 from kronegp.ops import matmul_kron
 
-__all__ = ["TwoLevel", "two_level", "MODE_SCORE", "MAX_MODES", "MAX_TENSOR_MODES", "MAX_COLUMN_MODES", "MIN_FILL",
+__all__ = ["CoarseBasis", "TwoLevel", "two_level", "coarse_bytes", "COLUMN_CHUNK", "MODE_SCORE", "MAX_MODES", "MAX_TENSOR_MODES", "MAX_COLUMN_MODES", "MIN_FILL",
            "MIN_MISSING", "ENABLED"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
@@ -76,6 +77,8 @@ MAX_MODES = 1024
 MAX_TENSOR_MODES = 2048
 #: At most this many modes when the hole does not fill its box (each mode is a grid column through ``Qᵀ``).
 MAX_COLUMN_MODES = 128
+#: Modes per block when ``E`` is formed through the grid (memory: that many grid vectors at once).
+COLUMN_CHUNK = 16
 #: Least share of the bounding box the missing cells must fill.
 MIN_FILL = 0.5
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
@@ -109,31 +112,17 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int) -> Optional[tuple
     return None
 
 
-class TwoLevel:
-    """``M = J⁻¹ + W E⁻¹ Wᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells (module
-    docstring). Build with :func:`two_level`."""
+class CoarseBasis:
+    """``W = E_M (⊗V_k) S``: the coarse modes over the hole's box, restricted to the missing cells."""
 
-    def __init__(self, hole: MissingBox, g_diag: Tensor, vecs: list[Tensor], sel: Tensor, full: list[int],
-                 E: Tensor, EJ: Tensor):
+    def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int]):
         self.hole = hole
-        self.g_diag = g_diag
-        self.j_inv = 1.0 / g_diag
         self.vecs = vecs  # V_k (b_k, r_k)
         self.vecs_t = [v.mT.contiguous() for v in vecs]
         self.sel, self.full = sel, full
         self.modes = sel.numel()
-        self.L = torch.linalg.cholesky(0.5 * (E + E.mT))
-        linv_ej = torch.linalg.solve_triangular(self.L, EJ, upper=False)
-        T = torch.linalg.solve_triangular(self.L, linv_ej.mT, upper=False)  # L⁻¹ EJ L⁻ᵀ
-        s, self.U = torch.linalg.eigh(0.5 * (T + T.mT))
-        self.s = s.clamp_min(0)
-        # f(s) = ((1+s)^{-½} − 1)/s = −1 / (√(1+s) (1 + √(1+s))): no cancellation at s → 0
-        root = torch.sqrt(1 + self.s)
-        self.f = -1.0 / (root * (1 + root))
 
-    # ------------------------------------------------------------------ W and Wᵀ on the box
-
-    def _wt(self, rows: Tensor) -> Tensor:
+    def wt(self, rows: Tensor) -> Tensor:
         """``Wᵀ v`` for rows ``(t, N)``: ``(t, |S|)``."""
         h = self.hole
         if h.fills:
@@ -143,8 +132,8 @@ class TwoLevel:
             box[:, h.pos] = rows[:, h.idx]
         return matmul_kron(box, self.vecs)[:, self.sel]
 
-    def _w(self, coef: Tensor, n: int) -> Tensor:
-        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` zero off the missing cells."""
+    def w(self, coef: Tensor, n: int) -> Tensor:
+        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` (``N = n``) zero off the missing cells."""
         h = self.hole
         full = coef.new_zeros(coef.shape[0], math.prod(self.full))
         full[:, self.sel] = coef
@@ -153,20 +142,36 @@ class TwoLevel:
         out[:, h.idx] = box if h.fills else box[:, h.pos]
         return out
 
-    # ------------------------------------------------------------------ what CG and SLQ need
+
+class TwoLevel:
+    """``M = J⁻¹ + W E⁻¹ Wᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells (module
+    docstring), from the basis ``W``, ``J`` on the grid, ``E`` and ``WᵀJW``. Build with :func:`two_level`."""
+
+    def __init__(self, basis: CoarseBasis, g_diag: Tensor, E: Tensor, EJ: Tensor):
+        self.basis, self.hole, self.modes = basis, basis.hole, basis.modes
+        self.g_diag = g_diag
+        self.j_inv = 1.0 / g_diag
+        self.L = torch.linalg.cholesky(0.5 * (E + E.mT))
+        linv_ej = torch.linalg.solve_triangular(self.L, EJ, upper=False)
+        T = torch.linalg.solve_triangular(self.L, linv_ej.mT, upper=False)  # L⁻¹ EJ L⁻ᵀ
+        s, self.U = torch.linalg.eigh(0.5 * (T + T.mT))
+        self.s = s.clamp_min(0)
+        # f(s) = ((1+s)^{-½} − 1)/s = −1 / (√(1+s) (1 + √(1+s))): no cancellation at s → 0
+        root = torch.sqrt(1 + self.s)
+        self.f = -1.0 / (root * (1 + root))
 
     def apply(self, rows: Tensor) -> Tensor:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
-        c = torch.cholesky_solve(self._wt(rows).mT, self.L).mT
-        return torch.addcmul(self._w(c, rows.shape[-1]), rows, self.j_inv)
+        c = torch.cholesky_solve(self.basis.wt(rows).mT, self.L).mT
+        return torch.addcmul(self.basis.w(c, rows.shape[-1]), rows, self.j_inv)
 
     def sample(self, xi: Tensor) -> Tensor:
         """Probes ``z = P^{½}ξ`` with ``Cov z = M⁻¹`` for rows ``ξ`` (``(S, N)``, zero off the missing cells)."""
         a = self.g_diag.sqrt() * xi
-        c = torch.linalg.solve_triangular(self.L, self._wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
+        c = torch.linalg.solve_triangular(self.L, self.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
         c = self.U @ (self.f.unsqueeze(-1) * (self.U.mT @ c))
         back = torch.linalg.solve_triangular(self.L.mT, c, upper=True).mT  # L⁻ᵀ …  (S, |S|)
-        return a + self.g_diag * self._w(back, xi.shape[-1])
+        return a + self.g_diag * self.basis.w(back, xi.shape[-1])
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
@@ -202,25 +207,34 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     if chosen is None:
         return None
     sel, full = chosen
-    vecs = [v[:, :r].contiguous() for v, r in zip(vecs, full)]
+    basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
     # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
     jbox = g_diag.new_zeros(hole.box)
     jbox[hole.pos] = g_diag[hole.idx]
-    EJ = khatri_gram([khatri_square(v.mT) for v in vecs], full, jbox.unsqueeze(-1))[0]
-    EJ = EJ[sel][:, sel]
+    EJ = khatri_gram([khatri_square(v.mT) for v in basis.vecs], full, jbox.unsqueeze(-1))[0][sel][:, sel]
     if hole.fills:
-        R = [v.mT @ q[ax] for v, q, ax in zip(vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
+        R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
         E = khatri_gram([khatri_square(r) for r in R], full, p.unsqueeze(-1))[0][sel][:, sel]
     else:
-        eye = torch.eye(sel.numel(), dtype=p.dtype, device=p.device)
-        full_coef = p.new_zeros(sel.numel(), math.prod(full))
-        full_coef[:, sel] = eye
-        box = matmul_kron(full_coef, [v.mT for v in vecs])  # rows of (⊗V) S over the box
-        rows = p.new_zeros(sel.numel(), eig.size)
-        rows[:, hole.idx] = box[:, hole.pos]
-        t = eig.to_eigbasis_rows(rows)
-        E = (t * p) @ t.mT
+        # E = Wᵀ X W through the grid, COLUMN_CHUNK modes at a time (one such block alive)
+        k = basis.modes
+        eye = torch.eye(k, dtype=p.dtype, device=p.device)
+        E = torch.cat([basis.wt(eig.apply_function_rows(p, basis.w(eye[i : i + COLUMN_CHUNK], eig.size)))
+                       for i in range(0, k, COLUMN_CHUNK)])
     try:
-        return TwoLevel(hole, g_diag, vecs, sel, full, E, EJ)
+        return TwoLevel(basis, g_diag, E, EJ)
     except torch.linalg.LinAlgError:
         return None
+
+
+def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
+    """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak:
+    the ``(Π r_k)²`` gram over the tensor modes and five ``|S| × |S|`` matrices; 0 where it does not
+    apply (for :mod:`kronegp.models.memory`)."""
+    if not ENABLED or missing is None:
+        return 0
+    hole = MissingBox(missing, sizes)
+    if hole.m < MIN_MISSING or hole.m < MIN_FILL * hole.box:
+        return 0
+    modes = min(hole.box, MAX_MODES if hole.fills else MAX_COLUMN_MODES)
+    return (min(hole.box, MAX_TENSOR_MODES) ** 2 + 5 * modes * modes) * itemsize

@@ -20,7 +20,9 @@ buffers are alive at once. Each count below is taken from the code that allocate
   CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors included)
   and are checked against that measurement in ``tests/test_memory_plan.py``; they do not
   shrink with the chunk (the cg path is not chunked: fewer probes, float32 or a sharded model
-  are what make it fit).
+  are what make it fit). A compact hole adds its two-level preconditioner's matrices (at most
+  ``MAX_TENSOR_MODES² + 5·MAX_MODES²`` elements, :func:`kronegp.models._two_level.coarse_bytes`),
+  whatever the grid.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
@@ -179,8 +181,10 @@ def _cg_kind(missing: bool, per_cell: bool) -> str:
 
 
 def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
-                 device_type: str = "cuda") -> MemoryPlan:
-    """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns)."""
+                 device_type: str = "cuda", coarse: int = 0) -> MemoryPlan:
+    """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns);
+    ``coarse``: the bytes of a hole's two-level preconditioner
+    (:func:`kronegp.models._two_level.coarse_bytes`, alive through the whole CG run)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     kind = _cg_kind(missing, per_cell)
     cols = probes + 1
@@ -190,6 +194,8 @@ def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missi
         "factors": _factor_bytes(shape),
         "runtime": _runtime(device_type),
     }
+    if coarse:
+        parts["two-level coarse space"] = int(coarse)
     return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, 0,
                       model_bytes(shape, dtype, mask=missing, cell_noise=per_cell), parts)
 
@@ -251,8 +257,13 @@ def plan_for_model(model, operation: str = "step", *, samples: int = 1,
         else:
             raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
     else:
-        plan = plan_cg_step(shape, dtype, model.num_probes, missing=model.observed is not None,
-                            per_cell=model.cell_noise is not None, device_type=dev.type)
+        from kronegp.models._two_level import coarse_bytes
+
+        observed = model.observed
+        coarse = 0 if observed is None else coarse_bytes(observed.reshape(-1).logical_not(), shape,
+                                                         torch.finfo(dtype).bits // 8)
+        plan = plan_cg_step(shape, dtype, model.num_probes, missing=observed is not None,
+                            per_cell=model.cell_noise is not None, device_type=dev.type, coarse=coarse)
         plan.operation = f"cg {operation} ({model.num_probes} probes)"
     plan.free_bytes = free_bytes
     return plan
