@@ -426,3 +426,15 @@ def test_two_level_on_cuda_matches_cpu(monkeypatch):
     assert cpu._last_extra["coarse_modes"] == gpu._last_extra["coarse_modes"] > 0
     assert abs(a - b) <= 1e-8 * abs(a)
     assert rel(gb.cpu(), ga) <= 1e-7
+
+
+@pytest.mark.parametrize("sizes", [[3, 4, 2], [5], [2, 3, 2, 2]], ids=["3-D", "1-D", "4-D"])
+def test_selected_gram_is_the_dense_gram_of_the_selected_modes(sizes):
+    g = torch.Generator().manual_seed(len(sizes))
+    ns = [6, 5, 4, 3][: len(sizes)]
+    mats = [torch.randn(r, n, generator=g, dtype=torch.float64) for r, n in zip(sizes, ns)]
+    w = torch.rand(math.prod(ns), generator=g, dtype=torch.float64)
+    sel = torch.randperm(math.prod(sizes), generator=g)[: max(2, math.prod(sizes) // 3)]
+    A = dense_kron(mats)[sel]
+    ref = A @ torch.diag(w) @ A.mT
+    assert rel(two_level_mod.selected_gram(mats, w, sel, sizes, chunk=2), ref) <= 1e-12

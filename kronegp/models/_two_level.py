@@ -20,9 +20,9 @@ cells). The preconditioner is additive two-level (Jacobi plus a Galerkin coarse 
 
     M = J⁻¹ + W E⁻¹ Wᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
 
-``E`` costs one Kronecker matmul of one grid column with factors of ``r_k² × n_k`` (the
-Khatri–Rao square of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`) when the hole
-fills its box; otherwise ``X W`` through the grid, :data:`COLUMN_CHUNK` modes at a time (then
+``E`` costs one Kronecker matmul of ``n_1`` grid slabs with factors of ``r_k² × n_k`` (the
+Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`, axis 1 summed
+directly: :func:`selected_gram`) when the hole fills its box; otherwise ``X W`` through the grid, :data:`COLUMN_CHUNK` modes at a time (then
 ``|S| ≤`` :data:`MAX_COLUMN_MODES`).
 Applying ``M`` to a block costs two Kronecker products over the box with ``b_k × r_k`` factors
 and a ``|S| × |S|`` triangular solve pair: small against the block's two Kronecker products over
@@ -64,7 +64,7 @@ from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
 from kronegp.models._kron import KronEigen
 from kronegp.ops import matmul_kron
 
-__all__ = ["CoarseBasis", "TwoLevel", "two_level", "coarse_bytes", "COLUMN_CHUNK", "MODE_SCORE", "MAX_MODES", "MAX_TENSOR_MODES", "MAX_COLUMN_MODES", "MIN_FILL",
+__all__ = ["CoarseBasis", "TwoLevel", "two_level", "coarse_bytes", "COLUMN_CHUNK", "MODE_SCORE", "MAX_MODES", "MAX_GRAM_ELEMENTS", "selected_gram", "MAX_COLUMN_MODES", "MIN_FILL",
            "MIN_MISSING", "ENABLED"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
@@ -73,8 +73,8 @@ ENABLED = True
 MODE_SCORE = 1.0
 #: At most this many coarse modes (the largest scores first).
 MAX_MODES = 1024
-#: At most this many tensor modes ``Π r_k`` spanned per axis (the Galerkin gram is formed over them).
-MAX_TENSOR_MODES = 2048
+#: At most this many elements in the partial gram ``H`` (``n_1 · (Π_{k>1} r_k)²``, see :func:`selected_gram`).
+MAX_GRAM_ELEMENTS = 1 << 24
 #: At most this many modes when the hole does not fill its box (each mode is a grid column through ``Qᵀ``).
 MAX_COLUMN_MODES = 128
 #: Modes per block when ``E`` is formed through the grid (memory: that many grid vectors at once).
@@ -85,9 +85,10 @@ MIN_FILL = 0.5
 MIN_MISSING = 64
 
 
-def _tensor_modes(mus: list[Tensor], scale: float, limit: int) -> Optional[tuple[Tensor, list[int]]]:
+def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Optional[tuple[Tensor, list[int]]]:
     """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes with ``scale·Πμ ≥ MODE_SCORE``, best
-    first, at most :data:`MAX_MODES`, and per axis how many leading modes they use; ``None`` if none."""
+    first, at most :data:`MAX_MODES` and ``limit``, fewer where their gram over ``first`` cells of axis 1 would
+    pass :data:`MAX_GRAM_ELEMENTS`, and per axis how many leading modes they use; ``None`` if none."""
     score = mus[0]
     for mu in mus[1:]:
         score = (score.unsqueeze(-1) * mu).reshape(-1)
@@ -103,13 +104,39 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int) -> Optional[tuple
             rest = torch.div(rest, n, rounding_mode="floor")
         per_axis.reverse()
         used = [int(a.max()) + 1 for a in per_axis]
-        if math.prod(used) <= MAX_TENSOR_MODES:
+        if first * math.prod(used[1:]) ** 2 <= MAX_GRAM_ELEMENTS:
             flat = torch.zeros_like(sel)  # the same modes, flat over Π used (the truncated axes)
             for a, r in zip(per_axis, used):
                 flat = flat * r + a
             return flat, used
         count = count * 3 // 4
     return None
+
+
+def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], chunk: int = 8) -> Tensor:
+    """``(⊗A_k)[sel] diag(w) (⊗A_k)[sel]ᵀ`` (``(|sel|, |sel|)``) for ``A_k`` of shape ``(r_k, n_k)``
+    (``sizes = [r_k]``), grid weights ``w`` (length ``Πn_k``) and ``sel`` flat row-major over ``Πr_k``.
+
+    Axis 1 is summed directly, the others by one Kronecker matmul of the ``n_1`` slabs of ``w`` with
+    their Khatri–Rao squares (:func:`kronegp.models._few_missing.khatri_gram`):
+    ``H[j] = (⊗_{k>1}A_k) diag(w[j]) (⊗_{k>1}A_k)ᵀ`` (``n_1 · (Π_{k>1}r_k)²`` elements) and
+    ``E[a, b] = Σ_j A_1[a_1, j] A_1[b_1, j] H[j][a', b']``: the gram of the few selected tensor modes
+    without the ``(Πr_k)²`` one of them all."""
+    n1 = mats[0].shape[1]
+    rest = math.prod(sizes[1:])
+    a1 = torch.div(sel, rest, rounding_mode="floor")
+    ar = sel % rest
+    if len(mats) == 1:
+        H = w.reshape(n1, 1, 1)
+    else:
+        H = khatri_gram([khatri_square(a) for a in mats[1:]], sizes[1:], w.reshape(n1, -1).mT.contiguous())  # (n1, R', R')
+    rows = mats[0][a1]  # (k, n1): A_1[a_1, j]
+    E = w.new_zeros(sel.numel(), sel.numel())
+    for j in range(0, n1, chunk):
+        h = H[j : j + chunk][:, ar][:, :, ar]  # (c, k, k)
+        r = rows[:, j : j + chunk].mT  # (c, k)
+        E += torch.einsum("ca,cb,cab->ab", r, r, h)
+    return E
 
 
 class CoarseBasis:
@@ -203,7 +230,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         mu, v = torch.linalg.eigh(f.detach()[ax][:, ax])
         mus.append(mu.flip(0).clamp_min(0))
         vecs.append(v.flip(-1))
-    chosen = _tensor_modes(mus, float(outputscale / level), MAX_MODES if hole.fills else MAX_COLUMN_MODES)
+    chosen = _tensor_modes(mus, float(outputscale / level), MAX_MODES if hole.fills else MAX_COLUMN_MODES, eig.sizes[0])
     if chosen is None:
         return None
     sel, full = chosen
@@ -211,10 +238,10 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
     jbox = g_diag.new_zeros(hole.box)
     jbox[hole.pos] = g_diag[hole.idx]
-    EJ = khatri_gram([khatri_square(v.mT) for v in basis.vecs], full, jbox.unsqueeze(-1))[0][sel][:, sel]
+    EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
     if hole.fills:
         R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
-        E = khatri_gram([khatri_square(r) for r in R], full, p.unsqueeze(-1))[0][sel][:, sel]
+        E = selected_gram(R, p, sel, full)
     else:
         # E = Wᵀ X W through the grid, COLUMN_CHUNK modes at a time (one such block alive)
         k = basis.modes
@@ -229,12 +256,12 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak:
-    the ``(Π r_k)²`` gram over the tensor modes and five ``|S| × |S|`` matrices; 0 where it does not
-    apply (for :mod:`kronegp.models.memory`)."""
+    the partial gram ``H`` of :func:`selected_gram` and six ``|S| × |S|`` matrices (eight with its
+    chunk); 0 where it does not apply (for :mod:`kronegp.models.memory`)."""
     if not ENABLED or missing is None:
         return 0
     hole = MissingBox(missing, sizes)
     if hole.m < MIN_MISSING or hole.m < MIN_FILL * hole.box:
         return 0
     modes = min(hole.box, MAX_MODES if hole.fills else MAX_COLUMN_MODES)
-    return (min(hole.box, MAX_TENSOR_MODES) ** 2 + 5 * modes * modes) * itemsize
+    return (min(sizes[0] * hole.box**2, MAX_GRAM_ELEMENTS) + 14 * modes * modes) * itemsize

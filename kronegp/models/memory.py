@@ -21,7 +21,7 @@ buffers are alive at once. Each count below is taken from the code that allocate
   and are checked against that measurement in ``tests/test_memory_plan.py``; they do not
   shrink with the chunk (the cg path is not chunked: fewer probes, float32 or a sharded model
   are what make it fit). A compact hole adds its two-level preconditioner's matrices (at most
-  ``MAX_TENSOR_MODES² + 5·MAX_MODES²`` elements, :func:`kronegp.models._two_level.coarse_bytes`),
+  ``MAX_GRAM_ELEMENTS + 14·MAX_MODES²`` elements, :func:`kronegp.models._two_level.coarse_bytes`),
   whatever the grid.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
