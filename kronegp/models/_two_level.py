@@ -44,7 +44,10 @@ finite at ``s → 0``). With unit probes ``ξ = √S e_i`` the trace estimates s
 ``G`` with 17 columns, model at GridGP's initial hyperparameters, ``σ²/s² = 0.1``): 40³ grid,
 hole 15³: 49 → 9 (132 modes at score ≥ 1); hole 19³: 95 → 9 (250 modes); same number of
 scattered cells: 5. Scores 0.3 / 3 / 10 gave 8 / 12 / 17 iterations on the 19³ hole with
-379 / 177 / 120 modes: 1 balances the modes' cost against the iterations. Step times in NOTES.md.
+379 / 177 / 120 modes: 1 balances the modes' cost against the iterations. Training step
+(``benchmarks/gaps.py --holes``, same machine, median of 2) against as many scattered cells:
+1.6× / 2.8× at 40³ (Jacobi: 5× / 11×); 1.8× / 2.4× / 1.9× for the 1 / 5 / 10 % holes of 64³
+(8 / 9 / 10 iterations with 87 / 319 / 584 modes, scatter 4–5). More in NOTES.md.
 
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`) whose missing
 cells fill at least :data:`MIN_FILL` of their bounding box (one compact hole: scattered cells,
