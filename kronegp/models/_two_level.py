@@ -22,8 +22,8 @@ cells). The preconditioner is additive two-level (Jacobi plus a Galerkin coarse 
 
 ``E`` costs one Kronecker matmul of ``n_1`` grid slabs with factors of ``r_k² × n_k`` (the
 Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`, axis 1 summed
-directly: :func:`selected_gram`) when the hole fills its box; otherwise ``X W`` through the grid, :data:`COLUMN_CHUNK` modes at a time (then
-``|S| ≤`` :data:`MAX_COLUMN_MODES`).
+directly: :func:`selected_gram`) when the hole fills its box; otherwise ``X W`` through the
+grid, :data:`COLUMN_CHUNK` modes at a time (then ``|S| ≤`` :data:`MAX_COLUMN_MODES`).
 Applying ``M`` to a block costs two Kronecker products over the box with ``b_k × r_k`` factors
 and a ``|S| × |S|`` triangular solve pair: small against the block's two Kronecker products over
 the grid inside ``G``. ``M`` is symmetric positive definite whatever ``E`` is (exact or not),
@@ -67,8 +67,8 @@ from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
 from kronegp.models._kron import KronEigen
 from kronegp.ops import matmul_kron
 
-__all__ = ["CoarseBasis", "TwoLevel", "two_level", "coarse_bytes", "COLUMN_CHUNK", "MODE_SCORE", "MAX_MODES", "MAX_GRAM_ELEMENTS", "selected_gram", "MAX_COLUMN_MODES", "MIN_FILL",
-           "MIN_MISSING", "ENABLED"]
+__all__ = ["CoarseBasis", "TwoLevel", "two_level", "selected_gram", "coarse_bytes", "ENABLED", "MODE_SCORE",
+           "MAX_MODES", "MAX_GRAM_ELEMENTS", "MAX_COLUMN_MODES", "COLUMN_CHUNK", "MIN_FILL", "MIN_MISSING"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -89,9 +89,15 @@ MIN_MISSING = 64
 
 
 def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Optional[tuple[Tensor, list[int]]]:
-    """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes with ``scale·Πμ ≥ MODE_SCORE``, best
-    first, at most :data:`MAX_MODES` and ``limit``, fewer where their gram over ``first`` cells of axis 1 would
-    pass :data:`MAX_GRAM_ELEMENTS`, and per axis how many leading modes they use; ``None`` if none."""
+    """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes
+    with ``scale·Πμ ≥ MODE_SCORE``, best first, at most :data:`MAX_MODES` and ``limit``, fewer where
+    their gram over ``first`` cells of axis 1 would pass :data:`MAX_GRAM_ELEMENTS`, and per axis how
+    many leading modes they use; ``None`` if none."""
+    # An axis's mode j can only enter with every other axis at its largest μ: the scores are formed
+    # over those candidates only (not over the whole box, which may hold 10⁸ cells).
+    top = [float(mu[0]) for mu in mus]
+    mus = [mu[: max(1, int((scale * mu * math.prod(top[:k] + top[k + 1:]) >= MODE_SCORE).sum()))]
+           for k, mu in enumerate(mus)]
     score = mus[0]
     for mu in mus[1:]:
         score = (score.unsqueeze(-1) * mu).reshape(-1)
