@@ -32,6 +32,9 @@ timed × the products per step, or n_O³ for Cholesky; memory likewise) exceeds
 ``--gpytorch-timeout`` seconds for its warm-up and timed steps, or ``--gpytorch-memory-gib``, is
 skipped before it runs, and the table says why.
 
+``--holes``: one contiguous hole against the same number of scattered cells on the cg path, with
+the two-level preconditioner (:mod:`kronegp.models._two_level`) and without it.
+
 ``--limit``: the exact-missing path's step against the cg path's for growing m (one
 contiguous hole, and m scattered cells) on the same grid: where the exact path stops paying,
 i.e. the value for ``kronegp.models._few_missing.MAX_MISSING_CPU`` / ``MAX_MISSING_CUDA``.
@@ -44,6 +47,7 @@ Usage::
     python benchmarks/gaps.py --limit --device cuda --n 64          # calibrate MAX_MISSING_CUDA
     python benchmarks/gaps.py --no-gpytorch --n 64                  # GridGP alone
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --gpytorch-timeout 120
+    python benchmarks/gaps.py --holes --device cpu --n 64 --repeats 1  # hole vs scatter, two-level on/off
 """
 
 from __future__ import annotations
@@ -267,6 +271,35 @@ def run_limit(y, axes, args) -> list[dict]:
     return rows
 
 
+def run_holes(y, axes, args) -> list[dict]:
+    """One contiguous hole against the same number of scattered cells, on the cg path, with the
+    two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi)."""
+    import kronegp.models._two_level as two_level
+
+    rows = []
+    n = args.n
+    for pct in args.hole_sizes:
+        hole, _ = pattern(f"block-{pct}", n)
+        m = int(hole.sum())
+        g = torch.Generator().manual_seed(m)
+        scatter = torch.zeros(n**3, dtype=torch.bool)
+        scatter[torch.randperm(n**3, generator=g)[:m]] = True
+        for kind, missing in (("hole", hole), ("scatter", scatter.reshape(n, n, n))):
+            for on in (True, False) if args.jacobi else (True,):
+                two_level.ENABLED = on
+                gp = build(y, axes, missing, None, path="cg")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    times = time_call(gp.loss_backward, y.device, repeats=args.repeats)
+                row = {"pct": pct, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
+                       "iterations": int(gp.last_solve.iterations), "coarse_modes": gp._last_extra.get("coarse_modes")}
+                rows.append(row)
+                print(f"block-{pct:<5} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
+                      f"iters {row['iterations']:4d}  modes {row['coarse_modes']}", flush=True)
+        two_level.ENABLED = True
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -290,6 +323,10 @@ def main(argv=None) -> dict:
                     help="a GPyTorch setting counts as accurate as ours within max(our lml rel err, this)")
     ap.add_argument("--limit", action="store_true", help="calibrate the exact-missing path's limit on m")
     ap.add_argument("--limit-sides", type=int, nargs="*", default=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24])
+    ap.add_argument("--holes", action="store_true", help="a hole against as many scattered cells (cg path)")
+    ap.add_argument("--hole-sizes", type=float, nargs="*", default=[1, 5, 10])
+    ap.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=True,
+                    help="--holes: also time the cg path without the two-level preconditioner")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.small:
@@ -302,6 +339,8 @@ def main(argv=None) -> dict:
     print(f"# gaps on {args.n}^3 {args.dtype}, {name}, {meta['date']}", flush=True)
     if args.limit:
         out = {"meta": meta, "limit": run_limit(y, axes, args)}
+    elif args.holes:
+        out = {"meta": meta, "holes": run_holes(y, axes, args)}
     else:
         rows = []
         head = f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"

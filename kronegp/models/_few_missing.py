@@ -63,7 +63,7 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["FewMissing", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
+__all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
@@ -86,6 +86,52 @@ MAX_BOX_CELLS = 6144
 def few_missing_limit(device: torch.device) -> int:
     """The largest ``m`` the exact few-missing path takes on ``device``."""
     return MAX_MISSING_CUDA if device.type == "cuda" else MAX_MISSING_CPU
+
+
+class MissingBox:
+    """The missing cells of a grid and the box they span (shared with
+    :mod:`kronegp.models._two_level`).
+
+    Attributes:
+        idx: flat indices of the missing cells (ascending), ``m`` of them.
+        coords: per axis, each missing cell's index on that axis (row-major, the order of ⊗).
+        axes: per axis, the sorted distinct indices ``I_k`` occurring there; ``box_sizes`` their
+            counts ``b_k`` and ``box`` their product (a contiguous hole *is* its box).
+        pos: each missing cell's position in the box (row-major over ``I_1 × … × I_d``).
+        fills: whether the missing cells are exactly the box's cells (then ``pos = 0…m−1``).
+    """
+
+    def __init__(self, missing: Tensor, sizes):
+        self.idx = torch.nonzero(missing).reshape(-1)
+        self.m = self.idx.numel()
+        coords, rest = [], self.idx
+        for n in reversed(list(sizes)):
+            coords.append(rest % n)
+            rest = torch.div(rest, n, rounding_mode="floor")
+        coords.reverse()
+        self.coords = coords
+        self.axes = [torch.unique(c) for c in coords]
+        self.box_sizes = [b.numel() for b in self.axes]
+        pos = torch.zeros_like(self.idx)
+        for c, b, nb in zip(coords, self.axes, self.box_sizes):
+            pos = pos * nb + torch.searchsorted(b, c)
+        self.pos = pos
+        self.box = math.prod(self.box_sizes)
+        self.fills = self.m == self.box  # positions ascend with idx, so pos = arange(m) then
+
+
+def khatri_square(a: Tensor) -> Tensor:
+    """The row-wise Khatri–Rao square ``F[(c, c'), j] = a[c, j] a[c', j]`` of ``a`` (``(r, n)`` → ``(r², n)``)."""
+    return (a.unsqueeze(1) * a.unsqueeze(0)).reshape(-1, a.shape[1])
+
+
+def khatri_gram(khatri: list[Tensor], sizes: list[int], w: Tensor) -> Tensor:
+    """``A diag(w_s) Aᵀ`` (``(t, R, R)``) for ``A = ⊗A_k`` (``A_k`` of shape ``(r_k, n_k)``, ``R = Πr_k``)
+    and weights ``w`` (``(Πn_k, t)``), given ``khatri[k] = khatri_square(A_k)`` and ``sizes = [r_k]``:
+    one Kronecker matmul of ``t`` columns (module docstring)."""
+    d, t, r = len(sizes), w.shape[-1], math.prod(sizes)
+    vec = kron_matmul(khatri, w).reshape([x for rk in sizes for x in (rk, rk)] + [t])
+    return vec.permute(2 * d, *range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(t, r, r)
 
 
 def _rowwise_kron(rows: list[Tensor]) -> Tensor:
@@ -128,30 +174,18 @@ class FewMissing:
         self.noise = noise.detach()
         self.p = 1.0 / (self.lam + self.noise)
         self.missing = missing
-        idx = torch.nonzero(missing).reshape(-1)
-        self.m = idx.numel()
-        # per-axis indices of the missing cells (row-major, the order of ⊗)
-        coords, rest = [], idx
-        for n in reversed(self.sizes):
-            coords.append(rest % n)
-            rest = torch.div(rest, n, rounding_mode="floor")
-        coords.reverse()
-        self._coords = coords
-        # the box spanned by the missing cells, and their positions in it
-        box = [torch.unique(c) for c in coords]
-        self._box_sizes = [b.numel() for b in box]
-        pos = torch.zeros_like(idx)
-        for c, b, nb in zip(coords, box, self._box_sizes):
-            pos = pos * nb + torch.searchsorted(b, c)
-        self._pos = pos
-        self._box_factors = [q[b] for q, b in zip(eig.vecs, box)]  # A_k (b_k, n_k)
-        self.box = math.prod(self._box_sizes)
+        hole = MissingBox(missing, self.sizes)
+        idx = hole.idx
+        self.m = hole.m
+        self._coords, self._box_sizes, self._pos = hole.coords, hole.box_sizes, hole.pos
+        self._box_factors = [q[b] for q, b in zip(eig.vecs, hole.axes)]  # A_k (b_k, n_k)
+        self.box = hole.box
         #: whether G and the gradient go through the box (compact holes) or the rows (scatter)
         # (the box's b² entries against the m·N of the rows: scattered cells span the whole grid)
         self.boxed = self.box <= MAX_BOX_CELLS and self.box * self.box <= 4 * self.m * eig.size
         self._U = None
         if self.boxed:
-            self._khatri = [(a.unsqueeze(1) * a.unsqueeze(0)).reshape(-1, a.shape[1]) for a in self._box_factors]
+            self._khatri = [khatri_square(a) for a in self._box_factors]
             # with the grams the gradient needs (one Kronecker matmul of three columns)
             p2 = self.p * self.p
             grams = self.box_gram(torch.stack([self.p, p2, p2 * eig.eigvals()], -1))
@@ -205,9 +239,7 @@ class FewMissing:
 
     def box_gram(self, w: Tensor) -> Tensor:
         """``A diag(w_s) Aᵀ`` over the box (``(t, b, b)``), for grid weights ``w`` (``(N, t)``)."""
-        d, b, t = len(self.sizes), self._box_sizes, w.shape[-1]
-        vec = kron_matmul(self._khatri, w).reshape([x for bk in b for x in (bk, bk)] + [t])
-        return vec.permute(2 * d, *range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(t, self.box, self.box)
+        return khatri_gram(self._khatri, self._box_sizes, w)
 
     def box_factor_grads(self, needs) -> list[Optional[Tensor]]:
         """``Q_i M_i Q_iᵀ``, ``M_i = Σ_j L_i[j] (p_j p_jᵀ) ∘ (A_iᵀ S_j A_i)``, for the axes in ``needs``

@@ -33,6 +33,9 @@ buffers are alive at once. Each count below is taken from the code that allocate
   the data column's refinement after the first run (:data:`CG_REFINE`): 1024³ float32 with 20 %
   missing and 16 probes needs 112 GiB in runs of 2 columns by this plan (an H200's 139 GiB),
   and 92 GiB at the least (more than an H100), where 896³ fits in 61 GiB.
+  A compact hole adds its two-level preconditioner's matrices (at most
+  ``MAX_GRAM_ELEMENTS + 14·MAX_MODES²`` elements, :func:`kronegp.models._two_level.coarse_bytes`),
+  whatever the grid.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
@@ -205,10 +208,12 @@ def _cg_kind(missing: bool, per_cell: bool) -> str:
 
 
 def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
-                 device_type: str = "cuda", run: Optional[int] = None) -> MemoryPlan:
+                 device_type: str = "cuda", run: Optional[int] = None, coarse: int = 0) -> MemoryPlan:
     """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns), in
     CG runs of ``run`` columns (default all in one; several runs only with missing cells and
-    homoskedastic noise, see the module docstring). :attr:`MemoryPlan.chunk` is the run."""
+    homoskedastic noise, see the module docstring). :attr:`MemoryPlan.chunk` is the run. ``coarse``:
+    the bytes of a hole's two-level preconditioner (:func:`kronegp.models._two_level.coarse_bytes`,
+    alive through the whole step)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     kind = _cg_kind(missing, per_cell)
     cols = probes + 1
@@ -225,21 +230,25 @@ def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missi
     parts["grid vectors"] = int(vectors * n * item)
     parts["factors"] = _factor_bytes(shape)
     parts["runtime"] = _runtime(device_type)
+    if coarse:
+        parts["two-level coarse space"] = int(coarse)
     return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, run,
                       model_bytes(shape, dtype, mask=missing, cell_noise=per_cell), parts)
 
 
 def choose_cg_run(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
-                  device_type: str = "cuda", budget: Optional[float] = None) -> MemoryPlan:
+                  device_type: str = "cuda", budget: Optional[float] = None, coarse: int = 0) -> MemoryPlan:
     """The cg step's plan with the longest CG run within ``budget`` bytes: all ``probes + 1``
     columns in one run when they fit (or with no budget), else the longest shorter run (missing
     cells with homoskedastic noise only), else the one-column run's plan (the caller reports it).
     The longest that fits, not the shortest: each run repeats the iterations of the whole CG."""
-    plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type)
+    plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type,
+                        coarse=coarse)
     if budget is None or plan.peak_bytes <= budget or _cg_kind(missing, per_cell) != "missing":
         return plan
     for run in range(probes, 0, -1):
-        plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type, run=run)
+        plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type, run=run,
+                            coarse=coarse)
         if plan.peak_bytes <= budget:
             break
     return plan
@@ -324,8 +333,12 @@ def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
 def _cg_plan(model, probes: int, budget: Optional[float]) -> MemoryPlan:
     """:func:`choose_cg_run` for ``model`` with ``probes``: runs only where its cg path can split
     them (the preconditioned estimator; :func:`choose_cg_run` says which noise)."""
+    from kronegp.models._two_level import coarse_bytes
+
     missing, per_cell = model.observed is not None, model.cell_noise is not None
-    args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type)
+    coarse = 0 if not missing else coarse_bytes(model.observed.reshape(-1).logical_not(), tuple(model.shape),
+                                                torch.finfo(model.y.dtype).bits // 8)
+    args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type, coarse=coarse)
     if model.precondition:
         return choose_cg_run(tuple(model.shape), model.y.dtype, probes, budget=budget, **args)
     return plan_cg_step(tuple(model.shape), model.y.dtype, probes, **args)

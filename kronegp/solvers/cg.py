@@ -25,7 +25,8 @@ single-pass kernels (``pᵀAp``; the ``x``/``r`` update with ``rᵀz`` and ``r�
 direction), 11 passes over the block instead of ~23 for the same algebra in torch,
 and the per-column coefficients and convergence test are computed by those kernels on the
 device (instead of ~15 tiny torch launches per iteration). :data:`FUSED` turns that off
-(tests compare both).
+(tests compare both). A preconditioner given as a callable (e.g. the two-level one of a
+hole, :mod:`kronegp.models._two_level`) always runs the torch iteration.
 
 **Fixed schedules** (:class:`CGSchedule`, for CUDA graph capture). Deciding when to stop reads
 the device, which a captured CUDA graph cannot do. Inside ``with cg_schedule(schedule):`` each
@@ -339,7 +340,9 @@ def block_cg(
     schedule = _SCHEDULE.get()
     slot, fixed = schedule._start(max_iters) if schedule is not None else (0, None)
 
-    fused = _fused_backend(rhs, inner, diag, rows) if x0 is None else None
+    # The fused step applies a diagonal preconditioner or none: a callable one (e.g. the two-level
+    # preconditioner of a hole) runs the torch iteration, never the fused one without it.
+    fused = _fused_backend(rhs, inner, diag, rows) if x0 is None and (precond is None or diag is not None) else None
     b_norm = inner(rhs, rhs).sqrt()
     # the caller's block becomes the residual (updated in place) when it is handed over
     own = overwrite_rhs and x0 is None and rhs.is_contiguous()
