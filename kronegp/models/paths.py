@@ -485,6 +485,11 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(f"path must be 'auto', 'exact', 'exact-missing', 'separable-mask' or 'cg', got {requested!r}")
     shape, n_cells = layout.shape, layout.n_cells
     n_missing = 0 if observed is None else n_cells - n_observed
+    if not layout.whole_grid and requested in ("exact-missing", "separable-mask"):
+        raise ValueError(
+            f"path={requested!r} needs the whole grid on one device (it "
+            f"{'factors the Schur complement over every missing cell' if requested == 'exact-missing' else 'reads the mask of every cell and decomposes K_S over the observed points'}); "
+            "this layout holds one rank's block of a sharded grid: use path='cg' or 'auto'")
     if requested == "exact" and (n_missing or per_cell):
         raise ValueError(
             f"path='exact' needs every cell observed and one noise level; this grid has {n_missing} missing "
@@ -493,7 +498,7 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(
             "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
             f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
-    masked, n_points = mask_axes(observed, shape) if n_missing else ([], 0)
+    masked, n_points = mask_axes(observed, shape) if n_missing and layout.whole_grid else ([], 0)
     # constant along an axis with more than one point (a length-1 axis says nothing)
     constant = math.prod(n for k, n in enumerate(shape) if k not in masked) > 1
     if requested == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
@@ -511,6 +516,8 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
             name = "cg"
         elif not n_missing:
             name = "exact"
+        elif not layout.whole_grid:
+            name = "cg"
         elif (n_missing <= few_missing_limit(device) and n_missing * n_cells <= MAX_FORM_ELEMENTS
               and (not separable or n_missing <= n_points)):
             name = "exact-missing"
