@@ -244,6 +244,10 @@ def _check_errors(rank, world, device, fail):
     if rank == 0:
         bad_on_rank0[0] = float("inf")
     expect.append((dict(values=bad_on_rank0, axes=axes), ValueError, "rank 0: .*infinite"))
+    expect.append((dict(values=block, axes=axes, noise=0.1 if rank == 0 else None), ValueError,
+                   "noise was given on some ranks and not on others"))
+    expect.append((dict(values=block, axes=axes, mask=torch.ones(block.shape[0] + 1, dtype=torch.bool)), ValueError,
+                   "mask must have this rank's block"))
     for kwargs, exc, pattern in expect:
         try:
             kd.DistributedGridGP(device=device, **kwargs)

@@ -39,7 +39,7 @@ against this interface run unchanged on it. What each member must do there:
 * :meth:`kron_vector`: ``⊗v_k`` on this layout's cells (sharded: ``_local_kron_vector``).
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
-  rows of the same draw, ``_std_normal_rows``; unit probes numbered in global cell order).
+  rows of the same draw, ``ShardedLayout.std_normal``; unit probes numbered in global cell order).
 * :meth:`count` ``(cells)``: how many cells of a bool grid vector are set, over the whole grid.
 * :meth:`fill_noise`: the noise ``d̃`` on this layout's cells, the fill at missing cells being
   the geometric mean over the whole grid (sharded: through :meth:`total`).

@@ -24,8 +24,9 @@ The paths and their numerical homes:
 * :class:`CGPath` (per-cell noise, or many missing cells): :mod:`kronegp.models._masked`.
 
 Each does its grid-vector work through the model's layout (:mod:`kronegp.models.layout`:
-Kronecker products, eigendecompositions, sums over the grid, probes), so that a sharded
-layout can run the same paths. A path object holds no tensor of the model: it reads the
+Kronecker products, eigendecompositions, sums over the grid, probes), so that the sharded
+layout (:mod:`kronegp.models.sharded`) runs the same exact and cg paths; exact-missing and
+separable-mask need every cell at hand and refuse it (:func:`choose_path`). A path object holds no tensor of the model: it reads the
 model's buffers and hyperparameters at every call (they follow ``.to()``).
 """
 

@@ -311,7 +311,7 @@ class ShardedLayout:
     every grid vector is this rank's block ``rows(rank)`` of the flattened grid, sums and inner
     products are all-reduced, Kronecker products are the distributed ones (see
     :mod:`kronegp.models.layout` for what each method does). The inference paths of
-    :mod:`kronegp.models.paths` run on it unchanged (today :class:`DistributedGridGP`'s cg path).
+    :mod:`kronegp.models.paths` run on it unchanged (:class:`DistributedGridGP`'s exact and cg paths).
 
     Args:
         sharding, rank, group: the split of the grid and this rank's place in it.
