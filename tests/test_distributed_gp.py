@@ -217,6 +217,15 @@ def _check_whole_grid_paths(rank, world, device, fail):
                 fail.append(f"path={path}: message {err!r} does not name the path and why")
         else:
             fail.append(f"path={path} on a sharded grid: no error")
+    # the step is never a CUDA graph on a sharded grid (collectives); on CPU the device says so first
+    try:
+        dgp.loss_backward(cuda_graph=True)
+    except ValueError as err:
+        want = "sharded" if torch.device(device).type == "cuda" else "not a CUDA device"
+        if want not in str(err):
+            fail.append(f"cuda_graph=True: message {err!r} lacks {want!r}")
+    else:
+        fail.append("cuda_graph=True on a sharded model: no error")
     for call in (dgp.predict, dgp.sample, dgp.memory_plan):
         try:
             call()
