@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 import kronegp
 from kronegp.distributed import DistributedGridGP
-from kronegp.distributed.gridgp import _REPLICATED_PROBE_LIMIT
+from kronegp.models.sharded import _REPLICATED_PROBE_LIMIT
 
 REGIMES = ("exact", "missing 20%", "per-cell noise")
 

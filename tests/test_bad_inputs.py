@@ -382,3 +382,41 @@ def test_cli_demo_output_suffix_is_checked_first(capsys, tmp_path):
     assert cli.main(["demo", "--small", "--out", str(tmp_path / "demo.jpg")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--out: expected a file name ending in .png" in err
+
+
+# A sharded model's block (kronegp.models.sharded: this rank's cells [2, 9) of a 3×4 grid),
+# checked by the same parser as a whole grid; errors say which cells the rank holds.
+def _block_rows(shape):
+    return slice(2, 9)
+
+
+_BLOCK_AXES = [np.arange(3.0), np.arange(4.0)]
+DISTRIBUTED_BLOCK_CASES = [
+    ("block wrong length", dict(values=np.zeros(6)), ValueError,
+     r"values must be this rank's block of the flattened grid, a 1-D tensor of length 7 \(cells \[2, 9\)\)"),
+    ("block grid-shaped", dict(values=np.zeros((3, 4))), ValueError, "a 1-D tensor of length 7"),
+    ("block axes missing", dict(values=np.zeros(7), axes=None), TypeError, "axes must be a non-empty list"),
+    ("block mask length", dict(values=np.zeros(7), mask=np.ones(12, dtype=bool)), ValueError,
+     r"mask must have this rank's block .* got \(12,\)"),
+    ("block noise length", dict(values=np.zeros(7), noise=np.ones(12)), ValueError,
+     r"noise must be a scalar or broadcast to this rank's block"),
+    ("block inf", dict(values=np.array([0, 1, np.inf, 0, 0, 0, 0.0])), ValueError, "infinite entries"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [c[1:] for c in DISTRIBUTED_BLOCK_CASES],
+                         ids=[c[0] for c in DISTRIBUTED_BLOCK_CASES])
+def test_distributed_block_bad_inputs(kwargs, error, match):
+    from kronegp.models import parse_grid_data
+
+    kwargs = {"axes": _BLOCK_AXES, **kwargs}
+    with pytest.raises(error, match=match):
+        parse_grid_data(kwargs.pop("values"), kwargs.pop("axes"), block=_block_rows, **kwargs)
+
+
+def test_distributed_block_may_be_all_missing():
+    # a rank whose block holds no observed cell is fine: the grid may have some elsewhere
+    from kronegp.models import parse_grid_data
+
+    data = parse_grid_data(np.full(7, np.nan), _BLOCK_AXES, block=_block_rows)
+    assert data.values.shape == (7,) and not bool(data.mask.any()) and not bool(data.values.abs().sum())

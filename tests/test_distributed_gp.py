@@ -30,7 +30,7 @@ import torch.distributed as dist
 import kronegp
 import kronegp.distributed as kd
 import kronegp.models._two_level as two_level
-from kronegp.distributed import gridgp
+from kronegp.models import sharded
 from process_group import free_port, run_rank, run_workers
 from _helpers import rel_err
 
@@ -168,33 +168,77 @@ def _check_local_blocks(rank, world, device, fail):
     # the whole block (here a single chunk, seeded by (seed, offset, chunk) = (0, 0, 0))
     c = kd.DistributedGridGP(block, axes, noise=noise.reshape(-1)[rows].clone(), device=device,
                              exact_trace_limit=0, probes="chunked")
-    z = c._std_normal_rows(3, 0)
+    z = c.layout.std_normal(c.n_cells, 3, 0, seed=c.seed, resample=False, like=c.y)
     key = hashlib.blake2b(b"0,0,0", digest_size=8).digest()
     gen = torch.Generator(device=device).manual_seed(int.from_bytes(key, "little") >> 1)
     whole = torch.randn(math.prod(shape), 3, generator=gen, dtype=torch.float64, device=device)
-    assert math.prod(shape) <= gridgp._PROBE_CHUNK_ROWS
+    assert math.prod(shape) <= sharded._PROBE_CHUNK_ROWS
     if not torch.equal(z, whole[rows]):
         fail.append("chunked probes: this rank's rows differ from the whole draw's")
 
 
 def _check_fit(rank, world, device, fail):
-    """Three Adam steps take the same path as GridGP.fit; the result loads into a GridGP."""
+    """GridGP.fit is the sharded model's fit: the same steps (Adam, and L-BFGS with its
+    inner iterations and line searches) on the cg and the exact path, the same loss history
+    to 1e-8 in float64; the result loads into a GridGP."""
     shape = (6, 5, 7)
-    values, axes, _ = _data(shape, 0.2, False, torch.float64, seed=5)
-    kwargs = dict(exact_trace_limit=0, num_probes=4, cg_tol=1e-9)
-    gp = kronegp.GridGP(values, axes, device=device, path="cg", **kwargs)
-    dgp = kd.DistributedGridGP.from_grid(values, axes, device=device, **kwargs)
-    h_ref = gp.fit(iters=3, progress=False)
-    h = dgp.fit(iters=3, progress=False)
-    err = rel_err(torch.tensor(h), torch.tensor(h_ref))
-    if len(h) != 3 or not err <= 1e-7:
-        fail.append(f"fit: loss history {h} vs GridGP {h_ref} (rel {err:.2e})")
-    fresh = kronegp.GridGP(values, axes, device=device, path="cg", **kwargs)
-    fresh.load_state_dict(dgp.hyperparameter_state(), strict=False)
-    for name, p in fresh.named_parameters():
-        err = rel_err(p.detach(), dict(gp.named_parameters())[name].detach())
-        if not err <= 1e-7:
-            fail.append(f"fit: {name} after 3 steps differs from GridGP's (rel {err:.2e})")
+    for missing, optimizer, iters in ((0.2, "adam", 3), (0.2, "lbfgs", 2), (0.0, "lbfgs", 2)):
+        tag = f"fit {optimizer}, {'cg' if missing else 'exact'}"
+        values, axes, _ = _data(shape, missing, False, torch.float64, seed=5)
+        kwargs = dict(exact_trace_limit=0, num_probes=4, cg_tol=1e-10)
+        gp = kronegp.GridGP(values, axes, device=device, path="cg" if missing else "exact", **kwargs)
+        dgp = kd.DistributedGridGP.from_grid(values, axes, device=device, **kwargs)
+        h_ref = gp.fit(iters=iters, optimizer=optimizer, progress=False)
+        h = dgp.fit(iters=iters, optimizer=optimizer, progress=False)
+        err = rel_err(torch.tensor(h), torch.tensor(h_ref))
+        if len(h) != len(h_ref) or len(h) < 2 or not err <= 1e-8:
+            fail.append(f"{tag}: loss history {h} vs GridGP {h_ref} (rel {err:.2e})")
+        if h[-1] >= h[0]:
+            fail.append(f"{tag}: the loss did not fall ({h}): the test cannot tell a step from none")
+        fresh = kronegp.GridGP(values, axes, device=device, path=gp.path, **kwargs)
+        fresh.load_state_dict(dgp.hyperparameter_state(), strict=False)
+        for name, p in fresh.named_parameters():
+            err = rel_err(p.detach(), dict(gp.named_parameters())[name].detach())
+            if not err <= 1e-7:
+                fail.append(f"{tag}: {name} after the fit differs from GridGP's (rel {err:.2e})")
+        if dgp.hyperparameters().keys() != gp.hyperparameters().keys():
+            fail.append(f"{tag}: hyperparameters() keys {list(dgp.hyperparameters())} vs GridGP's")
+
+
+def _check_whole_grid_paths(rank, world, device, fail):
+    """The paths that need every cell refuse a sharded grid, naming the path; "auto" takes cg
+    where the single-device model would take exact-missing; prediction refuses clearly."""
+    values, axes, _ = _data((6, 5, 7), 0.02, False, torch.float64, seed=7)
+    if kronegp.GridGP(values, axes, device=device).path != "exact-missing":
+        fail.append("whole-grid paths: the single-device model did not choose exact-missing: the test cannot tell")
+    dgp = kd.DistributedGridGP.from_grid(values, axes, device=device)
+    if dgp.path != "cg":
+        fail.append(f"whole-grid paths: auto chose {dgp.path} on a sharded grid, expected cg")
+    for path in ("exact-missing", "separable-mask"):
+        try:
+            kd.DistributedGridGP.from_grid(values, axes, device=device, path=path)
+        except ValueError as err:
+            if path not in str(err) or "whole grid" not in str(err):
+                fail.append(f"path={path}: message {err!r} does not name the path and why")
+        else:
+            fail.append(f"path={path} on a sharded grid: no error")
+    # the step is never a CUDA graph on a sharded grid (collectives); on CPU the device says so first
+    try:
+        dgp.loss_backward(cuda_graph=True)
+    except ValueError as err:
+        want = "sharded" if torch.device(device).type == "cuda" else "not a CUDA device"
+        if want not in str(err):
+            fail.append(f"cuda_graph=True: message {err!r} lacks {want!r}")
+    else:
+        fail.append("cuda_graph=True on a sharded model: no error")
+    for call in (dgp.predict, dgp.sample, dgp.memory_plan):
+        try:
+            call()
+        except NotImplementedError as err:
+            if "hyperparameter_state" not in str(err):
+                fail.append(f"{call.__name__}: message {err!r} does not say what to do")
+        else:
+            fail.append(f"{call.__name__} on a sharded model: no error")
 
 
 def _check_errors(rank, world, device, fail):
@@ -214,6 +258,10 @@ def _check_errors(rank, world, device, fail):
     if rank == 0:
         bad_on_rank0[0] = float("inf")
     expect.append((dict(values=bad_on_rank0, axes=axes), ValueError, "rank 0: .*infinite"))
+    expect.append((dict(values=block, axes=axes, noise=0.1 if rank == 0 else None), ValueError,
+                   "noise was given on some ranks and not on others"))
+    expect.append((dict(values=block, axes=axes, mask=torch.ones(block.shape[0] + 1, dtype=torch.bool)), ValueError,
+                   "mask must have this rank's block"))
     for kwargs, exc, pattern in expect:
         try:
             kd.DistributedGridGP(device=device, **kwargs)
@@ -237,6 +285,7 @@ def _worker(rank, world, port, backend, out_dir, which):
         if which == "all":
             _check_local_blocks(rank, world, device, fail)
             _check_fit(rank, world, device, fail)
+            _check_whole_grid_paths(rank, world, device, fail)
             _check_errors(rank, world, device, fail)
 
     run_rank(rank, world, port, backend, out_dir, checks)

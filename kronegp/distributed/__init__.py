@@ -18,8 +18,10 @@ Launch one process per GPU with ``torchrun --nproc-per-node G script.py``; in th
     y_local = kd.kron_matmul(factors, x_local)      # rows out_sh.rows(rank) of (⊗F)·x
     inner = kd.allreduce_inner()                    # for kronegp.solvers(..., inner=inner)
 
-GridGP training on a sharded grid: :class:`DistributedGridGP` (:mod:`.gridgp`, imported
-on first use so that the products do not pull in GPyTorch).
+GridGP training on a sharded grid is :class:`kronegp.GridGP` on a sharded layout
+(:mod:`kronegp.models.sharded`); :class:`DistributedGridGP` is re-exported here for the
+public API, imported on first use (the model lives above this package, and the products do
+not pull in GPyTorch).
 """
 
 from kronegp.distributed._exchange import ByteCounter, count_bytes
@@ -29,8 +31,10 @@ from kronegp.distributed.ops import (
     kron_matmul,
     matmul_kron,
 )
-from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
-from kronegp.distributed.sharding import GridSharding, plan_shardings
+from kronegp.distributed.reduce import (
+    allreduce_inner, allreduce_sum, group_rank_size, raise_together, replicate_factors, sum_over_ranks,
+)
+from kronegp.distributed.sharding import GridSharding, grid_sharding, plan_shardings
 
 __all__ = [
     "kron_matmul",
@@ -44,13 +48,17 @@ __all__ = [
     "ByteCounter",
     "GridSharding",
     "plan_shardings",
+    "grid_sharding",
+    "group_rank_size",
+    "sum_over_ranks",
+    "raise_together",
     "DistributedGridGP",
 ]
 
 
 def __getattr__(name: str):
     if name == "DistributedGridGP":
-        from kronegp.distributed.gridgp import DistributedGridGP
+        from kronegp.models.sharded import DistributedGridGP
 
         return DistributedGridGP
     raise AttributeError(f"module 'kronegp.distributed' has no attribute {name!r}")

@@ -21,13 +21,13 @@ leaves the others waiting in the collective.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["allreduce_inner", "allreduce_sum", "replicate_factors"]
+__all__ = ["allreduce_inner", "allreduce_sum", "replicate_factors", "group_rank_size", "sum_over_ranks", "raise_together"]
 
 
 class _ReplicatedFactors(torch.autograd.Function):
@@ -111,3 +111,42 @@ def allreduce_inner(group=None, dim: int = -2) -> Callable[[Tensor, Tensor], Ten
         return allreduce_sum((a * b).sum(dim=dim), group)
 
     return inner
+
+
+# --------------------------------------------------------------------------- plain collectives
+
+
+def group_rank_size(group=None, who: str = "DistributedGridGP") -> tuple[int, int]:
+    """``(rank, world size)`` of this process in ``group``, or a clear error without a group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{who} needs an initialised process group: call "
+            "torch.distributed.init_process_group first (torchrun sets its environment)"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group passed as group")
+    return rank, dist.get_world_size(group)
+
+
+def sum_over_ranks(values: Sequence[float | int], group, device, dtype=torch.float64) -> list:
+    """Plain (non-differentiable) all-reduced sums of a few numbers, in one call."""
+    buf = torch.tensor(list(values), dtype=dtype, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.tolist()
+
+
+def raise_together(problem: Optional[tuple[str, str]], group) -> None:
+    """Raise on *every* rank when any rank found bad input.
+
+    ``problem`` is ``(exception type name, message)`` or ``None``. A rank that raised
+    alone would leave the others waiting in the next collective, so the verdicts are
+    all-gathered first; every rank raises the first bad rank's type (``TypeError`` or
+    ``ValueError``) with every bad rank's message, each naming its rank.
+    """
+    verdicts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(verdicts, problem, group=group)
+    bad = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    if bad:
+        exc_type = TypeError if bad[0][1][0] == "TypeError" else ValueError
+        raise exc_type("; ".join(f"rank {r}: {msg}" for r, (_, msg) in bad))

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["GridSharding", "plan_shardings", "balanced_counts"]
+__all__ = ["GridSharding", "plan_shardings", "balanced_counts", "grid_sharding"]
 
 
 def balanced_counts(total: int, parts: int) -> tuple[int, ...]:
@@ -156,3 +156,12 @@ def plan_shardings(
                 f"fewer than the {world_size} ranks: every rank must hold at least one"
             )
     return shardings
+
+
+def grid_sharding(shape: Sequence[int], world_size: int) -> GridSharding:
+    """The split of the grid ``shape`` over ``world_size`` ranks used for every grid vector.
+
+    It is the input (= output) sharding of a square distributed product on that grid, so
+    vectors in this layout go straight into :func:`kronegp.distributed.kron_matmul`.
+    """
+    return plan_shardings(tuple(int(n) for n in shape), None, world_size)[0]

@@ -1,15 +1,15 @@
 """GP models on grids: :class:`GridGP`, its inference paths (:mod:`kronegp.models.paths`: exact
 Kronecker, exact few-missing, separable mask, preconditioned CG; one object each, chosen once)
-and the layout they work through (:mod:`kronegp.models.layout`), and what to do with the
-hyperparameters (:mod:`kronegp.models.hyperparameters`).
+and the layout they work through (:mod:`kronegp.models.layout`: the whole grid on one device;
+:mod:`kronegp.models.sharded`: the grid sharded over a process group, :class:`DistributedGridGP`,
+imported on first use so that the single-device model does not load ``torch.distributed``'s
+model pieces), and what to do with the hyperparameters (:mod:`kronegp.models.hyperparameters`).
 
-Besides the model, the pieces of its core that the sharded grid GP
-(:mod:`kronegp.distributed.gridgp`) builds on, until it is a layout of :class:`GridGP` itself:
-the checks of grid data (:func:`parse_grid_data`, :func:`checked_axis`,
-:func:`resolve_dtype_device`), the hyperparameter views (:class:`GridHyperparameters`), the
-factors' eigendecompositions (:func:`factor_eigs`) and the CG path's covariance and marginal
-likelihood pieces (:class:`FullGridCovariance`, :func:`cg_lml_pieces`,
-:func:`plain_cg_lml_pieces`).
+Also exported, for building on the model's core: the checks of grid data
+(:func:`parse_grid_data`, :func:`checked_axis`, :func:`resolve_dtype_device`), the
+hyperparameter views (:class:`GridHyperparameters`), the factors' eigendecompositions
+(:func:`factor_eigs`) and the CG path's covariance and marginal likelihood pieces
+(:class:`FullGridCovariance`, :func:`cg_lml_pieces`, :func:`plain_cg_lml_pieces`).
 """
 
 from kronegp.models._data import ParsedGrid, checked_axis, default_kernel, parse_grid_data, resolve_dtype_device

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "parse_grid_data",
     "resolve_dtype_device",
     "standardisation",
+    "standardised",
 ]
 
 
@@ -127,8 +128,15 @@ def parse_grid_data(
     noise: Any = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device | str] = None,
+    block: Optional[Callable[[tuple[int, ...]], slice]] = None,
 ) -> ParsedGrid:
-    """Check and convert GridGP's inputs (see :class:`kronegp.models.GridGP`)."""
+    """Check and convert GridGP's inputs (see :class:`kronegp.models.GridGP`).
+
+    With ``block`` (a sharded layout: ``grid shape ↦ this rank's rows`` of the flattened grid)
+    ``values``, ``mask`` and ``noise`` are this rank's block, 1-D, ``axes`` (required) give the
+    whole grid's shape, and the returned vectors are the block's; a block may have no observed
+    cell (whether the grid has one is the caller's question, over every rank).
+    """
     axis_names: Optional[list[str]] = None
     coords = None
     if _is_xarray(values):
@@ -149,19 +157,23 @@ def parse_grid_data(
         vals = torch.as_tensor(arr)
     if not (vals.is_floating_point() or vals.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise TypeError(f"values must be real-valued (float or int), got dtype {vals.dtype}")
-    if vals.dim() == 0:
+    if vals.dim() == 0 and block is None:
         raise ValueError("values must be an array shaped like the grid (n1, …, nd), got a scalar")
 
     dtype, device = resolve_dtype_device(vals, dtype, device)
     shape = tuple(vals.shape)
-    if any(n == 0 for n in shape):
+    if any(n == 0 for n in shape) and block is None:
         raise ValueError(f"values has an empty dimension: shape {shape}")
     _check_range("values", vals, dtype)
     vals = vals.to(device=device, dtype=dtype)
     d = len(shape)
-    names = axis_names or [f"dim{k}" for k in range(d)]
 
     # ---- axes
+    if block is not None:
+        if not isinstance(axes, (list, tuple)) or len(axes) == 0:
+            raise TypeError("axes must be a non-empty list of 1-D coordinate arrays, one per grid dimension "
+                            f"(they give the whole grid's shape), got {type(axes).__name__}")
+        d = len(axes)
     if axes is None:
         axes = [np.arange(n, dtype=np.float64) for n in shape]
     if isinstance(axes, (Tensor, np.ndarray)) and d == 1 and np.ndim(axes) == 1:
@@ -170,10 +182,11 @@ def parse_grid_data(
         raise TypeError(f"axes must be a list of {d} 1-D coordinate arrays (one per dimension), got {type(axes).__name__}")
     if len(axes) != d:
         raise ValueError(f"axes must hold one 1-D array per dimension: values has {d} dimensions {shape}, got {len(axes)} axes")
+    names = axis_names or [f"dim{k}" for k in range(d)]
     axis_tensors, units, origins = [], [], []
     for k, ax in enumerate(axes):
         num, unit, origin = checked_axis(ax, k)
-        if num.shape[0] != shape[k]:
+        if block is None and num.shape[0] != shape[k]:
             raise ValueError(
                 f"axes[{k}] has length {num.shape[0]} but values has {shape[k]} cells along dimension {k} "
                 f"(values.shape = {shape})"
@@ -181,6 +194,13 @@ def parse_grid_data(
         axis_tensors.append(torch.as_tensor(num, dtype=dtype, device=device))
         units.append(unit)
         origins.append(origin)
+    where = f"the grid shape {shape}"
+    if block is not None:
+        rows = block(tuple(int(a.shape[0]) for a in axis_tensors))
+        where = (f"this rank's block of the flattened grid, a 1-D tensor of length {rows.stop - rows.start} "
+                 f"(cells [{rows.start}, {rows.stop}))")
+        if shape != (rows.stop - rows.start,):
+            raise ValueError(f"values must be {where}, got shape {shape}")
 
     # ---- missing cells
     observed = ~torch.isnan(vals)
@@ -189,7 +209,7 @@ def parse_grid_data(
         if m.dtype != torch.bool:
             raise TypeError(f"mask must be a boolean array (True = observed), got dtype {m.dtype}")
         if tuple(m.shape) != shape:
-            raise ValueError(f"mask must have the grid shape {shape}, got {tuple(m.shape)}")
+            raise ValueError(f"mask must have {where}, got {tuple(m.shape)}")
         m = m.to(device)
         if bool((m & ~observed).any()):
             raise ValueError("values is NaN at cells that mask marks observed (True); mark them False or give a value")
@@ -198,7 +218,7 @@ def parse_grid_data(
     if not bool(finite_obs.all()):
         raise ValueError("values holds infinite entries at observed cells; mark them missing (NaN or mask=False)")
     n_obs = int(observed.sum())
-    if n_obs == 0:
+    if n_obs == 0 and block is None:
         raise ValueError("every cell is missing (all NaN or mask all False): there is nothing to fit")
     vals = torch.where(observed, vals, torch.zeros_like(vals))
 
@@ -209,7 +229,7 @@ def parse_grid_data(
         try:
             nz = torch.broadcast_to(nz, shape)
         except RuntimeError:
-            raise ValueError(f"noise must be a scalar or broadcast to the grid shape {shape}, got {tuple(nz.shape)}") from None
+            raise ValueError(f"noise must be a scalar or broadcast to {where}, got {tuple(nz.shape)}") from None
         at_obs = nz[observed]
         if not bool(torch.isfinite(at_obs).all()):
             raise ValueError("noise must be finite at every observed cell (NaN or inf found)")
@@ -252,23 +272,26 @@ def _check_range(name: str, vals: Tensor, dtype: torch.dtype) -> None:
         )
 
 
-def standardisation(observed_values: Tensor, standardize: bool, dtype: torch.dtype) -> tuple[float, float]:
+def standardisation(observed_values: Tensor, n_observed: int, standardize: bool, dtype: torch.dtype,
+                    layout) -> tuple[float, float]:
     """``(shift, scale)``: the model fits ``(y − shift) / scale``; ``(0, 1)`` unless ``standardize``.
 
-    Mean and standard deviation of the observed values, computed in float64 on the values
-    divided by their largest magnitude, so data near the top of the dtype's range (1e154
+    ``observed_values`` are the observed values on ``layout``'s cells (this rank's on a sharded
+    layout, whose sums and maxima run over the whole grid). Mean and standard deviation of
+    the observed values, computed in float64 on the values divided by their largest magnitude, so data near the top of the dtype's range (1e154
     in float64, whose squares overflow; 1e20 in float32) standardise correctly. Variances
     are reported in data units (``scale²``), so a spread whose square the dtype cannot hold
     with room to spare (sd above ``√max / 100``: 1.3e152 in float64, 1.8e17 in float32) is
     rejected with a clear error instead of predicting inf or NaN.
     """
     v = observed_values.detach().to(torch.float64)
-    largest = float(v.abs().max()) if v.numel() else 0.0
+    largest = layout.maximum(v.abs())
     if largest == 0.0:
         return 0.0, 1.0
     u = v / largest
-    shift = float(u.mean()) * largest
-    std = float(u.std()) * largest if u.numel() > 1 else 0.0
+    mean_u, var_u = layout.moments(u, n_observed)
+    shift = mean_u * largest
+    std = math.sqrt(var_u) * largest
     limit = math.sqrt(torch.finfo(dtype).max) / 100
     spread = std if standardize else largest
     if spread > limit:
@@ -280,6 +303,22 @@ def standardisation(observed_values: Tensor, standardize: bool, dtype: torch.dty
     if not standardize:
         return 0.0, 1.0
     return shift, (std if std > 0 else 1.0)
+
+
+def standardised(values: Tensor, observed: Optional[Tensor], n_observed: int, standardize: bool,
+                 layout) -> tuple[Tensor, float, float, float, float]:
+    """``(y, shift, scale, mean0, var0)``: the values of ``layout``'s cells standardised
+    (:func:`standardisation`; 0 at missing cells), and the mean and variance (``n − 1``; 1
+    when undefined or 0) of the observed ``y`` over the whole grid, the model's initial mean
+    and output scale."""
+    obs_vals = values[observed] if observed is not None else values
+    shift, scale = standardisation(obs_vals, n_observed, standardize, values.dtype, layout)
+    y = (values - shift) / scale
+    if observed is not None:
+        y = torch.where(observed, y, torch.zeros_like(y))
+    y_obs = y[observed] if observed is not None else y
+    mean0, var0 = layout.moments(y_obs.detach(), n_observed)
+    return y, shift, scale, mean0, (var0 if var0 > 0 else 1.0)
 
 
 def _int_setting(name: str, value: Any, minimum: int) -> int:

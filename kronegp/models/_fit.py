@@ -1,5 +1,7 @@
 """Fitting a grid GP's hyperparameters: the optimiser loop behind :meth:`GridGP.fit
-<kronegp.GridGP.fit>` (Adam or L-BFGS on ``−log p(y_O) / n_observed``, early stopping)."""
+<kronegp.GridGP.fit>` (Adam or L-BFGS on ``−log p(y_O) / n_observed``, early stopping), on
+any layout: on a sharded one every rank takes the same steps (the loss and the gradients are
+replicated) and rank 0 shows the progress bar."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from kronegp.models import memory
 from kronegp.models.paths import nonfinite_message
 from kronegp.solvers.report import one_warning
 
@@ -25,7 +26,7 @@ def fit(model, iters: int, optimizer: str, lr: Optional[float], progress: bool, 
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     model.__dict__.pop("_step_chunk", None)  # plan the step for the memory free now
-    memory.operation_chunk(model, "step")
+    model.layout.step_chunk(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=0.1 if lr is None else lr)
@@ -46,7 +47,7 @@ def fit(model, iters: int, optimizer: str, lr: Optional[float], progress: bool, 
         return loss
 
     model.train()
-    bar = tqdm(range(iters), disable=not progress, desc=f"GridGP ({model.path})")
+    bar = tqdm(range(iters), disable=not progress or not model.layout.reports, desc=f"{type(model).__name__} ({model.path})")
     with one_warning("GridGP.fit", stacklevel=5):  # solves that fall short: one warning per fit
         best, waited = math.inf, 0
         for _ in bar:

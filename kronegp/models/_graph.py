@@ -241,6 +241,8 @@ def graph_reason(model) -> Optional[str]:
     dev = model.y.device
     if dev.type != "cuda":
         return f"the model is on {dev}, not a CUDA device"
+    if model.layout.graph_obstacle is not None:
+        return model.layout.graph_obstacle
     obstacle = model.inference.graph_obstacle(model)
     if obstacle is not None:
         return obstacle

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from kronegp.models import memory
-from kronegp.models._data import check_kernels, check_settings, parse_grid_data, standardisation
+from kronegp.models._data import check_kernels, check_settings, standardised
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._points import check_points, point_chunks
 from kronegp.models.layout import LocalLayout
@@ -169,6 +169,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             eigenproblem), else separable-mask when the mask is constant along some axis and
             ``|S|`` is within :func:`~kronegp.models._separable_mask.separable_mask_limit` (2048 on
             a CPU; forced, up to ``MAX_POINTS_ANY`` = 16384), else cg.
+        layout: where the grid vectors live: ``None`` (the whole grid on one device), or a
+            placement such as :class:`~kronegp.models.sharded.ShardedPlacement` (the grid sharded
+            over a process group; ``values``, ``mask``, ``noise`` this rank's block): see
+            :class:`~kronegp.models.sharded.DistributedGridGP` and :mod:`kronegp.models.layout`.
 
     Attributes:
         path: ``"exact"``, ``"exact-missing"``, ``"separable-mask"`` or ``"cg"``.
@@ -200,6 +204,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         exact_trace_limit: int = 1024,
         hyperparameters: Optional[Mapping[str, Any]] = None,
         path: str = "auto",
+        layout: Any = None,
     ):
         super().__init__()
         settings = check_settings(
@@ -207,8 +212,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             precondition=precondition, seed=seed, exact_variance_limit=exact_variance_limit,
             variance_samples=variance_samples, exact_trace_limit=exact_trace_limit,
         )
-        data = parse_grid_data(values, axes, mask=mask, noise=noise, dtype=dtype, device=device)
-        self.shape = tuple(data.values.shape)
+        self.layout, data = (layout or LocalLayout).place(values, axes, mask=mask, noise=noise, dtype=dtype,
+                                                          device=device)
+        self.shape = self.layout.shape
         self.ndim = len(self.shape)
         self.n_cells = math.prod(self.shape)
         self.axis_names, self.axis_units, self.axis_origins = data.axis_names, data.axis_units, data.axis_origins
@@ -227,16 +233,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
         values_t = data.values.reshape(-1)
         observed = data.mask.reshape(-1) if data.mask is not None else None
-        self.n_observed = int(observed.sum()) if observed is not None else self.n_cells
-        obs_vals = values_t[observed] if observed is not None else values_t
-        self.shift, self.scale = standardisation(obs_vals, settings["standardize"], values_t.dtype)
-        y = (values_t - self.shift) / self.scale
-        if observed is not None:
-            y = torch.where(observed, y, torch.zeros_like(y))
+        self.n_observed = self.layout.count(observed) if observed is not None else self.n_cells
+        y, self.shift, self.scale, mean0, var0 = standardised(values_t, observed, self.n_observed,
+                                                              settings["standardize"], self.layout)
         self.register_buffer("y", y)
         self.register_buffer("observed", observed)
-        #: where the grid vectors live (:mod:`kronegp.models.layout`)
-        self.layout = LocalLayout(self.shape)
         #: the inference path, chosen once (:mod:`kronegp.models.paths`); :attr:`path` names it
         self.inference: InferencePath = choose_path(path, self.layout, observed, self.n_observed,
                                                     data.noise is not None, values_t.device)
@@ -246,13 +247,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         for k, ax in enumerate(data.axes):
             self.register_buffer(f"axis_{k}", ax)
 
-        y_obs = y[observed] if observed is not None else y
-        var0 = float(y_obs.var()) if y_obs.numel() > 1 else 1.0
-        var0 = var0 if var0 > 0 else 1.0
-        dt, dev = values_t.dtype, values_t.device
         self.kernels = torch.nn.ModuleList(check_kernels(kernels, data.axes))
-
-        self._init_hyperparameters(var0, float(y_obs.mean()), data.noise is None, mean, dt, dev)
+        self._init_hyperparameters(var0, mean0, data.noise is None, mean, values_t.dtype, values_t.device)
 
         # ---- initial hyperparameters: chosen by the user (data units), else the defaults above
         self._hyperparameters_chosen = False  # set by set_hyperparameters and load_state_dict
@@ -281,10 +277,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
     # ------------------------------------------------------------------ the model's grid vectors
 
     def _mean_grid(self) -> Tensor:
-        """``μ`` on the grid in model units (length ``N``)."""
+        """``μ`` on the layout's cells in model units (length ``n_local``)."""
         if not self.user_mean:
-            return self.mean_module.constant.expand(self.n_cells)
-        return (self.mean_module(self.layout.grid_points(self.axes)) - self.shift) / self.scale
+            return self.layout.replicated(self.mean_module.constant).expand(self.layout.n_local)
+        return (self.layout.call_replicated(self.mean_module, self.layout.grid_points(self.axes)) - self.shift) / self.scale
 
     def _mean_points(self, points: Tensor) -> Tensor:
         if not self.user_mean:
@@ -334,7 +330,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
         from kronegp.models._graph import loss_backward
 
-        memory.operation_chunk(self, "step")  # MemoryPlanError before any work when the step cannot fit
+        self.layout.step_chunk(self)  # MemoryPlanError before any work when the step cannot fit
         return loss_backward(self, cuda_graph)
 
     def _eager_loss_backward(self) -> Tensor:

@@ -1,13 +1,22 @@
 """Where a grid GP's grid vectors live: the seam between the inference paths and the storage.
 
-An inference path (:mod:`kronegp.models.paths`) does its grid-vector work through a layout
-object, never by reaching for the storage itself. :class:`LocalLayout` holds every grid vector
-whole on one device. A sharded layout (the grid split over the ranks of a process group, as
-:mod:`kronegp.distributed.gridgp` splits it today) supplies the same methods with this rank's
-block of every grid vector (the rows ``rows(r)`` of the flattened grid) and replicated
-factors; the paths written against this interface then run unchanged on it. What each method
-must do there:
+:class:`~kronegp.GridGP` and its inference paths (:mod:`kronegp.models.paths`) do their
+grid-vector work through a layout object, never by reaching for the storage itself.
+:class:`LocalLayout` holds every grid vector whole on one device.
+:class:`~kronegp.models.sharded.ShardedLayout` (the grid split over the ranks of a process
+group) supplies the same methods with this rank's block of every grid vector (the rows
+``rows(r)`` of the flattened grid) and replicated factors; the model and the paths written
+against this interface run unchanged on it. What each member must do there:
 
+* ``place`` ``(values, axes, mask=, noise=, dtype=, device=)``: the model's first step, a
+  classmethod here (:class:`~kronegp.models.sharded.ShardedPlacement` sharded): check the
+  inputs (:func:`~kronegp.models._data.parse_grid_data`) and return ``(layout, parsed data)``
+  with the data on this layout's cells (sharded: this rank's block, every rank's errors
+  raised on every rank); ``mask`` is ``None`` only when the whole grid is observed.
+* ``whole_grid``: whether the paths that need every cell at hand (exact-missing,
+  separable-mask) can run (sharded: ``False``; they refuse); ``graph_obstacle``: why the
+  training step cannot be a CUDA graph on this layout, else ``None``; ``reports``: whether
+  this process shows progress (sharded: rank 0).
 * ``n_local``: the cells this layout holds (``N`` here, ``|rows(r)|`` sharded); ``n_cells`` is
   always the whole grid's ``N``.
 * :meth:`kron_matmul` ``(factors, x)``: ``(⊗F)·x`` for this layout's rows of ``x``
@@ -30,7 +39,7 @@ must do there:
 * :meth:`kron_vector`: ``⊗v_k`` on this layout's cells (sharded: ``_local_kron_vector``).
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
-  rows of the same draw, ``_std_normal_rows``; unit probes numbered in global cell order);
+  rows of the same draw, ``ShardedLayout.std_normal``; unit probes numbered in global cell order);
   :meth:`continue_normal` and :meth:`cg_run` ``(gp)``: the cg path's probes drawn run by run
   when the memory plan splits its block CG into runs (sharded: never split, ``None``).
 * :meth:`count` ``(cells)``: how many cells of a bool grid vector are set, over the whole grid.
@@ -38,6 +47,12 @@ must do there:
   the geometric mean over the whole grid (sharded: through :meth:`total`).
 * :meth:`grid_points` ``(axes)``: coordinates ``(n_local, d)`` of this layout's cells (for a
   user mean).
+* :meth:`maximum` ``(x)``: the largest entry over the whole grid (a float, 0 when empty);
+  :meth:`moments` ``(x, n)``: mean and unbiased variance (0 for ``n ≤ 1``) of the ``n``
+  values that ``x`` holds over the whole grid (floats; sharded: two all-reduced sums);
+  :meth:`replicated` ``(t)`` and :meth:`call_replicated` ``(module, x)``: a replicated
+  parameter, or a module's parameters, about to meet this layout's cells (sharded: through
+  ``replicate_factors``, so their gradients are summed over the ranks; here unchanged).
 
 A layout holds no grid tensor of the model (those are the model's buffers, moved by
 ``.to()``); it holds only what it draws (the probe generator, and the probes of a CUDA graph
@@ -53,6 +68,7 @@ import torch
 from torch import Tensor
 
 from kronegp.linalg import kron_vector
+from kronegp.models._data import ParsedGrid, parse_grid_data
 from kronegp.models._exact import exact_lml
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._masked import FullGridCovariance
@@ -71,6 +87,9 @@ class LocalLayout:
 
     #: column-wise inner product of the CG solves
     inner = staticmethod(local_inner)
+    whole_grid = True
+    reports = True
+    graph_obstacle: Optional[str] = None
 
     def __init__(self, shape: Sequence[int]):
         self.shape = tuple(shape)
@@ -80,6 +99,12 @@ class LocalLayout:
         #: set while a CUDA graph of the training step is recorded (:mod:`kronegp.models._graph`):
         #: the probes are drawn outside the graph, into it
         self.probe_store = None
+
+    @classmethod
+    def place(cls, values, axes, **kwargs) -> tuple["LocalLayout", ParsedGrid]:
+        """The model's inputs checked (:func:`parse_grid_data`), and the layout of their grid."""
+        data = parse_grid_data(values, axes, **kwargs)
+        return cls(tuple(data.values.shape)), data
 
     # ------------------------------------------------------------------ products and sums
 
@@ -102,6 +127,22 @@ class LocalLayout:
     @staticmethod
     def count(cells: Tensor) -> int:
         return int(cells.sum())
+
+    @staticmethod
+    def maximum(x: Tensor) -> float:
+        return float(x.max()) if x.numel() else 0.0
+
+    @staticmethod
+    def moments(x: Tensor, n: int) -> tuple[float, float]:
+        return float(x.mean()), (float(x.var()) if n > 1 else 0.0)
+
+    @staticmethod
+    def replicated(t: Tensor) -> Tensor:
+        return t
+
+    @staticmethod
+    def call_replicated(module: torch.nn.Module, x: Tensor) -> Tensor:
+        return module(x)
 
     @staticmethod
     def bilinear(left: Tensor, right: Tensor, factors: list[Tensor]) -> Tensor:

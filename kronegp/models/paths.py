@@ -24,8 +24,9 @@ The paths and their numerical homes:
 * :class:`CGPath` (per-cell noise, or many missing cells): :mod:`kronegp.models._masked`.
 
 Each does its grid-vector work through the model's layout (:mod:`kronegp.models.layout`:
-Kronecker products, eigendecompositions, sums over the grid, probes), so that a sharded
-layout can run the same paths. A path object holds no tensor of the model: it reads the
+Kronecker products, eigendecompositions, sums over the grid, probes), so that the sharded
+layout (:mod:`kronegp.models.sharded`) runs the same exact and cg paths; exact-missing and
+separable-mask need every cell at hand and refuse it (:func:`choose_path`). A path object holds no tensor of the model: it reads the
 model's buffers and hyperparameters at every call (they follow ``.to()``).
 """
 
@@ -523,6 +524,11 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(f"path must be 'auto', 'exact', 'exact-missing', 'separable-mask' or 'cg', got {requested!r}")
     shape, n_cells = layout.shape, layout.n_cells
     n_missing = 0 if observed is None else n_cells - n_observed
+    if not layout.whole_grid and requested in ("exact-missing", "separable-mask"):
+        raise ValueError(
+            f"path={requested!r} needs the whole grid on one device (it "
+            f"{'factors the Schur complement over every missing cell' if requested == 'exact-missing' else 'reads the mask of every cell and decomposes K_S over the observed points'}); "
+            "this layout holds one rank's block of a sharded grid: use path='cg' or 'auto'")
     if requested == "exact" and (n_missing or per_cell):
         raise ValueError(
             f"path='exact' needs every cell observed and one noise level; this grid has {n_missing} missing "
@@ -531,7 +537,7 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(
             "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
             f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
-    masked, n_points = mask_axes(observed, shape) if n_missing else ([], 0)
+    masked, n_points = mask_axes(observed, shape) if n_missing and layout.whole_grid else ([], 0)
     # constant along an axis with more than one point (a length-1 axis says nothing)
     constant = math.prod(n for k, n in enumerate(shape) if k not in masked) > 1
     if requested == "separable-mask" and (per_cell or not n_missing or not constant or n_points > MAX_POINTS_ANY):
@@ -549,6 +555,8 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
             name = "cg"
         elif not n_missing:
             name = "exact"
+        elif not layout.whole_grid:
+            name = "cg"
         elif (n_missing <= few_missing_limit(device) and n_missing * n_cells <= MAX_FORM_ELEMENTS
               and (not separable or n_missing <= n_points)):
             name = "exact-missing"

@@ -1,8 +1,11 @@
-"""GridGP training with the grid sharded over the ranks of a ``torch.distributed`` group.
+"""GridGP with the grid sharded over the ranks of a ``torch.distributed`` group: the sharded layout.
 
-:class:`DistributedGridGP` is :class:`kronegp.GridGP`'s likelihood — the exact Kronecker
-path, and the cg path (missing cells and/or per-cell noise) — with every grid-sized
-vector split over the ranks as :func:`~kronegp.distributed.plan_shardings` splits a
+:class:`DistributedGridGP` is :class:`kronegp.GridGP` itself — one constructor (data checked
+by the same parser, statistics all-reduced), one :meth:`~kronegp.GridGP.fit`
+(:mod:`kronegp.models._fit`), the same hyperparameters, standardisation and inference path
+objects — built on a :class:`ShardedLayout` (:class:`ShardedPlacement` is the ``layout``
+argument that places the data): the exact Kronecker path and the cg path (missing cells
+and/or per-cell noise), with every grid-sized vector split over the ranks as :func:`~kronegp.distributed.plan_shardings` splits a
 square product on the grid ``(n_1, …, n_d)``: rank ``r`` holds the contiguous block
 ``rows(r)`` of the flattened (row-major) grid, e.g. ``r·N/G … (r+1)·N/G − 1`` when ``G``
 divides the leading axes. What is sharded and what is replicated:
@@ -22,7 +25,9 @@ working through a :class:`ShardedLayout` (this rank's block of every grid vector
 distributed products, all-reduced sums, the sharded covariance, this rank's probe rows): so
 with the same probe vectors the two runs take the same CG steps and agree to float
 tolerance. The exact path is :class:`~kronegp.models.paths.ExactPath` on the same layout, whose
-``exact_lml`` is :class:`_DistributedExactLML`.
+``exact_lml`` is :class:`_DistributedExactLML`. The exact-missing and separable-mask paths
+need every cell at hand and refuse a sharded layout. Communication itself (the distributed
+products, reductions, plain collectives) lives in :mod:`kronegp.distributed`.
 
 Gradients follow :mod:`kronegp.distributed.reduce`'s convention: the loss is one
 replicated scalar, every rank calls ``loss.backward()`` on it once, and afterwards every
@@ -68,75 +73,27 @@ import hashlib
 import math
 from typing import Any, Optional, Sequence
 
-import gpytorch
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 import kronegp
 from kronegp.distributed import ops as dist_ops
-from kronegp.distributed.reduce import allreduce_inner, allreduce_sum, replicate_factors
-from kronegp.distributed.sharding import GridSharding, plan_shardings
-from kronegp.linalg import kron_vector
-from kronegp.models import (
-    FullGridCovariance, GridHyperparameters, checked_axis, default_kernel, factor_eigs, parse_grid_data,
-    resolve_dtype_device,
+from kronegp.distributed.reduce import (
+    allreduce_inner, allreduce_sum, group_rank_size, raise_together, replicate_factors, sum_over_ranks,
 )
-from kronegp.models.paths import CGPath, ExactPath
+from kronegp.distributed.sharding import GridSharding, grid_sharding
+from kronegp.linalg import kron_vector
+from kronegp.models._data import ParsedGrid, parse_grid_data
+from kronegp.models._kron import factor_eigs
+from kronegp.models._masked import FullGridCovariance
+from kronegp.models.grid_gp import GridGP
 
-__all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "sharded_grid_covariance", "grid_sharding"]
+__all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "ShardedPlacement", "sharded_grid_covariance"]
 
 # "auto" probes: draw the whole (N, S) block on every rank up to this many entries.
 _REPLICATED_PROBE_LIMIT = 1 << 24
 _PROBE_CHUNK_ROWS = 1 << 16
-
-
-# --------------------------------------------------------------------------- group helpers
-
-
-def _group_rank_size(group) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "DistributedGridGP needs an initialised process group: call "
-            "torch.distributed.init_process_group first (torchrun sets its environment)"
-        )
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of the process group passed as group")
-    return rank, dist.get_world_size(group)
-
-
-def _sum_over_ranks(values: Sequence[float | int], group, device, dtype=torch.float64) -> list:
-    """Plain (non-differentiable) all-reduced sums of a few numbers, in one call."""
-    buf = torch.tensor(list(values), dtype=dtype, device=device)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    return buf.tolist()
-
-
-def _raise_together(problem: Optional[tuple[str, str]], group) -> None:
-    """Raise on *every* rank when any rank found bad input.
-
-    ``problem`` is ``(exception type name, message)`` or ``None``. A rank that raised
-    alone would leave the others waiting in the next collective, so the verdicts are
-    all-gathered first; every rank raises the first bad rank's type (``TypeError`` or
-    ``ValueError``) with every bad rank's message, each naming its rank.
-    """
-    verdicts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(verdicts, problem, group=group)
-    bad = [(r, v) for r, v in enumerate(verdicts) if v is not None]
-    if bad:
-        exc_type = TypeError if bad[0][1][0] == "TypeError" else ValueError
-        raise exc_type("; ".join(f"rank {r}: {msg}" for r, (_, msg) in bad))
-
-
-def grid_sharding(shape: Sequence[int], world_size: int) -> GridSharding:
-    """The split of the grid ``shape`` over ``world_size`` ranks used for every grid vector.
-
-    It is the input (= output) sharding of a square distributed product on that grid, so
-    vectors in this layout go straight into :func:`kronegp.distributed.kron_matmul`.
-    """
-    return plan_shardings(tuple(int(n) for n in shape), None, world_size)[0]
 
 
 def _local_kron_vector(vectors: Sequence[Tensor], sh: GridSharding, rank: int) -> Tensor:
@@ -346,7 +303,7 @@ class _DistributedExactLML(torch.autograd.Function):
         return (d_resid, d_noise, d_scale, None, *d_factors)
 
 
-# --------------------------------------------------------------------------- input checking
+# --------------------------------------------------------------------------- the layout
 
 
 class ShardedLayout:
@@ -354,7 +311,7 @@ class ShardedLayout:
     every grid vector is this rank's block ``rows(rank)`` of the flattened grid, sums and inner
     products are all-reduced, Kronecker products are the distributed ones (see
     :mod:`kronegp.models.layout` for what each method does). The inference paths of
-    :mod:`kronegp.models.paths` run on it unchanged (today :class:`DistributedGridGP`'s cg path).
+    :mod:`kronegp.models.paths` run on it unchanged (:class:`DistributedGridGP`'s exact and cg paths).
 
     Args:
         sharding, rank, group: the split of the grid and this rank's place in it.
@@ -370,6 +327,10 @@ class ShardedLayout:
         self.inner = allreduce_inner(group)
         self.info = _ShardInfo(sharding, rank, group)
         self.probe_store = None  # no CUDA graph of a sharded step
+        self.reports = rank == 0
+
+    whole_grid = False
+    graph_obstacle = "the grid is sharded over a process group (its collectives are not recorded in a graph)"
 
     def kron_matmul(self, factors: list[Tensor], x: Tensor) -> Tensor:
         return dist_ops.kron_matmul(factors, x, self.group)
@@ -384,7 +345,24 @@ class ShardedLayout:
         return allreduce_sum(x.sum(), self.group)
 
     def count(self, cells: Tensor) -> int:
-        return int(_sum_over_ranks([int(cells.sum())], self.group, cells.device)[0])
+        return int(sum_over_ranks([int(cells.sum())], self.group, cells.device)[0])
+
+    def maximum(self, x: Tensor) -> float:
+        buf = (x.max() if x.numel() else x.new_zeros(())).detach().to(torch.float64).reshape(1)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return float(buf)
+
+    def moments(self, x: Tensor, n: int) -> tuple[float, float]:
+        mean = float(self.total(x.detach())) / n
+        return mean, (float(self.total((x.detach() - mean) ** 2)) / (n - 1) if n > 1 else 0.0)
+
+    def replicated(self, t: Tensor) -> Tensor:
+        return replicate_factors([t], self.group)[0]
+
+    def call_replicated(self, module: torch.nn.Module, x: Tensor) -> Tensor:
+        names = [n for n, _ in module.named_parameters()]
+        reps = replicate_factors([p for _, p in module.named_parameters()], self.group)
+        return torch.func.functional_call(module, dict(zip(names, reps)), (x,))
 
     def bilinear(self, left: Tensor, right: Tensor, factors: list[Tensor]) -> Tensor:
         # the factors' gradients are summed over the ranks inside the distributed product
@@ -469,40 +447,69 @@ class ShardedLayout:
         return out
 
 
-def _check_axes(axes: Any, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-    if not isinstance(axes, (list, tuple)) or len(axes) == 0:
-        raise TypeError(
-            "axes must be a non-empty list of 1-D coordinate arrays, one per grid dimension "
-            f"(they give the whole grid's shape), got {type(axes).__name__}"
-        )
-    out = []
-    for k, ax in enumerate(axes):
-        num, _, _ = checked_axis(ax, k)
-        out.append(torch.as_tensor(num, dtype=dtype, device=device))
-    return out
 
 
-def _as_local_vector(name: str, obj: Any, n_local: int, rank: int, rows: slice) -> Tensor:
-    t = obj if isinstance(obj, Tensor) else torch.as_tensor(np.asarray(obj))
-    if t.dim() != 1 or t.shape[0] != n_local:
-        raise ValueError(
-            f"{name} must be this rank's block of the flattened grid, a 1-D tensor of length "
-            f"{n_local} (rank {rank} holds cells [{rows.start}, {rows.stop})), got shape {tuple(t.shape)}"
-        )
-    return t
+class ShardedPlacement:
+    """How :class:`~kronegp.GridGP` places its data on a grid sharded over ``group``: its
+    ``layout`` argument (what :class:`DistributedGridGP` passes). :meth:`place` checks this
+    rank's block with :func:`~kronegp.models._data.parse_grid_data` (``values``, ``mask``,
+    ``noise`` 1-D blocks of the flattened grid, ``axes`` the whole grid's), raises every rank's
+    errors on every rank, and returns the :class:`ShardedLayout` with the block.
+
+    Args:
+        group: the process group (default: the world).
+        probes: ``"auto"``, ``"replicated"`` or ``"chunked"`` (module docstring).
+    """
+
+    def __init__(self, group=None, probes: str = "auto"):
+        self.rank, self.world_size = group_rank_size(group)
+        if probes not in ("auto", "replicated", "chunked"):
+            raise ValueError(f"probes must be 'auto', 'replicated' or 'chunked', got {probes!r}")
+        self.group, self.probes = group, probes
+
+    def place(self, values: Any, axes: Any, *, mask: Any = None, noise: Any = None, dtype=None,
+              device=None) -> tuple[ShardedLayout, ParsedGrid]:
+        group, rank = self.group, self.rank
+        problem, data = None, None
+        try:
+            data = parse_grid_data(values, axes, mask=mask, noise=noise, dtype=dtype, device=device,
+                                   block=lambda shape: grid_sharding(shape, self.world_size).rows(rank))
+            dev = data.values.device
+            if str(dist.get_backend(group)).lower() == "nccl" and dev.type != "cuda":
+                raise ValueError(
+                    f"device is {dev} but the group's backend is NCCL, which exchanges CUDA tensors "
+                    "only: pass device='cuda' (this rank's GPU), or use a gloo group for CPU tensors")
+        except (TypeError, ValueError) as err:
+            problem = (type(err).__name__, str(err))
+        raise_together(problem, group)
+        dev = data.values.device
+        if sum_over_ranks([noise is not None], group, dev)[0] not in (0, self.world_size):
+            raise_together(
+                ("ValueError", "noise was given on some ranks and not on others: pass it on every rank or none"), group)
+        shape = tuple(int(a.shape[0]) for a in data.axes)
+        layout = ShardedLayout(grid_sharding(shape, self.world_size), rank, group, self.probes)
+        observed = data.mask if data.mask is not None else torch.ones_like(data.values, dtype=torch.bool)
+        n_observed = layout.count(observed)
+        if n_observed == 0:
+            raise ValueError("every cell is missing (all NaN or mask all False) on every rank: nothing to fit")
+        data.mask = None if n_observed == layout.n_cells else observed
+        return layout, data
 
 
 # --------------------------------------------------------------------------- the model
 
 
-class DistributedGridGP(GridHyperparameters, torch.nn.Module):
-    """:class:`kronegp.GridGP`'s likelihood and training with the grid sharded over ``group``.
+class DistributedGridGP(GridGP):
+    """:class:`kronegp.GridGP` with the grid sharded over ``group``: the same model (construction,
+    standardisation, hyperparameters, :meth:`fit`, the exact and cg inference paths) on a
+    :class:`ShardedLayout`, i.e. ``GridGP(..., layout=ShardedPlacement(group, probes))``.
 
     Each rank holds only its block of the grid: the cells ``rows_of(shape, rank, G)`` of
-    the row-major flattened grid (see the module docstring). Hyperparameters have the
-    names and initial values :class:`~kronegp.GridGP` gives them (``kernels``,
-    ``raw_outputscale``, ``raw_noise``, ``mean_module``), computed from statistics
-    all-reduced over the whole grid, so they are identical on every rank.
+    the row-major flattened grid (see the module docstring). Hyperparameters have
+    :class:`~kronegp.GridGP`'s names and initial values, computed from statistics
+    all-reduced over the whole grid, so they are identical on every rank. Every rank of
+    ``group`` must construct the model, and call every method, together; a bad input on any
+    rank raises on every rank, naming the rank.
 
     Args:
         values: this rank's block, a 1-D tensor/array of length ``N_r`` (NaN = missing).
@@ -511,159 +518,24 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
             gives the grid's shape).
         mask: optional bool block (True = observed), combined with the NaNs of ``values``.
         noise: optional per-cell noise variances: a scalar or this rank's block (data units).
-        group: the process group (default: the world). Every rank of it must construct
-            the model, and call every method, together.
-        kernels, mean, standardize, dtype, device, num_probes, cg_tol, cg_max_iters,
-        precondition, seed, exact_trace_limit: as for :class:`~kronegp.GridGP`.
+        group: the process group (default: the world).
         probes: ``"auto"``, ``"replicated"`` or ``"chunked"`` (module docstring).
+        **kwargs: :class:`~kronegp.GridGP`'s other arguments. ``path`` may be ``"auto"``,
+            ``"exact"`` or ``"cg"``: exact-missing and separable-mask need the whole grid on one
+            device and refuse (``"auto"`` takes cg wherever cells are missing).
 
     Attributes:
         path: ``"exact"`` (every cell observed, learned homoskedastic noise) or ``"cg"``.
         rows: the slice of the flattened grid this rank holds.
         cg_iterations, cg_residual, history: as for :class:`~kronegp.GridGP`.
+
+    Prediction, sampling and memory plans are not distributed: copy the hyperparameters into a
+    single-device :class:`~kronegp.GridGP` with :meth:`hyperparameter_state`.
     """
 
-    def __init__(
-        self,
-        values: Any,
-        axes: Sequence[Any],
-        *,
-        mask: Any = None,
-        noise: Any = None,
-        group=None,
-        kernels: Optional[Sequence[gpytorch.kernels.Kernel]] = None,
-        mean: Optional[gpytorch.means.Mean] = None,
-        standardize: bool = True,
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[torch.device | str] = None,
-        num_probes: int = 16,
-        cg_tol: float = 1e-5,
-        cg_max_iters: int = 1000,
-        precondition: bool = True,
-        seed: int = 0,
-        exact_trace_limit: int = 1024,
-        probes: str = "auto",
-    ):
-        super().__init__()
-        rank, world = _group_rank_size(group)
-        self.group, self.rank, self.world_size = group, rank, world
-        vals_in = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
-        dtype, device = resolve_dtype_device(vals_in, dtype, device)
-        if str(dist.get_backend(group)).lower() == "nccl" and device.type != "cuda":
-            raise ValueError(
-                f"device is {device} but the group's backend is NCCL, which exchanges CUDA tensors "
-                "only: pass device='cuda' (this rank's GPU), or use a gloo group for CPU tensors"
-            )
-        if probes not in ("auto", "replicated", "chunked"):
-            raise ValueError(f"probes must be 'auto', 'replicated' or 'chunked', got {probes!r}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-
-        self.axes_list = _check_axes(axes, dtype, device)
-        self.shape = tuple(int(a.shape[0]) for a in self.axes_list)
-        self.ndim = len(self.shape)
-        self.n_cells = math.prod(self.shape)
-        self.sharding = grid_sharding(self.shape, world)
-        self.rows = self.sharding.rows(rank)
-        n_local = self.sharding.local_size(rank)
-        self.n_local = n_local
-        self.num_probes = int(num_probes)
-        self.cg_tol, self.cg_max_iters = float(cg_tol), int(cg_max_iters)
-        self.precondition = bool(precondition)
-        self.seed = int(seed)
-        self.exact_trace_limit = int(exact_trace_limit)
-        self.probe_scheme = probes
-        self.cg_iterations: Optional[int] = None
-        self.cg_residual: Optional[float] = None
-        self.history: list[float] = []
-        #: where the grid vectors live: this rank's block (:class:`ShardedLayout`)
-        self.layout = ShardedLayout(self.sharding, rank, group, probes)
-        self._info = self.layout.info
-        self.resample_probes = False  # the probes are the same at every evaluation (L-BFGS needs that)
-        self.cg_inner_iterations = 0
-        self._last_extra: dict = {}
-
-        # ---- this rank's data, checked; every rank learns every rank's verdict
-        problem = None
-        try:
-            vals = _as_local_vector("values", vals_in, n_local, rank, self.rows)
-            if not (vals.is_floating_point() or vals.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8)):
-                raise TypeError(f"values must be real-valued (float or int), got dtype {vals.dtype}")
-            vals = vals.to(device=device, dtype=dtype)
-            observed = ~torch.isnan(vals)
-            if mask is not None:
-                m = mask if isinstance(mask, Tensor) else torch.as_tensor(np.asarray(mask))
-                if m.dtype != torch.bool:
-                    raise TypeError(f"mask must be a boolean array (True = observed), got dtype {m.dtype}")
-                m = _as_local_vector("mask", m, n_local, rank, self.rows).to(device)
-                if bool((m & ~observed).any()):
-                    raise ValueError("values is NaN at cells that mask marks observed (True)")
-                observed = observed & m
-            if not bool((torch.isfinite(vals) | ~observed).all()):
-                raise ValueError("values holds infinite entries at observed cells; mark them missing")
-            vals = torch.where(observed, vals, torch.zeros_like(vals))
-            noise_t = None
-            if noise is not None:
-                nz = noise if isinstance(noise, Tensor) else torch.as_tensor(np.asarray(noise))
-                if nz.dim() != 0:
-                    nz = _as_local_vector("noise", nz, n_local, rank, self.rows)
-                nz = torch.broadcast_to(nz.to(device=device, dtype=dtype), (n_local,))
-                at_obs = nz[observed]
-                if not bool(torch.isfinite(at_obs).all()) or bool((at_obs <= 0).any()):
-                    raise ValueError("noise variances must be finite and positive at every observed cell")
-                noise_t = torch.where(observed, nz, torch.zeros_like(nz)).contiguous()
-        except (TypeError, ValueError) as err:
-            problem = (type(err).__name__, str(err))
-        _raise_together(problem, group)
-        flags = _sum_over_ranks([noise is not None], group, device)
-        if flags[0] not in (0, world):
-            _raise_together(
-                ("ValueError", "noise was given on some ranks and not on others: pass it on every rank or none"),
-                group,
-            )
-
-        # ---- global statistics (all-reduced), as GridGP computes them on the whole grid
-        n_obs_local = int(observed.sum())
-        obs_vals = vals[observed].to(torch.float64)
-        n_obs, total = _sum_over_ranks([n_obs_local, float(obs_vals.sum())], group, device)
-        self.n_observed = int(n_obs)
-        if self.n_observed == 0:
-            raise ValueError("every cell is missing (all NaN or mask all False) on every rank: nothing to fit")
-        mean_v = total / n_obs
-        (ss,) = _sum_over_ranks([float(((obs_vals - mean_v) ** 2).sum())], group, device)
-        std = math.sqrt(ss / (n_obs - 1)) if n_obs > 1 else 0.0
-        if standardize:
-            self.shift, self.scale = mean_v, (std if std > 0 else 1.0)
-        else:
-            self.shift, self.scale = 0.0, 1.0
-        y = torch.where(observed, (vals - self.shift) / self.scale, torch.zeros_like(vals))
-        self.register_buffer("y", y)
-        self.register_buffer("observed", None if self.n_observed == self.n_cells else observed.contiguous())
-        self.register_buffer("cell_noise", noise_t / self.scale**2 if noise_t is not None else None)
-        # the path: GridGP's exact or cg object (the other two need the whole grid), chosen once
-        self.inference = (ExactPath if self.path == "exact" else CGPath)(self.layout)
-        for k, ax in enumerate(self.axes_list):
-            self.register_buffer(f"axis_{k}", ax)
-        # statistics of the standardised observations (GridGP: y_obs.mean(), y_obs.var())
-        y_mean = (mean_v - self.shift) / self.scale
-        y_var = (ss / self.scale**2) / (n_obs - 1) if n_obs > 1 else 1.0
-        var0 = y_var if y_var > 0 else 1.0
-        dt, dev = dtype, device
-
-        # ---- hyperparameters: GridGP's names and initial values
-        if kernels is None:
-            kernels = [default_kernel(ax) for ax in self.axes_list]
-        if isinstance(kernels, gpytorch.kernels.Kernel) or not isinstance(kernels, (list, tuple)):
-            raise TypeError(
-                f"kernels must be a list of {self.ndim} GPyTorch kernels (one per dimension), got {type(kernels).__name__}"
-            )
-        if len(kernels) != self.ndim or not all(isinstance(k, gpytorch.kernels.Kernel) for k in kernels):
-            raise ValueError(f"kernels must hold one gpytorch.kernels.Kernel per dimension ({self.ndim})")
-        self.kernels = torch.nn.ModuleList([k.to(dtype=dt, device=dev) for k in kernels])
-        self._init_hyperparameters(var0, y_mean, noise_t is None, mean, dt, dev)
+    def __init__(self, values: Any, axes: Sequence[Any], *, group=None, probes: str = "auto", **kwargs: Any):
+        super().__init__(values, axes, layout=ShardedPlacement(group, probes), **kwargs)
         self.check_replicated()
-
-    # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_grid(cls, values: Any, axes: Optional[Sequence[Any]] = None, *, mask: Any = None,
@@ -675,20 +547,33 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
         (numpy, torch, ``xarray.DataArray``; checked by the same parser); other keywords
         go to the constructor. Convenient for tests and grids that fit one host's memory.
         """
-        rank, world = _group_rank_size(group)
+        rank, world = group_rank_size(group)
         data = parse_grid_data(values, axes, mask=mask, noise=noise, dtype=dtype, device=device)
         rows = grid_sharding(data.values.shape, world).rows(rank)
-        flat = data.values.reshape(-1)[rows]
-        local_mask = data.mask.reshape(-1)[rows] if data.mask is not None else None
-        local_noise = data.noise.reshape(-1)[rows] if data.noise is not None else None
-        return cls(flat.clone(), data.axes, mask=None if local_mask is None else local_mask.clone(),
-                   noise=None if local_noise is None else local_noise.clone(), group=group,
+        block = [None if t is None else t.reshape(-1)[rows].clone() for t in (data.values, data.mask, data.noise)]
+        return cls(block[0], data.axes, mask=block[1], noise=block[2], group=group,
                    dtype=data.values.dtype, device=data.values.device, **kwargs)
 
     @staticmethod
     def rows_of(shape: Sequence[int], rank: int, world_size: int) -> slice:
         """The cells of the flattened grid ``shape`` that ``rank`` of ``world_size`` holds."""
         return grid_sharding(shape, world_size).rows(rank)
+
+    @property
+    def group(self):
+        return self.layout.group
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.sharding.world_size
+
+    @property
+    def rows(self) -> slice:
+        return self.layout.rows
 
     def check_replicated(self) -> None:
         """Raise ``ValueError`` on every rank unless every parameter is the same on every rank."""
@@ -707,124 +592,27 @@ class DistributedGridGP(GridHyperparameters, torch.nn.Module):
                 "model with the same kernels, mean and settings"
             )
 
-    # ------------------------------------------------------------------ parameters
-
-    def _local_points(self) -> Tensor:
-        """Coordinates ``(N_r, d)`` of this rank's cells."""
-        return self.layout.grid_points(self.axes)
-
-    def _mean_local(self) -> Tensor:
-        """``μ`` on this rank's cells (model units).
-
-        The mean's parameters meet sharded data here, so they pass through
-        :func:`replicate_factors`: their gradient is summed over the ranks.
-        """
-        if not self.user_mean:
-            (constant,) = replicate_factors([self.mean_module.constant], self.group)
-            return constant.expand(self.n_local)
-        names = [n for n, _ in self.mean_module.named_parameters()]
-        reps = replicate_factors([p for _, p in self.mean_module.named_parameters()], self.group)
-        out = torch.func.functional_call(self.mean_module, dict(zip(names, reps)), (self._local_points(),))
-        return (out - self.shift) / self.scale
-
-    def _fill_noise(self) -> Tensor:
-        """``d̃`` on this rank's cells (model units): :meth:`ShardedLayout.fill_noise`."""
-        return self.layout.fill_noise(self.noise, self.cell_noise, self.observed)
-
-    #: μ on this rank's cells, under the name the inference paths call
-    _mean_grid = _mean_local
-
-    def _std_normal_rows(self, cols: int, offset: int) -> Tensor:
-        """This rank's rows of an ``(N, cols)`` standard normal block (module docstring)."""
-        return self.layout.std_normal(self.n_cells, cols, offset, seed=self.seed, resample=False, like=self.y)
-
-    # ------------------------------------------------------------------ likelihood
-
-    def _lml_model_units(self) -> Tensor:
-        # GridGP's own path objects, run on this rank's block through the layout
-        return self.inference.lml(self)
-
-    def log_marginal_likelihood(self) -> Tensor:
-        """``log p(y_O)`` in data units: a 0-dim tensor, the same on every rank.
-
-        Differentiable in every hyperparameter; after ``backward()`` every rank holds the
-        full gradient. Exact on the exact path; on the cg path GridGP's estimate.
-        """
-        return self._lml_model_units() - self.n_observed * math.log(self.scale)
-
-    def loss(self) -> Tensor:
-        """``−log p(y_O) / n_observed``, :meth:`fit`'s objective (replicated)."""
-        return -self.log_marginal_likelihood() / self.n_observed
-
-    # ------------------------------------------------------------------ fitting
-
-    def fit(self, iters: int = 100, optimizer: str = "adam", lr: Optional[float] = None,
-            progress: bool = True, *, patience: Optional[int] = None, min_delta: float = 1e-5) -> list[float]:
-        """:meth:`kronegp.GridGP.fit` on the group: every rank takes the same steps.
-
-        The loss and the gradients are replicated, so each rank's optimiser makes the same
-        update and the hyperparameters stay identical; the progress bar shows on rank 0.
-        """
-        from tqdm.auto import tqdm
-
-        if optimizer not in ("adam", "lbfgs"):
-            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
-        if iters < 0:
-            raise ValueError(f"iters must be >= 0, got {iters}")
-        params = [p for p in self.parameters() if p.requires_grad]
-        if optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=0.1 if lr is None else lr)
-            patience = 10 if patience is None else patience
-        else:
-            opt = torch.optim.LBFGS(params, lr=1.0 if lr is None else lr, max_iter=1,
-                                    line_search_fn="strong_wolfe", history_size=20)
-            patience = 3 if patience is None else patience
-
-        def closure():
-            opt.zero_grad()
-            loss = self.loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"DistributedGridGP.fit: the loss became {float(loss)}")
-            loss.backward()
-            return loss
-
-        self.train()
-        best, waited = math.inf, 0
-        bar = tqdm(range(iters), disable=not progress or self.rank != 0, desc=f"DistributedGridGP ({self.path})")
-        for _ in bar:
-            loss = float(opt.step(closure))
-            self.history.append(loss)
-            bar.set_postfix(loss=f"{loss:.5g}", cg=self.cg_iterations)
-            if loss < best - min_delta:
-                best, waited = loss, 0
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-        bar.close()
-        self.eval()
-        return self.history
-
-    # ------------------------------------------------------------------ reporting
-
     def hyperparameter_state(self) -> dict[str, Tensor]:
         """The parameters by name (GridGP's names): ``GridGP.load_state_dict(·, strict=False)``."""
         return {n: p.detach().clone() for n, p in self.named_parameters()}
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """Hyperparameters in data units (as :meth:`kronegp.GridGP.hyperparameters`)."""
-        with torch.no_grad():
-            lengthscales = []
-            for kern in self.kernels:
-                ls = getattr(kern, "lengthscale", None)
-                lengthscales.append(ls.reshape(-1).tolist() if isinstance(ls, Tensor) else None)
-            return {
-                "lengthscales": lengthscales,
-                "outputscale": float(self.outputscale) * self.scale**2,
-                "noise": float(self.noise) * self.scale**2 if self.learn_noise else "per-cell (fixed)",
-                "mean": float(self.mean_module.constant) * self.scale + self.shift if not self.user_mean else "user",
-                "path": self.path,
-            }
+    def loss(self) -> Tensor:
+        """``−log p(y_O) / n_observed``, :meth:`fit`'s objective (replicated, differentiable)."""
+        return -self.log_marginal_likelihood() / self.n_observed
+
+    def _not_distributed(self, what: str):
+        raise NotImplementedError(
+            f"DistributedGridGP.{what} is not distributed: load hyperparameter_state() into a "
+            "single-device kronegp.GridGP (load_state_dict(..., strict=False)) and call it there")
+
+    def predict(self, *args: Any, **kwargs: Any):
+        self._not_distributed("predict")
+
+    def sample(self, *args: Any, **kwargs: Any):
+        self._not_distributed("sample")
+
+    def memory_plan(self, *args: Any, **kwargs: Any):
+        self._not_distributed("memory_plan")
 
     def extra_repr(self) -> str:
         return (
