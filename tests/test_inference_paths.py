@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kronegp.models._dense as dense_module
 from kronegp import GridGP
 from kronegp.models.layout import LocalLayout
 from kronegp.models.paths import PATHS, InferencePath
@@ -32,7 +33,9 @@ def _separable_mask(shape):
     return keep.expand(shape).clone()
 
 
-def _build(case):
+def _build(case, monkeypatch=None):
+    """The model of ``case``; ``"cg-noise"`` runs the iterative estimator (its dense likelihood
+    switched off through ``monkeypatch``), ``"cg-noise-dense"`` the dense one."""
     v, axes = field()
     hyper = {"lengthscales": [1.5, 2.0, 2.5], "noise": 0.05}
     if case == "exact":
@@ -45,17 +48,21 @@ def _build(case):
     if case == "cg-missing":
         v[pattern("hole")] = float("nan")
         return GridGP(v, axes, path="cg", cg_tol=1e-10, hyperparameters=hyper)
+    if case == "cg-noise" and monkeypatch is not None:
+        monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)
     g = torch.Generator().manual_seed(5)  # cg with per-cell noise over two decades
     noise = 0.01 * 10 ** (2 * torch.rand(v.shape, generator=g, dtype=v.dtype))
     return GridGP(v, axes, noise=noise, path="cg", cg_tol=1e-10, hyperparameters={"lengthscales": [1.5, 2.0, 2.5]})
 
 
-CASES = ["exact", "exact-missing", "separable-mask", "cg-missing", "cg-noise"]
+CASES = ["exact", "exact-missing", "separable-mask", "cg-missing", "cg-noise", "cg-noise-dense"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_each_path_object_matches_a_dense_cholesky(case):
-    gp = _build(case)
+def test_each_path_object_matches_a_dense_cholesky(case, monkeypatch):
+    gp = _build(case, monkeypatch)
+    if case.startswith("cg-noise"):  # the dense likelihood runs eagerly, the iterative one may be a graph
+        assert (gp.inference.graph_obstacle(gp) is not None) == (case == "cg-noise-dense")
     name = case if not case.startswith("cg") else "cg"
     assert gp.path == name and type(gp.inference) is PATHS[name]
     tol = 1e-6 if name == "cg" else 1e-10
@@ -126,7 +133,7 @@ class _CountingLayout(LocalLayout):
     def __init__(self, shape):
         super().__init__(shape)
         self.calls: dict[str, int] = {}
-        for name in ("kron_matmul", "eigen", "kron_vector", "total", "bilinear", "exact_lml", "covariance",
+        for name in ("kron_matmul", "eigen", "kron_vector", "total", "bilinear", "exact_lml", "covariance", "dense_lml",
                      "std_normal", "unit_probes", "fill_noise", "grid_points"):
             real = getattr(self, name)
 
@@ -137,9 +144,9 @@ class _CountingLayout(LocalLayout):
             setattr(self, name, counted)
 
 
-@pytest.mark.parametrize("case", ["exact", "cg-missing", "cg-noise"])
-def test_paths_work_through_the_layout(case):
-    gp = _build(case)
+@pytest.mark.parametrize("case", ["exact", "cg-missing", "cg-noise", "cg-noise-dense"])
+def test_paths_work_through_the_layout(case, monkeypatch):
+    gp = _build(case, monkeypatch)
     before, grads_before = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     gp.layout = gp.inference.layout = _CountingLayout(gp.shape)
     after, grads_after = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
@@ -147,6 +154,8 @@ def test_paths_work_through_the_layout(case):
     calls = gp.layout.calls
     if case == "exact":
         assert calls.get("exact_lml", 0) == 1
+    elif case == "cg-noise-dense":
+        assert calls.get("dense_lml", 0) == 1 and calls.get("covariance", 0) == 0
     else:
         assert calls.get("covariance", 0) == 1 and calls.get("total", 0) >= 1 and calls.get("fill_noise", 0) >= 1
         assert calls.get("unit_probes", 0) + calls.get("std_normal", 0) >= 1

@@ -54,6 +54,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from kronegp.models import _cell_noise
 from kronegp.models._exact import EigenPairSums
 from kronegp.models._kron import KronEigen
 from kronegp.models._two_level import two_level
@@ -154,6 +155,23 @@ class FullGridCovariance:
         #: where products of columns transpose it twice (see :meth:`solve_rows`).
         self.rows = isinstance(self.eig, KronEigen) and inner is local_inner and product is kron_matmul
         self.solve_iterations = 0
+        self._two_level: Optional[bool] = None
+
+    def solve_precond(self, rows: bool):
+        """The preconditioner of :meth:`solve`: ``P̃⁻¹`` (a diagonal), or with per-cell noise, where
+        it pays, the two-level one of :mod:`kronegp.models._cell_noise` (iterations about flat
+        in the grid size)."""
+        if not self.precondition:
+            return None
+        if self.homoskedastic:
+            return self.p_inv
+        if self._two_level is None:  # one read of the device per covariance, never on the graph-able paths
+            signal = _total(self.inner, (self.lam > self.sigma_bar2).to(self.lam.dtype))
+            cells = _total(self.inner, torch.ones_like(self.lam))
+            self._two_level = _cell_noise.two_level_pays(float(signal), float(cells))
+        if not self._two_level:
+            return self.p_inv
+        return _cell_noise.two_level_preconditioner(self.eig, self.lam, self.fill_noise, self.sigma_bar2, rows=rows)
 
     def kernel_matvec(self, x: Tensor) -> Tensor:
         """``K x`` for ``x`` of shape ``(N, t)``."""
@@ -183,7 +201,7 @@ class FullGridCovariance:
         res = block_cg(
             self.eig_matvec_rows,
             self.eig.to_eigbasis_rows(x),
-            self.p_inv if self.precondition else None,
+            self.solve_precond(rows=True),
             tol=self.tol if tol is None else tol,
             max_iters=self.max_iters,
             rows=True,
@@ -205,7 +223,7 @@ class FullGridCovariance:
         res = block_cg(
             self.eig_matvec,
             self.eig.to_eigbasis(x),
-            self.p_inv if self.precondition else None,
+            self.solve_precond(rows=False),
             inner=self.inner,
             tol=self.tol if tol is None else tol,
             max_iters=self.max_iters,

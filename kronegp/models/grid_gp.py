@@ -149,7 +149,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         exact_trace_limit: on the cg path, when at most this many cells enter a trace
             (the missing cells, or every cell with per-cell noise) the traces use one unit
             probe per cell instead of ``num_probes`` random ones: likelihood and gradient
-            are then exact up to CG tolerance.
+            are then exact up to CG tolerance. With per-cell noise on at most this many and
+            :data:`~kronegp.models._dense.DENSE_MAX_CPU` (``DENSE_MAX_CUDA``) observed cells the
+            likelihood is a dense Cholesky instead: exact, no iterations, no probes.
         exact_variance_limit: on the cg path, grid variances are exact (one CG solve per
             cell) for grids of at most this many cells, else a Monte Carlo estimate with
             ``variance_samples`` samples and a control variate (see :meth:`predict`).

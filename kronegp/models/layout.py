@@ -36,6 +36,9 @@ against this interface run unchanged on it. What each member must do there:
   with its analytic gradient (:func:`~kronegp.models._exact.exact_lml`; sharded:
   ``_DistributedExactLML`` on ``y − mean``, a 0-dim mean passed through ``replicate_factors``),
   with :meth:`step_chunk` ``(gp)`` the slab size it may use (the memory plan; sharded: ``None``).
+* :meth:`dense_limit` ``(device)`` and :meth:`dense_lml`: up to how many observed cells the
+  per-cell-noise likelihood is a dense Cholesky, and that likelihood
+  (:mod:`kronegp.models._dense`; sharded: 0, never).
 * :meth:`kron_vector`: ``⊗v_k`` on this layout's cells (sharded: ``_local_kron_vector``).
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
@@ -69,6 +72,7 @@ from torch import Tensor
 
 from kronegp.linalg import kron_vector
 from kronegp.models._data import ParsedGrid, parse_grid_data
+from kronegp.models._dense import dense_limit, dense_lml
 from kronegp.models._exact import exact_lml
 from kronegp.models._kron import KronEigen, bilinear_form
 from kronegp.models._masked import FullGridCovariance
@@ -166,6 +170,15 @@ class LocalLayout:
     @staticmethod
     def exact_lml(resid: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], **kw) -> Tensor:
         return exact_lml(resid, noise, outputscale, factors, **kw)
+
+    @staticmethod
+    def dense_limit(device: torch.device) -> int:
+        return dense_limit(device)
+
+    @staticmethod
+    def dense_lml(factors: list[Tensor], outputscale: Tensor, noise: Tensor, resid: Tensor,
+                  observed: Optional[Tensor]) -> Tensor:
+        return dense_lml(factors, outputscale, noise, resid, observed)
 
     @staticmethod
     def covariance(factors: list[Tensor], outputscale: Tensor, fill_noise: Tensor, *, homoskedastic: bool,

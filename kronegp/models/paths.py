@@ -21,7 +21,9 @@ The paths and their numerical homes:
 * :class:`ExactMissingPath` (few missing cells): ``G = X_MM`` factored,
   :mod:`kronegp.models._few_missing`.
 * :class:`SeparableMaskPath` (a mask constant along some axes): :mod:`kronegp.models._separable_mask`.
-* :class:`CGPath` (per-cell noise, or many missing cells): :mod:`kronegp.models._masked`.
+* :class:`CGPath` (per-cell noise, or many missing cells): :mod:`kronegp.models._masked`; its
+  likelihood with per-cell noise on few observed cells is a dense Cholesky
+  (:mod:`kronegp.models._dense`).
 
 Each does its grid-vector work through the model's layout (:mod:`kronegp.models.layout`:
 Kronecker products, eigendecompositions, sums over the grid, probes), so that the sharded
@@ -362,7 +364,16 @@ class CGPath(InferencePath):
                                       homoskedastic=gp.cell_noise is None, tol=gp.cg_tol,
                                       max_iters=gp.cg_max_iters, precondition=gp.precondition)
 
+    def dense(self, gp) -> bool:
+        """Whether the likelihood is a dense Cholesky of ``C_OO`` (:mod:`kronegp.models._dense`):
+        per-cell noise and at most the layout's ``dense_limit`` and ``exact_trace_limit`` observed
+        cells (``exact_trace_limit=0`` asks for the stochastic estimates)."""
+        limit = min(self.layout.dense_limit(gp.y.device), gp.exact_trace_limit)
+        return gp.cell_noise is not None and gp.precondition and gp.n_observed <= limit
+
     def graph_obstacle(self, gp) -> Optional[str]:
+        if self.dense(gp):
+            return "the dense likelihood of a small grid with per-cell noise (its Cholesky check reads the device)"
         if gp.observed is not None and gp.cell_noise is not None:
             # every outer iteration solves with C by CG: the number of runs follows the outer count
             return "missing cells with per-cell noise (nested CG solves)"
@@ -424,6 +435,14 @@ class CGPath(InferencePath):
 
     def lml(self, gp) -> Tensor:
         factors, resid = _checked_inputs(gp)
+        if self.dense(gp):
+            try:
+                value = self.layout.dense_lml(factors, gp.outputscale, gp._fill_noise(), resid, gp.observed)
+            except torch.linalg.LinAlgError:
+                pass  # not positive definite in this dtype: CG below reports what it reaches
+            else:
+                _report(gp, 0, 0, 0.0, {"dense": gp.n_observed, "probes": 0})
+                return value
         cov = self.covariance(gp, factors)
         if gp.precondition:
             pieces = cg_lml_pieces(

@@ -384,6 +384,11 @@ class ShardedLayout:
         resid = y if y is None or mean is None else y - mean
         return _DistributedExactLML.apply(resid, noise, outputscale, self.info, *factors)
 
+    @staticmethod
+    def dense_limit(device: torch.device) -> int:
+        """0: a sharded grid never forms ``C_OO`` densely (:mod:`kronegp.models._dense`)."""
+        return 0
+
     def covariance(self, factors: list[Tensor], outputscale: Tensor, fill_noise: Tensor, *, homoskedastic: bool,
                    tol: float, max_iters: int, precondition: bool) -> FullGridCovariance:
         return sharded_grid_covariance(factors, outputscale, fill_noise, homoskedastic=homoskedastic, tol=tol,

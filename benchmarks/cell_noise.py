@@ -1,0 +1,131 @@
+"""Per-cell noise on a full grid (issue 22, item 2): where the cg path's time goes, and what cuts it.
+
+Data: ``gaps.py``'s draw and its ``cell-noise`` noise (per-cell variances over a 1e4 range) on
+n × n × n grids. Two tables, one JSON:
+
+* **solves**: CG with ``C = K + D`` in eigen-coordinates on 4 random right-hand sides to
+  ``--tol``, preconditioned by ``P = K + σ̄² I`` (diagonal there) or by the two-level
+  preconditioner of :mod:`kronegp.models._cell_noise` (two Kronecker products more per
+  iteration): iterations, seconds, the signal's share of the eigenvalues (``λ > σ̄²``, what
+  decides which one :class:`~kronegp.models._masked.FullGridCovariance` uses) and which it chose.
+* **steps**: the training step (``loss_backward``, median) of ``cell-noise`` and
+  ``block-1+cell-noise`` as GridGP runs it (dense Cholesky up to
+  :data:`~kronegp.models._dense.DENSE_MAX_CPU` observed cells, else CG) and with each
+  alternative switched on or off (``cg, unit probes``: the iterative estimator with
+  ``exact_trace_limit``'s unit probes, what ran before the dense likelihood; ``P only``: the
+  two-level preconditioner off), with the likelihood's relative error against a dense Cholesky
+  (up to ``--dense-max`` observed cells).
+
+Usage::
+
+    python benchmarks/cell_noise.py --n 10 16 24 --out cell_noise_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import torch
+
+import gaps
+import kronegp.models._cell_noise as cell_noise
+import kronegp.models._dense as dense
+from kronegp.solvers import block_cg
+
+
+def solves(n: int, dtype: torch.dtype, tol: float) -> list[dict]:
+    y, axes = gaps.draw(n, dtype, torch.device("cpu"))
+    _, noise = gaps.pattern("cell-noise", n)
+    gp = gaps.build(y, axes, None, noise)
+    cov = gp.inference.covariance(gp, gp._factors())
+    rhs = cov.eig.to_eigbasis_rows(torch.randn(4, gp.n_cells, dtype=dtype, generator=torch.Generator().manual_seed(0)))
+    frac = float((cov.lam > cov.sigma_bar2).double().mean())
+    chosen = "two-level" if cov.solve_precond(rows=True) is not cov.p_inv else "P"
+    rows = []
+    for name, precond in [("P", cov.p_inv),
+                          ("two-level", cell_noise.two_level_preconditioner(cov.eig, cov.lam, cov.fill_noise,
+                                                                            cov.sigma_bar2, rows=True))]:
+        t0 = time.perf_counter()
+        res = block_cg(cov.eig_matvec_rows, rhs, precond, tol=tol, max_iters=5000, rows=True)
+        rows.append({"n": n, "cells": gp.n_cells, "preconditioner": name, "iterations": int(res.iterations_needed),
+                     "seconds": time.perf_counter() - t0, "signal_fraction": frac, "chosen": chosen})
+    return rows
+
+
+def steps(n: int, dtype: torch.dtype, repeats: int, dense_max: int, slow_max: int) -> list[dict]:
+    y, axes = gaps.draw(n, dtype, torch.device("cpu"))
+    rows = []
+    for name in ["cell-noise", "block-1+cell-noise"]:
+        missing, noise = gaps.pattern(name, n)
+        gp = gaps.build(y, axes, missing, noise)
+        ref = gaps.dense_lml(gp) if gp.n_observed <= dense_max else None
+        variants = [("as chosen", {}), ("P only", {"TWO_LEVEL": False})]
+        if gp.n_observed <= dense.DENSE_MAX_CPU:
+            variants = [("as chosen (dense)", {}), ("cg, random probes", {"DENSE_MAX_CPU": 0, "exact_trace_limit": 0})]
+            if gp.n_observed <= slow_max:
+                variants.append(("cg, unit probes", {"DENSE_MAX_CPU": 0}))
+        for label, switches in variants:
+            saved = (cell_noise.TWO_LEVEL, dense.DENSE_MAX_CPU, gp.exact_trace_limit)
+            cell_noise.TWO_LEVEL = switches.get("TWO_LEVEL", saved[0])
+            dense.DENSE_MAX_CPU = switches.get("DENSE_MAX_CPU", saved[1])
+            gp.exact_trace_limit = switches.get("exact_trace_limit", saved[2])
+            try:
+                gp.loss_backward()  # warm-up
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    gp.loss_backward()
+                    times.append(time.perf_counter() - t0)
+                with torch.no_grad():
+                    lml = float(gp.log_marginal_likelihood())  # data units, like gaps.dense_lml
+                info = gp.last_solve
+            finally:
+                cell_noise.TWO_LEVEL, dense.DENSE_MAX_CPU, gp.exact_trace_limit = saved
+            rows.append({"n": n, "pattern": name, "variant": label, "step_s": statistics.median(times),
+                         "iterations": info.iterations, "inner_iterations": info.inner_iterations,
+                         "probes": info.probes,
+                         "lml_rel_err": None if ref is None else abs(lml - ref) / abs(ref)})
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 16, 24])
+    ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dense-max", type=int, default=4096, help="reference by dense Cholesky up to this many cells")
+    ap.add_argument("--slow-max", type=int, default=1000,
+                    help="time the unit-probe estimator (one probe per cell) up to this many cells")
+    ap.add_argument("--no-steps", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    out = {"date": datetime.date.today().isoformat(), "device": "cpu", "threads": torch.get_num_threads(),
+           "dtype": args.dtype, "solves": [], "steps": []}
+    print(f"{'n':>4} {'cells':>7} {'precond':>10} {'iters':>6} {'s':>8} {'signal':>7} {'chosen':>10}")
+    for n in args.n:
+        for r in solves(n, dtype, args.tol):
+            out["solves"].append(r)
+            print(f"{r['n']:>4} {r['cells']:>7} {r['preconditioner']:>10} {r['iterations']:>6} {r['seconds']:>8.3f} "
+                  f"{r['signal_fraction']:>7.2f} {r['chosen']:>10}", flush=True)
+    if not args.no_steps:
+        print(f"\n{'n':>4} {'pattern':>20} {'variant':>20} {'step s':>8} {'iters':>6} {'inner':>7} {'probes':>6} {'lml err':>9}")
+        for n in args.n:
+            for r in steps(n, dtype, args.repeats, args.dense_max, args.slow_max):
+                out["steps"].append(r)
+                err = "-" if r["lml_rel_err"] is None else f"{r['lml_rel_err']:.1e}"
+                print(f"{r['n']:>4} {r['pattern']:>20} {r['variant']:>20} {r['step_s']:>8.3f} {r['iterations']!s:>6} "
+                      f"{r['inner_iterations']!s:>7} {r['probes']!s:>6} {err:>9}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
