@@ -347,6 +347,7 @@ def test_two_level_preconditioner_is_what_its_docstring_says(name, monkeypatch):
 @pytest.mark.parametrize("cell_noise", [False, True], ids=["homoskedastic", "cell-noise"])
 def test_cg_path_with_a_hole_matches_dense_through_the_two_level_preconditioner(dtype, cell_noise, monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)  # per-cell noise: the iterative estimator, not the dense one
     built = []
     real = two_level_mod.two_level
 
