@@ -52,8 +52,8 @@ CASES = [  # (name, rows, factor sizes, path): the host-bound GP shapes and one 
 ]
 
 
-class _StubDevice:
-    """What the launcher asks of a device, without one."""
+class StubDevice:
+    """What the launcher asks of a device, without one (also the device of tests/test_launch.py)."""
 
     index = 0
     arch = "sm_90"
@@ -89,7 +89,7 @@ def stub_backend() -> tuple[CudaBackend, dict]:
     """A CudaBackend whose device, stream, launches and cuBLAS calls are stubs; returns it and a
     counter of launches."""
     counter = {"launches": 0}
-    dev = _StubDevice()
+    dev = StubDevice()
 
     def fake_launch(*args):
         counter["launches"] += 1

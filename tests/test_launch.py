@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,25 +20,12 @@ import torch
 from kronegp._cuda import CudaBackend, launch
 from kronegp._cuda.launch import KronArgs
 
-
-class _StubDevice:
-    index = 0
-    arch = "sm_90"
-    smem_optin = 227 * 1024
-    smem_budget = 100 * 1024
-    sm_count = 132
-
-    def __init__(self):
-        self.programs: dict = {}
-
-    def function(self, spec):
-        return 0
-
-    def make_current(self):
-        return False
-
-    def pop_current(self):
-        raise AssertionError("nothing was pushed")
+_BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, _BENCHMARKS)
+try:
+    from host_overhead import StubDevice  # the device stub the host-overhead benchmark times with
+finally:
+    sys.path.remove(_BENCHMARKS)
 
 
 STREAM = 0x5000
@@ -57,7 +46,7 @@ def recorded(monkeypatch):
     monkeypatch.setattr(launch, "_C_LAUNCH", fake_launch)
     monkeypatch.setattr(launch, "current_stream_handle", lambda device: STREAM)
     backend = CudaBackend(force_path="fused")
-    dev = _StubDevice()
+    dev = StubDevice()
     backend._device = lambda t: dev
     return backend, launches
 
