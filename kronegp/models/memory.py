@@ -78,6 +78,8 @@ CG_RUN_VECTORS = 2.1
 #: "missing": the data column's refinement after the first run (an unfused CG of one column, on the
 #: CUDA too) holds ``(blocks per column of the run, grid vectors)``: the peak when runs are short
 CG_REFINE = (3.0, 18.4)
+#: the cg plan's part for a hole's two-level preconditioner (:func:`kronegp.models._two_level.coarse_bytes`)
+COARSE_PART = "two-level coarse space"
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
 CG_FUSED_SAVES = {"missing": 1.0, "per-cell": 1.0, "both": 2.0}
 
@@ -231,7 +233,7 @@ def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missi
     parts["factors"] = _factor_bytes(shape)
     parts["runtime"] = _runtime(device_type)
     if coarse:
-        parts["two-level coarse space"] = int(coarse)
+        parts[COARSE_PART] = int(coarse)
     return MemoryPlan(f"cg step ({probes} probes)", tuple(shape), dtype, run,
                       model_bytes(shape, dtype, mask=missing, cell_noise=per_cell), parts)
 
@@ -330,14 +332,17 @@ def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
     return cached[1]
 
 
-def _cg_plan(model, probes: int, budget: Optional[float]) -> MemoryPlan:
+def _cg_plan(model, probes: int, budget: Optional[float], coarse: Optional[int] = None) -> MemoryPlan:
     """:func:`choose_cg_run` for ``model`` with ``probes``: runs only where its cg path can split
-    them (the preconditioned estimator; :func:`choose_cg_run` says which noise)."""
+    them (the preconditioned estimator; :func:`choose_cg_run` says which noise). ``coarse``: the
+    two-level preconditioner's bytes when already known (they do not depend on ``probes``; else
+    measured from the mask)."""
     from kronegp.models._two_level import coarse_bytes
 
     missing, per_cell = model.observed is not None, model.cell_noise is not None
-    coarse = 0 if not missing else coarse_bytes(model.observed.reshape(-1).logical_not(), tuple(model.shape),
-                                                torch.finfo(model.y.dtype).bits // 8)
+    if coarse is None:
+        coarse = 0 if not missing else coarse_bytes(model.observed.reshape(-1).logical_not(), tuple(model.shape),
+                                                    torch.finfo(model.y.dtype).bits // 8)
     args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type, coarse=coarse)
     if model.precondition:
         return choose_cg_run(tuple(model.shape), model.y.dtype, probes, budget=budget, **args)
@@ -352,8 +357,9 @@ def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
     need, free = plan.peak_bytes, plan.free_bytes
     hints = []
     if plan.operation.startswith("cg") and model is not None:
+        coarse = plan.parts.get(COARSE_PART, 0)  # the mask's box, measured once for the plan
         fitting = [p for p in range(model.num_probes - 1, 0, -1)
-                   if _cg_plan(model, p, HEADROOM * free).peak_bytes <= HEADROOM * free]
+                   if _cg_plan(model, p, HEADROOM * free, coarse).peak_bytes <= HEADROOM * free]
         if fitting:
             hints.append(f"num_probes={fitting[0]} fits")
         else:
