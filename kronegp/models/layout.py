@@ -35,7 +35,8 @@ against this interface run unchanged on it. What each member must do there:
 * :meth:`exact_lml` ``(y, noise, s², factors, mean=, chunk=)``: the exact Kronecker likelihood
   with its analytic gradient (:func:`~kronegp.models._exact.exact_lml`; sharded:
   ``_DistributedExactLML`` on ``y − mean``, a 0-dim mean passed through ``replicate_factors``),
-  with :meth:`step_chunk` ``(gp)`` the slab size it may use (the memory plan; sharded: ``None``).
+  with :meth:`step_chunk` ``(gp)`` the slab size it may use (the memory plan; sharded: ``None``;
+  on the cg path the same plan's columns per block CG run).
 * :meth:`dense_limit` ``(device)`` and :meth:`dense_lml`: up to how many observed cells the
   per-cell-noise likelihood is a dense Cholesky, and that likelihood
   (:mod:`kronegp.models._dense`; sharded: 0, never).
@@ -43,8 +44,8 @@ against this interface run unchanged on it. What each member must do there:
 * :meth:`std_normal` ``(rows, cols, offset, seed, resample)`` and :meth:`unit_probes`: probe
   blocks for this layout's cells, the same numbers whatever the layout (sharded: this rank's
   rows of the same draw, ``ShardedLayout.std_normal``; unit probes numbered in global cell order);
-  :meth:`continue_normal` and :meth:`cg_run` ``(gp)``: the cg path's probes drawn run by run
-  when the memory plan splits its block CG into runs (sharded: never split, ``None``).
+  :meth:`continue_normal`: the cg path's probes drawn run by run when the memory plan splits its
+  block CG into runs (:meth:`step_chunk`; sharded: never split).
 * :meth:`count` ``(cells)``: how many cells of a bool grid vector are set, over the whole grid.
 * :meth:`fill_noise`: the noise ``d̃`` on this layout's cells, the fill at missing cells being
   the geometric mean over the whole grid (sharded: through :meth:`total`).
@@ -154,15 +155,9 @@ class LocalLayout:
 
     @staticmethod
     def step_chunk(gp) -> Optional[int]:
-        """The slab size of ``gp``'s exact training step (:func:`kronegp.models.memory.operation_chunk`)."""
-        from kronegp.models import memory
-
-        return memory.operation_chunk(gp, "step")
-
-    @staticmethod
-    def cg_run(gp) -> Optional[int]:
-        """Columns per block CG run of the cg path's missing-cell system: the memory plan's
-        (:func:`kronegp.models.memory.choose_cg_run`, through the step's cached plan)."""
+        """The chunk of ``gp``'s training step by the memory plan
+        (:func:`kronegp.models.memory.operation_chunk`): the exact step's slab size, or the cg
+        step's columns per block CG run."""
         from kronegp.models import memory
 
         return memory.operation_chunk(gp, "step")

@@ -412,7 +412,7 @@ class CGPath(InferencePath):
         """Columns per block CG run of the missing cells' system, from the memory plan
         (:func:`kronegp.models.memory.choose_cg_run`); ``None``: one run (the layout does not
         split, e.g. a sharded grid)."""
-        return self.layout.cg_run(gp)
+        return self.layout.step_chunk(gp)
 
     def missing_probes(self, gp) -> "Tensor | ProbeDraws":
         """The missing cells' probes: drawn at once, or run by run when the memory plan splits the

@@ -370,11 +370,7 @@ class ShardedLayout:
 
     @staticmethod
     def step_chunk(gp) -> None:
-        return None  # the sharded exact step is not chunked
-
-    @staticmethod
-    def cg_run(gp) -> None:
-        return None  # the sharded cg path solves all its columns in one block CG run
+        return None  # the sharded exact step is not chunked, nor the cg step split into CG runs
 
     def exact_lml(self, y: Optional[Tensor], noise: Tensor, outputscale: Tensor, factors: list[Tensor], *,
                   mean: Optional[Tensor] = None, chunk: Optional[int] = None) -> Tensor:
