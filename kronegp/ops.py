@@ -342,16 +342,27 @@ def _raw_matmul_kron(x: Tensor, factors: list[Tensor], precision: str,
     Python dispatch would only add ~30 µs per call, so the backend is called directly.
     ``signature``: the call's remembered signature, for the backend's plan cache.
     """
-    if torch.compiler.is_compiling():
+    if _tracing(x):
         return torch.ops.kronegp.matmul_kron(x, factors, precision)
     return device.backend_for(x).matmul_kron(x, factors, precision, signature=signature)
 
 
 def _raw_kron_matmul(factors: list[Tensor], x: Tensor, precision: str,
                      signature: CallSignature | None = None) -> Tensor:
-    if torch.compiler.is_compiling():
+    if _tracing(x):
         return torch.ops.kronegp.kron_matmul(factors, x, precision)
     return device.backend_for(x).kron_matmul(factors, x, precision, signature=signature)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _tracing(x: Tensor) -> bool:
+    """Whether the product must go through the custom op: under torch.compile, or when ``x`` is
+    no plain tensor — the fake and functional tensors of AOT tracing (``torch.library.opcheck``,
+    ``torch.export``, a compiled backward), which is_compiling() does not see and whose data
+    pointers a backend cannot read (the op's fake kernel handles them)."""
+    return type(x) not in _PLAIN or torch.compiler.is_compiling()
 
 
 def _around(factors: list[Tensor], j: int):

@@ -337,6 +337,29 @@ def test_opcheck_matmul_kron(dtype, dev, precision):
     torch.library.opcheck(torch.ops.kronegp.matmul_kron.default, (x, fs, precision))
 
 
+class _PointerBackend(ReferenceBackend):
+    """The reference, but reading x's data pointer first, as the CUDA backend does."""
+
+    def kron_matmul(self, factors, x, precision="highest", *, signature=None):
+        x.data_ptr()
+        return super().kron_matmul(factors, x, precision)
+
+    def matmul_kron(self, x, factors, precision="highest", *, signature=None):
+        x.data_ptr()
+        return super().matmul_kron(x, factors, precision)
+
+
+def test_opcheck_with_a_backend_that_reads_data_pointers(monkeypatch):
+    """AOT tracing (opcheck's aot_dispatch tests) runs the op's backward on fake tensors outside
+    torch.compile: the backward's products must reach the op's fake kernel, not a backend that
+    reads data pointers (the CUDA failure of 2026-12-07, reproduced on CPU)."""
+    backend = _PointerBackend("test")
+    monkeypatch.setattr(device, "backend_for", lambda x: backend)
+    fs, x_km, x_mk = _op_inputs(torch.float64, seed=8)
+    torch.library.opcheck(torch.ops.kronegp.kron_matmul.default, (fs, x_km, "highest"))
+    torch.library.opcheck(torch.ops.kronegp.matmul_kron.default, (x_mk, fs, "highest"))
+
+
 def test_the_ops_own_gradients_match_the_dense_product():
     fs, x_km, x_mk = _op_inputs(torch.float64, seed=7)
     small = [f.detach()[:1, :1].clone().requires_grad_(True) if f.dim() > 2 else f for f in fs]
