@@ -160,7 +160,8 @@ def _set_hyper(model, likelihood, hyper: dict, unit: float, scale: bool, learned
     """GridGP's hyperparameters (data units) on a GPyTorch model whose data were divided by ``unit``."""
     base = model.covar_module.base_kernel if scale else model.covar_module
     if isinstance(base, gpytorch.kernels.GridKernel):
-        base.base_kernel.lengthscale = torch.tensor(hyper["lengthscales"], dtype=torch.float64)
+        raw = base.base_kernel.raw_lengthscale  # the constraint's bounds live on its device
+        base.base_kernel.lengthscale = torch.tensor(hyper["lengthscales"], dtype=raw.dtype, device=raw.device)
     else:  # ProductKernel of one Matérn per dimension
         for kern, ls in zip(base.kernels, hyper["lengthscales"]):
             kern.lengthscale = ls
