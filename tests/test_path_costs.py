@@ -48,6 +48,10 @@ def test_the_rule_takes_exact_within_the_budget_or_when_no_slower(monkeypatch):
     assert not costs.prefer_exact(5.0, 4.9, cpu)
     monkeypatch.setitem(costs.EXACT_BUDGET_S, "cpu", 0.0)
     assert not costs.prefer_exact(1.9, 0.01, cpu)
+    # a CUDA device has its own budget (no GPU needed to ask)
+    monkeypatch.setitem(costs.EXACT_BUDGET_S, "cuda", 0.05)
+    assert costs.prefer_exact(0.04, 0.001, torch.device("cuda"))
+    assert not costs.prefer_exact(0.06, 0.001, torch.device("cuda"))
 
 
 def test_predicted_costs_grow_with_the_grid_and_the_missing_cells():
