@@ -129,3 +129,16 @@ def test_last_solve_says_whether_the_likelihood_is_an_estimate():
     plain = _grid(shape, missing, path="cg", precondition=False)
     plain.log_marginal_likelihood()
     assert plain.last_solve.estimate
+
+
+@pytest.mark.cuda
+def test_the_rule_prices_a_cuda_device_with_its_own_rates():
+    """On a GPU the choice uses the CUDA coefficients and budget (defaults until
+    ``benchmarks/gaps.py --limit --device cuda`` calibrates them): scattered cells on the air grid's
+    shape still take cg, with random probes, and say so; 20³ keeps exact-missing."""
+    shape = (20, 20, 20)
+    assert _grid(shape, _scatter(shape, 1000), device="cuda").path == "exact-missing"
+    gp = _grid(AIR, _scatter(AIR, 576), device="cuda")
+    assert gp.path == "cg" and not _cg_traces_exact(gp)
+    gp.log_marginal_likelihood()
+    assert gp.last_solve.estimate
