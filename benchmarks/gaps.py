@@ -35,16 +35,19 @@ skipped before it runs, and the table says why.
 ``--holes``: one contiguous hole against the same number of scattered cells on the cg path, with
 the two-level preconditioner (:mod:`kronegp.models._two_level`) and without it.
 
-``--limit``: the exact-missing path's step against the cg path's for growing m (one
-contiguous hole, and m scattered cells) on the same grid: where the exact path stops paying,
-i.e. the value for ``kronegp.models._few_missing.MAX_MISSING_CPU`` / ``MAX_MISSING_CUDA``.
+``--limit``: the exact-missing path's step against the cg path's (random probes, and exact traces)
+for growing m (one contiguous hole, and m scattered cells) on the same grid (``--grid air``: the
+shipped 435k-cell air grid), each predicted by the cost rule of :mod:`kronegp.models.costs` and
+measured, with N, Σn_k, the box and what ``path="auto"`` chose: the data to fit ``costs.RATES``
+(and to check ``kronegp.models._few_missing.MAX_MISSING_CPU`` / ``MAX_MISSING_CUDA``).
 
 Usage::
 
     python benchmarks/gaps.py --small                               # a quick CPU run
     python benchmarks/gaps.py --device cpu --n 24 --out gaps_cpu.json
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --out gaps_128.json
-    python benchmarks/gaps.py --limit --device cuda --n 64          # calibrate MAX_MISSING_CUDA
+    python benchmarks/gaps.py --limit --device cuda --n 64          # calibrate costs.RATES on CUDA
+    python benchmarks/gaps.py --limit --grid air --limit-m 8 27 64 216 576   # the large CPU grid
     python benchmarks/gaps.py --no-gpytorch --n 64                  # GridGP alone
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --gpytorch-timeout 120
     python benchmarks/gaps.py --holes --device cpu --n 64 --repeats 1  # hole vs scatter, two-level on/off
@@ -242,33 +245,91 @@ def gpytorch_cells(row: dict) -> str:
     return cells
 
 
+def air_grid(dtype: torch.dtype, device: torch.device):
+    """The shipped air-temperature grid (240 × 37 × 49) and its axes."""
+    from kronegp.datasets import load_air_temperature
+
+    ds = load_air_temperature()
+    y = torch.tensor(ds.values, dtype=dtype, device=device)
+    return y, [torch.tensor(ds.coords[d], dtype=dtype, device=device) for d in ds.dims]
+
+
+def limit_masks(shape, m: int):
+    """``(kind, missing)`` for ``m`` missing cells: scattered at random, and one centred hole (a cube
+    of side ``∛m`` clipped to the grid) when ``m`` is a cube."""
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(m)
+    scatter = torch.zeros(n, dtype=torch.bool)
+    scatter[torch.randperm(n, generator=g)[:m]] = True
+    out = [("scatter", scatter.reshape(shape))]
+    side = round(m ** (1 / 3))
+    if side**3 == m and all(side <= s for s in shape):
+        hole = torch.zeros(shape, dtype=torch.bool)
+        lo = [(s - side) // 2 for s in shape]
+        hole[tuple(slice(a, a + side) for a in lo)] = True
+        out.insert(0, ("hole", hole))
+    return out
+
+
 def run_limit(y, axes, args) -> list[dict]:
-    """Exact-missing vs cg step for growing m (a hole and scattered cells)."""
+    """The cost rule of :mod:`kronegp.models.costs` against measurement, for growing m (a hole and
+    scattered cells): per row the grid's N and Σn_k, the box, what ``path="auto"`` chose (path and
+    whether the cg path's traces are exact), and per way (exact-missing, cg with random probes, cg
+    with exact traces when ``--limit-unit``) the predicted and the measured step. A way predicted
+    above ``--limit-max-s`` is not run. The coefficients in ``costs.RATES`` are fitted to these rows."""
+    from kronegp.models import costs
+    from kronegp.models._few_missing import MissingBox, box_pays
+
     rows = []
-    n = args.n
-    for side in args.limit_sides:
-        m = side**3
-        if m >= n**3 // 2:
+    shape = tuple(y.shape)
+    n = math.prod(shape)
+    rates = costs.rates_for(y.device, y.dtype)
+    ms = args.limit_m or [side**3 for side in args.limit_sides]
+    for m in ms:
+        if m >= n // 2:
             break
-        for kind in ("hole", "scatter"):
-            if kind == "hole":
-                missing = torch.zeros((n, n, n), dtype=torch.bool)
-                lo = (n - side) // 2
-                missing[lo : lo + side, lo : lo + side, lo : lo + side] = True
-            else:
-                g = torch.Generator().manual_seed(side)
-                missing = torch.zeros(n**3, dtype=torch.bool)
-                missing[torch.randperm(n**3, generator=g)[:m]] = True
-                missing = missing.reshape(n, n, n)
-            row = {"kind": kind, "m": m}
-            for path in ("exact-missing", "cg"):
-                gp = build(y, axes, missing, None, path=path)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    row[path] = statistics.median(time_call(gp.loss_backward, y.device, repeats=args.repeats))
+        for kind, missing in limit_masks(shape, m):
+            hole = MissingBox(missing.reshape(-1), shape)
+            boxed = box_pays(hole.box, m, n)
+            predicted = {"exact-missing": costs.exact_missing_seconds(m, shape, hole.box_sizes if boxed else None, rates),
+                         "cg": costs.cg_seconds(args.num_probes + 1, shape, rates),
+                         "cg-exact-traces": costs.cg_seconds(m + 1, shape, rates)}
+            auto = build(y, axes, missing, None, num_probes=args.num_probes)
+            traces = "exact" if auto.path == "cg" and auto.inference.exact_trace(auto, ~auto.observed) else "random"
+            row = {"kind": kind, "m": m, "N": n, "sizes": list(shape), "sum_n": sum(shape), "box": hole.box_sizes,
+                   "boxed": boxed, "auto": auto.path, "auto_cg_traces": traces if auto.path == "cg" else None,
+                   "predicted": predicted, "measured": {}, "iterations": {}}
+            ways = [("exact-missing", dict(path="exact-missing")), ("cg", dict(path="cg", exact_trace_limit=0))]
+            if args.limit_unit:
+                ways.append(("cg-exact-traces", dict(path="cg", exact_trace_limit=m)))
+            for way, kw in ways:
+                if predicted[way] > args.limit_max_s:
+                    continue
+                budget = dict(costs.EXACT_BUDGET_S)
+                if way == "cg-exact-traces":  # timed even where the rule would take random probes
+                    costs.EXACT_BUDGET_S[y.device.type] = math.inf
+                try:
+                    gp = build(y, axes, missing, None, num_probes=args.num_probes, **kw)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        row["measured"][way] = statistics.median(time_call(gp.loss_backward, y.device,
+                                                                           repeats=args.repeats))
+                finally:
+                    costs.EXACT_BUDGET_S.clear()
+                    costs.EXACT_BUDGET_S.update(budget)
+                row["iterations"][way] = gp.last_solve.iterations
+                assert gp.last_solve.estimate == (way == "cg"), (way, gp.last_solve)
             rows.append(row)
-            print(f"{kind:8s} m={m:6d}  exact-missing {row['exact-missing']:.4f} s   cg {row['cg']:.4f} s", flush=True)
+            cells = "  ".join(f"{w} {row['predicted'][w]:8.3f} / "
+                              + (f"{row['measured'][w]:8.3f}" if w in row["measured"] else f"{'-':>8s}")
+                              for w in ("exact-missing", "cg", "cg-exact-traces"))
+            print(f"{kind:8s} {m:6d} {n:8d} {sum(shape):5d} {'x'.join(map(str, hole.box_sizes)):>12s} {str(boxed):5s} "
+                  f"{auto.path:13s} {row['auto_cg_traces'] or '-':7s} {cells}", flush=True)
     return rows
+
+
+LIMIT_HEAD = (f"{'kind':8s} {'m':>6s} {'N':>8s} {'sum_n':>5s} {'box':>12s} {'boxed':5s} {'auto':13s} {'traces':7s} "
+              "exact-missing pred / meas s  cg (random probes) pred / meas s  cg-exact-traces pred / meas s")
 
 
 def run_holes(y, axes, args) -> list[dict]:
@@ -322,7 +383,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--gpytorch-accuracy-floor", type=float, default=1e-6,
                     help="a GPyTorch setting counts as accurate as ours within max(our lml rel err, this)")
     ap.add_argument("--limit", action="store_true", help="calibrate the exact-missing path's limit on m")
-    ap.add_argument("--limit-sides", type=int, nargs="*", default=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24])
+    ap.add_argument("--limit-sides", type=int, nargs="*", default=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24],
+                    help="--limit: m = side³ (a cube-shaped hole and m scattered cells)")
+    ap.add_argument("--limit-m", type=int, nargs="*", default=None, help="--limit: these m instead of the sides'")
+    ap.add_argument("--limit-unit", action=argparse.BooleanOptionalAction, default=True,
+                    help="--limit: also time the cg path with exact traces (one unit probe per missing cell)")
+    ap.add_argument("--limit-max-s", type=float, default=30.0, help="--limit: skip a way predicted above this")
+    ap.add_argument("--num-probes", type=int, default=16, help="GridGP's num_probes (cg path)")
+    ap.add_argument("--grid", default="cube", choices=["cube", "air"],
+                    help="cube: a draw on n³ (--n); air: the shipped 240 × 37 × 49 air-temperature grid")
     ap.add_argument("--holes", action="store_true", help="a hole against as many scattered cells (cg path)")
     ap.add_argument("--hole-sizes", type=float, nargs="*", default=[1, 5, 10])
     ap.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=True,
@@ -332,12 +401,15 @@ def main(argv=None) -> dict:
     if args.small:
         args.n, args.fit, args.repeats = 10, False, 2
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    y, axes = draw(args.n, dtype, dev)
+    y, axes = air_grid(dtype, dev) if args.grid == "air" else draw(args.n, dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     meta = {"device": name, "date": datetime.date.today().isoformat(), "n": args.n, "dtype": args.dtype,
             "torch": torch.__version__}
-    print(f"# gaps on {args.n}^3 {args.dtype}, {name}, {meta['date']}", flush=True)
+    where = "the air grid 240x37x49" if args.grid == "air" else f"{args.n}^3"
+    meta["grid"] = args.grid
+    print(f"# gaps on {where} {args.dtype}, {name}, {meta['date']}", flush=True)
     if args.limit:
+        print(LIMIT_HEAD, flush=True)
         out = {"meta": meta, "limit": run_limit(y, axes, args)}
     elif args.holes:
         out = {"meta": meta, "holes": run_holes(y, axes, args)}

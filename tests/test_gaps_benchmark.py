@@ -67,3 +67,17 @@ def test_gpytorch_settings_past_the_budgets_are_skipped_with_the_reason(gaps, ca
 
     out = gaps.main(BASE + ["--patterns", "scatter-10", "--gpytorch-timeout", "1e-9"])
     assert all("s budget" in rec["skipped"] for rec in out["rows"][0]["gpytorch_settings"].values())
+
+
+def test_limit_mode_prices_and_times_each_way_with_the_grid_size(gaps):
+    """--limit (the calibration of kronegp.models.costs): every row names N and Σn_k, what auto
+    chose, and each way's predicted and measured step; a way predicted past --limit-max-s is not run."""
+    out = gaps.main(["--limit", "--n", "6", "--limit-m", "8", "--repeats", "1"])
+    rows = out["limit"]
+    assert [r["kind"] for r in rows] == ["hole", "scatter"]
+    for r in rows:
+        assert r["N"] == 216 and r["sum_n"] == 18 and r["auto"] == "exact-missing"
+        assert set(r["measured"]) == set(r["predicted"]) == {"exact-missing", "cg", "cg-exact-traces"}
+        assert all(t > 0 for t in r["measured"].values())
+    skipped = gaps.main(["--limit", "--n", "6", "--limit-m", "8", "--repeats", "1", "--limit-max-s", "0"])
+    assert all(not r["measured"] for r in skipped["limit"])

@@ -64,14 +64,15 @@ from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
-           "few_missing_limit"]
+           "few_missing_limit", "box_pays"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
 #: 2026-12-07, 20³ float64, ``benchmarks/gaps.py --limit``): up to m = 1000 its step beats the cg
 #: path's (then exact too, with one unit probe per missing cell: 0.70 s against 85 s for a hole,
 #: 2.5 s against 15 s scattered); at m = 1728 the cg path's 16 random probes are faster
 #: (0.99 s / 0.18 s against 2.5 s / 6.5 s) but stochastic. So the limit follows the cg path's
-#: ``exact_trace_limit`` default.
+#: ``exact_trace_limit`` default. A cap: below it the cost rule (:mod:`kronegp.models.costs`) still
+#: prices the step, which grows with the grid (``m·N`` for scattered cells).
 MAX_MISSING_CPU = 1024
 #: The same on a CUDA device: a default, not yet measured, for the lead to calibrate on the
 #: H100/H200 with ``python benchmarks/gaps.py --limit --device cuda --n 64`` (the m where the
@@ -81,6 +82,14 @@ MAX_MISSING_CUDA = 2048
 MAX_FORM_ELEMENTS = 1 << 28
 #: Largest box (cells spanned by the missing cells' indices) handled as a box (``b²`` entries).
 MAX_BOX_CELLS = 6144
+
+
+def box_pays(box: int, m: int, n_cells: int) -> bool:
+    """Whether ``G`` and the gradient go through the box of ``box`` cells (compact holes) rather
+    than the rows (scatter): the box's ``b²`` entries against the ``m·N`` of the rows (scattered
+    cells span the whole grid), and at most :data:`MAX_BOX_CELLS` (also the cost model's,
+    :mod:`kronegp.models.costs`)."""
+    return box <= MAX_BOX_CELLS and box * box <= 4 * m * n_cells
 
 
 def few_missing_limit(device: torch.device) -> int:
@@ -181,8 +190,7 @@ class FewMissing:
         self._box_factors = [q[b] for q, b in zip(eig.vecs, hole.axes)]  # A_k (b_k, n_k)
         self.box = hole.box
         #: whether G and the gradient go through the box (compact holes) or the rows (scatter)
-        # (the box's b² entries against the m·N of the rows: scattered cells span the whole grid)
-        self.boxed = self.box <= MAX_BOX_CELLS and self.box * self.box <= 4 * self.m * eig.size
+        self.boxed = box_pays(self.box, self.m, eig.size)
         self._U = None
         if self.boxed:
             self._khatri = [khatri_square(a) for a in self._box_factors]

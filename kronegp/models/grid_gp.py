@@ -15,7 +15,8 @@ object of :mod:`kronegp.models.paths` with the same interface (the model never b
   the likelihood, its analytic gradients, the posterior mean and the exact posterior
   variance on the grid cost a few Kronecker matmuls (:mod:`kronegp.models._exact`).
 * **exact-missing** (homoskedastic noise, at most
-  :func:`~kronegp.models._few_missing.few_missing_limit` missing cells): the Schur complement
+  :func:`~kronegp.models._few_missing.few_missing_limit` missing cells, and a step the cost rule of
+  :mod:`kronegp.models.costs` finds affordable on this grid): the Schur complement
   ``G = [C⁻¹]_MM`` over the missing cells is formed and Cholesky-factored: exact likelihood,
   gradients and posterior, no iterations, no probes (:mod:`kronegp.models._few_missing`).
 * **separable-mask** (homoskedastic noise, a mask constant along some axes, e.g. a land mask
@@ -70,7 +71,11 @@ class SolveInfo:
             (cg path with missing cells), else ``None``.
         lml_error: first-order estimate of the likelihood's error from that residual (nats,
             model units), else ``None``.
-        probes: probe vectors of the stochastic estimates (0 on the exact paths).
+        probes: probe vectors of the traces (0 on the exact paths; on the cg path random probes, or
+            one unit probe per cell when the traces are exact).
+        estimate: whether the likelihood and its gradient are stochastic estimates (the cg path
+            with random probes, :meth:`~kronegp.models.paths.CGPath.exact_trace`), not exact up to
+            the CG tolerance.
     """
 
     path: str
@@ -80,6 +85,7 @@ class SolveInfo:
     observed_residual: Optional[float]
     lml_error: Optional[float]
     probes: int
+    estimate: bool = False
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -93,6 +99,7 @@ class SolveInfo:
             observed_residual=extra.get("observed_residual"),
             lml_error=extra.get("lml_error"),
             probes=extra.get("probes", 0),
+            estimate=bool(extra.get("estimate", False)),
         )
 
 def _warns_once(where: str):
@@ -147,9 +154,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             the cg-path objective is a deterministic function of the hyperparameters
             (L-BFGS needs that); set ``resample_probes = True`` to draw fresh ones each time.
         exact_trace_limit: on the cg path, when at most this many cells enter a trace
-            (the missing cells, or every cell with per-cell noise) the traces use one unit
-            probe per cell instead of ``num_probes`` random ones: likelihood and gradient
-            are then exact up to CG tolerance. With per-cell noise on at most this many and
+            (the missing cells, or every cell with per-cell noise) and the cost rule
+            (:mod:`kronegp.models.costs`) finds their CG columns affordable on this grid (predicted
+            within 2 s a step on a CPU, or no slower than the random probes'), the traces use one
+            unit probe per cell instead of ``num_probes`` random ones: likelihood and gradient
+            are then exact up to CG tolerance (:attr:`last_solve` ``.estimate`` says which). With per-cell noise on at most this many and
             :data:`~kronegp.models._dense.DENSE_MAX_CPU` (``DENSE_MAX_CUDA``) observed cells the
             likelihood is a dense Cholesky instead: exact, no iterations, no probes.
         exact_variance_limit: on the cg path, grid variances are exact (one CG solve per
@@ -166,7 +175,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             (homoskedastic noise, missing cells), ``"separable-mask"`` (homoskedastic noise, a mask
             constant along at least one axis) or ``"cg"`` (any data); a path the data do not
             allow raises ``ValueError``. Auto picks exact-missing when the missing cells are
-            within its limit and no more than the observed points ``|S|`` of the masked axes
+            within its limit, its step is predicted within the exact budget or no slower than
+            cg's (:func:`~kronegp.models.paths.exact_missing_pays`: scattered cells cost ``~m·N``,
+            so a large grid takes cg for a few hundred of them), and no more than the observed points ``|S|`` of the masked axes
             (its ``m × m`` system is then no larger than separable-mask's ``|S| × |S|``
             eigenproblem), else separable-mask when the mask is constant along some axis and
             ``|S|`` is within :func:`~kronegp.models._separable_mask.separable_mask_limit` (2048 on
@@ -242,7 +253,8 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.register_buffer("observed", observed)
         #: the inference path, chosen once (:mod:`kronegp.models.paths`); :attr:`path` names it
         self.inference: InferencePath = choose_path(path, self.layout, observed, self.n_observed,
-                                                    data.noise is not None, values_t.device)
+                                                    data.noise is not None, values_t.device,
+                                                    dtype=values_t.dtype, num_probes=settings["num_probes"])
         self.register_buffer(
             "cell_noise", data.noise.reshape(-1) / self.scale**2 if data.noise is not None else None
         )
