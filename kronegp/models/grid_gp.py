@@ -71,6 +71,9 @@ class SolveInfo:
         lml_error: first-order estimate of the likelihood's error from that residual (nats,
             model units), else ``None``.
         probes: probe vectors of the stochastic estimates (0 on the exact paths).
+        lml_std_error: the standard error of the likelihood's stochastic log-determinant term,
+            from the spread of its probes' estimates (nats, model units; cg path with per-cell
+            noise), else ``None``.
     """
 
     path: str
@@ -80,6 +83,7 @@ class SolveInfo:
     observed_residual: Optional[float]
     lml_error: Optional[float]
     probes: int
+    lml_std_error: Optional[float] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -93,6 +97,7 @@ class SolveInfo:
             observed_residual=extra.get("observed_residual"),
             lml_error=extra.get("lml_error"),
             probes=extra.get("probes", 0),
+            lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
         )
 
 def _warns_once(where: str):
