@@ -62,6 +62,11 @@ def test_square_root_preconditioner_is_what_its_docstring_says():
     # z̃ = sample(ξ): the samples of the identity are a square root of M̃
     B = pre.sample(torch.eye(n, dtype=torch.float64))
     assert float((Q @ B @ B.mT @ Q.T - M).norm() / M.norm()) <= 1e-12
+    # the control variate's exact mean: tr(Δ^{-½}A^{-½}KA^{-½}Δ^{-½})
+    inv_root = torch.linalg.inv(root) @ torch.diag(pre.delta.rsqrt())
+    K = Q @ torch.diag(cov.lam) @ Q.T
+    signal = float((inv_root.mT @ K @ inv_root).diagonal().sum())
+    assert abs(float(pre.signal_trace()) - signal) <= 1e-10 * abs(signal)
     rows = _square_root(cov, rows=True)
     x = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert float((rows(x.mT.contiguous()).mT - pre(x)).norm() / pre(x).norm()) <= 1e-12

@@ -71,7 +71,7 @@ class SquareRootPreconditioner:
 
     def __init__(self, eig, lam: Tensor, noise: Tensor, sigma_bar2: Tensor, *, rows: bool,
                  total: Callable[[Tensor], Tensor]):
-        self.eig, self.rows = eig, rows
+        self.eig, self.rows, self.lam, self._total = eig, rows, lam, total
         self.delta = sigma_bar2 ** (1 - BETA) * noise ** BETA
         #: ``c``: the mean of ``Δ``
         self.level = total(self.delta) / total(torch.ones_like(self.delta))
@@ -101,6 +101,13 @@ class SquareRootPreconditioner:
     def logdet(self) -> Tensor:
         """``log det M = Σ log a + Σ log Δ`` (0-dim)."""
         return self._logdet
+
+    def signal_trace(self) -> Tensor:
+        """``tr(Δ^{-½}A^{-½}KA^{-½}Δ^{-½}) = Σ_i Δ_i⁻¹ [Q diag(λ/a) Qᵀ]_ii`` (0-dim): the exact mean of
+        ``ṽᵀ(λ∘ṽ)``, ``ṽ = M̃⁻¹z̃``, the signal's part of each probe's ``ξᵀHξ`` (a control variate
+        of the log-determinant: the rms error of ``log det C`` at 16 probes, 10³ / 16³, from 11.2 / 20.6
+        to 8.9 / 16.7; ``ξᵀHξ`` whole would give 7.0 / 12.7, but its noise part has no cheap trace)."""
+        return self._total(self.eig.diag_of(self.lam / self.a) / self.delta)
 
 
 def square_root_pays(signal_cells: float, n_cells: float) -> bool:

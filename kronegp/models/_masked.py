@@ -585,7 +585,11 @@ def cg_lml_pieces(
             vt = out.probe_precond  # Qᵀv, v = M⁻¹z
             back = lay.from_eig(lay.cat([out.solution, out.probe_solves, vt]))
             samples = out.logdet_samples  # each probe's log det C
-            if not square_root:
+            if square_root:
+                # Control variate: the signal's part of ξᵀHξ, ṽᵀ(λ∘ṽ), has an exact mean
+                # (SquareRootPreconditioner.signal_trace), at a coefficient fitted to the probes.
+                samples = controlled_samples(samples, lay.inner(vt, lay.d(cov.lam) * vt), pre.signal_trace())
+            else:
                 # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
                 # is exact (diag P⁻¹ is a Kronecker product) and each probe's z̃ᵀEz̃ = vᵀCv − zᵀv
                 # (v = P⁻¹z; vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v), zᵀv = z̃ᵀṽ: no further matmul) is known.
