@@ -72,16 +72,28 @@ class SquareRootPreconditioner:
     def __init__(self, eig, lam: Tensor, noise: Tensor, sigma_bar2: Tensor, *, rows: bool,
                  total: Callable[[Tensor], Tensor]):
         self.eig, self.rows, self.lam, self._total = eig, rows, lam, total
-        self.delta = sigma_bar2 ** (1 - BETA) * noise ** BETA
+        # Two grid vectors held (a^{-½}, Δ^{-½}); the rest is formed when asked, and the blocks are
+        # scaled in place: the memory plan's per-cell counts (kronegp.models.memory) hold for it.
+        delta = sigma_bar2 ** (1 - BETA) * noise ** BETA
         #: ``c``: the mean of ``Δ``
-        self.level = total(self.delta) / total(torch.ones_like(self.delta))
-        self.a = 1 + lam / self.level
-        self._logdet = total(torch.log(self.a)) + total(torch.log(self.delta))
-        self._a_inv_root, self._inv_delta = self.a.rsqrt(), 1.0 / self.delta
-        self._a_root, self._delta_root = self.a.sqrt(), self.delta.sqrt()
-        if not rows:
-            self._a_inv_root, self._inv_delta = self._a_inv_root.unsqueeze(-1), self._inv_delta.unsqueeze(-1)
-            self._a_root, self._delta_root = self._a_root.unsqueeze(-1), self._delta_root.unsqueeze(-1)
+        self.level = total(delta) / total(torch.ones_like(delta))
+        a = 1 + lam / self.level
+        self._logdet = total(torch.log(a)) + total(torch.log(delta))
+        self._a_inv_root, self._delta_inv_root = a.rsqrt_(), delta.rsqrt_()
+        del a, delta
+
+    @property
+    def a(self) -> Tensor:
+        """``a = 1 + λ/c``: ``A``'s eigenvalues."""
+        return self._a_inv_root.pow(-2)
+
+    @property
+    def delta(self) -> Tensor:
+        """``Δ`` on the grid."""
+        return self._delta_inv_root.pow(-2)
+
+    def _d(self, vec: Tensor) -> Tensor:
+        return vec if self.rows else vec.unsqueeze(-1)
 
     def _to(self, x: Tensor) -> Tensor:
         return self.eig.to_eigbasis_rows(x) if self.rows else self.eig.to_eigbasis(x)
@@ -91,12 +103,14 @@ class SquareRootPreconditioner:
 
     def __call__(self, u: Tensor) -> Tensor:
         """``M̃⁻¹ u = a^{-½} ∘ Qᵀ(Δ⁻¹ ∘ Q(a^{-½} ∘ u))``."""
-        return self._a_inv_root * self._to(self._inv_delta * self._from(self._a_inv_root * u))
+        a_inv_root, delta_inv_root = self._d(self._a_inv_root), self._d(self._delta_inv_root)
+        w = self._from(a_inv_root * u)
+        return self._to(w.mul_(delta_inv_root).mul_(delta_inv_root)).mul_(a_inv_root)
 
     def sample(self, xi: Tensor) -> Tensor:
         """``z̃ = Qᵀz = a^{½} ∘ Qᵀ(Δ^{½} ∘ ξ)`` for ``ξ`` on the grid: ``z̃ ~ N(0, M̃)`` when
         ``E[ξξᵀ] = I`` (and ``M̃⁻¹z̃ = a^{-½} ∘ Qᵀ(Δ^{-½} ∘ ξ)``)."""
-        return self._a_root * self._to(self._delta_root * xi)
+        return self._to(xi / self._d(self._delta_inv_root)).div_(self._d(self._a_inv_root))
 
     def logdet(self) -> Tensor:
         """``log det M = Σ log a + Σ log Δ`` (0-dim)."""
@@ -107,7 +121,8 @@ class SquareRootPreconditioner:
         ``ṽᵀ(λ∘ṽ)``, ``ṽ = M̃⁻¹z̃``, the signal's part of each probe's ``ξᵀHξ`` (a control variate
         of the log-determinant: the rms error of ``log det C`` at 16 probes, 10³ / 16³, from 11.2 / 20.6
         to 8.9 / 16.7; ``ξᵀHξ`` whole would give 7.0 / 12.7, but its noise part has no cheap trace)."""
-        return self._total(self.eig.diag_of(self.lam / self.a) / self.delta)
+        diag = self.eig.diag_of(self.lam * self._a_inv_root.square())
+        return self._total(diag.mul_(self._delta_inv_root).mul_(self._delta_inv_root))
 
 
 def square_root_pays(signal_cells: float, n_cells: float) -> bool:
