@@ -11,9 +11,11 @@ Data: a draw from the model itself (Matérn-5/2 per axis, lengthscales 1/6 of ea
 * ``block-1+cell-noise``: the 1 % hole with that per-cell noise.
 
 Per pattern: the path GridGP chose, the training step (``loss_backward``, median), its CG
-iterations, the likelihood's relative error against a reference (a dense Cholesky up to
+iterations and probes, the likelihood's relative error against a reference (a dense Cholesky up to
 ``--dense-max`` observed cells, else the model in float64: on the same exact path, or on the cg
-path at ``cg_tol`` 1e-10 with 64 probes),
+path at ``cg_tol`` 1e-10 with ``--ref-probes`` probes of another seed), with per-cell noise the
+standard error the model reports for its estimate (``last_solve.lml_std_error``) and the
+reference's own (``(ref err)``: a reference is tight only where it is well under the error),
 the time to fit to convergence with L-BFGS (``--fit``), and at the missing cells the held-out
 RMSE of the posterior mean against the data and the coverage of its 95 % predictive interval.
 
@@ -154,10 +156,16 @@ def run_pattern(name: str, y, axes, args) -> dict:
     else:  # the same exact path in float64, or the cg path at cg_tol 1e-10 (its SLQ estimate)
         path = "cg" if gp.path == "cg" else gp.path
         tight = build(y.double(), [a.double() for a in axes], missing, noise, path=path, cg_tol=1e-10,
-                      num_probes=64)
+                      num_probes=args.ref_probes, seed=1000)  # other probes than the model's
         tight.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in gp.state_dict().items()})
-        ref, how = float(tight.log_marginal_likelihood()), f"{path} float64" + (" cg_tol 1e-10, 64 probes" if path == "cg" else "")
+        ref = float(tight.log_marginal_likelihood())
+        how = f"{path} float64" + (f" cg_tol 1e-10, {args.ref_probes} probes" if path == "cg" else "")
+        ref_se = tight.last_solve.lml_std_error  # the reference's own probe error (per-cell noise)
+        if ref_se is not None:
+            row["lml_ref_rel_std_error"] = ref_se / abs(ref)  # nats: the units' shift is a constant
     row.update(lml=lml, lml_ref=ref, lml_ref_by=how, lml_rel_err=abs(lml - ref) / abs(ref))
+    if info.lml_std_error is not None:  # the standard error the model reports for its own estimate
+        row["lml_rel_std_error"] = info.lml_std_error / abs(ref)
     if args.gpytorch:
         row.update(run_gpytorch(gp, y, missing, noise, axes, row, args))
     if args.fit:
@@ -367,6 +375,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--n", type=int, default=20, help="grid side (n³ cells)")
     ap.add_argument("--small", action="store_true", help="n = 10, no fit, 2 repeats")
+    ap.add_argument("--ref-probes", type=int, default=64,
+                    help="probes of the cg reference above --dense-max (per-cell noise: its error ~ 1/√probes, "
+                         "reported as '(ref err)')")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fit-iters", type=int, default=10)
@@ -415,7 +426,8 @@ def main(argv=None) -> dict:
         out = {"meta": meta, "holes": run_holes(y, axes, args)}
     else:
         rows = []
-        head = f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'lml rel err':>11s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}"
+        head = (f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'probes':>6s} {'lml rel err':>11s}"
+                f" {'(std err)':>9s} {'(ref err)':>9s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}")
         head += GPYTORCH_HEAD if args.gpytorch else ""
         print(head, flush=True)
         for pat in args.patterns:
@@ -423,7 +435,8 @@ def main(argv=None) -> dict:
             rows.append(row)
             fmt = lambda k, f: format(row[k], f) if row.get(k) is not None else "-"  # noqa: E731
             print(f"{pat:20s} {row['path']:14s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
-                  f"{row['lml_rel_err']:11.2e} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
+                  f"{row['probes']:6d} {row['lml_rel_err']:11.2e} {fmt('lml_rel_std_error', '9.1e'):>9s} "
+                  f"{fmt('lml_ref_rel_std_error', '9.1e'):>9s} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
                   f"{fmt('heldout_coverage95', '6.3f'):>6s}" + (gpytorch_cells(row) if args.gpytorch else ""), flush=True)
         out = {"meta": meta, "rows": rows}
     if args.out:

@@ -340,3 +340,21 @@ def test_cuda_plans_within_ten_percent_of_max_memory_allocated(n):
     gpu = GridGP(values.double().to(dev))
     assert abs(float(cpu.log_marginal_likelihood()) - float(gpu.log_marginal_likelihood())) \
         < 1e-9 * abs(float(cpu.log_marginal_likelihood()))
+
+
+@pytest.mark.parametrize("probes", [2, 8])
+@pytest.mark.parametrize("kind", ["per-cell", "both"])
+def test_cg_step_plan_holds_with_the_square_root_preconditioner(kind, probes, monkeypatch):
+    # the per-cell counts were measured with P; the square-root preconditioner of the solves and the
+    # log-determinant run (kronegp.models._cell_noise) holds two grid vectors and scales in place
+    import kronegp.models._cell_noise as cell_noise
+
+    monkeypatch.setattr(cell_noise, "SIGNAL_FRACTION", 1.0)
+    shape = (28, 24, 20)
+    model = _model(shape, torch.float32, missing=0.0 if kind == "per-cell" else 0.2, per_cell=True, probes=probes,
+                   path="cg")
+    plan = model.memory_plan("step")
+    transient = plan.peak_bytes - plan.model_bytes
+    measured = _measured_step(model)
+    assert model._last_extra["preconditioner"] == "square-root"
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())

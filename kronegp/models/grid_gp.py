@@ -76,6 +76,9 @@ class SolveInfo:
         estimate: whether the likelihood and its gradient are stochastic estimates (the cg path
             with random probes, :meth:`~kronegp.models.paths.CGPath.exact_trace`), not exact up to
             the CG tolerance.
+        lml_std_error: the standard error of the likelihood's stochastic log-determinant term,
+            from the spread of its probes' estimates (nats, model units; cg path with per-cell
+            noise), else ``None``.
     """
 
     path: str
@@ -86,6 +89,7 @@ class SolveInfo:
     lml_error: Optional[float]
     probes: int
     estimate: bool = False
+    lml_std_error: Optional[float] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -100,6 +104,7 @@ class SolveInfo:
             lml_error=extra.get("lml_error"),
             probes=extra.get("probes", 0),
             estimate=bool(extra.get("estimate", False)),
+            lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
         )
 
 def _warns_once(where: str):

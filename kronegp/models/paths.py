@@ -401,6 +401,14 @@ class CGPath(InferencePath):
             return self.layout.unit_probes(cells, count, gp.y)
         return self.std_normal(gp, gp.n_cells, gp.num_probes, offset=offset)
 
+    def cell_noise_probes(self, gp) -> Tensor:
+        """The probes of ``log det C`` with per-cell noise: the unit vectors of :meth:`probes` where
+        it takes them, else ±1 entries (the signs of its standard normal draw), whose estimate's
+        variance lacks the diagonal part (:func:`~kronegp.models._masked.cg_lml_pieces`)."""
+        if self.exact_trace(gp, None):
+            return self.probes(gp, None)
+        return torch.sign(self.std_normal(gp, gp.n_cells, gp.num_probes))
+
     def exact_trace(self, gp, cells: Optional[Tensor]) -> int:
         """How many cells ``cells`` covers when their unit vectors are the probes (exact traces),
         else 0 (``num_probes`` random probes: estimates).
@@ -467,7 +475,7 @@ class CGPath(InferencePath):
         if gp.precondition:
             pieces = cg_lml_pieces(
                 cov, resid.detach(), gp.observed, gp.n_observed,
-                probes_c=None if cov.homoskedastic else self.probes(gp, None),
+                probes_c=None if cov.homoskedastic else self.cell_noise_probes(gp),
                 probes_g=None if gp.observed is None else self.missing_probes(gp),
                 tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
                 probe_chunk=None if gp.observed is None else self.cg_run(gp),

@@ -172,7 +172,8 @@ def _batched_eigh_nosync(mats: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([lam for lam, _ in pairs]), torch.stack([q for _, q in pairs])
 
 
-def slq_logdet_on_device(result: CGResult, columns: slice | None = None, pad_to: int = 16) -> Tensor:
+def slq_logdet_on_device(result: CGResult, columns: slice | None = None, pad_to: int = 16,
+                         per_column: bool = False) -> Tensor:
     """:func:`slq_logdet_correction` computed where the coefficients are, without reading them
     on the host (so a CUDA graph can capture it): the tridiagonals are built as ``(c, K', K')``
     float64 matrices (``K`` iterations rounded up to a multiple of ``pad_to``, the padding a
@@ -198,12 +199,13 @@ def slq_logdet_on_device(result: CGResult, columns: slice | None = None, pad_to:
     tiny = torch.finfo(dt).tiny
     quad = (vecs[:, 0, :] ** 2 * torch.log(theta.clamp_min(tiny))).sum(-1)
     weights = result.initial_rz[sel].to(torch.float64)
-    total = torch.where(size > 0, weights * quad, torch.zeros_like(quad)).sum()
-    return (total / c).to(dt)
+    values = torch.where(size > 0, weights * quad, torch.zeros_like(quad))
+    return values.to(dt) if per_column else (values.sum() / c).to(dt)
 
 
 def slq_logdet_correction(
-    result: CGResult, columns: slice | list[int] | None = None, host: "LanczosOnHost | None" = None
+    result: CGResult, columns: slice | list[int] | None = None, host: "LanczosOnHost | None" = None,
+    per_column: bool = False,
 ) -> Tensor:
     """SLQ estimate of ``log det(M^{½} A M^{½})`` from a CG run on probe right-hand sides.
 
@@ -221,7 +223,7 @@ def slq_logdet_correction(
     computation that must not synchronise) goes to :func:`slq_logdet_on_device` instead.
     """
     if result.converged is None and host is None and isinstance(columns, (slice, type(None))):
-        return slq_logdet_on_device(result, columns)
+        return slq_logdet_on_device(result, columns, per_column=per_column)
     # The tridiagonals are tiny (one row per CG iteration): build and decompose them on the
     # host in float64 (numpy/LAPACK) after one transfer, instead of a GPU eigh (hundreds of
     # launches) or torch ops (tens of µs each) per column.
@@ -237,12 +239,14 @@ def slq_logdet_correction(
     diag, off, size = tridiagonal_bands(packed[:k], packed[k : 2 * k], packed[2 * k].astype(np.int64))
     size, weights = size.tolist(), packed[2 * k + 1].tolist()
     tiny = torch.finfo(dt).tiny
-    total = 0.0
+    values = [0.0] * len(size)
     for j, m in enumerate(size):
         if m == 0:
             continue  # a zero probe contributes nothing
         # LAPACK's tridiagonal solver (stemr) directly on the two bands: ~20 µs, where a
         # dense torch eigh per column costs ~0.3 ms of host time on the device tool.
         theta, vecs = scipy.linalg.eigh_tridiagonal(diag[:m, j], off[: m - 1, j], select="a")
-        total += weights[j] * float((vecs[0] ** 2 * np.log(np.maximum(theta, tiny))).sum())
-    return torch.tensor(total / len(cols), dtype=dt, device=dev)
+        values[j] = weights[j] * float((vecs[0] ** 2 * np.log(np.maximum(theta, tiny))).sum())
+    if per_column:
+        return torch.tensor(values, dtype=dt, device=dev)
+    return torch.tensor(sum(values) / len(cols), dtype=dt, device=dev)

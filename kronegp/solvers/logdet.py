@@ -63,6 +63,13 @@ class SolveWithLogdet:
             self._logdet = est + self.precond_logdet if self.precond_logdet is not None else est
         return self._logdet
 
+    @property
+    def logdet_samples(self) -> Tensor:
+        """Each probe's estimate of ``log det A`` (``(S,)``, ``precond_logdet`` included): their
+        mean is :attr:`logdet`, their spread its standard error (``std / √S``)."""
+        est = slq_logdet_correction(self.cg, columns=self.probe_columns, host=self.lanczos, per_column=True)
+        return est + self.precond_logdet if self.precond_logdet is not None else est
+
     def residual_max(self) -> "float | Tensor":
         """The CG run's largest final relative residual (read from the queued host copy); for a
         run of a fixed :class:`~kronegp.solvers.CGSchedule` a 0-dim device tensor (not read)."""
