@@ -88,6 +88,7 @@ from kronegp.models._data import ParsedGrid, parse_grid_data
 from kronegp.models._kron import factor_eigs
 from kronegp.models._masked import FullGridCovariance
 from kronegp.models.grid_gp import GridGP
+from kronegp.models.layout import probe_seed
 
 __all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "ShardedPlacement", "sharded_grid_covariance"]
 
@@ -417,7 +418,7 @@ class ShardedLayout:
             scheme = "replicated" if self.n_cells * cols <= _REPLICATED_PROBE_LIMIT else "chunked"
         if scheme == "replicated":
             gen = torch.Generator(device=dev)
-            gen.manual_seed(seed + offset)
+            gen.manual_seed(probe_seed(seed, offset))
             # GridGP's draw: column after column (its (N, cols) block is a transposed view)
             return torch.randn(cols, self.n_cells, generator=gen, dtype=dt, device=dev)[:, self.rows].mT.contiguous()
         out = []
