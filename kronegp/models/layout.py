@@ -66,7 +66,6 @@ being recorded, :attr:`probe_store`).
 from __future__ import annotations
 
 import hashlib
-
 import math
 from typing import Optional, Sequence
 
