@@ -53,6 +53,7 @@ Memory: a box of ``b²`` entries (at most :data:`MAX_BOX_CELLS` ² ), or the row
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -63,7 +64,8 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
+__all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "unfold_pairs", "BoxPairs", "box_pairs",
+           "TAYLOR_RATIO", "taylor_terms", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
@@ -81,6 +83,18 @@ MAX_MISSING_CUDA = 2048
 MAX_FORM_ELEMENTS = 1 << 28
 #: Largest box (cells spanned by the missing cells' indices) handled as a box (``b²`` entries).
 MAX_BOX_CELLS = 6144
+#: ``ρ`` of the log det G gradient's series (:meth:`FewMissing._axis_grad`): the other axes' modes
+#: with ``max(u)·L_j ≤ ρ`` go through ``K`` powers (:func:`taylor_terms`), the others directly.
+TAYLOR_RATIO = 0.25
+
+
+def taylor_terms(dtype: torch.dtype) -> int:
+    """``K``: the powers ``0…K`` of ``Σ_k (−x)^k = 1/(1 + x)`` for ``|x| ≤ ρ`` (:data:`TAYLOR_RATIO`)
+    whose remainder ``ρ^{K+1}/(1 − ρ)`` is below a tenth of ``dtype``'s round-off."""
+    if not 0 < TAYLOR_RATIO < 1:
+        raise ValueError(f"TAYLOR_RATIO must lie in (0, 1) for the series to converge, not {TAYLOR_RATIO}")
+    eps = torch.finfo(dtype).eps
+    return max(1, math.ceil(math.log(0.1 * eps * (1 - TAYLOR_RATIO)) / math.log(TAYLOR_RATIO)) - 1)
 
 
 def few_missing_limit(device: torch.device) -> int:
@@ -120,18 +134,139 @@ class MissingBox:
         self.fills = self.m == self.box  # positions ascend with idx, so pos = arange(m) then
 
 
+@functools.lru_cache(maxsize=64)
+def pair_maps(r: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The pairs ``c ≤ c'`` of ``r`` indices (row-major over the upper triangle, ``r(r+1)/2`` of
+    them): ``(first, second, index)`` with ``index[c, c']`` the pair of ``(min, max)`` (``(r, r)``).
+    Kept between calls: read them, never write them."""
+    first, second = torch.triu_indices(r, r, device=device)
+    index = torch.empty(r, r, dtype=torch.long, device=device)
+    number = torch.arange(first.numel(), device=device)
+    index[first, second] = number
+    index[second, first] = number
+    return first, second, index
+
+
 def khatri_square(a: Tensor) -> Tensor:
-    """The row-wise Khatri–Rao square ``F[(c, c'), j] = a[c, j] a[c', j]`` of ``a`` (``(r, n)`` → ``(r², n)``)."""
-    return (a.unsqueeze(1) * a.unsqueeze(0)).reshape(-1, a.shape[1])
+    """The row-wise Khatri–Rao square ``F[(c, c'), j] = a[c, j] a[c', j]`` of ``a`` over the pairs
+    ``c ≤ c'`` (:func:`pair_maps`; ``F`` is symmetric in ``(c, c')``, so the other half repeats it):
+    ``(r, n)`` → ``(r(r+1)/2, n)``."""
+    first, second, _ = pair_maps(a.shape[0], a.device)
+    return a[first] * a[second]
+
+
+def unfold_pairs(x: Tensor, r: int, dim: int, off_diagonal: float = 1.0) -> Tensor:
+    """Axis ``dim`` of ``x`` over the pairs ``c ≤ c'`` (:func:`pair_maps`) spread to ``(r, r)``
+    (``(c, c')`` and ``(c', c)`` both take the pair's value, times ``off_diagonal`` off the diagonal)."""
+    _, _, index = pair_maps(r, x.device)
+    out = x.index_select(dim, index.reshape(-1))
+    if off_diagonal != 1.0:
+        w = torch.full((r, r), off_diagonal, dtype=x.dtype, device=x.device).fill_diagonal_(1.0)
+        out = out * w.reshape([-1] + [1] * (x.dim() - 1 - dim % x.dim()))
+    return out.unflatten(dim, (r, r))
+
+
+class BoxPairs:
+    """Index maps between the ``R × R`` pairs of cells of a box (``R = Πr_k``, row-major) and the
+    pairs ``c_k ≤ c_k'`` of each axis (:func:`pair_maps`; ``ΠP_k`` of them, ``P_k = r_k(r_k+1)/2``,
+    about ``R²/2^d``), the layout of Kronecker products with the Khatri–Rao squares (:func:`khatri_square`).
+
+    Attributes:
+        pairs: ``[P_k]``.
+        spread: ``(R, R)``: the folded index of the pair ``(c, c')`` (``(c_k, c_k')`` → ``(min, max)``
+            on every axis): a matrix symmetric in each axis's pair on its own is ``vec[spread]``.
+        fold_index, fold_weight: ``(2^(d−1), ΠP_k)``: a jointly symmetric ``W`` (``R × R``) folds to
+            ``Σ_s fold_weight[s] W.flat[fold_index[s]]``, the sum over the ``(c, c')`` that map to each
+            folded pair, so ``Σ W[c, c'] Π_k F_k[(c_k, c_k')] = Σ fold(W) Π_k F_k`` for any ``F_k``
+            symmetric in its pair. ``s`` swaps ``c_k, c_k'`` on the axes ``k ≥ 2`` in ``s`` (weight 0
+            where that repeats a diagonal pair); a swap on axis 1 as well is the transpose of another
+            term (``W`` is symmetric), so those count twice where axis 1's pair is off the diagonal.
+    """
+
+    def __init__(self, sizes, device):
+        sizes, d = list(sizes), len(sizes)
+        r = math.prod(sizes)
+        maps = [pair_maps(rk, device) for rk in sizes]
+        self.pairs = [f.numel() for f, _, _ in maps]
+
+        def along(x: Tensor, at: int, dims: int) -> Tensor:  # x on dimension ``at`` of ``dims``
+            return x.reshape([-1 if j == at else 1 for j in range(dims)])
+
+        spread = torch.zeros([1] * (2 * d), dtype=torch.long, device=device)
+        for k, (_, _, index) in enumerate(maps):
+            stride = math.prod(self.pairs[k + 1:])
+            spread = spread + (index * stride).reshape([sizes[k] if j == k else 1 for j in range(d)]
+                                                       + [sizes[k] if j == k else 1 for j in range(d)])
+        self.spread = spread.reshape(r, r)
+        index, weight = [], []
+        first_off = along(1 + (maps[0][0] != maps[0][1]).long(), 0, d)  # 2 off axis 1's diagonal
+        for swaps in range(0, 1 << d, 2):  # never axis 1 (bit 0)
+            row = col = torch.zeros([1] * d, dtype=torch.long, device=device)
+            count = first_off
+            for k, (first, second, _) in enumerate(maps):
+                a, b = (second, first) if swaps >> k & 1 else (first, second)
+                stride = math.prod(sizes[k + 1:])
+                row, col = row + along(a * stride, k, d), col + along(b * stride, k, d)
+                if swaps >> k & 1:
+                    count = count * along((first != second).long(), k, d)
+            index.append((row * r + col).expand(self.pairs).reshape(-1))
+            weight.append(count.expand(self.pairs).reshape(-1))
+        self.fold_index, self.fold_weight = torch.stack(index), torch.stack(weight)
+        self._weights: dict = {}
+
+    def fold(self, w: Tensor) -> Tensor:
+        """The jointly symmetric ``w`` (``(R, R)``) folded onto the pairs, shaped ``[P_k]``."""
+        if w.dtype not in self._weights:
+            self._weights[w.dtype] = self.fold_weight.to(w.dtype)
+        terms = w.reshape(-1).index_select(0, self.fold_index.reshape(-1)).view(self.fold_index.shape)
+        return (terms * self._weights[w.dtype]).sum(0).reshape(self.pairs)
+
+    def unfold(self, vec: Tensor) -> Tensor:
+        """``vec`` over the pairs (``(ΠP_k, t)``) spread to ``(t, R, R)``."""
+        r, t = self.spread.shape[0], vec.shape[-1]
+        out = vec.index_select(0, self.spread.reshape(-1))  # (R², t)
+        return out.reshape(1, r, r) if t == 1 else out.mT.reshape(t, r, r)
+
+
+#: Boxes whose maps are kept between calls (a training step builds the same box each time).
+_CACHED_BOX_PAIRS = 1 << 21
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_box_pairs(sizes: tuple, device: torch.device) -> BoxPairs:
+    return BoxPairs(sizes, device)
+
+
+def box_pairs(sizes, device) -> BoxPairs:
+    """:class:`BoxPairs` of a box (kept between calls up to ``R² =`` 2²¹ pairs of cells)."""
+    if math.prod(sizes) ** 2 <= _CACHED_BOX_PAIRS:
+        return _cached_box_pairs(tuple(sizes), torch.device(device))
+    return BoxPairs(sizes, device)
 
 
 def khatri_gram(khatri: list[Tensor], sizes: list[int], w: Tensor) -> Tensor:
     """``A diag(w_s) Aᵀ`` (``(t, R, R)``) for ``A = ⊗A_k`` (``A_k`` of shape ``(r_k, n_k)``, ``R = Πr_k``)
     and weights ``w`` (``(Πn_k, t)``), given ``khatri[k] = khatri_square(A_k)`` and ``sizes = [r_k]``:
-    one Kronecker matmul of ``t`` columns (module docstring)."""
-    d, t, r = len(sizes), w.shape[-1], math.prod(sizes)
-    vec = kron_matmul(khatri, w).reshape([x for rk in sizes for x in (rk, rk)] + [t])
-    return vec.permute(2 * d, *range(0, 2 * d, 2), *range(1, 2 * d, 2)).reshape(t, r, r)
+    one Kronecker matmul of ``t`` columns over the pairs ``c_k ≤ c_k'`` of every axis (the gram is
+    symmetric in each axis's pair on its own), spread to ``(c_k, c_k')`` after (module docstring)."""
+    vec = kron_matmul(khatri, w)  # (ΠP_k, t)
+    return box_pairs(sizes, w.device).unfold(vec)
+
+
+def _powers(x: Tensor, top: int, first: Optional[Tensor] = None) -> Tensor:
+    """``first ∘ x^q`` for ``q = 0…top`` (``(top + 1, len(x))``; ``first`` defaults to ones), by
+    repeated products (one cumulative product, not ``top`` calls of ``pow``)."""
+    out = x.unsqueeze(0).repeat(top + 1, 1)
+    out[0] = 1.0 if first is None else first
+    return torch.cumprod(out, 0)
+
+
+def _series_pays(few: int, terms: int, b: int, n: int) -> bool:
+    """Whether :meth:`FewMissing._axis_grad`'s series over ``few`` modes (``K = terms``, box side ``b``,
+    axis length ``n``) costs fewer flops than summing those modes directly."""
+    pairs = b * (b + 1) // 2
+    series = 2 * (2 * terms + 1) * few * pairs + 2 * ((terms + 1) * b) ** 2 * n + 2 * (terms + 1) * b * n * n
+    return series < 2 * few * (b * n * n + b * b * n)
 
 
 def _rowwise_kron(rows: list[Tensor]) -> Tensor:
@@ -170,7 +305,8 @@ class FewMissing:
     def __init__(self, eig: KronEigen, outputscale: Tensor, noise: Tensor, missing: Tensor):
         self.eig = eig
         self.sizes = eig.sizes
-        self.lam = outputscale.detach() * eig.eigvals()
+        self.outputscale = outputscale.detach()
+        self.lam = self.outputscale * eig.eigvals()
         self.noise = noise.detach()
         self.p = 1.0 / (self.lam + self.noise)
         self.missing = missing
@@ -184,17 +320,15 @@ class FewMissing:
         # (the box's b² entries against the m·N of the rows: scattered cells span the whole grid)
         self.boxed = self.box <= MAX_BOX_CELLS and self.box * self.box <= 4 * self.m * eig.size
         self._U = None
+        self._fills = hole.fills
         if self.boxed:
             self._khatri = [khatri_square(a) for a in self._box_factors]
-            # with the grams the gradient needs (one Kronecker matmul of three columns)
-            p2 = self.p * self.p
-            grams = self.box_gram(torch.stack([self.p, p2, p2 * eig.eigvals()], -1))
-            G, self._grams = grams[0], grams[1:]
-            if self.m != self.box or bool((self._pos != torch.arange(self.m, device=idx.device)).any()):
+            G = self.box_gram(self.p.unsqueeze(-1))[0]  # symmetric exactly (one value per folded pair)
+            if not self._fills:
                 G = G[self._pos][:, self._pos]
         else:
             G = self._against_rows(self.Y)
-        G = 0.5 * (G + G.mT)
+            G = 0.5 * (G + G.mT)
         L, info = torch.linalg.cholesky_ex(G)
         if int(info) != 0:
             raise FloatingPointError(
@@ -204,6 +338,7 @@ class FewMissing:
         self.G, self.L = G, L
         self.logdet_g = 2 * torch.log(L.diagonal()).sum()
         self._ginv = self._ginv_box = None
+        self._contracted: dict = {}
 
     # ------------------------------------------------------------------ the rows and the box
 
@@ -222,15 +357,16 @@ class FewMissing:
     @property
     def ginv(self) -> Tensor:
         if self._ginv is None:
-            self._ginv = torch.cholesky_inverse(self.L)
+            # the upper factor Lᵀ is L's memory in LAPACK's column-major order: no copy (measured faster)
+            self._ginv = torch.cholesky_inverse(self.L.mT, upper=True)
         return self._ginv
 
     @property
     def ginv_box(self) -> Tensor:
         """``G⁻¹`` zero-filled in the box, ``(b, b)``."""
         if self._ginv_box is None:
-            if self.m == self.box:  # the missing cells fill their box (one contiguous hole)
-                self._ginv_box = self.ginv[torch.argsort(self._pos)][:, torch.argsort(self._pos)]
+            if self._fills:  # one contiguous hole: the box's order is the cells' (pos = 0…m−1)
+                self._ginv_box = self.ginv
             else:
                 out = self.ginv.new_zeros(self.box, self.box)
                 out[self._pos.unsqueeze(-1), self._pos.unsqueeze(0)] = self.ginv
@@ -241,51 +377,89 @@ class FewMissing:
         """``A diag(w_s) Aᵀ`` over the box (``(t, b, b)``), for grid weights ``w`` (``(N, t)``)."""
         return khatri_gram(self._khatri, self._box_sizes, w)
 
+    def _contraction(self, axes: tuple) -> Tensor:
+        """``vec(G⁻¹)`` (zero-filled in the box) folded onto each axis's pairs ``c_k ≤ c_k'``
+        (:meth:`BoxPairs.fold`), with the axes in ``axes`` contracted by ``F_k`` in that order (each
+        ``(c_k, c_k')`` → ``j_k``); the prefixes are kept, so the axes share their first contractions."""
+        if axes not in self._contracted:
+            if not axes:
+                x = box_pairs(self._box_sizes, self.ginv.device).fold(self.ginv_box)
+            else:
+                x, k = self._contraction(axes[:-1]), axes[-1]
+                x = torch.movedim(torch.tensordot(x, self._khatri[k], dims=([k], [0])), -1, k)
+            self._contracted[axes] = x
+        return self._contracted[axes]
+
+    def _contraction_order(self) -> list[int]:
+        """Axes in order of how much their contraction shrinks the tensor (``n_k`` per pair)."""
+        n, b = self.sizes, self._box_sizes
+        return sorted(range(len(n)), key=lambda k: n[k] / (b[k] * (b[k] + 1) / 2))
+
+    def box_diagonal(self) -> Tensor:
+        """``z_j = Σ_{c,c'} G⁻¹[c, c'] U[c, j] U[c', j]`` over the grid (length ``N``; the rows of
+        ``U`` through the box): ``tr(G⁻¹ U diag(w) Uᵀ) = zᵀw`` for any weights ``w``."""
+        return self._contraction(tuple(self._contraction_order())).reshape(-1)
+
     def box_factor_grads(self, needs) -> list[Optional[Tensor]]:
         """``Q_i M_i Q_iᵀ``, ``M_i = Σ_j L_i[j] (p_j p_jᵀ) ∘ (A_iᵀ S_j A_i)``, for the axes in ``needs``
-        (module docstring: the gradient of ``tr(G⁻¹ U diag(p) Q̃ diag(p) Uᵀ)`` in ``K_i``).
-
-        ``S`` for axis ``i`` contracts every other axis's pair ``(c_k, c_k')`` of ``vec(G⁻¹)`` with
-        ``F_k``, the axes that shrink it most first; axes share the contractions they start
-        with (kept by the axes they contracted), and ``M_i = Σ_j (A_i ∘ w_j)ᵀ S_j (A_i ∘ p_j)`` is one GEMM over
-        ``(j, c)`` (``w_j = L_i[j] p_j``)."""
-        d, b, n = len(self.sizes), self._box_sizes, self.sizes
-        # vec(G⁻¹) in the pair order (c_1, c_1', c_2, c_2', …) of the Khatri–Rao factors
-        ginv = self.ginv_box.reshape(b + b).permute(*[x for k in range(d) for x in (k, d + k)])
-        ginv = ginv.reshape([bk * bk for bk in b])
-
-        def contract(x: Tensor, k: int) -> Tensor:  # axis k: (c_k, c_k') pairs -> j_k
-            return torch.movedim(torch.tensordot(x, self._khatri[k], dims=([k], [0])), -1, k)
-
-        # Axes in order of how much they shrink the tensor (n_k / b_k²), each contracted
-        # prefix kept: the axes share their first (costliest) contractions.
-        order = sorted(range(d), key=lambda k: n[k] / (b[k] * b[k]))
-        memo: dict = {(): ginv}
-        out: list[Optional[Tensor]] = [None] * d
-        for i in range(d):
-            if not needs[i]:
-                continue
-            done: tuple = ()
-            for k in (k for k in order if k != i):
-                key = done + (k,)
-                if key not in memo:
-                    memo[key] = contract(memo[done], k)
-                done = key
-            out[i] = self._axis_grad(i, memo[done])
+        (module docstring: the gradient of ``tr(G⁻¹ U diag(p) Q̃ diag(p) Uᵀ)`` in ``K_i``), from
+        ``S`` with every axis but ``i`` contracted (:meth:`_contraction`), by :meth:`_axis_grad`."""
+        order = self._contraction_order()
+        out: list[Optional[Tensor]] = [None] * len(self.sizes)
+        for i in range(len(self.sizes)):
+            if needs[i]:
+                out[i] = self._axis_grad(i, self._contraction(tuple(k for k in order if k != i)))
         return out
 
     def _axis_grad(self, i: int, s: Tensor) -> Tensor:
-        """``Q_i M_i Q_iᵀ`` from ``s``: every axis but ``i`` contracted (shape ``n`` with ``b_i²`` at ``i``)."""
+        """``Q_i M_i Q_iᵀ`` from ``s``: every axis but ``i`` contracted, axis ``i`` folded (shape
+        ``n`` with ``b_i(b_i+1)/2`` at ``i``; ``S_j`` symmetric, its off-diagonal pairs doubled).
+
+        With ``u = s²λ_i/σ²``, ``p_aj = σ⁻² / (1 + u_a L_j)`` (``L_j = L_i[j]``). Where
+        ``L̃_j = max(u) L_j ≤ ρ`` (:data:`TAYLOR_RATIO`), ``σ² p_aj = Σ_k (−ũ_a L̃_j)^k`` (``ũ = u/max u``,
+        ``|ũ L̃| ≤ ρ``: ``K`` terms reach the dtype's round-off) separates ``a`` from ``j``::
+
+            Σ_j L_j p_aj p_a'j (A_iᵀ S_j A_i)[a, a'] = σ⁻⁴ Σ_{k,l} (−ũ_a)^k (−ũ_a')^l (A_iᵀ T_{k+l} A_i)[a, a'],
+            T_q = Σ_j L_j L̃_j^q S_j
+
+        (``2K+1`` sums over ``j``, one GEMM, then ``Φᵀ H Φ`` with ``H`` the block Hankel matrix of the
+        ``T_q`` and ``Φ`` the ``A_i diag((−ũ)^k)``: no cost per grid cell and pair ``(a, a')``). The
+        other ``j`` (the kernel's large modes on the other axes, few on a smooth grid) are summed
+        directly, ``M_i += Σ_j (A_i ∘ w_j)ᵀ S_j (A_i ∘ p_j)`` (``w_j = L_j p_j``) in one GEMM over
+        ``(j, c)``: ``2·b_i·n_i²`` flops per such ``j`` instead of every ``j``. Where the series costs
+        more flops than the direct sum over its ``j`` (short axes, small grids), every ``j`` is summed
+        directly."""
         n, bi = self.sizes, self._box_sizes[i]
+        ni, pairs = n[i], bi * (bi + 1) // 2
         pre, post = math.prod(n[:i]), math.prod(n[i + 1:])
-        s = s.reshape(pre, bi, bi, post).permute(0, 3, 1, 2).reshape(pre * post, bi, bi)
+        s = s.reshape(pre, pairs, post).permute(0, 2, 1).reshape(pre * post, pairs)
         a = self._box_factors[i]  # (b_i, n_i)
-        pj = self.p.reshape(pre, n[i], post).permute(0, 2, 1).reshape(pre * post, 1, n[i])
         others = self.eig.vals[:i] + self.eig.vals[i + 1:]
-        weight = kron_vector(others).reshape(-1, 1, 1) if others else pj.new_ones(1, 1, 1)
-        v = s @ (a * pj)  # (J, b_i, n_i): S_j (A_i ∘ p_j)
-        aw = a * (pj * weight)  # (J, b_i, n_i)
-        m_i = aw.reshape(-1, n[i]).mT @ v.reshape(-1, n[i])
+        weight = kron_vector(others) if others else a.new_ones(1)  # L_j
+        u = self.outputscale * self.eig.vals[i] / self.noise
+        u_max = u.max()
+        scaled = weight * u_max  # L̃_j
+        small = scaled <= TAYLOR_RATIO
+        terms = taylor_terms(a.dtype)
+        if not _series_pays(int(small.sum()), terms, bi, ni):
+            small = torch.zeros_like(small)
+        m_i = a.new_zeros(ni, ni)
+        big = torch.nonzero(~small).reshape(-1)
+        if big.numel():
+            pj = self.p.view(pre, ni, post)[torch.div(big, post, rounding_mode="floor"), :, big % post]  # (J', n_i)
+            sj = unfold_pairs(s[big], bi, 1, 0.5)  # (J', b_i, b_i)
+            v = sj @ (a * pj.unsqueeze(1))  # S_j (A_i ∘ p_j)
+            aw = a * (pj * weight[big].unsqueeze(-1)).unsqueeze(1)
+            m_i = m_i + aw.reshape(-1, ni).mT @ v.reshape(-1, ni)
+        few = torch.nonzero(small).reshape(-1)
+        if few.numel():
+            t = _powers(scaled[few], 2 * terms, weight[few]) @ s[few]  # T_q folded, (2K+1, pairs)
+            t = unfold_pairs(t, bi, 1, 0.5)  # (2K+1, b_i, b_i)
+            ks = torch.arange(terms + 1, device=a.device)
+            h = t[ks.unsqueeze(-1) + ks].permute(0, 2, 1, 3).reshape((terms + 1) * bi, (terms + 1) * bi)
+            ut = u / u_max if float(u_max) > 0 else torch.zeros_like(u)
+            phi = (a * _powers(-ut, terms).unsqueeze(1)).reshape(-1, ni)  # A_i diag((−ũ)^k), (K+1)·b_i rows
+            m_i = m_i + phi.mT @ (h @ phi) / (self.noise * self.noise)
         q = self.eig.vecs[i]
         return q @ m_i @ q.mT
 
@@ -324,7 +498,7 @@ class FewMissing:
         row ``(1, N)``): ``Qᵀα = p ∘ (Qᵀr − Uᵀ G⁻¹ [Xr]_M)`` with ``[Xr]_M = U (p ∘ Qᵀr)``."""
         rt = self.eig.to_eigbasis_rows(r.unsqueeze(0))  # (1, N)
         xr_m = self._against_rows(self.p * rt)[0]
-        g = torch.cholesky_solve(xr_m.unsqueeze(-1), self.L).mT  # (1, m)
+        g = (self.ginv @ xr_m).unsqueeze(0)  # (1, m); G⁻¹ is formed for the gradient anyway
         alpha_t = self.p * (rt - self._rows_from(g))
         return (rt * alpha_t).sum(), alpha_t
 
@@ -333,7 +507,8 @@ class FewMissing:
         (its value is not the term's): ``½ tr(G⁻¹ Bᵀ ∂C B)`` with ``QᵀB = Yᵀ`` held fixed and
         ``∂C = ∂s² (⊗K) + s² ∂(⊗K) + ∂σ² I``."""
         if self.boxed:
-            quad_noise, quad_kern = (self.ginv_box * self._grams).sum((-2, -1)).unbind(0)  # tr(G⁻¹ Y [I, λ̂] Yᵀ)
+            zp = self.box_diagonal() * self.p * self.p
+            quad_noise, quad_kern = zp.sum(), (zp * self.eig.eigvals()).sum()  # tr(G⁻¹ Y [I, λ̂] Yᵀ)
             return 0.5 * (outputscale * _BoxLogdetTerm.apply(self, quad_kern, *factors) + noise * quad_noise)
         from kronegp.models._exact import eigen_bilinear_form
 
