@@ -165,6 +165,24 @@ def test_exact_missing_series_gradient_matches_dense(name, tiny, monkeypatch):
         assert rel(grads, direct) <= 1e-12
 
 
+def test_exact_missing_user_mean_matches_dense():
+    """A mean module of the user's: the data term's gradient goes through the grid vector α (a
+    constant mean takes 1ᵀα without it, the other tests)."""
+    import gpytorch
+
+    v, axes = field()
+    v[pattern("hole")] = float("nan")
+    mean = gpytorch.means.LinearMean(3).double()
+    with torch.no_grad():
+        mean.weights.copy_(torch.tensor([[0.3], [-0.2], [0.1]], dtype=torch.float64))
+    gp = GridGP(v, axes, path="exact-missing", mean=mean)
+    assert gp.user_mean and gp.path == "exact-missing"
+    lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    assert abs(lml - ref) <= 1e-10 * abs(ref)
+    assert rel(grads, ref_grads) <= 1e-10, (grads, ref_grads)
+
+
 def test_exact_missing_series_matches_the_direct_sum_where_it_pays(monkeypatch):
     """On a grid whose long axis makes the series pay (its flop count chooses it), each factor's
     gradient equals the direct sum over every mode to round-off; and the data term's α, the box's

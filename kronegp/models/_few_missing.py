@@ -64,7 +64,7 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "unfold_pairs", "BoxPairs", "box_pairs",
+__all__ = ["FewMissing", "MissingBox", "missing_box", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
            "TAYLOR_RATIO", "taylor_terms", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit"]
 
@@ -134,6 +134,13 @@ class MissingBox:
         self.fills = self.m == self.box  # positions ascend with idx, so pos = arange(m) then
 
 
+@functools.lru_cache(maxsize=4)
+def missing_box(missing: Tensor, sizes: tuple) -> MissingBox:
+    """:class:`MissingBox` of ``missing``, kept while the same mask tensor comes back (a training
+    step asks once per step; tensors hash by identity, so a mask must not be changed in place)."""
+    return MissingBox(missing, sizes)
+
+
 @functools.lru_cache(maxsize=64)
 def pair_maps(r: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
     """The pairs ``c ≤ c'`` of ``r`` indices (row-major over the upper triangle, ``r(r+1)/2`` of
@@ -153,17 +160,6 @@ def khatri_square(a: Tensor) -> Tensor:
     ``(r, n)`` → ``(r(r+1)/2, n)``."""
     first, second, _ = pair_maps(a.shape[0], a.device)
     return a[first] * a[second]
-
-
-def unfold_pairs(x: Tensor, r: int, dim: int, off_diagonal: float = 1.0) -> Tensor:
-    """Axis ``dim`` of ``x`` over the pairs ``c ≤ c'`` (:func:`pair_maps`) spread to ``(r, r)``
-    (``(c, c')`` and ``(c', c)`` both take the pair's value, times ``off_diagonal`` off the diagonal)."""
-    _, _, index = pair_maps(r, x.device)
-    out = x.index_select(dim, index.reshape(-1))
-    if off_diagonal != 1.0:
-        w = torch.full((r, r), off_diagonal, dtype=x.dtype, device=x.device).fill_diagonal_(1.0)
-        out = out * w.reshape([-1] + [1] * (x.dim() - 1 - dim % x.dim()))
-    return out.unflatten(dim, (r, r))
 
 
 class BoxPairs:
@@ -261,6 +257,34 @@ def _powers(x: Tensor, top: int, first: Optional[Tensor] = None) -> Tensor:
     return torch.cumprod(out, 0)
 
 
+@functools.lru_cache(maxsize=64)
+def _spread_halved(r: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """``(index, half)``: ``x[..., index] * half`` spreads a pair axis (:func:`pair_maps`) holding a
+    symmetric matrix with its off-diagonal entries doubled (a fold, :meth:`BoxPairs.fold`) to ``(r, r)``."""
+    _, _, index = pair_maps(r, device)
+    half = torch.full((r, r), 0.5, dtype=dtype, device=device).fill_diagonal_(1.0)
+    return index, half
+
+
+@functools.lru_cache(maxsize=16)
+def _hankel(terms: int, r: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices turning ``T_q`` (``(2K+1, r, r)``) into the block Hankel ``(K+1, r, K+1, r)`` of ``T_{k+l}``."""
+    k = torch.arange(terms + 1, device=device)
+    c = torch.arange(r, device=device)
+    return k.reshape(-1, 1, 1, 1) + k.reshape(1, 1, -1, 1), c.reshape(1, -1, 1, 1), c.reshape(1, 1, 1, -1)
+
+
+def _sum_over_modes(w: Tensor, s: Tensor, pre: int, post: int) -> Tensor:
+    """``Σ_j w[:, j] s[j]`` for ``s`` of shape ``(pre, P, post)`` (``j`` row-major over ``(pre, post)``):
+    ``(t, P)``, one (batched) GEMM on views."""
+    t, pairs = w.shape[0], s.shape[1]
+    if pre == 1:
+        return w @ s.reshape(pairs, post).mT
+    if post == 1:
+        return w @ s.reshape(pre, pairs)
+    return torch.bmm(w.reshape(t, pre, post).transpose(0, 1), s.mT).sum(0)
+
+
 def _series_pays(few: int, terms: int, b: int, n: int) -> bool:
     """Whether :meth:`FewMissing._axis_grad`'s series over ``few`` modes (``K = terms``, box side ``b``,
     axis length ``n``) costs fewer flops than summing those modes directly."""
@@ -306,11 +330,12 @@ class FewMissing:
         self.eig = eig
         self.sizes = eig.sizes
         self.outputscale = outputscale.detach()
-        self.lam = self.outputscale * eig.eigvals()
+        self.lam_unit = eig.eigvals()  # ⊗λ_k
+        self.lam = self.outputscale * self.lam_unit
         self.noise = noise.detach()
         self.p = 1.0 / (self.lam + self.noise)
         self.missing = missing
-        hole = MissingBox(missing, self.sizes)
+        hole = missing_box(missing, tuple(self.sizes))
         idx = hole.idx
         self.m = hole.m
         self._coords, self._box_sizes, self._pos = hole.coords, hole.box_sizes, hole.pos
@@ -432,34 +457,40 @@ class FewMissing:
         n, bi = self.sizes, self._box_sizes[i]
         ni, pairs = n[i], bi * (bi + 1) // 2
         pre, post = math.prod(n[:i]), math.prod(n[i + 1:])
-        s = s.reshape(pre, pairs, post).permute(0, 2, 1).reshape(pre * post, pairs)
+        s = s.reshape(pre, pairs, post)
         a = self._box_factors[i]  # (b_i, n_i)
         others = self.eig.vals[:i] + self.eig.vals[i + 1:]
-        weight = kron_vector(others) if others else a.new_ones(1)  # L_j
-        u = self.outputscale * self.eig.vals[i] / self.noise
-        u_max = u.max()
-        scaled = weight * u_max  # L̃_j
-        small = scaled <= TAYLOR_RATIO
+        weight = kron_vector(others) if others else a.new_ones(1)  # L_j, j row-major over (pre, post)
+        u = self.eig.vals[i] * (self.outputscale / self.noise)
+        u_max = float(u.max())
         terms = taylor_terms(a.dtype)
-        if not _series_pays(int(small.sum()), terms, bi, ni):
-            small = torch.zeros_like(small)
-        m_i = a.new_zeros(ni, ni)
-        big = torch.nonzero(~small).reshape(-1)
-        if big.numel():
-            pj = self.p.view(pre, ni, post)[torch.div(big, post, rounding_mode="floor"), :, big % post]  # (J', n_i)
-            sj = unfold_pairs(s[big], bi, 1, 0.5)  # (J', b_i, b_i)
-            v = sj @ (a * pj.unsqueeze(1))  # S_j (A_i ∘ p_j)
-            aw = a * (pj * weight[big].unsqueeze(-1)).unsqueeze(1)
-            m_i = m_i + aw.reshape(-1, ni).mT @ v.reshape(-1, ni)
-        few = torch.nonzero(small).reshape(-1)
-        if few.numel():
-            t = _powers(scaled[few], 2 * terms, weight[few]) @ s[few]  # T_q folded, (2K+1, pairs)
-            t = unfold_pairs(t, bi, 1, 0.5)  # (2K+1, b_i, b_i)
-            ks = torch.arange(terms + 1, device=a.device)
-            h = t[ks.unsqueeze(-1) + ks].permute(0, 2, 1, 3).reshape((terms + 1) * bi, (terms + 1) * bi)
-            ut = u / u_max if float(u_max) > 0 else torch.zeros_like(u)
+        small = weight * u_max <= TAYLOR_RATIO  # L̃_j ≤ ρ
+        few = int(small.sum())
+        if few and not _series_pays(few, terms, bi, ni):
+            few = 0
+        index, half = _spread_halved(bi, a.device, a.dtype)
+        m_i = None
+        if few < weight.numel():  # the modes summed directly
+            if few == 0:
+                sj = s.permute(0, 2, 1).reshape(-1, pairs)
+                pj = self.p.view(pre, ni, post).permute(0, 2, 1).reshape(-1, ni)
+                wj = weight
+            else:
+                big = torch.nonzero(~small).reshape(-1)
+                jp, jq = torch.div(big, post, rounding_mode="floor"), big % post
+                sj, pj, wj = s[jp, :, jq], self.p.view(pre, ni, post)[jp, :, jq], weight[big]
+            ap = a * pj.unsqueeze(1)  # A_i ∘ p_j, (J', b_i, n_i)
+            v = (sj[:, index] * half) @ ap  # S_j (A_i ∘ p_j)
+            m_i = (ap * wj.reshape(-1, 1, 1)).reshape(-1, ni).mT @ v.reshape(-1, ni)
+        if few:  # the series, zero weight on the modes summed directly
+            w = _powers(weight * u_max, 2 * terms, weight * small)  # L_j L̃_j^q, (2K+1, J)
+            t = _sum_over_modes(w, s, pre, post)  # T_q folded, (2K+1, pairs)
+            h = (t[:, index] * half)[_hankel(terms, bi, a.device)]  # (K+1, b_i, K+1, b_i): T_{k+l}
+            h = h.reshape((terms + 1) * bi, (terms + 1) * bi)
+            ut = u / u_max if u_max > 0 else torch.zeros_like(u)
             phi = (a * _powers(-ut, terms).unsqueeze(1)).reshape(-1, ni)  # A_i diag((−ũ)^k), (K+1)·b_i rows
-            m_i = m_i + phi.mT @ (h @ phi) / (self.noise * self.noise)
+            series = phi.mT @ (h @ phi) / (self.noise * self.noise)
+            m_i = series if m_i is None else m_i + series
         q = self.eig.vecs[i]
         return q @ m_i @ q.mT
 
@@ -502,13 +533,19 @@ class FewMissing:
         alpha_t = self.p * (rt - self._rows_from(g))
         return (rt * alpha_t).sum(), alpha_t
 
+    def observed_total(self, alpha_t: Tensor) -> Tensor:
+        """``Σ_O (Qα̃)``, the sum of the grid vector ``Qα̃`` over the observed cells (``α̃`` a row
+        ``(1, N)``), without forming it: ``(⊗Q_kᵀ1)ᵀα̃`` less its ``m`` missing values ``U α̃ᵀ``."""
+        ones = matmul_kron(alpha_t, [q.sum(0).unsqueeze(-1) for q in self.eig.vecs]).reshape(())
+        return ones - self._against_rows(alpha_t).sum()
+
     def logdet_g_surrogate(self, outputscale: Tensor, noise: Tensor, factors: list[Tensor]) -> Tensor:
         """A 0-dim tensor whose gradient is that of ``−½ log det G`` in ``s²``, ``σ²`` and the factors
         (its value is not the term's): ``½ tr(G⁻¹ Bᵀ ∂C B)`` with ``QᵀB = Yᵀ`` held fixed and
         ``∂C = ∂s² (⊗K) + s² ∂(⊗K) + ∂σ² I``."""
         if self.boxed:
             zp = self.box_diagonal() * self.p * self.p
-            quad_noise, quad_kern = zp.sum(), (zp * self.eig.eigvals()).sum()  # tr(G⁻¹ Y [I, λ̂] Yᵀ)
+            quad_noise, quad_kern = zp.sum(), (zp * self.lam_unit).sum()  # tr(G⁻¹ Y [I, λ̂] Yᵀ)
             return 0.5 * (outputscale * _BoxLogdetTerm.apply(self, quad_kern, *factors) + noise * quad_noise)
         from kronegp.models._exact import eigen_bilinear_form
 

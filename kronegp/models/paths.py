@@ -240,7 +240,10 @@ def _pieces_surrogate(gp, pieces: CGLMLPieces, eig, factors: list[Tensor], level
     ``level``: add ``−½ log det(K + level·I)`` with its exact gradient (``None``: not)."""
     layout = gp.layout
     _report(gp, pieces.iterations, pieces.inner_iterations, pieces.residual, pieces.extra)
-    surrogate = layout.total(pieces.alpha * gp._mean_grid())
+    if pieces.alpha is None:  # a constant mean (one device): the data term's gradient in it is 1ᵀα
+        surrogate = (pieces.alpha_total * gp.mean_module.constant).sum()
+    else:
+        surrogate = layout.total(pieces.alpha * gp._mean_grid())
     if pieces.left.shape[-1]:
         left_w = pieces.left * pieces.weights
         surrogate = surrogate + gp.outputscale * layout.bilinear(left_w, pieces.right, factors)
@@ -300,10 +303,12 @@ class ExactMissingPath(_FactoredPath):
             quad, alpha_t = fm.lml_terms(r)
             logdet = torch.log(fm.lam + fm.noise).sum() + fm.logdet_g
             value = -0.5 * quad - 0.5 * logdet - 0.5 * gp.n_observed * math.log(2 * math.pi)
-            alpha = _obs_zero(gp, fm.eig.from_eigbasis_rows(alpha_t)[0])
+            # a constant mean needs only 1ᵀα (no grid vector of α)
+            alpha = _obs_zero(gp, fm.eig.from_eigbasis_rows(alpha_t)[0]) if gp.user_mean else None
+            alpha_total = None if gp.user_mean else fm.observed_total(alpha_t)
         empty = r.new_zeros(r.shape[0], 0)
         pieces = CGLMLPieces(
-            value=value, alpha=alpha, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
+            value=value, alpha=alpha, alpha_total=alpha_total, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
             iterations=0, residual=0.0, extra={"boxed": fm.boxed, "missing": fm.m},
             eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
         )
