@@ -67,3 +67,12 @@ def test_gpytorch_settings_past_the_budgets_are_skipped_with_the_reason(gaps, ca
 
     out = gaps.main(BASE + ["--patterns", "scatter-10", "--gpytorch-timeout", "1e-9"])
     assert all("s budget" in rec["skipped"] for rec in out["rows"][0]["gpytorch_settings"].values())
+
+
+def test_air_mode_times_the_hole_against_the_full_grid(gaps, tmp_path):
+    out = gaps.main(["--air", "--air-grids", "corner", "--repeats", "1", "--out", str(tmp_path / "air.json")])
+    (row,) = out["air"]
+    assert row["grid"] == "20x25x49" and row["missing"] == 576
+    assert row["full_path"] == "exact" and row["hole_path"] == "exact-missing"
+    assert math.isclose(row["ratio_min"], row["hole_min_s"] / row["full_min_s"], rel_tol=1e-12)
+    assert (tmp_path / "air.json").exists()
