@@ -19,13 +19,21 @@ missing cells (``b_k = |I_k|``, ``b = Πb_k``: a contiguous hole *is* its box) a
 
     A diag(w) Aᵀ  =  reshape((⊗_k F_k) w),     F_k[(c, c'), j] = A_k[c, j] A_k[c', j]
 
-(``F_k`` is ``b_k² × n_k``: the row-wise Khatri–Rao square of ``A_k``), one Kronecker matmul of
-one column costing ``~2N·b_d² + …``, where the rows ``U`` would cost ``m·N`` to hold. So
-``G = [A diag(p) Aᵀ]_pos``, and the gradient of ``log det G`` needs, per axis ``i``, only the
-``b_i × b_i`` blocks ``S_j`` of ``(I ⊗ ⊗_{k≠i} F_kᵀ) vec(G⁻¹)`` (``G⁻¹`` zero-filled in the box)
-for every ``j`` over the other axes, and ``M_i = Σ_j L_i[j] (p_j p_jᵀ) ∘ (A_iᵀ S_j A_i)``: about
-``N·Σ_i b_i(b_i + n_i)`` flops, against ``2m·N·Σ n_i`` for ``m`` rows. On the 20 × 25 × 49
-air-temperature grid with a 6 × 8 × 12 hole that is ~0.03 GFLOP against 2.6.
+(``F_k``: the row-wise Khatri–Rao square of ``A_k``), one Kronecker matmul of one column, where
+the rows ``U`` would cost ``m·N`` to hold. ``F_k`` is symmetric in ``(c, c')``, so it is kept over
+the pairs ``c ≤ c'`` only (``b_k(b_k+1)/2 × n_k``) and anything contracted with it is folded
+first (``W[c, c'] + W[c', c]``, :class:`BoxPairs`): every product over the box runs on
+``Π b_k(b_k+1)/2 ≈ b²/2^d`` entries. So ``G = [A diag(p) Aᵀ]_pos`` (spread from the pairs, exactly
+symmetric), ``z = diag(Uᵀ G⁻¹ U) = (⊗F_kᵀ) vec(G⁻¹)`` gives ``tr(G⁻¹ U diag(w) Uᵀ) = zᵀw`` (the
+noise and outputscale terms), and the factor gradient of ``log det G`` needs, per axis ``i``,
+only the ``b_i × b_i`` blocks ``S_j`` of ``(I ⊗ ⊗_{k≠i} F_kᵀ) vec(G⁻¹)`` (``G⁻¹`` zero-filled in the
+box; the axes share their first contractions) for every ``j`` over the other axes, and
+``M_i = Σ_j L_i[j] (p_j p_jᵀ) ∘ (A_iᵀ S_j A_i)``. Summed over every ``j`` that is
+``2N·b_i·n_i`` flops per axis (2 GFLOP on the 240 × 37 × 49 air grid with a 6 × 8 × 12 hole);
+but ``σ² p_aj = 1/(1 + u_a L_j)`` (``u = s²λ_i/σ²``) is a power series in ``u_a L_j`` wherever
+``max(u)·L_j ≤ ρ``, which separates ``a`` from ``j``: those ``j`` (most of them on a smooth grid)
+cost ``2K+1`` weighted sums of ``S_j`` (``~4K·N·b_i²/n_i`` flops) and one block-Hankel product
+(:meth:`FewMissing._axis_grad`); only the other axes' few large modes are summed directly.
 
 **Scattered cells** (a box too large to hold ``b²`` entries) use the rows: ``G = U Yᵀ``
 (``2m²N`` flops, or through the box when that is cheaper), ``G⁻¹Y`` likewise, and the
@@ -40,13 +48,15 @@ gradient of :func:`kronegp.models._exact.eigen_bilinear_form` of the ``m`` rows.
 
 and ``tr(G⁻¹ Bᵀ ∂C B) = Σ_c (G⁻¹Y)_c (Qᵀ∂CQ) Y_cᵀ``: ``m + 1`` pairs of rows in
 eigen-coordinates, the form :func:`kronegp.models._exact.eigen_bilinear_form` differentiates
-(``Qᵀ∂CQ`` of ``s²⊗K_k + σ²I``), plus the exact ``−½ log det C`` term.
+(``Qᵀ∂CQ`` of ``s²⊗K_k + σ²I``), plus the exact ``−½ log det C`` term; through the box (above)
+for a compact hole. A constant mean's gradient is ``1ᵀα``, taken in eigen-coordinates
+(:meth:`FewMissing.observed_total`) without the grid vector ``α``.
 
 **Posterior** mean ``μ + Kα``; variance on the grid
 ``diag(K − KZK) = diag(Q (λσ²/(λ+σ²)) Qᵀ) + rowsum((T L⁻ᵀ)²)`` with ``T = Q(λ ∘ Yᵀ)`` and
 ``G = L Lᵀ``; at points and for samples, products with ``Z`` (:meth:`FewMissing.apply`).
 
-Memory: a box of ``b²`` entries (at most :data:`MAX_BOX_CELLS` ² ), or the rows ``U``, ``Y`` and
+Memory: a box of ``b²`` entries (at most :data:`MAX_BOX_CELLS` ² ; ``G``, ``L``, ``G⁻¹``), or the rows ``U``, ``Y`` and
 ``G⁻¹Y`` (``m × N`` each); :data:`MAX_MISSING_CPU` and :data:`MAX_MISSING_CUDA` bound ``m``
 (GridGP takes this path up to them). Predictions form the rows ``U`` (``m × N``) either way.
 """
