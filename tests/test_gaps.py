@@ -148,7 +148,11 @@ def test_exact_missing_series_gradient_matches_dense(name, tiny, monkeypatch):
     long lengthscales (cond(C_OO) ~ 1e8: the dense reference itself is good to ~1e-10 there) it
     also equals the direct sum over every mode to 1e-12, i.e. the series adds no error."""
     used = []
-    monkeypatch.setattr(few_missing, "_series_pays", lambda few, *rest: used.append(few) or True)
+    def forced(scaled, b, n, dtype):  # the series on every axis, ρ = 1/4
+        used.append(int((scaled <= 0.25).sum()))
+        return 0.25, few_missing.taylor_terms(dtype, 0.25)
+
+    monkeypatch.setattr(few_missing, "series_plan", forced)
     gp = model(name, path="exact-missing")
     if tiny:
         gp.set_hyperparameters(noise=1e-6, lengthscales=[6.0, 8.0, 10.0])
@@ -160,7 +164,7 @@ def test_exact_missing_series_gradient_matches_dense(name, tiny, monkeypatch):
     assert abs(lml - ref) <= bound * abs(ref)
     assert rel(grads, ref_grads) <= bound, (grads, ref_grads)
     if tiny:
-        monkeypatch.setattr(few_missing, "_series_pays", lambda *a: False)
+        monkeypatch.setattr(few_missing, "series_plan", lambda *a: None)
         _, direct = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
         assert rel(grads, direct) <= 1e-12
 
@@ -187,7 +191,7 @@ def test_exact_missing_series_matches_the_direct_sum_where_it_pays(monkeypatch):
     """On a grid whose long axis makes the series pay (its flop count chooses it), each factor's
     gradient equals the direct sum over every mode to round-off; and the data term's α, the box's
     ``G`` and ``z = diag(Uᵀ G⁻¹ U)`` equal the rows formulation's."""
-    from kronegp.models._few_missing import FewMissing, _series_pays
+    from kronegp.models._few_missing import FewMissing, series_plan
 
     g = torch.Generator().manual_seed(3)
     shape = (60, 20, 16)
@@ -199,12 +203,12 @@ def test_exact_missing_series_matches_the_direct_sum_where_it_pays(monkeypatch):
     factors = gp._factors()
     miss = torch.isnan(v).reshape(-1)
     choices = []
-    monkeypatch.setattr(few_missing, "_series_pays", lambda *a: choices.append(_series_pays(*a)) or choices[-1])
+    monkeypatch.setattr(few_missing, "series_plan", lambda *a: choices.append(series_plan(*a)) or choices[-1])
     fm = FewMissing(KronEigen(factors), gp.outputscale, gp.noise, miss)
     assert fm.boxed
     series = fm.box_factor_grads([True, True, True])
-    assert choices == [True, True, True]  # smooth and long enough: the series pays on every axis
-    monkeypatch.setattr(few_missing, "_series_pays", lambda *a: False)  # every mode summed directly
+    assert all(c is not None for c in choices), choices  # smooth and long enough: the series pays on every axis
+    monkeypatch.setattr(few_missing, "series_plan", lambda *a: None)  # every mode summed directly
     direct = fm.box_factor_grads([True, True, True])
     for a, b in zip(series, direct):
         assert rel(a, b) <= 1e-12
@@ -605,3 +609,27 @@ def test_cell_noise_above_the_dense_limit_runs_cg_and_agrees(monkeypatch):
     ref, ref_grads = lml_and_grads(gp, dense_lml)
     assert abs(lml - ref) <= 1e-6 * abs(ref) and abs(exact - ref) <= 1e-10 * abs(ref)
     assert rel(grads, ref_grads) <= 1e-5
+
+
+@pytest.mark.parametrize("sizes", [[3], [2, 3], [3, 1, 4], [2, 2, 2, 2]])
+def test_box_pairs_fold_and_unfold_match_the_dense_contraction(sizes):
+    """``Σ W[c, c'] (⊗A_k)[c, j] (⊗A_k)[c', j]`` through the folded pairs and the Khatri–Rao squares
+    over ``c_k ≤ c_k'`` equals the dense sum for any ``W``; the gram over the pairs spreads to
+    ``A diag(w) Aᵀ``."""
+    from kronegp.models._few_missing import BoxPairs, khatri_gram, khatri_square
+
+    g = torch.Generator().manual_seed(len(sizes))
+    r = math.prod(sizes)
+    w = torch.randn(r, r, generator=g, dtype=torch.float64)
+    mats = [torch.randn(rk, 5, generator=g, dtype=torch.float64) for rk in sizes]
+    full = mats[0]
+    for a in mats[1:]:
+        full = torch.kron(full, a)  # rows over the box, columns over the grid
+    x = BoxPairs(sizes, torch.device("cpu")).fold(w)
+    for k, a in enumerate(mats):
+        x = torch.movedim(torch.tensordot(x, khatri_square(a), dims=([k], [0])), -1, k)
+    assert rel(x.reshape(-1), torch.einsum("cj,cd,dj->j", full, w, full)) <= 1e-14
+    weights = torch.rand(full.shape[1], 2, generator=g, dtype=torch.float64)
+    gram = khatri_gram([khatri_square(a) for a in mats], sizes, weights)
+    for t in range(2):
+        assert rel(gram[t], full @ (weights[:, t, None] * full.mT)) <= 1e-14
