@@ -74,7 +74,7 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["FewMissing", "MissingBox", "missing_box", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
+__all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
            "TAYLOR_RATIOS", "taylor_terms", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit"]
 
@@ -144,13 +144,6 @@ class MissingBox:
         self.pos = pos
         self.box = math.prod(self.box_sizes)
         self.fills = self.m == self.box  # positions ascend with idx, so pos = arange(m) then
-
-
-@functools.lru_cache(maxsize=4)
-def missing_box(missing: Tensor, sizes: tuple) -> MissingBox:
-    """:class:`MissingBox` of ``missing``, kept while the same mask tensor comes back (a training
-    step asks once per step; tensors hash by identity, so a mask must not be changed in place)."""
-    return MissingBox(missing, sizes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -320,9 +313,12 @@ class FewMissing:
         eig: the eigendecomposition of ``⊗K_k`` (no autograd).
         outputscale: ``s²``. noise: ``σ²`` (homoskedastic; 0-dim tensors).
         missing: bool grid of missing cells (flat, length ``N``), with at least one.
+        hole: its :class:`MissingBox`, if the caller keeps one (a model's mask does not change
+            between training steps); else built here.
     """
 
-    def __init__(self, eig: KronEigen, outputscale: Tensor, noise: Tensor, missing: Tensor):
+    def __init__(self, eig: KronEigen, outputscale: Tensor, noise: Tensor, missing: Tensor,
+                 hole: Optional[MissingBox] = None):
         self.eig = eig
         self.sizes = eig.sizes
         self.outputscale = outputscale.detach()
@@ -331,8 +327,7 @@ class FewMissing:
         self.noise = noise.detach()
         self.p = 1.0 / (self.lam + self.noise)
         self.missing = missing
-        hole = missing_box(missing, tuple(self.sizes))
-        idx = hole.idx
+        hole = MissingBox(missing, self.sizes) if hole is None else hole
         self.m = hole.m
         self._coords, self._box_sizes, self._pos = hole.coords, hole.box_sizes, hole.pos
         self._box_factors = [q[b] for q, b in zip(eig.vecs, hole.axes)]  # A_k (b_k, n_k)

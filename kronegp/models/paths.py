@@ -43,7 +43,7 @@ from torch import Tensor
 
 from kronegp.models import memory
 from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
-from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, few_missing_limit
+from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, MissingBox, few_missing_limit
 from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
                                     solve_observed)
 from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
@@ -93,6 +93,15 @@ def _missing(gp) -> Optional[Tensor]:
     cached = gp.__dict__.get("_missing_cache")
     if cached is None or cached[0] is not obs:
         cached = gp.__dict__["_missing_cache"] = (obs, ~obs)
+    return cached[1]
+
+
+def _missing_box(gp, sizes: list[int]) -> MissingBox:
+    """The :class:`MissingBox` of ``_missing(gp)`` on a grid of ``sizes`` (kept with it, like it)."""
+    missing = _missing(gp)
+    cached = gp.__dict__.get("_missing_box_cache")
+    if cached is None or cached[0] is not missing:
+        cached = gp.__dict__["_missing_box_cache"] = (missing, MissingBox(missing, sizes))
     return cached[1]
 
 
@@ -290,7 +299,8 @@ class ExactMissingPath(_FactoredPath):
     name = "exact-missing"
 
     def _system(self, gp, factors):
-        return FewMissing(self.layout.eigen(factors), gp.outputscale, gp.noise, _missing(gp))
+        eig = self.layout.eigen(factors)
+        return FewMissing(eig, gp.outputscale, gp.noise, _missing(gp), _missing_box(gp, eig.sizes))
 
     # its Cholesky factorisation's check (and the box's index maps) read the device
     eager_because = "the exact-missing path (few missing cells) runs eagerly"
