@@ -37,6 +37,13 @@ skipped before it runs, and the table says why.
 ``--holes``: one contiguous hole against the same number of scattered cells on the cg path, with
 the two-level preconditioner (:mod:`kronegp.models._two_level`) and without it.
 
+``--air``: the shipped air-temperature grid (240 × 37 × 49) and its 20 × 25 × 49 corner, full
+and with one 6 × 8 × 12 hole (``[4:10, 5:13, 10:22]``, m = 576): the exact path's step against the
+exact-missing path's, the two alternating (load drift on a shared machine hits both alike), min
+and median of ``--repeats`` each, and their ratio (issue 22's target: ≤ 5×). On a CPU also the
+process CPU time per step (with one thread the step's own compute time, which other processes on
+the machine do not lengthen; with more threads their sum, not a wall time).
+
 ``--limit``: the exact-missing path's step against the cg path's (random probes, and exact traces)
 for growing m (one contiguous hole, and m scattered cells) on the same grid (``--grid air``: the
 shipped 435k-cell air grid), each predicted by the cost rule of :mod:`kronegp.models.costs` and
@@ -53,6 +60,7 @@ Usage::
     python benchmarks/gaps.py --no-gpytorch --n 64                  # GridGP alone
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --gpytorch-timeout 120
     python benchmarks/gaps.py --holes --device cpu --n 64 --repeats 1  # hole vs scatter, two-level on/off
+    OMP_NUM_THREADS=1 python benchmarks/gaps.py --air --repeats 9 --out air_hole.json  # hole vs full, air grid
 """
 
 from __future__ import annotations
@@ -369,6 +377,56 @@ def run_holes(y, axes, args) -> list[dict]:
     return rows
 
 
+#: ``--air``'s grids: (name, slice of the 240 × 37 × 49 grid)
+AIR_GRIDS = {"full": (slice(None), slice(None), slice(None)), "corner": (slice(0, 20), slice(0, 25), slice(None))}
+
+
+def run_air(args) -> list[dict]:
+    """The air grid's exact step against the exact-missing step with one 6 × 8 × 12 hole, alternating."""
+    from kronegp.datasets import load_air_temperature
+
+    data = load_air_temperature()
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    values = torch.as_tensor(data.values, dtype=dtype)
+    axes = [torch.as_tensor(a, dtype=dtype) for a in data.axes()]
+    rows = []
+    print(f"{'grid':12s} {'full (exact) min/med s':>24s} {'hole (exact-missing) min/med s':>32s} {'ratio min/med':>14s}"
+          f" {'CPU-time ratio min/med':>23s}")
+    for name in args.air_grids:
+        cut = AIR_GRIDS[name]
+        y = values[cut].contiguous().to(dev)
+        ax = [a[c].to(dev) for a, c in zip(axes, cut)]
+        holed = y.clone()
+        holed[4:10, 5:13, 10:22] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full, hole = GridGP(y, ax), GridGP(holed, ax)
+            full.loss_backward(), hole.loss_backward()
+            t_full, t_hole, c_full, c_hole = [], [], [], []
+            for _ in range(args.repeats):
+                for model, wall, cpu in ((full, t_full, c_full), (hole, t_hole, c_hole)):
+                    start = time.process_time()
+                    wall += time_call(model.loss_backward, dev, repeats=1, warmup=0)
+                    cpu.append(time.process_time() - start)
+        row = {"grid": "x".join(map(str, y.shape)), "missing": int(torch.isnan(holed).sum()),
+               "full_path": full.path, "hole_path": hole.path,
+               "full_min_s": min(t_full), "full_median_s": statistics.median(t_full),
+               "hole_min_s": min(t_hole), "hole_median_s": statistics.median(t_hole)}
+        row["ratio_min"] = row["hole_min_s"] / row["full_min_s"]
+        row["ratio_median"] = row["hole_median_s"] / row["full_median_s"]
+        if dev.type == "cpu":
+            row.update(full_cpu_min_s=min(c_full), full_cpu_median_s=statistics.median(c_full),
+                       hole_cpu_min_s=min(c_hole), hole_cpu_median_s=statistics.median(c_hole))
+            row["cpu_ratio_min"] = row["hole_cpu_min_s"] / row["full_cpu_min_s"]
+            row["cpu_ratio_median"] = row["hole_cpu_median_s"] / row["full_cpu_median_s"]
+        rows.append(row)
+        print(f"{row['grid']:12s} {row['full_min_s']:11.4f} /{row['full_median_s']:8.4f}   "
+              f"{row['hole_min_s']:19.4f} /{row['hole_median_s']:8.4f}   {row['ratio_min']:6.2f} /{row['ratio_median']:5.2f}"
+              + (f"   {row['cpu_ratio_min']:15.2f} /{row['cpu_ratio_median']:5.2f}" if "cpu_ratio_min" in row else ""),
+              flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -407,15 +465,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--hole-sizes", type=float, nargs="*", default=[1, 5, 10])
     ap.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=True,
                     help="--holes: also time the cg path without the two-level preconditioner")
+    ap.add_argument("--air", action="store_true", help="the air grid: hole vs full grid, exact paths")
+    ap.add_argument("--air-grids", nargs="*", default=["full", "corner"], choices=sorted(AIR_GRIDS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.small:
         args.n, args.fit, args.repeats = 10, False, 2
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    y, axes = air_grid(dtype, dev) if args.grid == "air" else draw(args.n, dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     meta = {"device": name, "date": datetime.date.today().isoformat(), "n": args.n, "dtype": args.dtype,
             "torch": torch.__version__}
+    if args.air:
+        meta.pop("n")
+        print(f"# gaps: the air grid's hole, {args.dtype}, {name}, {meta['date']}", flush=True)
+        out = {"meta": meta, "air": run_air(args)}
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(out, fh, indent=1)
+        return out
+    y, axes = air_grid(dtype, dev) if args.grid == "air" else draw(args.n, dtype, dev)
     where = "the air grid 240x37x49" if args.grid == "air" else f"{args.n}^3"
     meta["grid"] = args.grid
     print(f"# gaps on {where} {args.dtype}, {name}, {meta['date']}", flush=True)

@@ -81,3 +81,12 @@ def test_limit_mode_prices_and_times_each_way_with_the_grid_size(gaps):
         assert all(t > 0 for t in r["measured"].values())
     skipped = gaps.main(["--limit", "--n", "6", "--limit-m", "8", "--repeats", "1", "--limit-max-s", "0"])
     assert all(not r["measured"] for r in skipped["limit"])
+
+
+def test_air_mode_times_the_hole_against_the_full_grid(gaps, tmp_path):
+    out = gaps.main(["--air", "--air-grids", "corner", "--repeats", "1", "--out", str(tmp_path / "air.json")])
+    (row,) = out["air"]
+    assert row["grid"] == "20x25x49" and row["missing"] == 576
+    assert row["full_path"] == "exact" and row["hole_path"] == "exact-missing"
+    assert math.isclose(row["ratio_min"], row["hole_min_s"] / row["full_min_s"], rel_tol=1e-12)
+    assert (tmp_path / "air.json").exists()

@@ -258,7 +258,8 @@ class CGLMLPieces:
 
     Attributes:
         value: ``log p(y_O)`` estimate (0-dim, no gradient), constant included.
-        alpha: ``C_OO⁻¹ r_O`` zero-filled on the grid.
+        alpha: ``C_OO⁻¹ r_O`` zero-filled on the grid; or ``None`` with ``alpha_total = 1ᵀα`` (a
+            constant mean on one device needs no more: the exact-missing path).
         left, right, weights: columns ``(N, c)`` and weights ``(c,)`` such that the
             gradient is ``Σ_c w_c left_cᵀ (∂C) right_c`` (+ the exact-logdet term and ``αᵀ∂μ``).
         exact_logdet: whether ``−½ log det C`` (homoskedastic ``C``), or else ``−½ log det P``
@@ -280,7 +281,7 @@ class CGLMLPieces:
     """
 
     value: Tensor
-    alpha: Tensor
+    alpha: Optional[Tensor]
     left: Tensor
     right: Tensor
     weights: Tensor
@@ -293,6 +294,7 @@ class CGLMLPieces:
     eig_right: Optional[Tensor] = None
     eig_weights: Optional[Tensor] = None
     eig_sums: Optional[EigenPairSums] = None
+    alpha_total: Optional[Tensor] = None
 
 
 def _missing_matvec(

@@ -96,6 +96,15 @@ def _missing(gp) -> Optional[Tensor]:
     return cached[1]
 
 
+def _missing_box(gp, sizes: list[int]) -> MissingBox:
+    """The :class:`MissingBox` of ``_missing(gp)`` on a grid of ``sizes`` (kept with it, like it)."""
+    missing = _missing(gp)
+    cached = gp.__dict__.get("_missing_box_cache")
+    if cached is None or cached[0] is not missing:
+        cached = gp.__dict__["_missing_box_cache"] = (missing, MissingBox(missing, sizes))
+    return cached[1]
+
+
 def _report(gp, iterations, inner, residual, extra: dict) -> None:
     gp.cg_iterations, gp.cg_inner_iterations, gp.cg_residual, gp._last_extra = iterations, inner, residual, extra
 
@@ -240,7 +249,10 @@ def _pieces_surrogate(gp, pieces: CGLMLPieces, eig, factors: list[Tensor], level
     ``level``: add ``−½ log det(K + level·I)`` with its exact gradient (``None``: not)."""
     layout = gp.layout
     _report(gp, pieces.iterations, pieces.inner_iterations, pieces.residual, pieces.extra)
-    surrogate = layout.total(pieces.alpha * gp._mean_grid())
+    if pieces.alpha is None:  # a constant mean (one device): the data term's gradient in it is 1ᵀα
+        surrogate = (pieces.alpha_total * gp.mean_module.constant).sum()
+    else:
+        surrogate = layout.total(pieces.alpha * gp._mean_grid())
     if pieces.left.shape[-1]:
         left_w = pieces.left * pieces.weights
         surrogate = surrogate + gp.outputscale * layout.bilinear(left_w, pieces.right, factors)
@@ -287,7 +299,8 @@ class ExactMissingPath(_FactoredPath):
     name = "exact-missing"
 
     def _system(self, gp, factors):
-        return FewMissing(self.layout.eigen(factors), gp.outputscale, gp.noise, _missing(gp))
+        eig = self.layout.eigen(factors)
+        return FewMissing(eig, gp.outputscale, gp.noise, _missing(gp), _missing_box(gp, eig.sizes))
 
     # its Cholesky factorisation's check (and the box's index maps) read the device
     eager_because = "the exact-missing path (few missing cells) runs eagerly"
@@ -300,10 +313,12 @@ class ExactMissingPath(_FactoredPath):
             quad, alpha_t = fm.lml_terms(r)
             logdet = torch.log(fm.lam + fm.noise).sum() + fm.logdet_g
             value = -0.5 * quad - 0.5 * logdet - 0.5 * gp.n_observed * math.log(2 * math.pi)
-            alpha = _obs_zero(gp, fm.eig.from_eigbasis_rows(alpha_t)[0])
+            # a constant mean needs only 1ᵀα (no grid vector of α)
+            alpha = _obs_zero(gp, fm.eig.from_eigbasis_rows(alpha_t)[0]) if gp.user_mean else None
+            alpha_total = None if gp.user_mean else fm.observed_total(alpha_t)
         empty = r.new_zeros(r.shape[0], 0)
         pieces = CGLMLPieces(
-            value=value, alpha=alpha, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
+            value=value, alpha=alpha, alpha_total=alpha_total, left=empty, right=empty, weights=r.new_zeros(0), exact_logdet=True,
             iterations=0, residual=0.0, extra={"boxed": fm.boxed, "missing": fm.m},
             eig_left=alpha_t, eig_right=alpha_t, eig_weights=r.new_full((1,), 0.5),
         )
