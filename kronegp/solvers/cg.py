@@ -405,8 +405,9 @@ def block_cg(
     if isinstance(tol, Tensor):
         # a tolerance the computation chose on the device (its value cannot be checked here)
         if schedule is None or not schedule.is_fixed or tol.dim() != 0:
+            where = "no schedule" if schedule is None else "a fixed schedule" if schedule.is_fixed else "a recording schedule"
             raise ValueError("tol may be a tensor only as a 0-dim one, in a run of a fixed CGSchedule; "
-                             f"got shape {tuple(tol.shape)}, {'no schedule' if schedule is None else 'a recording schedule' if not schedule.is_fixed else 'a fixed schedule'}")
+                             f"got shape {tuple(tol.shape)}, {where}")
     elif tol <= 0 or not (tol == tol):
         raise ValueError(f"tol must be a positive number, got {tol}")
     if max_iters < 1:
