@@ -533,7 +533,7 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
         with cg_schedule(rec):
             a = float(gp.log_marginal_likelihood())
         assert "coarse_modes" not in gp._last_extra
-        with cg_schedule(CGSchedule.fixed(rec.counts)):
+        with cg_schedule(CGSchedule.fixed(rec.counts, rec.plans)):
             b = float(gp.log_marginal_likelihood())
         c = float(gp.log_marginal_likelihood())  # eager: two-level
         assert gp._last_extra["coarse_modes"] > 0

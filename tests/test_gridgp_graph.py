@@ -1,7 +1,10 @@
 """GridGP's training step replayed from a CUDA graph (``loss_backward``, ``kronegp.models._graph``)
 against the same step run eagerly: loss, gradients, CG counts; re-recording when the graph's
-assumptions break. CPU: the choice of path and its errors."""
+assumptions break. CPU: the choice of path and its errors, the step under recorded and fixed CG
+schedules (the data column's refinement), and the graph tests again with a stand-in for CUDA
+graphs that replays by running the recorded step again."""
 
+import contextlib
 import copy
 import gc
 import math
@@ -13,7 +16,8 @@ import torch
 
 from _helpers import rel_err
 from kronegp import linalg
-from kronegp.models import GridGP
+from kronegp.models import GridGP, _graph
+from kronegp.solvers import CGSchedule, cg_schedule
 
 
 def _data(kind, dtype, n=(14, 12, 10), device="cpu"):
@@ -38,6 +42,69 @@ def _model(kind, dtype, device="cuda", **extra):
 
 def _grads(m):
     return [p.grad.detach().clone() for p in m.parameters() if p.requires_grad]
+
+
+class _GraphByRerun:
+    """``torch.cuda.CUDAGraph`` on the CPU: the recording runs the step eagerly, and a replay runs
+    the recorded step again (``GraphedLoss._recorded_step`` under the same fixed schedule, probes
+    from the graph's store) and writes its outputs into the tensors the recording returned, as a
+    replay does. What only a GPU shows (a read of the device while recording, a stale buffer)
+    stays with the cuda tests."""
+
+    def replay(self):
+        self.rerun()
+
+
+class _NoStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def _graphs_by_rerun(monkeypatch):
+    """Replace what ``kronegp.models._graph`` asks of ``torch.cuda`` by CPU stand-ins."""
+    mode = {"sync": 0}
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _GraphByRerun)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["sync"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda value: mode.update(sync=value))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(_graph, "jacobi_start_buffers", lambda: None)
+    monkeypatch.setattr(_graph, "graph_reason", lambda model: None)
+    record = _graph.GraphedLoss._record
+
+    def recorded(self, counts, plans, stream):
+        record(self, counts, plans, stream)
+
+        def rerun():
+            m = self.model
+            m.layout.probe_store = self._store  # the graph reads the probes from the store
+            try:
+                loss, check, _, _ = self._recorded_step(counts, plans)
+            finally:
+                m.layout.probe_store = None
+            self._loss.copy_(loss)
+            if check is not None:
+                self._check.copy_(check)
+            for kept, p in zip(self._grads, self._params()):
+                kept.copy_(p.grad)
+
+        self.graph.rerun = rerun
+
+    monkeypatch.setattr(_graph.GraphedLoss, "_record", recorded)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), "cpu"])
+def graph_device(request, monkeypatch):
+    """Where a graph test runs: a GPU with CUDA graphs, or the CPU with :class:`_GraphByRerun`."""
+    if request.param == "cpu":
+        _graphs_by_rerun(monkeypatch)
+    return request.param
 
 
 def _nudge(models, step, scale=2e-2):
@@ -68,11 +135,10 @@ def _assert_same_step(graphed, eager, dtype, loss_g, loss_e):
         assert graphed.cg_residual == pytest.approx(eager.cg_residual, rel=0.05)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["exact", "missing", "per-cell"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype):
-    graphed = _model(kind, dtype)
+def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype, graph_device):
+    graphed = _model(kind, dtype, graph_device)
     eager = copy.deepcopy(graphed)
     for step in range(5):
         loss_g = graphed.loss_backward(cuda_graph=True)
@@ -89,10 +155,9 @@ def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype):
     assert twin._graphed is not None and twin._graphed is not graphed._graphed
 
 
-@pytest.mark.cuda
-def test_graph_rerecords_when_cg_needs_more_iterations_and_when_a_parameter_is_replaced():
+def test_graph_rerecords_when_cg_needs_more_iterations_and_when_a_parameter_is_replaced(graph_device):
     dtype = torch.float64
-    graphed = _model("missing", dtype)
+    graphed = _model("missing", dtype, graph_device)
     eager = copy.deepcopy(graphed)
     graphed.loss_backward(cuda_graph=True)
     eager.loss_backward(cuda_graph=False)
@@ -131,10 +196,9 @@ def test_graph_rerecords_when_cg_needs_more_iterations_and_when_a_parameter_is_r
     _assert_same_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
 
 
-@pytest.mark.cuda
-def test_graph_resamples_probes_and_survives_a_cleared_eig_cache():
+def test_graph_resamples_probes_and_survives_a_cleared_eig_cache(graph_device):
     dtype = torch.float64
-    graphed = _model("missing", dtype)
+    graphed = _model("missing", dtype, graph_device)
     graphed.resample_probes = True
     eager = copy.deepcopy(graphed)
     losses = []
@@ -150,10 +214,9 @@ def test_graph_resamples_probes_and_survives_a_cleared_eig_cache():
     assert graphed._graphed.recordings == 1
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
-def test_fit_with_graph_follows_the_eager_fit(optimizer):
-    graphed = _model("missing", torch.float64)
+def test_fit_with_graph_follows_the_eager_fit(optimizer, graph_device):
+    graphed = _model("missing", torch.float64, graph_device)
     eager = copy.deepcopy(graphed)
     h_g = graphed.fit(iters=4, optimizer=optimizer, progress=False, cuda_graph=True)
     h_e = eager.fit(iters=4, optimizer=optimizer, progress=False, cuda_graph=False)
@@ -222,14 +285,93 @@ def test_models_that_cannot_be_recorded_run_eagerly_by_default(kind, jacobi_rows
         m.loss_backward(cuda_graph=True)
 
 
-@pytest.mark.cuda
-def test_steps_with_many_cg_iterations_are_not_recorded(monkeypatch):
-    from kronegp.models import _graph
-
+def test_steps_with_many_cg_iterations_are_not_recorded(monkeypatch, graph_device):
     monkeypatch.setattr(_graph, "MAX_RECORDED_ITERATIONS", 1)
-    m = _model("missing", torch.float64)
+    m = _model("missing", torch.float64, graph_device)
     ref = copy.deepcopy(m)
     for _ in range(2):
         loss = m.loss_backward(cuda_graph=True)
         assert m._graphed.graph is None and m._graphed.recordings == 0
         _assert_same_step(m, ref, torch.float64, loss, ref.loss_backward(cuda_graph=False))
+
+
+# ---------------------------------------------------------------- the data column's refinement under CG schedules
+
+
+def _scheduled_step(m, schedule):
+    """Loss, gradients and ``_last_extra`` of one training evaluation under ``schedule``."""
+    for p in m.parameters():
+        p.grad = None
+    with cg_schedule(schedule):
+        loss = m._eager_loss_backward().detach()
+    return loss, _grads(m), dict(m._last_extra)
+
+
+@pytest.mark.parametrize("kind", ["missing", "both"])
+def test_a_cg_schedule_refines_the_data_column_as_the_eager_step_does(kind):
+    """A CUDA graph's step (a recording pass, then fixed runs) refines the data column's solve until
+    the observed cells' residual meets tol, as the eager step does (skipping it left the H100's
+    graphed gradients 1.1e-5 off the eager ones): the same loss, gradients and reported residual.
+    With per-cell noise ("both") the solves with C inside the refinement are CG runs too: the fixed
+    pass makes the same runs in the same order (exact counts: its nested runs follow the outer count)."""
+    m = _model(kind, torch.float64, "cpu")
+    loss_e, grads_e, extra_e = _scheduled_step(m, None)
+    # the premise: the data column needed refining, and it reached tol
+    assert extra_e["refine_iterations"] > 0 and extra_e["observed_residual"] <= m.cg_tol
+    rec = CGSchedule.record()
+    steps = [_scheduled_step(m, rec)]
+    [(key, (rounds, short))] = rec.plans
+    assert key == "refine_observed" and len(rounds) >= 1 and not short
+    fixed = CGSchedule.fixed([c + (kind == "missing") for c in rec.counts], rec.plans)
+    steps.append(_scheduled_step(m, fixed))
+    assert fixed.runs == len(rec.counts)
+    for loss, grads, extra in steps:
+        assert float(loss) == pytest.approx(float(loss_e), rel=1e-10)
+        for a, b in zip(grads, grads_e):
+            assert rel_err(a, b) < 1e-10
+        for name in ("observed_residual", "lml_error", "refine_iterations"):
+            assert float(extra[name]) == pytest.approx(extra_e[name], rel=1e-10)
+    # the fixed pass read none of them: device tensors, for the graph's one transfer
+    assert all(isinstance(steps[1][2][name], torch.Tensor) for name in ("observed_residual", "lml_error"))
+    *runs, (tol, met, value) = fixed.check()
+    assert all(converged for _, converged, _ in runs)
+    assert met and tol == m.cg_tol and value == pytest.approx(extra_e["observed_residual"], rel=1e-10)
+
+
+def test_a_fixed_schedule_flags_a_refinement_cut_short():
+    """The check read after a replay says when the data column's observed residual is above tol:
+    with no refinement round (what the main CG left), and with the refinement's CG cut to one
+    iteration (its run is flagged too)."""
+    m = _model("missing", torch.float64, "cpu")
+    rec = CGSchedule.record()
+    _scheduled_step(m, rec)
+    main = rec.counts[:1]  # the missing cells' block CG; then the refinement's runs
+    assert len(rec.counts) > 1
+    none = CGSchedule.fixed(main, [("refine_observed", ([], False))])
+    _, _, extra = _scheduled_step(m, none)
+    *runs, (tol, met, value) = none.check()
+    assert not met and value > tol and float(extra["observed_residual"]) == value
+    cut = CGSchedule.fixed(main + [1] * (len(rec.counts) - 1), rec.plans)
+    _scheduled_step(m, cut)
+    *runs, (tol, met, value) = cut.check()
+    assert not all(converged for _, converged, _ in runs[1:]) and not met and value > tol
+    # a plan for another computation, or none, is an error naming it
+    with pytest.raises(RuntimeError, match="plan 1 asked for 'refine_observed'.*noted none"):
+        _scheduled_step(m, CGSchedule.fixed(rec.counts, []))
+
+
+def test_a_replay_short_of_tol_like_its_recording_warns_and_is_not_recorded_again(monkeypatch):
+    """float32 cannot reach tol=1e-7 on the observed cells: the recording warns, notes that it fell
+    short, and a replay that falls short too warns the same way (its residual, from the replay)
+    instead of running the step again."""
+    _graphs_by_rerun(monkeypatch)
+    m = _model("missing", torch.float32, "cpu", cg_tol=1e-7)
+    with pytest.warns(RuntimeWarning, match="observed cells reached a relative residual"):
+        m.loss_backward(cuda_graph=True)
+    assert m._graphed.recordings == 1 and m._graphed._checks[0].final
+    first = m.last_solve.observed_residual
+    with pytest.warns(RuntimeWarning, match="observed cells reached a relative residual of .*not tol=1e-07"):
+        m.loss_backward(cuda_graph=True)
+    assert m._graphed.recordings == 1
+    assert isinstance(m.last_solve.observed_residual, float) and m.last_solve.observed_residual > 1e-7
+    assert m.last_solve.observed_residual == pytest.approx(first, rel=1e-6)

@@ -480,6 +480,54 @@ def test_recorded_schedule_orders_nested_runs_by_start():
     assert [c[0] for c in fixed.check()] == rec.counts
 
 
+def test_a_fixed_schedule_follows_the_recorded_plans_and_checks_device_values():
+    """Host decisions besides the iteration counts (kronegp.models._masked.refine_observed's rounds):
+    noted while recording, handed back in order by a fixed schedule, and its checks read with the
+    runs' (tol, met, value), after them."""
+    from kronegp.solvers import CGSchedule
+
+    rec = CGSchedule.record()
+    rec.note_plan("rounds", [1e-6, 1e-7])
+    with pytest.raises(RuntimeError, match="no plans to follow"):
+        rec.next_plan("rounds")
+    with pytest.raises(RuntimeError, match="only a fixed schedule"):
+        rec.add_check(torch.tensor(1.0), 1.0, final=False, warn=lambda value, stacklevel: None)
+    fixed = CGSchedule.fixed([], rec.plans)
+    with pytest.raises(RuntimeError, match="plan 1 asked for 'other'.*noted 'rounds'"):
+        fixed.next_plan("other")
+    assert fixed.next_plan("rounds") == [1e-6, 1e-7]
+    with pytest.raises(RuntimeError, match="plan 2 asked for 'rounds'.*noted none"):
+        fixed.next_plan("rounds")
+    with pytest.raises(RuntimeError, match="fixed schedule follows plans"):
+        fixed.note_plan("rounds", [])
+    fixed.add_check(torch.tensor(3e-5, dtype=torch.float64), 1e-5, final=False, warn=lambda value, stacklevel: None)
+    fixed.add_check(torch.tensor(2e-6, dtype=torch.float32), 1e-5, final=True, warn=lambda value, stacklevel: None)
+    checks = fixed.check()
+    assert [c[:2] for c in checks] == [(1e-5, False), (1e-5, True)]
+    assert checks[0][2] == pytest.approx(3e-5, rel=1e-12) and checks[1][2] == pytest.approx(2e-6, rel=1e-6)
+    assert [c.final for c in fixed.checks] == [False, True]
+
+
+def test_block_cg_takes_a_device_tolerance_in_a_fixed_run():
+    """A fixed run may stop its columns at a tolerance held on the device (0-dim tensor, not read):
+    the same solution as the number; anywhere else a tensor tolerance is an error."""
+    from kronegp.solvers import CGSchedule, cg_schedule
+
+    a = _spd(30, torch.float64, cond=50.0, seed=1)
+    rhs = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x0 = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = block_cg(lambda v: a @ v, rhs, tol=1e-7, max_iters=100, x0=x0)
+    with cg_schedule(CGSchedule.fixed([ref.iterations + 2])):
+        out = block_cg(lambda v: a @ v, rhs, tol=torch.tensor(1e-7, dtype=torch.float64), max_iters=100, x0=x0)
+    assert int(out.iterations_needed) == ref.iterations and _rel(out.solution, ref.solution) < 1e-13
+    with pytest.raises(ValueError, match="tol may be a tensor only.*no schedule"):
+        block_cg(lambda v: a @ v, rhs, tol=torch.tensor(1e-7))
+    with cg_schedule(CGSchedule.record()), pytest.raises(ValueError, match="tol may be a tensor only.*recording"):
+        block_cg(lambda v: a @ v, rhs, tol=torch.tensor(1e-7))
+    with cg_schedule(CGSchedule.fixed([3])), pytest.raises(ValueError, match="0-dim one.*shape \\(1,\\)"):
+        block_cg(lambda v: a @ v, rhs, tol=torch.tensor([1e-7]))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_slq_on_device_matches_host_quadrature(device, dtype):

@@ -2,7 +2,7 @@
 
 On a 128³ grid an evaluation launches ~350 kernels, and the host needs ~35 µs to issue each
 (Python, autograd, cuBLAS): the step takes about twice its GPU time. Recorded once as a CUDA
-graph, it is replayed in one launch. Three things stand in the way of recording, and are
+graph, it is replayed in one launch. Four things stand in the way of recording, and are
 handled here and in the solvers:
 
 * **CG stops when it has converged**, which is read on the host. Under a fixed
@@ -11,10 +11,29 @@ handled here and in the solvers:
   converged columns are frozen on the device), and whether each run converged in time is
   read after the replay, together with the iteration counts (one transfer per step). If one
   did not, the replay's result is discarded: the step runs eagerly and is recorded again.
+* **The data column is refined until the observed cells' residual meets tol** (with missing
+  cells: :func:`kronegp.models._masked.refine_observed`), a loop that reads that residual after
+  each round. The recording pass (eager, before the graph) runs it as usual and notes its plan in
+  the schedule (:meth:`CGSchedule.note_plan <kronegp.solvers.CGSchedule.note_plan>`: its rounds,
+  the inner tolerance of each, whether it ended short of tol); its CG runs are runs of the
+  schedule like any other. The fixed pass (the one recorded) makes the same rounds, hence the same
+  runs, without a read: each round's ``G`` tolerance is the eager loop's rule applied on the device
+  to the residual reached, a round after the one that met tol keeps the previous result (the
+  eager loop stops there), and the final observed residual is a check of the schedule
+  (:meth:`CGSchedule.add_check <kronegp.solvers.CGSchedule.add_check>`), read with the runs'
+  after each replay. Above tol the replay is discarded, run eagerly and recorded again — as a run
+  that ran out of iterations — unless the recording fell short too (the dtype's limit): then it
+  warns as the eager step does. Skipping the loop, as the graph first did, left the H100's graphed
+  gradients 1.1e-5 (relative, float64) off the eager ones.
 * **The SLQ quadrature** ran on the host; under a fixed schedule it runs on the device
   (:func:`kronegp.solvers.lanczos.slq_logdet_on_device`).
 * **Probe vectors** are drawn outside the graph into buffers the graph reads (redrawn before
   each replay when ``resample_probes`` is set).
+
+What the step reports (``cg_iterations``, ``cg_residual``, the entries of ``_last_extra`` that
+:attr:`GridGP.last_solve <kronegp.GridGP.last_solve>` reads: the observed residual, the
+likelihood's error estimate, the refinement's iterations) is device tensors under a fixed
+schedule; :class:`_Report` carries them back as numbers in the same transfer as the checks.
 
 A step whose CG runs take more than :data:`MAX_RECORDED_ITERATIONS` iterations in all (no
 preconditioner, a hard system) is run eagerly instead of recorded.
@@ -65,12 +84,47 @@ class _ProbeStore:
             buf.copy_(draw(rows, cols, offset))
 
 
-def _as_f64(x, device: torch.device) -> Tensor:
-    """A count or residual as a 0-dim float64 tensor on ``device`` (a Python number through a
-    fill kernel: a host-to-device copy cannot be recorded)."""
-    if isinstance(x, Tensor):
-        return x.to(torch.float64).reshape(())
-    return torch.full((), float(x), dtype=torch.float64, device=device)
+class _Report:
+    """What the model's path reported of its last evaluation — ``cg_iterations``,
+    ``cg_inner_iterations``, ``cg_residual`` and the entries of ``_last_extra`` (what
+    :attr:`GridGP.last_solve <kronegp.GridGP.last_solve>` reads: iterations, the data term's
+    observed residual and error estimate, ...) — with its device tensors (the numbers of a run
+    under a fixed schedule, not read there) made plain numbers: ``int`` from an integer tensor,
+    else ``float``. Built from the eager fixed pass (read at once) and from the recording (its
+    tensors go into the check that is read after each replay); :meth:`apply` puts the numbers
+    back on the model. The graph's one home for what a step reports."""
+
+    STATS = ("cg_iterations", "cg_inner_iterations", "cg_residual")
+
+    def __init__(self, model):
+        self.stats = {key: getattr(model, key) for key in self.STATS}
+        self.extra = dict(model._last_extra)
+        #: (in ``stats`` or in ``extra``, key, integer) for each device tensor, in :meth:`tensor`'s order
+        self.slots: list[tuple[bool, str, bool]] = []
+        self._tensors: list[Tensor] = []
+        for in_stats, values in ((True, self.stats), (False, self.extra)):
+            for key, value in values.items():
+                if isinstance(value, Tensor):
+                    self.slots.append((in_stats, key, not value.is_floating_point()))
+                    self._tensors.append(value.reshape(()).to(torch.float64))
+
+    def tensor(self) -> Optional[Tensor]:
+        """The device tensors as one float64 vector (``None`` if there are none)."""
+        return torch.stack(self._tensors) if self._tensors else None
+
+    def read(self) -> list[float]:
+        """:meth:`tensor`'s values (reads the device)."""
+        return [] if not self._tensors else self.tensor().tolist()
+
+    def apply(self, model, numbers: list[float]) -> None:
+        """Set the model's report: these values, with ``numbers`` (:meth:`tensor`'s, read) in the
+        place of the tensors."""
+        stats, extra = dict(self.stats), dict(self.extra)
+        for (in_stats, key, integer), x in zip(self.slots, numbers, strict=True):
+            (stats if in_stats else extra)[key] = int(x) if integer else float(x)
+        for key, value in stats.items():
+            setattr(model, key, value)
+        model._last_extra = extra
 
 
 class GraphedLoss:
@@ -158,15 +212,14 @@ class GraphedLoss:
                     debug = torch.cuda.get_sync_debug_mode()
                     torch.cuda.set_sync_debug_mode("error")
                     try:
-                        loss = self._evaluate(CGSchedule.fixed(counts)).detach()
+                        loss = self._evaluate(CGSchedule.fixed(counts, schedule.plans)).detach()
                     finally:
                         torch.cuda.set_sync_debug_mode(debug)
-                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual) if m.inference.reports_cg else None
+                    report = _Report(m)
+                    numbers = report.read()
                     grads = [p.grad for p in params]
-                    self._record(counts, stream)
-                    if stats is not None:
-                        m.cg_iterations, m.cg_inner_iterations = int(stats[0]), int(stats[1])
-                        m.cg_residual = float(stats[2])
+                    self._record(counts, schedule.plans, stream)
+                    report.apply(m, numbers)  # this call's step is the eager fixed pass
                 else:
                     grads = [p.grad for p in params]
         finally:
@@ -176,25 +229,34 @@ class GraphedLoss:
             p.grad = g
         return loss
 
-    def _record(self, counts: list[int], stream: torch.cuda.Stream) -> None:
-        """Record the step with ``counts`` CG iterations per run (margin included)."""
-        m, params = self.model, self._params()
-        schedule = CGSchedule.fixed(counts)
-        for p in params:
+    def _recorded_step(self, counts: list[int], plans: list):
+        """What the graph records: the step under ``CGSchedule.fixed(counts, plans)`` (gradients
+        left in ``.grad``), then the check read after each replay (the schedule's runs and checks,
+        then the report's numbers). Returns ``(loss, check or None, schedule, report)``."""
+        m = self.model
+        schedule = CGSchedule.fixed(counts, plans)
+        for p in self._params():
             p.grad = None
+        # detached: holding the recorded autograd graph would keep its AccumulateGrad
+        # nodes (bound to this stream) for later eager steps
+        loss = self._evaluate(schedule).detach()
+        report = _Report(m)
+        rows = [schedule.check_tensor().reshape(-1)] if counts or schedule.checks else []
+        carried = report.tensor()
+        rows += [carried] if carried is not None else []
+        return loss, (torch.cat(rows) if rows else None), schedule, report
+
+    def _record(self, counts: list[int], plans: list, stream: torch.cuda.Stream) -> None:
+        """Record the step with ``counts`` CG iterations per run (margin included), following
+        ``plans`` (the recording pass's :attr:`CGSchedule.plans`: the refinement rounds of the
+        data column's solve)."""
+        m, params = self.model, self._params()
         graph = torch.cuda.CUDAGraph()
         gc.collect()
         gc.disable()  # no cyclic collection (and CUDA frees) in the middle of the recording
         try:
             with torch.cuda.graph(graph, stream=stream):
-                # detached: holding the recorded autograd graph would keep its AccumulateGrad
-                # nodes (bound to this stream) for later eager steps
-                loss = self._evaluate(schedule).detach()
-                rows = [schedule.check_tensor().reshape(-1)] if counts else []
-                if m.inference.reports_cg:
-                    stats = (m.cg_iterations, m.cg_inner_iterations, m.cg_residual)
-                    rows.append(torch.stack([_as_f64(v, loss.device) for v in stats]))
-                check = torch.cat(rows) if rows else None
+                loss, check, schedule, report = self._recorded_step(counts, plans)
         finally:
             gc.enable()
         # The Jacobi kernel's warm starts are read and written in place by the graph: keep them
@@ -203,6 +265,7 @@ class GraphedLoss:
         self.graph, self.recordings = graph, self.recordings + 1
         self._loss, self._grads, self._check = loss, [p.grad for p in params], check
         self._limits = [min(c, m.cg_max_iters) for c in counts]  # what each run does per replay
+        self._checks, self._report = schedule.checks, report
 
     def __call__(self) -> Tensor:
         m = self.model
@@ -217,22 +280,29 @@ class GraphedLoss:
         params = self._params()
         for p, g in zip(params, self._grads):
             p.grad = g
-        if self._check is not None:
-            values = self._check.tolist()  # the step's one synchronisation
-            n_runs = len(self._limits)
-            runs = [values[3 * i : 3 * i + 3] for i in range(n_runs)]
-            for (needed, active, residual), limit in zip(runs, self._limits):
-                if active and limit < m.cg_max_iters:
-                    return self._eager_and_record()  # ran out of recorded iterations: redo
-                if active:  # stopped at max_iters, as the eager step would have
-                    warn_not_converged(limit, residual, m.cg_tol, stacklevel=3)
-            if m.inference.reports_cg:
-                it, inner, residual = values[3 * n_runs :]
-                m.cg_iterations, m.cg_inner_iterations, m.cg_residual = int(it), int(inner), residual
-            # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
-            # shorter, at the next call.
-            if runs and all(limit - needed > self.margin + 1 for (needed, _, _), limit in zip(runs, self._limits)):
-                self.graph = None
+        values = [] if self._check is None else self._check.tolist()  # the step's one synchronisation
+        n_runs, n_checks = len(self._limits), len(self._checks)
+        runs = [values[3 * i : 3 * i + 3] for i in range(n_runs)]
+        checks = [values[3 * i : 3 * i + 3] for i in range(n_runs, n_runs + n_checks)]
+        # A run that ran out of recorded iterations, or a check above its bound where the recording
+        # met it (the data column's observed residual after the recorded refinement rounds): the
+        # replay's result is discarded; the step runs eagerly and is recorded again.
+        if (any(active and limit < m.cg_max_iters for (_, active, _), limit in zip(runs, self._limits))
+                or any(above and not c.final for (_, above, _), c in zip(checks, self._checks))):
+            return self._eager_and_record()
+        self._report.apply(m, values[3 * (n_runs + n_checks) :])
+        # what the eager step would have warned: a run stopped at max_iters, a refinement that ends
+        # short of its tolerance as the recorded one did
+        for (_, active, residual), limit in zip(runs, self._limits):
+            if active:
+                warn_not_converged(limit, residual, m.cg_tol, stacklevel=3)
+        for (_, above, value), c in zip(checks, self._checks):
+            if above:
+                c.warn(value, 3)
+        # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
+        # shorter, at the next call.
+        if runs and all(limit - needed > self.margin + 1 for (needed, _, _), limit in zip(runs, self._limits)):
+            self.graph = None
         return self._loss.detach().clone()
 
 

@@ -386,15 +386,31 @@ class ObservedSolve:
         reached: the largest relative residual ``‖(C x − b)_O‖ / ‖b_O‖`` over the columns.
         iterations: CG iterations on the ``G`` system (all rounds).
         rounds: solves of the ``G`` system run (0 when the given start already met ``tol``).
-        inner_tol: the tolerance of the last ``G`` solve.
+        inner_tol: the tolerance of the last ``G`` solve (under a fixed schedule: the recording's).
+        Under a fixed :class:`~kronegp.solvers.CGSchedule` ``reached``, ``iterations`` and ``rounds``
+        are 0-dim device tensors (not read).
     """
 
     solution: Tensor
     residual: Tensor
-    reached: float
-    iterations: int
-    rounds: int
+    reached: "float | Tensor"
+    iterations: "int | Tensor"
+    rounds: "int | Tensor"
     inner_tol: float
+
+
+def _observed_shortfall(reached: float, tol: float, tol_g: float, dtype: torch.dtype, stacklevel: int) -> None:
+    """:func:`refine_observed`'s report of a result short of ``tol`` (also given by a CUDA graph's
+    replay that ends there, through its :class:`~kronegp.solvers.cg.ScheduleCheck`); ``stacklevel``
+    as the caller would pass it to ``warnings.warn``."""
+    floor = 50 * torch.finfo(dtype).eps
+    shortfall(
+        reached, tol,
+        f"the solve on the observed cells reached a relative residual of {reached:.1e}, "
+        f"not tol={tol:.0e} (its inner CG went down to {tol_g:.0e}; the limit of {dtype} is "
+        f"~{floor:.0e}): results built on it may be off by that much relative to "
+        "the data; float64, or a model with more noise, conditions it better",
+        stacklevel=stacklevel + 1)
 
 
 def refine_observed(
@@ -414,16 +430,45 @@ def refine_observed(
     CG: then its observed residual is measured first, and ``G`` solved again only if it falls
     short) or from zero. A result short of ``tol`` after :data:`REFINE_ROUNDS` rounds, or at
     the dtype's limit, is reported through :func:`kronegp.solvers.report.shortfall`. ``precond``:
-    ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level)."""
+    ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level).
+
+    Under a :class:`~kronegp.solvers.CGSchedule` (a CUDA graph's step, :mod:`kronegp.models._graph`):
+    a recording one sees the rounds decided as above, and the plan noted (each round's ``G``
+    tolerance and inner tolerance; whether it ended short of ``tol``); a fixed one makes as many
+    rounds with the same inner tolerances (so the same CG runs, nested ones included) without
+    reading the device: each ``G`` tolerance is the rule above applied on the device to the
+    residual reached (a 0-dim tensor ``tol`` of :func:`~kronegp.solvers.block_cg`), so the rounds
+    stop where the eager loop's would, and a round after the loop would have stopped is run but
+    its result discarded on the device. The final residual goes to the schedule's checks: above
+    ``tol`` the replay is run again eagerly (and recorded again), unless the recording fell short
+    too, in which case it is reported as here."""
     obs = observed.to(rhs.dtype).unsqueeze(-1)
     missing = 1 - observed.to(rhs.dtype)
     tight = _inner_tol(tol, rhs.dtype)
     floor = 50 * torch.finfo(rhs.dtype).eps
+    tiny = torch.finfo(rhs.dtype).tiny
     b_norm = inner(rhs, rhs).sqrt()  # rhs is zero at missing cells
     # the likelihood's preconditioner of G (its columns as rows for the two-level one)
     if precond is None:
         precond = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype))
-    tol_g, v, iterations, rounds = tol, start, 0, 0
+    schedule = active_schedule()
+
+    def solve_g(v: Optional[Tensor], tol_g: float, tight: float):
+        rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
+        return block_cg(_missing_matvec(cov, missing, tight), rhs_g, precond, inner=inner, tol=tol_g,
+                        max_iters=max_iters, x0=v)
+
+    def measure(v: Tensor, tight: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``x = X(b − v)`` on the observed cells, its residual there, and the largest relative one
+        (0-dim, not read)."""
+        out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
+        r = obs * (cov.matvec(out) - rhs)
+        rel = torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(tiny), torch.zeros_like(b_norm))
+        return out, r, rel.max()
+
+    if schedule is not None and schedule.is_fixed:
+        return _refine_planned(schedule, solve_g, measure, start, rhs, tol=tol, tight=tight)
+    tol_g, v, iterations, rounds, plan = tol, start, 0, 0, []
     out = r = None
     for round_ in range(REFINE_ROUNDS + 1):
         if round_ > 0:
@@ -432,27 +477,69 @@ def refine_observed(
             tight = max(floor, min(tight, tol_g * 1e-2))
         if v is None or round_ > 0:
             out = r = None  # the previous round's, freed before this round's solve
-            rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
-            res = block_cg(_missing_matvec(cov, missing, tight), rhs_g, precond, inner=inner, tol=tol_g,
-                           max_iters=max_iters, x0=v)
+            res = solve_g(v, tol_g, tight)
             v, iterations, rounds = res.solution, iterations + res.iterations, rounds + 1
-            del res, rhs_g
-        out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
-        r = obs * (cov.matvec(out) - rhs)
-        reached = float(torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),
-                                    torch.zeros_like(b_norm)).max())
+            plan.append((tol_g, tight))
+            del res
+        out, r, reached = measure(v, tight)
+        reached = float(reached)
         if reached <= tol or tol_g <= floor or round_ == REFINE_ROUNDS:
             break
         tol_g = max(floor, tol_g * tol / reached / 2)
+    if schedule is not None:  # recording: what a fixed run (a CUDA graph) makes again
+        schedule.note_plan("refine_observed", (plan, reached > tol))
     if reached > tol:
-        shortfall(
-            reached, tol,
-            f"the solve on the observed cells reached a relative residual of {reached:.1e}, "
-            f"not tol={tol:.0e} (its inner CG went down to {tol_g:.0e}; the limit of {rhs.dtype} is "
-            f"~{floor:.0e}): results built on it may be off by that much relative to "
-            "the data; float64, or a model with more noise, conditions it better",
-            stacklevel=3)
+        _observed_shortfall(reached, tol, tol_g, rhs.dtype, stacklevel=3)
     return ObservedSolve(out, r, reached, iterations, rounds, tol_g)
+
+
+def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Tensor, *, tol: float,
+                    tight: float) -> ObservedSolve:
+    """:func:`refine_observed` under a fixed schedule, nothing read: the recorded rounds, each ``G``
+    solve to the tolerance the eager loop would choose from the residual reached (computed on the
+    device), with the recorded inner tolerance; the rounds after the loop would have stopped keep
+    its result."""
+    plan, short = schedule.next_plan("refine_observed")
+    if start is None and not plan:
+        raise RuntimeError("refine_observed: a fixed schedule's plan has no round to solve from zero")
+    floor = 50 * torch.finfo(rhs.dtype).eps
+    count = torch.zeros((), dtype=torch.long, device=rhs.device)
+    v, iterations, rounds = start, count, count
+    out = r = reached = stop = None
+    tol_g: "float | Tensor" = tol  # a number until the residual has chosen it
+
+    def tighten(tol_g, reached, stop):
+        """The eager loop's next ``G`` tolerance (unchanged once it has stopped)."""
+        new = torch.clamp_min(tol_g * tol / reached.to(torch.float64) / 2, floor)
+        if not isinstance(tol_g, Tensor):  # a fill, not a copy from the host (a graph records no copy)
+            tol_g = torch.full((), tol_g, dtype=torch.float64, device=rhs.device)
+        return torch.where(stop, tol_g, new)
+
+    if start is not None:
+        out, r, reached = measure(start, tight)
+        stop = reached <= tol
+        tol_g = tighten(tol_g, reached, stop)
+    for _, tight in plan:
+        res = solve_g(v, tol_g, tight)
+        new_out, new_r, new_reached = measure(res.solution, tight)
+        it = res.iterations_needed
+        if stop is None:  # the first round, from zero
+            v, out, r, reached, iterations, rounds = res.solution, new_out, new_r, new_reached, it, count + 1
+            stop = reached <= tol
+        else:  # kept where the eager loop stopped before this round
+            v = torch.where(stop, v, res.solution)
+            out, r = torch.where(stop, out, new_out), torch.where(stop, r, new_r)
+            reached = torch.where(stop, reached, new_reached)
+            iterations = iterations + torch.where(stop, torch.zeros_like(it), it)
+            rounds = rounds + (~stop).long()
+            stop = stop | (reached <= tol)
+        stop = stop | (tol_g <= floor)  # this round's G tolerance at the dtype's limit: the eager loop stops too
+        tol_g = tighten(tol_g, reached, stop)
+        del res, new_out, new_r
+    said = plan[-1][0] if plan else tol  # the recording's last G tolerance, for the report
+    schedule.add_check(reached, tol, final=short,
+                       warn=lambda value, stacklevel: _observed_shortfall(value, tol, said, rhs.dtype, stacklevel + 1))
+    return ObservedSolve(out, r, reached, iterations, rounds, said)
 
 
 class _Layout:
@@ -713,19 +800,22 @@ def cg_lml_pieces(
                     del second
                     if data:
                         alpha = obs_f * lay.take(back, 0)
-                if data and active_schedule() is None:
+                if data:
                     # The data term needs C_OO α = r_O, whose residual is not G's (solve_observed):
                     # measure it and solve G's data column again from where it stopped if it falls
-                    # short. A run under a CG schedule (a CUDA graph's step) makes fixed runs and skips it.
+                    # short. Under a CG schedule (a CUDA graph's step) the recording notes the rounds
+                    # and the fixed run makes them again, its residual checked after each replay.
                     check = refine_observed(cov, r.unsqueeze(-1), observed, lay.columns(lay.take(g, slice(0, 1))),
                                             tol=tol, max_iters=max_iters, inner=inner,
                                             precond=_columns_precond(g_diag, coarse))
                     alpha = check.solution[:, 0]
                     # rᵀα̂ − rᵀα = α̂ᵀ(Cα̂ − r) to first order: the data term's error, in nats.
-                    extra["lml_error"] = 0.5 * abs(float(_total(inner, alpha * check.residual[:, 0])))
+                    lml_error = 0.5 * _total(inner, alpha * check.residual[:, 0]).abs()
+                    read = not isinstance(check.reached, Tensor)  # a fixed schedule's numbers stay on the device
+                    extra["lml_error"] = float(lml_error) if read else lml_error
                     extra["observed_residual"] = check.reached
                     extra["refine_iterations"] = check.iterations
-                    if check.reached > tol:
+                    if read and check.reached > tol:
                         note("lml_error", f"the log likelihood's data term may be off by ~{extra['lml_error']:.2g} "
                                           "(first-order estimate from that residual)")
                     del check

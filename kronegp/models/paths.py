@@ -120,8 +120,6 @@ class InferencePath:
     name: ClassVar[str] = ""
     #: whether the work runs in slabs of a chunk the memory plan chooses (else the CG blocks' plan)
     chunked: ClassVar[bool] = False
-    #: whether a CUDA graph of the step must carry the CG statistics back to the model
-    reports_cg: ClassVar[bool] = False
 
     def __init__(self, layout):
         self.layout = layout
@@ -371,7 +369,6 @@ class CGPath(InferencePath):
     covariance (:mod:`kronegp.models._masked`), stochastic log-determinant and traces."""
 
     name = "cg"
-    reports_cg = True
 
     def covariance(self, gp, factors: list[Tensor]) -> FullGridCovariance:
         """``C = K + diag(d̃)`` at the current hyperparameters (no autograd)."""

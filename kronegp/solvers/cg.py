@@ -35,6 +35,12 @@ runs exactly the count given for its position in the call order (``CGSchedule.fi
 columns that converge earlier are frozen on the device, so extra iterations change nothing
 but time. Such a run never synchronises; whether it converged is read afterwards from
 :meth:`CGSchedule.check` (one transfer for every run of the schedule).
+
+A computation may decide more on the host than when CG stops (how many times to solve again,
+with what tolerance: :func:`kronegp.models._masked.refine_observed`). Under a recording schedule
+it decides as usual and notes what it did (:meth:`CGSchedule.note_plan`); under a fixed one it
+takes that plan (:meth:`CGSchedule.next_plan`), makes the same runs, and hands the number that
+decided as a device tensor to :meth:`CGSchedule.add_check`, read with the runs' checks.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from kronegp import device
 from kronegp.device import Backend
 from kronegp.solvers.report import shortfall
 
-__all__ = ["CGResult", "CGSchedule", "active_schedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
+__all__ = ["CGResult", "CGSchedule", "ScheduleCheck", "active_schedule", "block_cg", "cg_schedule", "local_inner", "row_inner", "FUSED"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -106,19 +112,48 @@ class CGResult:
         return float(self.residual.max()) if self.converged is not None else self.residual.max()
 
 
+@dataclass
+class ScheduleCheck:
+    """A number a computation under a fixed :class:`CGSchedule` must keep at or below ``tol`` for its
+    result to stand (:meth:`CGSchedule.add_check`).
+
+    Attributes:
+        value: 0-dim device tensor (not read by the computation).
+        tol: the bound.
+        final: the recorded computation ended above ``tol`` too, with nothing left to try (like a
+            run stopped at ``max_iters``): a value above it is then reported through ``warn``, not
+            grounds to run the computation again.
+        warn: ``(value, stacklevel) ↦`` the warning (or :func:`kronegp.solvers.report.shortfall`)
+            the eager computation gives for it; ``stacklevel`` as its caller would pass it to
+            ``warnings.warn``.
+    """
+
+    value: Tensor
+    tol: float
+    final: bool
+    warn: Callable[[float, int], None]
+
+
 class CGSchedule:
     """Iteration counts of the :func:`block_cg` runs of one computation, by call order.
 
-    ``CGSchedule.record()`` notes what each run needed (:attr:`counts`); ``CGSchedule.fixed(c)``
-    makes run ``i`` do exactly ``c[i]`` iterations without reading the device, and keeps each
-    run's per-column state for :meth:`check`. Activate one with :func:`cg_schedule`.
+    ``CGSchedule.record()`` notes what each run needed (:attr:`counts`) and the plans the
+    computation noted (:attr:`plans`); ``CGSchedule.fixed(c, plans)`` makes run ``i`` do exactly
+    ``c[i]`` iterations without reading the device, hands the plans back in order, and keeps each
+    run's per-column state and the computation's :class:`ScheduleCheck` for :meth:`check`.
+    Activate one with :func:`cg_schedule`.
     """
 
-    def __init__(self, counts: Optional[list[int]] = None):
+    def __init__(self, counts: Optional[list[int]] = None, plans: Optional[list] = None):
         #: iterations per run: recorded, or the fixed ones to run
         self.counts: list[int] = [] if counts is None else [int(c) for c in counts]
         self.is_fixed = counts is not None
+        #: ``(key, plan)`` per host decision of the computation: noted, or the ones to follow
+        self.plans: list[tuple[str, object]] = [] if plans is None else list(plans)
+        #: the checks a fixed computation added (:meth:`add_check`), in order
+        self.checks: list[ScheduleCheck] = []
         self._next = 0
+        self._next_plan = 0
         # per fixed run: (column_iterations, residual, active), None until it has finished
         self._runs: list[Optional[tuple[Tensor, Tensor, Tensor]]] = []
 
@@ -127,10 +162,11 @@ class CGSchedule:
         return cls(None)
 
     @classmethod
-    def fixed(cls, counts: list[int]) -> "CGSchedule":
+    def fixed(cls, counts: list[int], plans: Optional[list] = None) -> "CGSchedule":
+        """Run ``counts`` iterations per run and follow ``plans`` (a recording's :attr:`plans`)."""
         if any(c < 1 for c in counts):
             raise ValueError(f"every fixed iteration count must be >= 1, got {counts}")
-        return cls(list(counts))
+        return cls(list(counts), [] if plans is None else plans)
 
     def _start(self, max_iters: int) -> tuple[int, Optional[int]]:
         """A run starts: its slot (runs are numbered in the order they start, whatever order
@@ -159,21 +195,57 @@ class CGSchedule:
         """Runs started so far under this schedule."""
         return self._next
 
+    def note_plan(self, key: str, plan) -> None:
+        """Recording: the computation ``key`` decided ``plan`` on the host (what a fixed run of it
+        must do again without reading the device)."""
+        if self.is_fixed:
+            raise RuntimeError(f"CGSchedule.note_plan({key!r}): a fixed schedule follows plans, it does not note them")
+        self.plans.append((key, plan))
+
+    def next_plan(self, key: str):
+        """Fixed: the plan that ``key`` noted at this point of the recorded computation."""
+        if not self.is_fixed:
+            raise RuntimeError(f"CGSchedule.next_plan({key!r}): a recording schedule has no plans to follow")
+        i = self._next_plan
+        if i >= len(self.plans) or self.plans[i][0] != key:
+            had = repr(self.plans[i][0]) if i < len(self.plans) else "none"
+            raise RuntimeError(
+                f"CGSchedule: plan {i + 1} asked for {key!r}, the recording noted {had} there ({len(self.plans)} "
+                "plans); the computation decided differently from when the schedule was recorded (or "
+                "CGSchedule.fixed was not given the recording's plans)"
+            )
+        self._next_plan += 1
+        return self.plans[i][1]
+
+    def add_check(self, value: Tensor, tol: float, *, final: bool, warn: Callable[[float, int], None]) -> None:
+        """Fixed: ``value`` (0-dim device tensor) must be ``<= tol`` for the computation's result
+        to stand; read with the runs' checks (:meth:`check_tensor`). See :class:`ScheduleCheck`."""
+        if not self.is_fixed:
+            raise RuntimeError("CGSchedule.add_check: only a fixed schedule's computation adds checks")
+        self.checks.append(ScheduleCheck(value.reshape(()), float(tol), bool(final), warn))
+
     def check_tensor(self) -> Tensor:
-        """``(runs, 3)`` float64 on the device: per fixed run, the most iterations a column
+        """``(runs + checks, 3)`` float64 on the device: per fixed run, the most iterations a column
         needed, whether a column is still above ``tol`` (1) or not (0), the largest final
-        relative residual. Built from device tensors only (no synchronisation): a captured
-        graph can compute it, to be read after each replay."""
-        if not self._runs or any(run is None for run in self._runs):
-            raise RuntimeError("CGSchedule.check_tensor: needs fixed runs, all of them finished")
+        relative residual; then per :class:`ScheduleCheck`, its ``tol``, whether its value is above
+        it (1) or not (0), the value. Built from device tensors only (no synchronisation): a
+        captured graph can compute it, to be read after each replay."""
+        if (not self._runs and not self.checks) or any(run is None for run in self._runs):
+            raise RuntimeError("CGSchedule.check_tensor: needs fixed runs or checks, every run finished")
         rows = [torch.stack([it.max().to(torch.float64), act.any().to(torch.float64), r.max().to(torch.float64)])
                 for it, r, act in self._runs]
+        for c in self.checks:
+            value = c.value.to(torch.float64)
+            rows.append(torch.stack([torch.full_like(value, c.tol), (value > c.tol).to(torch.float64), value]))
         return torch.stack(rows)
 
-    def check(self) -> list[tuple[int, bool, float]]:
-        """Per fixed run: (iterations needed, converged, largest relative residual). Reads the
-        device (synchronises)."""
-        return [(int(i), not bool(a), float(r)) for i, a, r in self.check_tensor().tolist()]
+    def check(self) -> list[tuple]:
+        """Per fixed run: (iterations needed, converged, largest relative residual); then per
+        check: (tol, met, value). Reads the device (synchronises)."""
+        values = self.check_tensor().tolist()
+        runs = len(self._runs)
+        return ([(int(i), not bool(a), float(r)) for i, a, r in values[:runs]]
+                + [(t, not bool(a), v) for t, a, v in values[runs:]])
 
 
 _SCHEDULE: contextvars.ContextVar[Optional[CGSchedule]] = contextvars.ContextVar("kronegp_cg_schedule", default=None)
@@ -261,7 +333,7 @@ def block_cg(
     precond: Optional[Callable[[Tensor], Tensor] | Tensor] = None,
     *,
     inner: Optional[Inner] = None,
-    tol: float = 1e-5,
+    tol: "float | Tensor" = 1e-5,
     max_iters: int = 1000,
     min_iters: int = 0,
     x0: Optional[Tensor] = None,
@@ -280,7 +352,9 @@ def block_cg(
         inner: ``(a, b) ↦ (..., t)`` column-wise inner products; default :func:`local_inner`
             (:func:`row_inner` with ``rows``). Pass an all-reduced one when the ``n``
             dimension is sharded across processes.
-        tol: stop a column once ``‖b − A x‖ / ‖b‖ ≤ tol`` (2-norms through ``inner``).
+        tol: stop a column once ``‖b − A x‖ / ‖b‖ ≤ tol`` (2-norms through ``inner``). In a run of
+            a fixed :class:`CGSchedule` it may be a 0-dim device tensor (a tolerance the computation
+            chose on the device, not read; such a run takes the torch iteration).
         max_iters: at most this many iterations; a run that stops here without reaching
             ``tol`` warns (``RuntimeWarning``) with the residual reached.
         min_iters: run at least this many iterations (Lanczos quadrature needs a few).
@@ -327,7 +401,14 @@ def block_cg(
         precond = _diagonal_precond(diag, rows)
     elif precond is not None and not callable(precond):
         raise TypeError(f"precond must be callable r -> M r, a diagonal tensor, or None, got {type(precond).__name__}")
-    if tol <= 0 or not (tol == tol):
+    schedule = _SCHEDULE.get()
+    if isinstance(tol, Tensor):
+        # a tolerance the computation chose on the device (its value cannot be checked here)
+        if schedule is None or not schedule.is_fixed or tol.dim() != 0:
+            where = "no schedule" if schedule is None else "a fixed schedule" if schedule.is_fixed else "a recording schedule"
+            raise ValueError("tol may be a tensor only as a 0-dim one, in a run of a fixed CGSchedule; "
+                             f"got shape {tuple(tol.shape)}, {where}")
+    elif tol <= 0 or not (tol == tol):
         raise ValueError(f"tol must be a positive number, got {tol}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
@@ -337,12 +418,13 @@ def block_cg(
     def per_vector(v: Tensor) -> Tensor:  # (..., t) coefficients against the block
         return v.unsqueeze(vd)
 
-    schedule = _SCHEDULE.get()
     slot, fixed = schedule._start(max_iters) if schedule is not None else (0, None)
 
     # The fused step applies a diagonal preconditioner or none: a callable one (e.g. the two-level
-    # preconditioner of a hole) runs the torch iteration, never the fused one without it.
-    fused = _fused_backend(rhs, inner, diag, rows) if x0 is None and (precond is None or diag is not None) else None
+    # preconditioner of a hole) runs the torch iteration, never the fused one without it; nor does
+    # it take a tolerance held on the device.
+    fused = (_fused_backend(rhs, inner, diag, rows)
+             if x0 is None and (precond is None or diag is not None) and not isinstance(tol, Tensor) else None)
     b_norm = inner(rhs, rhs).sqrt()
     # the caller's block becomes the residual (updated in place) when it is handed over
     own = overwrite_rhs and x0 is None and rhs.is_contiguous()
