@@ -184,10 +184,16 @@ class FullGridCovariance:
             return None
         if self.homoskedastic:
             return self.p_inv
-        if self._square_root is None:  # one read of the device per covariance, never on the graph-able paths
-            signal = _total(self.inner, (self.lam > self.sigma_bar2).to(self.lam.dtype))
-            cells = _total(self.inner, torch.ones_like(self.lam))
-            self._square_root = _cell_noise.square_root_pays(float(signal), float(cells))
+        if self._square_root is None:  # one read of the device per covariance
+            schedule = active_schedule()
+            if schedule is not None and schedule.is_fixed:  # a CUDA graph's step: the recording's choice
+                self._square_root = schedule.next_plan("square_root_precond")
+            else:
+                signal = _total(self.inner, (self.lam > self.sigma_bar2).to(self.lam.dtype))
+                cells = _total(self.inner, torch.ones_like(self.lam))
+                self._square_root = _cell_noise.square_root_pays(float(signal), float(cells))
+                if schedule is not None:
+                    schedule.note_plan("square_root_precond", self._square_root)
         if not self._square_root:
             return self.p_inv
         return _cell_noise.SquareRootPreconditioner(self.eig, self.lam, self.fill_noise, self.sigma_bar2, rows=rows,
@@ -650,11 +656,11 @@ def cg_lml_pieces(
             s = probes_c.shape[1]
             # CG in eigen-coordinates (see FullGridCovariance.solve) from z̃ = Qᵀz, z ~ N(0, M) for
             # the solves' preconditioner M⁻¹ (the square-root one of kronegp.models._cell_noise where
-            # it pays; P under a CG schedule, whose choice would read the device), drawn from the
+            # it pays; under a fixed CG schedule, the recording's choice), drawn from the
             # caller's ξ on the grid: with ±1 entries the estimate's variance is only the
             # off-diagonal part of log H, H = M^{-½}CM^{-½} being nearly diagonal there.
             xi = lay.from_columns(probes_c)
-            pre = cov.p_inv if active_schedule() is not None else cov.solve_precond(rows=lay.rows)
+            pre = cov.solve_precond(rows=lay.rows)
             square_root = not isinstance(pre, Tensor)
             if square_root:
                 zt, log_m = pre.sample(xi), pre.logdet()
