@@ -330,6 +330,12 @@ def run_limit(y, axes, args) -> list[dict]:
                         warnings.simplefilter("ignore")
                         row["measured"][way] = statistics.median(time_call(gp.loss_backward, y.device,
                                                                            repeats=args.repeats))
+                except (ValueError, torch.OutOfMemoryError) as err:  # a way that cannot run here: recorded
+                    row.setdefault("failed", {})[way] = f"{type(err).__name__}: {err}"[:300]
+                    gp = None
+                    if y.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 finally:
                     costs.EXACT_BUDGET_S.clear()
                     costs.EXACT_BUDGET_S.update(budget)

@@ -159,3 +159,17 @@ def test_paths_work_through_the_layout(case, monkeypatch):
     else:
         assert calls.get("covariance", 0) == 1 and calls.get("total", 0) >= 1 and calls.get("fill_noise", 0) >= 1
         assert calls.get("unit_probes", 0) + calls.get("std_normal", 0) >= 1
+
+
+def test_forced_exact_missing_refuses_rows_that_cannot_be_held(monkeypatch):
+    """path='exact-missing' with more m·N than one block of rows may hold is a clear error before any
+    work (on the H100, gaps.py --limit forced it at 64³ with 13,824 scattered cells: a 15.6 GiB
+    allocation failed mid-step); auto never takes it there."""
+    import kronegp.models.paths as paths_module
+
+    monkeypatch.setattr(paths_module, "MAX_FORM_ELEMENTS", 1000)
+    v = torch.randn(10, 10, 10, dtype=torch.float64)
+    v[:2, :2, :2] = float("nan")  # m = 8, m·N = 8000 > 1000
+    with pytest.raises(ValueError, match=r"path='exact-missing' holds blocks of m × N rows.*m = 8 missing cells"):
+        GridGP(v, path="exact-missing")
+    assert GridGP(v).path != "exact-missing"

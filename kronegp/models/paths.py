@@ -616,6 +616,12 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(
             "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
             f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
+    if requested == "exact-missing" and n_missing * n_cells > MAX_FORM_ELEMENTS:
+        raise ValueError(
+            f"path='exact-missing' holds blocks of m × N rows of C⁻¹ (three at once, for the gradient and the "
+            f"posterior): m = {n_missing} missing cells × N = {n_cells} cells = {n_missing * n_cells:.3g} elements "
+            f"({3 * n_missing * n_cells * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB), more than "
+            f"{MAX_FORM_ELEMENTS:.3g} per block; use path='auto' or 'cg'")
     masked, n_points = mask_axes(observed, shape) if n_missing and layout.whole_grid else ([], 0)
     # constant along an axis with more than one point (a length-1 axis says nothing)
     constant = math.prod(n for k, n in enumerate(shape) if k not in masked) > 1
