@@ -37,8 +37,8 @@ Replicated parameters that meet sharded data are passed through
 meet all-reduced scalars are not.
 
 Probe vectors (cg path): with ``probes="replicated"`` every rank draws the whole
-``(N, S)`` block from the generator :class:`~kronegp.GridGP` uses (seeded ``seed +
-offset`` on the data's device) and keeps its rows, so the run reproduces the
+``(N, S)`` block from the generator :class:`~kronegp.GridGP` uses (seeded
+:func:`~kronegp.models.layout.probe_seed` ``(seed, offset)`` on the data's device) and keeps its rows, so the run reproduces the
 single-process model's estimate; ``probes="chunked"`` draws rows in fixed chunks of
 ``2^16`` from generators seeded by ``(seed, offset, chunk)``, so each rank draws only its
 rows and the estimate does not depend on ``G`` (but differs from GridGP's random draw).
@@ -88,6 +88,7 @@ from kronegp.models._data import ParsedGrid, parse_grid_data
 from kronegp.models._kron import factor_eigs
 from kronegp.models._masked import FullGridCovariance
 from kronegp.models.grid_gp import GridGP
+from kronegp.models.layout import probe_seed
 
 __all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "ShardedPlacement", "sharded_grid_covariance"]
 
@@ -417,7 +418,7 @@ class ShardedLayout:
             scheme = "replicated" if self.n_cells * cols <= _REPLICATED_PROBE_LIMIT else "chunked"
         if scheme == "replicated":
             gen = torch.Generator(device=dev)
-            gen.manual_seed(seed + offset)
+            gen.manual_seed(probe_seed(seed, offset))
             # GridGP's draw: column after column (its (N, cols) block is a transposed view)
             return torch.randn(cols, self.n_cells, generator=gen, dtype=dt, device=dev)[:, self.rows].mT.contiguous()
         out = []
