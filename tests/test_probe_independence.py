@@ -11,12 +11,16 @@ from another stream and was right). The probes are now seeded by a hash of (seed
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from kronegp.models import layout
 from kronegp.models.layout import probe_seed
+from kronegp.solvers import block_cg, slq_logdet_correction
+from kronegp.solvers.lanczos import implausible_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +102,61 @@ def test_float32_and_float64_agree_with_the_same_probes(gaps, monkeypatch):
     (v32, g32), (v64, g64) = out[torch.float32], out[torch.float64]
     assert abs(v32 - v64) < 0.05 + 1e-5 * abs(v64), (v32, v64)
     assert float((g32 - g64).norm()) < 1e-4 * float(g64.norm()), (g32, g64)
+
+
+# ---- the probe check of kronegp.solvers.lanczos (an implausible probe weight warns)
+
+
+def test_implausible_probes_flags_only_weights_outside_the_chi2_law():
+    dof = 16384
+    rng = torch.Generator().manual_seed(3)
+    weights = (torch.randn(64, dof, generator=rng, dtype=torch.float64) ** 2).sum(1).tolist()
+    assert implausible_probes(weights, dof) == []  # true χ² draws
+    assert implausible_probes([dof] * 4, dof) == []  # unit probes weigh exactly dof
+    bad = implausible_probes(weights[:3] + [0.66 * dof] + weights[3:5] + [1.2 * dof], dof)
+    assert [j for j, _, _ in bad] == [3, 6]  # worst first: −30σ, then +22σ
+    assert bad[0][1] == pytest.approx(-0.34 * dof / math.sqrt(2 * dof), rel=1e-12) and bad[0][2] < 1e-200
+    with pytest.raises(ValueError, match="dof"):
+        implausible_probes(weights, 0)
+
+
+def test_slq_with_a_probe_outside_its_law_warns_with_the_estimate_without_it():
+    # Jacobi-preconditioned SPD matrix, 12 probes from N(0, P) and one scaled by 0.6 (weight
+    # 0.36·n: far outside n ± √(2n)); the warning names it and the estimate without it, which
+    # must be the plain mean of the others' terms (checked against the estimate of those alone)
+    n, s = 400, 12
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    a = torch.eye(n, dtype=torch.float64) + b @ b.T + torch.diag(torch.rand(n, generator=g, dtype=torch.float64))
+    d = 1 / a.diagonal()
+    z = torch.randn(n, s, generator=g, dtype=torch.float64) / d.sqrt().unsqueeze(-1)  # N(0, diag(a)) = N(0, P)
+    z[:, 5] *= 0.6
+    res = block_cg(lambda v: a @ v, z, d, tol=1e-10, max_iters=n, record_lanczos=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slq_logdet_correction(res, dof=n)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "probe 5's weight" in msgs[0], msgs
+    others = [j for j in range(s) if j != 5]
+    alone = float(slq_logdet_correction(block_cg(lambda v: a @ v, z[:, others], d, tol=1e-10, max_iters=n,
+                                                 record_lanczos=True)))
+    assert f"is {alone:.6g} without it" in msgs[0], (alone, msgs[0])
+    with warnings.catch_warnings():  # without dof, or with good probes, no check and no warning
+        warnings.simplefilter("error")
+        slq_logdet_correction(res)
+        slq_logdet_correction(res, columns=others, dof=n)
+
+
+def test_a_likelihood_with_probes_drawn_from_the_mask_seed_warns_once(gaps, monkeypatch):
+    # The old seeding (seed + offset) put back: the float32 model's first probe column is 10σ
+    # small on the missing cells of a 16³ half-missing grid; one RuntimeWarning per fit says so.
+    monkeypatch.setattr(layout, "probe_seed", lambda seed, offset: seed + offset)
+    n = 16
+    y, axes = gaps.draw(n, torch.float32, torch.device("cpu"))
+    gp = gaps.build(y, axes, _half_missing(n, 1, torch.float32), None, num_probes=16, path="cg",
+                    exact_trace_limit=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp.fit(iters=3, progress=False)
+    msgs = [str(w.message) for w in caught if "SLQ log det" in str(w.message)]
+    assert len(msgs) == 1 and "probe 0's weight" in msgs[0] and "σ" in msgs[0], msgs
