@@ -175,7 +175,7 @@ def test_cg_likelihood_with_random_probes_is_within_its_reported_error(dtype, sq
     monkeypatch.setattr(cell_noise, "SIGNAL_FRACTION", 1.0 if square_root else 0.0)
     monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)
     errors, reported = [], []
-    for seed in range(4):
+    for seed in range(8):  # 4 seeds left a 1 %-chance draw of the first four (rms 0.87 against 3.7) failing
         gp = _model(dtype=dtype, exact_trace_limit=0, seed=seed, cg_tol=1e-5 if dtype == torch.float64 else 1e-4)
         lml, grads = _lml_and_grads(gp)
         ref, ref_grads = _dense_lml_and_grads(gp)
@@ -187,7 +187,8 @@ def test_cg_likelihood_with_random_probes_is_within_its_reported_error(dtype, sq
         assert float((grads - ref_grads).norm() / ref_grads.norm()) <= 0.1
     rms = math.sqrt(sum(e * e for e in errors) / len(errors))
     typical = math.sqrt(sum(r * r for r in reported) / len(reported))
-    # the reported standard error describes the actual one (within a factor of 3 either way; 4 seeds)
+    # the reported standard error describes the actual one (within a factor of 3 either way; 8 seeds:
+    # measured 0.66–1.85 of the rms error over them, 0.82–1.25 over 16)
     assert typical / 3 <= rms <= 3 * typical, (errors, reported)
 
 

@@ -754,7 +754,7 @@ def cg_lml_pieces(
             sums = EigenPairSums(cov.eig) if step < cols else None
             matvec_g = _missing_matvec(cov, missing, tight, rows=lay.rows)
             slq: list = []
-            iterations = residual = None
+            iterations = residual = n_missing = None
             for a in range(0, cols, step):
                 b = min(cols, a + step)
                 data = a == 0
@@ -849,7 +849,12 @@ def cg_lml_pieces(
                 iterations = it if iterations is None else _larger(iterations, it)
                 residual = reached if residual is None else _larger(residual, reached)
                 if probes_here:
-                    slq.append((slq_logdet_correction(res, columns=pcols, host=lanczos), probes_here))
+                    if lanczos is not None and n_missing is None:  # a run that reads the device anyway
+                        n_missing = round(float(_total(inner, missing)))
+                    # dof: each probe's weight is checked against its χ² law (a probe that is not a
+                    # N(0, P) draw biases the estimate silently; kronegp.solvers.lanczos)
+                    slq.append((slq_logdet_correction(res, columns=pcols, host=lanczos,
+                                                      dof=n_missing if lanczos is not None else None), probes_here))
                 del res, lanczos
             if sums is not None:
                 eig_left = eig_right = alpha_t

@@ -37,8 +37,8 @@ Replicated parameters that meet sharded data are passed through
 meet all-reduced scalars are not.
 
 Probe vectors (cg path): with ``probes="replicated"`` every rank draws the whole
-``(N, S)`` block from the generator :class:`~kronegp.GridGP` uses (seeded ``seed +
-offset`` on the data's device) and keeps its rows, so the run reproduces the
+``(N, S)`` block from the generator :class:`~kronegp.GridGP` uses (seeded
+:func:`~kronegp.models.layout.probe_seed` ``(seed, offset)`` on the data's device) and keeps its rows, so the run reproduces the
 single-process model's estimate; ``probes="chunked"`` draws rows in fixed chunks of
 ``2^16`` from generators seeded by ``(seed, offset, chunk)``, so each rank draws only its
 rows and the estimate does not depend on ``G`` (but differs from GridGP's random draw).

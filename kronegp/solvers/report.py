@@ -8,7 +8,9 @@ likelihood. Inside :func:`one_warning` every shortfall is recorded instead, and 
 (largest residual relative to its tolerance), how many solves fell short, and whatever the
 caller adds (an estimate of the likelihood's error). Blocks nest: a ``fit`` that evaluates
 the likelihood many times warns once for the whole fit. Outside any block, a shortfall
-warns at once (a bare :func:`kronegp.solvers.block_cg` call).
+warns at once (a bare :func:`kronegp.solvers.block_cg` call). A :func:`finding` (an estimate
+found wrong by another test than a residual, e.g. implausible SLQ probes) warns the same way,
+and its sentence is always in the block's warning (the latest of each kind).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-__all__ = ["Shortfall", "Shortfalls", "note", "one_warning", "shortfall"]
+__all__ = ["Shortfall", "Shortfalls", "finding", "note", "one_warning", "shortfall"]
 
 
 @dataclass
@@ -33,21 +35,27 @@ class Shortfall:
 
 @dataclass
 class Shortfalls:
-    """The shortfalls of one :func:`one_warning` block, and notes to add to its warning."""
+    """The shortfalls of one :func:`one_warning` block, notes to add to its warning, and findings
+    (:func:`finding`), each of which makes it warn."""
 
     where: str
     items: list[Shortfall] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+    findings: dict[str, str] = field(default_factory=dict)
 
     def worst(self) -> Optional[Shortfall]:
         return max(self.items, key=lambda s: s.residual / s.tol, default=None)
+
+    def warns(self) -> bool:
+        return bool(self.items or self.findings)
 
     def message(self) -> str:
         worst = self.worst()
         count = len(self.items)
         more = f" ({count} solves fell short; the worst is reported)" if count > 1 else ""
+        parts = ([worst.sentence + more] if worst is not None else []) + list(self.findings.values())
         notes = "".join(f"; {note}" for note in self.notes.values())
-        return f"{self.where}: {worst.sentence}{more}{notes}"
+        return f"{self.where}: {'; '.join(parts)}{notes}"
 
 
 _ACTIVE: ContextVar[Optional[Shortfalls]] = ContextVar("kronegp_shortfalls", default=None)
@@ -70,7 +78,7 @@ def one_warning(where: str, stacklevel: int = 3) -> Iterator[Shortfalls]:
         yield col
     finally:
         _ACTIVE.reset(token)
-    if col.items:
+    if col.warns():
         warnings.warn(col.message(), RuntimeWarning, stacklevel=stacklevel)
 
 
@@ -89,3 +97,15 @@ def note(key: str, text: str) -> None:
     col = _ACTIVE.get()
     if col is not None:
         col.notes[key] = text
+
+
+def finding(key: str, sentence: str, stacklevel: int = 2) -> None:
+    """Report a result found wrong by a test other than a solve's residual (``key`` names the
+    kind; the latest sentence of each kind is kept): inside a :func:`one_warning` block its
+    warning carries ``sentence`` (and the block warns even if no solve fell short); outside
+    any block, warn at once."""
+    col = _ACTIVE.get()
+    if col is None:
+        warnings.warn(sentence, RuntimeWarning, stacklevel=stacklevel + 1)
+    else:
+        col.findings[key] = sentence
