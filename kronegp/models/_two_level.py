@@ -64,11 +64,13 @@ import torch
 from torch import Tensor
 
 from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
+from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import matmul_kron
 
-__all__ = ["CoarseBasis", "TwoLevel", "two_level", "selected_gram", "coarse_bytes", "ENABLED", "MODE_SCORE",
-           "MAX_MODES", "MAX_GRAM_ELEMENTS", "MAX_COLUMN_MODES", "COLUMN_CHUNK", "MIN_FILL", "MIN_MISSING"]
+__all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
+           "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
+           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -78,12 +80,18 @@ MODE_SCORE = 1.0
 MAX_MODES = 1024
 #: At most this many elements in the partial gram ``H`` (``n_1 · (Π_{k>1} r_k)²``, see :func:`selected_gram`).
 MAX_GRAM_ELEMENTS = 1 << 24
-#: At most this many modes when the hole does not fill its box (each mode is a grid column through ``Qᵀ``).
-MAX_COLUMN_MODES = 128
-#: Modes per block when ``E`` is formed through the grid (memory: that many grid vectors at once).
-COLUMN_CHUNK = 16
-#: Least share of the bounding box the missing cells must fill.
-MIN_FILL = 0.5
+#: At most this many coarse modes over all pieces together (the largest pieces first).
+MAX_TOTAL_MODES = 4096
+#: At most this many pieces get a coarse space (the largest first; the others keep Jacobi).
+MAX_PIECES = 256
+#: A piece that does not fill its box forms its Galerkin matrix from X's eigen-expansion truncated so
+#: that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E`` (:func:`truncated_galerkin`).
+GALERKIN_TOL = 0.1
+#: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
+#: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
+MAX_TRUNCATED_MODES = 256
+#: ... and at most this many elements in its ``|S|`` box rows (``|S| ≤ MAX_BOX_ELEMENTS / box``).
+MAX_BOX_ELEMENTS = 1 << 25
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
 MIN_MISSING = 64
 
@@ -148,8 +156,26 @@ def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], 
     return E
 
 
+def pieces_of(missing: Tensor, sizes) -> list[MissingBox]:
+    """The pieces of the missing cells (bool grid, flat) that get a coarse space each: the connected
+    components (cells sharing a face) of at least :data:`MIN_MISSING` cells, at most
+    :data:`MAX_PIECES` (the largest first), each a :class:`~kronegp.models._few_missing.MissingBox`
+    of its own cells (so their cells are disjoint). Scattered cells form no piece. One read of the
+    mask on the host (``scipy.ndimage.label``)."""
+    import scipy.ndimage
+
+    labels, count = scipy.ndimage.label(missing.reshape(list(sizes)).cpu().numpy())
+    if count == 0:
+        return []
+    labels = torch.from_numpy(labels).reshape(-1)
+    cells = torch.bincount(labels, minlength=count + 1)[1:]
+    big = torch.nonzero(cells >= MIN_MISSING).reshape(-1)
+    big = big[torch.argsort(cells[big], descending=True, stable=True)][:MAX_PIECES] + 1
+    return [MissingBox((labels == int(k)).to(missing.device), sizes) for k in big]
+
+
 class CoarseBasis:
-    """``W = E_M (⊗V_k) S``: the coarse modes over the hole's box, restricted to the missing cells."""
+    """``W = E_M (⊗V_k) S``: the coarse modes over one piece's box, restricted to its missing cells."""
 
     def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int]):
         self.hole = hole
@@ -168,25 +194,30 @@ class CoarseBasis:
             box[:, h.pos] = rows[:, h.idx]
         return matmul_kron(box, self.vecs)[:, self.sel]
 
-    def w(self, coef: Tensor, n: int) -> Tensor:
-        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` (``N = n``) zero off the missing cells."""
-        h = self.hole
+    def box_rows(self, coef: Tensor) -> Tensor:
+        """``(⊗V_k) S c`` over the whole box for coefficients ``(t, |S|)``: ``(t, box)``."""
         full = coef.new_zeros(coef.shape[0], math.prod(self.full))
         full[:, self.sel] = coef
-        box = matmul_kron(full, self.vecs_t)
-        out = coef.new_zeros(coef.shape[0], n)
-        out[:, h.idx] = box if h.fills else box[:, h.pos]
+        return matmul_kron(full, self.vecs_t)
+
+    def add_w(self, coef: Tensor, out: Tensor) -> Tensor:
+        """``out += W c`` for coefficients ``(t, |S|)`` and rows ``out`` ``(t, N)`` (in place: only
+        this piece's cells are touched, so the pieces of one preconditioner add into one block)."""
+        h = self.hole
+        box = self.box_rows(coef)
+        out[:, h.idx] += box if h.fills else box[:, h.pos]
         return out
 
+    def w(self, coef: Tensor, n: int) -> Tensor:
+        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` (``N = n``) zero off the piece's cells."""
+        return self.add_w(coef, coef.new_zeros(coef.shape[0], n))
 
-class TwoLevel:
-    """``M = J⁻¹ + W E⁻¹ Wᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells (module
-    docstring), from the basis ``W``, ``J`` on the grid, ``E`` and ``WᵀJW``. Build with :func:`two_level`."""
 
-    def __init__(self, basis: CoarseBasis, g_diag: Tensor, E: Tensor, EJ: Tensor):
+class CoarsePiece:
+    """One piece's coarse solve: its basis ``W_i``, ``E_i = L Lᵀ`` and ``L⁻¹ (W_iᵀ J W_i) L⁻ᵀ = U diag(s) Uᵀ``."""
+
+    def __init__(self, basis: CoarseBasis, E: Tensor, EJ: Tensor):
         self.basis, self.hole, self.modes = basis, basis.hole, basis.modes
-        self.g_diag = g_diag
-        self.j_inv = 1.0 / g_diag
         self.L = torch.linalg.cholesky(0.5 * (E + E.mT))
         linv_ej = torch.linalg.solve_triangular(self.L, EJ, upper=False)
         T = torch.linalg.solve_triangular(self.L, linv_ej.mT, upper=False)  # L⁻¹ EJ L⁻ᵀ
@@ -196,30 +227,99 @@ class TwoLevel:
         root = torch.sqrt(1 + self.s)
         self.f = -1.0 / (root * (1 + root))
 
+
+class TwoLevel:
+    """``M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells
+    (module docstring), from the pieces' coarse solves and ``J`` on the grid. The pieces' cells are
+    disjoint, so ``M`` is block diagonal over them. Build with :func:`two_level`."""
+
+    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor):
+        self.pieces = pieces
+        self.modes = sum(pc.modes for pc in pieces)
+        self.g_diag = g_diag
+        self.j_inv = 1.0 / g_diag
+
     def apply(self, rows: Tensor) -> Tensor:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
-        c = torch.cholesky_solve(self.basis.wt(rows).mT, self.L).mT
-        return torch.addcmul(self.basis.w(c, rows.shape[-1]), rows, self.j_inv)
+        out = rows * self.j_inv
+        for pc in self.pieces:
+            pc.basis.add_w(torch.cholesky_solve(pc.basis.wt(rows).mT, pc.L).mT, out)
+        return out
 
     def sample(self, xi: Tensor) -> Tensor:
         """Probes ``z = P^{½}ξ`` with ``Cov z = M⁻¹`` for rows ``ξ`` (``(S, N)``, zero off the missing cells)."""
         a = self.g_diag.sqrt() * xi
-        c = torch.linalg.solve_triangular(self.L, self.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
-        c = self.U @ (self.f.unsqueeze(-1) * (self.U.mT @ c))
-        back = torch.linalg.solve_triangular(self.L.mT, c, upper=True).mT  # L⁻ᵀ …  (S, |S|)
-        return a + self.g_diag * self.basis.w(back, xi.shape[-1])
+        corr = torch.zeros_like(a)
+        for pc in self.pieces:
+            c = torch.linalg.solve_triangular(pc.L, pc.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
+            c = pc.U @ (pc.f.unsqueeze(-1) * (pc.U.mT @ c))
+            pc.basis.add_w(torch.linalg.solve_triangular(pc.L.mT, c, upper=True).mT, corr)  # W L⁻ᵀ …
+        return a.add_(corr.mul_(self.g_diag))
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        return (missing * torch.log(self.g_diag)).sum() - torch.log1p(self.s).sum()
+        return (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pc.s).sum() for pc in self.pieces)
+
+
+def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], list[Tensor]]:
+    """``(μ_k, V_k)`` of each ``K_k[I_k, I_k]`` over the piece's box, largest first."""
+    mus, vecs = [], []
+    for f, ax in zip(factors, piece.axes):
+        mu, v = torch.linalg.eigh(f.detach()[ax][:, ax])
+        mus.append(mu.flip(0).clamp_min(0))
+        vecs.append(v.flip(-1))
+    return mus, vecs
+
+
+def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, p: Tensor,
+                       top: float) -> Tensor:
+    """``Ẽ = Wᵀ X̃ W`` for a piece that does not fill its box, with ``X = I/σ² − Q diag(ω) Qᵀ``
+    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least
+    ``ϑ = GALERKIN_TOL · σ² / (1 + top)`` (``top``: the box's largest score ``s²Πμ/σ²``).
+
+    Exactly ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``: the dropped part is ``Σ ω_j W ᵀq_j q_jᵀ W ⪯ (ϑ/σ⁴) WᵀW``
+    (``ω_j ≤ λ_j/σ⁴``) and ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
+    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box). The kept coordinates are a Kronecker sub-box
+    (per axis, the ``j`` that can reach ``ϑ``) and the ones in it reaching ``ϑ``: one matmul of the
+    ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a gram over them."""
+    h = basis.hole
+    thr = GALERKIN_TOL * float(level) / (1.0 + top)
+    s2 = float(outputscale)
+    tops = [float(v.max()) for v in eig.vals]
+    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= thr).reshape(-1) for k, v in enumerate(eig.vals)]
+    inside = p.new_zeros(h.box)
+    inside[h.pos] = 1.0
+    E = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    if any(k.numel() == 0 for k in keep):
+        return E
+    wbox = basis.box_rows(torch.eye(basis.modes, dtype=p.dtype, device=p.device)).mul_(inside)  # W over the box
+    rest = math.prod(k.numel() for k in keep[1:])
+    step = max(1, MAX_GRAM_ELEMENTS // (basis.modes * rest))  # axis-1 coordinates per block of Y
+    lam_rest = s2 * kron_vector([v[k] for v, k in zip(eig.vals[1:], keep[1:])]) if len(keep) > 1 else None
+    flat_rest = torch.zeros(1, dtype=torch.long, device=p.device)  # grid (eigen-coordinate) index over axes 2…d
+    for k, n in zip(keep[1:], eig.sizes[1:]):
+        flat_rest = (flat_rest.unsqueeze(-1) * n + k).reshape(-1)
+    mats = [q[ax][:, k] for q, ax, k in zip(eig.vecs[1:], h.axes[1:], keep[1:])]
+    q1 = eig.vecs[0][h.axes[0]]
+    for a in range(0, keep[0].numel(), step):
+        k1 = keep[0][a : a + step]
+        lam = eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)
+        flat = (k1.unsqueeze(-1) * (eig.size // eig.sizes[0]) + flat_rest).reshape(-1)
+        chosen = torch.nonzero(lam.reshape(-1) >= thr).reshape(-1)
+        if chosen.numel() == 0:
+            continue
+        Y = matmul_kron(wbox, [q1[:, k1]] + mats)[:, chosen]  # (|S|, kept): Wᵀ q_j
+        omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
+        E -= (Y * omega) @ Y.mT
+    return E
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
               g_diag: Tensor, missing: Tensor) -> Optional[TwoLevel]:
     """The two-level preconditioner for the missing cells (bool grid, flat) of a whole grid, or ``None``
-    where it does not apply (:data:`ENABLED` off, fewer than :data:`MIN_MISSING` cells, a box filled
-    below :data:`MIN_FILL`, no mode scoring :data:`MODE_SCORE`, or a Galerkin matrix that is not
-    positive definite in this dtype: then Jacobi alone, as before).
+    where it does not apply (:data:`ENABLED` off, no piece of :func:`pieces_of`, no mode scoring
+    :data:`MODE_SCORE`): then Jacobi alone, as before. A piece whose Galerkin matrix is not positive
+    definite in this dtype keeps Jacobi on its cells.
 
     Args:
         eig: ``⊗K_k = Q diag(λ̂) Qᵀ``. factors: the ``K_k``. outputscale: ``s²``.
@@ -228,49 +328,55 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     """
     if not ENABLED:
         return None
-    m = int(missing.sum())
-    if m < MIN_MISSING:
-        return None
-    hole = MissingBox(missing, eig.sizes)
-    if hole.m < MIN_FILL * hole.box:
-        return None
-    mus, vecs = [], []
-    for f, ax in zip(factors, hole.axes):
-        mu, v = torch.linalg.eigh(f.detach()[ax][:, ax])
-        mus.append(mu.flip(0).clamp_min(0))
-        vecs.append(v.flip(-1))
-    chosen = _tensor_modes(mus, float(outputscale / level), MAX_MODES if hole.fills else MAX_COLUMN_MODES, eig.sizes[0])
-    if chosen is None:
-        return None
-    sel, full = chosen
-    basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
-    # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
-    jbox = g_diag.new_zeros(hole.box)
-    jbox[hole.pos] = g_diag[hole.idx]
-    EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
-    if hole.fills:
-        R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
-        E = selected_gram(R, p, sel, full)
-    else:
-        # E = Wᵀ X W through the grid, COLUMN_CHUNK modes at a time (one such block alive)
-        k = basis.modes
-        eye = torch.eye(k, dtype=p.dtype, device=p.device)
-        E = torch.cat([basis.wt(eig.apply_function_rows(p, basis.w(eye[i : i + COLUMN_CHUNK], eig.size)))
-                       for i in range(0, k, COLUMN_CHUNK)])
-    try:
-        return TwoLevel(basis, g_diag, E, EJ)
-    except torch.linalg.LinAlgError:
-        return None
+    built, budget = [], MAX_TOTAL_MODES
+    scale = float(outputscale / level)
+    for hole in pieces_of(missing, eig.sizes):
+        if budget <= 0:
+            break
+        mus, vecs = _box_eigs(factors, hole)
+        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
+        chosen = _tensor_modes(mus, scale, limit, eig.sizes[0] if hole.fills else hole.box_sizes[0]) if limit > 0 else None
+        if chosen is None:
+            continue
+        sel, full = chosen
+        basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
+        # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
+        jbox = g_diag.new_zeros(hole.box)
+        jbox[hole.pos] = g_diag[hole.idx]
+        EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
+        if hole.fills:
+            R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
+            E = selected_gram(R, p, sel, full)
+        else:
+            E = truncated_galerkin(basis, eig, outputscale, level, p, scale * math.prod(float(mu[0]) for mu in mus))
+        try:
+            built.append(CoarsePiece(basis, E, EJ))
+        except torch.linalg.LinAlgError:
+            continue
+        budget -= basis.modes
+    return TwoLevel(built, g_diag) if built else None
 
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
-    """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak:
-    the partial gram ``H`` of :func:`selected_gram` and six ``|S| × |S|`` matrices (eight with its
-    chunk); 0 where it does not apply (for :mod:`kronegp.models.memory`)."""
+    """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
+    it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
+    ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
+    :func:`selected_gram` (a box it fills) or the ``|S_i|`` box rows and eigen-coordinates of
+    :func:`truncated_galerkin` (one that it does not); ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
-    hole = MissingBox(missing, sizes)
-    if hole.m < MIN_MISSING or hole.m < MIN_FILL * hole.box:
-        return 0
-    modes = min(hole.box, MAX_MODES if hole.fills else MAX_COLUMN_MODES)
-    return (min(sizes[0] * hole.box**2, MAX_GRAM_ELEMENTS) + 14 * modes * modes) * itemsize
+    kept, peak, budget = 0, 0, MAX_TOTAL_MODES
+    for piece in pieces_of(missing, sizes):
+        if budget <= 0:
+            break
+        if piece.fills:
+            modes = min(piece.box, MAX_MODES, budget)
+            work = min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS)
+        else:  # the box rows, their gram's partial H and truncated_galerkin's blocks of Y (an axis-1 slab at least)
+            modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
+            work = modes * piece.box + min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
+                + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+        budget -= modes
+        kept += 6 * modes * modes
+        peak = max(peak, work + 8 * modes * modes)
+    return (kept + peak) * itemsize
