@@ -325,6 +325,7 @@ def _coarse_dense(pre, miss):
 @pytest.mark.parametrize("name", ["hole", "ragged-hole", "two-holes", "clouds"])
 def test_two_level_preconditioner_is_what_its_docstring_says(name, monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     gp = model("hole" if name == "ragged-hole" else name, path="cg")
     if name == "ragged-hole":  # a hole that does not fill its box: E from the truncated eigen-expansion
         obs = gp.observed.clone().reshape(SHAPE)
@@ -371,6 +372,7 @@ def test_truncated_galerkin_keeps_its_bound_when_it_truncates(monkeypatch):
     """A coarse tolerance makes the truncation drop eigen-coordinates: Ẽ moves off E, and stays
     within E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     monkeypatch.setattr(two_level_mod, "GALERKIN_TOL", 1.0)
     gp = model("clouds", path="cg")
     pre, G, miss, _ = _coarse_for(gp)
@@ -384,6 +386,7 @@ def test_truncated_galerkin_keeps_its_bound_when_it_truncates(monkeypatch):
 
 def test_pieces_are_the_components_of_the_missing_cells(monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 4)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     miss = torch.zeros(6, 7, 8, dtype=torch.bool)
     miss[0:2, 0:2, 0:2] = True  # 8 cells
     miss[3:6, 4:7, 5:8] = True  # 27 cells
@@ -397,6 +400,26 @@ def test_pieces_are_the_components_of_the_missing_cells(monkeypatch):
     assert two_level_mod.pieces_of(torch.zeros(60, dtype=torch.bool), (3, 4, 5)) == []
 
 
+def test_a_cluster_of_scattered_cells_gets_no_piece_and_a_blob_does(monkeypatch):
+    """A 20 % scatter of a 24³ grid has components of over MIN_MISSING cells (lowered to 16 here; at
+    48³ some pass 64) but hardly an interior cell, so no piece; a ball of radius 4 (and one cut by
+    the grid's edge) does."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 16)
+    n = 24
+    g = torch.Generator().manual_seed(0)
+    scatter = torch.rand(n, n, n, generator=g) < 0.2
+    import scipy.ndimage
+
+    labels, count = scipy.ndimage.label(scatter.numpy())
+    assert int(torch.bincount(torch.from_numpy(labels).reshape(-1))[1:].max()) >= two_level_mod.MIN_MISSING
+    assert two_level_mod.pieces_of(scatter.reshape(-1), (n, n, n)) == []
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    ball = ((idx - 12.0) ** 2).sum(-1) < 16
+    cut = ((idx - torch.tensor([0.0, 3.0, 20.0])) ** 2).sum(-1) < 16
+    sizes = sorted([int(ball.sum()), int(cut.sum())], reverse=True)
+    assert [pc.m for pc in two_level_mod.pieces_of((ball | cut).reshape(-1), (n, n, n))] == sizes
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", ["clouds", "two-holes"])
 def test_cg_converges_to_the_same_solution_with_and_without_the_two_level_preconditioner(name, dtype, monkeypatch):
@@ -405,6 +428,7 @@ def test_cg_converges_to_the_same_solution_with_and_without_the_two_level_precon
     from kronegp.solvers import block_cg
 
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     gp = model(name, path="cg", dtype=dtype)
     pre, G, miss, g_diag = _coarse_for(gp)
     assert pre is not None and pre.g_diag.dtype == dtype
@@ -430,6 +454,7 @@ def test_cg_converges_to_the_same_solution_with_and_without_the_two_level_precon
 @pytest.mark.parametrize("name", ["hole", "two-holes", "clouds"])
 def test_cg_path_with_gaps_matches_dense_through_the_two_level_preconditioner(name, dtype, cell_noise, monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)  # per-cell noise: the iterative estimator, not the dense one
     built = []
     real = two_level_mod.two_level
@@ -459,6 +484,7 @@ def test_two_level_logdet_is_unbiased_with_random_probes(monkeypatch):
     """Random probes drawn from N(0, M⁻¹): the mean of the estimates over seeds is the dense value
     (within 4 standard errors), and their spread is smaller than with Jacobi alone."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     ref = None
     spread = {}
     for on in (False, True):
@@ -505,6 +531,7 @@ def test_two_level_on_cuda_matches_cpu(monkeypatch):
     """A callable preconditioner never enters the fused CUDA CG step (which would drop it): the
     hole's likelihood and gradient on CUDA equal the CPU's."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     cpu = model("hole", path="cg", cg_tol=1e-10)
     gpu = model("hole", path="cg", cg_tol=1e-10).to("cuda")
     a, ga = lml_and_grads(cpu, lambda m: m.log_marginal_likelihood())
@@ -532,6 +559,7 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
     from kronegp.solvers import CGSchedule, cg_schedule
 
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     gp = model("hole", path="cg", cg_tol=1e-10)
     with torch.no_grad():
         rec = CGSchedule.record()
@@ -548,6 +576,7 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
 def test_two_level_on_a_4d_grid_matches_dense(monkeypatch):
     """A 4-D grid with a hole of 72 cells (2 × 3 × 3 × 4): the two-level path, exact unit probes."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     shape = (4, 5, 4, 6)
     g = torch.Generator().manual_seed(4)
     axes = [torch.cumsum(0.5 + torch.rand(n, generator=g, dtype=torch.float64), 0) for n in shape]
@@ -619,6 +648,7 @@ def test_cell_noise_above_the_dense_limit_runs_cg_and_agrees(monkeypatch):
 def test_coarse_bytes_count_every_piece(monkeypatch):
     """The memory plan's count (:func:`coarse_bytes`) grows with the pieces and is 0 without one."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 4)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     shape = (6, 7, 8)
     one = torch.zeros(shape, dtype=torch.bool)
     one[0:2, 0:2, 0:2] = True
@@ -630,5 +660,6 @@ def test_coarse_bytes_count_every_piece(monkeypatch):
     # at least the kept matrices of what two_level builds: six |S_i|² per piece
     pre = model("two-holes", path="cg")
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     coarse, _, miss, _ = _coarse_for(pre)
     assert two_level_mod.coarse_bytes(miss, SHAPE, 8) >= 6 * 8 * sum(pc.modes**2 for pc in coarse.pieces)

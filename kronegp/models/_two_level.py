@@ -1,4 +1,4 @@
-"""A two-level preconditioner for the missing cells' system ``G = X_MM`` of a contiguous hole.
+"""A two-level preconditioner for the missing cells' system ``G = X_MM`` of holes and clouds.
 
 Notation of :mod:`kronegp.models._masked`: ``X ≈ C⁻¹`` applied as ``Q diag(p) Qᵀ`` (``p = 1/(λ + σ²)``,
 exact for homoskedastic noise; ``P⁻¹`` of the Kronecker preconditioner with per-cell noise),
@@ -11,23 +11,37 @@ the hole (prior variance ``s²Πμ ≫ σ²``) is not pinned: ``vᵀGv / vᵀJv`
 ``σ²/(s²Πμ)``, and CG needs ~``√(s²/σ²)``-many more iterations (measured, 40³ grid, hole of
 19³ cells: 95 against 5 for the same number of scattered cells).
 
+**Pieces.** The missing cells are cut into their connected components (cells sharing a face,
+:func:`pieces_of`): a hole is one piece, three holes three, merged cloud blobs one piece with a
+large, partly observed box; components of fewer than :data:`MIN_MISSING` cells (scattered
+cells) get none. Each piece ``i`` gets its own coarse space ``W_i`` on its own cells, so the
+pieces' corrections act on disjoint cells and ``M`` below is block diagonal over them: every
+formula of this docstring holds per piece, and the log determinants and probes add up.
+
 **Coarse space.** Those modes are, to a good approximation, the leading eigenvectors of the
-kernel restricted to the hole's bounding box, which is a Kronecker product: with
+kernel restricted to the piece's bounding box, which is a Kronecker product: with
 ``K_k[I_k, I_k] = V_k diag(μ_k) V_kᵀ`` (``I_k`` the box's indices on axis ``k``), the columns of
 ``W = E_M (⊗V_k) S`` are the tensor modes ``(j_1, …, j_d)`` with ``s² Π_k μ_k[j_k] ≥`` :data:`MODE_SCORE`
-``· σ²`` (``S`` selects them, at most :data:`MAX_MODES`; ``E_M`` restricts the box to the missing
-cells). The preconditioner is additive two-level (Jacobi plus a Galerkin coarse solve)::
+``· σ²`` (``S`` selects them, at most :data:`MAX_MODES`, :data:`MAX_TOTAL_MODES` over all pieces;
+``E_M`` restricts the box to the piece's cells). The preconditioner is additive two-level
+(Jacobi plus a Galerkin coarse solve per piece)::
 
-    M = J⁻¹ + W E⁻¹ Wᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
+    M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
 
 ``E`` costs one Kronecker matmul of ``n_1`` grid slabs with factors of ``r_k² × n_k`` (the
 Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`, axis 1 summed
-directly: :func:`selected_gram`) when the hole fills its box; otherwise ``X W`` through the
-grid, :data:`COLUMN_CHUNK` modes at a time (then ``|S| ≤`` :data:`MAX_COLUMN_MODES`).
-Applying ``M`` to a block costs two Kronecker products over the box with ``b_k × r_k`` factors
-and a ``|S| × |S|`` triangular solve pair: small against the block's two Kronecker products over
-the grid inside ``G``. ``M`` is symmetric positive definite whatever ``E`` is (exact or not),
-so CG stays correct; its quality only sets the iterations.
+directly: :func:`selected_gram`) when the piece fills its box. Otherwise (a ragged hole, a cloud)
+``W`` is not a Kronecker product, and ``E`` comes from ``X = I/σ² − Q diag(ω) Qᵀ`` (``ω = 1/σ² − p``)
+with the eigen-coordinates of prior variance below ``ϑ`` dropped (:func:`truncated_galerkin`):
+``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct. It costs the ``|S|``
+box rows of ``W`` and ``|S|²`` flops per kept eigen-coordinate (on clouds about a third of the
+grid's: the Matérn spectrum decays slowly), so such a piece takes at most
+:data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
+``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
+``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
+Applying ``M`` to a block costs, per piece, two Kronecker products over its box with ``b_k × r_k``
+factors and a ``|S_i| × |S_i|`` triangular solve pair. ``M`` is symmetric positive definite whatever
+the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the iterations.
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
@@ -70,7 +84,7 @@ from kronegp.ops import matmul_kron
 
 __all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING"]
+           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -94,6 +108,9 @@ MAX_TRUNCATED_MODES = 256
 MAX_BOX_ELEMENTS = 1 << 25
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
 MIN_MISSING = 64
+#: A piece needs at least this many interior cells (all face neighbours missing): clusters of
+#: scattered cells (20 % of a 48³ grid has some of over 64 cells) keep Jacobi, which pins them.
+MIN_INTERIOR = 8
 
 
 def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Optional[tuple[Tensor, list[int]]]:
@@ -158,18 +175,24 @@ def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], 
 
 def pieces_of(missing: Tensor, sizes) -> list[MissingBox]:
     """The pieces of the missing cells (bool grid, flat) that get a coarse space each: the connected
-    components (cells sharing a face) of at least :data:`MIN_MISSING` cells, at most
+    components (cells sharing a face) of at least :data:`MIN_MISSING` cells, :data:`MIN_INTERIOR` of
+    them interior (all face neighbours missing: a cluster of scattered cells has hardly any, and
+    its modes are pinned already), at most
     :data:`MAX_PIECES` (the largest first), each a :class:`~kronegp.models._few_missing.MissingBox`
     of its own cells (so their cells are disjoint). Scattered cells form no piece. One read of the
     mask on the host (``scipy.ndimage.label``)."""
     import scipy.ndimage
 
-    labels, count = scipy.ndimage.label(missing.reshape(list(sizes)).cpu().numpy())
+    mask = missing.reshape(list(sizes)).cpu().numpy()
+    labels, count = scipy.ndimage.label(mask)
     if count == 0:
         return []
+    # interior cells: every face neighbour missing too (beyond the grid's edge counts as missing)
+    inner = torch.from_numpy(scipy.ndimage.binary_erosion(mask, border_value=1)).reshape(-1)
     labels = torch.from_numpy(labels).reshape(-1)
     cells = torch.bincount(labels, minlength=count + 1)[1:]
-    big = torch.nonzero(cells >= MIN_MISSING).reshape(-1)
+    interior = torch.bincount(labels[inner], minlength=count + 1)[1:]
+    big = torch.nonzero((cells >= MIN_MISSING) & (interior >= MIN_INTERIOR)).reshape(-1)
     big = big[torch.argsort(cells[big], descending=True, stable=True)][:MAX_PIECES] + 1
     return [MissingBox((labels == int(k)).to(missing.device), sizes) for k in big]
 
