@@ -67,9 +67,10 @@ scattered cells: 5. Scores 0.3 / 3 / 10 gave 8 / 12 / 17 iterations on the 19³ 
 (``holes3-1``) 16 → 9 / 22 → 9 / 40 → 8 iterations at 32³ / 48³ / 64³, step 1.9× / 2.0× / 1.75×
 the scatter's (Jacobi 3–6×). Clouds (``clouds-20``: the blobs merge into one component spanning the
 grid, plus a dozen blobs) 45 → 14 / 83 → 28 / 135 → 63 iterations, but the step is 4.2× / 7.9× /
-10–14× the scatter's: even with Jacobi at 32³, 1.7× faster at 48³, no better at 64³, where the
+9–14× the scatter's: even with Jacobi at 32³, 1.7× faster at 48³, 0.9–1.4× at 64³, where the
 merged component's modes are capped by :data:`MAX_BOX_ELEMENTS` (128) and setup (16 s) plus
-applies (11 s) of a 70 s step eat the saving. Issue 22's ≤ 3× target holds for holes, not clouds.
+applies (11 s) of a 70 s step eat most of the saving. Issue 22's ≤ 3× target holds for holes,
+not clouds.
 
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
