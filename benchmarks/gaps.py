@@ -6,6 +6,7 @@ Data: a draw from the model itself (Matérn-5/2 per axis, lengthscales 1/6 of ea
 * ``scatter-1/10/20/50``: that percentage of cells missing at random;
 * ``block-0.1/1/5/10``: one contiguous cube-shaped hole of that percentage of the cells;
 * ``clouds-20``: random balls ("clouds") until 20 % of the cells are missing;
+* ``holes3-1``: three far-apart cube-shaped holes of that percentage of the cells each;
 * ``time-mask-30``: a random 30 % of space missing at every time step (a land mask);
 * ``cell-noise``: full grid, per-cell noise variances spread over a 1e4 range;
 * ``block-1+cell-noise``: the 1 % hole with that per-cell noise.
@@ -34,8 +35,9 @@ timed × the products per step, or n_O³ for Cholesky; memory likewise) exceeds
 ``--gpytorch-timeout`` seconds for its warm-up and timed steps, or ``--gpytorch-memory-gib``, is
 skipped before it runs, and the table says why.
 
-``--holes``: one contiguous hole against the same number of scattered cells on the cg path, with
-the two-level preconditioner (:mod:`kronegp.models._two_level`) and without it.
+``--holes``: each gap pattern of ``--hole-patterns`` (one hole ``block-…``, several ``holes3-…``,
+clouds ``clouds-…``) against the same number of scattered cells on the cg path, with the two-level
+preconditioner (:mod:`kronegp.models._two_level`) and without it.
 
 ``--air``: the shipped air-temperature grid (240 × 37 × 49) and its 20 × 25 × 49 corner, full
 and with one 6 × 8 × 12 hole (``[4:10, 5:13, 10:22]``, m = 576): the exact path's step against the
@@ -61,6 +63,7 @@ Usage::
     python benchmarks/gaps.py --device cuda --n 128 --dtype float32 --gpytorch-timeout 120
     python benchmarks/gaps.py --holes --device cpu --n 64 --repeats 1  # hole vs scatter, two-level on/off
     OMP_NUM_THREADS=1 python benchmarks/gaps.py --air --repeats 9 --out air_hole.json  # hole vs full, air grid
+    python benchmarks/gaps.py --holes --hole-patterns clouds-20 holes3-1 --n 48 --repeats 1
 """
 
 from __future__ import annotations
@@ -108,6 +111,12 @@ def pattern(name: str, n: int, seed: int = 1):
         lo = (n - side) // 2
         missing = torch.zeros(shape, dtype=torch.bool)
         missing[lo : lo + side, lo : lo + side, lo : lo + side] = True
+    elif kind == "holes3":  # three cubes of frac % each, at 1/5, 1/2 and 4/5 of each axis (a diagonal)
+        side = max(1, round(n * (float(frac) / 100) ** (1 / 3)))
+        missing = torch.zeros(shape, dtype=torch.bool)
+        for at in (0.2, 0.5, 0.8):
+            lo = min(max(0, round(at * n - side / 2)), n - side)
+            missing[lo : lo + side, lo : lo + side, lo : lo + side] = True
     elif kind == "clouds":
         idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij"), -1)
         missing = torch.zeros(shape, dtype=torch.bool)
@@ -355,29 +364,29 @@ LIMIT_HEAD = (f"{'kind':8s} {'m':>6s} {'N':>8s} {'sum_n':>5s} {'box':>12s} {'box
 
 
 def run_holes(y, axes, args) -> list[dict]:
-    """One contiguous hole against the same number of scattered cells, on the cg path, with the
-    two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi)."""
+    """Each gap pattern of ``args.hole_patterns`` against the same number of scattered cells, on the
+    cg path, with the two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi)."""
     import kronegp.models._two_level as two_level
 
     rows = []
     n = args.n
-    for pct in args.hole_sizes:
-        hole, _ = pattern(f"block-{pct}", n)
+    for pat in args.hole_patterns:
+        hole, _ = pattern(pat, n)
         m = int(hole.sum())
         g = torch.Generator().manual_seed(m)
         scatter = torch.zeros(n**3, dtype=torch.bool)
         scatter[torch.randperm(n**3, generator=g)[:m]] = True
         for kind, missing in (("hole", hole), ("scatter", scatter.reshape(n, n, n))):
-            for on in (True, False) if args.jacobi else (True,):
+            for on in (True, False) if args.jacobi and kind == "hole" else (True,):  # scatter keeps Jacobi
                 two_level.ENABLED = on
                 gp = build(y, axes, missing, None, path="cg")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     times = time_call(gp.loss_backward, y.device, repeats=args.repeats)
-                row = {"pct": pct, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
+                row = {"pattern": pat, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
                        "iterations": int(gp.last_solve.iterations), "coarse_modes": gp._last_extra.get("coarse_modes")}
                 rows.append(row)
-                print(f"block-{pct:<5} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
+                print(f"{pat:10s} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
                       f"iters {row['iterations']:4d}  modes {row['coarse_modes']}", flush=True)
         two_level.ENABLED = True
     return rows
@@ -468,7 +477,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid", default="cube", choices=["cube", "air"],
                     help="cube: a draw on n³ (--n); air: the shipped 240 × 37 × 49 air-temperature grid")
     ap.add_argument("--holes", action="store_true", help="a hole against as many scattered cells (cg path)")
-    ap.add_argument("--hole-sizes", type=float, nargs="*", default=[1, 5, 10])
+    ap.add_argument("--hole-patterns", nargs="*", default=["block-1", "block-5", "block-10"],
+                    help="--holes: the gap patterns (block-P, holes3-P, clouds-P) against as many scattered cells")
     ap.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=True,
                     help="--holes: also time the cg path without the two-level preconditioner")
     ap.add_argument("--air", action="store_true", help="the air grid: hole vs full grid, exact paths")

@@ -392,23 +392,48 @@ def _dense_of(fn, miss):
     return fn(rows)[:, miss]
 
 
-@pytest.mark.parametrize("name", ["hole", "ragged-hole"])
+def _coarse_dense(pre, miss):
+    """``(W, Ẽ)``: the pieces' bases side by side (``(m, Σ|S_i|)``) and their Galerkin matrices
+    ``L_i L_iᵀ`` on the diagonal."""
+    W = torch.cat([pc.basis.w(torch.eye(pc.modes, dtype=torch.float64), miss.numel())[:, miss]
+                   for pc in pre.pieces]).mT
+    return W, torch.block_diag(*[pc.L @ pc.L.mT for pc in pre.pieces])
+
+
+@pytest.mark.parametrize("name", ["hole", "ragged-hole", "two-holes", "clouds"])
 def test_two_level_preconditioner_is_what_its_docstring_says(name, monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
-    gp = model("hole", path="cg")
-    if name == "ragged-hole":  # a hole that does not fill its box: E from grid columns
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    gp = model("hole" if name == "ragged-hole" else name, path="cg")
+    if name == "ragged-hole":  # a hole that does not fill its box: E from the truncated eigen-expansion
         obs = gp.observed.clone().reshape(SHAPE)
         obs[1, 2, 3] = obs[3, 5, 7] = obs[2, 3, 4] = True  # three cells of the box observed again
         gp.observed.copy_(obs.reshape(-1))
     pre, G, miss, g_diag = _coarse_for(gp)
-    assert pre is not None and pre.modes >= 2 and pre.hole.fills == (name == "hole")
+    pieces = {"hole": 1, "ragged-hole": 1, "two-holes": 2}.get(name)
+    assert pre is not None and pre.modes >= 2 and (pieces is None or len(pre.pieces) == pieces)
+    if name in ("hole", "two-holes"):
+        assert all(pc.hole.fills for pc in pre.pieces)
+    else:
+        assert not all(pc.hole.fills for pc in pre.pieces)
+    cells = torch.cat([pc.hole.idx for pc in pre.pieces])
+    assert cells.unique().numel() == cells.numel()  # disjoint pieces: M is block diagonal over them
     M = _dense_of(pre.apply, miss)
     assert rel(M, M.mT) <= 1e-12
-    # M = J⁻¹ + W E⁻¹ Wᵀ with E the Galerkin matrix Wᵀ G W (homoskedastic: X is exact)
-    W = pre.basis.w(torch.eye(pre.modes, dtype=torch.float64), miss.numel())[:, miss].mT  # (m, |S|)
-    E = pre.L @ pre.L.mT
-    assert rel(E, W.mT @ G @ W) <= 1e-10
+    W, E = _coarse_dense(pre, miss)
+    # Galerkin blocks: exact where the piece fills its box, else E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E
+    a = 0
+    for pc in pre.pieces:
+        Wi = W[:, a : a + pc.modes]
+        Ei, exact = E[a : a + pc.modes, a : a + pc.modes], Wi.mT @ G @ Wi
+        a += pc.modes
+        if pc.hole.fills:
+            assert rel(Ei, exact) <= 1e-10
+        else:
+            ratio = torch.linalg.eigvals(torch.linalg.solve(exact, Ei)).real
+            assert float(ratio.min()) >= 1 - 1e-8 and float(ratio.max()) <= 1 + two_level_mod.GALERKIN_TOL + 1e-8
     assert rel(M, torch.diag(1 / g_diag[miss]) + W @ torch.linalg.solve(E, W.mT)) <= 1e-10
+    assert float(torch.linalg.eigvalsh(M).min()) > 0
     # log det P = −log det M, exactly
     logdet_m = float(torch.linalg.slogdet(M)[1])
     assert abs(float(pre.logdet_p(miss.double())) + logdet_m) <= 1e-10 * abs(logdet_m)
@@ -421,10 +446,93 @@ def test_two_level_preconditioner_is_what_its_docstring_says(name, monkeypatch):
     assert float(ev2.max() / ev2.min()) < 0.5 * float(ev1.max() / ev1.min())
 
 
+def test_truncated_galerkin_keeps_its_bound_when_it_truncates(monkeypatch):
+    """A coarse tolerance makes the truncation drop eigen-coordinates: Ẽ moves off E, and stays
+    within E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    monkeypatch.setattr(two_level_mod, "GALERKIN_TOL", 1.0)
+    gp = model("clouds", path="cg")
+    pre, G, miss, _ = _coarse_for(gp)
+    W, E = _coarse_dense(pre, miss)
+    exact = torch.block_diag(*[W[:, a : a + pc.modes].mT @ G @ W[:, a : a + pc.modes]
+                               for a, pc in zip([sum(q.modes for q in pre.pieces[:i]) for i in range(len(pre.pieces))], pre.pieces)])
+    assert rel(E, exact) > 1e-8  # something was dropped
+    ratio = torch.linalg.eigvals(torch.linalg.solve(exact, E)).real
+    assert float(ratio.min()) >= 1 - 1e-8 and float(ratio.max()) <= 2 + 1e-8
+
+
+def test_pieces_are_the_components_of_the_missing_cells(monkeypatch):
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 4)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    miss = torch.zeros(6, 7, 8, dtype=torch.bool)
+    miss[0:2, 0:2, 0:2] = True  # 8 cells
+    miss[3:6, 4:7, 5:8] = True  # 27 cells
+    miss[3, 4, 4] = True  # touches the second block through a face: joins it
+    miss[0, 6, 0] = miss[5, 0, 7] = True  # single cells: no piece
+    pieces = two_level_mod.pieces_of(miss.reshape(-1), miss.shape)
+    assert [pc.m for pc in pieces] == [28, 8]
+    assert pieces[0].box_sizes == [3, 3, 4] and not pieces[0].fills and pieces[1].fills
+    monkeypatch.setattr(two_level_mod, "MAX_PIECES", 1)
+    assert [pc.m for pc in two_level_mod.pieces_of(miss.reshape(-1), miss.shape)] == [28]
+    assert two_level_mod.pieces_of(torch.zeros(60, dtype=torch.bool), (3, 4, 5)) == []
+
+
+def test_a_cluster_of_scattered_cells_gets_no_piece_and_a_blob_does(monkeypatch):
+    """A 20 % scatter of a 24³ grid has components of over MIN_MISSING cells (lowered to 16 here; at
+    48³ some pass 64) but hardly an interior cell, so no piece; a ball of radius 4 (and one cut by
+    the grid's edge) does."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 16)
+    n = 24
+    g = torch.Generator().manual_seed(0)
+    scatter = torch.rand(n, n, n, generator=g) < 0.2
+    import scipy.ndimage
+
+    labels, count = scipy.ndimage.label(scatter.numpy())
+    assert int(torch.bincount(torch.from_numpy(labels).reshape(-1))[1:].max()) >= two_level_mod.MIN_MISSING
+    assert two_level_mod.pieces_of(scatter.reshape(-1), (n, n, n)) == []
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    ball = ((idx - 12.0) ** 2).sum(-1) < 16
+    cut = ((idx - torch.tensor([0.0, 3.0, 20.0])) ** 2).sum(-1) < 16
+    sizes = sorted([int(ball.sum()), int(cut.sum())], reverse=True)
+    assert [pc.m for pc in two_level_mod.pieces_of((ball | cut).reshape(-1), (n, n, n))] == sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", ["clouds", "two-holes"])
+def test_cg_converges_to_the_same_solution_with_and_without_the_two_level_preconditioner(name, dtype, monkeypatch):
+    """The preconditioner is a matter of speed alone: block CG on G reaches the dense solution with
+    it, with Jacobi and with none."""
+    from kronegp.solvers import block_cg
+
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    gp = model(name, path="cg", dtype=dtype)
+    pre, G, miss, g_diag = _coarse_for(gp)
+    assert pre is not None and pre.g_diag.dtype == dtype
+    with torch.no_grad():
+        cov = gp.inference.covariance(gp, gp._factors())
+        mf = miss.to(dtype)
+        g = torch.Generator().manual_seed(5)
+        rhs = torch.randn(miss.numel(), 3, generator=g, dtype=torch.float64).to(dtype) * mf.unsqueeze(-1)
+        op = lambda v: cov.eig.apply_function_rows(cov.p_inv, v.mT.contiguous()).mT * mf.unsqueeze(-1)  # noqa: E731
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        ref = torch.linalg.solve(G.double(), rhs.double()[miss])
+        runs = {}
+        for label, precond in (("two-level", lambda v: pre.apply(v.mT.contiguous()).mT), ("jacobi", 1.0 / g_diag),
+                               ("none", None)):
+            res = block_cg(op, rhs.clone(), precond, tol=tol, max_iters=2000)
+            runs[label] = res.iterations_needed
+            assert rel(res.solution.double()[miss], ref) <= (1e-8 if dtype == torch.float64 else 2e-3), label
+    assert runs["two-level"] <= runs["jacobi"], runs
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell_noise", [False, True], ids=["homoskedastic", "cell-noise"])
-def test_cg_path_with_a_hole_matches_dense_through_the_two_level_preconditioner(dtype, cell_noise, monkeypatch):
+@pytest.mark.parametrize("name", ["hole", "two-holes", "clouds"])
+def test_cg_path_with_gaps_matches_dense_through_the_two_level_preconditioner(name, dtype, cell_noise, monkeypatch):
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)  # per-cell noise: the iterative estimator, not the dense one
     built = []
     real = two_level_mod.two_level
@@ -440,10 +548,10 @@ def test_cg_path_with_a_hole_matches_dense_through_the_two_level_preconditioner(
         g = torch.Generator().manual_seed(3)
         noise = (0.02 * 10 ** (2 * torch.rand(SHAPE, generator=g, dtype=torch.float64) - 1)).to(dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    gp = model("hole", path="cg", cg_tol=tol, noise=noise, dtype=dtype)  # 60 cells: exact unit probes
+    gp = model(name, path="cg", cg_tol=tol, noise=noise, dtype=dtype)  # few cells: exact unit probes
     lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     assert built and built[-1] is not None and gp._last_extra["coarse_modes"] == built[-1].modes
-    gp64 = gp if dtype == torch.float64 else model("hole", path="cg", noise=None if noise is None else noise.double())
+    gp64 = gp if dtype == torch.float64 else model(name, path="cg", noise=None if noise is None else noise.double())
     ref, ref_grads = lml_and_grads(gp64, dense_lml)
     bound = 1e-6 if dtype == torch.float64 else 1e-3
     assert abs(lml - ref) <= bound * abs(ref)
@@ -454,6 +562,7 @@ def test_two_level_logdet_is_unbiased_with_random_probes(monkeypatch):
     """Random probes drawn from N(0, M⁻¹): the mean of the estimates over seeds is the dense value
     (within 4 standard errors), and their spread is smaller than with Jacobi alone."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     ref = None
     spread = {}
     for on in (False, True):
@@ -496,12 +605,15 @@ def test_two_level_cuts_the_iterations_of_a_hole(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_two_level_on_cuda_matches_cpu(monkeypatch):
+@pytest.mark.parametrize("name", ["hole", "clouds"])
+def test_two_level_on_cuda_matches_cpu(name, monkeypatch):
     """A callable preconditioner never enters the fused CUDA CG step (which would drop it): the
-    hole's likelihood and gradient on CUDA equal the CPU's."""
+    likelihood and gradient of a hole and of clouds (pieces found on the host, truncated Galerkin
+    matrices) on CUDA equal the CPU's."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
-    cpu = model("hole", path="cg", cg_tol=1e-10)
-    gpu = model("hole", path="cg", cg_tol=1e-10).to("cuda")
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    cpu = model(name, path="cg", cg_tol=1e-10)
+    gpu = model(name, path="cg", cg_tol=1e-10).to("cuda")
     a, ga = lml_and_grads(cpu, lambda m: m.log_marginal_likelihood())
     b, gb = lml_and_grads(gpu, lambda m: m.log_marginal_likelihood())
     assert cpu._last_extra["coarse_modes"] == gpu._last_extra["coarse_modes"] > 0
@@ -527,6 +639,7 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
     from kronegp.solvers import CGSchedule, cg_schedule
 
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     gp = model("hole", path="cg", cg_tol=1e-10)
     with torch.no_grad():
         rec = CGSchedule.record()
@@ -543,6 +656,7 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
 def test_two_level_on_a_4d_grid_matches_dense(monkeypatch):
     """A 4-D grid with a hole of 72 cells (2 × 3 × 3 × 4): the two-level path, exact unit probes."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
     shape = (4, 5, 4, 6)
     g = torch.Generator().manual_seed(4)
     axes = [torch.cumsum(0.5 + torch.rand(n, generator=g, dtype=torch.float64), 0) for n in shape]
@@ -633,3 +747,46 @@ def test_box_pairs_fold_and_unfold_match_the_dense_contraction(sizes):
     gram = khatri_gram([khatri_square(a) for a in mats], sizes, weights)
     for t in range(2):
         assert rel(gram[t], full @ (weights[:, t, None] * full.mT)) <= 1e-14
+
+
+def test_coarse_bytes_count_every_piece(monkeypatch):
+    """The memory plan's count (:func:`coarse_bytes`) grows with the pieces and is 0 without one."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 4)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    shape = (6, 7, 8)
+    one = torch.zeros(shape, dtype=torch.bool)
+    one[0:2, 0:2, 0:2] = True
+    two = one.clone()
+    two[3:6, 4:7, 5:8] = True
+    count = lambda m: two_level_mod.coarse_bytes(m.reshape(-1), shape, 8)  # noqa: E731
+    assert count(torch.zeros(shape, dtype=torch.bool)) == 0 and count(one) > 0
+    assert count(two) > count(one)
+    # at least the kept matrices of what two_level builds: six |S_i|² per piece
+    pre = model("two-holes", path="cg")
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    coarse, _, miss, _ = _coarse_for(pre)
+    assert two_level_mod.coarse_bytes(miss, SHAPE, 8) >= 6 * 8 * sum(pc.modes**2 for pc in coarse.pieces)
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (5, 6, 7, 3)], ids=["2-D", "4-D"])
+def test_two_level_with_clouds_on_odd_grids_matches_dense(shape, monkeypatch):
+    """Blobs on a 2-D and a 4-D grid of odd sizes (one cut by the edge): several pieces, ragged
+    boxes (truncated Galerkin), exact unit probes; likelihood and gradient against a dense Cholesky."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    g = torch.Generator().manual_seed(7)
+    axes = [torch.cumsum(0.5 + torch.rand(n, generator=g, dtype=torch.float64), 0) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    v = sum(torch.sin(m / (2.0 + k)) for k, m in enumerate(mesh)) + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1)
+    ends = torch.tensor([n - 1.0 for n in shape], dtype=torch.float64)
+    v[(((idx - ends * 0.3) ** 2).sum(-1) < 5) | (((idx - ends) ** 2).sum(-1) < 4)] = float("nan")
+    gp = GridGP(v, axes, path="cg", cg_tol=1e-10)
+    lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    coarse, _, _, _ = _coarse_for(gp)
+    assert len(coarse.pieces) == 2 and not all(pc.hole.fills for pc in coarse.pieces)
+    assert gp._last_extra["coarse_modes"] == coarse.modes > 0
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    assert abs(lml - ref) <= 1e-6 * abs(ref)
+    assert rel(grads, ref_grads) <= 1e-6

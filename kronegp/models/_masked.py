@@ -32,7 +32,8 @@ values given the observed ones, whose spectrum is tight when missing cells are s
 (CG on ``G`` takes a handful of iterations where CG on ``C_OO`` takes hundreds). A compact
 contiguous hole leaves its smooth modes unpinned (95 Jacobi iterations on a 19³ hole of a 40³
 grid against 5 scattered): there ``P⁻¹`` is two-level, Jacobi plus a Galerkin coarse space of
-the box kernel's leading modes (:mod:`kronegp.models._two_level`: 9 iterations), with
+the box kernel's leading modes per connected piece of missing cells (holes, clouds;
+:mod:`kronegp.models._two_level`: 9 iterations), with
 ``log det P`` still exact. ``log det G`` by SLQ from the CG coefficients of probes
 ``z ~ N(0, P)``; with ``∂G = −[X ∂C X]_MM``::
 
@@ -322,8 +323,8 @@ def _missing_matvec(
 
 def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype):
     """``(g_diag, coarse)``: ``diag(G)`` on the grid (``diag(X)_M``, exact when ``C`` is Kronecker, and
-    ``diag(P⁻¹)_M`` otherwise; 1 at observed cells) and the two-level preconditioner of a compact hole
-    (:mod:`kronegp.models._two_level`) where it applies to this grid, else ``None`` (Jacobi). A
+    ``diag(P⁻¹)_M`` otherwise; 1 at observed cells) and the two-level preconditioner of the connected
+    pieces of missing cells (:mod:`kronegp.models._two_level`) where it applies to this grid, else ``None`` (Jacobi). A
     sharded grid and a run under a :class:`~kronegp.solvers.CGSchedule` (a CUDA graph's step: the
     coarse space's setup reads the device) keep Jacobi."""
     missing = 1 - observed.to(dtype)
@@ -726,8 +727,8 @@ def cg_lml_pieces(
                 raise ValueError("probes_g is required when cells are missing")
             missing = 1 - obs_f
             # Jacobi scaling of G centres its log-spectrum on 0, which is what makes the SLQ
-            # variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue). A compact hole
-            # adds a coarse space of its smooth modes (kronegp.models._two_level): P = M⁻¹ is then
+            # variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue). Holes and clouds
+            # add a coarse space of their smooth modes (kronegp.models._two_level): P = M⁻¹ is then
             # no longer diagonal, but its log det is exact and the probes are drawn from N(0, P).
             g_diag, coarse = _g_preconditioner(cov, observed, dt)
             if coarse is None:

@@ -1,4 +1,4 @@
-"""A two-level preconditioner for the missing cells' system ``G = X_MM`` of a contiguous hole.
+"""A two-level preconditioner for the missing cells' system ``G = X_MM`` of holes and clouds.
 
 Notation of :mod:`kronegp.models._masked`: ``X ≈ C⁻¹`` applied as ``Q diag(p) Qᵀ`` (``p = 1/(λ + σ²)``,
 exact for homoskedastic noise; ``P⁻¹`` of the Kronecker preconditioner with per-cell noise),
@@ -11,23 +11,37 @@ the hole (prior variance ``s²Πμ ≫ σ²``) is not pinned: ``vᵀGv / vᵀJv`
 ``σ²/(s²Πμ)``, and CG needs ~``√(s²/σ²)``-many more iterations (measured, 40³ grid, hole of
 19³ cells: 95 against 5 for the same number of scattered cells).
 
+**Pieces.** The missing cells are cut into their connected components (cells sharing a face,
+:func:`pieces_of`): a hole is one piece, three holes three, merged cloud blobs one piece with a
+large, partly observed box; components of fewer than :data:`MIN_MISSING` cells (scattered
+cells) get none. Each piece ``i`` gets its own coarse space ``W_i`` on its own cells, so the
+pieces' corrections act on disjoint cells and ``M`` below is block diagonal over them: every
+formula of this docstring holds per piece, and the log determinants and probes add up.
+
 **Coarse space.** Those modes are, to a good approximation, the leading eigenvectors of the
-kernel restricted to the hole's bounding box, which is a Kronecker product: with
+kernel restricted to the piece's bounding box, which is a Kronecker product: with
 ``K_k[I_k, I_k] = V_k diag(μ_k) V_kᵀ`` (``I_k`` the box's indices on axis ``k``), the columns of
 ``W = E_M (⊗V_k) S`` are the tensor modes ``(j_1, …, j_d)`` with ``s² Π_k μ_k[j_k] ≥`` :data:`MODE_SCORE`
-``· σ²`` (``S`` selects them, at most :data:`MAX_MODES`; ``E_M`` restricts the box to the missing
-cells). The preconditioner is additive two-level (Jacobi plus a Galerkin coarse solve)::
+``· σ²`` (``S`` selects them, at most :data:`MAX_MODES`, :data:`MAX_TOTAL_MODES` over all pieces;
+``E_M`` restricts the box to the piece's cells). The preconditioner is additive two-level
+(Jacobi plus a Galerkin coarse solve per piece)::
 
-    M = J⁻¹ + W E⁻¹ Wᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
+    M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
 
 ``E`` costs one Kronecker matmul of ``n_1`` grid slabs with factors of ``r_k² × n_k`` (the
 Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`, axis 1 summed
-directly: :func:`selected_gram`) when the hole fills its box; otherwise ``X W`` through the
-grid, :data:`COLUMN_CHUNK` modes at a time (then ``|S| ≤`` :data:`MAX_COLUMN_MODES`).
-Applying ``M`` to a block costs two Kronecker products over the box with ``b_k × r_k`` factors
-and a ``|S| × |S|`` triangular solve pair: small against the block's two Kronecker products over
-the grid inside ``G``. ``M`` is symmetric positive definite whatever ``E`` is (exact or not),
-so CG stays correct; its quality only sets the iterations.
+directly: :func:`selected_gram`) when the piece fills its box. Otherwise (a ragged hole, a cloud)
+``W`` is not a Kronecker product, and ``E`` comes from ``X = I/σ² − Q diag(ω) Qᵀ`` (``ω = 1/σ² − p``)
+with the eigen-coordinates of prior variance below ``ϑ`` dropped (:func:`truncated_galerkin`):
+``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct. It costs the ``|S|``
+box rows of ``W`` and ``|S|²`` flops per kept eigen-coordinate (on clouds about a third of the
+grid's: the Matérn spectrum decays slowly), so such a piece takes at most
+:data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
+``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
+``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
+Applying ``M`` to a block costs, per piece, two Kronecker products over its box with ``b_k × r_k``
+factors and a ``|S_i| × |S_i|`` triangular solve pair. ``M`` is symmetric positive definite whatever
+the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the iterations.
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
@@ -49,10 +63,17 @@ scattered cells: 5. Scores 0.3 / 3 / 10 gave 8 / 12 / 17 iterations on the 19³ 
 1.6× / 2.8× at 40³ (Jacobi: 5× / 11×); 1.8× / 2.4× / 1.9× for the 1 / 5 / 10 % holes of 64³
 (8 / 9 / 10 iterations with 87 / 319 / 584 modes, scatter 4–5). More in NOTES.md.
 
-Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`) whose missing
-cells fill at least :data:`MIN_FILL` of their bounding box (one compact hole: scattered cells,
-clouds over the whole grid and several far-apart holes keep plain Jacobi, which already
-converges there or whose box modes would not be the hole's).
+**Measured, pieces** (same machine and method, 2026-12-07, Jacobi → two-level): three 1 % holes
+(``holes3-1``) 16 → 9 / 22 → 9 / 40 → 8 iterations at 32³ / 48³ / 64³, step 1.9× / 2.0× / 1.75×
+the scatter's (Jacobi 3–6×). Clouds (``clouds-20``: the blobs merge into one component spanning the
+grid, plus a dozen blobs) 45 → 14 / 83 → 28 / 135 → 63 iterations, but the step is 4.2× / 7.9× /
+9–14× the scatter's: even with Jacobi at 32³, 1.7× faster at 48³, 0.9–1.4× at 64³, where the
+merged component's modes are capped by :data:`MAX_BOX_ELEMENTS` (128) and setup (16 s) plus
+applies (11 s) of a 70 s step eat most of the saving. Issue 22's ≤ 3× target holds for holes,
+not clouds.
+
+Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
+:func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
 """
 
 from __future__ import annotations
@@ -64,11 +85,13 @@ import torch
 from torch import Tensor
 
 from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
+from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import matmul_kron
 
-__all__ = ["CoarseBasis", "TwoLevel", "two_level", "selected_gram", "coarse_bytes", "ENABLED", "MODE_SCORE",
-           "MAX_MODES", "MAX_GRAM_ELEMENTS", "MAX_COLUMN_MODES", "COLUMN_CHUNK", "MIN_FILL", "MIN_MISSING"]
+__all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
+           "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
+           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -78,14 +101,23 @@ MODE_SCORE = 1.0
 MAX_MODES = 1024
 #: At most this many elements in the partial gram ``H`` (``n_1 · (Π_{k>1} r_k)²``, see :func:`selected_gram`).
 MAX_GRAM_ELEMENTS = 1 << 24
-#: At most this many modes when the hole does not fill its box (each mode is a grid column through ``Qᵀ``).
-MAX_COLUMN_MODES = 128
-#: Modes per block when ``E`` is formed through the grid (memory: that many grid vectors at once).
-COLUMN_CHUNK = 16
-#: Least share of the bounding box the missing cells must fill.
-MIN_FILL = 0.5
+#: At most this many coarse modes over all pieces together (the largest pieces first).
+MAX_TOTAL_MODES = 4096
+#: At most this many pieces get a coarse space (the largest first; the others keep Jacobi).
+MAX_PIECES = 256
+#: A piece that does not fill its box forms its Galerkin matrix from X's eigen-expansion truncated so
+#: that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E`` (:func:`truncated_galerkin`).
+GALERKIN_TOL = 0.1
+#: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
+#: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
+MAX_TRUNCATED_MODES = 256
+#: ... and at most this many elements in its ``|S|`` box rows (``|S| ≤ MAX_BOX_ELEMENTS / box``).
+MAX_BOX_ELEMENTS = 1 << 25
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
 MIN_MISSING = 64
+#: A piece needs at least this many interior cells (all face neighbours missing): clusters of
+#: scattered cells (20 % of a 48³ grid has some of over 64 cells) keep Jacobi, which pins them.
+MIN_INTERIOR = 8
 
 
 def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Optional[tuple[Tensor, list[int]]]:
@@ -148,8 +180,32 @@ def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], 
     return E
 
 
+def pieces_of(missing: Tensor, sizes) -> list[MissingBox]:
+    """The pieces of the missing cells (bool grid, flat) that get a coarse space each: the connected
+    components (cells sharing a face) of at least :data:`MIN_MISSING` cells, :data:`MIN_INTERIOR` of
+    them interior (all face neighbours missing: a cluster of scattered cells has hardly any, and
+    its modes are pinned already), at most
+    :data:`MAX_PIECES` (the largest first), each a :class:`~kronegp.models._few_missing.MissingBox`
+    of its own cells (so their cells are disjoint). Scattered cells form no piece. One read of the
+    mask on the host (``scipy.ndimage.label``)."""
+    import scipy.ndimage
+
+    mask = missing.reshape(list(sizes)).cpu().numpy()
+    labels, count = scipy.ndimage.label(mask)
+    if count == 0:
+        return []
+    # interior cells: every face neighbour missing too (beyond the grid's edge counts as missing)
+    inner = torch.from_numpy(scipy.ndimage.binary_erosion(mask, border_value=1)).reshape(-1)
+    labels = torch.from_numpy(labels).reshape(-1)
+    cells = torch.bincount(labels, minlength=count + 1)[1:]
+    interior = torch.bincount(labels[inner], minlength=count + 1)[1:]
+    big = torch.nonzero((cells >= MIN_MISSING) & (interior >= MIN_INTERIOR)).reshape(-1)
+    big = big[torch.argsort(cells[big], descending=True, stable=True)][:MAX_PIECES] + 1
+    return [MissingBox((labels == int(k)).to(missing.device), sizes) for k in big]
+
+
 class CoarseBasis:
-    """``W = E_M (⊗V_k) S``: the coarse modes over the hole's box, restricted to the missing cells."""
+    """``W = E_M (⊗V_k) S``: the coarse modes over one piece's box, restricted to its missing cells."""
 
     def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int]):
         self.hole = hole
@@ -168,25 +224,30 @@ class CoarseBasis:
             box[:, h.pos] = rows[:, h.idx]
         return matmul_kron(box, self.vecs)[:, self.sel]
 
-    def w(self, coef: Tensor, n: int) -> Tensor:
-        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` (``N = n``) zero off the missing cells."""
-        h = self.hole
+    def box_rows(self, coef: Tensor) -> Tensor:
+        """``(⊗V_k) S c`` over the whole box for coefficients ``(t, |S|)``: ``(t, box)``."""
         full = coef.new_zeros(coef.shape[0], math.prod(self.full))
         full[:, self.sel] = coef
-        box = matmul_kron(full, self.vecs_t)
-        out = coef.new_zeros(coef.shape[0], n)
-        out[:, h.idx] = box if h.fills else box[:, h.pos]
+        return matmul_kron(full, self.vecs_t)
+
+    def add_w(self, coef: Tensor, out: Tensor) -> Tensor:
+        """``out += W c`` for coefficients ``(t, |S|)`` and rows ``out`` ``(t, N)`` (in place: only
+        this piece's cells are touched, so the pieces of one preconditioner add into one block)."""
+        h = self.hole
+        box = self.box_rows(coef)
+        out[:, h.idx] += box if h.fills else box[:, h.pos]
         return out
 
+    def w(self, coef: Tensor, n: int) -> Tensor:
+        """``W c`` for coefficients ``(t, |S|)``: rows ``(t, N)`` (``N = n``) zero off the piece's cells."""
+        return self.add_w(coef, coef.new_zeros(coef.shape[0], n))
 
-class TwoLevel:
-    """``M = J⁻¹ + W E⁻¹ Wᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells (module
-    docstring), from the basis ``W``, ``J`` on the grid, ``E`` and ``WᵀJW``. Build with :func:`two_level`."""
 
-    def __init__(self, basis: CoarseBasis, g_diag: Tensor, E: Tensor, EJ: Tensor):
+class CoarsePiece:
+    """One piece's coarse solve: its basis ``W_i``, ``E_i = L Lᵀ`` and ``L⁻¹ (W_iᵀ J W_i) L⁻ᵀ = U diag(s) Uᵀ``."""
+
+    def __init__(self, basis: CoarseBasis, E: Tensor, EJ: Tensor):
         self.basis, self.hole, self.modes = basis, basis.hole, basis.modes
-        self.g_diag = g_diag
-        self.j_inv = 1.0 / g_diag
         self.L = torch.linalg.cholesky(0.5 * (E + E.mT))
         linv_ej = torch.linalg.solve_triangular(self.L, EJ, upper=False)
         T = torch.linalg.solve_triangular(self.L, linv_ej.mT, upper=False)  # L⁻¹ EJ L⁻ᵀ
@@ -196,30 +257,99 @@ class TwoLevel:
         root = torch.sqrt(1 + self.s)
         self.f = -1.0 / (root * (1 + root))
 
+
+class TwoLevel:
+    """``M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells
+    (module docstring), from the pieces' coarse solves and ``J`` on the grid. The pieces' cells are
+    disjoint, so ``M`` is block diagonal over them. Build with :func:`two_level`."""
+
+    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor):
+        self.pieces = pieces
+        self.modes = sum(pc.modes for pc in pieces)
+        self.g_diag = g_diag
+        self.j_inv = 1.0 / g_diag
+
     def apply(self, rows: Tensor) -> Tensor:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
-        c = torch.cholesky_solve(self.basis.wt(rows).mT, self.L).mT
-        return torch.addcmul(self.basis.w(c, rows.shape[-1]), rows, self.j_inv)
+        out = rows * self.j_inv
+        for pc in self.pieces:
+            pc.basis.add_w(torch.cholesky_solve(pc.basis.wt(rows).mT, pc.L).mT, out)
+        return out
 
     def sample(self, xi: Tensor) -> Tensor:
         """Probes ``z = P^{½}ξ`` with ``Cov z = M⁻¹`` for rows ``ξ`` (``(S, N)``, zero off the missing cells)."""
         a = self.g_diag.sqrt() * xi
-        c = torch.linalg.solve_triangular(self.L, self.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
-        c = self.U @ (self.f.unsqueeze(-1) * (self.U.mT @ c))
-        back = torch.linalg.solve_triangular(self.L.mT, c, upper=True).mT  # L⁻ᵀ …  (S, |S|)
-        return a + self.g_diag * self.basis.w(back, xi.shape[-1])
+        corr = torch.zeros_like(a)
+        for pc in self.pieces:
+            c = torch.linalg.solve_triangular(pc.L, pc.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
+            c = pc.U @ (pc.f.unsqueeze(-1) * (pc.U.mT @ c))
+            pc.basis.add_w(torch.linalg.solve_triangular(pc.L.mT, c, upper=True).mT, corr)  # W L⁻ᵀ …
+        return a.add_(corr.mul_(self.g_diag))
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        return (missing * torch.log(self.g_diag)).sum() - torch.log1p(self.s).sum()
+        return (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pc.s).sum() for pc in self.pieces)
+
+
+def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], list[Tensor]]:
+    """``(μ_k, V_k)`` of each ``K_k[I_k, I_k]`` over the piece's box, largest first."""
+    mus, vecs = [], []
+    for f, ax in zip(factors, piece.axes):
+        mu, v = torch.linalg.eigh(f.detach()[ax][:, ax])
+        mus.append(mu.flip(0).clamp_min(0))
+        vecs.append(v.flip(-1))
+    return mus, vecs
+
+
+def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, p: Tensor,
+                       top: float) -> Tensor:
+    """``Ẽ = Wᵀ X̃ W`` for a piece that does not fill its box, with ``X = I/σ² − Q diag(ω) Qᵀ``
+    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least
+    ``ϑ = GALERKIN_TOL · σ² / (1 + top)`` (``top``: the box's largest score ``s²Πμ/σ²``).
+
+    Exactly ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``: the dropped part is ``Σ ω_j W ᵀq_j q_jᵀ W ⪯ (ϑ/σ⁴) WᵀW``
+    (``ω_j ≤ λ_j/σ⁴``) and ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
+    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box). The kept coordinates are a Kronecker sub-box
+    (per axis, the ``j`` that can reach ``ϑ``) and the ones in it reaching ``ϑ``: one matmul of the
+    ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a gram over them."""
+    h = basis.hole
+    thr = GALERKIN_TOL * float(level) / (1.0 + top)
+    s2 = float(outputscale)
+    tops = [float(v.max()) for v in eig.vals]
+    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= thr).reshape(-1) for k, v in enumerate(eig.vals)]
+    inside = p.new_zeros(h.box)
+    inside[h.pos] = 1.0
+    E = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    if any(k.numel() == 0 for k in keep):
+        return E
+    wbox = basis.box_rows(torch.eye(basis.modes, dtype=p.dtype, device=p.device)).mul_(inside)  # W over the box
+    rest = math.prod(k.numel() for k in keep[1:])
+    step = max(1, MAX_GRAM_ELEMENTS // (basis.modes * rest))  # axis-1 coordinates per block of Y
+    lam_rest = s2 * kron_vector([v[k] for v, k in zip(eig.vals[1:], keep[1:])]) if len(keep) > 1 else None
+    flat_rest = torch.zeros(1, dtype=torch.long, device=p.device)  # grid (eigen-coordinate) index over axes 2…d
+    for k, n in zip(keep[1:], eig.sizes[1:]):
+        flat_rest = (flat_rest.unsqueeze(-1) * n + k).reshape(-1)
+    mats = [q[ax][:, k] for q, ax, k in zip(eig.vecs[1:], h.axes[1:], keep[1:])]
+    q1 = eig.vecs[0][h.axes[0]]
+    for a in range(0, keep[0].numel(), step):
+        k1 = keep[0][a : a + step]
+        lam = eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)
+        flat = (k1.unsqueeze(-1) * (eig.size // eig.sizes[0]) + flat_rest).reshape(-1)
+        chosen = torch.nonzero(lam.reshape(-1) >= thr).reshape(-1)
+        if chosen.numel() == 0:
+            continue
+        Y = matmul_kron(wbox, [q1[:, k1]] + mats)[:, chosen]  # (|S|, kept): Wᵀ q_j
+        omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
+        E -= (Y * omega) @ Y.mT
+    return E
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
               g_diag: Tensor, missing: Tensor) -> Optional[TwoLevel]:
     """The two-level preconditioner for the missing cells (bool grid, flat) of a whole grid, or ``None``
-    where it does not apply (:data:`ENABLED` off, fewer than :data:`MIN_MISSING` cells, a box filled
-    below :data:`MIN_FILL`, no mode scoring :data:`MODE_SCORE`, or a Galerkin matrix that is not
-    positive definite in this dtype: then Jacobi alone, as before).
+    where it does not apply (:data:`ENABLED` off, no piece of :func:`pieces_of`, no mode scoring
+    :data:`MODE_SCORE`): then Jacobi alone, as before. A piece whose Galerkin matrix is not positive
+    definite in this dtype keeps Jacobi on its cells.
 
     Args:
         eig: ``⊗K_k = Q diag(λ̂) Qᵀ``. factors: the ``K_k``. outputscale: ``s²``.
@@ -228,49 +358,55 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     """
     if not ENABLED:
         return None
-    m = int(missing.sum())
-    if m < MIN_MISSING:
-        return None
-    hole = MissingBox(missing, eig.sizes)
-    if hole.m < MIN_FILL * hole.box:
-        return None
-    mus, vecs = [], []
-    for f, ax in zip(factors, hole.axes):
-        mu, v = torch.linalg.eigh(f.detach()[ax][:, ax])
-        mus.append(mu.flip(0).clamp_min(0))
-        vecs.append(v.flip(-1))
-    chosen = _tensor_modes(mus, float(outputscale / level), MAX_MODES if hole.fills else MAX_COLUMN_MODES, eig.sizes[0])
-    if chosen is None:
-        return None
-    sel, full = chosen
-    basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
-    # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
-    jbox = g_diag.new_zeros(hole.box)
-    jbox[hole.pos] = g_diag[hole.idx]
-    EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
-    if hole.fills:
-        R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
-        E = selected_gram(R, p, sel, full)
-    else:
-        # E = Wᵀ X W through the grid, COLUMN_CHUNK modes at a time (one such block alive)
-        k = basis.modes
-        eye = torch.eye(k, dtype=p.dtype, device=p.device)
-        E = torch.cat([basis.wt(eig.apply_function_rows(p, basis.w(eye[i : i + COLUMN_CHUNK], eig.size)))
-                       for i in range(0, k, COLUMN_CHUNK)])
-    try:
-        return TwoLevel(basis, g_diag, E, EJ)
-    except torch.linalg.LinAlgError:
-        return None
+    built, budget = [], MAX_TOTAL_MODES
+    scale = float(outputscale / level)
+    for hole in pieces_of(missing, eig.sizes):
+        if budget <= 0:
+            break
+        mus, vecs = _box_eigs(factors, hole)
+        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
+        chosen = _tensor_modes(mus, scale, limit, eig.sizes[0] if hole.fills else hole.box_sizes[0]) if limit > 0 else None
+        if chosen is None:
+            continue
+        sel, full = chosen
+        basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
+        # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
+        jbox = g_diag.new_zeros(hole.box)
+        jbox[hole.pos] = g_diag[hole.idx]
+        EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
+        if hole.fills:
+            R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
+            E = selected_gram(R, p, sel, full)
+        else:
+            E = truncated_galerkin(basis, eig, outputscale, level, p, scale * math.prod(float(mu[0]) for mu in mus))
+        try:
+            built.append(CoarsePiece(basis, E, EJ))
+        except torch.linalg.LinAlgError:
+            continue
+        budget -= basis.modes
+    return TwoLevel(built, g_diag) if built else None
 
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
-    """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak:
-    the partial gram ``H`` of :func:`selected_gram` and six ``|S| × |S|`` matrices (eight with its
-    chunk); 0 where it does not apply (for :mod:`kronegp.models.memory`)."""
+    """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
+    it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
+    ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
+    :func:`selected_gram` (a box it fills) or the ``|S_i|`` box rows and eigen-coordinates of
+    :func:`truncated_galerkin` (one that it does not); ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
-    hole = MissingBox(missing, sizes)
-    if hole.m < MIN_MISSING or hole.m < MIN_FILL * hole.box:
-        return 0
-    modes = min(hole.box, MAX_MODES if hole.fills else MAX_COLUMN_MODES)
-    return (min(sizes[0] * hole.box**2, MAX_GRAM_ELEMENTS) + 14 * modes * modes) * itemsize
+    kept, peak, budget = 0, 0, MAX_TOTAL_MODES
+    for piece in pieces_of(missing, sizes):
+        if budget <= 0:
+            break
+        if piece.fills:
+            modes = min(piece.box, MAX_MODES, budget)
+            work = min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS)
+        else:  # the box rows, their gram's partial H and truncated_galerkin's blocks of Y (an axis-1 slab at least)
+            modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
+            work = modes * piece.box + min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
+                + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+        budget -= modes
+        kept += 6 * modes * modes
+        peak = max(peak, work + 8 * modes * modes)
+    return (kept + peak) * itemsize

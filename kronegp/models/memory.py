@@ -33,9 +33,9 @@ buffers are alive at once. Each count below is taken from the code that allocate
   the data column's refinement after the first run (:data:`CG_REFINE`): 1024³ float32 with 20 %
   missing and 16 probes needs 112 GiB in runs of 2 columns by this plan (an H200's 139 GiB),
   and 92 GiB at the least (more than an H100), where 896³ fits in 61 GiB.
-  A compact hole adds its two-level preconditioner's matrices (at most
-  ``MAX_GRAM_ELEMENTS + 14·MAX_MODES²`` elements, :func:`kronegp.models._two_level.coarse_bytes`),
-  whatever the grid.
+  Holes and clouds add their two-level preconditioner's matrices (six ``|S_i|²`` per piece kept,
+  and while one piece is built its gram or its box rows and a slab of eigen-coordinates:
+  :func:`kronegp.models._two_level.coarse_bytes`).
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
