@@ -24,8 +24,8 @@ buffers are alive at once. Each count below is taken from the code that allocate
   ``t = num_probes + 1`` columns may run in several CG runs of ``c`` columns
   (:func:`kronegp.models._masked.cg_lml_pieces`'s ``probe_chunk``; :attr:`MemoryPlan.chunk`), each
   drawing its own probes and reducing its gradient pairs before the next: the plan picks the
-  largest ``c`` that fits (:func:`choose_cg_run`), ``t`` (one run, the probes drawn at once) when
-  it all fits. Per-cell noise runs one CG on all ``t`` columns. The coefficients were measured
+  largest ``c`` that fits (:func:`choose_cg_run`; on CUDA with one ``c``-column block to spare, for
+  the caching allocator's fragments), ``t`` (one run, the probes drawn at once) when it all fits. Per-cell noise runs one CG on all ``t`` columns. The coefficients were measured
   on the CPU with :class:`LiveBytes` (every tensor the step creates, autograd's saved tensors
   included) and are checked against that measurement in ``tests/test_memory_plan.py``; on CUDA
   the fused CG iteration holds no ``z`` (:data:`CG_FUSED_SAVES` blocks fewer; checked against
