@@ -17,6 +17,7 @@ import numpy as np
 
 def plot_slice(path: str, out: str) -> None:
     import matplotlib
+    import matplotlib.colors
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,13 +25,19 @@ def plot_slice(path: str, out: str) -> None:
     data = np.load(path)
     n, k = int(data["n"]), int(data["slice_index"])
     hyper = json.loads(str(data["hyperparameters"]))
-    panels = [("observed (noisy draw)", data["observed"], "viridis"), ("posterior mean", data["mean"], "viridis"),
-              ("posterior sd", data["sd"], "magma")]
+    # On a full grid the sd is flat inside and rises only within a few cells of the edges (and at
+    # missing cells): its panel shows a corner, on a log scale, so that structure is visible.
+    corner = min(n, 32)
+    sd = data["sd"][:corner, :corner]
+    panels = [("observed (noisy draw)", data["observed"], "viridis", None),
+              ("posterior mean", data["mean"], "viridis", None),
+              (f"posterior sd, corner {corner}×{corner} cells (log scale)", sd, "magma",
+               matplotlib.colors.LogNorm(float(np.nanmin(sd)), float(np.nanmax(sd))))]
     lo = min(float(np.nanmin(p[1])) for p in panels[:2])
     hi = max(float(np.nanmax(p[1])) for p in panels[:2])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
-    for ax, (title, img, cmap) in zip(axes, panels):
-        kw = {"vmin": lo, "vmax": hi} if cmap == "viridis" else {}
+    for ax, (title, img, cmap, norm) in zip(axes, panels):
+        kw = {"vmin": lo, "vmax": hi} if norm is None else {"norm": norm}
         im = ax.imshow(img.T, origin="lower", cmap=cmap, interpolation="nearest", **kw)
         ax.set_title(title)
         ax.set_xlabel("axis 0")
