@@ -24,3 +24,17 @@ def dense_kron(mats: list[torch.Tensor]) -> torch.Tensor:
     flat = [m.expand(*batch, *m.shape[-2:]).reshape(-1, *m.shape[-2:]) for m in mats]
     blocks = [dense_kron([f[b] for f in flat]) for b in range(flat[0].shape[0])]
     return torch.stack(blocks).reshape(*batch, *blocks[0].shape)
+
+
+def benchmark_module(name: str):
+    """A script of ``benchmarks/`` imported as a module (its own imports resolved there)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    where = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(where)

@@ -3,22 +3,16 @@ model as GridGP's (GPyTorch's exact Cholesky setting reproduces the dense refere
 setting past the budgets is skipped with the reason instead of run."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import benchmark_module
+
 
 
 @pytest.fixture(scope="module")
 def gaps():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gaps as module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return benchmark_module("gaps")
 
 
 BASE = ["--n", "5", "--no-fit", "--repeats", "1", "--dense-max", "1000"]

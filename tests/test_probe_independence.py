@@ -11,9 +11,7 @@ from another stream and was right). The probes are now seeded by a hash of (seed
 
 import math
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +21,13 @@ from kronegp.models.layout import probe_seed
 from kronegp.solvers import block_cg, slq_logdet_correction
 from kronegp.solvers.lanczos import implausible_probes
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import benchmark_module
+
 
 
 @pytest.fixture(scope="module")
 def gaps():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gaps as module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return benchmark_module("gaps")
 
 
 def _half_missing(n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
