@@ -9,7 +9,6 @@ import pytest
 from _helpers import benchmark_module
 
 
-
 @pytest.fixture(scope="module")
 def gaps():
     return benchmark_module("gaps")
