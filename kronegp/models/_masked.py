@@ -324,13 +324,13 @@ def _missing_matvec(
 def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype):
     """``(g_diag, coarse)``: ``diag(G)`` on the grid (``diag(X)_M``, exact when ``C`` is Kronecker, and
     ``diag(P⁻¹)_M`` otherwise; 1 at observed cells) and the two-level preconditioner of the connected
-    pieces of missing cells (:mod:`kronegp.models._two_level`) where it applies to this grid, else ``None`` (Jacobi). A
+    pieces of missing cells (:mod:`kronegp.models._two_level`; found once per mask) where it applies to this grid, else ``None`` (Jacobi). A
     sharded grid and a run under a :class:`~kronegp.solvers.CGSchedule` (a CUDA graph's step: the
     coarse space's setup reads the device) keep Jacobi."""
     missing = 1 - observed.to(dtype)
     g_diag = torch.where(missing > 0, cov.eig.diag_of(cov.p_inv), torch.ones_like(missing))
     coarse = two_level(cov.eig, cov.factors, cov.outputscale, cov.sigma_bar2, cov.p_inv, g_diag,
-                       observed.logical_not()) if cov.rows and active_schedule() is None else None
+                       observed=observed) if cov.rows and active_schedule() is None else None
     return g_diag, coarse
 
 

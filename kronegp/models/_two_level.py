@@ -84,10 +84,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square
+from kronegp.models._few_missing import MissingBox, khatri_gram, khatri_square, pair_maps
 from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
-from kronegp.ops import matmul_kron
+from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
@@ -124,7 +124,8 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Op
     """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes
     with ``scale·Πμ ≥ MODE_SCORE``, best first, at most :data:`MAX_MODES` and ``limit``, fewer where
     their gram over ``first`` cells of axis 1 would pass :data:`MAX_GRAM_ELEMENTS`, and per axis how
-    many leading modes they use; ``None`` if none."""
+    many leading modes they use; ``None`` if none. ``mus`` on the host (the choice sets shapes: one
+    read of the device per piece, :func:`two_level`); the indices are returned on the host too."""
     # An axis's mode j can only enter with every other axis at its largest μ: the scores are formed
     # over those candidates only (not over the whole box, which may hold 10⁸ cells).
     top = [float(mu[0]) for mu in mus]
@@ -154,29 +155,39 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Op
     return None
 
 
-def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], chunk: int = 8) -> Tensor:
+def selected_gram(mats: list[Tensor], w: Tensor, sel: Tensor, sizes: list[int], chunk: Optional[int] = None) -> Tensor:
     """``(⊗A_k)[sel] diag(w) (⊗A_k)[sel]ᵀ`` (``(|sel|, |sel|)``) for ``A_k`` of shape ``(r_k, n_k)``
     (``sizes = [r_k]``), grid weights ``w`` (length ``Πn_k``) and ``sel`` flat row-major over ``Πr_k``.
 
-    Axis 1 is summed directly, the others by one Kronecker matmul of the ``n_1`` slabs of ``w`` with
-    their Khatri–Rao squares (:func:`kronegp.models._few_missing.khatri_gram`):
-    ``H[j] = (⊗_{k>1}A_k) diag(w[j]) (⊗_{k>1}A_k)ᵀ`` (``n_1 · (Π_{k>1}r_k)²`` elements) and
-    ``E[a, b] = Σ_j A_1[a_1, j] A_1[b_1, j] H[j][a', b']``: the gram of the few selected tensor modes
-    without the ``(Πr_k)²`` one of them all."""
+    Axes 2…d by one Kronecker matmul of the ``n_1`` slabs of ``w`` with their Khatri–Rao squares
+    (:func:`kronegp.models._few_missing.khatri_gram`): ``H[j] = (⊗_{k>1}A_k) diag(w[j]) (⊗_{k>1}A_k)ᵀ``
+    (``n_1 · R'²`` elements, ``R' = Π_{k>1}r_k``); axis 1 by one GEMM over the pairs ``c ≤ c'`` of its
+    modes, ``F[(c, c'), (a', b')] = Σ_j A_1[c, j] A_1[c', j] H[j][a', b']`` (``r_1(r_1+1)/2 · R'²``
+    elements, in blocks of pairs of at most :data:`MAX_GRAM_ELEMENTS`, or ``chunk`` pairs), and
+    ``E[a, b] = F[(a_1, b_1), (a', b')]`` gathered: the gram of the few selected tensor modes without
+    the ``(Πr_k)²`` one of them all, and without reading ``H`` once per pair of selected modes
+    (``n_1·|sel|²``, the first version's chunked loop)."""
     n1 = mats[0].shape[1]
     rest = math.prod(sizes[1:])
     a1 = torch.div(sel, rest, rounding_mode="floor")
     ar = sel % rest
     if len(mats) == 1:
-        H = w.reshape(n1, 1, 1)
+        H = w.reshape(n1, 1)
     else:
         H = khatri_gram([khatri_square(a) for a in mats[1:]], sizes[1:], w.reshape(n1, -1).mT.contiguous())  # (n1, R', R')
-    rows = mats[0][a1]  # (k, n1): A_1[a_1, j]
+        H = H.reshape(n1, rest * rest)
+    pairs = khatri_square(mats[0])  # (P_1, n1): A_1[c, j] A_1[c', j], c ≤ c'
+    index = pair_maps(mats[0].shape[0], sel.device)[2]
+    pair = index[a1.unsqueeze(-1), a1.unsqueeze(0)]  # (k, k): the pair (a_1, b_1)
+    col = ar.unsqueeze(-1) * rest + ar.unsqueeze(0)  # (k, k): (a', b') flat
+    step = max(1, chunk if chunk is not None else MAX_GRAM_ELEMENTS // max(1, rest * rest))
+    if step >= pairs.shape[0]:
+        return (pairs @ H).reshape(-1)[pair * (rest * rest) + col]
     E = w.new_zeros(sel.numel(), sel.numel())
-    for j in range(0, n1, chunk):
-        h = H[j : j + chunk][:, ar][:, :, ar]  # (c, k, k)
-        r = rows[:, j : j + chunk].mT  # (c, k)
-        E += torch.einsum("ca,cb,cab->ab", r, r, h)
+    for p0 in range(0, pairs.shape[0], step):
+        F = pairs[p0 : p0 + step] @ H  # (c, R'²)
+        inside = (pair >= p0) & (pair < p0 + F.shape[0])
+        E = torch.where(inside, F.reshape(-1)[((pair - p0).clamp(0, F.shape[0] - 1)) * (rest * rest) + col], E)
     return E
 
 
@@ -258,37 +269,179 @@ class CoarsePiece:
         self.f = -1.0 / (root * (1 + root))
 
 
+class PieceBatch:
+    """Pieces of similar boxes applied together (hyperparameter-free index maps, kept per model with
+    :class:`PieceSet`): their boxes padded to the largest extent per axis, ``B`` of them side by side
+    as ``(B, Πb, t)``; ``cells`` the pieces' missing cells on the grid and ``slots`` their positions in
+    that padded block (row-major per box, each box after the one before)."""
+
+    def __init__(self, members: list[int], boxes: list[MissingBox]):
+        self.members = members
+        d = len(boxes[members[0]].box_sizes)
+        self.extent = [max(boxes[i].box_sizes[k] for i in members) for k in range(d)]
+        self.size = math.prod(self.extent)
+        cells, slots = [], []
+        for at, i in enumerate(members):
+            h = boxes[i]
+            pos = torch.zeros_like(h.idx)
+            for c, ax, e in zip(h.coords, h.axes, self.extent):  # the piece's cells over the padded box
+                pos = pos * e + torch.searchsorted(ax, c)
+            cells.append(h.idx)
+            slots.append(pos + at * self.size)
+        self.cells, self.slots = torch.cat(cells), torch.cat(slots)
+
+
+class PieceSet:
+    """The pieces of one mask (:func:`pieces_of`) and their batches: what does not depend on the
+    hyperparameters, found once per mask (:func:`cached_pieces`). A batch takes pieces (the largest
+    boxes first) while its padded block stays within twice their boxes' cells, so equal pieces (three
+    equal holes) make one batch and a dozen cloud blobs a few, whatever their number."""
+
+    def __init__(self, pieces: list[MissingBox]):
+        self.pieces = pieces
+        order = sorted(range(len(pieces)), key=lambda i: -pieces[i].box)
+        self.batches: list[PieceBatch] = []
+        group: list[int] = []
+        for i in order:
+            trial = group + [i]
+            extent = [max(pieces[j].box_sizes[k] for j in trial) for k in range(len(pieces[i].box_sizes))]
+            if group and len(trial) * math.prod(extent) > 2 * sum(pieces[j].box for j in trial):
+                self.batches.append(PieceBatch(group, pieces))
+                trial = [i]
+            group = trial
+        if group:
+            self.batches.append(PieceBatch(group, pieces))
+
+
+#: :func:`cached_pieces`' entries: (weak reference to the mask, its version, the key, the piece set)
+_PIECE_CACHE: list = []
+#: How many masks :func:`cached_pieces` keeps (one per live model is the common case).
+PIECE_CACHE_SIZE = 8
+
+
+def cached_pieces(observed: Tensor, sizes) -> PieceSet:
+    """The :class:`PieceSet` of ``~observed`` (bool grid, flat; a model's mask), found once per mask:
+    kept while ``observed`` is the same tensor at the same version (an in-place change bumps it, and
+    ``GridGP.to`` makes a new one) with the same grid and the same piece rules (:data:`MIN_MISSING`,
+    :data:`MIN_INTERIOR`, :data:`MAX_PIECES`). :func:`pieces_of` reads the whole mask on the host
+    (``scipy.ndimage``: 47 ms a step at 128³ on the CPU machine, plus the device reads of the pieces'
+    boxes), and the mask is fixed while a model trains."""
+    import weakref
+
+    key = (tuple(sizes), observed.device, MIN_MISSING, MIN_INTERIOR, MAX_PIECES)
+    for entry in list(_PIECE_CACHE):
+        ref, version, k, found = entry
+        alive = ref()
+        if alive is None:
+            _PIECE_CACHE.remove(entry)
+        elif alive is observed and version == observed._version and k == key:
+            return found
+    found = PieceSet(pieces_of(observed.logical_not(), sizes))
+    _PIECE_CACHE[:] = [e for e in _PIECE_CACHE if e[0]() is not observed][-(PIECE_CACHE_SIZE - 1):]
+    _PIECE_CACHE.append((weakref.ref(observed), observed._version, key, found))
+    return found
+
+
+class _Padded:
+    """One :class:`PieceBatch` at this step's modes: the pieces' ``V_k`` (zero-padded to ``(B, b_k, r_k)``),
+    their selections flat over the padded ``Πr_k`` (``(B, S)``, ``S`` the most modes of a piece; a
+    missing mode points at 0 and is masked), and ``L``, ``U``, ``f`` padded with the identity (and
+    ``f = 0``), so the padding stays zero through every solve."""
+
+    def __init__(self, batch: PieceBatch, built: dict, like: Tensor):
+        members = [built.get(i) for i in batch.members]
+        d = len(batch.extent)
+        dt, dev = like.dtype, like.device
+        ranks = [max([pc.basis.full[k] for pc in members if pc is not None] + [1]) for k in range(d)]
+        S = max([pc.modes for pc in members if pc is not None] + [1])
+        B = len(members)
+        self.batch, self.full = batch, math.prod(ranks)
+        self.vecs = [like.new_zeros(B, e, r) for e, r in zip(batch.extent, ranks)]
+        self.sel = torch.zeros(B, S, dtype=torch.long, device=dev)
+        self.mask = like.new_zeros(B, S, 1)
+        eye = torch.eye(S, dtype=dt, device=dev).expand(B, S, S)
+        self.L, self.U = eye.clone(), eye.clone()
+        self.f = like.new_zeros(B, S, 1)
+        self.s = like.new_zeros(B, S)
+        for at, pc in enumerate(members):
+            if pc is None:  # no coarse space this step: its cells keep Jacobi (coefficients masked to 0)
+                continue
+            basis, k = pc.basis, pc.modes
+            for v, V in zip(basis.vecs, self.vecs):
+                V[at, : v.shape[0], : v.shape[1]] = v
+            flat, rest = torch.zeros_like(basis.sel), basis.sel  # the selection over the padded ranks
+            digits = []
+            for r in reversed(basis.full):
+                digits.append(rest % r)
+                rest = torch.div(rest, r, rounding_mode="floor")
+            for digit, r in zip(reversed(digits), ranks):
+                flat = flat * r + digit
+            self.sel[at, :k] = flat
+            self.mask[at, :k] = 1.0
+            self.L[at, :k, :k], self.U[at, :k, :k] = pc.L, pc.U
+            self.f[at, :k, 0], self.s[at, :k] = pc.f, pc.s
+        self.vecs_t = [v.mT.contiguous() for v in self.vecs]
+
+    def wt(self, rows: Tensor) -> Tensor:
+        """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes)."""
+        t, b = rows.shape[0], self.batch
+        box = rows.new_zeros(len(b.members) * b.size, t)
+        box[b.slots] = rows[:, b.cells].mT
+        y = kron_matmul(self.vecs_t, box.view(len(b.members), b.size, t))  # (B, Πr, t): (⊗V_kᵀ) box
+        return torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t)) * self.mask
+
+    def add_w(self, coef: Tensor, out: Tensor) -> Tensor:
+        """``out += Σ_i W_i c_i`` for coefficients ``(B, S, t)`` (zero past each piece's modes) and rows
+        ``out`` ``(t, N)``, in place (the pieces' cells are disjoint)."""
+        t, b = coef.shape[-1], self.batch
+        full = coef.new_zeros(coef.shape[0], self.full, t).scatter_add_(1, self.sel.unsqueeze(-1).expand(-1, -1, t), coef)
+        box = kron_matmul(self.vecs, full).reshape(-1, t)  # (B·Πb, t): (⊗V_k) S c over each box
+        return out.index_add_(1, b.cells, box[b.slots].mT)
+
+
 class TwoLevel:
     """``M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells
     (module docstring), from the pieces' coarse solves and ``J`` on the grid. The pieces' cells are
-    disjoint, so ``M`` is block diagonal over them. Build with :func:`two_level`."""
+    disjoint, so ``M`` is block diagonal over them. Build with :func:`two_level`.
 
-    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor):
+    The pieces are applied a batch at a time (:class:`PieceSet`: one batch for equal holes): per batch
+    a gather, a Kronecker product of ``(B, b_k, r_k)`` factors, a batched Cholesky solve, a product back
+    and a scatter, whatever the number of pieces in it (a dozen ops and two products; the first
+    version's loop over pieces took as many per piece)."""
+
+    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor, piece_set: Optional[PieceSet] = None):
         self.pieces = pieces
         self.modes = sum(pc.modes for pc in pieces)
         self.g_diag = g_diag
         self.j_inv = 1.0 / g_diag
+        if piece_set is None:
+            piece_set = PieceSet([pc.hole for pc in pieces])
+            built = dict(enumerate(pieces))
+        else:
+            built = {piece_set.pieces.index(pc.hole): pc for pc in pieces}
+        self.batches = [_Padded(b, built, g_diag) for b in piece_set.batches
+                        if any(i in built for i in b.members)]
 
     def apply(self, rows: Tensor) -> Tensor:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
         out = rows * self.j_inv
-        for pc in self.pieces:
-            pc.basis.add_w(torch.cholesky_solve(pc.basis.wt(rows).mT, pc.L).mT, out)
+        for pb in self.batches:
+            pb.add_w(torch.cholesky_solve(pb.wt(rows), pb.L), out)
         return out
 
     def sample(self, xi: Tensor) -> Tensor:
         """Probes ``z = P^{½}ξ`` with ``Cov z = M⁻¹`` for rows ``ξ`` (``(S, N)``, zero off the missing cells)."""
         a = self.g_diag.sqrt() * xi
         corr = torch.zeros_like(a)
-        for pc in self.pieces:
-            c = torch.linalg.solve_triangular(pc.L, pc.basis.wt(a).mT, upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (|S|, S)
-            c = pc.U @ (pc.f.unsqueeze(-1) * (pc.U.mT @ c))
-            pc.basis.add_w(torch.linalg.solve_triangular(pc.L.mT, c, upper=True).mT, corr)  # W L⁻ᵀ …
+        for pb in self.batches:
+            c = torch.linalg.solve_triangular(pb.L, pb.wt(a), upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (B, |S|, S)
+            c = pb.U @ (pb.f * (pb.U.mT @ c))
+            pb.add_w(torch.linalg.solve_triangular(pb.L.mT, c, upper=True), corr)  # W L⁻ᵀ …
         return a.add_(corr.mul_(self.g_diag))
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        return (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pc.s).sum() for pc in self.pieces)
+        return (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches)
 
 
 def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], list[Tensor]]:
@@ -345,7 +498,7 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
-              g_diag: Tensor, missing: Tensor) -> Optional[TwoLevel]:
+              g_diag: Tensor, missing: Optional[Tensor] = None, *, observed: Optional[Tensor] = None) -> Optional[TwoLevel]:
     """The two-level preconditioner for the missing cells (bool grid, flat) of a whole grid, or ``None``
     where it does not apply (:data:`ENABLED` off, no piece of :func:`pieces_of`, no mode scoring
     :data:`MODE_SCORE`): then Jacobi alone, as before. A piece whose Galerkin matrix is not positive
@@ -355,20 +508,28 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         eig: ``⊗K_k = Q diag(λ̂) Qᵀ``. factors: the ``K_k``. outputscale: ``s²``.
         level: ``σ²`` (or ``σ̄²``, per-cell noise). p: ``1/(λ + σ²)`` on the grid (``X``'s eigenvalues).
         g_diag: ``J`` on the grid (``diag(X)`` at missing cells, 1 elsewhere).
+        missing: the missing cells (bool grid, flat), cut into pieces by :func:`pieces_of`; or
+            ``observed``: a model's mask, whose pieces :func:`cached_pieces` finds once.
+
+    Host reads: ``s²/σ²`` once, and per piece its box's eigenvalues (one transfer: the modes it keeps
+    set the shapes) and the Cholesky factor's check.
     """
     if not ENABLED:
         return None
+    pieces = cached_pieces(observed, eig.sizes) if observed is not None else PieceSet(pieces_of(missing, eig.sizes))
     built, budget = [], MAX_TOTAL_MODES
     scale = float(outputscale / level)
-    for hole in pieces_of(missing, eig.sizes):
+    for hole in pieces.pieces:
         if budget <= 0:
             break
         mus, vecs = _box_eigs(factors, hole)
+        mus = torch.cat(mus).cpu().split([v.shape[-1] for v in vecs])  # one read: the choice below is the host's
         limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
         chosen = _tensor_modes(mus, scale, limit, eig.sizes[0] if hole.fills else hole.box_sizes[0]) if limit > 0 else None
         if chosen is None:
             continue
         sel, full = chosen
+        sel = sel.to(g_diag.device)
         basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
         # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
         jbox = g_diag.new_zeros(hole.box)
@@ -384,7 +545,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         except torch.linalg.LinAlgError:
             continue
         budget -= basis.modes
-    return TwoLevel(built, g_diag) if built else None
+    return TwoLevel(built, g_diag, pieces) if built else None
 
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
