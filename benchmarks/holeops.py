@@ -35,7 +35,8 @@ import warnings
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import gaps
 import kronegp.device as device
@@ -49,6 +50,15 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_
 
 #: ops that launch no kernel besides views
 METADATA_OPS = {"_unsafe_view", "detach", "lift_fresh", "alias", "_reshape_alias"}
+
+
+def _on_host(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, "_holeops_host", False)
+
+
+def _tag_host(t) -> None:
+    if isinstance(t, torch.Tensor):
+        t._holeops_host = True
 
 
 def _is_sync(name: str, args) -> bool:
@@ -67,6 +77,7 @@ class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.stack = ["step"]
+        self.host_ops, self.transfers = Counter(), Counter()
         self.ops, self.syncs, self.calls = Counter(), Counter(), Counter()
         self.sync_names: Counter = Counter()
         self.views = Counter()  # ops that launch no kernel (views, metadata): a few µs of host each
@@ -95,6 +106,13 @@ class Count(TorchDispatchMode):
         self.sync_names[(self.stack[-1], what)] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if flat and all(_on_host(t) for t in flat):  # the host's own tensors (read back, or from numpy): no launch
+            out = func(*args, **(kwargs or {}))
+            for t in pytree.tree_leaves(out):
+                _tag_host(t)
+            self.host_ops[self.stack[-1]] += 1
+            return out
         name = func.name().split("::")[-1]
         sync = _is_sync(name, args)
         view = func.is_view or name.split(".")[0] in METADATA_OPS
@@ -149,14 +167,46 @@ def instrumented(counter: Count, cg_runs: list):
     ref = device.ReferenceBackend
     patch(ref, "kron_matmul", product(ref.kron_matmul, lambda self, f, x, *_: x.shape[-2]))
     patch(ref, "matmul_kron", product(ref.matmul_kron, lambda self, x, f, *_: x.shape[-1]))
-    for meth in ("tolist", "numpy", "cpu"):
+    # host reads that bypass dispatch; what they return is the host's (tagged: its ops are not the GPU's)
+    real_cpu, real_to = torch.Tensor.cpu, torch.Tensor.to
+
+    def cpu(self, *a, **k):
+        if _on_host(self):
+            return self
+        counter.host_read("cpu")
+        with _disable_current_modes():
+            out = real_cpu(self, *a, **k).clone()  # on a CPU .cpu() is the tensor itself
+        _tag_host(out)
+        return out
+
+    def to(self, *a, **k):
+        moves = any(isinstance(x, (str, torch.device)) for x in a) or "device" in k
+        if not (_on_host(self) and moves):
+            return real_to(self, *a, **k)
+        with _disable_current_modes():  # host → device: a copy (the tag stays behind)
+            out = real_to(self, *a, **k).clone()
+        counter.transfers[counter.stack[-1]] += 1
+        return out
+
+    patch(torch.Tensor, "cpu", cpu)
+    patch(torch.Tensor, "to", to)
+    for meth in ("tolist", "numpy"):
         real = getattr(torch.Tensor, meth)
 
         def read(self, *a, _real=real, _name=meth, **k):
-            counter.host_read(_name)
+            if not _on_host(self):
+                counter.host_read(_name)
             return _real(self, *a, **k)
 
         patch(torch.Tensor, meth, read)
+    real_from = torch.from_numpy
+
+    def from_numpy(arr):
+        out = real_from(arr)
+        _tag_host(out)
+        return out
+
+    patch(torch, "from_numpy", from_numpy)
     try:
         yield
     finally:
@@ -183,6 +233,8 @@ def count_step(gp) -> dict:
         gp.loss_backward()
     out = {p: _phase(counter, p, 1 if p == "step" else counter.calls[p]) for p in PHASES}
     out["cg"] = [{"run": label, **_phase(counter, label, it)} for label, it in cg_runs]
+    out["host_ops"] = dict(counter.host_ops)
+    out["transfers_to_device"] = sum(counter.transfers.values())
     out["sync_sites"] = {f"{ph}:{name}": c for (ph, name), c in counter.sync_names.most_common()}
     return out
 
@@ -246,6 +298,8 @@ def main(argv=None) -> dict:
                 print(f"  {c['run']}: {c['per']} iterations, per iteration {c.get('kernel_ops_each', 0):.0f} kernel ops, "
                       f"{c.get('syncs_each', 0):.1f} syncs, {c.get('grid_products_each', 0):.1f} grid products "
                       f"(run total {c['kernel_ops']} ops, {c['syncs']} syncs)")
+            print(f"  host-side ops (on tensors read back; not launched): {sum(counts['host_ops'].values())}, "
+                  f"host-to-device copies: {counts['transfers_to_device']}")
             print("  sync sites: " + ", ".join(f"{k}×{v}" for k, v in list(counts["sync_sites"].items())[:10]), flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": "cpu", "threads": torch.get_num_threads(), "n": args.n, "dtype": args.dtype,

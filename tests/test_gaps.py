@@ -653,6 +653,115 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
     assert abs(a - b) <= 1e-10 * abs(a) and abs(a - c) <= 1e-6 * abs(a)  # unit probes: both exact
 
 
+def _holes_model(count: int, shape=(16, 16, 16), side: int = 3):
+    """A cg model of ``shape`` with ``count`` equal cube holes of ``side`` cells, apart along axis 0."""
+    v, axes = field(shape=shape)
+    v = v.clone()
+    for i in range(count):
+        lo = 1 + i * (side + 1)
+        v[lo : lo + side, 2 : 2 + side, 4 : 4 + side] = float("nan")
+    return GridGP(v, axes, path="cg")
+
+
+def _ops_of(fn, *args) -> int:
+    """The aten ops one call of ``fn`` dispatches, a Kronecker product counted as one (the reference's
+    own ops inside it are what a GPU runs as its kernel)."""
+    import kronegp.device as device
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def one(real):
+        def product(*a, **k):
+            Count.ops += 1
+            with _disable_current_modes():
+                return real(*a, **k)
+        return product
+
+    ref = device.ReferenceBackend
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ref, "kron_matmul", one(ref.kron_matmul))
+        mp.setattr(ref, "matmul_kron", one(ref.matmul_kron))
+        with Count():
+            fn(*args)
+    return Count.ops
+
+
+def test_two_level_apply_ops_do_not_grow_with_the_pieces(monkeypatch):
+    """One, two and three equal holes make one batch: the apply (once per CG iteration) and the probes'
+    draw dispatch as many ops, and the apply stays the dense M of its docstring."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    counts = {}
+    for k in (1, 2, 3):
+        gp = _holes_model(k)
+        pre, G, miss, g_diag = _coarse_for(gp)
+        assert len(pre.pieces) == k and len(pre.batches) == 1
+        rows = torch.randn(5, miss.numel(), generator=torch.Generator().manual_seed(k), dtype=torch.float64) * miss
+        counts[k] = (_ops_of(pre.apply, rows), _ops_of(pre.sample, rows))
+        W, E = _coarse_dense(pre, miss)
+        M = torch.diag(1 / g_diag[miss]) + W @ torch.linalg.solve(E, W.mT)
+        assert rel(pre.apply(rows)[:, miss], rows[:, miss] @ M) <= 1e-10
+    assert counts[1] == counts[2] == counts[3], counts
+
+
+def test_pieces_of_different_boxes_batch_apart_and_agree_with_one_at_a_time(monkeypatch):
+    """Pieces of very different boxes go to different batches (padding stays within 2× their cells);
+    batched or one piece per batch, the preconditioner is the same."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    v, axes = field(shape=(16, 16, 16))
+    v = v.clone()
+    v[1:9, 1:9, 1:9] = float("nan")  # 512 cells
+    v[11:13, 11:13, 11:13] = float("nan")  # 8 cells
+    v[11:13, 2:4, 11:13] = float("nan")  # 8 cells
+    gp = GridGP(v, axes, path="cg")
+    pre, G, miss, g_diag = _coarse_for(gp)
+    assert len(pre.pieces) == 3 and len(pre.batches) == 2
+    rows = torch.randn(4, miss.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * miss
+    # one batch per piece: the layout of the first version (a loop over pieces)
+    ps = two_level_mod.PieceSet.__new__(two_level_mod.PieceSet)
+    ps.pieces = [pc.hole for pc in pre.pieces]
+    ps.batches = [two_level_mod.PieceBatch([i], ps.pieces) for i in range(3)]
+    alone = two_level_mod.TwoLevel(pre.pieces, g_diag, ps)
+    assert rel(alone.apply(rows), pre.apply(rows)) <= 1e-12
+    assert rel(alone.sample(rows), pre.sample(rows)) <= 1e-12
+    assert abs(float(alone.logdet_p(miss.double()) - pre.logdet_p(miss.double()))) <= 1e-10 * abs(float(pre.logdet_p(miss.double())))
+
+
+def test_pieces_are_found_once_per_mask_and_again_when_it_changes(monkeypatch):
+    """A model's steps find its mask's pieces once (pieces_of reads the whole mask on the host); an
+    in-place change of the mask, a new mask tensor or other piece rules find them again."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    calls = []
+    real = two_level_mod.pieces_of
+    monkeypatch.setattr(two_level_mod, "pieces_of", lambda *a: calls.append(1) or real(*a))
+    gp = _holes_model(2)
+    gp.loss_backward()
+    assert gp._last_extra["coarse_modes"] > 0
+    before = len(calls)  # the step's pieces, and the memory plan's (coarse_bytes, once per model)
+    for _ in range(2):
+        gp.loss_backward()
+    first = two_level_mod.cached_pieces(gp.observed, gp.shape)
+    assert [pc.m for pc in first.pieces] == [27, 27] and len(calls) == before
+    with torch.no_grad():  # the second hole observed again: one piece left
+        obs = gp.observed.reshape(16, 16, 16).clone()
+        obs[5:8, 2:5, 4:7] = True
+        gp.observed.copy_(obs.reshape(-1))
+    again = two_level_mod.cached_pieces(gp.observed, gp.shape)
+    assert len(calls) == before + 1 and [pc.m for pc in again.pieces] == [27]
+    assert two_level_mod.cached_pieces(gp.observed, gp.shape) is again and len(calls) == before + 1
+    assert two_level_mod.cached_pieces(gp.observed.clone(), gp.shape) is not again and len(calls) == before + 2
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 28)
+    assert two_level_mod.cached_pieces(gp.observed, gp.shape).pieces == [] and len(calls) == before + 3
+
+
 def test_two_level_on_a_4d_grid_matches_dense(monkeypatch):
     """A 4-D grid with a hole of 72 cells (2 × 3 × 3 × 4): the two-level path, exact unit probes."""
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
