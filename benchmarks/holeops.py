@@ -17,10 +17,16 @@ Phases: ``setup`` (:func:`kronegp.models._two_level.two_level`, pieces included)
 :meth:`TwoLevel.apply`), ``sample`` (:meth:`TwoLevel.sample`), and each ``block_cg`` run with its
 iterations (so ``ops / iteration`` of the CG loop, products and preconditioner together). Then the
 step's wall time without the counter (median of ``--repeats``) and a prediction of the GPU step:
-``ops × --op-us + grid products × --product-ms`` (the grid products counted as the ``kronegp``
-custom ops).
+``(kernel ops + box products × --box-product-ops) × --op-us + grid products × --product-ms``
+(kernel ops: outside the Kronecker products, not views; the products counted at the reference
+backend, a grid product being one over all cells). Ops on tensors read back to the host (the mode
+choice) are the host's, not launches: counted apart.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/holeops.py --n 64 --out holeops_64.json
+    PYTHONPATH=. python benchmarks/holeops.py --setup --device cuda --n 128 --patterns block-1 block-5 block-10
+
+``--setup``: the two-level setup as a step pays it (``_g_preconditioner``) and one apply to 17 rows,
+timed (min and median of ``--repeats``), on ``--device``.
 """
 
 from __future__ import annotations
@@ -246,6 +252,33 @@ def predict(ph: dict, op_us: float, product_ms: float, box_product_ops: float) -
     return (ph["kernel_ops"] + box * box_product_ops) * op_us * 1e-6 + ph["grid_products"] * product_ms * 1e-3
 
 
+def time_setup(gp, repeats: int, columns: int = 17) -> dict:
+    """Seconds of the two-level setup as a step pays it (``_g_preconditioner``: pieces, box eigs, modes,
+    Galerkin matrices) and of one apply to ``columns`` rows, min and median of ``repeats`` (after one)."""
+    with torch.no_grad():
+        cov = gp.inference.covariance(gp, gp._factors())
+        dt = gp.y.dtype
+        sync = torch.cuda.synchronize if gp.y.is_cuda else (lambda: None)
+        masked._g_preconditioner(cov, gp.observed, dt)
+        setup = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            g_diag, coarse = masked._g_preconditioner(cov, gp.observed, dt)
+            sync()
+            setup.append(time.perf_counter() - t0)
+        rows = torch.randn(columns, gp.n_cells, dtype=dt, device=gp.y.device) * (1 - gp.observed.to(dt))
+        apply = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            coarse.apply(rows)
+            sync()
+            apply.append(time.perf_counter() - t0)
+    return {"setup_min_s": min(setup), "setup_median_s": statistics.median(setup), "apply_min_s": min(apply),
+            "apply_median_s": statistics.median(apply), "modes": coarse.modes}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=64)
@@ -255,8 +288,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--op-us", type=float, default=15.0, help="host µs per kernel op on the GPU machine")
     ap.add_argument("--product-ms", type=float, default=0.0, help="device ms per grid product (prediction)")
     ap.add_argument("--box-product-ops", type=float, default=3.0, help="kernel ops per small (box) product")
+    ap.add_argument("--device", default="cpu", help="--setup: the device (the counts run on the CPU)")
+    ap.add_argument("--setup", action="store_true",
+                    help="time the two-level setup and one apply per hole pattern instead (no counts, no step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.setup:
+        y, axes = gaps.draw(args.n, getattr(torch, args.dtype), torch.device(args.device))
+        rows = []
+        for pat in args.patterns:
+            hole, _ = gaps.pattern(pat, args.n)
+            gp = gaps.build(y, axes, hole, None, path="cg")
+            row = {"pattern": pat, "m": int(hole.sum()), **time_setup(gp, args.repeats)}
+            rows.append(row)
+            print(f"{args.n}^3 {pat}: m={row['m']} modes={row['modes']} setup min {row['setup_min_s']:.3f} s "
+                  f"(median {row['setup_median_s']:.3f}), apply (17 rows) min {row['apply_min_s'] * 1e3:.1f} ms", flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "device": str(y.device), "threads": torch.get_num_threads(), "n": args.n, "dtype": args.dtype, "rows": rows}, fh, indent=1)
+        return {"rows": rows}
     dtype = getattr(torch, args.dtype)
     y, axes = gaps.draw(args.n, dtype, torch.device("cpu"))
     rows = []

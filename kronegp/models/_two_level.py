@@ -39,9 +39,17 @@ grid's: the Matérn spectrum decays slowly), so such a piece takes at most
 :data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
 ``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
 ``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
-Applying ``M`` to a block costs, per piece, two Kronecker products over its box with ``b_k × r_k``
-factors and a ``|S_i| × |S_i|`` triangular solve pair. ``M`` is symmetric positive definite whatever
+Applying ``M`` to a block costs two Kronecker products over the pieces' boxes with ``b_k × r_k``
+factors and a ``|S_i| × |S_i|`` triangular solve pair, batched over pieces of similar boxes
+(:class:`PieceSet`: their boxes and modes zero-padded, ``L`` identity-padded), so the ops per CG
+iteration do not grow with the number of pieces. ``M`` is symmetric positive definite whatever
 the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the iterations.
+
+**Host work.** The pieces depend on the mask alone and are found once per mask
+(:func:`cached_pieces`); a step's setup reads the device once for ``s²/σ²``, once per piece for its
+box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check
+(``benchmarks/holeops.py``: a 64³ hole's setup 17 → 3 host reads, 201 → 129 ops; the apply 11 ops
+and two products per batch).
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
@@ -552,22 +560,31 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
     ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
-    :func:`selected_gram` (a box it fills) or the ``|S_i|`` box rows and eigen-coordinates of
-    :func:`truncated_galerkin` (one that it does not); ``|S_i|`` at most the box and the budgets."""
+    :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
+    fills) or the ``|S_i|`` box rows and eigen-coordinates of :func:`truncated_galerkin` (one that it
+    does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the
+    boxes' padded block; ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
     kept, peak, budget = 0, 0, MAX_TOTAL_MODES
-    for piece in pieces_of(missing, sizes):
+    pieces = PieceSet(pieces_of(missing, sizes))
+    count: dict[int, int] = {}
+    index = 3 * 8 // itemsize  # selected_gram's three long (k, k) index maps, in elements
+    for i, piece in enumerate(pieces.pieces):
         if budget <= 0:
             break
         if piece.fills:
             modes = min(piece.box, MAX_MODES, budget)
-            work = min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS)
+            work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes
         else:  # the box rows, their gram's partial H and truncated_galerkin's blocks of Y (an axis-1 slab at least)
             modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
-            work = modes * piece.box + min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
-                + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+            work = modes * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
+                + index * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+        count[i] = modes
         budget -= modes
         kept += 6 * modes * modes
         peak = max(peak, work + 8 * modes * modes)
+    for batch in pieces.batches:
+        most = max([count.get(i, 0) for i in batch.members])
+        kept += 2 * len(batch.members) * most * most + len(batch.members) * batch.size
     return (kept + peak) * itemsize
