@@ -605,7 +605,7 @@ def test_two_level_cuts_the_iterations_of_a_hole(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["hole", "clouds"])
+@pytest.mark.parametrize("name", ["hole", "two-holes", "clouds"])
 def test_two_level_on_cuda_matches_cpu(name, monkeypatch):
     """A callable preconditioner never enters the fused CUDA CG step (which would drop it): the
     likelihood and gradient of a hole and of clouds (pieces found on the host, truncated Galerkin
@@ -761,6 +761,12 @@ def test_pieces_are_found_once_per_mask_and_again_when_it_changes(monkeypatch):
     assert two_level_mod.cached_pieces(gp.observed.clone(), gp.shape) is not again and len(calls) == before + 2
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 28)
     assert two_level_mod.cached_pieces(gp.observed, gp.shape).pieces == [] and len(calls) == before + 3
+    mask = gp.observed.clone()  # a mask that dies takes its entry with it
+    two_level_mod.cached_pieces(mask, gp.shape)
+    assert id(mask) in two_level_mod._PIECE_CACHE
+    key = id(mask)
+    del mask
+    assert key not in two_level_mod._PIECE_CACHE
 
 
 def test_two_level_on_a_4d_grid_matches_dense(monkeypatch):

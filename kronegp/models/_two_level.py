@@ -233,16 +233,6 @@ class CoarseBasis:
         self.sel, self.full = sel, full
         self.modes = sel.numel()
 
-    def wt(self, rows: Tensor) -> Tensor:
-        """``Wᵀ v`` for rows ``(t, N)``: ``(t, |S|)``."""
-        h = self.hole
-        if h.fills:
-            box = rows[:, h.idx]
-        else:
-            box = rows.new_zeros(rows.shape[0], h.box)
-            box[:, h.pos] = rows[:, h.idx]
-        return matmul_kron(box, self.vecs)[:, self.sel]
-
     def box_rows(self, coef: Tensor) -> Tensor:
         """``(⊗V_k) S c`` over the whole box for coefficients ``(t, |S|)``: ``(t, box)``."""
         full = coef.new_zeros(coef.shape[0], math.prod(self.full))
@@ -321,8 +311,9 @@ class PieceSet:
             self.batches.append(PieceBatch(group, pieces))
 
 
-#: :func:`cached_pieces`' entries: (weak reference to the mask, its version, the key, the piece set)
-_PIECE_CACHE: list = []
+#: :func:`cached_pieces`' entries, oldest first: ``id(mask) → (weak reference, version, key, piece set)``
+#: (an entry leaves with its mask: a dead model's pieces are not kept)
+_PIECE_CACHE: dict = {}
 #: How many masks :func:`cached_pieces` keeps (one per live model is the common case).
 PIECE_CACHE_SIZE = 8
 
@@ -336,17 +327,17 @@ def cached_pieces(observed: Tensor, sizes) -> PieceSet:
     boxes), and the mask is fixed while a model trains."""
     import weakref
 
-    key = (tuple(sizes), observed.device, MIN_MISSING, MIN_INTERIOR, MAX_PIECES)
-    for entry in list(_PIECE_CACHE):
-        ref, version, k, found = entry
-        alive = ref()
-        if alive is None:
-            _PIECE_CACHE.remove(entry)
-        elif alive is observed and version == observed._version and k == key:
-            return found
+    key = (tuple(sizes), observed.device, observed._version, MIN_MISSING, MIN_INTERIOR, MAX_PIECES)
+    entry = _PIECE_CACHE.get(id(observed))
+    if entry is not None and entry[0]() is observed and entry[1] == key:
+        return entry[2]
     found = PieceSet(pieces_of(observed.logical_not(), sizes))
-    _PIECE_CACHE[:] = [e for e in _PIECE_CACHE if e[0]() is not observed][-(PIECE_CACHE_SIZE - 1):]
-    _PIECE_CACHE.append((weakref.ref(observed), observed._version, key, found))
+    if entry is None or entry[0]() is not observed:
+        weakref.finalize(observed, _PIECE_CACHE.pop, id(observed), None)
+    _PIECE_CACHE.pop(id(observed), None)
+    while len(_PIECE_CACHE) >= PIECE_CACHE_SIZE:
+        _PIECE_CACHE.pop(next(iter(_PIECE_CACHE)))
+    _PIECE_CACHE[id(observed)] = (weakref.ref(observed), key, found)
     return found
 
 
