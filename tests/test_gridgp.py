@@ -311,7 +311,9 @@ def test_cg_path_stochastic_estimates(kind):
     lml, grads = model_lml_and_grads(model)
     ref_lml, ref_grads = reference_lml_and_grads(model)
     assert abs(float(lml - ref_lml)) / model.n_observed < 1e-3
-    assert rel(grads, ref_grads) < 2e-2
+    # 16 probes: per-cell noise's gradient estimate is off by 1.5–4.7 % over probe seeds 0–5
+    # (1.0–1.8 % with 64 probes: Monte Carlo's 1/√probes), the masked grid's by 0.1–0.6 %
+    assert rel(grads, ref_grads) < (6e-2 if kind == "noise" else 2e-2)
 
 
 @pytest.mark.slow
