@@ -145,6 +145,8 @@ def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype, gra
         loss_g = graphed.loss_backward(cuda_graph=True)
         loss_e = eager.loss_backward(cuda_graph=False)
         _assert_same_step(graphed, eager, dtype, loss_g, loss_e)
+        if kind == "missing":  # the data column refined to tol (float32: in mixed precision), graphed too
+            assert graphed.last_solve.observed_residual <= graphed.cg_tol
         _nudge([graphed, eager], step)
     # recorded once (at most once more if the CG count drifted past the margin)
     assert 1 <= graphed._graphed.recordings <= 2
@@ -341,11 +343,12 @@ def test_a_cg_schedule_refines_the_data_column_as_the_eager_step_does(kind):
     assert met and tol == m.cg_tol and value == pytest.approx(extra_e["observed_residual"], rel=1e-10)
 
 
-def test_a_cg_schedule_refines_a_float32_data_column_in_mixed_precision():
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda), "cpu"])
+def test_a_cg_schedule_refines_a_float32_data_column_in_mixed_precision(device):
     """float32: the data column's mixed-precision rounds (float64 residuals) under a recording and
     a fixed schedule, as in the eager step: the rounds noted, the same loss, gradients and observed
     residual (at tol), and the fixed pass reads none of them."""
-    m = _model("missing", torch.float32, "cpu")
+    m = _model("missing", torch.float32, device)
     loss_e, grads_e, extra_e = _scheduled_step(m, None)
     assert extra_e["observed_residual"] <= m.cg_tol
     rec = CGSchedule.record()
