@@ -219,7 +219,7 @@ class FullGridCovariance:
             self._float64 = ([f.double() for f in self.factors], s2, self.fill_noise.double().unsqueeze(-1))
         factors, s2, d = self._float64
         x = x.double()
-        return torch.addcmul(s2 * self.product(factors, x), d, x)
+        return self.product(factors, x).mul_(s2).addcmul_(d, x)  # in place: no float64 temporaries
 
     def precond_logdet(self) -> Tensor:
         """``log det P = Σ_i log(λ_i + σ̄²)`` over the whole grid (through ``inner``)."""
@@ -576,7 +576,7 @@ class _MixedRounds:
 
     def residual(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``r = (b − C x)_O`` in float64 and the largest relative residual (0-dim, not read)."""
-        r = self.obs * (self.b64 - self.cov.matvec_float64(x))
+        r = self.cov.matvec_float64(x).neg_().add_(self.b64).mul_(self.obs)  # in place, as above
         rel = torch.where(self.b_norm > 0, self.inner(r, r).sqrt() / self.b_norm.clamp_min(torch.finfo(r.dtype).tiny),
                           torch.zeros_like(self.b_norm))
         return r, rel.max()
