@@ -18,7 +18,9 @@ path at ``cg_tol`` 1e-10 with ``--ref-probes`` probes of another seed), with per
 standard error the model reports for its estimate (``last_solve.lml_std_error``) and the
 reference's own (``(ref err)``: a reference is tight only where it is well under the error),
 the time to fit to convergence with L-BFGS (``--fit``), and at the missing cells the held-out
-RMSE of the posterior mean against the data and the coverage of its 95 % predictive interval.
+RMSE of the posterior mean against the data and the coverage of its 95 % predictive interval;
+``warn``: the RuntimeWarnings of the timed steps / of the prediction (a solve short of its
+tolerance: the prediction's texts are in the JSON, ``predict_warning_text``).
 
 GPyTorch in the same run (``--gpytorch``, on by default), at GridGP's hyperparameters on the same
 data and device: every applicable setting of ``gpytorch_models.py`` is timed (training step,
@@ -194,15 +196,23 @@ def run_pattern(name: str, y, axes, args) -> dict:
         row["fit_evaluations"] = len(gp.history)
     if missing is not None:
         variance = "exact" if gp.path != "cg" or gp.n_cells <= gp.exact_variance_limit else "mc"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:  # counted, as the step's are: a solve
+            warnings.simplefilter("always")                   # short of tol shows in the row
             mean, var = gp.predict(include_noise=gp.learn_noise, variance=variance)
+        said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        row.update(predict_warnings=len(said), predict_warning_text=sorted(set(said)))
         held = missing.to(dev)
         err = (mean - y)[held]
         row["heldout_rmse"] = float(err.pow(2).mean().sqrt())
         if gp.learn_noise:
             row["heldout_coverage95"] = float((err.abs() <= 1.96 * var[held].sqrt()).double().mean())
     return row
+
+
+def warned(row: dict) -> str:
+    """The table's ``warn`` cell: RuntimeWarnings of the timed steps / of the prediction (``-`` where
+    none was made)."""
+    return f"{row['warnings']}/{row['predict_warnings'] if 'predict_warnings' in row else '-'}"
 
 
 def run_gpytorch(gp: GridGP, y, missing, noise, axes, row: dict, args) -> dict:
@@ -511,7 +521,7 @@ def main(argv=None) -> dict:
     else:
         rows = []
         head = (f"{'pattern':20s} {'path':14s} {'missing':>7s} {'step s':>8s} {'iters':>5s} {'probes':>6s} {'lml rel err':>11s}"
-                f" {'(std err)':>9s} {'(ref err)':>9s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s}")
+                f" {'(std err)':>9s} {'(ref err)':>9s} {'fit s':>7s} {'RMSE':>7s} {'cov95':>6s} {'warn':>5s}")
         head += GPYTORCH_HEAD if args.gpytorch else ""
         print(head, flush=True)
         for pat in args.patterns:
@@ -521,7 +531,7 @@ def main(argv=None) -> dict:
             print(f"{pat:20s} {row['path']:14s} {row['missing']:7d} {row['step_s']:8.4f} {fmt('iterations', '5d'):>5s} "
                   f"{row['probes']:6d} {row['lml_rel_err']:11.2e} {fmt('lml_rel_std_error', '9.1e'):>9s} "
                   f"{fmt('lml_ref_rel_std_error', '9.1e'):>9s} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
-                  f"{fmt('heldout_coverage95', '6.3f'):>6s}" + (gpytorch_cells(row) if args.gpytorch else ""), flush=True)
+                  f"{fmt('heldout_coverage95', '6.3f'):>6s} {warned(row):>5s}" + (gpytorch_cells(row) if args.gpytorch else ""), flush=True)
         out = {"meta": meta, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:

@@ -83,3 +83,18 @@ def test_air_mode_times_the_hole_against_the_full_grid(gaps, tmp_path):
     assert row["full_path"] == "exact" and row["hole_path"] == "exact-missing"
     assert math.isclose(row["ratio_min"], row["hole_min_s"] / row["full_min_s"], rel_tol=1e-12)
     assert (tmp_path / "air.json").exists()
+
+
+def test_the_predictions_warnings_are_counted_in_the_row(gaps, monkeypatch, capsys):
+    """A prediction whose solve falls short of its tolerance shows in the row (it was silenced)."""
+    import kronegp.models._masked as masked
+
+    monkeypatch.setattr(masked, "MIXED_ROUNDS", 0)  # float32 without refinement falls short
+    monkeypatch.setattr(masked, "REFINE_ROUNDS", 0)
+    build = gaps.build  # the cg path (on 12³ the exact-missing one would be chosen)
+    monkeypatch.setattr(gaps, "build", lambda *a, **kw: build(*a, **{"path": "cg", **kw}))
+    out = gaps.main(BASE + ["--patterns", "scatter-50", "--no-gpytorch", "--dtype", "float32", "--n", "12"])
+    row = out["rows"][0]
+    assert row["path"] == "cg" and row["predict_warnings"] >= 1
+    assert any("observed cells reached a relative residual" in t for t in row["predict_warning_text"])
+    assert f"{row['warnings']}/{row['predict_warnings']}" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import torch
 from _helpers import rel_err
 from kronegp import linalg
 from kronegp.models import GridGP, _graph
+from kronegp.models import _masked as masked
 from kronegp.solvers import CGSchedule, cg_schedule
 
 
@@ -144,6 +145,8 @@ def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype, gra
         loss_g = graphed.loss_backward(cuda_graph=True)
         loss_e = eager.loss_backward(cuda_graph=False)
         _assert_same_step(graphed, eager, dtype, loss_g, loss_e)
+        if kind == "missing":  # the data column refined to tol (float32: in mixed precision), graphed too
+            assert graphed.last_solve.observed_residual <= graphed.cg_tol
         _nudge([graphed, eager], step)
     # recorded once (at most once more if the CG count drifted past the margin)
     assert 1 <= graphed._graphed.recordings <= 2
@@ -340,6 +343,31 @@ def test_a_cg_schedule_refines_the_data_column_as_the_eager_step_does(kind):
     assert met and tol == m.cg_tol and value == pytest.approx(extra_e["observed_residual"], rel=1e-10)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda), "cpu"])
+def test_a_cg_schedule_refines_a_float32_data_column_in_mixed_precision(device):
+    """float32: the data column's mixed-precision rounds (float64 residuals) under a recording and
+    a fixed schedule, as in the eager step: the rounds noted, the same loss, gradients and observed
+    residual (at tol), and the fixed pass reads none of them."""
+    m = _model("missing", torch.float32, device)
+    loss_e, grads_e, extra_e = _scheduled_step(m, None)
+    assert extra_e["observed_residual"] <= m.cg_tol
+    rec = CGSchedule.record()
+    steps = [_scheduled_step(m, rec)]
+    (made,) = [plan for key, plan in rec.plans if key == "refine_mixed"]
+    assert made >= 1  # the premise: the float32 data column needed mixed rounds
+    fixed = CGSchedule.fixed(rec.counts, rec.plans)
+    steps.append(_scheduled_step(m, fixed))
+    assert fixed.runs == len(rec.counts)
+    for loss, grads, extra in steps:
+        assert float(loss) == pytest.approx(float(loss_e), rel=1e-6)
+        for a, b in zip(grads, grads_e):
+            assert rel_err(a, b) < 1e-5
+        assert float(extra["observed_residual"]) == pytest.approx(extra_e["observed_residual"], rel=1e-5)
+    assert all(isinstance(steps[1][2][name], torch.Tensor) for name in ("observed_residual", "lml_error"))
+    *runs, (tol, met, value) = fixed.check()
+    assert met and value == pytest.approx(extra_e["observed_residual"], rel=1e-5)
+
+
 def test_a_fixed_schedule_flags_a_refinement_cut_short():
     """The check read after a replay says when the data column's observed residual is above tol:
     with no refinement round (what the main CG left), and with the refinement's CG cut to one
@@ -363,10 +391,11 @@ def test_a_fixed_schedule_flags_a_refinement_cut_short():
 
 
 def test_a_replay_short_of_tol_like_its_recording_warns_and_is_not_recorded_again(monkeypatch):
-    """float32 cannot reach tol=1e-7 on the observed cells: the recording warns, notes that it fell
-    short, and a replay that falls short too warns the same way (its residual, from the replay)
-    instead of running the step again."""
+    """float32 without its mixed-precision rounds cannot reach tol=1e-7 on the observed cells (one
+    round takes it to 1e-9): the recording warns, notes that it fell short, and a replay that falls
+    short too warns the same way (its residual, from the replay) instead of running the step again."""
     _graphs_by_rerun(monkeypatch)
+    monkeypatch.setattr(masked, "MIXED_ROUNDS", 0)
     m = _model("missing", torch.float32, "cpu", cg_tol=1e-7)
     with pytest.warns(RuntimeWarning, match="observed cells reached a relative residual"):
         m.loss_backward(cuda_graph=True)

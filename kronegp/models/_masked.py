@@ -175,6 +175,7 @@ class FullGridCovariance:
         self.rows = isinstance(self.eig, KronEigen) and inner is local_inner and product is kron_matmul
         self.solve_iterations = 0
         self._square_root: Optional[bool] = None
+        self._float64 = None  # (factors, s², d̃) in float64, for matvec_float64
 
     def solve_precond(self, rows: bool):
         """The preconditioner of :meth:`solve` and of the likelihood's log-determinant run:
@@ -207,6 +208,18 @@ class FullGridCovariance:
     def matvec(self, x: Tensor) -> Tensor:
         """``C x = K x + d̃ ∘ x``."""
         return self.kernel_matvec(x) + self.fill_noise.unsqueeze(-1) * x
+
+    def matvec_float64(self, x: Tensor) -> Tensor:
+        """``C x`` computed in float64 for ``x`` of any dtype (``(N, t)``): the same ``C`` (the
+        factors, ``s²`` and ``d̃`` as held, widened exactly), without the rounding of a float32
+        product (~1e-6 × its terms), which is what limits a float32 residual ``b − C x``
+        (:func:`refine_observed`). One Kronecker product in float64 (~2× a float32 one)."""
+        if self._float64 is None:
+            s2 = self.outputscale.double() if isinstance(self.outputscale, Tensor) else float(self.outputscale)
+            self._float64 = ([f.double() for f in self.factors], s2, self.fill_noise.double().unsqueeze(-1))
+        factors, s2, d = self._float64
+        x = x.double()
+        return self.product(factors, x).mul_(s2).addcmul_(d, x)  # in place: no float64 temporaries
 
     def precond_logdet(self) -> Tensor:
         """``log det P = Σ_i log(λ_i + σ̄²)`` over the whole grid (through ``inner``)."""
@@ -344,11 +357,44 @@ def _columns_precond(g_diag: Tensor, coarse):
 #: the observed cells (each round from the previous solution, to a tighter tolerance).
 REFINE_ROUNDS = 3
 
+#: Below float64 (a float32 model), the most rounds of mixed-precision refinement
+#: (:func:`refine_observed`): each one solves the correction equation in the model's dtype and
+#: measures the residual in float64; a round gains a factor ~cond·eps (measured 1e-2 on a 32³ and
+#: 0.04–0.1 on a 64³ grid, 50 % missing at fitted hyperparameters), so 1e-5 took 2 and 4 rounds.
+MIXED_ROUNDS = 6
 
 def _inner_tol(tol: float, dtype: torch.dtype) -> float:
     # Solves inside the G operator must be much tighter than the outer CG, or the outer
     # Lanczos coefficients describe a perturbed operator; but not below what the dtype holds.
     return max(tol * 1e-2, 50 * torch.finfo(dtype).eps)
+
+
+#: float64 grid vectors per column that the mixed-precision rounds hold (``x``, ``r``, the product's
+#: widened input and output, the correction): not in :mod:`kronegp.models.memory`'s plans, so the
+#: rounds run only where they fit what is free when they start (:func:`_mixed_fits`).
+MIXED_VECTORS = 6
+
+
+def _mixed_fits(rhs: Tensor) -> bool:
+    """Whether the mixed-precision rounds' float64 vectors for ``rhs`` (``(N, t)``) fit the free
+    memory of its CUDA device (always on the CPU). Where they do not, the float32 rounds run and
+    the result's residual is reported as usual, with this note."""
+    if rhs.device.type != "cuda":
+        return True
+    from kronegp.models import memory
+
+    need = MIXED_VECTORS * rhs.numel() * 8
+    free = memory.free_memory(rhs.device)
+    if free is None or need <= memory.HEADROOM * free:
+        return True
+    note("refine_mixed", f"mixed-precision refinement skipped: its float64 vectors need {need / 2**30:.1f} GiB, "
+                         f"{free / 2**30:.1f} GiB are free")
+    return False
+
+
+def _mixed(dtype: torch.dtype) -> bool:
+    """Whether :func:`refine_observed` refines in mixed precision (a dtype below float64)."""
+    return torch.finfo(dtype).eps > torch.finfo(torch.float64).eps
 
 
 def solve_observed(
@@ -367,9 +413,10 @@ def solve_observed(
     residual is not the observed system's: ``x = X(b − v)`` carries ``G``'s error amplified,
     by ~1500× on a 20 %-missing climate grid with noise 2e-4 of the signal variance (a
     mean 1 K off at ``tol`` = 1e-5). So the observed residual is measured after the solve
-    (one product with ``C``) and the ``G`` system solved again, from where it stopped, to a
-    tolerance scaled by the amplification seen, up to :data:`REFINE_ROUNDS` times; a result
-    that still misses ``tol`` (the dtype's limit reached first) warns with the residual
+    (one product with ``C``) and, in float64, the ``G`` system solved again, from where it
+    stopped, to a tolerance scaled by the amplification seen, up to :data:`REFINE_ROUNDS`
+    times; in float32, by mixed-precision refinement instead (:func:`refine_observed`). A
+    result that still misses ``tol`` warns with the residual
     (:func:`kronegp.solvers.report.shortfall`: once per model call).
 
     Returns the solution and the outer CG iterations (all rounds).
@@ -389,7 +436,8 @@ class ObservedSolve:
 
     Attributes:
         solution: ``x ≈ C_OO⁻¹ b_O`` zero-filled, ``(N, t)``.
-        residual: ``(C x − b)_O`` zero-filled (the observed system's residual).
+        residual: ``(C x − b)_O`` zero-filled (the observed system's residual; below float64, that of
+            the float64 ``x`` of the mixed-precision rounds, computed in float64, rounded).
         reached: the largest relative residual ``‖(C x − b)_O‖ / ‖b_O‖`` over the columns.
         iterations: CG iterations on the ``G`` system (all rounds).
         rounds: solves of the ``G`` system run (0 when the given start already met ``tol``).
@@ -406,17 +454,23 @@ class ObservedSolve:
     inner_tol: float
 
 
-def _observed_shortfall(reached: float, tol: float, tol_g: float, dtype: torch.dtype, stacklevel: int) -> None:
+def _observed_shortfall(reached: float, tol: float, tol_g: float, dtype: torch.dtype, stacklevel: int,
+                        mixed: Optional[str] = None) -> None:
     """:func:`refine_observed`'s report of a result short of ``tol`` (also given by a CUDA graph's
     replay that ends there, through its :class:`~kronegp.solvers.cg.ScheduleCheck`); ``stacklevel``
-    as the caller would pass it to ``warnings.warn``."""
-    floor = 50 * torch.finfo(dtype).eps
+    as the caller would pass it to ``warnings.warn``; ``mixed``: what the mixed-precision rounds did."""
+    if mixed is not None:
+        eps = torch.finfo(dtype).eps
+        how = (f"({dtype} solves, residuals in float64: {mixed}); mixed-precision refinement "
+               f"converges only where cond(C_OO)·eps < 1 (eps of {dtype} = {eps:.1e}; each round multiplies "
+               "the residual by about that): float64, or a model with more noise, conditions it better")
+    else:
+        how = (f"(its inner CG went down to {tol_g:.0e}; the limit of {dtype} is "
+               f"~{50 * torch.finfo(dtype).eps:.0e}): float64, or a model with more noise, conditions it better")
     shortfall(
         reached, tol,
         f"the solve on the observed cells reached a relative residual of {reached:.1e}, "
-        f"not tol={tol:.0e} (its inner CG went down to {tol_g:.0e}; the limit of {dtype} is "
-        f"~{floor:.0e}): results built on it may be off by that much relative to "
-        "the data; float64, or a model with more noise, conditions it better",
+        f"not tol={tol:.0e} {how}; results built on it may be off by that much relative to the data",
         stacklevel=stacklevel + 1)
 
 
@@ -439,45 +493,76 @@ def refine_observed(
     the dtype's limit, is reported through :func:`kronegp.solvers.report.shortfall`. ``precond``:
     ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level).
 
+    **Below float64** (a float32 model) solving ``G`` again does not help: the float32
+    application of ``X = C⁻¹`` (relative error ~2e-5 on a 32³ grid) and the float32 product
+    ``C x`` (~1e-5 of ``b``) hold the residual at 1e-4–7e-2 (50 % missing at fitted
+    hyperparameters). There, after the first solve, rounds of mixed-precision iterative
+    refinement (Wilkinson; Moler 1967): ``r = b_O − C_OO x`` computed in float64
+    (:meth:`FullGridCovariance.matvec_float64`), the correction ``C_OO d = r/‖r‖`` solved in
+    float32 by the same ``G`` route from zero (to the dtype's floor ``50·eps``), ``x ← x + ‖r‖ d``
+    accumulated in float64; up to :data:`MIXED_ROUNDS` rounds, stopping at ``tol``, or when a
+    round gained less than a factor 2 (a round that made it worse is undone). Each round
+    multiplies the error by ~cond(C_OO)·eps32 (the float32 solve's relative error: 1e-2 on a
+    32³ grid, 0.04–0.1 on 64³, 50 % missing at fitted hyperparameters), so it converges only
+    where that is below 1; a shortfall warns with the residual of every round. ``residual`` and
+    ``reached`` are those of the float64 ``x``; the solution returned is that ``x`` rounded to
+    the model's dtype (relative error eps32: its own residual can reach ~cond·eps32 ‖x‖‖C‖/‖b‖,
+    1.3e-5 on the 64³ grid, which no float32 vector does better).
+
     Under a :class:`~kronegp.solvers.CGSchedule` (a CUDA graph's step, :mod:`kronegp.models._graph`):
     a recording one sees the rounds decided as above, and the plan noted (each round's ``G``
-    tolerance and inner tolerance; whether it ended short of ``tol``); a fixed one makes as many
-    rounds with the same inner tolerances (so the same CG runs, nested ones included) without
-    reading the device: each ``G`` tolerance is the rule above applied on the device to the
-    residual reached (a 0-dim tensor ``tol`` of :func:`~kronegp.solvers.block_cg`), so the rounds
-    stop where the eager loop's would, and a round after the loop would have stopped is run but
-    its result discarded on the device. The final residual goes to the schedule's checks: above
-    ``tol`` the replay is run again eagerly (and recorded again), unless the recording fell short
-    too, in which case it is reported as here."""
+    tolerance and inner tolerance; whether it ended short of ``tol``; below float64 also the
+    number of mixed rounds); a fixed one makes as many rounds with the same inner tolerances (so
+    the same CG runs, nested ones included) without reading the device: each ``G`` tolerance is
+    the rule above applied on the device to the residual reached (a 0-dim tensor ``tol`` of
+    :func:`~kronegp.solvers.block_cg`), so the rounds stop where the eager loop's would, and a
+    round after the loop would have stopped is run but its result discarded on the device (the
+    mixed rounds alike). The final residual goes to the schedule's checks: above ``tol`` the
+    replay is run again eagerly (and recorded again), unless the recording fell short too, in
+    which case it is reported as here."""
     obs = observed.to(rhs.dtype).unsqueeze(-1)
     missing = 1 - observed.to(rhs.dtype)
     tight = _inner_tol(tol, rhs.dtype)
     floor = 50 * torch.finfo(rhs.dtype).eps
     tiny = torch.finfo(rhs.dtype).tiny
     b_norm = inner(rhs, rhs).sqrt()  # rhs is zero at missing cells
+    mixed = _mixed(rhs.dtype)
+    schedule = active_schedule()
+    if mixed:  # the float64 vectors must fit (a fixed schedule takes the recording's answer)
+        if schedule is not None and schedule.is_fixed:
+            mixed = schedule.next_plan("refine_mixed_fits")
+        else:
+            mixed = _mixed_fits(rhs)
+            if schedule is not None:
+                schedule.note_plan("refine_mixed_fits", mixed)
+    g_rounds = 0 if mixed else REFINE_ROUNDS  # in float32 the mixed rounds take over after the first
     # the likelihood's preconditioner of G (its columns as rows for the two-level one)
     if precond is None:
         precond = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype))
-    schedule = active_schedule()
 
-    def solve_g(v: Optional[Tensor], tol_g: float, tight: float):
-        rhs_g = missing.unsqueeze(-1) * cov.solve(rhs, tol=tight)
+    def solve_g(v: Optional[Tensor], tol_g: float, tight: float, b: Tensor = rhs):
+        rhs_g = missing.unsqueeze(-1) * cov.solve(b, tol=tight)
         return block_cg(_missing_matvec(cov, missing, tight), rhs_g, precond, inner=inner, tol=tol_g,
                         max_iters=max_iters, x0=v)
+
+    def back(v: Tensor, tight: float, b: Tensor = rhs) -> Tensor:
+        """``x = X(b − v)`` on the observed cells."""
+        return obs * cov.solve(b - missing.unsqueeze(-1) * v, tol=tight)
 
     def measure(v: Tensor, tight: float) -> tuple[Tensor, Tensor, Tensor]:
         """``x = X(b − v)`` on the observed cells, its residual there, and the largest relative one
         (0-dim, not read)."""
-        out = obs * cov.solve(rhs - missing.unsqueeze(-1) * v, tol=tight)
+        out = back(v, tight)
         r = obs * (cov.matvec(out) - rhs)
         rel = torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(tiny), torch.zeros_like(b_norm))
         return out, r, rel.max()
 
+    rounds_m = _MixedRounds(cov, rhs, obs, inner, solve_g, back, tol=tol) if mixed else None
     if schedule is not None and schedule.is_fixed:
-        return _refine_planned(schedule, solve_g, measure, start, rhs, tol=tol, tight=tight)
+        return _refine_planned(schedule, solve_g, measure, start, rhs, tol=tol, tight=tight, mixed=rounds_m)
     tol_g, v, iterations, rounds, plan = tol, start, 0, 0, []
     out = r = None
-    for round_ in range(REFINE_ROUNDS + 1):
+    for round_ in range(g_rounds + 1):
         if round_ > 0:
             # per-cell noise: the solves with C inside G's product follow the outer tolerance
             # down (applied to 1e-7, X caps what a tighter G solve can reach)
@@ -490,23 +575,100 @@ def refine_observed(
             del res
         out, r, reached = measure(v, tight)
         reached = float(reached)
-        if reached <= tol or tol_g <= floor or round_ == REFINE_ROUNDS:
+        if reached <= tol or tol_g <= floor or round_ == g_rounds:
             break
         tol_g = max(floor, tol_g * tol / reached / 2)
+    said = None
+    if mixed:
+        out, r, reached, its, made, history = rounds_m.eager(out)
+        iterations, rounds = iterations + its, rounds + made
+        said = " → ".join(f"{h:.1e}" for h in history) + f" in {made} round{'s' * (made != 1)}"
     if schedule is not None:  # recording: what a fixed run (a CUDA graph) makes again
         schedule.note_plan("refine_observed", (plan, reached > tol))
+        if mixed:
+            schedule.note_plan("refine_mixed", made)
     if reached > tol:
-        _observed_shortfall(reached, tol, tol_g, rhs.dtype, stacklevel=3)
+        _observed_shortfall(reached, tol, tol_g, rhs.dtype, stacklevel=3, mixed=said)
     return ObservedSolve(out, r, reached, iterations, rounds, tol_g)
 
 
+class _MixedRounds:
+    """The mixed-precision rounds of :func:`refine_observed` (a dtype below float64), eager or on
+    the device only (a fixed schedule); one round is :meth:`step`."""
+
+    def __init__(self, cov: FullGridCovariance, rhs: Tensor, obs: Tensor, inner: Inner, solve_g, back, *, tol: float):
+        self.cov, self.obs, self.inner, self.solve_g, self.back = cov, obs.double(), inner, solve_g, back
+        self.rhs, self.b64, self.tol = rhs, rhs.double(), tol
+        self.b_norm = inner(self.b64, self.b64).sqrt()
+        # The correction's G solve to the dtype's floor: G's error is amplified into the observed
+        # residual (solve_observed), so at 1e-3 a round gained nothing (32³: 1.3e-2 → 1.4e-2).
+        self.tol_c = self.tight = 50 * torch.finfo(rhs.dtype).eps
+
+    def residual(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``r = (b − C x)_O`` in float64 and the largest relative residual (0-dim, not read)."""
+        r = self.cov.matvec_float64(x).neg_().add_(self.b64).mul_(self.obs)  # in place, as above
+        rel = torch.where(self.b_norm > 0, self.inner(r, r).sqrt() / self.b_norm.clamp_min(torch.finfo(r.dtype).tiny),
+                          torch.zeros_like(self.b_norm))
+        return r, rel.max()
+
+    def step(self, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One round from ``x`` and its float64 residual ``r``: the new ``x``, its residual and
+        relative residual, and the correction solve's CG iterations."""
+        scale = self.inner(r, r).sqrt().clamp_min(torch.finfo(self.rhs.dtype).tiny)  # per column
+        unit = (r / scale).to(self.rhs.dtype)  # ‖unit‖ = 1: the float32 solve's range is not a concern
+        res = self.solve_g(None, self.tol_c, self.tight, unit)
+        d = self.back(res.solution, self.tight, unit)
+        x = torch.addcmul(x, scale, d.double())  # x stays float64 (rounding it each round stalls
+        r, rel = self.residual(x)                 # at a float32 x's own residual: 1.3e-5 on 64³)
+        return x, r, rel, res.iterations_needed
+
+    def result(self, x: Tensor, r: Tensor):
+        """``(x, (C x − b)_O)`` in the model's dtype (``x`` rounded once, at the end)."""
+        return x.to(self.rhs.dtype), (-r).to(self.rhs.dtype)
+
+    def eager(self, x: Tensor):
+        """Rounds from the first solve's ``x`` until ``tol``, a round gaining less than 2×, or
+        :data:`MIXED_ROUNDS`: ``(x, residual, reached, iterations, rounds, history)``."""
+        x = x.double()
+        r, rel = self.residual(x)
+        history, iterations, made = [float(rel)], 0, 0
+        while history[-1] > self.tol and made < MIXED_ROUNDS:
+            new_x, new_r, new_rel, its = self.step(x, r)
+            made, iterations = made + 1, iterations + int(its)
+            history.append(float(new_rel))
+            if history[-1] < history[-2]:  # a round that made it worse is undone
+                x, r = new_x, new_r
+            if history[-1] > history[-2] / 2:  # no longer converging (cond·eps near 1 or above)
+                break
+            del new_x, new_r
+        return (*self.result(x, r), min(history), iterations, made, history)
+
+    def planned(self, x: Tensor, count: int, iterations: Tensor, rounds: Tensor):
+        """:meth:`eager`'s rounds under a fixed schedule (``count`` recorded), nothing read: a
+        round after the eager loop would have stopped is run but discarded on the device.
+        ``(x, residual, reached, iterations, rounds)``."""
+        x = x.double()
+        r, rel = self.residual(x)
+        stop = rel <= self.tol
+        for _ in range(count):
+            new_x, new_r, new_rel, its = self.step(x, r)
+            take = ~stop & (new_rel < rel)
+            iterations = iterations + torch.where(stop, torch.zeros_like(its), its)
+            rounds = rounds + (~stop).long()
+            stop = stop | (new_rel <= self.tol) | (new_rel > rel / 2)
+            x, r, rel = torch.where(take, new_x, x), torch.where(take, new_r, r), torch.where(take, new_rel, rel)
+            del new_x, new_r
+        return (*self.result(x, r), rel, iterations, rounds)
+
+
 def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Tensor, *, tol: float,
-                    tight: float) -> ObservedSolve:
+                    tight: float, mixed: Optional[_MixedRounds] = None) -> ObservedSolve:
     """:func:`refine_observed` under a fixed schedule, nothing read: the recorded rounds, each ``G``
     solve to the tolerance the eager loop would choose from the residual reached (computed on the
     device), with the recorded inner tolerance; the rounds after the loop would have stopped keep
-    its result."""
+    its result; then, below float64, the recorded number of mixed-precision rounds."""
     plan, short = schedule.next_plan("refine_observed")
+    count_m = schedule.next_plan("refine_mixed") if mixed is not None else 0
     if start is None and not plan:
         raise RuntimeError("refine_observed: a fixed schedule's plan has no round to solve from zero")
     floor = 50 * torch.finfo(rhs.dtype).eps
@@ -543,9 +705,13 @@ def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Te
         stop = stop | (tol_g <= floor)  # this round's G tolerance at the dtype's limit: the eager loop stops too
         tol_g = tighten(tol_g, reached, stop)
         del res, new_out, new_r
+    if mixed is not None:
+        out, r, reached, iterations, rounds = mixed.planned(out, count_m, iterations, rounds)
     said = plan[-1][0] if plan else tol  # the recording's last G tolerance, for the report
+    how = f"{count_m} round{'s' * (count_m != 1)}, as recorded" if mixed is not None else None
     schedule.add_check(reached, tol, final=short,
-                       warn=lambda value, stacklevel: _observed_shortfall(value, tol, said, rhs.dtype, stacklevel + 1))
+                       warn=lambda value, stacklevel: _observed_shortfall(value, tol, said, rhs.dtype, stacklevel + 1,
+                                                                          mixed=how))
     return ObservedSolve(out, r, reached, iterations, rounds, said)
 
 
