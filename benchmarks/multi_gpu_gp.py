@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 import kronegp
 from kronegp.distributed import DistributedGridGP
-from kronegp.models.sharded import _REPLICATED_PROBE_LIMIT
+from kronegp.models.sharded import REPLICATED_PROBE_LIMIT
 
 REGIMES = ("exact", "missing 20%", "per-cell noise")
 
@@ -118,7 +118,7 @@ def run_case(shape, regime, dtype, args, rank, world, device) -> dict:
     model = DistributedGridGP(values, axes, noise=noise, device=device, **settings)
     t_g, loss_g, peak_g = _time_steps(model, device, args.repeats, args.warmup, dist.group.WORLD)
     iters_g = model.cg_iterations
-    probes = "replicated" if n_cells * args.num_probes <= _REPLICATED_PROBE_LIMIT else "chunked"
+    probes = "replicated" if n_cells * args.num_probes <= REPLICATED_PROBE_LIMIT else "chunked"
     del model, values, noise
     t_g, peak_g = _max_over_ranks([t_g, float(peak_g)], device)
 

@@ -90,10 +90,11 @@ from kronegp.models._masked import FullGridCovariance
 from kronegp.models.grid_gp import GridGP
 from kronegp.models.layout import probe_seed
 
-__all__ = ["DistributedGridGP", "ShardedKronEigen", "ShardedLayout", "ShardedPlacement", "sharded_grid_covariance"]
+__all__ = ["DistributedGridGP", "REPLICATED_PROBE_LIMIT", "ShardedKronEigen", "ShardedLayout", "ShardedPlacement",
+           "sharded_grid_covariance"]
 
-# "auto" probes: draw the whole (N, S) block on every rank up to this many entries.
-_REPLICATED_PROBE_LIMIT = 1 << 24
+#: ``probes="auto"``: every rank draws the whole ``(N, S)`` block up to this many entries (then chunked).
+REPLICATED_PROBE_LIMIT = 1 << 24
 _PROBE_CHUNK_ROWS = 1 << 16
 
 
@@ -415,7 +416,7 @@ class ShardedLayout:
         dev, dt = like.device, like.dtype
         scheme = self.probe_scheme
         if scheme == "auto":
-            scheme = "replicated" if self.n_cells * cols <= _REPLICATED_PROBE_LIMIT else "chunked"
+            scheme = "replicated" if self.n_cells * cols <= REPLICATED_PROBE_LIMIT else "chunked"
         if scheme == "replicated":
             gen = torch.Generator(device=dev)
             gen.manual_seed(probe_seed(seed, offset))
