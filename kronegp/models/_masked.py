@@ -64,6 +64,7 @@ from kronegp.models import _cell_noise
 from kronegp.models._exact import EigenPairSums
 from kronegp.models._kron import KronEigen
 from kronegp.models._two_level import two_level
+from kronegp.models.memory import CG_REFINE_MIXED
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
 from kronegp.solvers.cg import active_schedule
@@ -369,10 +370,11 @@ def _inner_tol(tol: float, dtype: torch.dtype) -> float:
     return max(tol * 1e-2, 50 * torch.finfo(dtype).eps)
 
 
-#: float64 grid vectors per column that the mixed-precision rounds hold (``x``, ``r``, the product's
-#: widened input and output, the correction): not in :mod:`kronegp.models.memory`'s plans, so the
-#: rounds run only where they fit what is free when they start (:func:`_mixed_fits`).
-MIXED_VECTORS = 6
+#: float64 grid vectors per column that the mixed-precision rounds add at the refinement's peak
+#: (``x``, ``r``, the product's widened input and output, the correction; measured, and counted by
+#: the memory plan: :data:`kronegp.models.memory.CG_REFINE_MIXED`); the rounds run only where they
+#: fit what is free when they start (:func:`_mixed_fits`).
+MIXED_VECTORS = CG_REFINE_MIXED
 
 
 def _mixed_fits(rhs: Tensor) -> bool:

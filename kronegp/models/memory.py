@@ -78,6 +78,11 @@ CG_RUN_VECTORS = 2.1
 #: "missing": the data column's refinement after the first run (an unfused CG of one column, on the
 #: CUDA too) holds ``(blocks per column of the run, grid vectors)``: the peak when runs are short
 CG_REFINE = (3.0, 18.4)
+#: Below float64, the refinement's mixed-precision rounds (:func:`kronegp.models._masked.refine_observed`)
+#: add this many float64 grid vectors to it (measured with :class:`LiveBytes`, 28×24×20 float32, 2026-12-07:
+#: 16.75 float32 vectors). They run only where they fit (on CUDA, the free memory when they start):
+#: :func:`choose_cg_run` plans with them where they fit the budget, else without.
+CG_REFINE_MIXED = 8.375
 #: the cg plan's part for a hole's two-level preconditioner (:func:`kronegp.models._two_level.coarse_bytes`)
 COARSE_PART = "two-level coarse space"
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
@@ -210,7 +215,8 @@ def _cg_kind(missing: bool, per_cell: bool) -> str:
 
 
 def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missing: bool, per_cell: bool,
-                 device_type: str = "cuda", run: Optional[int] = None, coarse: int = 0) -> MemoryPlan:
+                 device_type: str = "cuda", run: Optional[int] = None, coarse: int = 0,
+                 mixed: Optional[bool] = None) -> MemoryPlan:
     """A training step on the cg path with ``probes`` probe vectors (``probes + 1`` CG columns), in
     CG runs of ``run`` columns (default all in one; several runs only with missing cells and
     homoskedastic noise, see the module docstring). :attr:`MemoryPlan.chunk` is the run. ``coarse``:
@@ -222,8 +228,11 @@ def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missi
     run = cols if run is None or kind != "missing" else max(1, min(cols, int(run)))
     blocks = CG_BLOCKS[kind] - (CG_FUSED_SAVES[kind] if device_type == "cuda" else 0.0)
     vectors = CG_VECTORS[kind] + (CG_RUN_VECTORS if run < cols else 0.0)
-    if kind == "missing" and CG_REFINE[0] * run + CG_REFINE[1] > blocks * run + vectors:
-        blocks, vectors, phase = CG_REFINE[0], CG_REFINE[1], "refine, "  # the data column's refinement
+    if mixed is None:  # ``mixed``: the refinement's mixed-precision rounds (default: below float64)
+        mixed = item < 8
+    refine = CG_REFINE[1] + (CG_REFINE_MIXED * 8 / item if mixed else 0.0)
+    if kind == "missing" and CG_REFINE[0] * run + refine > blocks * run + vectors:
+        blocks, vectors, phase = CG_REFINE[0], refine, "refine, "  # the data column's refinement
     else:
         phase = ""
     runs = -(-cols // run)
@@ -254,15 +263,19 @@ def choose_cg_run(shape: Sequence[int], dtype: torch.dtype, probes: int, *, miss
         spare = plan.chunk * block if device_type == "cuda" else 0
         return plan.peak_bytes + spare <= budget
 
-    plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type,
-                        coarse=coarse)
-    if budget is None or fits(plan) or _cg_kind(missing, per_cell) != "missing":
-        return plan
-    for run in range(probes, 0, -1):
-        plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type, run=run,
-                            coarse=coarse)
-        if fits(plan):
-            break
+    # with the mixed-precision rounds where they fit (below float64), else without: they run only then
+    for mixed in ((True, False) if torch.finfo(dtype).bits < 64 else (False,)):
+        plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type,
+                            coarse=coarse, mixed=mixed)
+        if budget is None or fits(plan):
+            return plan
+        if _cg_kind(missing, per_cell) != "missing":
+            continue
+        for run in range(probes, 0, -1):
+            plan = plan_cg_step(shape, dtype, probes, missing=missing, per_cell=per_cell, device_type=device_type,
+                                run=run, coarse=coarse, mixed=mixed)
+            if fits(plan):
+                return plan
     return plan
 
 
