@@ -112,14 +112,14 @@ def test_float64_keeps_its_own_refinement(monkeypatch):
 
 def test_mixed_rounds_run_only_where_their_float64_vectors_fit(monkeypatch):
     """The rounds' float64 vectors are not in the memory plan: on a CUDA device they run only when
-    MIXED_VECTORS float64 grid vectors per column fit the free memory (at 896³ they would add
+    CG_REFINE_MIXED float64 grid vectors per column fit the free memory (at 896³ they would add
     ~30 GiB to a 61 GiB plan on an 80 GiB card)."""
     from types import SimpleNamespace
 
     from kronegp.models import _masked, memory
 
     rhs = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: 1000)
-    need = _masked.MIXED_VECTORS * 1000 * 8
+    need = memory.CG_REFINE_MIXED * 1000 * 8
     monkeypatch.setattr(memory, "free_memory", lambda device: int(need / memory.HEADROOM) + 8)
     assert _masked._mixed_fits(rhs)
     monkeypatch.setattr(memory, "free_memory", lambda device: need)

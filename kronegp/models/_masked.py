@@ -64,7 +64,7 @@ from kronegp.models import _cell_noise
 from kronegp.models._exact import EigenPairSums
 from kronegp.models._kron import KronEigen
 from kronegp.models._two_level import two_level
-from kronegp.models.memory import CG_REFINE_MIXED
+from kronegp.models import memory
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
 from kronegp.solvers.cg import active_schedule
@@ -370,22 +370,14 @@ def _inner_tol(tol: float, dtype: torch.dtype) -> float:
     return max(tol * 1e-2, 50 * torch.finfo(dtype).eps)
 
 
-#: float64 grid vectors per column that the mixed-precision rounds add at the refinement's peak
-#: (``x``, ``r``, the product's widened input and output, the correction; measured, and counted by
-#: the memory plan: :data:`kronegp.models.memory.CG_REFINE_MIXED`); the rounds run only where they
-#: fit what is free when they start (:func:`_mixed_fits`).
-MIXED_VECTORS = CG_REFINE_MIXED
-
-
 def _mixed_fits(rhs: Tensor) -> bool:
     """Whether the mixed-precision rounds' float64 vectors for ``rhs`` (``(N, t)``) fit the free
-    memory of its CUDA device (always on the CPU). Where they do not, the float32 rounds run and
-    the result's residual is reported as usual, with this note."""
+    memory of its CUDA device (always on the CPU): :data:`kronegp.models.memory.CG_REFINE_MIXED`
+    per column, the count the memory plan uses. Where they do not, the float32 rounds run and the
+    result's residual is reported as usual, with this note."""
     if rhs.device.type != "cuda":
         return True
-    from kronegp.models import memory
-
-    need = MIXED_VECTORS * rhs.numel() * 8
+    need = memory.CG_REFINE_MIXED * rhs.numel() * 8
     free = memory.free_memory(rhs.device)
     if free is None or need <= memory.HEADROOM * free:
         return True
