@@ -133,12 +133,19 @@ def test_last_solve_says_whether_the_likelihood_is_an_estimate():
 
 @pytest.mark.cuda
 def test_the_rule_prices_a_cuda_device_with_its_own_rates():
-    """On a GPU the choice uses the CUDA coefficients and budget (defaults until
-    ``benchmarks/gaps.py --limit --device cuda`` calibrates them): scattered cells on the air grid's
-    shape still take cg, with random probes, and say so; 20³ keeps exact-missing."""
+    """On a GPU the choice uses the CUDA coefficients and budget (fitted to ``benchmarks/gaps.py
+    --limit --device cuda``): 576 scattered cells on the air grid's shape, which the CPU's rates
+    give to cg, are a GPU's exact-missing step when its predicted step is within the CUDA budget;
+    2000 are cg with random probes, and say so."""
     shape = (20, 20, 20)
     assert _grid(shape, _scatter(shape, 1000), device="cuda").path == "exact-missing"
-    gp = _grid(AIR, _scatter(AIR, 576), device="cuda")
+    cuda_rates = costs.rates_for(torch.device("cuda"), torch.float64)
+    exact = costs.exact_missing_seconds(576, AIR, None, cuda_rates)
+    expected = "exact-missing" if costs.prefer_exact(exact, costs.cg_seconds(17, AIR, cuda_rates),
+                                                     torch.device("cuda")) else "cg"
+    assert _grid(AIR, _scatter(AIR, 576)).path == "cg"  # the CPU's rates
+    assert _grid(AIR, _scatter(AIR, 576), device="cuda").path == expected
+    gp = _grid(AIR, _scatter(AIR, 2000), device="cuda")
     assert gp.path == "cg" and not _cg_traces_exact(gp)
     gp.log_marginal_likelihood()
     assert gp.last_solve.estimate

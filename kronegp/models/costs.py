@@ -33,9 +33,8 @@ cells, its slowest, 1000 scattered cells, measured 1.1 s against 0.04 s for cg's
 
 Coefficients per device type and dtype (:data:`RATES`), seconds, fitted to
 ``benchmarks/gaps.py --limit`` on a 2-core CPU (one torch thread, loaded, 2026-12-07; NOTES.md
-"Scattered cells on large grids"); the CUDA ones are defaults scaled from the CPU's by the 128³
-H100 cg step, not measured: ``python benchmarks/gaps.py --limit --device cuda --n 64`` (and
-``--grid air``) prints each row's predicted and measured times to calibrate them.
+"Scattered cells on large grids"); the CUDA ones to an H100's float64 rows of ``python benchmarks/gaps.py --limit --device cuda --n 64`` (which prints each
+row's predicted and measured times; float32 on CUDA is scaled from them, not measured).
 """
 
 from __future__ import annotations
@@ -83,14 +82,22 @@ class StepRates:
 _CPU64 = StepRates(cg_overhead=0.012, cg_element=1.5e-7, cg_axis=6.2e-10, exact_overhead=0.015,
                    rows_element=8.7e-8, rows_axis=2.4e-10, box=2.6e-10, cubic=1.4e-10)
 _CPU32 = _CPU64
-# The cg step on the H100 (128³ float32, 16 probes, 20 % missing: 22 ms, benchmarks/RESULTS.md) is
-# ~1/600 of the CPU model's (13.8 s); every other coefficient is scaled alike, and float64 (memory-bound
-# passes of twice the bytes) costs twice float32: defaults, not measured.
-_CUDA = _CPU32.scaled(1 / 600)
+# CUDA float64: fitted to ``gaps.py --limit --device cuda --n 64`` on an H100 (2026-12-07, round 14 of
+# benchmarks/RESULTS.md; 64³, m = 8…8000, scattered cells and cubic holes): both steps are host-bound
+# below ~10 ms (cg 4–5 ms with 17 columns, exact-missing 9–11 ms up to m = 512 in a box); the unit-probe
+# rows (up to 8001 columns, 0.95e-9 s per element at Σn = 192) fit the per-element terms, the
+# scattered rows at m = 512 / 1000 (19 / 35 ms) the rows' and the cubic term; the box term is too small
+# to resolve there (holes of 1000 cells: 16 ms, the cubic term included). float32: the element terms
+# (memory-bound passes) at half, the fixed costs alike — scaled, not measured (the 128³ float32 cg
+# step of round 13, 16–28 ms, is within 1.5× of it).
+_CUDA64 = StepRates(cg_overhead=0.001, cg_element=5.0e-10, cg_axis=2.05e-12, exact_overhead=0.009,
+                    rows_element=4.5e-11, rows_axis=1.25e-13, box=1e-12, cubic=7e-12)
+_CUDA32 = StepRates(cg_overhead=0.001, cg_element=2.5e-10, cg_axis=1.0e-12, exact_overhead=0.009,
+                    rows_element=2.25e-11, rows_axis=6.3e-14, box=5e-13, cubic=7e-12)
 
 #: coefficients by (device type, dtype); other devices use the CPU's
 RATES = {("cpu", torch.float64): _CPU64, ("cpu", torch.float32): _CPU32,
-         ("cuda", torch.float64): _CUDA.scaled(2.0), ("cuda", torch.float32): _CUDA}
+         ("cuda", torch.float64): _CUDA64, ("cuda", torch.float32): _CUDA32}
 
 #: predicted step (s) up to which the exact choice is taken whatever the stochastic one costs
 EXACT_BUDGET_S = {"cpu": 2.0, "cuda": 0.05}
