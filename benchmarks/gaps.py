@@ -532,6 +532,9 @@ def main(argv=None) -> dict:
                   f"{row['probes']:6d} {row['lml_rel_err']:11.2e} {fmt('lml_rel_std_error', '9.1e'):>9s} "
                   f"{fmt('lml_ref_rel_std_error', '9.1e'):>9s} {fmt('fit_s', '7.2f'):>7s} {fmt('heldout_rmse', '7.4f'):>7s} "
                   f"{fmt('heldout_coverage95', '6.3f'):>6s} {warned(row):>5s}" + (gpytorch_cells(row) if args.gpytorch else ""), flush=True)
+            if args.out:  # after every row: a run stopped by a time limit keeps what it measured
+                with open(args.out, "w") as fh:
+                    json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         out = {"meta": meta, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:
