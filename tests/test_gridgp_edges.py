@@ -249,3 +249,34 @@ def test_settings_at_their_limits_work():
     with pytest.warns(RuntimeWarning):
         mean, var = gp.predict()
     assert math.isfinite(float(mean.sum()))
+
+
+def test_last_solve_reports_the_two_level_coarse_modes_of_a_hole_only():
+    """``last_solve.coarse_modes``: the coarse space the cg path built for a hole (a public number the
+    benchmarks read), ``None`` for scattered cells and on the exact paths."""
+    v, axes = field((16, 16, 16))
+    hole = v.clone()
+    hole[5:11, 5:11, 5:11] = float("nan")
+    gp = GridGP(hole, axes, path="cg", num_probes=4, exact_trace_limit=0)
+    assert gp.last_solve.coarse_modes is None  # nothing computed yet
+    gp.log_marginal_likelihood()
+    modes = gp.last_solve.coarse_modes
+    assert isinstance(modes, int) and 0 < modes <= 6**3, gp.last_solve
+    scatter = v.clone()
+    scatter.view(-1)[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(1))[:216]] = float("nan")
+    for model in (GridGP(scatter, axes, path="cg", num_probes=4, exact_trace_limit=0), GridGP(v, axes),
+                  GridGP(hole, axes, path="exact-missing")):
+        model.log_marginal_likelihood()
+        assert model.last_solve.coarse_modes is None, (model.path, model.last_solve)
+
+
+def test_benchmarks_read_no_private_attribute_of_a_model():
+    """benchmarks/gaps.py reads the model through its public report (``last_solve``, ``memory_plan``,
+    ``path``...), not its private attributes (issue 25): no ``x._name`` attribute in its source."""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parent.parent / "benchmarks" / "gaps.py"
+    private = [f"line {n.lineno}: {ast.unparse(n)}" for n in ast.walk(ast.parse(source.read_text()))
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")]
+    assert not private, private

@@ -79,6 +79,9 @@ class SolveInfo:
         lml_std_error: the standard error of the likelihood's stochastic log-determinant term,
             from the spread of its probes' estimates (nats, model units; cg path with per-cell
             noise), else ``None``.
+        coarse_modes: the coarse modes of the two-level preconditioner the cg path built for the
+            connected pieces of missing cells (holes, clouds; :mod:`kronegp.models._two_level`), else
+            ``None`` (no such piece, scattered cells only, or another path).
     """
 
     path: str
@@ -90,6 +93,7 @@ class SolveInfo:
     probes: int
     estimate: bool = False
     lml_std_error: Optional[float] = None
+    coarse_modes: Optional[int] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -105,6 +109,7 @@ class SolveInfo:
             probes=extra.get("probes", 0),
             estimate=bool(extra.get("estimate", False)),
             lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
+            coarse_modes=None if extra.get("coarse_modes") is None else int(extra["coarse_modes"]),
         )
 
 def _warns_once(where: str):
