@@ -473,3 +473,28 @@ def test_cuda_factored_step_plans_within_ten_percent_of_max_memory_allocated(kin
     plan = model.memory_plan("step")
     assert abs(plan.peak_bytes - peak) <= 0.1 * peak, (plan.describe(), peak / 2**30)
 
+
+def test_cg_plans_reuse_the_masks_pieces(monkeypatch):
+    """The two-level part of a cg plan comes from the mask's pieces found once (the preconditioner's
+    cached_pieces): further plans and steps do not scan the mask again; a mask changed in place is
+    scanned anew, and the plan follows it."""
+    import kronegp.models._two_level as two_level
+
+    scans = []
+    real = two_level.pieces_of
+    monkeypatch.setattr(two_level, "pieces_of", lambda missing, sizes: scans.append(1) or real(missing, sizes))
+    shape = (24, 20, 18)
+    values = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    values[4:12, 4:12, 4:12] = float("nan")
+    model = GridGP(values, path="cg", num_probes=4, exact_trace_limit=0)
+    first = model.memory_plan("step")
+    coarse = first.parts[memory.COARSE_PART]
+    assert coarse == two_level.coarse_bytes(~model.observed, shape, 8) > 0
+    found = len(scans) - 1  # coarse_bytes' own scan, just made for the check
+    for _ in range(3):
+        assert model.memory_plan("step").parts[memory.COARSE_PART] == coarse
+    model.loss_backward(cuda_graph=False)
+    assert len(scans) - 1 == found <= 2, scans  # cached_pieces' scan and the first plan's coarse_bytes
+    model.observed.view(*shape)[4:16, 4:16, 4:16] = False  # a larger hole, in place
+    grown = model.memory_plan("step").parts[memory.COARSE_PART]
+    assert grown == two_level.coarse_bytes(~model.observed, shape, 8) != coarse

@@ -451,16 +451,32 @@ def _cg_plan(model, probes: int, budget: Optional[float], coarse: Optional[int] 
     them (the preconditioned estimator; :func:`choose_cg_run` says which noise). ``coarse``: the
     two-level preconditioner's bytes when already known (they do not depend on ``probes``; else
     measured from the mask)."""
-    from kronegp.models._two_level import coarse_bytes
-
     missing, per_cell = model.observed is not None, model.cell_noise is not None
     if coarse is None:
-        coarse = 0 if not missing else coarse_bytes(model.observed.reshape(-1).logical_not(), tuple(model.shape),
-                                                    torch.finfo(model.y.dtype).bits // 8)
+        coarse = _coarse(model) if missing else 0
     args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type, coarse=coarse)
     if model.precondition:
         return choose_cg_run(tuple(model.shape), model.y.dtype, probes, budget=budget, **args)
     return plan_cg_step(tuple(model.shape), model.y.dtype, probes, **args)
+
+
+def _coarse(model) -> int:
+    """:func:`kronegp.models._two_level.coarse_bytes` of ``model``'s mask, kept (in the model) while the
+    mask's pieces are the same :class:`~kronegp.models._two_level.PieceSet` of
+    :func:`~kronegp.models._two_level.cached_pieces` (the one the preconditioner reads: same mask, same
+    version, same piece rules) and the dtype and ``ENABLED`` are: a plan is made at every ``fit`` and
+    ``memory_plan``, and finding the pieces reads the whole mask on the host (``scipy.ndimage``: 47 ms at
+    128³ on the CPU machine, growing with the grid)."""
+    from kronegp.models import _two_level
+
+    shape, item = tuple(model.shape), torch.finfo(model.y.dtype).bits // 8
+    pieces = _two_level.cached_pieces(model.observed, shape)
+    key = (shape, item, _two_level.ENABLED)
+    kept = model.__dict__.get("_coarse_bytes")
+    if kept is None or kept[0] is not pieces or kept[1] != key:
+        kept = model.__dict__["_coarse_bytes"] = (pieces, key, _two_level.coarse_bytes(model.observed.logical_not(),
+                                                                                           shape, item))
+    return kept[2]
 
 
 def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
