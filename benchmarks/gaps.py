@@ -143,7 +143,9 @@ def dense_lml(gp: GridGP) -> float:
         obs = gp.observed if gp.observed is not None else torch.ones(gp.n_cells, dtype=torch.bool, device=K.device)
         d = (gp.noise.expand(gp.n_cells) if gp.learn_noise else gp.cell_noise).double()
         L = torch.linalg.cholesky(K[obs][:, obs] + torch.diag(d[obs]))
-        r = (gp.y - gp._mean_grid()).double()[obs]
+        if gp.user_mean:
+            raise ValueError("dense_lml: the reference takes the model's learned constant mean, not a user mean")
+        r = (gp.y - gp.mean_module.constant).double()[obs]  # model units (the constant is in them)
         a = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
         n = int(obs.sum())
         return float(-0.5 * (r * a).sum() - torch.log(L.diagonal()).sum() - 0.5 * n * math.log(2 * math.pi)
@@ -394,7 +396,7 @@ def run_holes(y, axes, args) -> list[dict]:
                     warnings.simplefilter("ignore")
                     times = time_call(gp.loss_backward, y.device, repeats=args.repeats)
                 row = {"pattern": pat, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
-                       "iterations": int(gp.last_solve.iterations), "coarse_modes": gp._last_extra.get("coarse_modes")}
+                       "iterations": int(gp.last_solve.iterations), "coarse_modes": gp.last_solve.coarse_modes}
                 rows.append(row)
                 print(f"{pat:10s} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
                       f"iters {row['iterations']:4d}  modes {row['coarse_modes']}", flush=True)

@@ -330,7 +330,7 @@ def main(argv=None) -> dict:
                     gp.loss_backward()
                     times.append(time.perf_counter() - t0)
             row = {"pattern": pat, "kind": kind, "m": m, "step_s": statistics.median(times),
-                   "coarse_modes": gp._last_extra.get("coarse_modes"), **counts}
+                   "coarse_modes": gp.last_solve.coarse_modes, **counts}
             row["predicted_gpu_s"] = predict(counts["step"], args.op_us, args.product_ms, args.box_product_ops)
             rows.append(row)
             st, se, ap_, sa = counts["step"], counts["setup"], counts["apply"], counts["sample"]

@@ -380,3 +380,121 @@ def test_cuda_cg_runs_keep_one_run_block_spare_for_fragmentation():
     cpu = memory.choose_cg_run((768, 768, 768), torch.float32, 16, missing=True, per_cell=False,
                                device_type="cpu", budget=budget)
     assert cpu.chunk >= plan.chunk and cpu.peak_bytes <= budget
+
+
+def _factored_model(shape, dtype, kind: str, lengthscale=None):
+    """An exact-missing model (``"hole"``: a 6³ hole; ``"holes"``: two 4³ holes sharing an 8³ box;
+    ``"scatter"``: 216 scattered cells) or a separable-mask one (``"land"``: a 30 % mask repeated along
+    the last axis)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    values = torch.randn(*shape, generator=gen, dtype=dtype)
+    if kind == "hole":
+        values[2:8, 2:8, 2:8] = float("nan")
+    elif kind == "holes":
+        values[2:6, 2:6, 2:6] = values[8:12, 8:12, 8:12] = float("nan")
+    elif kind == "scatter":
+        values.view(-1)[torch.randperm(values.numel(), generator=gen)[:216]] = float("nan")
+    else:
+        values[torch.rand(*shape[:-1], generator=gen) < 0.3] = float("nan")
+    model = GridGP(values, dtype=dtype, path="separable-mask" if kind == "land" else "exact-missing")
+    if lengthscale is not None:
+        model.set_hyperparameters(lengthscales=[lengthscale] * len(shape))
+    return model
+
+
+@pytest.mark.parametrize("kind,shape,dtype", [("hole", (40, 36, 30), torch.float64), ("hole", (24, 20, 18), torch.float32),
+                                              ("holes", (40, 36, 30), torch.float64), ("scatter", (30, 28, 26), torch.float64),
+                                              ("scatter", (24, 20, 18), torch.float32),
+                                              ("land", (40, 36, 30), torch.float64), ("land", (30, 30, 40), torch.float32)])
+def test_exact_missing_and_separable_step_plans_within_ten_percent_of_measured_peak(kind, shape, dtype):
+    """Each factored path has its own plan (not the cg path's): ``G``, its factor and inverse and the rows
+    or the box's modes on exact-missing, ``K_S`` and its eigenvectors on separable-mask. Short
+    lengthscales: the exact-missing box's worst case (every mode of the log det G gradient summed
+    directly), which its plan counts."""
+    model = _factored_model(shape, dtype, kind, lengthscale=0.5)
+    assert model.path == ("separable-mask" if kind == "land" else "exact-missing")
+    plan = model.memory_plan("step")
+    assert plan.operation.startswith(model.path) and "not chunked" in plan.describe()
+    transient = plan.peak_bytes - plan.model_bytes
+    measured = _measured_step(model)
+    assert abs(measured - transient) <= 0.1 * transient, (measured, transient, plan.describe())
+
+
+def test_exact_missing_box_plan_bounds_the_step_at_smooth_lengthscales():
+    """At the default (smooth) lengthscales the log det G gradient's series takes most modes: the step
+    holds less than the plan's worst case, never more."""
+    model = _factored_model((40, 36, 30), torch.float64, "holes")
+    plan = model.memory_plan("step")
+    measured = _measured_step(model)
+    assert 0.3 * (plan.peak_bytes - plan.model_bytes) < measured <= plan.peak_bytes - plan.model_bytes, plan.describe()
+
+
+@pytest.mark.parametrize("kind", ["scatter", "land"])
+def test_a_factored_step_that_cannot_fit_raises_before_work_naming_what_fits(kind):
+    """Below its plan the exact-missing (rows: 4.9 m × N blocks) or separable-mask (7 |S|²) step raises
+    MemoryPlanError before any work, naming the cg path where its step fits (scattered cells), not where
+    it does not (the land mask's pieces give cg a two-level coarse space larger than K_S)."""
+    model = _factored_model((30, 28, 26), torch.float64, kind)
+    plan = model.memory_plan("step")
+    cg = memory._cg_plan(model, model.num_probes, None)
+    assert (cg.peak_bytes < 0.9 * plan.peak_bytes) == (kind == "scatter"), (cg.describe(), plan.describe())
+    free = int(0.95 * plan.peak_bytes / memory.HEADROOM)
+    model.free_memory = staticmethod(lambda device: free - plan.model_bytes)
+    model.__dict__.pop("_step_chunk", None)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(memory.MemoryPlanError, match=rf"{model.path} step .*needs .* GiB") as err:
+        model.loss_backward(cuda_graph=False)
+    assert ("path='cg' fits" in str(err.value)) == (kind == "scatter"), str(err.value)
+    assert "DistributedGridGP" in str(err.value)
+    assert model.last_solve.iterations is None  # nothing ran
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="operation must be 'step' on the .* path"):
+        model.memory_plan("predict")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["hole", "scatter", "land"])
+def test_cuda_factored_step_plans_within_ten_percent_of_max_memory_allocated(kind):
+    """On the GPU: the exact-missing and separable-mask step plans against torch.cuda.max_memory_allocated
+    (model buffers included), large enough grids that the 64 MiB runtime term is a few %."""
+    shape = {"hole": (160, 150, 140), "scatter": (96, 90, 80), "land": (96, 80, 100)}[kind]
+    cpu = _factored_model(shape, torch.float32, kind, lengthscale=0.5)
+    model = GridGP(cpu.y.reshape(shape).masked_fill(~cpu.observed.reshape(shape), float("nan")).cuda(),
+                   path=cpu.path, hyperparameters={"lengthscales": [0.5] * 3})
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated() - sum(b.numel() * b.element_size() for b in model.buffers())
+    model.loss_backward(cuda_graph=False)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model.loss_backward(cuda_graph=False)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    plan = model.memory_plan("step")
+    assert abs(plan.peak_bytes - peak) <= 0.1 * peak, (plan.describe(), peak / 2**30)
+
+
+def test_cg_plans_reuse_the_masks_pieces(monkeypatch):
+    """The two-level part of a cg plan comes from the mask's pieces found once (the preconditioner's
+    cached_pieces): further plans and steps do not scan the mask again; a mask changed in place is
+    scanned anew, and the plan follows it."""
+    import kronegp.models._two_level as two_level
+
+    scans = []
+    real = two_level.pieces_of
+    monkeypatch.setattr(two_level, "pieces_of", lambda missing, sizes: scans.append(1) or real(missing, sizes))
+    shape = (24, 20, 18)
+    values = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    values[4:12, 4:12, 4:12] = float("nan")
+    model = GridGP(values, path="cg", num_probes=4, exact_trace_limit=0)
+    first = model.memory_plan("step")
+    coarse = first.parts[memory.COARSE_PART]
+    assert coarse == two_level.coarse_bytes(~model.observed, shape, 8) > 0
+    found = len(scans) - 1  # coarse_bytes' own scan, just made for the check
+    for _ in range(3):
+        assert model.memory_plan("step").parts[memory.COARSE_PART] == coarse
+    model.loss_backward(cuda_graph=False)
+    assert len(scans) - 1 == found <= 2, scans  # cached_pieces' scan and the first plan's coarse_bytes
+    model.observed.view(*shape)[4:16, 4:16, 4:16] = False  # a larger hole, in place
+    grown = model.memory_plan("step").parts[memory.COARSE_PART]
+    assert grown == two_level.coarse_bytes(~model.observed, shape, 8) != coarse

@@ -47,7 +47,7 @@ from kronegp.models._data import check_kernels, check_settings, standardised
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._points import check_points, point_chunks
 from kronegp.models.layout import LocalLayout
-from kronegp.models.paths import InferencePath, choose_path
+from kronegp.models.paths import InferencePath, check_mask, choose_path
 from kronegp.solvers.report import one_warning
 
 __all__ = ["GridGP", "SolveInfo"]
@@ -79,6 +79,9 @@ class SolveInfo:
         lml_std_error: the standard error of the likelihood's stochastic log-determinant term,
             from the spread of its probes' estimates (nats, model units; cg path with per-cell
             noise), else ``None``.
+        coarse_modes: the coarse modes of the two-level preconditioner the cg path built for the
+            connected pieces of missing cells (holes, clouds; :mod:`kronegp.models._two_level`), else
+            ``None`` (no such piece, scattered cells only, or another path).
     """
 
     path: str
@@ -90,6 +93,7 @@ class SolveInfo:
     probes: int
     estimate: bool = False
     lml_std_error: Optional[float] = None
+    coarse_modes: Optional[int] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -105,6 +109,7 @@ class SolveInfo:
             probes=extra.get("probes", 0),
             estimate=bool(extra.get("estimate", False)),
             lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
+            coarse_modes=None if extra.get("coarse_modes") is None else int(extra["coarse_modes"]),
         )
 
 def _warns_once(where: str):
@@ -194,6 +199,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
     Attributes:
         path: ``"exact"``, ``"exact-missing"``, ``"separable-mask"`` or ``"cg"``.
+        observed: the mask, flat (True = observed; ``None`` when every cell is). Hiding observed
+            cells in place (``gp.observed[i] = False``) is taken at the next call where the model's
+            path stays the one chosen for the new mask; marking a missing cell observed, or a change
+            that would choose another path, raises ``ValueError`` (build a new model:
+            :func:`~kronegp.models.paths.check_mask`).
         last_solve: how the last likelihood was computed (:class:`SolveInfo`).
         cg_iterations: iterations of the last CG run (``None`` before any, 0 on the exact path).
         history: loss (negative log marginal likelihood per observed cell, data units) at
@@ -260,6 +270,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.inference: InferencePath = choose_path(path, self.layout, observed, self.n_observed,
                                                     data.noise is not None, values_t.device,
                                                     dtype=values_t.dtype, num_probes=settings["num_probes"])
+        self._path_request = path  # what check_mask asks choose_path again when the mask changes
         self.register_buffer(
             "cell_noise", data.noise.reshape(-1) / self.scale**2 if data.noise is not None else None
         )
@@ -275,6 +286,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.register_load_state_dict_post_hook(_loaded_state)
         if hyperparameters is not None:
             self.set_hyperparameters(hyperparameters)
+        check_mask(self)  # records the mask: later calls see whether it changed (paths.check_mask)
 
     @property
     def path(self) -> str:
@@ -321,6 +333,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         stochastic (SLQ with ``num_probes`` probes) and whose gradient is the stochastic
         trace estimate (see :mod:`kronegp.models._masked`).
         """
+        check_mask(self)
         with one_warning("GridGP.log_marginal_likelihood", stacklevel=4):
             return self.inference.lml(self) - self.n_observed * math.log(self.scale)
 
@@ -349,6 +362,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
         from kronegp.models._graph import loss_backward
 
+        check_mask(self)  # a mask changed in place: refreshed (or a clear error) before a graph replays
         self.layout.step_chunk(self)  # MemoryPlanError before any work when the step cannot fit
         return loss_backward(self, cuda_graph)
 
@@ -436,6 +450,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         ``hyperparameters=``) it warns, once, that the initial hyperparameters are used.
         """
 
+        check_mask(self)
         self._warn_if_unfitted()
         if as_xarray is None:
             as_xarray = self._coords is not None
@@ -494,6 +509,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
 
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        check_mask(self)
         g = torch.Generator(device=self.y.device)
         g.manual_seed(int(torch.randint(0, 2**62, (1,))))
         return self.inference.sample(self, n, g).mul_(self.scale).add_(self.shift).reshape(n, *self.shape)
@@ -508,6 +524,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         """The predicted peak memory of a training ``"step"``, ``"predict"`` (on the grid) or
         ``"sample"`` and the chunk of its temporaries (:mod:`kronegp.models.memory`), for
         ``free_bytes`` or the device's free memory (:attr:`free_memory`)."""
+        check_mask(self)
         return memory.plan_for_model(self, operation, samples=samples, free_bytes=free_bytes, free=self.free_memory)
 
     def extra_repr(self) -> str:

@@ -37,6 +37,18 @@ buffers are alive at once. Each count below is taken from the code that allocate
   and while one piece is built its gram or its box rows and a slab of eigen-coordinates:
   :func:`kronegp.models._two_level.coarse_bytes`).
 
+* **exact-missing path, training step** (:mod:`kronegp.models._few_missing`; :func:`plan_few_missing_step`):
+  :data:`FEW_MISSING_VECTORS` grid vectors, ``G = X_MM``, its Cholesky factor and ``G⁻¹`` (``m × m``) and
+  either the ``m × N`` rows ``U``, ``Y``, ``G⁻¹Y`` (scattered cells, :data:`FEW_MISSING_ROWS`: 180 MiB for
+  216 cells of 30×28×26 in float64) or, through a compact hole's box of ``b`` cells, ``b × b`` matrices
+  and the log det G gradient's modes summed directly (:data:`FEW_MISSING_BOX`; counted at their worst,
+  short lengthscales). **separable-mask path** (:mod:`kronegp.models._separable_mask`;
+  :func:`plan_separable_step`): ``K_S`` over the ``|S|`` observed points of the masked axes, its
+  eigenvectors and the surrogate's ``|S| × |S|`` products (:data:`SEPARABLE_SQUARES`) and a few grid
+  vectors. Both measured with :class:`LiveBytes` and checked in ``tests/test_memory_plan.py``; neither
+  is chunked, so a step that cannot fit raises (naming the cg path where its step would fit). Their
+  predictions and samples are not planned.
+
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
 
@@ -56,7 +68,7 @@ from torch import Tensor
 
 __all__ = [
     "MemoryPlan", "MemoryPlanError", "LiveBytes", "free_memory", "plan_exact_step", "plan_exact_predict",
-    "plan_exact_sample", "plan_cg_step", "choose_cg_run", "plan_for_model", "operation_chunk", "check_plan",
+    "plan_exact_sample", "plan_cg_step", "plan_few_missing_step", "plan_separable_step", "choose_cg_run", "plan_for_model", "operation_chunk", "check_plan",
     "MAX_CHUNK", "HEADROOM",
 ]
 
@@ -87,6 +99,27 @@ CG_REFINE_MIXED = 8.375
 COARSE_PART = "two-level coarse space"
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
 CG_FUSED_SAVES = {"missing": 1.0, "per-cell": 1.0, "both": 2.0}
+#: exact-missing path, training step (:mod:`kronegp.models._few_missing`; measured with :class:`LiveBytes`,
+#: 2026-12-07, nine holes and boxes on 24×20×18 to 50×30×20 and scattered cells, within 8 %): grid vectors
+#: (``p``, ``λ``, the residual in eigen-coordinates, ``Qᵀα``, the surrogate's ``z``, the contractions...)
+FEW_MISSING_VECTORS = 10.3
+#: through the ``m × N`` rows (scattered cells): ``(rows, m × m matrices)`` (``U``, ``Y``, ``G⁻¹Y`` and the
+#: gradient form's; ``G``, its factor ``L``, ``G⁻¹``)
+FEW_MISSING_ROWS = (4.9, 5.8)
+#: through the box of ``b`` cells (a compact hole): ``(m × m, b × b, b × b of 8 bytes)`` matrices (``G``, ``L``,
+#: ``G⁻¹``; the gram spread over the box and ``G⁻¹`` zero-filled in it; a float32 step holds one ``b × b``
+#: more than half the float64 one's: an index over the box's pairs, counted as 8 bytes). Besides, the log det G gradient's modes summed
+#: directly (:meth:`kronegp.models._few_missing.FewMissing._axis_grad`) hold ``N·b_i·(3 + b_i/n_i)`` on the
+#: axis where that is largest (``A_i ∘ p_j``, its weighted copy and ``S_j(A_i ∘ p_j)``, each
+#: ``N/n_i × b_i × n_i``, and the spread ``S_j``) when every mode is summed so (short lengthscales: the
+#: worst case, which the plan counts; at smooth ones the series takes most modes and the step holds
+#: less, e.g. 6.1 MiB against the plan's 11.4 for a 6³ hole in 40×36×30 float64)
+FEW_MISSING_BOX = (1.8, 1.6, 1.0)
+#: separable-mask path, training step (:mod:`kronegp.models._separable_mask`): ``|S| × |S|`` matrices
+#: (``K_S``, its symmetrised copy, ``V``, the surrogate's ``K_S`` and ``VᵀK_S`` with their gradients) and
+#: grid vectors (the residual and ``α`` as ``|S| × n_B`` blocks, ``D``, ``P``...)
+SEPARABLE_SQUARES = 7.0
+SEPARABLE_VECTORS = 5.5
 
 
 class MemoryPlanError(MemoryError):
@@ -133,6 +166,8 @@ class MemoryPlan:
     def _chunk_words(self) -> str:
         if self.operation.startswith("cg"):  # the chunk of a cg plan: columns per block CG run
             return f"CG runs of {self.chunk} columns"
+        if self.operation.startswith(("exact-missing", "separable-mask")):
+            return "not chunked"
         return f"chunk {self.chunk} elements"
 
 
@@ -208,6 +243,42 @@ def plan_exact_sample(shape: Sequence[int], dtype: torch.dtype, chunk: int, samp
     parts["factors"] = _factor_bytes(shape)
     parts["runtime"] = _runtime(device_type)
     return MemoryPlan(f"exact sample({samples})", tuple(shape), dtype, chunk, model_bytes(shape, dtype), parts)
+
+
+def plan_few_missing_step(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], *,
+                          boxed: bool, device_type: str = "cuda") -> MemoryPlan:
+    """A training step on the exact-missing path with ``m`` missing cells spanning a box of ``box_sizes``
+    indices per axis (:attr:`~kronegp.models._few_missing.MissingBox.box_sizes`): through the box when
+    ``boxed`` (:func:`~kronegp.models._few_missing.box_pays`), else through the ``m × N`` rows. Its
+    :attr:`MemoryPlan.chunk` is ``N`` (nothing is chunked)."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    parts = {"grid vectors": int(FEW_MISSING_VECTORS * n * item)}
+    if boxed:
+        box = math.prod(box_sizes)
+        squares, box_squares, box_index = FEW_MISSING_BOX
+        parts[f"G, its factor and inverse ({squares:g} × {m}², {box_squares + box_index:g} × {box}²)"] = \
+            int((squares * m * m + box_squares * box * box) * item + box_index * box * box * 8)
+        parts["log det G gradient's modes"] = int(max(n * b * (3 + b / k) for b, k in zip(box_sizes, shape)) * item)
+    else:
+        rows, squares = FEW_MISSING_ROWS
+        parts[f"G, its factor and inverse ({squares:g} × {m}²)"] = int(squares * m * m * item)
+        parts[f"rows ({rows:g} × {m} × N)"] = int(rows * m * n * item)
+    parts["factors"] = _factor_bytes(shape)
+    parts["runtime"] = _runtime(device_type)
+    return MemoryPlan(f"exact-missing step ({m} missing cells)", tuple(shape), dtype, n,
+                      model_bytes(shape, dtype, mask=True), parts)
+
+
+def plan_separable_step(shape: Sequence[int], dtype: torch.dtype, points: int, *,
+                        device_type: str = "cuda") -> MemoryPlan:
+    """A training step on the separable-mask path with ``points`` observed points ``|S|`` of the masked
+    axes (the dense ``K_S`` and its eigenvectors). Its :attr:`MemoryPlan.chunk` is ``N`` (nothing is chunked)."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    parts = {"grid vectors": int(SEPARABLE_VECTORS * n * item),
+             f"K_S and its eigenvectors ({SEPARABLE_SQUARES:g} × {points}²)": int(SEPARABLE_SQUARES * points**2 * item),
+             "factors": _factor_bytes(shape), "runtime": _runtime(device_type)}
+    return MemoryPlan(f"separable-mask step ({points} points)", tuple(shape), dtype, n,
+                      model_bytes(shape, dtype, mask=True), parts)
 
 
 def _cg_kind(missing: bool, per_cell: bool) -> str:
@@ -335,11 +406,31 @@ def plan_for_model(model, operation: str = "step", *, samples: int = 1,
                                                              device_type=dev.type), n, budget)
         else:
             raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
+    elif model.path in ("exact-missing", "separable-mask"):
+        plan = _factored_plan(model, operation)
     else:
         plan = _cg_plan(model, model.num_probes, budget)
         plan.operation = f"cg {operation} ({model.num_probes} probes)"
     plan.free_bytes = free_bytes
     return plan
+
+
+def _factored_plan(model, operation: str) -> MemoryPlan:
+    """The step's plan on the exact-missing or separable-mask path, from the model's mask (its missing
+    cells' box, or the observed points of the masked axes)."""
+    if operation != "step":
+        raise ValueError(f"operation must be 'step' on the {model.path} path (its predict and sample are not "
+                         f"planned), got {operation!r}")
+    from kronegp.models._few_missing import box_pays
+    from kronegp.models._separable_mask import mask_axes
+    from kronegp.models.paths import _missing_box
+
+    shape, dtype, kind = tuple(model.shape), model.y.dtype, model.y.device.type
+    if model.path == "separable-mask":
+        return plan_separable_step(shape, dtype, mask_axes(model.observed, shape)[1], device_type=kind)
+    hole = _missing_box(model, list(shape))
+    return plan_few_missing_step(shape, dtype, hole.m, hole.box_sizes, boxed=box_pays(hole.box, hole.m, _cells(shape)),
+                                 device_type=kind)
 
 
 def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
@@ -360,16 +451,32 @@ def _cg_plan(model, probes: int, budget: Optional[float], coarse: Optional[int] 
     them (the preconditioned estimator; :func:`choose_cg_run` says which noise). ``coarse``: the
     two-level preconditioner's bytes when already known (they do not depend on ``probes``; else
     measured from the mask)."""
-    from kronegp.models._two_level import coarse_bytes
-
     missing, per_cell = model.observed is not None, model.cell_noise is not None
     if coarse is None:
-        coarse = 0 if not missing else coarse_bytes(model.observed.reshape(-1).logical_not(), tuple(model.shape),
-                                                    torch.finfo(model.y.dtype).bits // 8)
+        coarse = _coarse(model) if missing else 0
     args = dict(missing=missing, per_cell=per_cell, device_type=model.y.device.type, coarse=coarse)
     if model.precondition:
         return choose_cg_run(tuple(model.shape), model.y.dtype, probes, budget=budget, **args)
     return plan_cg_step(tuple(model.shape), model.y.dtype, probes, **args)
+
+
+def _coarse(model) -> int:
+    """:func:`kronegp.models._two_level.coarse_bytes` of ``model``'s mask, kept (in the model) while the
+    mask's pieces are the same :class:`~kronegp.models._two_level.PieceSet` of
+    :func:`~kronegp.models._two_level.cached_pieces` (the one the preconditioner reads: same mask, same
+    version, same piece rules) and the dtype and ``ENABLED`` are: a plan is made at every ``fit`` and
+    ``memory_plan``, and finding the pieces reads the whole mask on the host (``scipy.ndimage``: 47 ms at
+    128³ on the CPU machine, growing with the grid)."""
+    from kronegp.models import _two_level
+
+    shape, item = tuple(model.shape), torch.finfo(model.y.dtype).bits // 8
+    pieces = _two_level.cached_pieces(model.observed, shape)
+    key = (shape, item, _two_level.ENABLED)
+    kept = model.__dict__.get("_coarse_bytes")
+    if kept is None or kept[0] is not pieces or kept[1] != key:
+        kept = model.__dict__["_coarse_bytes"] = (pieces, key, _two_level.coarse_bytes(model.observed.logical_not(),
+                                                                                           shape, item))
+    return kept[2]
 
 
 def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
@@ -388,6 +495,10 @@ def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
         else:
             hints.append("no probe count fits (not even CG runs of one column)" if plan.chunk == 1
                          else "no probe count fits")
+    if plan.operation.startswith(("exact-missing", "separable-mask")) and model is not None:
+        cg = _cg_plan(model, model.num_probes, HEADROOM * free)
+        if cg.peak_bytes <= HEADROOM * free:
+            hints.append(f"path='cg' fits ({cg.peak_bytes / GIB:.2f} GiB, {cg._chunk_words()})")
     if plan.dtype == torch.float64:
         hints.append("float32 halves every grid buffer")
     if plan.operation.startswith("exact sample"):

@@ -50,7 +50,8 @@ from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_c
 from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
                                             separable_mask_limit)
 
-__all__ = ["InferencePath", "ExactPath", "ExactMissingPath", "SeparableMaskPath", "CGPath", "choose_path", "PATHS"]
+__all__ = ["InferencePath", "ExactPath", "ExactMissingPath", "SeparableMaskPath", "CGPath", "choose_path", "check_mask",
+           "PATHS"]
 
 
 def nonfinite_message(where: str, value: float, hyperparameters: dict) -> str:
@@ -85,15 +86,72 @@ def _obs_zero(gp, vec: Tensor) -> Tensor:
     return obs * vec if vec.dim() == 1 else obs.unsqueeze(-1) * vec
 
 
-def _missing(gp) -> Optional[Tensor]:
-    """``~observed`` (kept while ``observed`` is the same tensor), or ``None``."""
+def check_mask(gp) -> None:
+    """Keep what the model derived from its mask true when the mask changed since it was last
+    seen: changed in place (``gp.observed[i] = False``: its ``_version`` moved), loaded by
+    ``load_state_dict``, or a new tensor (``.to()``, an assignment). Read at every call of the
+    model (an identity and a version compared); the first call, when the model is built, records
+    the mask and its complement ``~observed`` (the plan's second bool grid vector).
+
+    A change that only hides observed cells is taken, when the path chosen for the new mask (with
+    the request the model was built with) is the model's path: the observed count, the complement
+    and its box, the step's memory plan and a recorded CUDA graph are refreshed (the
+    standardisation stays: any fixed one is exact; the paths read the values at observed cells
+    only). Anything else raises ``ValueError`` naming what to do (a new ``GridGP``): a cell marked
+    observed that was missing (its value was never given: the model holds 0 there), a mask whose
+    path would differ (auto would now choose another, or a forced one no longer applies), a
+    sharded grid (each rank holds its block; the count is collective)."""
     obs = gp.observed
     if obs is None:
+        return
+    seen = gp.__dict__.get("_missing_cache")
+    if seen is not None and seen[0] is obs and seen[1] == obs._version:
+        return
+    missing = ~obs
+    if seen is not None:
+        before = seen[2].to(obs.device)
+        newly_missing = int((missing & ~before).sum())
+        if bool((obs & before).any()):
+            raise ValueError(
+                f"GridGP: the mask (gp.observed) was changed so that {int((obs & before).sum())} missing cells are "
+                "marked observed; the model never had their values (it holds 0 there). Build a new GridGP with the "
+                "values and the mask")
+        if newly_missing:
+            _take_hidden_cells(gp, obs, newly_missing)
+    gp.__dict__["_missing_cache"] = (obs, obs._version, missing)
+
+
+def _take_hidden_cells(gp, obs: Tensor, newly_missing: int) -> None:
+    """:func:`check_mask`'s refresh after ``newly_missing`` observed cells were hidden, or its error."""
+    what = f"GridGP: the mask (gp.observed) was changed in place to hide {newly_missing} observed cells"
+    if not gp.layout.whole_grid:
+        raise ValueError(f"{what} on one rank's block of a sharded grid (the observed count is collective); "
+                         "build a new model on every rank with the new mask")
+    n_observed = gp.layout.count(obs)
+    if n_observed == 0:
+        raise ValueError(f"{what}: every cell is now missing, there is nothing to fit")
+    request = gp.__dict__.get("_path_request", gp.path)
+    try:
+        chosen = choose_path(request, gp.layout, obs, n_observed, gp.cell_noise is not None, obs.device,
+                             dtype=gp.y.dtype, num_probes=gp.num_probes)
+    except ValueError as err:
+        raise ValueError(f"{what}; path={request!r} no longer applies ({err}). Build a new GridGP with the new "
+                         "mask") from None
+    if repr(chosen) != repr(gp.inference):
+        raise ValueError(f"{what}; the model's path is {gp.inference!r} but path={request!r} would now choose "
+                         f"{chosen!r}. Build a new GridGP with the new mask (or pass path= to keep one that applies)")
+    gp.n_observed = n_observed
+    gp.__dict__.pop("_step_chunk", None)  # the plan counts the mask's pieces (the two-level preconditioner)
+    gp._graphed = None  # a recorded step holds the old count
+
+
+def _missing(gp) -> Optional[Tensor]:
+    """``~observed`` (kept while ``observed`` is the same tensor at the same version: :func:`check_mask`),
+    or ``None``."""
+    if gp.observed is None:
         return None
-    cached = gp.__dict__.get("_missing_cache")
-    if cached is None or cached[0] is not obs:
-        cached = gp.__dict__["_missing_cache"] = (obs, ~obs)
-    return cached[1]
+    check_mask(gp)
+    return gp.__dict__["_missing_cache"][2]
 
 
 def _missing_box(gp, sizes: list[int]) -> MissingBox:
