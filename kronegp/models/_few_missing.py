@@ -258,11 +258,17 @@ def _spread_halved(r: int, device, dtype) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=16)
-def _hankel(terms: int, r: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices turning ``T_q`` (``(2K+1, r, r)``) into the block Hankel ``(K+1, r, K+1, r)`` of ``T_{k+l}``."""
+def _hankel_spread(terms: int, r: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """``(index, half)``: ``t.reshape(-1)[index] * half`` turns ``T_q`` folded on the pairs of ``r``
+    indices (``t`` of shape ``(2K+1, r(r+1)/2)``, off-diagonal pairs doubled: :meth:`BoxPairs.fold`)
+    into the block Hankel matrix ``((K+1)·r, (K+1)·r)`` of the ``T_{k+l}`` spread to ``(r, r)``
+    (one gather, where spreading and then indexing the blocks took two)."""
+    pair, halves = _spread_halved(r, device, dtype)
     k = torch.arange(terms + 1, device=device)
-    c = torch.arange(r, device=device)
-    return k.reshape(-1, 1, 1, 1) + k.reshape(1, 1, -1, 1), c.reshape(1, -1, 1, 1), c.reshape(1, 1, 1, -1)
+    q = (k.reshape(-1, 1, 1, 1) + k.reshape(1, 1, -1, 1))  # (K+1, 1, K+1, 1): k + l
+    index = q * (r * (r + 1) // 2) + pair.reshape(1, r, 1, r)
+    size = (terms + 1) * r
+    return index.reshape(size, size), halves.reshape(1, r, 1, r).expand(terms + 1, r, terms + 1, r).reshape(size, size)
 
 
 def _sum_over_modes(w: Tensor, s: Tensor, pre: int, post: int) -> Tensor:
@@ -284,8 +290,9 @@ def series_plan(scaled: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[
     pairs, total = b * (b + 1) // 2, scaled.numel()
     direct = 2 * (b * n * n + b * b * n)  # flops per mode summed directly
     best, plan = total * direct, None
-    for ratio in TAYLOR_RATIOS:
-        few, terms = int((scaled <= ratio).sum()), taylor_terms(dtype, ratio)
+    counts = (scaled.unsqueeze(0) <= scaled.new_tensor(TAYLOR_RATIOS).unsqueeze(-1)).sum(-1).tolist()  # one read
+    for ratio, few in zip(TAYLOR_RATIOS, counts):
+        terms = taylor_terms(dtype, ratio)
         series = 2 * (2 * terms + 1) * total * pairs + 2 * ((terms + 1) * b) ** 2 * n + 2 * (terms + 1) * b * n * n
         if few and series + (total - few) * direct < best:
             best, plan = series + (total - few) * direct, (ratio, terms)
@@ -516,14 +523,14 @@ class FewMissing:
         weight = kron_vector(others) if others else a.new_ones(1)  # L_j, j row-major over (pre, post)
         u = self.eig.vals[i] * (self.outputscale / self.noise)
         u_max = float(u.max())
-        plan = series_plan(weight * u_max, bi, ni, a.dtype)
+        scaled = weight * u_max  # L̃_j
+        plan = series_plan(scaled, bi, ni, a.dtype)
         if plan is None:
             few = 0
         else:
             ratio, terms = plan
-            small = weight * u_max <= ratio  # L̃_j ≤ ρ
+            small = scaled <= ratio  # L̃_j ≤ ρ
             few = int(small.sum())
-        index, half = _spread_halved(bi, a.device, a.dtype)
         m_i = None
         if few < weight.numel():  # the modes summed directly
             if few == 0:
@@ -534,14 +541,17 @@ class FewMissing:
                 big = torch.nonzero(~small).reshape(-1)
                 jp, jq = torch.div(big, post, rounding_mode="floor"), big % post
                 sj, pj, wj = s[jp, :, jq], self.p.view(pre, ni, post)[jp, :, jq], weight[big]
-            ap = a * pj.unsqueeze(1)  # A_i ∘ p_j, (J', b_i, n_i)
-            v = (sj[:, index] * half) @ ap  # S_j (A_i ∘ p_j)
-            m_i = (ap * wj.reshape(-1, 1, 1)).reshape(-1, ni).mT @ v.reshape(-1, ni)
+            index, half = _spread_halved(bi, a.device, a.dtype)
+            # S_j (A_i ∘ p_j) = (S_j A_i) ∘ p_j: one GEMM over the stacked S_j (a batch of b_i × b_i
+            # products ran 3–5× slower), then M_i = Σ_j (A_i ∘ w_j p_j)ᵀ (S_j A_i ∘ p_j), one GEMM over (j, c)
+            v = ((sj[:, index] * half).reshape(-1, bi) @ a).reshape(-1, bi, ni) * pj.unsqueeze(1)
+            left = a * (pj * wj.unsqueeze(-1)).unsqueeze(1)  # A_i ∘ w_j p_j, (J', b_i, n_i)
+            m_i = left.reshape(-1, ni).mT @ v.reshape(-1, ni)
         if few:  # the series, zero weight on the modes summed directly
-            w = _powers(weight * u_max, 2 * terms, weight * small)  # L_j L̃_j^q, (2K+1, J)
+            w = _powers(scaled, 2 * terms, weight * small)  # L_j L̃_j^q, (2K+1, J)
             t = _sum_over_modes(w, s, pre, post)  # T_q folded, (2K+1, pairs)
-            h = (t[:, index] * half)[_hankel(terms, bi, a.device)]  # (K+1, b_i, K+1, b_i): T_{k+l}
-            h = h.reshape((terms + 1) * bi, (terms + 1) * bi)
+            index, half = _hankel_spread(terms, bi, a.device, a.dtype)
+            h = t.reshape(-1)[index] * half  # ((K+1)·b_i, (K+1)·b_i): the block Hankel of the T_{k+l}
             ut = u / u_max if u_max > 0 else torch.zeros_like(u)
             phi = (a * _powers(-ut, terms).unsqueeze(1)).reshape(-1, ni)  # A_i diag((−ũ)^k), (K+1)·b_i rows
             series = phi.mT @ (h @ phi) / (self.noise * self.noise)
