@@ -75,7 +75,7 @@ from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
-           "TAYLOR_RATIOS", "taylor_terms", "spd_inverse", "SPD_LEAF", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
+           "TAYLOR_RATIOS", "taylor_terms", "inverse_from_cholesky", "INVERSE_LEAF", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
            "few_missing_limit", "box_pays"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
@@ -299,45 +299,41 @@ def series_plan(scaled: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[
     return plan
 
 
-#: Largest block :func:`spd_inverse` hands to LAPACK (Cholesky, then its inverse); a larger one is
-#: split in two through its Schur complement, whose products are GEMMs. Measured (2-core CPU, one
-#: thread, MKL, float64, 2026-12-07): LAPACK's ``potrf`` + ``potri`` run at ~18 GFLOP/s on
-#: 144–576 rows, a GEMM at 42–45 GFLOP/s; m = 576 took 10.6 ms whole, 7.4 ms split to leaves of 144.
-SPD_LEAF = 160
+#: Largest block :func:`inverse_from_cholesky` hands to LAPACK's ``potri``; a larger one is split in
+#: two, its off-diagonal block a triangular solve and two GEMMs. Measured (2-core CPU, one thread,
+#: MKL, float64, 2026-12-07): ``potri`` runs at ~18 GFLOP/s on 144–576 rows, a GEMM at 42–45 GFLOP/s
+#: and a triangular solve at ~24; ``(LLᵀ)⁻¹`` of 576 rows took 7.2 ms whole, ~4.8 ms split to 144.
+INVERSE_LEAF = 160
 
 
-def spd_inverse(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(G⁻¹, log det G, info)`` of a symmetric positive definite ``G`` (``(m, m)``; ``G⁻¹`` row-major,
-    ``info`` a 0-dim integer tensor, nonzero where a Cholesky factorisation failed: ``G`` is not
-    positive definite in its dtype). Read ``info`` once, after: nothing here synchronises a device.
+def inverse_from_cholesky(L: Tensor) -> Tensor:
+    """``G⁻¹ = (LLᵀ)⁻¹`` from the lower Cholesky factor ``L`` (``(m, m)``), row-major and symmetric.
 
-    Up to :data:`SPD_LEAF` rows, LAPACK's Cholesky ``G = LLᵀ`` and ``G⁻¹ = L⁻ᵀL⁻¹`` (``m³`` flops). A
-    larger ``G = [[A, Bᵀ], [B, C]]`` goes through the Schur complement ``S = C − B A⁻¹ Bᵀ`` (positive
-    definite exactly when ``G`` is, given ``A``)::
+    Up to :data:`INVERSE_LEAF` rows, LAPACK's ``potri``. A larger ``L = [[L₁, 0], [L₂₁, L₂]]`` is
+    ``G = [[A, Bᵀ], [B, C]]`` with ``A = L₁L₁ᵀ`` and Schur complement ``S = C − BA⁻¹Bᵀ = L₂L₂ᵀ``, so::
 
-        T = B A⁻¹,   G⁻¹ = [[A⁻¹ + Tᵀ S⁻¹ T, −(S⁻¹T)ᵀ], [−S⁻¹ T, S⁻¹]],   log det G = log det A + log det S
+        T = BA⁻¹ = L₂₁L₁⁻¹,   G⁻¹ = [[A⁻¹ + Tᵀ S⁻¹ T, −(S⁻¹T)ᵀ], [−S⁻¹ T, S⁻¹]]
 
-    with ``A⁻¹`` and ``S⁻¹`` from the halves (recursively): four GEMMs of half the size per split,
-    ``(4/3)·m³`` flops in all (block LDLᵀ: as stable as the Cholesky of ``G``), most of them at a
-    GEMM's rate rather than LAPACK's small-matrix one."""
-    n = g.shape[-1]
-    if n <= SPD_LEAF:
-        L, info = torch.linalg.cholesky_ex(g)
-        # the upper factor Lᵀ is L's memory in LAPACK's column-major order: no copy (measured faster);
-        # the inverse comes back column-major and symmetric, so its transpose is the row-major view
-        ginv = torch.cholesky_inverse(L.mT, upper=True).mT
-        return ginv, 2 * torch.log(L.diagonal()).sum(), info
+    with ``A⁻¹`` and ``S⁻¹`` from ``L₁`` and ``L₂`` (recursively): one triangular solve and two GEMMs
+    of half the size per split, most of the work at a GEMM's rate rather than ``potri``'s. ``T``
+    comes from the factor by a triangular solve, never from ``B`` and an explicit ``A⁻¹``: that
+    product (and ``S`` formed from it) loses ``cond(A)`` more digits (measured: 1e-3 relative error
+    at cond 1e10, against 7e-8 for ``potri`` and this split alike)."""
+    n = L.shape[-1]
+    if n <= INVERSE_LEAF:
+        # potri's result is symmetric (torch mirrors the triangle it writes): its transpose is the
+        # row-major view of the same values, what the folds read without a copy
+        return torch.cholesky_inverse(L).mT
     h = n // 2
-    a_inv, logdet_a, info_a = spd_inverse(g[:h, :h])
-    b = g[h:, :h]
-    t = b @ a_inv  # B A⁻¹
-    s_inv, logdet_s, info_s = spd_inverse(torch.addmm(g[h:, h:], t, b.mT, alpha=-1))  # S = C − T Bᵀ
-    out = g.new_empty(n, n)
+    l1, l21 = L[:h, :h], L[h:, :h]
+    a_inv, s_inv = inverse_from_cholesky(l1), inverse_from_cholesky(L[h:, h:])
+    t = torch.linalg.solve_triangular(l1, l21, upper=False, left=False)  # T L₁ = L₂₁
+    out = L.new_empty(n, n)
     lower = torch.mm(s_inv, t, out=out[h:, :h]).neg_()  # −S⁻¹T
     out[:h, h:] = lower.mT
     out[h:, h:] = s_inv
     torch.addmm(a_inv, t.mT, lower, alpha=-1, out=out[:h, :h])  # A⁻¹ + Tᵀ S⁻¹ T
-    return out, logdet_a + logdet_s, info_a + info_s
+    return out
 
 
 def _not_positive_definite(m: int) -> FloatingPointError:
@@ -409,11 +405,12 @@ class FewMissing:
         else:
             G = self._against_rows(self.Y)
             G = 0.5 * (G + G.mT)
-        ginv, logdet, info = spd_inverse(G)
+        L, info = torch.linalg.cholesky_ex(G)
         if int(info) != 0:
             raise _not_positive_definite(self.m)
-        self.G, self._ginv, self.logdet_g = G, ginv, logdet
-        self._L = self._ginv_box = None
+        self.G, self.L = G, L
+        self.logdet_g = 2 * torch.log(L.diagonal()).sum()
+        self._ginv = self._ginv_box = None
         self._contracted: dict = {}
 
     # ------------------------------------------------------------------ the rows and the box
@@ -432,19 +429,11 @@ class FewMissing:
 
     @property
     def ginv(self) -> Tensor:
-        """``G⁻¹``, ``(m, m)`` row-major (:func:`spd_inverse`, formed when ``G`` is)."""
+        """``G⁻¹``, ``(m, m)`` row-major (:func:`inverse_from_cholesky`; formed on first use: the
+        gradient needs it, the posterior's products only ``L``)."""
+        if self._ginv is None:
+            self._ginv = inverse_from_cholesky(self.L)
         return self._ginv
-
-    @property
-    def L(self) -> Tensor:
-        """``G``'s Cholesky factor (lower), formed on first use: only the posterior's products need it
-        (the likelihood and gradient take ``G⁻¹`` and ``log det G`` from :func:`spd_inverse`)."""
-        if self._L is None:
-            L, info = torch.linalg.cholesky_ex(self.G)
-            if int(info) != 0:
-                raise _not_positive_definite(self.m)
-            self._L = L
-        return self._L
 
     @property
     def ginv_box(self) -> Tensor:
