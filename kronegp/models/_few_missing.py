@@ -271,17 +271,6 @@ def _hankel_spread(terms: int, r: int, device, dtype) -> tuple[Tensor, Tensor]:
     return index.reshape(size, size), halves.reshape(1, r, 1, r).expand(terms + 1, r, terms + 1, r).reshape(size, size)
 
 
-def _sum_over_modes(w: Tensor, s: Tensor, pre: int, post: int) -> Tensor:
-    """``Σ_j w[:, j] s[j]`` for ``s`` of shape ``(pre, P, post)`` (``j`` row-major over ``(pre, post)``):
-    ``(t, P)``, one (batched) GEMM on views."""
-    t, pairs = w.shape[0], s.shape[1]
-    if pre == 1:
-        return w @ s.reshape(pairs, post).mT
-    if post == 1:
-        return w @ s.reshape(pre, pairs)
-    return torch.bmm(w.reshape(t, pre, post).transpose(0, 1), s.mT).sum(0)
-
-
 def series_plan(scaled: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[tuple[float, int]]:
     """``(ρ, K)`` for :meth:`FewMissing._axis_grad`'s series, or ``None`` (every mode summed directly):
     of :data:`TAYLOR_RATIOS`, the one whose series over the modes with ``scaled = max(u)·L_j ≤ ρ``
@@ -521,15 +510,16 @@ class FewMissing:
             small = scaled <= ratio  # L̃_j ≤ ρ
             few = int(small.sum())
         m_i = None
+        # S_j as rows (J, pairs), j row-major over (pre, post): one copy (none when i is the last axis);
+        # the series' sums over j and the direct modes' gather are then one GEMM and one row gather
+        s_rows = s.permute(0, 2, 1).reshape(-1, pairs)
         if few < weight.numel():  # the modes summed directly
+            pj = self.p.view(pre, ni, post).permute(0, 2, 1).reshape(-1, ni)  # p_j as rows
             if few == 0:
-                sj = s.permute(0, 2, 1).reshape(-1, pairs)
-                pj = self.p.view(pre, ni, post).permute(0, 2, 1).reshape(-1, ni)
-                wj = weight
+                sj, wj = s_rows, weight
             else:
                 big = torch.nonzero(~small).reshape(-1)
-                jp, jq = torch.div(big, post, rounding_mode="floor"), big % post
-                sj, pj, wj = s[jp, :, jq], self.p.view(pre, ni, post)[jp, :, jq], weight[big]
+                sj, pj, wj = s_rows.index_select(0, big), pj.index_select(0, big), weight[big]
             index, half = _spread_halved(bi, a.device, a.dtype)
             # S_j (A_i ∘ p_j) = (S_j A_i) ∘ p_j: one GEMM over the stacked S_j (a batch of b_i × b_i
             # products ran 3–5× slower), then M_i = Σ_j (A_i ∘ w_j p_j)ᵀ (S_j A_i ∘ p_j), one GEMM over (j, c)
@@ -538,7 +528,7 @@ class FewMissing:
             m_i = left.reshape(-1, ni).mT @ v.reshape(-1, ni)
         if few:  # the series, zero weight on the modes summed directly
             w = _powers(scaled, 2 * terms, weight * small)  # L_j L̃_j^q, (2K+1, J)
-            t = _sum_over_modes(w, s, pre, post)  # T_q folded, (2K+1, pairs)
+            t = w @ s_rows  # T_q folded, (2K+1, pairs)
             index, half = _hankel_spread(terms, bi, a.device, a.dtype)
             h = t.reshape(-1)[index] * half  # ((K+1)·b_i, (K+1)·b_i): the block Hankel of the T_{k+l}
             ut = u / u_max if u_max > 0 else torch.zeros_like(u)
