@@ -57,7 +57,7 @@ def test_exact_missing_names_an_indefinite_g(monkeypatch):
     v[1:3, 1:3, 1:3] = float("nan")
     gp = GridGP(v, axes, path="exact-missing")
     real = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda g: (real(g)[0], torch.tensor(3, dtype=torch.int32)))
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda g, **kw: (real(g)[0], torch.tensor(3, dtype=torch.int32)))
     with pytest.raises(FloatingPointError, match=r"G = X_MM over the 8 missing cells is not positive definite.*float64 or path='cg'"):
         gp.log_marginal_likelihood()
 

@@ -65,6 +65,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -207,12 +210,17 @@ class BoxPairs:
         out = w.new_zeros(math.prod(self.pairs))
         return out.scatter_add_(0, self.spread.reshape(-1), w.reshape(-1)).reshape(self.pairs)
 
-    def unfold(self, vec: Tensor) -> Tensor:
-        """``vec`` over the pairs (``(ΠP_k, t)``) spread to ``(t, R, R)``."""
+    def unfold(self, vec: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``vec`` over the pairs (``(ΠP_k, t)``) spread to ``(t, R, R)`` (into ``out`` if given,
+        contiguous)."""
         r, t = self.spread.shape[0], vec.shape[-1]
         if t == 1:  # a 1-D gather: 4× faster than index_select's rows of one element (measured)
+            if out is not None:
+                torch.index_select(vec.reshape(-1), 0, self.spread.reshape(-1), out=out.view(-1))
+                return out
             return vec.reshape(-1).index_select(0, self.spread.reshape(-1)).reshape(1, r, r)
-        return vec.index_select(0, self.spread.reshape(-1)).mT.reshape(t, r, r)  # (R², t) gathered
+        full = vec.index_select(0, self.spread.reshape(-1)).mT.reshape(t, r, r)  # (R², t) gathered
+        return full if out is None else out.copy_(full)
 
 
 #: Boxes whose maps are kept between calls (a training step builds the same box each time).
@@ -231,13 +239,14 @@ def box_pairs(sizes, device) -> BoxPairs:
     return BoxPairs(sizes, device)
 
 
-def khatri_gram(khatri: list[Tensor], sizes: list[int], w: Tensor) -> Tensor:
+def khatri_gram(khatri: list[Tensor], sizes: list[int], w: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``A diag(w_s) Aᵀ`` (``(t, R, R)``) for ``A = ⊗A_k`` (``A_k`` of shape ``(r_k, n_k)``, ``R = Πr_k``)
     and weights ``w`` (``(Πn_k, t)``), given ``khatri[k] = khatri_square(A_k)`` and ``sizes = [r_k]``:
     one Kronecker matmul of ``t`` columns over the pairs ``c_k ≤ c_k'`` of every axis (the gram is
-    symmetric in each axis's pair on its own), spread to ``(c_k, c_k')`` after (module docstring)."""
+    symmetric in each axis's pair on its own), spread to ``(c_k, c_k')`` after (module docstring),
+    into ``out`` if given (contiguous ``(t, R, R)``)."""
     vec = kron_matmul(khatri, w)  # (ΠP_k, t)
-    return box_pairs(sizes, w.device).unfold(vec)
+    return box_pairs(sizes, w.device).unfold(vec, out=out)
 
 
 def _powers(x: Tensor, top: int, first: Optional[Tensor] = None) -> Tensor:
@@ -295,34 +304,83 @@ def series_plan(scaled: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[
 INVERSE_LEAF = 160
 
 
-def inverse_from_cholesky(L: Tensor) -> Tensor:
-    """``G⁻¹ = (LLᵀ)⁻¹`` from the lower Cholesky factor ``L`` (``(m, m)``), row-major and symmetric.
+def inverse_from_cholesky(L: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``G⁻¹ = (LLᵀ)⁻¹`` from the lower Cholesky factor ``L`` (``(m, m)``), symmetric, written to
+    ``out`` (``(m, m)``, any strides; a new row-major tensor if ``None``) and returned.
 
     Up to :data:`INVERSE_LEAF` rows, LAPACK's ``potri``. A larger ``L = [[L₁, 0], [L₂₁, L₂]]`` is
     ``G = [[A, Bᵀ], [B, C]]`` with ``A = L₁L₁ᵀ`` and Schur complement ``S = C − BA⁻¹Bᵀ = L₂L₂ᵀ``, so::
 
         T = BA⁻¹ = L₂₁L₁⁻¹,   G⁻¹ = [[A⁻¹ + Tᵀ S⁻¹ T, −(S⁻¹T)ᵀ], [−S⁻¹ T, S⁻¹]]
 
-    with ``A⁻¹`` and ``S⁻¹`` from ``L₁`` and ``L₂`` (recursively): one triangular solve and two GEMMs
-    of half the size per split, most of the work at a GEMM's rate rather than ``potri``'s. ``T``
-    comes from the factor by a triangular solve, never from ``B`` and an explicit ``A⁻¹``: that
-    product (and ``S`` formed from it) loses ``cond(A)`` more digits (measured: 1e-3 relative error
-    at cond 1e10, against 7e-8 for ``potri`` and this split alike)."""
+    with ``A⁻¹`` and ``S⁻¹`` from ``L₁`` and ``L₂`` (recursively, into ``out``'s diagonal blocks, then
+    updated in place): one triangular solve and two GEMMs of half the size per split, most of the
+    work at a GEMM's rate rather than ``potri``'s. ``T`` comes from the factor by a triangular solve,
+    never from ``B`` and an explicit ``A⁻¹``: that product (and ``S`` formed from it) loses
+    ``cond(A)`` more digits (measured: 1e-3 relative error at cond 1e10, against 7e-8 for ``potri``
+    and this split alike)."""
     n = L.shape[-1]
+    if out is None:
+        out = L.new_empty(n, n)
     if n <= INVERSE_LEAF:
-        # potri's result is symmetric (torch mirrors the triangle it writes): its transpose is the
-        # row-major view of the same values, what the folds read without a copy
-        return torch.cholesky_inverse(L).mT
+        # potri's result is symmetric (torch mirrors the triangle it writes)
+        return out.copy_(torch.cholesky_inverse(L).mT)
     h = n // 2
-    l1, l21 = L[:h, :h], L[h:, :h]
-    a_inv, s_inv = inverse_from_cholesky(l1), inverse_from_cholesky(L[h:, h:])
-    t = torch.linalg.solve_triangular(l1, l21, upper=False, left=False)  # T L₁ = L₂₁
-    out = L.new_empty(n, n)
+    l1 = L[:h, :h]
+    a_inv = inverse_from_cholesky(l1, out[:h, :h])
+    s_inv = inverse_from_cholesky(L[h:, h:], out[h:, h:])
+    t = torch.linalg.solve_triangular(l1, L[h:, :h], upper=False, left=False)  # T L₁ = L₂₁
     lower = torch.mm(s_inv, t, out=out[h:, :h]).neg_()  # −S⁻¹T
+    a_inv.addmm_(t.mT, lower, alpha=-1)  # A⁻¹ + Tᵀ S⁻¹ T
     out[:h, h:] = lower.mT
-    out[h:, h:] = s_inv
-    torch.addmm(a_inv, t.mT, lower, alpha=-1, out=out[:h, :h])  # A⁻¹ + Tᵀ S⁻¹ T
     return out
+
+
+class _SquarePool:
+    """``(m, m)`` buffers of a CPU reused by the :class:`FewMissing` of consecutive training steps.
+
+    Why: a step on a CPU allocates ``G``, its factor and its inverse afresh (``8m²`` bytes each,
+    2.6 MB at m = 576); glibc hands such blocks back to the system when they are freed, and the
+    next step's first touch of them page-faults. Measured on the air corner (20 × 25 × 49, m = 576,
+    one thread, 2026-12-07): ~3000 page faults and 4.4 ms of system time per step, none with
+    ``MALLOC_TRIM_THRESHOLD_`` raised. A :class:`FewMissing` takes its buffers here and returns
+    them when it is collected (``weakref.finalize``); a returned buffer is handed out again only
+    while the pool's reference is the only one (a caller who kept ``fm.G`` keeps it to itself), so
+    a step whose previous one is still alive (two graphs at once) allocates its own. Views of them
+    are not counted: nothing in kronegp keeps one past its :class:`FewMissing`. At most
+    :data:`POOL_KEEP` buffers of each shape and dtype are kept (for m ≤ 1024 in float64, ≤ 24 MB).
+    CUDA's caching allocator already reuses device memory, so devices other than the CPU skip this."""
+
+    def __init__(self):
+        self._free: dict = {}
+        self._lock = threading.Lock()
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device, column_major: bool = False) -> Tensor:
+        """An ``(n, n)`` buffer (uninitialised; column-major if asked, for LAPACK to write in place)."""
+        if device.type == "cpu":
+            with self._lock:
+                free = self._free.get((n, dtype, column_major), [])
+                for i, buf in enumerate(free):
+                    # references: the list's, this loop's, getrefcount's argument; more: held elsewhere
+                    if sys.getrefcount(buf) <= 3:
+                        return free.pop(i)
+                free[:] = [buf for buf in free if sys.getrefcount(buf) <= 3]  # drop what others kept
+        buf = torch.empty(n, n, dtype=dtype, device=device)
+        return buf.mT if column_major else buf
+
+    def give_back(self, bufs: list) -> None:
+        """Return buffers (called when their :class:`FewMissing` is collected)."""
+        with self._lock:
+            for buf in bufs:
+                free = self._free.setdefault((buf.shape[-1], buf.dtype, buf.stride(0) == 1), [])
+                if len(free) < POOL_KEEP and all(b is not buf for b in free):
+                    free.append(buf)
+            bufs.clear()
+
+
+#: Buffers :class:`_SquarePool` keeps per shape and dtype (G, L and G⁻¹ of one step).
+POOL_KEEP = 3
+_POOL = _SquarePool()
 
 
 def _not_positive_definite(m: int) -> FloatingPointError:
@@ -386,15 +444,22 @@ class FewMissing:
         self.boxed = box_pays(self.box, self.m, eig.size)
         self._U = None
         self._fills = hole.fills
+        # G, L and G⁻¹ in buffers reused between steps on a CPU (_SquarePool: page faults otherwise)
+        m, dtype, device = self.m, self.p.dtype, self.p.device
+        self._buffers: list = []
+        weakref.finalize(self, _POOL.give_back, self._buffers)
         if self.boxed:
             self._khatri = [khatri_square(a) for a in self._box_factors]
-            G = self.box_gram(self.p.unsqueeze(-1))[0]  # symmetric exactly (one value per folded pair)
-            if not self._fills:
-                G = G[self._pos][:, self._pos]
+            if self._fills:  # symmetric exactly (one value per folded pair)
+                G = self._buffers_take(m)
+                khatri_gram(self._khatri, self._box_sizes, self.p.unsqueeze(-1), out=G.unsqueeze(0))
+            else:
+                G = self.box_gram(self.p.unsqueeze(-1))[0][self._pos][:, self._pos]
         else:
             G = self._against_rows(self.Y)
             G = 0.5 * (G + G.mT)
-        L, info = torch.linalg.cholesky_ex(G)
+        L, info = torch.linalg.cholesky_ex(G, out=(self._buffers_take(m, column_major=True),
+                                                   torch.empty((), dtype=torch.int32, device=device)))
         if int(info) != 0:
             raise _not_positive_definite(self.m)
         self.G, self.L = G, L
@@ -416,12 +481,18 @@ class FewMissing:
         """``(Qᵀ X E_M)ᵀ = U diag(p)``, ``(m, N)``."""
         return self.U * self.p
 
+    def _buffers_take(self, n: int, column_major: bool = False) -> Tensor:
+        """An ``(n, n)`` buffer from the pool, returned to it when this object is collected."""
+        buf = _POOL.take(n, self.p.dtype, self.p.device, column_major)
+        self._buffers.append(buf)
+        return buf
+
     @property
     def ginv(self) -> Tensor:
         """``G⁻¹``, ``(m, m)`` row-major (:func:`inverse_from_cholesky`; formed on first use: the
         gradient needs it, the posterior's products only ``L``)."""
         if self._ginv is None:
-            self._ginv = inverse_from_cholesky(self.L)
+            self._ginv = inverse_from_cholesky(self.L, out=self._buffers_take(self.m))
         return self._ginv
 
     @property
