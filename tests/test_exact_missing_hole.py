@@ -144,3 +144,39 @@ def test_hankel_spread_builds_the_block_hankel_of_the_spread_sums(terms, r):
                     value = t[k + l, pair[(min(c, d), max(c, d))]]
                     ref[k * r + c, l * r + d] = value if c == d else 0.5 * value
     assert rel_err(h, ref) <= 1e-15
+
+
+def _system(gp):
+    factors = [f.detach() for f in gp._factors()]
+    return FewMissing(KronEigen(factors), gp.outputscale.detach(), gp.noise.detach(), ~gp.observed)
+
+
+def test_square_pool_reuses_buffers_only_when_free():
+    """A step's G, L and G⁻¹ reuse the previous step's buffers once it is collected; never a buffer
+    that is still held (a live FewMissing, or a tensor a caller kept), and the results stay exact."""
+    import gc
+
+    gp = _holed(HOLES["corner"])
+    gc.collect()
+    few_missing._POOL._free.clear()  # other tests' buffers of this size
+    first = _system(gp)
+    first.ginv  # noqa: B018 (formed on first use)
+    ptrs = {first.G.data_ptr(), first.L.data_ptr(), first.ginv.data_ptr()}
+    second = _system(gp)  # the first is alive: buffers of its own
+    second.ginv  # noqa: B018
+    assert not ptrs & {second.G.data_ptr(), second.L.data_ptr(), second.ginv.data_ptr()}
+    ref_ginv = second.ginv.clone()
+    del first
+    gc.collect()
+    third = _system(gp)  # the first's buffers, free now
+    assert {third.G.data_ptr(), third.L.data_ptr(), third.ginv.data_ptr()} == ptrs
+    assert rel_err(third.ginv, ref_ginv) <= 1e-14 and rel_err(second.ginv, ref_ginv) == 0.0
+    kept = third.G  # a caller keeps one: it stays the caller's
+    kept_values = kept.clone()
+    del third, second
+    gc.collect()
+    fourth = _system(gp)
+    fourth.ginv  # noqa: B018
+    assert fourth.G.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, kept_values)
+    assert rel_err(fourth.ginv @ fourth.G, torch.eye(fourth.m, dtype=fourth.G.dtype)) <= 1e-12

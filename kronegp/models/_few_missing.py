@@ -357,14 +357,14 @@ class _SquarePool:
 
     def take(self, n: int, dtype: torch.dtype, device: torch.device, column_major: bool = False) -> Tensor:
         """An ``(n, n)`` buffer (uninitialised; column-major if asked, for LAPACK to write in place)."""
+        column_major = column_major and n > 1  # one element: both layouts at once
         if device.type == "cpu":
             with self._lock:
                 free = self._free.get((n, dtype, column_major), [])
-                for i, buf in enumerate(free):
-                    # references: the list's, this loop's, getrefcount's argument; more: held elsewhere
-                    if sys.getrefcount(buf) <= 3:
+                for i in range(len(free)):
+                    # two references, the list's and getrefcount's argument; more: someone kept it
+                    if sys.getrefcount(free[i]) <= 2:
                         return free.pop(i)
-                free[:] = [buf for buf in free if sys.getrefcount(buf) <= 3]  # drop what others kept
         buf = torch.empty(n, n, dtype=dtype, device=device)
         return buf.mT if column_major else buf
 
@@ -372,9 +372,10 @@ class _SquarePool:
         """Return buffers (called when their :class:`FewMissing` is collected)."""
         with self._lock:
             for buf in bufs:
-                free = self._free.setdefault((buf.shape[-1], buf.dtype, buf.stride(0) == 1), [])
-                if len(free) < POOL_KEEP and all(b is not buf for b in free):
+                free = self._free.setdefault((buf.shape[-1], buf.dtype, buf.stride(0) == 1 and buf.shape[-1] > 1), [])
+                if all(b is not buf for b in free):
                     free.append(buf)
+                del free[:-POOL_KEEP]  # the newest (a buffer someone kept stays at the front)
             bufs.clear()
 
 
