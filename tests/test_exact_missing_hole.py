@@ -180,3 +180,18 @@ def test_square_pool_reuses_buffers_only_when_free():
     assert fourth.G.data_ptr() != kept.data_ptr()
     assert torch.equal(kept, kept_values)
     assert rel_err(fourth.ginv @ fourth.G, torch.eye(fourth.m, dtype=fourth.G.dtype)) <= 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_inverse_from_cholesky_on_cuda(dtype, monkeypatch):
+    """The split on a GPU (triangular solves and GEMMs of cuBLAS/cuSOLVER) against the exact inverse;
+    the CPU buffer pool keeps no device memory."""
+    monkeypatch.setattr(few_missing, "INVERSE_LEAF", 16)
+    g, exact = spd(101, 1e3, seed=2)
+    L = torch.linalg.cholesky(g.to(dtype).cuda())
+    inv = inverse_from_cholesky(L)
+    assert inv.is_cuda and inv.dtype == dtype
+    assert rel_err(inv.cpu(), exact) <= (1e-12 if dtype == torch.float64 else 5e-4)
+    few_missing._POOL.give_back([torch.empty(4, 4, device="cuda")])
+    assert all(b.device.type == "cpu" for free in few_missing._POOL._free.values() for b in free)

@@ -378,6 +378,8 @@ class _SquarePool:
         """Return buffers (called when their :class:`FewMissing` is collected)."""
         with self._lock:
             for buf in bufs:
+                if buf.device.type != "cpu":  # take() hands out fresh device memory: nothing to keep
+                    continue
                 free = self._free.setdefault((buf.shape[-1], buf.dtype, buf.stride(0) == 1 and buf.shape[-1] > 1), [])
                 if all(b is not buf for b in free):
                     free.append(buf)
