@@ -354,7 +354,7 @@ class _SquarePool:
     while the pool's reference is the only one (a caller who kept ``fm.G`` keeps it to itself), so
     a step whose previous one is still alive (two graphs at once) allocates its own. Views of them
     are not counted: nothing in kronegp keeps one past its :class:`FewMissing`. At most
-    :data:`POOL_KEEP` buffers of each shape and dtype are kept (for m ≤ 1024 in float64, ≤ 24 MB).
+    :data:`POOL_KEEP` buffers of each of :data:`POOL_SHAPES` shapes are kept.
     CUDA's caching allocator already reuses device memory, so devices other than the CPU skip this."""
 
     def __init__(self):
@@ -380,15 +380,22 @@ class _SquarePool:
             for buf in bufs:
                 if buf.device.type != "cpu":  # take() hands out fresh device memory: nothing to keep
                     continue
-                free = self._free.setdefault((buf.shape[-1], buf.dtype, buf.stride(0) == 1 and buf.shape[-1] > 1), [])
+                key = (buf.shape[-1], buf.dtype, buf.stride(0) == 1 and buf.shape[-1] > 1)
+                free = self._free.pop(key, [])
+                self._free[key] = free  # the most recent shape last
+                while len(self._free) > POOL_SHAPES:
+                    del self._free[next(iter(self._free))]
                 if all(b is not buf for b in free):
                     free.append(buf)
                 del free[:-POOL_KEEP]  # the newest (a buffer someone kept stays at the front)
             bufs.clear()
 
 
-#: Buffers :class:`_SquarePool` keeps per shape and dtype (G, L and G⁻¹ of one step).
-POOL_KEEP = 3
+#: Buffers :class:`_SquarePool` keeps per shape, dtype and layout (row-major: G and G⁻¹ of one
+#: step; column-major: L), and the (shape, dtype, layout) it keeps at once (the latest used):
+#: at most 8 buffers, 67 MB for m = 1024 in float64, 21 MB for the air corner's m = 576.
+POOL_KEEP = 2
+POOL_SHAPES = 4
 _POOL = _SquarePool()
 
 
