@@ -46,6 +46,7 @@ from kronegp.models import memory
 from kronegp.models._data import check_kernels, check_settings, standardised
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._points import check_points, point_chunks
+from kronegp.models._two_level import FrozenTwoLevel
 from kronegp.models.layout import LocalLayout
 from kronegp.models.paths import InferencePath, choose_path
 from kronegp.solvers.report import one_warning
@@ -79,6 +80,11 @@ class SolveInfo:
         lml_std_error: the standard error of the likelihood's stochastic log-determinant term,
             from the spread of its probes' estimates (nats, model units; cg path with per-cell
             noise), else ``None``.
+        preconditioner_reused: on the cg path with a two-level preconditioner of the missing cells
+            (holes, clouds: :mod:`kronegp.models._two_level`), ``True`` where the step reused the one
+            the model keeps from an earlier step, ``False`` where it was built or rebuilt for this step
+            (the first step, hyperparameters moved past ``REFRESH_DRIFT``, CG iterations grown:
+            :class:`~kronegp.models._two_level.FrozenTwoLevel`); ``None`` where none applies (Jacobi).
     """
 
     path: str
@@ -90,6 +96,7 @@ class SolveInfo:
     probes: int
     estimate: bool = False
     lml_std_error: Optional[float] = None
+    preconditioner_reused: Optional[bool] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -105,6 +112,7 @@ class SolveInfo:
             probes=extra.get("probes", 0),
             estimate=bool(extra.get("estimate", False)),
             lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
+            preconditioner_reused=None if extra.get("two_level_reused") is None else bool(extra["two_level_reused"]),
         )
 
 def _warns_once(where: str):
@@ -248,6 +256,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.history: list[float] = []
         self._graphed = None  # the CUDA graph of the training step (``loss_backward``)
         self._graph_failed: Optional[str] = None  # why recording it failed, once it has
+        #: the cg path's two-level preconditioner of the missing cells, kept across steps until the
+        #: hyperparameters drift (:class:`~kronegp.models._two_level.FrozenTwoLevel`)
+        self._two_level = FrozenTwoLevel()
 
         values_t = data.values.reshape(-1)
         observed = data.mask.reshape(-1) if data.mask is not None else None
