@@ -667,6 +667,8 @@ class FrozenTwoLevel:
         self.iterations: Optional[int] = None
         #: why it must be rebuilt at the next chance (its iterations grew), or ``None``
         self.stale: Optional[str] = None
+        #: whether the last step that could build (not a fixed schedule's) built it
+        self.rebuilt = False
         #: counts the builds that gave new tensors (what a CUDA graph's recording checks it still holds)
         self.version = getattr(self, "version", 0) + 1
 
@@ -746,6 +748,7 @@ class FrozenTwoLevel:
                 raise RuntimeError("FrozenTwoLevel: a fixed CG schedule's step does not find the preconditioner its "
                                    "recording pass used (it was rebuilt or dropped in between)")
             drift = self.drift(factors, outputscale, level) if self.pre is not None else None
+            rebuilt = self.rebuilt  # the recording pass's (a replay's report comes from between_replays)
         else:
             drift = float(self.drift(factors, outputscale, level)) if holds else None
             if not holds or self.needs_refresh(drift) is not None:
@@ -753,6 +756,7 @@ class FrozenTwoLevel:
                 rebuilt, drift = True, 0.0
             if schedule is not None:
                 schedule.note_plan("two_level", self.version)
+            self.rebuilt = rebuilt
         if self.pre is None:
             return None
         report["two_level_reused"] = not rebuilt
