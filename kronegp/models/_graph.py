@@ -2,7 +2,7 @@
 
 On a 128³ grid an evaluation launches ~350 kernels, and the host needs ~35 µs to issue each
 (Python, autograd, cuBLAS): the step takes about twice its GPU time. Recorded once as a CUDA
-graph, it is replayed in one launch. Four things stand in the way of recording, and are
+graph, it is replayed in one launch. Five things stand in the way of recording, and are
 handled here and in the solvers:
 
 * **CG stops when it has converged**, which is read on the host. Under a fixed

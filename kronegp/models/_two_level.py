@@ -635,7 +635,7 @@ class FrozenTwoLevel:
     it costs iterations as it drifts from ``G``.
 
     **What is kept.** The :class:`TwoLevel` (its ``J``, bases, ``L``, ``U``, ``f``, ``s``), the kernel
-    factors ``K_k⁰`` and ``log(s²/σ²)⁰`` it was built at, ``log J⁰`` and the mask, grid size, dtype,
+    factors ``K_k⁰`` and ``log(s²/σ²)⁰`` it was built at, ``Σ_M log J⁰`` and the mask, grid size, dtype,
     device and piece rules it belongs to (any change of those: a new one). Each step applies ``κM``
     with ``log κ = mean_M(log J⁰ − log J)`` (:meth:`TwoLevel.scaled`, on the device): a scale leaves
     CG unchanged but keeps the Jacobi part on the current ``diag(G)``, so the probes' log-spectrum
@@ -661,7 +661,7 @@ class FrozenTwoLevel:
         self.observed: Optional[Tensor] = None
         self.factors: Optional[list[Tensor]] = None
         self.log_ratio: Optional[Tensor] = None
-        self.log_j: Optional[Tensor] = None
+        self.log_j: Optional[Tensor] = None  # Σ log J⁰ over the missing cells (0-dim: no grid vector kept)
         self.missing = 0
         #: the missing cells' CG iterations at the first step this preconditioner served
         self.iterations: Optional[int] = None
@@ -727,7 +727,7 @@ class FrozenTwoLevel:
         self._forget()
         self.pre, self.observed, self.key = pre, observed, self._key(observed, g_diag)
         self.factors = [f.detach().clone() for f in factors]
-        self.log_j = torch.log(pre.g_diag if pre is not None else g_diag)
+        self.log_j = torch.log(pre.g_diag if pre is not None else g_diag).sum()
         self.log_ratio = self._log_ratio(outputscale, level).detach().clone()
         self.missing = max(1, observed.numel() - int(observed.sum()))
         self.builds += 1
@@ -752,6 +752,7 @@ class FrozenTwoLevel:
         else:
             drift = float(self.drift(factors, outputscale, level)) if holds else None
             if not holds or self.needs_refresh(drift) is not None:
+                self.pre = None  # the old one's tensors go before the new one is built
                 self._keep(build(), observed, g_diag, factors, outputscale, level)
                 rebuilt, drift = True, 0.0
             if schedule is not None:
@@ -764,8 +765,8 @@ class FrozenTwoLevel:
         return self.pre.scaled(self.scale(g_diag))
 
     def scale(self, g_diag: Tensor) -> Tensor:
-        """``log κ = mean_M(log J⁰ − log J)`` (0-dim, on the device; both are 0 at observed cells)."""
-        return (self.log_j - torch.log(g_diag)).sum() / self.missing
+        """``log κ = mean_M(log J⁰ − log J)`` (0-dim, on the device; ``log J`` is 0 at observed cells)."""
+        return (self.log_j - torch.log(g_diag).sum()) / self.missing
 
     def refresh(self, build, observed: Tensor, g_diag: Tensor, factors: list[Tensor], outputscale, level) -> bool:
         """Rebuild now (between two CUDA-graph replays): ``build(like)`` (:func:`two_level`'s ``like``, to
@@ -776,7 +777,7 @@ class FrozenTwoLevel:
             for a, b in zip(self.factors, factors):
                 a.copy_(b.detach())
             self.log_ratio.copy_(self._log_ratio(outputscale, level))
-            self.log_j.copy_(torch.log(self.pre.g_diag))
+            self.log_j.copy_(torch.log(self.pre.g_diag).sum())
             self.iterations = self.stale = None
             self.builds += 1
             self.refreshes += 1
@@ -788,7 +789,8 @@ class FrozenTwoLevel:
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
-    ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
+    ``|S_i| × |S_i|`` matrices kept (between steps too: :class:`FrozenTwoLevel`; the old one is dropped
+    before a new one is built) and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
     fills) or the ``|S_i|`` box rows and eigen-coordinates of :func:`truncated_galerkin` (one that it
     does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the

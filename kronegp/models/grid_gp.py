@@ -352,7 +352,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 eagerly, as does a step whose CG runs need more than
                 :data:`kronegp.models._graph.MAX_RECORDED_ITERATIONS` iterations; if recording fails
                 (e.g. a user kernel or mean that synchronises), it warns once with the reason
-                and runs eagerly. ``True``: raise instead, for every reason above but the
+                and runs eagerly. Holes and clouds keep their two-level preconditioner in the
+                graph (the model's frozen one, refreshed between replays when the hyperparameters
+                drift: :mod:`kronegp.models._graph`). ``True``: raise instead, for every reason above but the
                 iteration limit (such a step still runs eagerly); ``False``: eagerly.
                 A recorded graph keeps one evaluation's intermediate tensors allocated between
                 calls.
