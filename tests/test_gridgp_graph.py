@@ -513,3 +513,15 @@ def test_a_graph_refreshes_a_drifted_preconditioner_between_replays(graph_device
     assert graphed._graphed.recordings == recordings + 1 and frozen.refreshes == 1
     assert graphed.last_solve.preconditioner_reused is True  # built between the replays, reused by the recording
     _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
+    # an eager step between two replays that rebuilds it (new tensors, the graph reads the old ones)
+    graphed.loss_backward(cuda_graph=True)
+    recordings = graphed._graphed.recordings
+    for m in (graphed, eager):
+        with torch.no_grad():
+            for k in m.kernels:
+                k.lengthscale = k.lengthscale * 1.2
+    graphed.loss_backward(cuda_graph=False)
+    assert graphed.last_solve.preconditioner_reused is False
+    loss_g = graphed.loss_backward(cuda_graph=True)
+    assert graphed._graphed.recordings == recordings + 1
+    _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))

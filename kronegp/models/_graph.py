@@ -51,8 +51,9 @@ preconditioner, a hard system) is run eagerly instead of recorded.
 
 The graph is recorded again whenever anything it baked in changes: a parameter or buffer
 replaced (``.to()``, ``load_state_dict`` with other tensors), ``requires_grad`` switched, a
-setting of the model changed (probes, CG tolerance, ...), or a refreshed two-level preconditioner
-of other shapes. Its memory pool keeps one
+setting of the model changed (probes, CG tolerance, ...), or the two-level preconditioner given
+new tensors (a refresh of other shapes, or an eager step or prediction between two replays that
+rebuilt it: :meth:`InferencePath.graph_state <kronegp.models.paths.InferencePath.graph_state>`). Its memory pool keeps one
 evaluation's intermediate tensors allocated between steps.
 """
 
@@ -181,7 +182,7 @@ class GraphedLoss:
         tensors += [(b.data_ptr(), tuple(b.shape), b.dtype) for b in m.buffers()]
         settings = (m.num_probes, m.cg_tol, m.cg_max_iters, m.precondition, m.exact_trace_limit,
                     m.resample_probes, m.seed, m.path, self.margin)
-        return tuple(tensors), settings
+        return tuple(tensors), settings, m.inference.graph_state(m)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -275,6 +276,8 @@ class GraphedLoss:
         # alive even if the eigendecomposition cache is cleared.
         self._keep = jacobi_start_buffers()
         self.graph, self.recordings = graph, self.recordings + 1
+        # what the recording read as it is now (its eager pass may have rebuilt a frozen preconditioner)
+        self._signature = self._current_signature()
         self._loss, self._grads, self._check = loss, [p.grad for p in params], check
         self._limits = [min(c, m.cg_max_iters) for c in counts]  # what each run does per replay
         self._checks, self._report = schedule.checks, report

@@ -137,6 +137,11 @@ class InferencePath:
         """Why this path's training step cannot be recorded as a CUDA graph, or ``None``."""
         return None
 
+    def graph_state(self, gp):
+        """What a recorded training step reads besides the model's parameters and buffers and was built
+        outside it (hashable; ``None``: nothing): where it changes, the graph is recorded again."""
+        return None
+
     def between_replays(self, gp) -> tuple[bool, dict]:
         """Between two replays of the recorded training step (:mod:`kronegp.models._graph`): refresh,
         eagerly, what the step keeps frozen across steps. Returns whether the graph must be recorded
@@ -401,6 +406,11 @@ class CGPath(InferencePath):
             # a graph keeps its probes as inputs: all of them, where the runs hold one run's
             return "the memory plan splits the probes into several CG runs (a graph would hold them all)"
         return None
+
+    def graph_state(self, gp):
+        """The version of the model's frozen two-level preconditioner: an eager step or a prediction
+        between two replays that rebuilt it gave it new tensors (the graph reads the old ones)."""
+        return gp._two_level.version
 
     def between_replays(self, gp) -> tuple[bool, dict]:
         """The missing cells' two-level preconditioner (:class:`~kronegp.models._two_level.FrozenTwoLevel`):
