@@ -49,7 +49,24 @@ the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the i
 (:func:`cached_pieces`); a step's setup reads the device once for ``s²/σ²``, once per piece for its
 box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check
 (``benchmarks/holeops.py``: a 64³ hole's setup 17 → 3 host reads, 201 → 129 ops; the apply 11 ops
-and two products per batch).
+and two products per batch). That setup runs only when the model's kept preconditioner must be
+rebuilt (below); a step that reuses it reads the device once, for its drift.
+
+**Frozen across steps** (:class:`FrozenTwoLevel`). A model keeps its preconditioner, with the
+hyperparameters it was built at, and reuses it until they drift past :data:`REFRESH_DRIFT` or CG
+slows past :data:`REFRESH_ITERATIONS`: any fixed SPD ``M`` keeps CG, the SLQ estimate (its
+``log det P`` and probes from the same ``M``) and the gradient's trace estimate exact, and nothing
+differentiates through it, so a stale one costs iterations, never accuracy. Each step applies ``κM``
+(:meth:`TwoLevel.scaled`) with ``κ`` keeping the Jacobi part on the current ``diag(G)``. A CUDA graph's
+step reads its tensors as static buffers (before, it fell back to Jacobi: a 128³ float32 fit with a
+5 % hole hit CG's 1000-iteration cap on an H100), and a stale one is refreshed into them between
+replays (:func:`two_level`'s ``like`` keeps the shapes). Measured (2-core CPU, loaded, one thread,
+2026-12-07, ``benchmarks/gaps.py --holes --hole-fit``, 48³, steady-state step / rebuilt step / as
+many scattered cells): 1 / 5 / 10 % holes 1.79 / 1.84, 1.95 / 1.92, 2.03 / 2.10 s against 0.95 /
+0.90 / 0.65 s (the setup is small beside a CPU step: 38–322 modes); ``clouds-20`` 6.06 / 7.93 s
+(Jacobi 5.46 s, scatter 0.63 s). Fits from the initial hyperparameters rebuilt it at 3 of 8 Adam
+evaluations and 5–6 of 12 L-BFGS ones (the first line search's long steps; none after), the reused
+steps taking 0–2 iterations more for holes (9–11), 5–6 more for clouds (23 against 17).
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
@@ -468,7 +485,10 @@ class TwoLevel:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
         out = rows * self.j_inv
         for pb in self.batches:
-            pb.add_w(torch.cholesky_solve(pb.wt(rows), pb.L), out)
+            # E⁻¹ = L⁻ᵀ L⁻¹ by two triangular solves (cuBLAS trsm): CUDA's batched cholesky_solve may take
+            # MAGMA's path, which reads its status on the host, and a CUDA graph's step cannot
+            c = torch.linalg.solve_triangular(pb.L, pb.wt(rows), upper=False)
+            pb.add_w(torch.linalg.solve_triangular(pb.L.mT, c, upper=True), out)
         return out if self.log_scale is None else out.mul_(torch.exp(self.log_scale))
 
     def sample(self, xi: Tensor) -> Tensor:
