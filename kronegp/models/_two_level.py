@@ -485,8 +485,9 @@ class TwoLevel:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
         out = rows * self.j_inv
         for pb in self.batches:
-            # E⁻¹ = L⁻ᵀ L⁻¹ by two triangular solves (cuBLAS trsm): CUDA's batched cholesky_solve may take
-            # MAGMA's path, which reads its status on the host, and a CUDA graph's step cannot
+            # E⁻¹ = L⁻ᵀ L⁻¹ by two triangular solves (cuBLAS trsm, as sample does): a precaution for the
+            # CUDA graph's step, since CUDA's batched cholesky_solve may go through MAGMA, which can read
+            # its status on the host (not checked on a GPU yet)
             c = torch.linalg.solve_triangular(pb.L, pb.wt(rows), upper=False)
             pb.add_w(torch.linalg.solve_triangular(pb.L.mT, c, upper=True), out)
         return out if self.log_scale is None else out.mul_(torch.exp(self.log_scale))
