@@ -408,6 +408,17 @@ def _fit_refreshes(gp: GridGP, optimizer: str, iters: int) -> dict:
             "sequence": "".join("r" if e[1] else "B" for e in evals)}
 
 
+def _step_times(gp: GridGP, device: torch.device, repeats: int) -> tuple[list[float], list[float]]:
+    """``repeats`` training steps, each timed: wall seconds (``time_call``) and process CPU seconds (on a
+    CPU with one thread the step's own compute, which other processes on a loaded machine do not lengthen)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        wall += time_call(gp.loss_backward, device, repeats=1, warmup=0)
+        cpu.append(time.process_time() - start)
+    return wall, cpu
+
+
 def run_holes(y, axes, args) -> list[dict]:
     """Each gap pattern of ``args.hole_patterns`` against the same number of scattered cells, on the
     cg path, with the two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi).
@@ -417,7 +428,9 @@ def run_holes(y, axes, args) -> list[dict]:
     hyperparameters, reuse it, as a fit's steps do until its hyperparameters drift. ``rebuilt_step_s``
     (two-level rows): the step that builds it (``FREEZE`` off), what every step cost before it was kept.
     With ``--hole-fit`` also a few Adam and L-BFGS steps of a fit from the model's initial
-    hyperparameters: evaluations, how many rebuilt the preconditioner, and their median steps."""
+    hyperparameters: evaluations, how many rebuilt the preconditioner, and their median steps. On a CPU
+    each step's process CPU time too (``*_cpu_s``: with one thread, what load from other processes
+    leaves out of the wall time)."""
     import kronegp.models._two_level as two_level
 
     rows = []
@@ -434,21 +447,26 @@ def run_holes(y, axes, args) -> list[dict]:
                 gp = build(y, axes, missing, None, path="cg")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    times = time_call(gp.loss_backward, y.device, repeats=args.repeats)
+                    gp.loss_backward()  # warm-up: builds the preconditioner
+                    times, cpu = _step_times(gp, y.device, args.repeats)
                     reused = gp.last_solve.preconditioner_reused
-                    rebuilt = None
+                    rebuilt = rebuilt_cpu = None
                     if reused is not None:  # a two-level preconditioner applies: its setup's step
                         two_level.FREEZE = False
                         try:
-                            rebuilt = statistics.median(time_call(gp.loss_backward, y.device, repeats=args.repeats,
-                                                                  warmup=0))
+                            rebuilt, rebuilt_cpu = map(statistics.median, _step_times(gp, y.device, args.repeats))
                         finally:
                             two_level.FREEZE = True
                 row = {"pattern": pat, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
                        "step": "steady state (preconditioner reused)" if reused else "every step alike",
                        "rebuilt_step_s": rebuilt,
                        "iterations": int(gp.last_solve.iterations), "coarse_modes": gp._last_extra.get("coarse_modes")}
+                if y.device.type == "cpu":
+                    row.update(step_cpu_s=statistics.median(cpu), rebuilt_step_cpu_s=rebuilt_cpu)
                 extra = f"  rebuilt step {rebuilt:8.3f} s" if rebuilt is not None else ""
+                if y.device.type == "cpu":
+                    extra = f"  (CPU time {row['step_cpu_s']:.3f} s)" + extra
+                    extra += f" (CPU time {rebuilt_cpu:.3f} s)" if rebuilt_cpu is not None else ""
                 if args.hole_fit and reused is not None:
                     row["fits"] = []
                     for opt, iters in (("adam", args.hole_fit_adam), ("lbfgs", args.hole_fit_lbfgs)):
