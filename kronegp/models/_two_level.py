@@ -61,12 +61,14 @@ differentiates through it, so a stale one costs iterations, never accuracy. Each
 step reads its tensors as static buffers (before, it fell back to Jacobi: a 128³ float32 fit with a
 5 % hole hit CG's 1000-iteration cap on an H100), and a stale one is refreshed into them between
 replays (:func:`two_level`'s ``like`` keeps the shapes). Measured (2-core CPU, loaded, one thread,
-2026-12-07, ``benchmarks/gaps.py --holes --hole-fit``, 48³, steady-state step / rebuilt step / as
-many scattered cells): 1 / 5 / 10 % holes 1.79 / 1.84, 1.95 / 1.92, 2.03 / 2.10 s against 0.95 /
-0.90 / 0.65 s (the setup is small beside a CPU step: 38–322 modes); ``clouds-20`` 6.06 / 7.93 s
-(Jacobi 5.46 s, scatter 0.63 s). Fits from the initial hyperparameters rebuilt it at 3 of 8 Adam
-evaluations and 5–6 of 12 L-BFGS ones (the first line search's long steps; none after), the reused
-steps taking 0–2 iterations more for holes (9–11), 5–6 more for clouds (23 against 17).
+2026-12-07, ``benchmarks/gaps.py --holes``, process CPU time, steady-state step / rebuilt step / as
+many scattered cells): 48³ 5 % hole 1.42 / 1.33 / 0.77 s and 64³ 4.62 / 4.71 / 2.47 s (a hole's
+setup is lost in a CPU step's noise); ``clouds-20`` 48³ 3.68 / 5.51 / 0.67 s and 64³ 37.2 / 44.9 /
+3.10 s (a third and a sixth off; clouds stay 5–12× the scatter's). Fits from the initial
+hyperparameters (48³, ``--hole-fit``) rebuilt it at 3 of 8 Adam evaluations and 5–6 of 12 L-BFGS
+ones (the first line search's long steps; none after), the reused steps taking 0–2 iterations more
+for holes (9–11), 5–6 more for clouds (23 against 17). The GPU, where the setup was 9–16 ms of a
+16–28 ms step at 128³, is not measured yet (NOTES.md).
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
