@@ -293,7 +293,9 @@ class GraphedLoss:
             if again:
                 self.graph = None
         if self.graph is None:
-            return self._eager_and_record()
+            loss = self._eager_and_record()
+            m._last_extra.update(said)  # a refresh that made this recording: its report
+            return loss
         if m.resample_probes:
             self._store.redraw(lambda rows, cols, offset: m.layout.draw_normal(rows, cols, offset, m.seed, True, m.y))
         self.graph.replay()
