@@ -39,7 +39,10 @@ skipped before it runs, and the table says why.
 
 ``--holes``: each gap pattern of ``--hole-patterns`` (one hole ``block-…``, several ``holes3-…``,
 clouds ``clouds-…``) against the same number of scattered cells on the cg path, with the two-level
-preconditioner (:mod:`kronegp.models._two_level`) and without it.
+preconditioner (:mod:`kronegp.models._two_level`) and without it. Its ``step`` is the steady state
+(the model's frozen preconditioner reused, as in a fit), ``rebuilt step`` the step that builds it;
+``--hole-fit`` adds a few Adam / L-BFGS fit steps and how many of their evaluations rebuilt it.
+Every other step this script times is the median after a warm-up step, the steady state too.
 
 ``--air``: the shipped air-temperature grid (240 × 37 × 49) and its 20 × 25 × 49 corner, full
 and with one 6 × 8 × 12 hole (``[4:10, 5:13, 10:22]``, m = 576): the exact path's step against the
@@ -66,6 +69,7 @@ Usage::
     python benchmarks/gaps.py --holes --device cpu --n 64 --repeats 1  # hole vs scatter, two-level on/off
     OMP_NUM_THREADS=1 python benchmarks/gaps.py --air --repeats 9 --out air_hole.json  # hole vs full, air grid
     python benchmarks/gaps.py --holes --hole-patterns clouds-20 holes3-1 --n 48 --repeats 1
+    OMP_NUM_THREADS=1 python benchmarks/gaps.py --holes --hole-fit --n 48 --repeats 2 --no-jacobi
 """
 
 from __future__ import annotations
@@ -375,9 +379,60 @@ LIMIT_HEAD = (f"{'kind':8s} {'m':>6s} {'N':>8s} {'sum_n':>5s} {'box':>12s} {'box
               "exact-missing pred / meas s  cg (random probes) pred / meas s  cg-exact-traces pred / meas s")
 
 
+def _fit_refreshes(gp: GridGP, optimizer: str, iters: int) -> dict:
+    """A few steps of ``gp.fit`` with ``optimizer``, each evaluation's time, CG iterations and whether it
+    reused the frozen two-level preconditioner (``last_solve.preconditioner_reused``): how often a fit
+    rebuilds it, and the evaluations' medians either way."""
+    evals: list[tuple[float, bool, int]] = []
+    step = gp.loss_backward
+
+    def counted(*a, **k):
+        t0 = time.perf_counter()
+        out = step(*a, **k)
+        if gp.y.device.type == "cuda":
+            torch.cuda.synchronize(gp.y.device)
+        evals.append((time.perf_counter() - t0, bool(gp.last_solve.preconditioner_reused), int(gp.last_solve.iterations)))
+        return out
+
+    gp.loss_backward = counted
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gp.fit(iters=iters, optimizer=optimizer, progress=False)
+    finally:
+        del gp.loss_backward
+    reused = [e for e in evals if e[1]]
+    built = [e for e in evals if not e[1]]
+    med = lambda xs, i: statistics.median(x[i] for x in xs) if xs else None  # noqa: E731
+    return {"optimizer": optimizer, "evaluations": len(evals), "rebuilds": len(built),
+            "reused_step_s": med(reused, 0), "rebuilt_step_s": med(built, 0),
+            "reused_iterations": med(reused, 2), "rebuilt_iterations": med(built, 2),
+            "sequence": "".join("r" if e[1] else "B" for e in evals)}
+
+
+def _step_times(gp: GridGP, device: torch.device, repeats: int) -> tuple[list[float], list[float]]:
+    """``repeats`` training steps, each timed: wall seconds (``time_call``) and process CPU seconds (on a
+    CPU with one thread the step's own compute, which other processes on a loaded machine do not lengthen)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        wall += time_call(gp.loss_backward, device, repeats=1, warmup=0)
+        cpu.append(time.process_time() - start)
+    return wall, cpu
+
+
 def run_holes(y, axes, args) -> list[dict]:
     """Each gap pattern of ``args.hole_patterns`` against the same number of scattered cells, on the
-    cg path, with the two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi)."""
+    cg path, with the two-level preconditioner of :mod:`kronegp.models._two_level` and without it (Jacobi).
+
+    ``step_s`` is the **steady-state** step: the warm-up step builds the model's frozen two-level
+    preconditioner (:class:`kronegp.models._two_level.FrozenTwoLevel`), the timed steps, at the same
+    hyperparameters, reuse it, as a fit's steps do until its hyperparameters drift. ``rebuilt_step_s``
+    (two-level rows): the step that builds it (``FREEZE`` off), what every step cost before it was kept.
+    With ``--hole-fit`` also a few Adam and L-BFGS steps of a fit from the model's initial
+    hyperparameters: evaluations, how many rebuilt the preconditioner, and their median steps. On a CPU
+    each step's process CPU time too (``*_cpu_s``: with one thread, what load from other processes
+    leaves out of the wall time)."""
     import kronegp.models._two_level as two_level
 
     rows = []
@@ -394,12 +449,36 @@ def run_holes(y, axes, args) -> list[dict]:
                 gp = build(y, axes, missing, None, path="cg")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    times = time_call(gp.loss_backward, y.device, repeats=args.repeats)
+                    gp.loss_backward()  # warm-up: builds the preconditioner
+                    times, cpu = _step_times(gp, y.device, args.repeats)
+                    reused = gp.last_solve.preconditioner_reused
+                    rebuilt = rebuilt_cpu = None
+                    if reused is not None:  # a two-level preconditioner applies: its setup's step
+                        two_level.FREEZE = False
+                        try:
+                            rebuilt, rebuilt_cpu = map(statistics.median, _step_times(gp, y.device, args.repeats))
+                        finally:
+                            two_level.FREEZE = True
                 row = {"pattern": pat, "kind": kind, "m": m, "two_level": on, "step_s": statistics.median(times),
+                       "step": "steady state (preconditioner reused)" if reused else "every step alike",
+                       "rebuilt_step_s": rebuilt,
                        "iterations": int(gp.last_solve.iterations), "coarse_modes": gp.last_solve.coarse_modes}
+                if y.device.type == "cpu":
+                    row.update(step_cpu_s=statistics.median(cpu), rebuilt_step_cpu_s=rebuilt_cpu)
+                extra = f"  rebuilt step {rebuilt:8.3f} s" if rebuilt is not None else ""
+                if y.device.type == "cpu":
+                    extra = f"  (CPU time {row['step_cpu_s']:.3f} s)" + extra
+                    extra += f" (CPU time {rebuilt_cpu:.3f} s)" if rebuilt_cpu is not None else ""
+                if args.hole_fit and reused is not None:
+                    row["fits"] = []
+                    for opt, iters in (("adam", args.hole_fit_adam), ("lbfgs", args.hole_fit_lbfgs)):
+                        fresh = build(y, axes, missing, None, path="cg")
+                        row["fits"].append(_fit_refreshes(fresh, opt, iters))
+                        f = row["fits"][-1]
+                        extra += f"  {opt}: {f['rebuilds']}/{f['evaluations']} rebuilt ({f['sequence']})"
                 rows.append(row)
                 print(f"{pat:10s} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
-                      f"iters {row['iterations']:4d}  modes {row['coarse_modes']}", flush=True)
+                      f"iters {row['iterations']:4d}  modes {row['coarse_modes']}{extra}", flush=True)
         two_level.ENABLED = True
     return rows
 
@@ -493,6 +572,10 @@ def main(argv=None) -> dict:
                     help="--holes: the gap patterns (block-P, holes3-P, clouds-P) against as many scattered cells")
     ap.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=True,
                     help="--holes: also time the cg path without the two-level preconditioner")
+    ap.add_argument("--hole-fit", action=argparse.BooleanOptionalAction, default=False,
+                    help="--holes: also a few fit steps per two-level row (how often it rebuilds the preconditioner)")
+    ap.add_argument("--hole-fit-adam", type=int, default=8, help="--hole-fit: Adam steps")
+    ap.add_argument("--hole-fit-lbfgs", type=int, default=1, help="--hole-fit: L-BFGS steps (up to 10 updates each)")
     ap.add_argument("--air", action="store_true", help="the air grid: hole vs full grid, exact paths")
     ap.add_argument("--air-grids", nargs="*", default=["full", "corner"], choices=sorted(AIR_GRIDS))
     ap.add_argument("--out", default=None)

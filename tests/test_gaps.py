@@ -634,9 +634,11 @@ def test_selected_gram_is_the_dense_gram_of_the_selected_modes(sizes):
         assert rel(two_level_mod.selected_gram(mats, w, sel, sizes, chunk=chunk), ref) <= 1e-12
 
 
-def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
-    """Under a CGSchedule (a CUDA graph's step) the coarse setup, which reads the device, is skipped:
-    recorded and fixed runs make the same CG runs with Jacobi, and agree."""
+def test_a_cg_schedule_runs_the_models_frozen_two_level_preconditioner(monkeypatch):
+    """Under a CGSchedule (a CUDA graph's step) the recording pass builds the model's two-level
+    preconditioner (the setup reads the device there), the fixed pass reads the same tensors without
+    building (it is what the graph records); both agree with the eager step. A caller without a model's
+    preconditioner (``frozen=None``) keeps Jacobi under a schedule."""
     from kronegp.solvers import CGSchedule, cg_schedule
 
     monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
@@ -646,11 +648,21 @@ def test_a_cg_schedule_keeps_jacobi_for_a_hole(monkeypatch):
         rec = CGSchedule.record()
         with cg_schedule(rec):
             a = float(gp.log_marginal_likelihood())
-        assert "coarse_modes" not in gp._last_extra
-        with cg_schedule(CGSchedule.fixed(rec.counts, rec.plans)):
+        assert gp._last_extra["coarse_modes"] > 0 and gp.last_solve.preconditioner_reused is False
+        assert ("two_level", gp._two_level.version) in rec.plans
+        built = gp._two_level.builds
+        fixed = CGSchedule.fixed(rec.counts, rec.plans)
+        with cg_schedule(fixed):
             b = float(gp.log_marginal_likelihood())
-        c = float(gp.log_marginal_likelihood())  # eager: two-level
-        assert gp._last_extra["coarse_modes"] > 0
+        # not built again; it reports what its recording pass did (a replay's report: between_replays)
+        assert gp._two_level.builds == built and gp.last_solve.preconditioner_reused is False
+        assert isinstance(gp._last_extra["two_level_drift"], torch.Tensor)  # not read: reported after a replay
+        assert all(ok for _, ok, _ in fixed.check()[: len(rec.counts)])  # converged in the recorded iterations
+        c = float(gp.log_marginal_likelihood())  # eager: reused
+        assert gp.last_solve.preconditioner_reused is True
+        cov = gp.inference.covariance(gp, gp._factors())
+        with cg_schedule(CGSchedule.record()):
+            assert masked._g_preconditioner(cov, gp.observed, gp.y.dtype)[1] is None
     assert abs(a - b) <= 1e-10 * abs(a) and abs(a - c) <= 1e-6 * abs(a)  # unit probes: both exact
 
 

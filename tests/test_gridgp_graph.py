@@ -325,8 +325,11 @@ def test_a_cg_schedule_refines_the_data_column_as_the_eager_step_does(kind):
     steps = [_scheduled_step(m, rec)]
     (rounds, short), = [plan for key, plan in rec.plans if key == "refine_observed"]
     assert len(rounds) >= 1 and not short
-    # with per-cell noise the recording also noted its choice of the solves' preconditioner
-    assert [key for key, _ in rec.plans if key != "refine_observed"] == (["square_root_precond"] if kind == "both" else [])
+    # with per-cell noise the recording also noted its choice of the solves' preconditioner; and the
+    # version of the model's two-level preconditioner of G (none applies to scattered cells)
+    assert [key for key, _ in rec.plans if key != "refine_observed"] == (
+        ["square_root_precond"] if kind == "both" else []) + ["two_level"]
+    assert m._two_level.pre is None
     fixed = CGSchedule.fixed([c + (kind == "missing") for c in rec.counts], rec.plans)
     steps.append(_scheduled_step(m, fixed))
     assert fixed.runs == len(rec.counts)
@@ -377,7 +380,8 @@ def test_a_fixed_schedule_flags_a_refinement_cut_short():
     _scheduled_step(m, rec)
     main = rec.counts[:1]  # the missing cells' block CG; then the refinement's runs
     assert len(rec.counts) > 1
-    none = CGSchedule.fixed(main, [("refine_observed", ([], False))])
+    kept = [plan for plan in rec.plans if plan[0] == "two_level"]  # the model's two-level preconditioner (none here)
+    none = CGSchedule.fixed(main, kept + [("refine_observed", ([], False))])
     _, _, extra = _scheduled_step(m, none)
     *runs, (tol, met, value) = none.check()
     assert not met and value > tol and float(extra["observed_residual"]) == value
@@ -386,7 +390,7 @@ def test_a_fixed_schedule_flags_a_refinement_cut_short():
     *runs, (tol, met, value) = cut.check()
     assert not all(converged for _, converged, _ in runs[1:]) and not met and value > tol
     # a plan for another computation, or none, is an error naming it
-    with pytest.raises(RuntimeError, match="plan 1 asked for 'refine_observed'.*noted none"):
+    with pytest.raises(RuntimeError, match="plan 1 asked for 'two_level'.*noted none"):
         _scheduled_step(m, CGSchedule.fixed(rec.counts, []))
 
 
@@ -406,3 +410,118 @@ def test_a_replay_short_of_tol_like_its_recording_warns_and_is_not_recorded_agai
     assert m._graphed.recordings == 1
     assert isinstance(m.last_solve.observed_residual, float) and m.last_solve.observed_residual > 1e-7
     assert m.last_solve.observed_residual == pytest.approx(first, rel=1e-6)
+
+
+# ---------------------------------------------------------------- a hole: the frozen two-level preconditioner in the graph
+
+
+def _hole_model(dtype, device, big=False, **extra):
+    """A 4 × 4 × 4 hole (two-level preconditioner: kronegp.models._two_level) in the graph tests' grid,
+    exact traces (unit probes): any preconditioner gives the same values up to the CG tolerance.
+    ``big``: a 10 × 8 × 8 hole, 4 random probes."""
+    y, axes, _ = _data("exact", dtype, device=device)
+    mask = torch.ones(y.shape, dtype=torch.bool, device=device)
+    if big:
+        mask[2:12, 2:10, 1:9] = False
+        extra.update(num_probes=4, exact_trace_limit=0)
+    else:
+        mask[5:9, 4:8, 3:7] = False
+    return GridGP(y, axes, mask=mask, path="cg", cg_tol=1e-10 if dtype == torch.float64 else 1e-5, **extra)
+
+
+def _assert_close_step(graphed, eager, dtype, loss_g, loss_e):
+    """Loss and gradients within the CG tolerance (the two may hold preconditioners of other steps)."""
+    loss_tol, grad_tol = (1e-4, 1e-2) if dtype == torch.float32 else (1e-8, 1e-6)
+    assert float(loss_g) == pytest.approx(float(loss_e), rel=loss_tol)
+    for a, b in zip(_grads(graphed), _grads(eager)):
+        assert rel_err(a, b) < grad_tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graphed_step_of_a_hole_runs_its_frozen_two_level_preconditioner(dtype, graph_device):
+    """The graphed step of a hole applies the model's two-level preconditioner (not Jacobi, as it did
+    while the setup ran in every step): the same loss and gradients as the eager step, the
+    preconditioner built once and reused by every replay while the hyperparameters move a little."""
+    graphed = _hole_model(dtype, graph_device)
+    eager = copy.deepcopy(graphed)
+    for step in range(4):
+        loss_g = graphed.loss_backward(cuda_graph=True)
+        loss_e = eager.loss_backward(cuda_graph=False)
+        _assert_close_step(graphed, eager, dtype, loss_g, loss_e)
+        assert graphed._last_extra["coarse_modes"] > 0 and graphed.last_solve.preconditioner_reused is (step > 0)
+        assert graphed.last_solve.observed_residual <= graphed.cg_tol
+        _nudge([graphed, eager], step, scale=5e-3)
+    assert graphed._two_level.builds == 1 and 1 <= graphed._graphed.recordings <= 2
+
+
+def test_graphed_hole_takes_far_fewer_cg_iterations_than_jacobi(graph_device, monkeypatch):
+    """Measured on the CPU stand-in (2026-12-07): 9 iterations on G against Jacobi's 23."""
+    import kronegp.models._two_level as two_level_mod
+
+    its = {}
+    for on in (True, False):
+        monkeypatch.setattr(two_level_mod, "ENABLED", on)
+        m = _hole_model(torch.float64, graph_device, big=True)
+        for _ in range(2):  # recorded, then replayed
+            m.loss_backward(cuda_graph=True)
+        its[on] = m._last_extra["missing_iterations"]
+        assert (m.last_solve.preconditioner_reused is True) if on else (m.last_solve.preconditioner_reused is None)
+    assert 2 * its[True] <= its[False], its
+
+
+def test_a_graph_refreshes_a_drifted_preconditioner_between_replays(graph_device, monkeypatch):
+    """A replay reports the drift of the frozen preconditioner; past REFRESH_DRIFT it is rebuilt before
+    the next replay, into the tensors the graph reads (same shapes: no recording); where the shapes
+    change (here: a refresh that may not keep a piece's count of modes) the graph is recorded again."""
+    import kronegp.models._two_level as two_level_mod
+
+    monkeypatch.setattr(two_level_mod, "REFRESH_DRIFT", 0.05)
+    dtype = torch.float64
+    graphed = _hole_model(dtype, graph_device)
+    graphed._graphed = _graph.GraphedLoss(graphed, margin=4)  # the stale replay stays within its iterations
+    eager = copy.deepcopy(graphed)
+    for _ in range(2):
+        graphed.loss_backward(cuda_graph=True)
+        eager.loss_backward(cuda_graph=False)
+    frozen = graphed._two_level
+    buffers = [t.data_ptr() for t in frozen.pre._buffers()]
+    recordings = graphed._graphed.recordings
+    assert recordings >= 1  # the premise: the steps are replays of a recorded graph
+    for m in (graphed, eager):
+        with torch.no_grad():
+            for k in m.kernels:
+                k.lengthscale = k.lengthscale * 1.2
+    loss_g = graphed.loss_backward(cuda_graph=True)  # the stale one, its drift reported
+    loss_e = eager.loss_backward(cuda_graph=False)  # eager: rebuilt at once
+    _assert_close_step(graphed, eager, dtype, loss_g, loss_e)
+    assert graphed.last_solve.preconditioner_reused is True and eager.last_solve.preconditioner_reused is False
+    assert graphed._last_extra["two_level_drift"] > two_level_mod.REFRESH_DRIFT
+    loss_g = graphed.loss_backward(cuda_graph=True)  # refreshed in place, then replayed
+    _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
+    assert graphed.last_solve.preconditioner_reused is False and frozen.refreshes == 1 and frozen.builds == 2
+    assert [t.data_ptr() for t in frozen.pre._buffers()] == buffers and graphed._graphed.recordings == recordings
+    graphed.loss_backward(cuda_graph=True)
+    assert graphed.last_solve.preconditioner_reused is True
+    # a refresh whose shapes change: recorded again
+    monkeypatch.setattr(two_level_mod, "REFRESH_MODES", -1.0)
+    for m in (graphed, eager):
+        with torch.no_grad():
+            m.raw_noise.sub_(2.0)  # less noise: more modes score
+    graphed.loss_backward(cuda_graph=True)  # reports the drift
+    recordings = graphed._graphed.recordings
+    loss_g = graphed.loss_backward(cuda_graph=True)
+    assert graphed._graphed.recordings == recordings + 1 and frozen.refreshes == 1
+    assert graphed.last_solve.preconditioner_reused is False  # built between the replays for this recording
+    _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
+    # an eager step between two replays that rebuilds it (new tensors, the graph reads the old ones)
+    graphed.loss_backward(cuda_graph=True)
+    recordings = graphed._graphed.recordings
+    for m in (graphed, eager):
+        with torch.no_grad():
+            for k in m.kernels:
+                k.lengthscale = k.lengthscale * 1.2
+    graphed.loss_backward(cuda_graph=False)
+    assert graphed.last_solve.preconditioner_reused is False
+    loss_g = graphed.loss_backward(cuda_graph=True)
+    assert graphed._graphed.recordings == recordings + 1
+    _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))

@@ -2,7 +2,7 @@
 
 On a 128³ grid an evaluation launches ~350 kernels, and the host needs ~35 µs to issue each
 (Python, autograd, cuBLAS): the step takes about twice its GPU time. Recorded once as a CUDA
-graph, it is replayed in one launch. Four things stand in the way of recording, and are
+graph, it is replayed in one launch. Five things stand in the way of recording, and are
 handled here and in the solvers:
 
 * **CG stops when it has converged**, which is read on the host. Under a fixed
@@ -29,6 +29,17 @@ handled here and in the solvers:
   (:func:`kronegp.solvers.lanczos.slq_logdet_on_device`).
 * **Probe vectors** are drawn outside the graph into buffers the graph reads (redrawn before
   each replay when ``resample_probes`` is set).
+* **The two-level preconditioner of a hole or clouds** (:mod:`kronegp.models._two_level`) is set
+  up on the host (box eigenvalues, mode choice, Cholesky checks). The model keeps it across steps
+  (:class:`~kronegp.models._two_level.FrozenTwoLevel`): the recording pass (eager) builds or reuses
+  it and notes which in the schedule's plans; the fixed passes and the graph read its tensors as
+  static buffers and compute its drift from the current hyperparameters on the device, reported with
+  the step. Where a replay reports it stale, it is rebuilt eagerly before the next replay
+  (:meth:`InferencePath.between_replays <kronegp.models.paths.InferencePath.between_replays>`):
+  copied into the same buffers where the shapes match (a refresh keeps each piece's count of modes
+  while the mode rule stays within ``REFRESH_MODES`` of it), else the graph is recorded again. So a
+  graphed step of a hole runs two-level, not Jacobi (which took CG to its 1000-iteration cap on a
+  128³ float32 fit with a 5 % hole, H100, 2026-12-07).
 
 What the step reports (``cg_iterations``, ``cg_residual``, the entries of ``_last_extra`` that
 :attr:`GridGP.last_solve <kronegp.GridGP.last_solve>` reads: the observed residual, the
@@ -39,8 +50,10 @@ A step whose CG runs take more than :data:`MAX_RECORDED_ITERATIONS` iterations i
 preconditioner, a hard system) is run eagerly instead of recorded.
 
 The graph is recorded again whenever anything it baked in changes: a parameter or buffer
-replaced (``.to()``, ``load_state_dict`` with other tensors), ``requires_grad`` switched, or a
-setting of the model changed (probes, CG tolerance, ...). Its memory pool keeps one
+replaced (``.to()``, ``load_state_dict`` with other tensors), ``requires_grad`` switched, a
+setting of the model changed (probes, CG tolerance, ...), or the two-level preconditioner given
+new tensors (a refresh of other shapes, or an eager step or prediction between two replays that
+rebuilt it: :meth:`InferencePath.graph_state <kronegp.models.paths.InferencePath.graph_state>`). Its memory pool keeps one
 evaluation's intermediate tensors allocated between steps.
 """
 
@@ -169,7 +182,7 @@ class GraphedLoss:
         tensors += [(b.data_ptr(), tuple(b.shape), b.dtype) for b in m.buffers()]
         settings = (m.num_probes, m.cg_tol, m.cg_max_iters, m.precondition, m.exact_trace_limit,
                     m.resample_probes, m.seed, m.path, self.margin)
-        return tuple(tensors), settings
+        return tuple(tensors), settings, m.inference.graph_state(m)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -263,6 +276,8 @@ class GraphedLoss:
         # alive even if the eigendecomposition cache is cleared.
         self._keep = jacobi_start_buffers()
         self.graph, self.recordings = graph, self.recordings + 1
+        # what the recording read as it is now (its eager pass may have rebuilt a frozen preconditioner)
+        self._signature = self._current_signature()
         self._loss, self._grads, self._check = loss, [p.grad for p in params], check
         self._limits = [min(c, m.cg_max_iters) for c in counts]  # what each run does per replay
         self._checks, self._report = schedule.checks, report
@@ -272,8 +287,15 @@ class GraphedLoss:
         sig = self._current_signature()
         if sig != self._signature:
             self.graph, self._signature = None, sig
+        said: dict = {}
+        if self.graph is not None:  # what the step keeps frozen, refreshed eagerly where it went stale
+            again, said = m.inference.between_replays(m)
+            if again:
+                self.graph = None
         if self.graph is None:
-            return self._eager_and_record()
+            loss = self._eager_and_record()
+            m._last_extra.update(said)  # a refresh that made this recording: its report
+            return loss
         if m.resample_probes:
             self._store.redraw(lambda rows, cols, offset: m.layout.draw_normal(rows, cols, offset, m.seed, True, m.y))
         self.graph.replay()
@@ -291,6 +313,7 @@ class GraphedLoss:
                 or any(above and not c.final for (_, above, _), c in zip(checks, self._checks))):
             return self._eager_and_record()
         self._report.apply(m, values[3 * (n_runs + n_checks) :])
+        m._last_extra.update(said)
         # what the eager step would have warned: a run stopped at max_iters, a refinement that ends
         # short of its tolerance as the recorded one did
         for (_, active, residual), limit in zip(runs, self._limits):

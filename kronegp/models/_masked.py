@@ -34,7 +34,9 @@ contiguous hole leaves its smooth modes unpinned (95 Jacobi iterations on a 19³
 grid against 5 scattered): there ``P⁻¹`` is two-level, Jacobi plus a Galerkin coarse space of
 the box kernel's leading modes per connected piece of missing cells (holes, clouds;
 :mod:`kronegp.models._two_level`: 9 iterations), with
-``log det P`` still exact. ``log det G`` by SLQ from the CG coefficients of probes
+``log det P`` still exact; a model keeps it across its steps until the hyperparameters drift
+(:class:`~kronegp.models._two_level.FrozenTwoLevel`: any fixed SPD ``P`` keeps CG, the SLQ estimate and
+the gradient's trace estimate exact in expectation, and nothing differentiates through it). ``log det G`` by SLQ from the CG coefficients of probes
 ``z ~ N(0, P)``; with ``∂G = −[X ∂C X]_MM``::
 
     ∂ log det G = −tr(G⁻¹ [X ∂C X]_MM) ≈ −(1/S) Σ_s (X G⁻¹ z_s)ᵀ ∂C (X P⁻¹ z_s)
@@ -63,7 +65,7 @@ from torch import Tensor
 from kronegp.models import _cell_noise
 from kronegp.models._exact import EigenPairSums
 from kronegp.models._kron import KronEigen
-from kronegp.models._two_level import two_level
+from kronegp.models._two_level import FrozenTwoLevel, two_level
 from kronegp.models import memory
 from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
@@ -72,7 +74,7 @@ from kronegp.solvers.lanczos import LanczosOnHost
 from kronegp.solvers.report import note, shortfall
 
 __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "ObservedSolve", "ProbeDraws", "refine_observed",
-           "solve_observed"]
+           "refresh_two_level", "solve_observed"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -335,17 +337,49 @@ def _missing_matvec(
     return lambda v: cov.solve(v, tol=inner_tol).mul_(mis)
 
 
-def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype):
-    """``(g_diag, coarse)``: ``diag(G)`` on the grid (``diag(X)_M``, exact when ``C`` is Kronecker, and
-    ``diag(P⁻¹)_M`` otherwise; 1 at observed cells) and the two-level preconditioner of the connected
-    pieces of missing cells (:mod:`kronegp.models._two_level`; found once per mask) where it applies to this grid, else ``None`` (Jacobi). A
-    sharded grid and a run under a :class:`~kronegp.solvers.CGSchedule` (a CUDA graph's step: the
-    coarse space's setup reads the device) keep Jacobi."""
+def _g_diag(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``diag(G)`` on the grid (``diag(X)_M``, exact when ``C`` is Kronecker, and ``diag(P⁻¹)_M``
+    otherwise; 1 at observed cells)."""
     missing = 1 - observed.to(dtype)
-    g_diag = torch.where(missing > 0, cov.eig.diag_of(cov.p_inv), torch.ones_like(missing))
-    coarse = two_level(cov.eig, cov.factors, cov.outputscale, cov.sigma_bar2, cov.p_inv, g_diag,
-                       observed=observed) if cov.rows and active_schedule() is None else None
+    return torch.where(missing > 0, cov.eig.diag_of(cov.p_inv), torch.ones_like(missing))
+
+
+def _build_two_level(cov: FullGridCovariance, observed: Tensor, g_diag: Tensor, like=None):
+    """The two-level preconditioner at ``cov``'s hyperparameters (:func:`kronegp.models._two_level.two_level`)."""
+    return two_level(cov.eig, cov.factors, cov.outputscale, cov.sigma_bar2, cov.p_inv, g_diag, observed=observed,
+                     like=like)
+
+
+def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype,
+                      frozen: Optional[FrozenTwoLevel] = None, report: Optional[dict] = None):
+    """``(g_diag, coarse)``: ``diag(G)`` on the grid (:func:`_g_diag`) and the two-level preconditioner of
+    the connected pieces of missing cells (:mod:`kronegp.models._two_level`; found once per mask) where
+    it applies to this grid, else ``None`` (Jacobi). A sharded grid keeps Jacobi.
+
+    With ``frozen`` (a model's :class:`~kronegp.models._two_level.FrozenTwoLevel`) the preconditioner
+    of an earlier step is reused until the hyperparameters drift (its ``two_level_reused`` and
+    ``two_level_drift`` go to ``report``), also under a :class:`~kronegp.solvers.CGSchedule` (a CUDA
+    graph's step: the recording pass builds it, the fixed passes and the replays read its tensors).
+    Without it, one is built for this call, and a run under a schedule keeps Jacobi (the setup reads
+    the device)."""
+    g_diag = _g_diag(cov, observed, dtype)
+    if not cov.rows:
+        return g_diag, None
+    schedule = active_schedule()
+    if frozen is None:
+        return g_diag, _build_two_level(cov, observed, g_diag) if schedule is None else None
+    coarse = frozen.get(lambda: _build_two_level(cov, observed, g_diag), observed, g_diag, cov.factors,
+                        cov.outputscale, cov.sigma_bar2, schedule, {} if report is None else report)
     return g_diag, coarse
+
+
+def refresh_two_level(cov: FullGridCovariance, observed: Tensor, frozen: FrozenTwoLevel) -> bool:
+    """Rebuild ``frozen`` at ``cov``'s hyperparameters now, between two replays of a CUDA graph's step
+    (:meth:`~kronegp.models._two_level.FrozenTwoLevel.refresh`): ``True`` where it went into the tensors
+    the graph reads, ``False`` where its shapes changed (the graph must be recorded again)."""
+    g_diag = _g_diag(cov, observed, cov.p_inv.dtype)
+    return frozen.refresh(lambda like: _build_two_level(cov, observed, g_diag, like), observed, g_diag, cov.factors,
+                          cov.outputscale, cov.sigma_bar2)
 
 
 def _columns_precond(g_diag: Tensor, coarse):
@@ -399,6 +433,7 @@ def solve_observed(
     tol: float,
     max_iters: int,
     inner: Inner = local_inner,
+    frozen: Optional[FrozenTwoLevel] = None,
 ) -> tuple[Tensor, int]:
     """``C_OO⁻¹ b_O`` zero-filled on the grid, for columns ``b`` (``(N, t)``, zero at missing),
     to a relative residual ``‖(C x − b)_O‖ / ‖b_O‖ ≤ tol`` in every column.
@@ -413,6 +448,8 @@ def solve_observed(
     result that still misses ``tol`` warns with the residual
     (:func:`kronegp.solvers.report.shortfall`: once per model call).
 
+    ``frozen``: a model's kept two-level preconditioner (:func:`_g_preconditioner`).
+
     Returns the solution and the outer CG iterations (all rounds).
     """
     if observed is None:
@@ -420,7 +457,7 @@ def solve_observed(
             return cov.solve(rhs), 0
         before = cov.solve_iterations
         return cov.solve(rhs), cov.solve_iterations - before
-    ref = refine_observed(cov, rhs, observed, None, tol=tol, max_iters=max_iters, inner=inner)
+    ref = refine_observed(cov, rhs, observed, None, tol=tol, max_iters=max_iters, inner=inner, frozen=frozen)
     return ref.solution, ref.iterations
 
 
@@ -478,6 +515,7 @@ def refine_observed(
     max_iters: int,
     inner: Inner = local_inner,
     precond=None,
+    frozen: Optional[FrozenTwoLevel] = None,
 ) -> ObservedSolve:
     """Solve ``C_OO x_O = b_O`` through the missing cells' system ``G v = [X b]_M`` until the
     observed residual reaches ``tol`` (see :func:`solve_observed`), from ``start`` (a solution
@@ -485,7 +523,8 @@ def refine_observed(
     CG: then its observed residual is measured first, and ``G`` solved again only if it falls
     short) or from zero. A result short of ``tol`` after :data:`REFINE_ROUNDS` rounds, or at
     the dtype's limit, is reported through :func:`kronegp.solvers.report.shortfall`. ``precond``:
-    ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level).
+    ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level, the one ``frozen``
+    keeps where given).
 
     **Below float64** (a float32 model) solving ``G`` again does not help: the float32
     application of ``X = C⁻¹`` (relative error ~2e-5 on a 32³ grid) and the float32 product
@@ -532,7 +571,7 @@ def refine_observed(
     g_rounds = 0 if mixed else REFINE_ROUNDS  # in float32 the mixed rounds take over after the first
     # the likelihood's preconditioner of G (its columns as rows for the two-level one)
     if precond is None:
-        precond = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype))
+        precond = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype, frozen))
 
     def solve_g(v: Optional[Tensor], tol_g: float, tight: float, b: Tensor = rhs):
         rhs_g = missing.unsqueeze(-1) * cov.solve(b, tol=tight)
@@ -766,6 +805,7 @@ def cg_lml_pieces(
     max_iters: int,
     inner: Inner = local_inner,
     probe_chunk: Optional[int] = None,
+    frozen: Optional[FrozenTwoLevel] = None,
 ) -> CGLMLPieces:
     """Estimate ``log N(r_O | 0, C_OO)`` and the pieces of its gradient (see module docstring).
 
@@ -792,6 +832,10 @@ def cg_lml_pieces(
             (:attr:`CGLMLPieces.eig_sums`): the memory of ``probe_chunk`` columns instead of
             ``S + 1`` (:func:`kronegp.models.memory.plan_cg_step`), the same values up to
             round-off for the same probes. Homoskedastic noise on a local grid only (else one run).
+        frozen: the model's kept two-level preconditioner of ``G``
+            (:class:`~kronegp.models._two_level.FrozenTwoLevel`): reused across steps until the
+            hyperparameters drift, and under a CUDA graph's schedule too; ``None``: one built for this
+            call (Jacobi under a schedule).
     """
     if not cov.precondition:
         raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
@@ -890,7 +934,7 @@ def cg_lml_pieces(
             # variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue). Holes and clouds
             # add a coarse space of their smooth modes (kronegp.models._two_level): P = M⁻¹ is then
             # no longer diagonal, but its log det is exact and the probes are drawn from N(0, P).
-            g_diag, coarse = _g_preconditioner(cov, observed, dt)
+            g_diag, coarse = _g_preconditioner(cov, observed, dt, frozen, extra)
             if coarse is None:
                 g_scale = missing * g_diag.sqrt()
                 precond_g, log_p = 1.0 / g_diag, _total(inner, missing * torch.log(g_diag))
@@ -1021,6 +1065,8 @@ def cg_lml_pieces(
                 eig_left = eig_right = alpha_t
                 eig_weights = resid.new_full((1,), 0.5)
             extra["missing_iterations"] = iterations
+            if coarse is not None and frozen is not None and not isinstance(iterations, Tensor):
+                frozen.note_iterations(iterations)  # its baseline, or stale when they grew
             # one run: its SLQ estimate; several: their mean weighted by their probes
             est = slq[0][0] if len(slq) == 1 else sum(e * k for e, k in slq) / s
             logdet = logdet + log_p + est

@@ -49,7 +49,26 @@ the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the i
 (:func:`cached_pieces`); a step's setup reads the device once for ``s²/σ²``, once per piece for its
 box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check
 (``benchmarks/holeops.py``: a 64³ hole's setup 17 → 3 host reads, 201 → 129 ops; the apply 11 ops
-and two products per batch).
+and two products per batch). That setup runs only when the model's kept preconditioner must be
+rebuilt (below); a step that reuses it reads the device once, for its drift.
+
+**Frozen across steps** (:class:`FrozenTwoLevel`). A model keeps its preconditioner, with the
+hyperparameters it was built at, and reuses it until they drift past :data:`REFRESH_DRIFT` or CG
+slows past :data:`REFRESH_ITERATIONS`: any fixed SPD ``M`` keeps CG, the SLQ estimate (its
+``log det P`` and probes from the same ``M``) and the gradient's trace estimate exact, and nothing
+differentiates through it, so a stale one costs iterations, never accuracy. Each step applies ``κM``
+(:meth:`TwoLevel.scaled`) with ``κ`` keeping the Jacobi part on the current ``diag(G)``. A CUDA graph's
+step reads its tensors as static buffers (before, it fell back to Jacobi: a 128³ float32 fit with a
+5 % hole hit CG's 1000-iteration cap on an H100), and a stale one is refreshed into them between
+replays (:func:`two_level`'s ``like`` keeps the shapes). Measured (2-core CPU, loaded, one thread,
+2026-12-07, ``benchmarks/gaps.py --holes``, process CPU time, steady-state step / rebuilt step / as
+many scattered cells): 48³ 5 % hole 1.42 / 1.33 / 0.77 s and 64³ 4.62 / 4.71 / 2.47 s (a hole's
+setup is lost in a CPU step's noise); ``clouds-20`` 48³ 3.68 / 5.51 / 0.67 s and 64³ 37.2 / 44.9 /
+3.10 s (a third and a sixth off; clouds stay 5–12× the scatter's). Fits from the initial
+hyperparameters (48³, ``--hole-fit``) rebuilt it at 3 of 8 Adam evaluations and 5–6 of 12 L-BFGS
+ones (the first line search's long steps; none after), the reused steps taking 0–2 iterations more
+for holes (9–11), 5–6 more for clouds (23 against 17). The GPU, where the setup was 9–16 ms of a
+16–28 ms step at 128³, is not measured yet (NOTES.md).
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
@@ -86,6 +105,7 @@ Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`),
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -97,9 +117,10 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
+__all__ = ["CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR"]
+           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
+           "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -126,25 +147,48 @@ MIN_MISSING = 64
 #: A piece needs at least this many interior cells (all face neighbours missing): clusters of
 #: scattered cells (20 % of a 48³ grid has some of over 64 cells) keep Jacobi, which pins them.
 MIN_INTERIOR = 8
+#: Keep a model's two-level preconditioner across its steps (:class:`FrozenTwoLevel`); off: a new one
+#: at every step, as before (benchmarks and tests switch it off to compare).
+FREEZE = True
+#: A frozen preconditioner is rebuilt once the hyperparameters have moved by more than this since it
+#: was built (:meth:`FrozenTwoLevel.drift`: the largest relative change of a kernel factor's entries,
+#: or of ``s²/σ²`` in log). Measured (32³, 5 % hole, 93 modes, 2026-12-07): a stale preconditioner took
+#: 8 / 9 / 11 / 14 iterations at drifts 0.06 / 0.11 / 0.20 / 0.34 of the lengthscales (fresh: 9), and
+#: 8–9 / 11 with σ² doubled / halved (drift 0.69); a rebuild costs about as much as a few iterations.
+REFRESH_DRIFT = 0.2
+#: ... or once the missing cells' CG needs more than this many times (plus 2) the iterations of the
+#: first step it served.
+REFRESH_ITERATIONS = 1.25
+#: A refresh between CUDA-graph replays keeps a piece's count of modes (and so the buffers the graph
+#: reads) while the count the mode rule picks now is within this fraction of it (:func:`two_level`'s ``like``).
+REFRESH_MODES = 0.25
 
 
-def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Optional[tuple[Tensor, list[int]]]:
+def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int,
+                  like: Optional[tuple[int, list[int]]] = None) -> Optional[tuple[Tensor, list[int]]]:
     """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes
     with ``scale·Πμ ≥ MODE_SCORE``, best first, at most :data:`MAX_MODES` and ``limit``, fewer where
     their gram over ``first`` cells of axis 1 would pass :data:`MAX_GRAM_ELEMENTS`, and per axis how
     many leading modes they use; ``None`` if none. ``mus`` on the host (the choice sets shapes: one
-    read of the device per piece, :func:`two_level`); the indices are returned on the host too."""
-    # An axis's mode j can only enter with every other axis at its largest μ: the scores are formed
-    # over those candidates only (not over the whole box, which may hold 10⁸ cells).
-    top = [float(mu[0]) for mu in mus]
-    mus = [mu[: max(1, int((scale * mu * math.prod(top[:k] + top[k + 1:]) >= MODE_SCORE).sum()))]
-           for k, mu in enumerate(mus)]
+    read of the device per piece, :func:`two_level`); the indices are returned on the host too.
+
+    ``like = (count, ranks)``: instead the ``count`` best modes among the leading ``ranks`` per axis
+    (a frozen preconditioner refreshed into its own buffers, :class:`FrozenTwoLevel`), whatever their
+    scores."""
+    if like is not None:
+        mus = [mu[:r] for mu, r in zip(mus, like[1])]
+    else:
+        # An axis's mode j can only enter with every other axis at its largest μ: the scores are formed
+        # over those candidates only (not over the whole box, which may hold 10⁸ cells).
+        top = [float(mu[0]) for mu in mus]
+        mus = [mu[: max(1, int((scale * mu * math.prod(top[:k] + top[k + 1:]) >= MODE_SCORE).sum()))]
+               for k, mu in enumerate(mus)]
     score = mus[0]
     for mu in mus[1:]:
         score = (score.unsqueeze(-1) * mu).reshape(-1)
     score = scale * score
     order = torch.argsort(score, descending=True)
-    count = min(int((score >= MODE_SCORE).sum()), MAX_MODES, limit)
+    count = min(int((score >= MODE_SCORE).sum()), MAX_MODES, limit) if like is None else min(like[0], score.numel())
     sizes = [m.numel() for m in mus]
     while count > 0:
         sel = order[:count]
@@ -153,7 +197,7 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int) -> Op
             per_axis.append(rest % n)
             rest = torch.div(rest, n, rounding_mode="floor")
         per_axis.reverse()
-        used = [int(a.max()) + 1 for a in per_axis]
+        used = list(like[1]) if like is not None else [int(a.max()) + 1 for a in per_axis]
         if first * math.prod(used[1:]) ** 2 <= MAX_GRAM_ELEMENTS:
             flat = torch.zeros_like(sel)  # the same modes, flat over Π used (the truncated axes)
             for a, r in zip(per_axis, used):
@@ -347,12 +391,15 @@ class _Padded:
     missing mode points at 0 and is masked), and ``L``, ``U``, ``f`` padded with the identity (and
     ``f = 0``), so the padding stays zero through every solve."""
 
-    def __init__(self, batch: PieceBatch, built: dict, like: Tensor):
+    def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None):
         members = [built.get(i) for i in batch.members]
         d = len(batch.extent)
         dt, dev = like.dtype, like.device
         ranks = [max([pc.basis.full[k] for pc in members if pc is not None] + [1]) for k in range(d)]
         S = max([pc.modes for pc in members if pc is not None] + [1])
+        if at_least is not None:  # padded to a frozen preconditioner's shapes (FrozenTwoLevel.refresh)
+            ranks = [max(r, v.shape[-1]) for r, v in zip(ranks, at_least.vecs)]
+            S = max(S, at_least.sel.shape[-1])
         B = len(members)
         self.batch, self.full = batch, math.prod(ranks)
         self.vecs = [like.new_zeros(B, e, r) for e, r in zip(batch.extent, ranks)]
@@ -408,25 +455,44 @@ class TwoLevel:
     and a scatter, whatever the number of pieces in it (a dozen ops and two products; the first
     version's loop over pieces took as many per piece)."""
 
-    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor, piece_set: Optional[PieceSet] = None):
+    def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor, piece_set: Optional[PieceSet] = None,
+                 like: Optional["TwoLevel"] = None):
         self.pieces = pieces
         self.modes = sum(pc.modes for pc in pieces)
         self.g_diag = g_diag
         self.j_inv = 1.0 / g_diag
+        #: ``log κ`` (0-dim) of :meth:`scaled`, or ``None``: ``M`` as built
+        self.log_scale: Optional[Tensor] = None
         if piece_set is None:
             piece_set = PieceSet([pc.hole for pc in pieces])
             built = dict(enumerate(pieces))
         else:
             built = {piece_set.pieces.index(pc.hole): pc for pc in pieces}
-        self.batches = [_Padded(b, built, g_diag) for b in piece_set.batches
+        #: the coarse pieces by their index in the piece set (what :func:`two_level`'s ``like`` follows)
+        self.by_piece = built
+        old = {id(pb.batch): pb for pb in like.batches} if like is not None else {}
+        self.batches = [_Padded(b, built, g_diag, old.get(id(b))) for b in piece_set.batches
                         if any(i in built for i in b.members)]
+
+    def scaled(self, log_scale: Tensor) -> "TwoLevel":
+        """``κ M`` (``κ = exp(log_scale)``, a 0-dim device tensor: nothing read), sharing this one's
+        tensors: the apply scales by ``κ``, the probes by ``κ^{−½}``, ``log det P`` moves by ``−m log κ``.
+        Any ``κ > 0`` leaves CG's iterates unchanged; :class:`FrozenTwoLevel` picks it to keep the
+        Jacobi part on the current ``diag(G)``, which centres the SLQ log-spectrum."""
+        out = copy.copy(self)
+        out.log_scale = log_scale
+        return out
 
     def apply(self, rows: Tensor) -> Tensor:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
         out = rows * self.j_inv
         for pb in self.batches:
-            pb.add_w(torch.cholesky_solve(pb.wt(rows), pb.L), out)
-        return out
+            # E⁻¹ = L⁻ᵀ L⁻¹ by two triangular solves (cuBLAS trsm, as sample does): a precaution for the
+            # CUDA graph's step, since CUDA's batched cholesky_solve may go through MAGMA, which can read
+            # its status on the host (not checked on a GPU yet)
+            c = torch.linalg.solve_triangular(pb.L, pb.wt(rows), upper=False)
+            pb.add_w(torch.linalg.solve_triangular(pb.L.mT, c, upper=True), out)
+        return out if self.log_scale is None else out.mul_(torch.exp(self.log_scale))
 
     def sample(self, xi: Tensor) -> Tensor:
         """Probes ``z = P^{½}ξ`` with ``Cov z = M⁻¹`` for rows ``ξ`` (``(S, N)``, zero off the missing cells)."""
@@ -436,11 +502,33 @@ class TwoLevel:
             c = torch.linalg.solve_triangular(pb.L, pb.wt(a), upper=False)  # L⁻¹ Wᵀ J^{½} ξ  (B, |S|, S)
             c = pb.U @ (pb.f * (pb.U.mT @ c))
             pb.add_w(torch.linalg.solve_triangular(pb.L.mT, c, upper=True), corr)  # W L⁻ᵀ …
-        return a.add_(corr.mul_(self.g_diag))
+        out = a.add_(corr.mul_(self.g_diag))
+        return out if self.log_scale is None else out.mul_(torch.exp(-0.5 * self.log_scale))
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        return (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches)
+        out = (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches)
+        return out if self.log_scale is None else out - missing.sum() * self.log_scale
+
+    def _buffers(self) -> list[Tensor]:
+        """Every tensor an apply, a probe or ``log det P`` reads (what a CUDA graph's recording holds)."""
+        out = [self.g_diag, self.j_inv]
+        for pb in self.batches:
+            out += pb.vecs + pb.vecs_t + [pb.sel, pb.mask, pb.L, pb.U, pb.f, pb.s]
+        return out
+
+    def copy_(self, other: "TwoLevel") -> bool:
+        """Take ``other``'s values into this one's tensors, in place (a recorded CUDA graph reads them
+        there), where every tensor has the same shape and the batches are the same; else change
+        nothing and return ``False``."""
+        mine, theirs = self._buffers(), other._buffers()
+        if ([id(pb.batch) for pb in self.batches] != [id(pb.batch) for pb in other.batches]
+                or [(t.shape, t.dtype) for t in mine] != [(t.shape, t.dtype) for t in theirs]):
+            return False
+        for a, b in zip(mine, theirs):
+            a.copy_(b)
+        self.pieces, self.modes, self.by_piece = other.pieces, other.modes, other.by_piece
+        return True
 
 
 def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], list[Tensor]]:
@@ -497,7 +585,8 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
-              g_diag: Tensor, missing: Optional[Tensor] = None, *, observed: Optional[Tensor] = None) -> Optional[TwoLevel]:
+              g_diag: Tensor, missing: Optional[Tensor] = None, *, observed: Optional[Tensor] = None,
+              like: Optional[TwoLevel] = None) -> Optional[TwoLevel]:
     """The two-level preconditioner for the missing cells (bool grid, flat) of a whole grid, or ``None``
     where it does not apply (:data:`ENABLED` off, no piece of :func:`pieces_of`, no mode scoring
     :data:`MODE_SCORE`): then Jacobi alone, as before. A piece whose Galerkin matrix is not positive
@@ -509,6 +598,10 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         g_diag: ``J`` on the grid (``diag(X)`` at missing cells, 1 elsewhere).
         missing: the missing cells (bool grid, flat), cut into pieces by :func:`pieces_of`; or
             ``observed``: a model's mask, whose pieces :func:`cached_pieces` finds once.
+        like: a preconditioner of the same mask whose shapes to keep (:meth:`TwoLevel.copy_`): each
+            of its pieces keeps its count of modes, taken among its ranks per axis, where the count
+            the rule above picks now is within :data:`REFRESH_MODES` of it (else the rule's, and the
+            shapes differ); the batches are padded to its shapes at least.
 
     Host reads: ``s²/σ²`` once, and per piece its box's eigenvalues (one transfer: the modes it keeps
     set the shapes) and the Cholesky factor's check.
@@ -518,13 +611,18 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     pieces = cached_pieces(observed, eig.sizes) if observed is not None else PieceSet(pieces_of(missing, eig.sizes))
     built, budget = [], MAX_TOTAL_MODES
     scale = float(outputscale / level)
-    for hole in pieces.pieces:
+    for index, hole in enumerate(pieces.pieces):
         if budget <= 0:
             break
         mus, vecs = _box_eigs(factors, hole)
         mus = torch.cat(mus).cpu().split([v.shape[-1] for v in vecs])  # one read: the choice below is the host's
         limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
-        chosen = _tensor_modes(mus, scale, limit, eig.sizes[0] if hole.fills else hole.box_sizes[0]) if limit > 0 else None
+        first = eig.sizes[0] if hole.fills else hole.box_sizes[0]
+        chosen = _tensor_modes(mus, scale, limit, first) if limit > 0 else None
+        old = like.by_piece.get(index) if like is not None else None
+        if old is not None and old.modes <= limit and chosen is not None \
+                and abs(chosen[0].numel() - old.modes) <= REFRESH_MODES * old.modes:
+            chosen = _tensor_modes(mus, scale, limit, first, like=(old.modes, old.basis.full))
         if chosen is None:
             continue
         sel, full = chosen
@@ -544,13 +642,178 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         except torch.linalg.LinAlgError:
             continue
         budget -= basis.modes
-    return TwoLevel(built, g_diag, pieces) if built else None
+    return TwoLevel(built, g_diag, pieces, like=like) if built else None
+
+
+class FrozenTwoLevel:
+    """A model's two-level preconditioner, kept across its training steps and rebuilt on drift.
+
+    **Why it may be kept.** Block CG is exact for any fixed SPD preconditioner ``M``, and the SLQ
+    estimate of ``log det G`` stays unbiased as long as ``log det P``, the probes ``z ~ N(0, P)`` and
+    the solves come from the same ``M`` (``P = M⁻¹``: :meth:`TwoLevel.logdet_p`, :meth:`TwoLevel.sample`,
+    :meth:`TwoLevel.apply` of one object). The gradient's trace estimate
+    ``E[(X G⁻¹z)ᵀ ∂C (X P⁻¹z)] = tr(G⁻¹[X ∂C X]_MM)`` holds for any ``P`` too, and ``M`` is built and
+    applied under ``no_grad`` from detached factors: nothing differentiates through it. So a
+    preconditioner built at other hyperparameters changes the result only within the CG tolerance;
+    it costs iterations as it drifts from ``G``.
+
+    **What is kept.** The :class:`TwoLevel` (its ``J``, bases, ``L``, ``U``, ``f``, ``s``), the kernel
+    factors ``K_k⁰`` and ``log(s²/σ²)⁰`` it was built at, ``Σ_M log J⁰`` and the mask, grid size, dtype,
+    device and piece rules it belongs to (any change of those: a new one). Each step applies ``κM``
+    with ``log κ = mean_M(log J⁰ − log J)`` (:meth:`TwoLevel.scaled`, on the device): a scale leaves
+    CG unchanged but keeps the Jacobi part on the current ``diag(G)``, so the probes' log-spectrum
+    stays centred (a uniform shift ``c`` of it adds ``c²·2m/S`` to the SLQ variance).
+
+    **When it is rebuilt** (:meth:`needs_refresh`): the hyperparameters moved by more than
+    :data:`REFRESH_DRIFT` (:meth:`drift`), or the missing cells' CG took more than
+    :data:`REFRESH_ITERATIONS` times the iterations of the first step it served (plus 2), or
+    :data:`FREEZE` is off. An eager step decides at its start (one read of the drift); a CUDA graph's
+    step computes the drift on the device and reports it, and the refresh happens eagerly between two
+    replays (:meth:`refresh`: into the same buffers where the shapes match, else the graph is recorded
+    again; ``kronegp.models._graph``). ``GridGP.last_solve.preconditioner_reused`` says which a step did.
+    """
+
+    def __init__(self):
+        #: preconditioners built (the first included), and of those, refreshed into the same buffers
+        self.builds = self.refreshes = 0
+        self._forget()
+
+    def _forget(self) -> None:
+        self.pre: Optional[TwoLevel] = None
+        self.key = None
+        self.observed: Optional[Tensor] = None
+        self.factors: Optional[list[Tensor]] = None
+        self.log_ratio: Optional[Tensor] = None
+        self.log_j: Optional[Tensor] = None  # Σ log J⁰ over the missing cells (0-dim: no grid vector kept)
+        self.missing = 0
+        #: the missing cells' CG iterations at the first step this preconditioner served
+        self.iterations: Optional[int] = None
+        #: why it must be rebuilt at the next chance (its iterations grew), or ``None``
+        self.stale: Optional[str] = None
+        #: whether the last step that could build (not a fixed schedule's) built it
+        self.rebuilt = False
+        #: counts the builds that gave new tensors (what a CUDA graph's recording checks it still holds)
+        self.version = getattr(self, "version", 0) + 1
+
+    def __getstate__(self):  # a copy of the model builds its own (its mask is another tensor)
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
+
+    @staticmethod
+    def _key(observed: Tensor, g_diag: Tensor) -> tuple:
+        return (observed._version, g_diag.shape, g_diag.dtype, g_diag.device, ENABLED, MODE_SCORE, MAX_MODES,
+                MAX_TOTAL_MODES, MAX_PIECES, MAX_GRAM_ELEMENTS, GALERKIN_TOL, MAX_TRUNCATED_MODES, MAX_BOX_ELEMENTS,
+                MIN_MISSING, MIN_INTERIOR)
+
+    def holds(self, observed: Tensor, g_diag: Tensor) -> bool:
+        """Whether it was built for this mask (the same tensor, unchanged), grid, dtype, device and rules."""
+        return self.key is not None and self.observed is observed and self.key == self._key(observed, g_diag)
+
+    def drift(self, factors: list[Tensor], outputscale, level) -> Tensor:
+        """How far the hyperparameters moved since the build (0-dim, on the device, not read):
+        ``max(max_k max|K_k − K_k⁰| / max|K_k⁰|, |log(s²/σ²) − log(s²/σ²)⁰|)``. The factors carry the
+        lengthscales of any kernel; a common scale of ``s²`` and ``σ²`` is no drift (``κ`` follows it)."""
+        parts = [(f - f0).abs().amax() / f0.abs().amax().clamp_min(torch.finfo(f0.dtype).tiny)
+                 for f, f0 in zip(factors, self.factors)]
+        parts.append((self._log_ratio(outputscale, level) - self.log_ratio).abs())
+        return torch.stack([p.to(self.log_ratio.dtype) for p in parts]).max()
+
+    @staticmethod
+    def _log_ratio(outputscale, level: Tensor) -> Tensor:
+        return torch.log(torch.as_tensor(outputscale, device=level.device) / level).to(level.dtype).reshape(())
+
+    def needs_refresh(self, drift) -> Optional[str]:
+        """Why the kept preconditioner must be rebuilt before the next step (``drift``: :meth:`drift`'s
+        value, a number), or ``None``."""
+        if not FREEZE:
+            return "FREEZE is off"
+        if self.stale is not None:
+            return self.stale
+        if drift is not None and drift > REFRESH_DRIFT:
+            return f"the hyperparameters moved by {drift:.3g} > REFRESH_DRIFT = {REFRESH_DRIFT}"
+        return None
+
+    def note_iterations(self, iterations: int) -> None:
+        """The missing cells' CG iterations of a step that used it (a number): the first is its
+        baseline; one more than :data:`REFRESH_ITERATIONS` times that (plus 2) marks it stale."""
+        if self.pre is None:
+            return
+        if self.iterations is None:
+            self.iterations = int(iterations)
+        elif iterations > REFRESH_ITERATIONS * self.iterations + 2:
+            self.stale = f"CG took {int(iterations)} iterations, {self.iterations} at the first step after its setup"
+
+    def _keep(self, pre: Optional[TwoLevel], observed: Tensor, g_diag: Tensor, factors: list[Tensor],
+              outputscale, level) -> None:
+        self._forget()
+        self.pre, self.observed, self.key = pre, observed, self._key(observed, g_diag)
+        self.factors = [f.detach().clone() for f in factors]
+        self.log_j = torch.log(pre.g_diag if pre is not None else g_diag).sum()
+        self.log_ratio = self._log_ratio(outputscale, level).detach().clone()
+        self.missing = max(1, observed.numel() - int(observed.sum()))
+        self.builds += 1
+
+    def get(self, build, observed: Tensor, g_diag: Tensor, factors: list[Tensor], outputscale, level,
+            schedule, report: dict) -> Optional[TwoLevel]:
+        """The preconditioner of this step (``κM``, :meth:`TwoLevel.scaled`; ``None``: Jacobi), rebuilt
+        first by ``build()`` (→ :class:`TwoLevel` or ``None``) where it must be (:meth:`needs_refresh`).
+        ``g_diag``: this step's ``diag(G)``. Under a fixed :class:`~kronegp.solvers.CGSchedule` (a CUDA
+        graph's step) nothing is read or rebuilt: the recording pass's preconditioner is used, and the
+        drift goes to ``report`` as a device tensor. ``report`` gets ``two_level_reused`` (and
+        ``two_level_drift``) where a two-level preconditioner applies."""
+        fixed = schedule is not None and schedule.is_fixed
+        holds = self.holds(observed, g_diag)
+        rebuilt = False
+        if fixed:
+            if not holds or schedule.next_plan("two_level") != self.version:
+                raise RuntimeError("FrozenTwoLevel: a fixed CG schedule's step does not find the preconditioner its "
+                                   "recording pass used (it was rebuilt or dropped in between)")
+            drift = self.drift(factors, outputscale, level) if self.pre is not None else None
+            rebuilt = self.rebuilt  # the recording pass's (a replay's report comes from between_replays)
+        else:
+            drift = float(self.drift(factors, outputscale, level)) if holds else None
+            if not holds or self.needs_refresh(drift) is not None:
+                self.pre = None  # the old one's tensors go before the new one is built
+                self._keep(build(), observed, g_diag, factors, outputscale, level)
+                rebuilt, drift = True, 0.0
+            if schedule is not None:
+                schedule.note_plan("two_level", self.version)
+            self.rebuilt = rebuilt
+        if self.pre is None:
+            return None
+        report["two_level_reused"] = not rebuilt
+        report["two_level_drift"] = drift
+        return self.pre.scaled(self.scale(g_diag))
+
+    def scale(self, g_diag: Tensor) -> Tensor:
+        """``log κ = mean_M(log J⁰ − log J)`` (0-dim, on the device; ``log J`` is 0 at observed cells)."""
+        return (self.log_j - torch.log(g_diag).sum()) / self.missing
+
+    def refresh(self, build, observed: Tensor, g_diag: Tensor, factors: list[Tensor], outputscale, level) -> bool:
+        """Rebuild now (between two CUDA-graph replays): ``build(like)`` (:func:`two_level`'s ``like``, to
+        keep the shapes) goes into the kept tensors in place where every shape matches (``True``: a
+        recorded graph reads the new values), else replaces them (``False``: record again)."""
+        new = build(self.pre)
+        if self.pre is not None and new is not None and self.holds(observed, g_diag) and self.pre.copy_(new):
+            for a, b in zip(self.factors, factors):
+                a.copy_(b.detach())
+            self.log_ratio.copy_(self._log_ratio(outputscale, level))
+            self.log_j.copy_(torch.log(self.pre.g_diag).sum())
+            self.iterations = self.stale = None
+            self.builds += 1
+            self.refreshes += 1
+            return True
+        self._keep(new, observed, g_diag, factors, outputscale, level)
+        return False
 
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
-    ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
+    ``|S_i| × |S_i|`` matrices kept (between steps too: :class:`FrozenTwoLevel`; the old one is dropped
+    before a new one is built) and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
     fills) or the ``|S_i|`` box rows and eigen-coordinates of :func:`truncated_galerkin` (one that it
     does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the

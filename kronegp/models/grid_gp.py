@@ -46,6 +46,7 @@ from kronegp.models import memory
 from kronegp.models._data import check_kernels, check_settings, standardised
 from kronegp.models._params import GridHyperparameters
 from kronegp.models._points import check_points, point_chunks
+from kronegp.models._two_level import FrozenTwoLevel
 from kronegp.models.layout import LocalLayout
 from kronegp.models.paths import InferencePath, check_mask, choose_path
 from kronegp.solvers.report import one_warning
@@ -82,6 +83,11 @@ class SolveInfo:
         coarse_modes: the coarse modes of the two-level preconditioner the cg path built for the
             connected pieces of missing cells (holes, clouds; :mod:`kronegp.models._two_level`), else
             ``None`` (no such piece, scattered cells only, or another path).
+        preconditioner_reused: on the cg path with a two-level preconditioner of the missing cells
+            (holes, clouds: :mod:`kronegp.models._two_level`), ``True`` where the step reused the one
+            the model keeps from an earlier step, ``False`` where it was built or rebuilt for this step
+            (the first step, hyperparameters moved past ``REFRESH_DRIFT``, CG iterations grown:
+            :class:`~kronegp.models._two_level.FrozenTwoLevel`); ``None`` where none applies (Jacobi).
     """
 
     path: str
@@ -94,6 +100,7 @@ class SolveInfo:
     estimate: bool = False
     lml_std_error: Optional[float] = None
     coarse_modes: Optional[int] = None
+    preconditioner_reused: Optional[bool] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -110,6 +117,7 @@ class SolveInfo:
             estimate=bool(extra.get("estimate", False)),
             lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
             coarse_modes=None if extra.get("coarse_modes") is None else int(extra["coarse_modes"]),
+            preconditioner_reused=None if extra.get("two_level_reused") is None else bool(extra["two_level_reused"]),
         )
 
 def _warns_once(where: str):
@@ -258,6 +266,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         self.history: list[float] = []
         self._graphed = None  # the CUDA graph of the training step (``loss_backward``)
         self._graph_failed: Optional[str] = None  # why recording it failed, once it has
+        #: the cg path's two-level preconditioner of the missing cells, kept across steps until the
+        #: hyperparameters drift (:class:`~kronegp.models._two_level.FrozenTwoLevel`)
+        self._two_level = FrozenTwoLevel()
 
         values_t = data.values.reshape(-1)
         observed = data.mask.reshape(-1) if data.mask is not None else None
@@ -354,7 +365,9 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 eagerly, as does a step whose CG runs need more than
                 :data:`kronegp.models._graph.MAX_RECORDED_ITERATIONS` iterations; if recording fails
                 (e.g. a user kernel or mean that synchronises), it warns once with the reason
-                and runs eagerly. ``True``: raise instead, for every reason above but the
+                and runs eagerly. Holes and clouds keep their two-level preconditioner in the
+                graph (the model's frozen one, refreshed between replays when the hyperparameters
+                drift: :mod:`kronegp.models._graph`). ``True``: raise instead, for every reason above but the
                 iteration limit (such a step still runs eagerly); ``False``: eagerly.
                 A recorded graph keeps one evaluation's intermediate tensors allocated between
                 calls.

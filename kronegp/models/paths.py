@@ -45,7 +45,7 @@ from kronegp.models import costs, memory
 from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
 from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, MissingBox, box_pays, few_missing_limit
 from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
-                                    solve_observed)
+                                    refresh_two_level, solve_observed)
 from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
 from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
                                             separable_mask_limit)
@@ -194,6 +194,18 @@ class InferencePath:
     def graph_obstacle(self, gp) -> Optional[str]:
         """Why this path's training step cannot be recorded as a CUDA graph, or ``None``."""
         return None
+
+    def graph_state(self, gp):
+        """What a recorded training step reads besides the model's parameters and buffers and was built
+        outside it (hashable; ``None``: nothing): where it changes, the graph is recorded again."""
+        return None
+
+    def between_replays(self, gp) -> tuple[bool, dict]:
+        """Between two replays of the recorded training step (:mod:`kronegp.models._graph`): refresh,
+        eagerly, what the step keeps frozen across steps. Returns whether the graph must be recorded
+        again (what it reads changed shape) and the entries of ``_last_extra`` the next replay's
+        report gets (what the refresh did)."""
+        return False, {}
 
     def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
         """Posterior mean and variance of ``f`` on the grid (model units, flat, fresh tensors)."""
@@ -453,6 +465,30 @@ class CGPath(InferencePath):
             return "the memory plan splits the probes into several CG runs (a graph would hold them all)"
         return None
 
+    def graph_state(self, gp):
+        """The version of the model's frozen two-level preconditioner: an eager step or a prediction
+        between two replays that rebuilt it gave it new tensors (the graph reads the old ones)."""
+        return gp._two_level.version
+
+    def between_replays(self, gp) -> tuple[bool, dict]:
+        """The missing cells' two-level preconditioner (:class:`~kronegp.models._two_level.FrozenTwoLevel`):
+        where the last replay found it stale (its reported drift past ``REFRESH_DRIFT``, or CG
+        iterations grown), rebuilt now at the current hyperparameters, into the tensors the graph
+        reads where the shapes match (else: record again)."""
+        frozen = gp._two_level
+        if frozen.pre is None:
+            return False, {}
+        extra = gp._last_extra
+        if isinstance(extra.get("missing_iterations"), (int, float)):
+            frozen.note_iterations(int(extra["missing_iterations"]))
+        drift = extra.get("two_level_drift")
+        if frozen.needs_refresh(None if isinstance(drift, Tensor) else drift) is None:
+            return False, {"two_level_reused": True}
+        with torch.no_grad():
+            in_place = refresh_two_level(self.covariance(gp, gp._factors()), gp.observed, frozen)
+        return not in_place, {"two_level_reused": False, "two_level_drift": 0.0,
+                              "coarse_modes": frozen.pre.modes if frozen.pre is not None else None}
+
     # ------------------------------------------------------------------ probes
 
     def std_normal(self, gp, rows: int, cols: int, offset: int = 0) -> Tensor:
@@ -548,7 +584,7 @@ class CGPath(InferencePath):
                 probes_c=None if cov.homoskedastic else self.cell_noise_probes(gp),
                 probes_g=None if gp.observed is None else self.missing_probes(gp),
                 tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
-                probe_chunk=None if gp.observed is None else self.cg_run(gp),
+                probe_chunk=None if gp.observed is None else self.cg_run(gp), frozen=gp._two_level,
             )
         else:
             pieces = plain_cg_lml_pieces(
@@ -568,7 +604,7 @@ class CGPath(InferencePath):
     def _solve_observed(self, gp, cov: FullGridCovariance, rhs: Tensor, tol: Optional[float] = None) -> Tensor:
         """``C_OO⁻¹ b_O`` zero-filled, for ``(N, t)`` columns zero at missing cells."""
         out, gp.cg_iterations = solve_observed(cov, rhs, gp.observed, tol=gp.cg_tol if tol is None else tol,
-                                               max_iters=gp.cg_max_iters)
+                                               max_iters=gp.cg_max_iters, frozen=gp._two_level)
         return out
 
     def _system(self, gp, factors):
