@@ -38,7 +38,7 @@ buffers are alive at once. Each count below is taken from the code that allocate
   :func:`kronegp.models._two_level.coarse_bytes`).
 
 * **exact-missing path, training step** (:mod:`kronegp.models._few_missing`; :func:`plan_few_missing_step`):
-  :data:`FEW_MISSING_VECTORS` grid vectors, ``G = X_MM``, its Cholesky factor and ``G⁻¹`` (``m × m``) and
+  :data:`FEW_MISSING_VECTORS` grid vectors (:data:`FEW_MISSING_BOX_VECTORS` through a box), ``G = X_MM``, its Cholesky factor and ``G⁻¹`` (``m × m``) and
   either the ``m × N`` rows ``U``, ``Y``, ``G⁻¹Y`` (scattered cells, :data:`FEW_MISSING_ROWS`: 180 MiB for
   216 cells of 30×28×26 in float64) or, through a compact hole's box of ``b`` cells, ``b × b`` matrices
   and the log det G gradient's modes summed directly (:data:`FEW_MISSING_BOX`; counted at their worst,
@@ -103,6 +103,10 @@ CG_FUSED_SAVES = {"missing": 1.0, "per-cell": 1.0, "both": 2.0}
 #: 2026-12-07, nine holes and boxes on 24×20×18 to 50×30×20 and scattered cells, within 8 %): grid vectors
 #: (``p``, ``λ``, the residual in eigen-coordinates, ``Qᵀα``, the surrogate's ``z``, the contractions...)
 FEW_MISSING_VECTORS = 10.3
+#: ... through the box (a compact hole): fewer since the hole step's third pass (exacthole branch: α's
+#: values at the missing cells from ``G``, no gather/scatter around a filled box; measured with
+#: :class:`LiveBytes` on 2026-12-07 after that merge: 3.9–5.3 on the plan tests' holes)
+FEW_MISSING_BOX_VECTORS = 4.9
 #: through the ``m × N`` rows (scattered cells): ``(rows, m × m matrices)`` (``U``, ``Y``, ``G⁻¹Y`` and the
 #: gradient form's; ``G``, its factor ``L``, ``G⁻¹``)
 FEW_MISSING_ROWS = (4.9, 5.8)
@@ -252,7 +256,7 @@ def plan_few_missing_step(shape: Sequence[int], dtype: torch.dtype, m: int, box_
     ``boxed`` (:func:`~kronegp.models._few_missing.box_pays`), else through the ``m × N`` rows. Its
     :attr:`MemoryPlan.chunk` is ``N`` (nothing is chunked)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
-    parts = {"grid vectors": int(FEW_MISSING_VECTORS * n * item)}
+    parts = {"grid vectors": int((FEW_MISSING_BOX_VECTORS if boxed else FEW_MISSING_VECTORS) * n * item)}
     if boxed:
         box = math.prod(box_sizes)
         squares, box_squares, box_index = FEW_MISSING_BOX
