@@ -99,7 +99,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["CoarseBasis", "CoarsePiece", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR"]
+           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -116,6 +116,10 @@ MAX_PIECES = 256
 #: A piece that does not fill its box forms its Galerkin matrix from X's eigen-expansion truncated so
 #: that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E`` (:func:`truncated_galerkin`).
 GALERKIN_TOL = 0.1
+#: :func:`truncated_galerkin` first tries the threshold that certifies its bound if the smallest eigenvalue of
+#: ``E`` against ``WᵀW/σ²`` is at least this (measured 0.003–0.05 on clouds' pieces, 48³, 2026-12-07; the
+#: a priori one assumes ``1/(1 + top)``, 3e-5–2e-4 there), checks it with one Cholesky, and else falls back.
+GALERKIN_TRIAL_C = 2e-3
 #: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
 #: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
 MAX_TRUNCATED_MODES = 256
@@ -456,25 +460,57 @@ def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], l
 def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, p: Tensor,
                        top: float) -> Tensor:
     """``Ẽ = Wᵀ X̃ W`` for a piece that does not fill its box, with ``X = I/σ² − Q diag(ω) Qᵀ``
-    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least
-    ``ϑ = GALERKIN_TOL · σ² / (1 + top)`` (``top``: the box's largest score ``s²Πμ/σ²``).
+    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least a
+    threshold ``ϑ``, chosen so that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``.
 
-    Exactly ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``: the dropped part is ``Σ ω_j W ᵀq_j q_jᵀ W ⪯ (ϑ/σ⁴) WᵀW``
-    (``ω_j ≤ λ_j/σ⁴``) and ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
-    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box). The kept coordinates are a Kronecker sub-box
-    (per axis, the ``j`` that can reach ``ϑ``) and the ones in it reaching ``ϑ``: one matmul of the
-    ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a gram over them."""
+    The dropped part is ``D = Σ ω_j Wᵀq_j q_jᵀW ⪯ (ϑ/σ²) WᵀW/σ²`` (``ω_j ≤ λ_j/σ⁴``) and ``E = Ẽ − D ⪯ Ẽ``.
+    A priori, ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
+    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box; ``top``: the box's largest score ``s²Πμ/σ²``), so
+    ``ϑ₀ = GALERKIN_TOL · σ² / (1 + top)`` certifies the bound. That assumes a mode smooth over the
+    whole box, which a ragged piece does not hold (measured on clouds, 48³: the smallest eigenvalue
+    ``c`` of ``Ẽ`` against ``WᵀW/σ²`` is 0.003–0.05 where ``1/(1 + top)`` is 3e-5–2e-4). So first
+    ``ϑ₁ = t σ² ·`` :data:`GALERKIN_TRIAL_C` (``t = GALERKIN_TOL / (1 + GALERKIN_TOL)``), with fewer
+    coordinates, and a posteriori: if ``Ẽ₁ ⪰ (ϑ₁/(σ² t)) WᵀW/σ²`` (one Cholesky), then
+    ``E ⪰ Ẽ₁ − (ϑ₁/σ²) WᵀW/σ² ⪰ (1 − t) Ẽ₁``, i.e. ``Ẽ₁ ⪯ (1 + GALERKIN_TOL) E``: done. Else the
+    coordinates between ``ϑ₀`` and ``ϑ₁`` are subtracted too (the a priori bound holds).
+
+    The kept coordinates are a Kronecker sub-box (per axis, the ``j`` that can reach ``ϑ``) and the ones
+    in it reaching ``ϑ``: per pass one matmul of the ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a
+    gram over them (``|S|²`` flops per kept coordinate: on clouds about a third of the grid's at ``ϑ₀``,
+    half of that at ``ϑ₁``)."""
     h = basis.hole
-    thr = GALERKIN_TOL * float(level) / (1.0 + top)
-    s2 = float(outputscale)
-    tops = [float(v.max()) for v in eig.vals]
-    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= thr).reshape(-1) for k, v in enumerate(eig.vals)]
+    level_f = float(level)
+    t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
+    floor = GALERKIN_TOL * level_f / (1.0 + top)  # ϑ₀, certified a priori
+    trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
     inside = p.new_zeros(h.box)
     inside[h.pos] = 1.0
-    E = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
-    if any(k.numel() == 0 for k in keep):
-        return E
+    ww = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    E = ww.clone()
     wbox = basis.box_rows(torch.eye(basis.modes, dtype=p.dtype, device=p.device)).mul_(inside)  # W over the box
+    if trial > floor:
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, trial, math.inf)
+        try:  # Ẽ₁ − (ϑ₁/(σ² t)) WᵀW/σ² ≻ 0 certifies Ẽ₁ ⪯ (1 + GALERKIN_TOL) E
+            torch.linalg.cholesky(E - (trial / (level_f * t)) * ww)
+            return E
+        except torch.linalg.LinAlgError:
+            pass
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, trial)
+    else:
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, math.inf)
+    return E
+
+
+def _subtract_band(E: Tensor, wbox: Tensor, basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor,
+                   p: Tensor, lo: float, hi: float) -> None:
+    """``E −= Σ_j ω_j (Wᵀq_j)(Wᵀq_j)ᵀ`` over the eigen-coordinates ``j`` with prior variance ``lo ≤ λ_j < hi``
+    (in place; ``wbox``: ``W``'s ``|S|`` box rows)."""
+    h = basis.hole
+    s2 = float(outputscale)
+    tops = [float(v.max()) for v in eig.vals]
+    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= lo).reshape(-1) for k, v in enumerate(eig.vals)]
+    if any(k.numel() == 0 for k in keep):
+        return
     rest = math.prod(k.numel() for k in keep[1:])
     step = max(1, MAX_GRAM_ELEMENTS // (basis.modes * rest))  # axis-1 coordinates per block of Y
     lam_rest = s2 * kron_vector([v[k] for v, k in zip(eig.vals[1:], keep[1:])]) if len(keep) > 1 else None
@@ -485,15 +521,14 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     q1 = eig.vecs[0][h.axes[0]]
     for a in range(0, keep[0].numel(), step):
         k1 = keep[0][a : a + step]
-        lam = eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)
+        lam = (eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)).reshape(-1)
         flat = (k1.unsqueeze(-1) * (eig.size // eig.sizes[0]) + flat_rest).reshape(-1)
-        chosen = torch.nonzero(lam.reshape(-1) >= thr).reshape(-1)
+        chosen = torch.nonzero((lam >= lo) & (lam < hi)).reshape(-1)
         if chosen.numel() == 0:
             continue
         Y = matmul_kron(wbox, [q1[:, k1]] + mats)[:, chosen]  # (|S|, kept): Wᵀ q_j
         omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
         E -= (Y * omega) @ Y.mT
-    return E
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
@@ -552,8 +587,8 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
     ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
-    fills) or the ``|S_i|`` box rows and eigen-coordinates of :func:`truncated_galerkin` (one that it
-    does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the
+    fills) or the ``|S_i|`` box rows, eigen-coordinates and three more ``|S_i|²`` (``WᵀW/σ²``, the a
+    posteriori check and its factor) of :func:`truncated_galerkin` (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the
     boxes' padded block; ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
@@ -567,10 +602,11 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
         if piece.fills:
             modes = min(piece.box, MAX_MODES, budget)
             work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes
-        else:  # the box rows, their gram's partial H and truncated_galerkin's blocks of Y (an axis-1 slab at least)
+        else:  # the box rows, their gram's partial H, truncated_galerkin's blocks of Y (an axis-1 slab at least),
+            # and its WᵀW/σ² with the a posteriori check's matrix and factor (three |S_i|² more)
             modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
             work = modes * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
-                + index * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+                + (index + 3) * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
         count[i] = modes
         budget -= modes
         kept += 6 * modes * modes
