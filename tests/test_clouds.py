@@ -145,3 +145,42 @@ def test_two_level_cuts_the_iterations_of_clouds(monkeypatch):
         runs[on] = (gp.last_solve.iterations, gp._last_extra.get("coarse_modes"))
     assert runs[False][1] is None and runs[True][1] > 0
     assert runs[True][0] * 1.4 <= runs[False][0], runs
+
+
+# ----------------------------------------------------------------------------- benchmarks/cloud_pieces.py
+
+
+def test_the_benchmarks_tile_rule_splits_a_spanning_component_into_disjoint_pieces_of_their_tiles(monkeypatch):
+    """The ``tiles-B`` rule whose iterations NOTES.md reports: a component spanning a 16³ grid (a
+    plus of three bars through the centre) cut into tiles of at most 6 cells per axis of its box (3 per
+    axis: 27 tiles, of which the centre one and the six the arms cross hold cells and are pieces): each
+    piece inside its tile, the pieces disjoint, together the component; grown tiles overlap;
+    ``components`` keeps it whole."""
+    from _helpers import benchmark_module
+
+    cp = benchmark_module("cloud_pieces")
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 8)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    n = 16
+    miss = torch.zeros(n, n, n, dtype=torch.bool)
+    miss[:, 6:10, 6:10] = True
+    miss[6:10, :, 6:10] = True
+    miss[6:10, 6:10, :] = True
+    flat = miss.reshape(-1)
+    whole = cp.rule("components")(flat, (n, n, n))
+    assert [pc.m for pc in whole] == [int(miss.sum())]
+    pieces = cp.rule("tiles-6")(flat, (n, n, n))
+    edges = torch.linspace(0, n, 4).round().long()  # the tiles' edges on each axis (the box is the grid)
+    assert len(pieces) == 7  # the centre tile and the six arms' tiles (the corners and edges hold none)
+    seen = torch.zeros(n**3, dtype=torch.long)
+    for pc in pieces:
+        for c in pc.coords:  # every cell of a piece in one tile on each axis
+            tile = torch.bucketize(c, edges[1:-1], right=True)
+            assert bool((tile == tile[0]).all())
+        seen[pc.idx] += 1
+    assert int(seen.max()) == 1 and bool((seen > 0).eq(flat).all())
+    grown = cp.rule("tiles-6+2")(flat, (n, n, n))
+    seen = torch.zeros(n**3, dtype=torch.long)
+    for pc in grown:
+        seen[pc.idx] += 1
+    assert int(seen.max()) > 1 and bool((seen > 0).eq(flat).all())
