@@ -33,9 +33,10 @@ Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`
 directly: :func:`selected_gram`) when the piece fills its box. Otherwise (a ragged hole, a cloud)
 ``W`` is not a Kronecker product, and ``E`` comes from ``X = I/σ² − Q diag(ω) Qᵀ`` (``ω = 1/σ² − p``)
 with the eigen-coordinates of prior variance below ``ϑ`` dropped (:func:`truncated_galerkin`):
-``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct. It costs the ``|S|``
-box rows of ``W`` and ``|S|²`` flops per kept eigen-coordinate (on clouds about a third of the
-grid's: the Matérn spectrum decays slowly), so such a piece takes at most
+``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct (``ϑ`` certified a
+posteriori where it can, else a priori). It costs the ``|S|`` box rows of ``W``, their Kronecker
+matmul with the kept coordinates' ``Q_k[I_k, J_k]`` and ``|S|²`` flops per kept eigen-coordinate (on
+clouds about a sixth of the grid's: the Matérn spectrum decays slowly), so such a piece takes at most
 :data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
 ``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
 ``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
@@ -47,7 +48,8 @@ the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the i
 
 **Host work.** The pieces depend on the mask alone and are found once per mask
 (:func:`cached_pieces`); a step's setup reads the device once for ``s²/σ²``, once per piece for its
-box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check
+box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check (twice
+for a piece that does not fill its box: :func:`truncated_galerkin`'s a posteriori check)
 (``benchmarks/holeops.py``: a 64³ hole's setup 17 → 3 host reads, 201 → 129 ops; the apply 11 ops
 and two products per batch).
 
@@ -79,6 +81,18 @@ grid, plus a dozen blobs) 45 → 14 / 83 → 28 / 135 → 63 iterations, but the
 merged component's modes are capped by :data:`MAX_BOX_ELEMENTS` (128) and setup (16 s) plus
 applies (11 s) of a 70 s step eat most of the saving. Issue 22's ≤ 3× target holds for holes,
 not clouds.
+
+**Measured, clouds** (cloudsplit branch, same machine and method, 2026-12-07; ``benchmarks/cloud_pieces.py``
+and NOTES.md "Clouds split into sub-box pieces"): cutting the merged component into sub-box pieces
+(tiles of its box, overlapping or not, or cuts at its necks) never took fewer iterations than the one
+component (48³: 46–63 against 49 on ``G`` at tol 1e-8; 32³: 24–58 against 23): the coupling between
+the parts matters, and the pieces' log determinants need them disjoint. More modes on the merged
+component do: caps of 256 / 512 / 1024 take 49 / 30 / 19 iterations on ``G`` at 48³ (28 / 18 / 11 in
+the training step), but the step, which rebuilds the coarse space, takes 5.6 / 8.5 / 14.7 s, so the
+shipped cap stays at 256 (6.0× the scatter's at 48³, 19.5× at 64³: 64 iterations). With the coarse
+space built once and kept across steps (emulated), the 1024 cap's step is 2.6× the scatter's at 48³
+(11 iterations) and 1.8–4× at 64³ (17). :func:`truncated_galerkin`'s a posteriori threshold keeps
+half the eigen-coordinates (setup 2.15 → 1.75 s at 48³).
 
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
