@@ -184,3 +184,27 @@ def test_the_benchmarks_tile_rule_splits_a_spanning_component_into_disjoint_piec
     for pc in grown:
         seen[pc.idx] += 1
     assert int(seen.max()) > 1 and bool((seen > 0).eq(flat).all())
+
+
+def test_box_rows_in_blocks_give_the_same_galerkin_matrix(monkeypatch):
+    """A piece whose ``|S|`` box rows pass MAX_BOX_ELEMENTS gets them a few modes at a time (formed again
+    per block of eigen-coordinates): the same Ẽ as from the rows held whole, on both thresholds."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    monkeypatch.setattr(two_level_mod, "GALERKIN_TRIAL_C", 0.1)  # some pieces pass the trial, one falls back
+    gp = model("clouds", path="cg")
+    pre, *_ = _coarse_for(gp)
+    with torch.no_grad():
+        cov = gp.inference.covariance(gp, gp._factors())
+        scale = float(cov.outputscale / cov.sigma_bar2)
+        ragged = [pc for pc in pre.pieces if not pc.hole.fills and pc.modes > 3]
+        assert ragged
+        for pc in ragged:
+            mus, _ = two_level_mod._box_eigs(cov.factors, pc.hole)
+            top = scale * float(torch.stack([mu[0] for mu in mus]).prod())
+            args = (pc.basis, cov.eig, cov.outputscale, cov.sigma_bar2, cov.p_inv, top)
+            whole = two_level_mod.truncated_galerkin(*args)
+            with monkeypatch.context() as m:
+                m.setattr(two_level_mod, "MAX_BOX_ELEMENTS", 3 * pc.hole.box)  # three modes a block
+                blocks = two_level_mod.truncated_galerkin(*args)
+            assert rel(blocks, whole) <= 1e-12

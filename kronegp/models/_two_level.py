@@ -37,7 +37,7 @@ with the eigen-coordinates of prior variance below ``ϑ`` dropped (:func:`trunca
 posteriori where it can, else a priori). It costs the ``|S|`` box rows of ``W``, their Kronecker
 matmul with the kept coordinates' ``Q_k[I_k, J_k]`` and ``|S|²`` flops per kept eigen-coordinate (on
 clouds about a sixth of the grid's: the Matérn spectrum decays slowly), so such a piece takes at most
-:data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
+:data:`MAX_TRUNCATED_MODES` modes, its box rows formed :data:`MAX_BOX_ELEMENTS` elements at a time. (Forming
 ``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
 ``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
 Applying ``M`` to a block costs two Kronecker products over the pieces' boxes with ``b_k × r_k``
@@ -137,7 +137,9 @@ GALERKIN_TRIAL_C = 2e-3
 #: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
 #: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
 MAX_TRUNCATED_MODES = 256
-#: ... and at most this many elements in its ``|S|`` box rows (``|S| ≤ MAX_BOX_ELEMENTS / box``).
+#: ... whose ``|S|`` box rows :func:`truncated_galerkin` holds at most this many elements of at a time (it
+#: capped ``|S|`` at ``MAX_BOX_ELEMENTS / box`` before: 150 modes for the merged cloud of 64³, whose step took
+#: 65–73 s and 64 iterations against 43–49 s and 50 with 256 modes, same process, 2026-12-07).
 MAX_BOX_ELEMENTS = 1 << 25
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
 MIN_MISSING = 64
@@ -491,7 +493,8 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     The kept coordinates are a Kronecker sub-box (per axis, the ``j`` that can reach ``ϑ``) and the ones
     in it reaching ``ϑ``: per pass one matmul of the ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a
     gram over them (``|S|²`` flops per kept coordinate: on clouds about a third of the grid's at ``ϑ₀``,
-    half of that at ``ϑ₁``)."""
+    half of that at ``ϑ₁``). The box rows are formed once where ``|S|·box ≤`` :data:`MAX_BOX_ELEMENTS`,
+    else that many elements at a time, again for each block of coordinates."""
     h = basis.hole
     level_f = float(level)
     t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
@@ -501,7 +504,13 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     inside[h.pos] = 1.0
     ww = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
     E = ww.clone()
-    wbox = basis.box_rows(torch.eye(basis.modes, dtype=p.dtype, device=p.device)).mul_(inside)  # W over the box
+    eye = torch.eye(basis.modes, dtype=p.dtype, device=p.device)
+    if basis.modes * h.box <= MAX_BOX_ELEMENTS:  # W over the box, formed once
+        whole = basis.box_rows(eye).mul_(inside)
+        wbox = lambda: (whole,)  # noqa: E731
+    else:  # at most MAX_BOX_ELEMENTS of it at a time, formed again per block of eigen-coordinates
+        rows = max(1, MAX_BOX_ELEMENTS // h.box)
+        wbox = lambda: (basis.box_rows(eye[a : a + rows]).mul_(inside) for a in range(0, basis.modes, rows))  # noqa: E731
     if trial > floor:
         _subtract_band(E, wbox, basis, eig, outputscale, level, p, trial, math.inf)
         try:  # Ẽ₁ − (ϑ₁/(σ² t)) WᵀW/σ² ≻ 0 certifies Ẽ₁ ⪯ (1 + GALERKIN_TOL) E
@@ -515,10 +524,10 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     return E
 
 
-def _subtract_band(E: Tensor, wbox: Tensor, basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor,
+def _subtract_band(E: Tensor, wbox, basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor,
                    p: Tensor, lo: float, hi: float) -> None:
     """``E −= Σ_j ω_j (Wᵀq_j)(Wᵀq_j)ᵀ`` over the eigen-coordinates ``j`` with prior variance ``lo ≤ λ_j < hi``
-    (in place; ``wbox``: ``W``'s ``|S|`` box rows)."""
+    (in place; ``wbox()``: ``W``'s ``|S|`` box rows, in blocks of modes)."""
     h = basis.hole
     s2 = float(outputscale)
     tops = [float(v.max()) for v in eig.vals]
@@ -540,7 +549,7 @@ def _subtract_band(E: Tensor, wbox: Tensor, basis: CoarseBasis, eig: KronEigen, 
         chosen = torch.nonzero((lam >= lo) & (lam < hi)).reshape(-1)
         if chosen.numel() == 0:
             continue
-        Y = matmul_kron(wbox, [q1[:, k1]] + mats)[:, chosen]  # (|S|, kept): Wᵀ q_j
+        Y = torch.cat([matmul_kron(w, [q1[:, k1]] + mats)[:, chosen] for w in wbox()])  # (|S|, kept): Wᵀ q_j
         omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
         E -= (Y * omega) @ Y.mT
 
@@ -572,7 +581,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
             break
         mus, vecs = _box_eigs(factors, hole)
         mus = torch.cat(mus).cpu().split([v.shape[-1] for v in vecs])  # one read: the choice below is the host's
-        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
+        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget)
         chosen = _tensor_modes(mus, scale, limit, eig.sizes[0] if hole.fills else hole.box_sizes[0]) if limit > 0 else None
         if chosen is None:
             continue
@@ -601,9 +610,10 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
     ``|S_i| × |S_i|`` matrices kept and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
-    fills) or the ``|S_i|`` box rows, eigen-coordinates and three more ``|S_i|²`` (``WᵀW/σ²``, the a
-    posteriori check and its factor) of :func:`truncated_galerkin` (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the
-    boxes' padded block; ``|S_i|`` at most the box and the budgets."""
+    fills) or the ``|S_i|`` box rows (:data:`MAX_BOX_ELEMENTS` at a time), eigen-coordinates and three
+    more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
+    (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest
+    ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
     kept, peak, budget = 0, 0, MAX_TOTAL_MODES
@@ -616,10 +626,11 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
         if piece.fills:
             modes = min(piece.box, MAX_MODES, budget)
             work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes
-        else:  # the box rows, their gram's partial H, truncated_galerkin's blocks of Y (an axis-1 slab at least),
-            # and its WᵀW/σ² with the a posteriori check's matrix and factor (three |S_i|² more)
-            modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
-            work = modes * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
+        else:  # the box rows (MAX_BOX_ELEMENTS at a time), their gram's partial H, truncated_galerkin's blocks
+            # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor
+            modes = min(piece.box, MAX_TRUNCATED_MODES, budget)
+            rows = min(modes, max(1, MAX_BOX_ELEMENTS // piece.box))
+            work = rows * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
                 + (index + 3) * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
         count[i] = modes
         budget -= modes
