@@ -88,8 +88,10 @@ and NOTES.md "Clouds split into sub-box pieces"): cutting the merged component i
 component (48³: 46–63 against 49 on ``G`` at tol 1e-8; 32³: 24–58 against 23): the coupling between
 the parts matters, and the pieces' log determinants need them disjoint. More modes on the merged
 component do: caps of 256 / 512 / 1024 take 49 / 30 / 19 iterations on ``G`` at 48³ (28 / 18 / 11 in
-the training step), but the step, which rebuilds the coarse space, takes 5.6 / 8.5 / 14.7 s, so the
-shipped cap stays at 256 (6.0× the scatter's at 48³, 19.5× at 64³: 64 iterations). With the coarse
+the training step), but the step, which rebuilds the coarse space, takes 4.8–5.7 / 6.4–6.7 / 15–16 s
+(same process, alternating), so the
+shipped cap stays at 256 (6.0× the scatter's at 48³; at 64³, where the box-row cap gave the merged
+cloud 150 modes before, 64 → 50 iterations and 65–73 → 37–49 s a step: 13.7× the scatter's). With the coarse
 space built once and kept across steps (emulated), the 1024 cap's step is 2.6× the scatter's at 48³
 (11 iterations) and 1.8–4× at 64³ (17). :func:`truncated_galerkin`'s a posteriori threshold keeps
 half the eigen-coordinates (setup 2.15 → 1.75 s at 48³).
