@@ -33,10 +33,11 @@ Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`
 directly: :func:`selected_gram`) when the piece fills its box. Otherwise (a ragged hole, a cloud)
 ``W`` is not a Kronecker product, and ``E`` comes from ``X = I/σ² − Q diag(ω) Qᵀ`` (``ω = 1/σ² − p``)
 with the eigen-coordinates of prior variance below ``ϑ`` dropped (:func:`truncated_galerkin`):
-``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct. It costs the ``|S|``
-box rows of ``W`` and ``|S|²`` flops per kept eigen-coordinate (on clouds about a third of the
-grid's: the Matérn spectrum decays slowly), so such a piece takes at most
-:data:`MAX_TRUNCATED_MODES` modes and :data:`MAX_BOX_ELEMENTS` box-row elements. (Forming
+``E ⪯ Ẽ ⪯ (1 +`` :data:`GALERKIN_TOL` ``) E``, any SPD ``Ẽ`` being correct (``ϑ`` certified a
+posteriori where it can, else a priori). It costs the ``|S|`` box rows of ``W``, their Kronecker
+matmul with the kept coordinates' ``Q_k[I_k, J_k]`` and ``|S|²`` flops per kept eigen-coordinate (on
+clouds about a sixth of the grid's: the Matérn spectrum decays slowly), so such a piece takes at most
+:data:`MAX_TRUNCATED_MODES` modes, its box rows formed :data:`MAX_BOX_ELEMENTS` elements at a time. (Forming
 ``X W`` through the grid, as the first version did, costs ``|S|`` grid products: as much as
 ``|S|/(s+1)`` CG iterations of ``s + 1`` columns.)
 Applying ``M`` to a block costs two Kronecker products over the pieces' boxes with ``b_k × r_k``
@@ -47,7 +48,8 @@ the ``E_i`` are (exact or not), so CG stays correct; its quality only sets the i
 
 **Host work.** The pieces depend on the mask alone and are found once per mask
 (:func:`cached_pieces`); a step's setup reads the device once for ``s²/σ²``, once per piece for its
-box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check
+box eigenvalues (the modes it keeps set the shapes) and once per piece for its Cholesky check (twice
+for a piece that does not fill its box: :func:`truncated_galerkin`'s a posteriori check)
 (``benchmarks/holeops.py``: a 64³ hole's setup 17 → 3 host reads, 201 → 129 ops; the apply 11 ops
 and two products per batch). That setup runs only when the model's kept preconditioner must be
 rebuilt (below); a step that reuses it reads the device once, for its drift.
@@ -99,6 +101,20 @@ merged component's modes are capped by :data:`MAX_BOX_ELEMENTS` (128) and setup 
 applies (11 s) of a 70 s step eat most of the saving. Issue 22's ≤ 3× target holds for holes,
 not clouds.
 
+**Measured, clouds** (cloudsplit branch, same machine and method, 2026-12-07; ``benchmarks/cloud_pieces.py``
+and NOTES.md "Clouds split into sub-box pieces"): cutting the merged component into sub-box pieces
+(tiles of its box, overlapping or not, or cuts at its necks) never took fewer iterations than the one
+component (48³: 46–63 against 49 on ``G`` at tol 1e-8; 32³: 24–58 against 23): the coupling between
+the parts matters, and the pieces' log determinants need them disjoint. More modes on the merged
+component do: caps of 256 / 512 / 1024 take 49 / 30 / 19 iterations on ``G`` at 48³ (28 / 18 / 11 in
+the training step), but the step, which rebuilds the coarse space, takes 4.8–5.7 / 6.4–6.7 / 15–16 s
+(same process, alternating), so the
+shipped cap stays at 256 (6.0× the scatter's at 48³; at 64³, where the box-row cap gave the merged
+cloud 150 modes before, 64 → 50 iterations and 65–73 → 37–49 s a step: 13.7× the scatter's). With the coarse
+space built once and kept across steps (emulated), the 1024 cap's step is 2.6× the scatter's at 48³
+(11 iterations) and 1.8–4× at 64³ (17). :func:`truncated_galerkin`'s a posteriori threshold keeps
+half the eigen-coordinates (setup 2.15 → 1.75 s at 48³).
+
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
 """
@@ -119,7 +135,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
+           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
            "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
@@ -137,10 +153,16 @@ MAX_PIECES = 256
 #: A piece that does not fill its box forms its Galerkin matrix from X's eigen-expansion truncated so
 #: that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E`` (:func:`truncated_galerkin`).
 GALERKIN_TOL = 0.1
+#: :func:`truncated_galerkin` first tries the threshold that certifies its bound if the smallest eigenvalue of
+#: ``E`` against ``WᵀW/σ²`` is at least this (measured 0.003–0.05 on clouds' pieces, 48³, 2026-12-07; the
+#: a priori one assumes ``1/(1 + top)``, 3e-5–2e-4 there), checks it with one Cholesky, and else falls back.
+GALERKIN_TRIAL_C = 2e-3
 #: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
 #: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
 MAX_TRUNCATED_MODES = 256
-#: ... and at most this many elements in its ``|S|`` box rows (``|S| ≤ MAX_BOX_ELEMENTS / box``).
+#: ... whose ``|S|`` box rows :func:`truncated_galerkin` holds at most this many elements of at a time (it
+#: capped ``|S|`` at ``MAX_BOX_ELEMENTS / box`` before: 150 modes for the merged cloud of 64³, whose step took
+#: 65–73 s and 64 iterations against 43–49 s and 50 with 256 modes, same process, 2026-12-07).
 MAX_BOX_ELEMENTS = 1 << 25
 #: Fewer missing cells than this keep plain Jacobi (the coarse space would cost more than it saves).
 MIN_MISSING = 64
@@ -544,25 +566,64 @@ def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], l
 def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, p: Tensor,
                        top: float) -> Tensor:
     """``Ẽ = Wᵀ X̃ W`` for a piece that does not fill its box, with ``X = I/σ² − Q diag(ω) Qᵀ``
-    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least
-    ``ϑ = GALERKIN_TOL · σ² / (1 + top)`` (``top``: the box's largest score ``s²Πμ/σ²``).
+    (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least a
+    threshold ``ϑ``, chosen so that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``.
 
-    Exactly ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``: the dropped part is ``Σ ω_j W ᵀq_j q_jᵀ W ⪯ (ϑ/σ⁴) WᵀW``
-    (``ω_j ≤ λ_j/σ⁴``) and ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
-    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box). The kept coordinates are a Kronecker sub-box
-    (per axis, the ``j`` that can reach ``ϑ``) and the ones in it reaching ``ϑ``: one matmul of the
-    ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a gram over them."""
+    The dropped part is ``D = Σ ω_j Wᵀq_j q_jᵀW ⪯ (ϑ/σ²) WᵀW/σ²`` (``ω_j ≤ λ_j/σ⁴``) and ``E = Ẽ − D ⪯ Ẽ``.
+    A priori, ``E ⪰ WᵀW / (σ²(1 + top))`` (Cauchy–Schwarz: ``vᵀXv ≥ |v|⁴ / vᵀCv`` and
+    ``vᵀCv ≤ (s²Πμ_1 + σ²)|v|²`` on the box; ``top``: the box's largest score ``s²Πμ/σ²``), so
+    ``ϑ₀ = GALERKIN_TOL · σ² / (1 + top)`` certifies the bound. That assumes a mode smooth over the
+    whole box, which a ragged piece does not hold (measured on clouds, 48³: the smallest eigenvalue
+    ``c`` of ``Ẽ`` against ``WᵀW/σ²`` is 0.003–0.05 where ``1/(1 + top)`` is 3e-5–2e-4). So first
+    ``ϑ₁ = t σ² ·`` :data:`GALERKIN_TRIAL_C` (``t = GALERKIN_TOL / (1 + GALERKIN_TOL)``), with fewer
+    coordinates, and a posteriori: if ``Ẽ₁ ⪰ (ϑ₁/(σ² t)) WᵀW/σ²`` (one Cholesky), then
+    ``E ⪰ Ẽ₁ − (ϑ₁/σ²) WᵀW/σ² ⪰ (1 − t) Ẽ₁``, i.e. ``Ẽ₁ ⪯ (1 + GALERKIN_TOL) E``: done. Else the
+    coordinates between ``ϑ₀`` and ``ϑ₁`` are subtracted too (the a priori bound holds).
+
+    The kept coordinates are a Kronecker sub-box (per axis, the ``j`` that can reach ``ϑ``) and the ones
+    in it reaching ``ϑ``: per pass one matmul of the ``|S|`` box rows with factors ``Q_k[I_k, J_k]`` and a
+    gram over them (``|S|²`` flops per kept coordinate: on clouds about a third of the grid's at ``ϑ₀``,
+    half of that at ``ϑ₁``). The box rows are formed once where ``|S|·box ≤`` :data:`MAX_BOX_ELEMENTS`,
+    else that many elements at a time, again for each block of coordinates."""
     h = basis.hole
-    thr = GALERKIN_TOL * float(level) / (1.0 + top)
-    s2 = float(outputscale)
-    tops = [float(v.max()) for v in eig.vals]
-    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= thr).reshape(-1) for k, v in enumerate(eig.vals)]
+    level_f = float(level)
+    t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
+    floor = GALERKIN_TOL * level_f / (1.0 + top)  # ϑ₀, certified a priori
+    trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
     inside = p.new_zeros(h.box)
     inside[h.pos] = 1.0
-    E = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    ww = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    E = ww.clone()
+    eye = torch.eye(basis.modes, dtype=p.dtype, device=p.device)
+    if basis.modes * h.box <= MAX_BOX_ELEMENTS:  # W over the box, formed once
+        whole = basis.box_rows(eye).mul_(inside)
+        wbox = lambda: (whole,)  # noqa: E731
+    else:  # at most MAX_BOX_ELEMENTS of it at a time, formed again per block of eigen-coordinates
+        rows = max(1, MAX_BOX_ELEMENTS // h.box)
+        wbox = lambda: (basis.box_rows(eye[a : a + rows]).mul_(inside) for a in range(0, basis.modes, rows))  # noqa: E731
+    if trial > floor:
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, trial, math.inf)
+        try:  # Ẽ₁ − (ϑ₁/(σ² t)) WᵀW/σ² ≻ 0 certifies Ẽ₁ ⪯ (1 + GALERKIN_TOL) E
+            torch.linalg.cholesky(E - (trial / (level_f * t)) * ww)
+            return E
+        except torch.linalg.LinAlgError:
+            pass
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, trial)
+    else:
+        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, math.inf)
+    return E
+
+
+def _subtract_band(E: Tensor, wbox, basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor,
+                   p: Tensor, lo: float, hi: float) -> None:
+    """``E −= Σ_j ω_j (Wᵀq_j)(Wᵀq_j)ᵀ`` over the eigen-coordinates ``j`` with prior variance ``lo ≤ λ_j < hi``
+    (in place; ``wbox()``: ``W``'s ``|S|`` box rows, in blocks of modes)."""
+    h = basis.hole
+    s2 = float(outputscale)
+    tops = [float(v.max()) for v in eig.vals]
+    keep = [torch.nonzero(s2 * v * math.prod(tops[:k] + tops[k + 1:]) >= lo).reshape(-1) for k, v in enumerate(eig.vals)]
     if any(k.numel() == 0 for k in keep):
-        return E
-    wbox = basis.box_rows(torch.eye(basis.modes, dtype=p.dtype, device=p.device)).mul_(inside)  # W over the box
+        return
     rest = math.prod(k.numel() for k in keep[1:])
     step = max(1, MAX_GRAM_ELEMENTS // (basis.modes * rest))  # axis-1 coordinates per block of Y
     lam_rest = s2 * kron_vector([v[k] for v, k in zip(eig.vals[1:], keep[1:])]) if len(keep) > 1 else None
@@ -573,15 +634,14 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     q1 = eig.vecs[0][h.axes[0]]
     for a in range(0, keep[0].numel(), step):
         k1 = keep[0][a : a + step]
-        lam = eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)
+        lam = (eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)).reshape(-1)
         flat = (k1.unsqueeze(-1) * (eig.size // eig.sizes[0]) + flat_rest).reshape(-1)
-        chosen = torch.nonzero(lam.reshape(-1) >= thr).reshape(-1)
+        chosen = torch.nonzero((lam >= lo) & (lam < hi)).reshape(-1)
         if chosen.numel() == 0:
             continue
-        Y = matmul_kron(wbox, [q1[:, k1]] + mats)[:, chosen]  # (|S|, kept): Wᵀ q_j
+        Y = torch.cat([matmul_kron(w, [q1[:, k1]] + mats)[:, chosen] for w in wbox()])  # (|S|, kept): Wᵀ q_j
         omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
         E -= (Y * omega) @ Y.mT
-    return E
 
 
 def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level: Tensor, p: Tensor,
@@ -616,7 +676,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
             break
         mus, vecs = _box_eigs(factors, hole)
         mus = torch.cat(mus).cpu().split([v.shape[-1] for v in vecs])  # one read: the choice below is the host's
-        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // hole.box)
+        limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget)
         first = eig.sizes[0] if hole.fills else hole.box_sizes[0]
         chosen = _tensor_modes(mus, scale, limit, first) if limit > 0 else None
         old = like.by_piece.get(index) if like is not None else None
@@ -815,9 +875,10 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     ``|S_i| × |S_i|`` matrices kept (between steps too: :class:`FrozenTwoLevel`; the old one is dropped
     before a new one is built) and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
-    fills) or the ``|S_i|`` box rows and eigen-coordinates of :func:`truncated_galerkin` (one that it
-    does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest ``|S_i|`` and the
-    boxes' padded block; ``|S_i|`` at most the box and the budgets."""
+    fills) or the ``|S_i|`` box rows (:data:`MAX_BOX_ELEMENTS` at a time), eigen-coordinates and three
+    more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
+    (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest
+    ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets."""
     if not ENABLED or missing is None:
         return 0
     kept, peak, budget = 0, 0, MAX_TOTAL_MODES
@@ -830,10 +891,12 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
         if piece.fills:
             modes = min(piece.box, MAX_MODES, budget)
             work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes
-        else:  # the box rows, their gram's partial H and truncated_galerkin's blocks of Y (an axis-1 slab at least)
-            modes = min(piece.box, MAX_TRUNCATED_MODES, budget, MAX_BOX_ELEMENTS // piece.box)
-            work = modes * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
-                + index * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+        else:  # the box rows (MAX_BOX_ELEMENTS at a time), their gram's partial H, truncated_galerkin's blocks
+            # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor
+            modes = min(piece.box, MAX_TRUNCATED_MODES, budget)
+            rows = min(modes, max(1, MAX_BOX_ELEMENTS // piece.box))
+            work = rows * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
+                + (index + 3) * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
         count[i] = modes
         budget -= modes
         kept += 6 * modes * modes
