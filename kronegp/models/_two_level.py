@@ -158,8 +158,13 @@ GALERKIN_TOL = 0.1
 #: a priori one assumes ``1/(1 + top)``, 3e-5–2e-4 there), checks it with one Cholesky, and else falls back.
 GALERKIN_TRIAL_C = 2e-3
 #: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
-#: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
-MAX_TRUNCATED_MODES = 256
+#: ``|S|²`` per kept eigen-coordinate). Measured on ``clouds-20`` with the frozen preconditioner (2-core CPU,
+#: one thread, CPU time, 2026-12-07; module docstring, NOTES.md "clouds2"): caps 256 / 512 / 1024 take
+#: 28 / 18 / 11 iterations at 48³ and 50 / 30 / 17 at 64³; steady step 2.83 / 2.24 / 1.79 s and 29.5 / 19.2 /
+#: 11.2 s, rebuilt step 5.2 / 6.6 / 16.0 s and 39.1 / 37.7 / 110.8 s, a short fit (8 of 20 evaluations
+#: rebuild) 109 / 109 / 187 s at 48³ and about 670 / 530 / 1020 s at 64³; 32³: 512 against 256, steady
+#: 0.44 against 0.53 s, fit 23 against 21 s. 512 has the cheapest fits and, short of 1024, the fastest step.
+MAX_TRUNCATED_MODES = 512
 #: ... whose ``|S|`` box rows :func:`truncated_galerkin` holds at most this many elements of at a time (it
 #: capped ``|S|`` at ``MAX_BOX_ELEMENTS / box`` before: 150 modes for the merged cloud of 64³, whose step took
 #: 65–73 s and 64 iterations against 43–49 s and 50 with 256 modes, same process, 2026-12-07).
