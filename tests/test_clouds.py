@@ -128,8 +128,8 @@ def _clouds(n: int, frac: float = 0.2, seed: int = 1) -> torch.Tensor:
 
 def test_two_level_cuts_the_iterations_of_clouds(monkeypatch):
     """24³, 20 % clouds (2794 cells; the blobs merge into one component over most of the grid, plus a
-    few): CG on G takes 43 iterations with Jacobi and 24 with the two-level preconditioner (415 modes;
-    measured 2026-12-07). Asserted: at least 1.4× fewer, with the preconditioner's modes present."""
+    few): CG on G takes 43 iterations with Jacobi and 24 with the two-level preconditioner (415 modes
+    with the merged cloud's cap at 256, 671 at 512: 24 either way; measured 2026-12-07). Asserted: at least 1.4× fewer, with the preconditioner's modes present."""
     n = 24
     axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
     g = torch.Generator().manual_seed(0)
@@ -145,6 +145,33 @@ def test_two_level_cuts_the_iterations_of_clouds(monkeypatch):
         runs[on] = (gp.last_solve.iterations, gp._last_extra.get("coarse_modes"))
     assert runs[False][1] is None and runs[True][1] > 0
     assert runs[True][0] * 1.4 <= runs[False][0], runs
+
+
+def test_the_merged_cloud_takes_the_cap_and_the_memory_plan_counts_it(monkeypatch):
+    """24³, 20 % clouds: the merged component's coarse space reaches MAX_TRUNCATED_MODES (a cap that binds,
+    512 since the clouds2 branch), and :func:`coarse_bytes` (the memory plan's part) covers the kept
+    matrices of what the step built and follows the cap: a halved cap halves that piece and shrinks it."""
+    n = 24
+    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    v = sum(torch.sin(4 * m) for m in mesh) + 0.1 * torch.randn(n, n, n, generator=torch.Generator().manual_seed(0),
+                                                                   dtype=torch.float64)
+    v[_clouds(n)] = float("nan")
+    missing = torch.isnan(v).reshape(-1)
+    found = {}
+    for cap in (two_level_mod.MAX_TRUNCATED_MODES, two_level_mod.MAX_TRUNCATED_MODES // 2):
+        monkeypatch.setattr(two_level_mod, "MAX_TRUNCATED_MODES", cap)
+        gp = GridGP(v, axes, path="cg", cg_tol=1e-8)
+        with torch.no_grad():
+            gp.log_marginal_likelihood()
+        pieces = gp._two_level.pre.pieces
+        ragged = max((pc.modes for pc in pieces if not pc.hole.fills), default=0)
+        kept = 6 * 8 * sum(pc.modes**2 for pc in pieces)
+        planned = two_level_mod.coarse_bytes(missing, (n, n, n), 8)
+        assert ragged == cap and planned >= kept, (cap, ragged, planned, kept)
+        found[cap] = planned
+    big, small = found
+    assert found[big] > found[small], found
 
 
 # ----------------------------------------------------------------------------- benchmarks/cloud_pieces.py

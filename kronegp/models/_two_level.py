@@ -66,7 +66,7 @@ replays (:func:`two_level`'s ``like`` keeps the shapes). Measured (2-core CPU, l
 2026-12-07, ``benchmarks/gaps.py --holes``, process CPU time, steady-state step / rebuilt step / as
 many scattered cells): 48³ 5 % hole 1.42 / 1.33 / 0.77 s and 64³ 4.62 / 4.71 / 2.47 s (a hole's
 setup is lost in a CPU step's noise); ``clouds-20`` 48³ 3.68 / 5.51 / 0.67 s and 64³ 37.2 / 44.9 /
-3.10 s (a third and a sixth off; clouds stay 5–12× the scatter's). Fits from the initial
+3.10 s (a third and a sixth off, with the cap at 256 then; at 512, below, 3.3× / 5.8–6.6×). Fits from the initial
 hyperparameters (48³, ``--hole-fit``) rebuilt it at 3 of 8 Adam evaluations and 5–6 of 12 L-BFGS
 ones (the first line search's long steps; none after), the reused steps taking 0–2 iterations more
 for holes (9–11), 5–6 more for clouds (23 against 17). The GPU, where the setup was 9–16 ms of a
@@ -107,13 +107,28 @@ and NOTES.md "Clouds split into sub-box pieces"): cutting the merged component i
 component (48³: 46–63 against 49 on ``G`` at tol 1e-8; 32³: 24–58 against 23): the coupling between
 the parts matters, and the pieces' log determinants need them disjoint. More modes on the merged
 component do: caps of 256 / 512 / 1024 take 49 / 30 / 19 iterations on ``G`` at 48³ (28 / 18 / 11 in
-the training step), but the step, which rebuilds the coarse space, takes 4.8–5.7 / 6.4–6.7 / 15–16 s
-(same process, alternating), so the
-shipped cap stays at 256 (6.0× the scatter's at 48³; at 64³, where the box-row cap gave the merged
-cloud 150 modes before, 64 → 50 iterations and 65–73 → 37–49 s a step: 13.7× the scatter's). With the coarse
-space built once and kept across steps (emulated), the 1024 cap's step is 2.6× the scatter's at 48³
-(11 iterations) and 1.8–4× at 64³ (17). :func:`truncated_galerkin`'s a posteriori threshold keeps
-half the eigen-coordinates (setup 2.15 → 1.75 s at 48³).
+the training step), but the step, which rebuilt the coarse space then, takes 4.8–5.7 / 6.4–6.7 / 15–16 s
+(same process, alternating), so the cap stayed at 256 there (6.0× the scatter's at 48³; at 64³, where the
+box-row cap gave the merged cloud 150 modes before, 64 → 50 iterations and 65–73 → 37–49 s a step: 13.7×
+the scatter's). :func:`truncated_galerkin`'s a posteriori threshold keeps half the eigen-coordinates
+(setup 2.15 → 1.75 s at 48³).
+
+**Measured, clouds with the frozen preconditioner** (clouds2 branch, ``benchmarks/gaps.py --holes
+--hole-patterns clouds-20 --hole-fit --no-jacobi``, one thread, process CPU time, load 2–4, 2026-12-07;
+NOTES.md "Clouds with the frozen preconditioner"). Caps 256 / 512 / 1024 on the merged component's modes:
+iterations; steady step / rebuilt step / as many scattered cells (s), steady ÷ scatter, a short fit (8 Adam
+steps and one L-BFGS step of 12 evaluations, 8 of the 20 rebuilding, 9 at 64³; 1024 at 64³ estimated):
+
+- 32³ (256 / 512): 14 / 11 its; 0.53 / 0.44 s, 0.98 / 1.47 s, 0.19 s; 2.8× / 2.4×; fit 21 / 23 s.
+- 48³: 28 / 18 / 11 its; 2.83 / 2.24 / 1.79 s, 5.2 / 6.6 / 16.0 s, 0.58–0.69 s; 4.1× / 3.3× / 2.6–3.1×;
+  fit 109 / 109 / 187 s.
+- 64³: 50 / 30 / 17 its; 29.5 / 19.2 / 11.2 s, 39.1 / 37.7 / 110.8 s, 2.8–3.0 s; 10.2× / 6.6× / 3.9×;
+  fit 799 / 701 / ≥ 1020 s (a second run: steady 28.9 / 18.0 s, rebuilt 39.0 / 36.1 s, scatter 2.7–3.1 s).
+
+A fit's early evaluations rebuild it (Adam ``BrrrrBrB``, L-BFGS ``BBBBBrrrrrrr``): 1024's setup (64³:
+~100 s) pays only after ~9 (64³) to ~21 (48³) reused steps per rebuild. So :data:`MAX_TRUNCATED_MODES`
+is 512: the cheapest short fits at 48³ and 64³, +11 % at 32³, and the fastest step short of 1024. The
+≤ 3× target holds at 32³; at 48³ only 1024 reaches it (2.6–3.1×), at 64³ no cap does (1024: 3.9×).
 
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
@@ -158,8 +173,10 @@ GALERKIN_TOL = 0.1
 #: a priori one assumes ``1/(1 + top)``, 3e-5–2e-4 there), checks it with one Cholesky, and else falls back.
 GALERKIN_TRIAL_C = 2e-3
 #: At most this many modes for a piece that does not fill its box (:func:`truncated_galerkin` costs
-#: ``|S|²`` per kept eigen-coordinate: measured on clouds, 2026-12-07, see the module docstring).
-MAX_TRUNCATED_MODES = 256
+#: ``|S|²`` per kept eigen-coordinate). 512 gave the cheapest short fits of ``clouds-20`` with the frozen
+#: preconditioner at 48³ and 64³ (256: as cheap / 14 % dearer, 1024: 1.7× / ≥ 1.5×) and a steady step 20–35 %
+#: under 256's (measured 2026-12-07: the module docstring's "clouds with the frozen preconditioner").
+MAX_TRUNCATED_MODES = 512
 #: ... whose ``|S|`` box rows :func:`truncated_galerkin` holds at most this many elements of at a time (it
 #: capped ``|S|`` at ``MAX_BOX_ELEMENTS / box`` before: 150 modes for the merged cloud of 64³, whose step took
 #: 65–73 s and 64 iterations against 43–49 s and 50 with 256 modes, same process, 2026-12-07).
