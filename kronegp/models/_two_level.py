@@ -886,7 +886,7 @@ class FrozenTwoLevel:
         return False
 
 
-def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
+def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Optional[PieceSet] = None) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
     it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
     ``|S_i| × |S_i|`` matrices kept (between steps too: :class:`FrozenTwoLevel`; the old one is dropped
@@ -895,11 +895,13 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int) -> int:
     fills) or the ``|S_i|`` box rows (:data:`MAX_BOX_ELEMENTS` at a time), eigen-coordinates and three
     more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
     (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest
-    ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets."""
+    ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets. ``pieces``: the
+    :class:`PieceSet` of ``missing`` where the caller has it (:func:`cached_pieces`), else found here."""
     if not ENABLED or missing is None:
         return 0
     kept, peak, budget = 0, 0, MAX_TOTAL_MODES
-    pieces = PieceSet(pieces_of(missing, sizes))
+    if pieces is None:
+        pieces = PieceSet(pieces_of(missing, sizes))
     count: dict[int, int] = {}
     index = 3 * 8 // itemsize  # selected_gram's three long (k, k) index maps, in elements
     for i, piece in enumerate(pieces.pieces):

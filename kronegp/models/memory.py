@@ -479,7 +479,7 @@ def _coarse(model) -> int:
     kept = model.__dict__.get("_coarse_bytes")
     if kept is None or kept[0] is not pieces or kept[1] != key:
         kept = model.__dict__["_coarse_bytes"] = (pieces, key, _two_level.coarse_bytes(model.observed.logical_not(),
-                                                                                           shape, item))
+                                                                                           shape, item, pieces))
     return kept[2]
 
 
