@@ -63,6 +63,26 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def assert_posterior_matches_dense(gp, tol: float, **predict_kw) -> None:
+    """``gp.predict(**predict_kw)``'s mean and variance on the grid within ``tol`` (relative) of a dense
+    Cholesky's."""
+    mean, var = gp.predict(**predict_kw)
+    ref_mean, ref_var = dense_grid_posterior(gp)
+    assert rel(mean.reshape(-1), ref_mean) <= tol
+    assert rel(var.reshape(-1), ref_var) <= tol
+
+
+def assert_float32_agrees_with_float64(m64, m32) -> None:
+    """The same model in float32 and float64: likelihood within 1e-4, gradient within 1e-3 and the
+    posterior mean within 1e-4 (relative)."""
+    assert m32.y.dtype == torch.float32
+    a, ga = lml_and_grads(m64, lambda m: m.log_marginal_likelihood())
+    b, gb = lml_and_grads(m32, lambda m: m.log_marginal_likelihood())
+    assert abs(a - b) <= 1e-4 * abs(a)
+    assert rel(gb.double(), ga) <= 1e-3
+    assert rel(m32.predict()[0].double(), m64.predict()[0]) <= 1e-4
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -231,12 +251,8 @@ def test_exact_missing_box_and_rows_agree_with_the_cg_path(monkeypatch):
 def test_exact_missing_float32_agrees_with_float64():
     m64 = model("hole")
     m32 = model("hole", dtype=torch.float32)
-    assert m32.path == "exact-missing" and m32.y.dtype == torch.float32
-    a, ga = lml_and_grads(m64, lambda m: m.log_marginal_likelihood())
-    b, gb = lml_and_grads(m32, lambda m: m.log_marginal_likelihood())
-    assert abs(a - b) <= 1e-4 * abs(a)
-    assert rel(gb.double(), ga) <= 1e-3
-    assert rel(m32.predict()[0].double(), m64.predict()[0]) <= 1e-4
+    assert m32.path == "exact-missing"
+    assert_float32_agrees_with_float64(m64, m32)
 
 
 def test_exact_missing_samples_have_the_posterior_moments():
@@ -801,10 +817,7 @@ def test_two_level_on_a_4d_grid_matches_dense(monkeypatch):
     assert abs(lml - ref) <= 1e-6 * abs(ref)
     assert rel(grads, ref_grads) <= 1e-6
     # the posterior's solves on the observed cells go through the same preconditioner
-    mean, var = gp.predict(variance="exact")
-    ref_mean, ref_var = dense_grid_posterior(gp)
-    assert rel(mean.reshape(-1), ref_mean) <= 1e-6
-    assert rel(var.reshape(-1), ref_var) <= 1e-6
+    assert_posterior_matches_dense(gp, 1e-6, variance="exact")
 
 
 # ----------------------------------------------------------------------------- cg path: dense per-cell noise
