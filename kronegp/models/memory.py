@@ -425,16 +425,7 @@ def _factored_plan(model, operation: str) -> MemoryPlan:
     if operation != "step":
         raise ValueError(f"operation must be 'step' on the {model.path} path (its predict and sample are not "
                          f"planned), got {operation!r}")
-    from kronegp.models._few_missing import box_pays
-    from kronegp.models._separable_mask import mask_axes
-    from kronegp.models.paths import _missing_box
-
-    shape, dtype, kind = tuple(model.shape), model.y.dtype, model.y.device.type
-    if model.path == "separable-mask":
-        return plan_separable_step(shape, dtype, mask_axes(model.observed, shape)[1], device_type=kind)
-    hole = _missing_box(model, list(shape))
-    return plan_few_missing_step(shape, dtype, hole.m, hole.box_sizes, boxed=box_pays(hole.box, hole.m, _cells(shape)),
-                                 device_type=kind)
+    return model.inference.step_plan(model)  # the path knows its mask's box or points
 
 
 def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:

@@ -351,6 +351,10 @@ class _FactoredPath(InferencePath):
     def graph_obstacle(self, gp) -> Optional[str]:
         return self.eager_because
 
+    def step_plan(self, gp) -> memory.MemoryPlan:
+        """The training step's memory plan (:mod:`kronegp.models.memory`; not chunked)."""
+        raise NotImplementedError
+
     def _grid_variance(self, gp, system, factors, variance):
         return system.grid_variance()
 
@@ -372,6 +376,13 @@ class ExactMissingPath(_FactoredPath):
 
     # its Cholesky factorisation's check (and the box's index maps) read the device
     eager_because = "the exact-missing path (few missing cells) runs eagerly"
+
+    def step_plan(self, gp) -> memory.MemoryPlan:
+        shape = list(gp.shape)
+        hole = _missing_box(gp, shape)
+        return memory.plan_few_missing_step(shape, gp.y.dtype, hole.m, hole.box_sizes,
+                                            boxed=box_pays(hole.box, hole.m, math.prod(shape)),
+                                            device_type=gp.y.device.type)
 
     def lml(self, gp) -> Tensor:
         factors, resid = _checked_inputs(gp)
@@ -417,6 +428,11 @@ class SeparableMaskPath(_FactoredPath):
 
     # its dense eigh over the observed points synchronises
     eager_because = "the separable-mask path runs eagerly"
+
+    def step_plan(self, gp) -> memory.MemoryPlan:
+        shape = list(gp.shape)
+        points = mask_axes(gp.observed, shape)[1]  # the observed points of the masked axes
+        return memory.plan_separable_step(shape, gp.y.dtype, points, device_type=gp.y.device.type)
 
     def lml(self, gp) -> Tensor:
         factors, resid = _checked_inputs(gp)
