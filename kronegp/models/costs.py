@@ -79,8 +79,11 @@ class StepRates:
 
 # Fitted (relative least squares) to 20³ and the air grid, float64, m = 8…1728 (NOTES.md); float32
 # measured no cheaper on this CPU (its rows within ±35 % of these where the box was not busier).
+# ``cubic`` refitted after the block inverse from the Cholesky factor (2026-12-07, quiet box, one
+# thread, ``gaps.py --limit --n 20``): holes of 10³ / 12³ cells measured 55 / 208 ms where 1.4e-10
+# predicted 157 / 740 ms; 3.6e-11 predicts 55 / 201 ms (the scattered rows' predictions move < 15 %).
 _CPU64 = StepRates(cg_overhead=0.012, cg_element=1.5e-7, cg_axis=6.2e-10, exact_overhead=0.015,
-                   rows_element=8.7e-8, rows_axis=2.4e-10, box=2.6e-10, cubic=1.4e-10)
+                   rows_element=8.7e-8, rows_axis=2.4e-10, box=2.6e-10, cubic=3.6e-11)
 _CPU32 = _CPU64
 # CUDA float64: fitted to ``gaps.py --limit --device cuda --n 64`` on an H100 (2026-12-07, round 14 of
 # benchmarks/RESULTS.md; 64³, m = 8…8000, scattered cells and cubic holes): both steps are host-bound
