@@ -106,7 +106,7 @@ def run_case(n: int, regime: str, args, device: torch.device) -> dict:
     model = build_gridgp(y_in, axes, noise, mask, dtype, num_probes=args.probes, cg_tol=args.cg_tol)
     times = time_call(gridgp_step(model, None if args.cuda_graph else False), device, args.repeats, args.warmup)
     rec["gridgp_s"] = statistics.median(times)
-    rec["cuda_graph"] = graph = model._graphed is not None  # where GridGP can record it
+    rec["cuda_graph"] = graph = model.cuda_graphed  # the timed step replayed a recorded graph
     if graph:  # the same step run eagerly, same process
         rec["gridgp_eager_s"] = statistics.median(time_call(gridgp_step(model, False), device, args.repeats, args.warmup))
     rec["gridgp_path"] = model.path
@@ -265,7 +265,7 @@ def run_scale_missing(n: int, probes: int, args, device: torch.device) -> dict:
     rec["gridgp_s"], rec["peak_gib"] = _measure(gridgp_step(model, None if args.cuda_graph else False), device,
                                                 args.scale_repeats)
     rec["plan_rel_error"] = (rec["plan_gib"] - rec["peak_gib"]) / rec["peak_gib"] if device.type == "cuda" else None
-    rec["cuda_graph"] = model._graphed is not None
+    rec["cuda_graph"] = model.cuda_graphed
     rec["cg_iterations"] = model.cg_iterations
     if args.check_lml:
         with torch.no_grad():

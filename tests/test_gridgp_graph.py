@@ -151,9 +151,10 @@ def test_graphed_step_matches_eager_over_moving_hyperparameters(kind, dtype, gra
     # recorded once (at most once more if the CG count drifted past the margin)
     assert 1 <= graphed._graphed.recordings <= 2
     assert eager._graphed is None
+    assert graphed.cuda_graphed and not eager.cuda_graphed
     # a copy does not share the graph: it records its own
     twin = copy.deepcopy(graphed)
-    assert twin._graphed is None
+    assert twin._graphed is None and not twin.cuda_graphed
     _assert_same_step(twin, graphed, dtype, twin.loss_backward(cuda_graph=True), graphed.loss_backward(cuda_graph=True))
     assert twin._graphed is not None and twin._graphed is not graphed._graphed
 
@@ -257,7 +258,11 @@ def test_graph_falls_back_with_a_warning_or_raises_when_recording_fails():
 
 def test_cpu_models_run_eagerly_and_refuse_a_graph():
     m = _model("missing", torch.float64, device="cpu")
+    assert m.cuda_graphed is False
     loss = m.loss_backward()
+    assert m.cuda_graphed is False  # the public word for it (benchmarks report it)
+    with pytest.raises(AttributeError):
+        m.cuda_graphed = True  # read-only
     ref = -m.log_marginal_likelihood() / m.n_observed
     assert float(loss) == pytest.approx(float(ref), rel=1e-12)
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
@@ -294,7 +299,7 @@ def test_steps_with_many_cg_iterations_are_not_recorded(monkeypatch, graph_devic
     ref = copy.deepcopy(m)
     for _ in range(2):
         loss = m.loss_backward(cuda_graph=True)
-        assert m._graphed.graph is None and m._graphed.recordings == 0
+        assert m._graphed.graph is None and m._graphed.recordings == 0 and not m.cuda_graphed
         _assert_same_step(m, ref, torch.float64, loss, ref.loss_backward(cuda_graph=False))
 
 

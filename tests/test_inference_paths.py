@@ -25,6 +25,7 @@ from kronegp.models.paths import PATHS, InferencePath
 from test_gaps import dense_grid_posterior, dense_lml, field, lml_and_grads, pattern, rel
 
 GRID_GP_SOURCE = Path(__file__).resolve().parent.parent / "kronegp" / "models" / "grid_gp.py"
+MEMORY_SOURCE = GRID_GP_SOURCE.with_name("memory.py")
 
 
 def _separable_mask(shape):
@@ -86,7 +87,7 @@ def test_each_path_object_matches_a_dense_cholesky(case, monkeypatch):
 
 
 def test_every_path_class_has_the_same_interface():
-    members = ["lml", "posterior_grid", "posterior_points", "sample", "graph_obstacle"]
+    members = ["lml", "posterior_grid", "posterior_points", "sample", "graph_obstacle", "memory_plan"]
     assert sorted(PATHS) == ["cg", "exact", "exact-missing", "separable-mask"]
     for name, cls in PATHS.items():
         assert issubclass(cls, InferencePath) and cls.name == name
@@ -94,11 +95,10 @@ def test_every_path_class_has_the_same_interface():
             params = list(inspect.signature(getattr(cls, member)).parameters)
             assert params == list(inspect.signature(getattr(InferencePath, member)).parameters), (name, member)
         # what the base leaves to each path is there
-        overridden = {m for m in ("lml", "sample", "_system", "_solved", "_point_reduction")
+        overridden = {m for m in ("lml", "sample", "_system", "_solved", "_point_reduction", "memory_plan")
                       if getattr(cls, m) is not getattr(InferencePath, m)}
-        assert {"lml", "_point_reduction"} <= overridden, name
+        assert {"lml", "_point_reduction", "memory_plan"} <= overridden, name
         assert "_system" in overridden or {"_solved", "sample"} <= overridden, name
-        assert isinstance(cls.chunked, bool)
 
 
 def _path_branches(source: str) -> list[int]:
@@ -125,6 +125,22 @@ def test_gridgp_does_not_branch_on_the_path():
     assert _path_branches('x = gp.path in ("exact-missing", "separable-mask")\n') == [1]
     found = _path_branches(GRID_GP_SOURCE.read_text())
     assert not found, f"grid_gp.py compares the path at lines {found}: ask gp.inference instead"
+
+
+def test_memory_plan_leaves_the_choice_to_the_path():
+    """memory.py counts bytes; which count applies is the path's (InferencePath.memory_plan): it neither
+    compares the path, nor asks the path object anything but its plan, nor imports the paths (a cycle
+    memory -> paths -> _masked -> memory was removed once)."""
+    source = MEMORY_SOURCE.read_text()
+    found = _path_branches(source)
+    assert not found, f"memory.py compares the path at lines {found}: let the path's memory_plan choose"
+    tree = ast.parse(source)
+    asked = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Attribute) and node.value.attr == "inference"}
+    assert asked == {"memory_plan"}, asked
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any(name and name.endswith("paths") for name in imported), imported
 
 
 class _CountingLayout(LocalLayout):

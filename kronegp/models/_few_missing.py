@@ -64,7 +64,9 @@ step to the next (:class:`_SquarePool`: freshly mapped memory cost ~3000 page fa
 
 Memory: a box of ``b²`` entries (at most :data:`MAX_BOX_CELLS` ² ; ``G``, ``L``, ``G⁻¹``), or the rows ``U``, ``Y`` and
 ``G⁻¹Y`` (``m × N`` each); :data:`MAX_MISSING_CPU` and :data:`MAX_MISSING_CUDA` bound ``m``
-(GridGP takes this path up to them). Predictions form the rows ``U`` (``m × N``) either way.
+(GridGP takes this path up to them). Predictions and samples keep the rows ``U`` (``m × N``) only where
+``G`` was formed through them (scattered cells); the grid variance holds four ``N × c`` blocks of its
+columns (:func:`variance_columns`). :mod:`kronegp.models.memory` counts all of it.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
            "TAYLOR_RATIOS", "taylor_terms", "inverse_from_cholesky", "INVERSE_LEAF", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
-           "few_missing_limit", "box_pays"]
+           "few_missing_limit", "box_pays", "rows_through_box", "VARIANCE_CHUNK", "variance_columns"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
 #: 2026-12-07, 20³ float64, ``benchmarks/gaps.py --limit``): up to m = 1000 its step beats the cg
@@ -130,6 +132,28 @@ def box_pays(box: int, m: int, n_cells: int) -> bool:
 def few_missing_limit(device: torch.device) -> int:
     """The largest ``m`` the exact few-missing path takes on ``device``."""
     return MAX_MISSING_CUDA if device.type == "cuda" else MAX_MISSING_CPU
+
+
+def rows_through_box(m: int, sizes, box_sizes) -> bool:
+    """Whether products of ``m`` grid rows with ``U`` (``rows · Uᵀ``, ``coef · U``) go through the box
+    factors ``⊗Q_k[I_k]`` (one :func:`~kronegp.ops.matmul_kron`) rather than the rows ``U`` themselves:
+    the product's flops (the last axis contracted first) against ``2m²N``. (The memory plan reads it
+    too: the Kronecker product holds two ``m × N`` intermediates beside ``U`` and ``Y``.)"""
+    cost, cur = 0, [int(n) for n in sizes]
+    for k in reversed(range(len(cur))):  # matmul_kron contracts the last axis first
+        cost += 2 * m * math.prod(cur) * int(box_sizes[k])
+        cur[k] = int(box_sizes[k])
+    return cost < 2 * m * m * math.prod(int(n) for n in sizes)
+
+
+#: Most grid values of one block of :meth:`FewMissing.grid_variance`'s columns (``N × c``; four such
+#: blocks are alive at once, the memory plan's count)
+VARIANCE_CHUNK = 1 << 26
+
+
+def variance_columns(m: int, n_cells: int, chunk_elements: int = VARIANCE_CHUNK) -> int:
+    """Columns per block of :meth:`FewMissing.grid_variance` (at most ``m``, at least one)."""
+    return max(1, min(m, chunk_elements // n_cells))
 
 
 class MissingBox:
@@ -627,16 +651,8 @@ class FewMissing:
 
     # ------------------------------------------------------------------ products with the rows
 
-    def _kron_cost(self) -> int:
-        """Flops of a product of ``m`` grid rows with the box factors (one side of ``U``)."""
-        cost, cur = 0, list(self.sizes)
-        for k in reversed(range(len(cur))):  # matmul_kron contracts the last axis first
-            cost += 2 * self.m * math.prod(cur) * self._box_sizes[k]
-            cur[k] = self._box_sizes[k]
-        return cost
-
     def _use_kron(self) -> bool:
-        return self._kron_cost() < 2 * self.m * self.m * self.eig.size
+        return rows_through_box(self.m, self.sizes, self._box_sizes)
 
     def _against_rows(self, rows: Tensor) -> Tensor:
         """``rows · Uᵀ`` (``(t, N) → (t, m)``)."""
@@ -708,14 +724,14 @@ class FewMissing:
         out = xv - self._x(full)
         return (~self.missing).to(out.dtype).unsqueeze(-1) * out
 
-    def grid_variance(self, chunk_elements: int = 1 << 26) -> Tensor:
+    def grid_variance(self, chunk_elements: int = VARIANCE_CHUNK) -> Tensor:
         """``diag(K − K Z K)`` over the grid (length ``N``): ``diag(Q (λσ²/(λ+σ²)) Qᵀ)`` plus
         ``Σ_c (K B L⁻ᵀ)_c²``, the ``m`` columns ``K B L⁻ᵀ e_c = Q(λp ∘ Qᵀ E_M L⁻ᵀ e_c)`` in chunks
-        of at most ``chunk_elements`` grid values (``4·m·N·Σn_k`` flops in all)."""
+        of :func:`variance_columns` columns (``4·m·N·Σn_k`` flops in all)."""
         full = self.eig.diag_of(self.lam * self.noise * self.p)
         linv_t = torch.linalg.solve_triangular(self.L, torch.eye(self.m, dtype=self.L.dtype, device=self.L.device),
                                                upper=False).mT  # L⁻ᵀ
-        size = max(1, min(self.m, chunk_elements // self.eig.size))
+        size = variance_columns(self.m, self.eig.size, chunk_elements)
         for start in range(0, self.m, size):
             cols = linv_t[:, start : start + size]
             grid = cols.new_zeros(self.eig.size, cols.shape[1])

@@ -48,7 +48,7 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["SeparableMask", "MAX_POINTS_CPU", "MAX_POINTS_CUDA", "MAX_POINTS_ANY", "separable_mask_limit", "mask_axes",
+__all__ = ["SeparableMask", "MAX_POINTS_CPU", "MAX_POINTS_CUDA", "MAX_POINTS_ANY", "separable_mask_limit", "mask_axes", "VARIANCE_CHUNK", "variance_rows",
            "lml_surrogate"]
 
 #: Most observed points ``|S|`` of the masked axes for which ``path="auto"`` takes this path on a
@@ -68,6 +68,17 @@ MAX_POINTS_ANY = 16384
 def separable_mask_limit(device: torch.device) -> int:
     """The largest ``|S|`` the separable-mask path takes on ``device``."""
     return MAX_POINTS_CUDA if device.type == "cuda" else MAX_POINTS_CPU
+
+
+#: Most values of one block of :meth:`SeparableMask.grid_variance` (rows of ``K_A[:, S]``: three such
+#: ``rows × |S|`` blocks are alive at once, the memory plan's count)
+VARIANCE_CHUNK = 1 << 24
+
+
+def variance_rows(n_points: int, n_b: int, chunk_elements: int = VARIANCE_CHUNK) -> int:
+    """Points of ``grid_A`` per block of :meth:`SeparableMask.grid_variance` (at least one; the last
+    block may hold fewer)."""
+    return max(1, chunk_elements // max(n_points, n_b))
 
 
 def mask_axes(observed: Tensor, shape: tuple) -> tuple[list[int], int]:
@@ -200,12 +211,13 @@ class SeparableMask:
             out = g if out is None else out * g
         return out
 
-    def grid_variance(self, chunk_elements: int = 1 << 24) -> Tensor:
-        """``diag(K − K_{·O} C_OO⁻¹ K_{O·})`` over the grid (length ``N``, grid order)."""
+    def grid_variance(self, chunk_elements: int = VARIANCE_CHUNK) -> Tensor:
+        """``diag(K − K_{·O} C_OO⁻¹ K_{O·})`` over the grid (length ``N``, grid order), in blocks of
+        :func:`variance_rows` points of ``grid_A``."""
         prior = self.s2 * kron_vector([f.diagonal() for f in self.factors])
         qq = [q * q for q in self.eig_b.vecs]
         w = kron_matmul(qq, (self.P * self.lam_b * self.lam_b).mT)  # (n_B, |S|)
-        size = max(1, chunk_elements // max(self.n_points, self.n_b))
+        size = variance_rows(self.n_points, self.n_b, chunk_elements)
         red = []
         for start in range(0, self.n_a, size):
             h = self.cross_a(slice(start, start + size)) @ self.V

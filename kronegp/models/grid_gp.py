@@ -213,6 +213,12 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             that would choose another path, raises ``ValueError`` (build a new model:
             :func:`~kronegp.models.paths.check_mask`).
         last_solve: how the last likelihood was computed (:class:`SolveInfo`).
+        cuda_graphed: whether the training step runs as a recorded CUDA graph (read-only; see
+            :meth:`loss_backward`): ``True`` while the model holds a recorded graph of its step, which
+            the next :meth:`loss_backward` or :meth:`fit` step replays (recording it again first where what
+            it reads changed); ``False`` on the CPU, before the first step, with ``cuda_graph=False``,
+            where the step cannot be a graph or its recording failed, and while the step needs more CG
+            iterations than a graph unrolls (it then runs eagerly).
         cg_iterations: iterations of the last CG run (``None`` before any, 0 on the exact path).
         history: loss (negative log marginal likelihood per observed cell, data units) at
             every optimiser step of every :meth:`fit`.
@@ -304,6 +310,11 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         """The inference path chosen when the model was built: ``"exact"``, ``"exact-missing"``,
         ``"separable-mask"`` or ``"cg"``."""
         return self.inference.name
+
+    @property
+    def cuda_graphed(self) -> bool:
+        """Whether the training step runs as a recorded CUDA graph (class docstring; :mod:`kronegp.models._graph`)."""
+        return self._graphed is not None and self._graphed.graph is not None
 
     @property
     def last_solve(self) -> "SolveInfo":

@@ -46,8 +46,16 @@ buffers are alive at once. Each count below is taken from the code that allocate
   :func:`plan_separable_step`): ``K_S`` over the ``|S|`` observed points of the masked axes, its
   eigenvectors and the surrogate's ``|S| × |S|`` products (:data:`SEPARABLE_SQUARES`) and a few grid
   vectors. Both measured with :class:`LiveBytes` and checked in ``tests/test_memory_plan.py``; neither
-  is chunked, so a step that cannot fit raises (naming the cg path where its step would fit). Their
-  predictions and samples are not planned.
+  is chunked, so a step that cannot fit raises (naming the cg path where its step would fit).
+* **exact-missing and separable-mask, prediction on the grid and sample** (:func:`plan_few_missing_predict`,
+  :func:`plan_few_missing_sample`, :func:`plan_separable_predict`, :func:`plan_separable_sample`): the larger
+  of two phases. Building the system: ``G``, its factor and the box's pair index, or the rows ``U`` with
+  ``Y`` (and, through the box factors, two ``m × N`` intermediates: 4·m·N for 216 scattered cells); or
+  ``K_S``, its symmetrised copy and its eigenvectors (3·|S|²). Then the variance's blocks (four
+  ``N × c`` blocks of ``c = min(m, 2²⁶/N)`` columns of ``L⁻ᵀ``: 864 grid vectors for a 6³ hole; three
+  blocks of ``K_A[a, S]``) or the draws' ``(N, n)`` blocks (nine per draw, eight on separable-mask) beside
+  what the system holds (:data:`FEW_MISSING_PREDICT` and the constants after it). Measured with
+  :class:`LiveBytes`; ``predict`` and ``sample`` check them before any work, as the exact path's.
 
 Besides: the model's own buffers (values, mask, per-cell noise), factor-sized matrices
 (``O(Σ n_k²)``) and :data:`RUNTIME_BYTES` for cuBLAS/cuSOLVER workspaces.
@@ -55,11 +63,17 @@ Besides: the model's own buffers (values, mask, per-cell noise), factor-sized ma
 The chunk is chosen from the free memory of the device (:func:`free_memory`, or any number
 passed in: tests fake it): the largest chunk, up to ``N`` elements and :data:`MAX_CHUNK`
 (``N/8`` at 1024³), that leaves the predicted peak within :data:`HEADROOM` of what is free.
+
+This module is the home of the byte counts; which count applies to a model is its inference path's
+choice (:meth:`kronegp.models.paths.InferencePath.memory_plan`, called by :func:`plan_for_model`, which
+adds what is common: the free memory, the budget, the checked ``operation``). Nothing here imports the
+paths or asks which one a model holds.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -68,8 +82,9 @@ from torch import Tensor
 
 __all__ = [
     "MemoryPlan", "MemoryPlanError", "LiveBytes", "free_memory", "plan_exact_step", "plan_exact_predict",
-    "plan_exact_sample", "plan_cg_step", "plan_few_missing_step", "plan_separable_step", "choose_cg_run", "plan_for_model", "operation_chunk", "check_plan",
-    "MAX_CHUNK", "HEADROOM",
+    "plan_exact_sample", "choose_exact_plan", "plan_cg_step", "plan_few_missing_step", "plan_few_missing_predict",
+    "plan_few_missing_sample", "plan_separable_step", "plan_separable_predict", "plan_separable_sample", "choose_cg_run",
+    "plan_cg_model", "plan_for_model", "operation_chunk", "check_plan", "OPERATIONS", "MAX_CHUNK", "HEADROOM",
 ]
 
 GIB = 2**30
@@ -124,6 +139,35 @@ FEW_MISSING_BOX = (1.8, 1.6, 1.0)
 #: grid vectors (the residual and ``α`` as ``|S| × n_B`` blocks, ``D``, ``P``...)
 SEPARABLE_SQUARES = 7.0
 SEPARABLE_VECTORS = 5.5
+#: exact-missing path, ``predict()`` on the grid and ``sample(n)`` (:class:`kronegp.models._few_missing.FewMissing`;
+#: measured with :class:`LiveBytes`, 2026-12-07, holes of 6³ and 8³ cells, two 4³ holes in an 8³ box and 54–216
+#: scattered cells on 24×20×18 to 60×50×40, float64 and float32, within 2 %): the system holds ``G`` and its
+#: factor ``L`` (``m × m``), and the box's pair index (``b²`` int64, kept between calls) or the rows ``U`` (``m × N``).
+#: Building it holds besides: ``Y = U diag(p)`` and, where the products go through the box factors
+#: (:func:`~kronegp.models._few_missing.rows_through_box`), two ``m × N`` intermediates of the Kronecker product
+#: (scattered cells); the box's gram (``b²``) and its rows at the missing cells (``m × b``) where the missing
+#: cells do not fill their box; and :data:`FEW_MISSING_BUILD_VECTORS` grid vectors (the residual, ``⊗λ_k``, ``λ``,
+#: ``p``; a sample's ``ξ`` besides).
+FEW_MISSING_BUILD_VECTORS = 4.0
+#: ... predict: ``(N × c blocks, grid vectors)``: the variance's blocks of ``c`` columns
+#: (:func:`~kronegp.models._few_missing.variance_columns`: the zero-filled ``L⁻ᵀ`` columns, their product and
+#: its two intermediates) beside ``L⁻ᵀ`` (``m × m``), and the mean, ``α``, the variance, ``λ``, ``p``...
+FEW_MISSING_PREDICT = (4.0, 7.0)
+#: ... sample(n): ``(grid vectors per sample, grid vectors)``: the ``(N, n)`` blocks of Matheron's rule
+#: (``ξ``, ``f₀``, ``ε``, the right-hand side, ``C_OO⁻¹`` applied with its products' intermediates)
+FEW_MISSING_SAMPLE = (9.0, 5.3)
+#: separable-mask path, ``predict()`` and ``sample(n)`` (:class:`kronegp.models._separable_mask.SeparableMask`;
+#: measured with :class:`LiveBytes`, 2026-12-07, land masks of 331–1387 points on 20×24×60 to 50×40×8,
+#: within 5 %): the system holds ``K_S`` and its eigenvectors ``V`` (``|S|²`` each) and ``D``, ``P``
+#: (``|S| × n_B`` each); its ``eigh`` holds a third ``|S|²`` (the symmetrised ``K_S``) and
+#: :data:`SEPARABLE_BUILD_VECTORS` grid vector (the residual; a sample's ``ξ`` besides).
+SEPARABLE_BUILD_VECTORS = 1.0
+#: ... predict: ``(rows × |S| blocks, grid vectors)``: the variance's blocks of ``K_A[a, S]`` for
+#: :func:`~kronegp.models._separable_mask.variance_rows` points ``a`` (the cross-covariance, ``H = K_A[a, S] V``,
+#: ``H ∘ H``), and the mean, the variance and the zero-filled ``α``
+SEPARABLE_PREDICT = (3.0, 3.0)
+#: ... sample(n): ``(grid vectors per sample, grid vectors)`` (as :data:`FEW_MISSING_SAMPLE`)
+SEPARABLE_SAMPLE = (8.0, 2.0)
 
 
 class MemoryPlanError(MemoryError):
@@ -249,6 +293,23 @@ def plan_exact_sample(shape: Sequence[int], dtype: torch.dtype, chunk: int, samp
     return MemoryPlan(f"exact sample({samples})", tuple(shape), dtype, chunk, model_bytes(shape, dtype), parts)
 
 
+def _factored(operation: str, shape: Sequence[int], dtype: torch.dtype, device_type: str, *phases: dict) -> MemoryPlan:
+    """A plan of the exact-missing or separable-mask path (not chunked: its chunk is ``N``): the parts of
+    the phase with the most bytes (the peak, not a sum of phases), the factors and the runtime besides."""
+    parts = {**max(phases, key=lambda parts: sum(parts.values())), "factors": _factor_bytes(shape),
+             "runtime": _runtime(device_type)}
+    return MemoryPlan(operation, tuple(shape), dtype, _cells(shape), model_bytes(shape, dtype, mask=True), parts)
+
+
+def _draws(held: dict, shape: Sequence[int], dtype: torch.dtype, samples: int, counts: tuple[float, float]) -> dict:
+    """The parts of a factored path's sample while Matheron's rule runs: what the system holds, and
+    ``counts = (grid vectors per sample, grid vectors)``."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    per_sample, vectors = counts
+    return {**held, f"draws ({per_sample:g} × N × {samples})": int(per_sample * samples * n * item),
+            "grid vectors": int(vectors * n * item)}
+
+
 def plan_few_missing_step(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], *,
                           boxed: bool, device_type: str = "cuda") -> MemoryPlan:
     """A training step on the exact-missing path with ``m`` missing cells spanning a box of ``box_sizes``
@@ -267,10 +328,7 @@ def plan_few_missing_step(shape: Sequence[int], dtype: torch.dtype, m: int, box_
         rows, squares = FEW_MISSING_ROWS
         parts[f"G, its factor and inverse ({squares:g} × {m}²)"] = int(squares * m * m * item)
         parts[f"rows ({rows:g} × {m} × N)"] = int(rows * m * n * item)
-    parts["factors"] = _factor_bytes(shape)
-    parts["runtime"] = _runtime(device_type)
-    return MemoryPlan(f"exact-missing step ({m} missing cells)", tuple(shape), dtype, n,
-                      model_bytes(shape, dtype, mask=True), parts)
+    return _factored(f"exact-missing step ({m} missing cells)", shape, dtype, device_type, parts)
 
 
 def plan_separable_step(shape: Sequence[int], dtype: torch.dtype, points: int, *,
@@ -279,10 +337,83 @@ def plan_separable_step(shape: Sequence[int], dtype: torch.dtype, points: int, *
     axes (the dense ``K_S`` and its eigenvectors). Its :attr:`MemoryPlan.chunk` is ``N`` (nothing is chunked)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     parts = {"grid vectors": int(SEPARABLE_VECTORS * n * item),
-             f"K_S and its eigenvectors ({SEPARABLE_SQUARES:g} × {points}²)": int(SEPARABLE_SQUARES * points**2 * item),
-             "factors": _factor_bytes(shape), "runtime": _runtime(device_type)}
-    return MemoryPlan(f"separable-mask step ({points} points)", tuple(shape), dtype, n,
-                      model_bytes(shape, dtype, mask=True), parts)
+             f"K_S and its eigenvectors ({SEPARABLE_SQUARES:g} × {points}²)": int(SEPARABLE_SQUARES * points**2 * item)}
+    return _factored(f"separable-mask step ({points} points)", shape, dtype, device_type, parts)
+
+
+def _few_missing_phases(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], *, boxed: bool,
+                        through_box: bool, vectors: float) -> tuple[dict, dict]:
+    """``(held, build)``: the parts the exact-missing system holds once built, and those of its build's
+    peak (``held`` included; ``vectors`` grid vectors of the caller beside)."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    box = math.prod(box_sizes)
+    held = {f"G and its factor (2 × {m}²)": 2 * m * m * item}
+    if boxed:
+        held[f"the box's pair index ({box}² int64)"] = box * box * 8
+        extra = {} if box == m else {f"the box's gram and its rows ({box}² + {m} × {box})": (box * box + m * box) * item}
+    else:
+        held[f"rows U ({m} × N)"] = m * n * item
+        blocks = 3 if through_box else 1  # Y, and the Kronecker product's two intermediates
+        extra = {f"Y{' and a product through the box' if through_box else ''} ({blocks} × {m} × N)": blocks * m * n * item}
+    build = {**held, **extra, "grid vectors": int((FEW_MISSING_BUILD_VECTORS + vectors) * n * item)}
+    return held, build
+
+
+def plan_few_missing_predict(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], *,
+                             boxed: bool, through_box: bool, columns: int, device_type: str = "cuda") -> MemoryPlan:
+    """``predict()`` on the grid, exact-missing path: ``G``'s build (:func:`plan_few_missing_step`'s ``boxed``;
+    ``through_box``: :func:`~kronegp.models._few_missing.rows_through_box`) or the variance's blocks of ``columns``
+    (:func:`~kronegp.models._few_missing.variance_columns`), whichever holds more. :attr:`MemoryPlan.chunk`: ``N``."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box, vectors=0)
+    blocks, vectors = FEW_MISSING_PREDICT
+    variance = {**held, f"L⁻ᵀ ({m}²)": m * m * item,
+                f"variance blocks ({blocks:g} × N × {columns} columns)": int(blocks * n * columns * item),
+                "grid vectors": int(vectors * n * item)}
+    return _factored(f"exact-missing predict ({m} missing cells)", shape, dtype, device_type, build, variance)
+
+
+def plan_few_missing_sample(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], samples: int, *,
+                            boxed: bool, through_box: bool, device_type: str = "cuda") -> MemoryPlan:
+    """``sample(samples)``, exact-missing path: ``G``'s build (beside the draws' ``ξ``) or Matheron's rule
+    on ``(N, samples)`` blocks, whichever holds more (:func:`plan_few_missing_predict`'s arguments)."""
+    held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box,
+                                      vectors=samples)
+    return _factored(f"exact-missing sample({samples}) ({m} missing cells)", shape, dtype, device_type, build,
+                     _draws(held, shape, dtype, samples, FEW_MISSING_SAMPLE))
+
+
+def _separable_phases(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, vectors: float) -> tuple[dict, dict]:
+    """``(held, build)`` of the separable-mask system (as :func:`_few_missing_phases`)."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    held = {f"K_S and its eigenvectors (2 × {points}²)": 2 * points**2 * item,
+            f"D and P (2 × {points} × {n_b})": 2 * points * n_b * item}
+    build = {f"K_S, its symmetrised copy and eigenvectors (3 × {points}²)": 3 * points**2 * item,
+             "grid vectors": int((SEPARABLE_BUILD_VECTORS + vectors) * n * item)}
+    return held, build
+
+
+def plan_separable_predict(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, rows: int, *,
+                           device_type: str = "cuda") -> MemoryPlan:
+    """``predict()`` on the grid, separable-mask path with ``points`` observed points ``|S|`` of the masked
+    axes and ``n_b`` cells of the free ones: ``K_S``'s ``eigh`` or the variance's blocks of ``rows`` points
+    of the masked axes (:func:`~kronegp.models._separable_mask.variance_rows`, at most their count),
+    whichever holds more. :attr:`MemoryPlan.chunk`: ``N``."""
+    n, item = _cells(shape), torch.finfo(dtype).bits // 8
+    held, build = _separable_phases(shape, dtype, points, n_b, 0)
+    blocks, vectors = SEPARABLE_PREDICT
+    variance = {**held, f"variance blocks ({blocks:g} × {rows} × {points})": int(blocks * rows * points * item),
+                "grid vectors": int(vectors * n * item)}
+    return _factored(f"separable-mask predict ({points} points)", shape, dtype, device_type, build, variance)
+
+
+def plan_separable_sample(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, samples: int, *,
+                          device_type: str = "cuda") -> MemoryPlan:
+    """``sample(samples)``, separable-mask path: ``K_S``'s ``eigh`` (beside the draws' ``ξ``) or Matheron's
+    rule on ``(N, samples)`` blocks, whichever holds more (:func:`plan_separable_predict`'s arguments)."""
+    held, build = _separable_phases(shape, dtype, points, n_b, samples)
+    return _factored(f"separable-mask sample({samples}) ({points} points)", shape, dtype, device_type, build,
+                     _draws(held, shape, dtype, samples, SEPARABLE_SAMPLE))
 
 
 def _cg_kind(missing: bool, per_cell: bool) -> str:
@@ -383,49 +514,46 @@ def _choose_chunk(planner: Callable[[int], MemoryPlan], n: int, budget: Optional
     return plan
 
 
+def choose_exact_plan(shape: Sequence[int], dtype: torch.dtype, operation: str, *, samples: int = 1,
+                      user_mean: bool = False, device_type: str = "cuda", budget: Optional[float] = None) -> MemoryPlan:
+    """The exact path's plan of ``operation`` (:data:`OPERATIONS`: :func:`plan_exact_step`,
+    :func:`plan_exact_predict` or :func:`plan_exact_sample`) with the largest chunk within ``budget``
+    bytes (:func:`_choose_chunk`)."""
+    kw = dict(user_mean=user_mean, device_type=device_type)
+    planners = {"step": lambda c: plan_exact_step(shape, dtype, c, **kw),
+                "predict": lambda c: plan_exact_predict(shape, dtype, c, **kw),
+                "sample": lambda c: plan_exact_sample(shape, dtype, c, samples, **kw)}
+    return _choose_chunk(planners[operation], _cells(shape), budget)
+
+
+#: what :func:`plan_for_model` plans: a training step, ``predict()`` on the grid, ``sample(samples)``
+OPERATIONS = ("step", "predict", "sample")
+
+
 def plan_for_model(model, operation: str = "step", *, samples: int = 1,
                    free_bytes: Optional[int] = None,
                    free: Callable[[torch.device], Optional[int]] = free_memory) -> MemoryPlan:
-    """The plan of ``operation`` (``"step"``, ``"predict"`` or ``"sample"``) for a GridGP ``model``.
+    """The plan of ``operation`` (``"step"``, ``"predict"`` or ``"sample"``) for a GridGP ``model``,
+    made by its inference path (:meth:`kronegp.models.paths.InferencePath.memory_plan`: which counts
+    apply, and the chunk or CG run).
 
     ``free_bytes``: the memory available (default ``free(device)`` plus the model's own buffers,
-    which the plan counts: they are already allocated). The chunk is the largest within
+    which the plan counts: they are already allocated). The path's chunk is the largest within
     :data:`HEADROOM` of it.
     """
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     shape, dtype, dev = tuple(model.shape), model.y.dtype, model.y.device
     own = model_bytes(shape, dtype, mask=model.observed is not None, cell_noise=model.cell_noise is not None)
     if free_bytes is None:
         avail = free(dev)
         free_bytes = None if avail is None else avail + own
     budget = None if free_bytes is None else HEADROOM * free_bytes
-    n = _cells(shape)
-    user_mean = bool(getattr(model, "user_mean", False))
-    if model.inference.chunked:
-        if operation == "step":
-            plan = _choose_chunk(lambda c: plan_exact_step(shape, dtype, c, user_mean=user_mean, device_type=dev.type), n, budget)
-        elif operation == "predict":
-            plan = _choose_chunk(lambda c: plan_exact_predict(shape, dtype, c, user_mean=user_mean, device_type=dev.type), n, budget)
-        elif operation == "sample":
-            plan = _choose_chunk(lambda c: plan_exact_sample(shape, dtype, c, samples, user_mean=user_mean,
-                                                             device_type=dev.type), n, budget)
-        else:
-            raise ValueError(f"operation must be 'step', 'predict' or 'sample', got {operation!r}")
-    elif model.path in ("exact-missing", "separable-mask"):
-        plan = _factored_plan(model, operation)
-    else:
-        plan = _cg_plan(model, model.num_probes, budget)
-        plan.operation = f"cg {operation} ({model.num_probes} probes)"
+    plan = model.inference.memory_plan(model, operation, samples, budget)
     plan.free_bytes = free_bytes
     return plan
-
-
-def _factored_plan(model, operation: str) -> MemoryPlan:
-    """The step's plan on the exact-missing or separable-mask path, from the model's mask (its missing
-    cells' box, or the observed points of the masked axes)."""
-    if operation != "step":
-        raise ValueError(f"operation must be 'step' on the {model.path} path (its predict and sample are not "
-                         f"planned), got {operation!r}")
-    return model.inference.step_plan(model)  # the path knows its mask's box or points
 
 
 def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
@@ -441,11 +569,11 @@ def operation_chunk(model, operation: str = "step", samples: int = 1) -> int:
     return cached[1]
 
 
-def _cg_plan(model, probes: int, budget: Optional[float], coarse: Optional[int] = None) -> MemoryPlan:
-    """:func:`choose_cg_run` for ``model`` with ``probes``: runs only where its cg path can split
-    them (the preconditioned estimator; :func:`choose_cg_run` says which noise). ``coarse``: the
-    two-level preconditioner's bytes when already known (they do not depend on ``probes``; else
-    measured from the mask)."""
+def plan_cg_model(model, probes: int, budget: Optional[float], coarse: Optional[int] = None) -> MemoryPlan:
+    """The cg path's step plan for ``model`` with ``probes`` (:func:`choose_cg_run`): runs only where its
+    cg path can split them (the preconditioned estimator; :func:`choose_cg_run` says which noise).
+    ``coarse``: the two-level preconditioner's bytes when already known (they do not depend on
+    ``probes``; else measured from the mask)."""
     missing, per_cell = model.observed is not None, model.cell_noise is not None
     if coarse is None:
         coarse = _coarse(model) if missing else 0
@@ -484,19 +612,19 @@ def check_plan(plan: MemoryPlan, model=None) -> MemoryPlan:
     if plan.operation.startswith("cg") and model is not None:
         coarse = plan.parts.get(COARSE_PART, 0)  # the mask's box, measured once for the plan
         fitting = [p for p in range(model.num_probes - 1, 0, -1)
-                   if _cg_plan(model, p, HEADROOM * free, coarse).peak_bytes <= HEADROOM * free]
+                   if plan_cg_model(model, p, HEADROOM * free, coarse).peak_bytes <= HEADROOM * free]
         if fitting:
             hints.append(f"num_probes={fitting[0]} fits")
         else:
             hints.append("no probe count fits (not even CG runs of one column)" if plan.chunk == 1
                          else "no probe count fits")
-    if plan.operation.startswith(("exact-missing", "separable-mask")) and model is not None:
-        cg = _cg_plan(model, model.num_probes, HEADROOM * free)
+    if plan.operation.startswith(("exact-missing step", "separable-mask step")) and model is not None:
+        cg = plan_cg_model(model, model.num_probes, HEADROOM * free)
         if cg.peak_bytes <= HEADROOM * free:
             hints.append(f"path='cg' fits ({cg.peak_bytes / GIB:.2f} GiB, {cg._chunk_words()})")
     if plan.dtype == torch.float64:
         hints.append("float32 halves every grid buffer")
-    if plan.operation.startswith("exact sample"):
+    if " sample(" in plan.operation:
         hints.append("fewer samples per call")
     gpus = max(2, math.ceil(need / (HEADROOM * free)))
     hints.append(f"kronegp.distributed.DistributedGridGP splits the grid over ranks (about {gpus} such GPUs)")

@@ -11,9 +11,10 @@ asks which path it holds:
 * :meth:`~InferencePath.posterior_grid` / :meth:`~InferencePath.posterior_points`: the
   posterior mean and variance of ``f`` (model units, noise-free) on the grid or at points.
 * :meth:`~InferencePath.sample`: joint posterior samples on the grid (model units).
-* :attr:`~InferencePath.chunked` (what the memory plan counts: slabs of the exact path, or the
-  CG blocks) and :meth:`~InferencePath.graph_obstacle` (why a training step cannot be a CUDA
-  graph).
+* :meth:`~InferencePath.memory_plan`: the peak memory of a training step, ``predict()`` on the grid
+  or ``sample(n)`` on this path (counted by :mod:`kronegp.models.memory`; the path chooses which
+  count applies and the chunk of the exact path's slabs or the cg path's CG runs), and
+  :meth:`~InferencePath.graph_obstacle` (why a training step cannot be a CUDA graph).
 
 The paths and their numerical homes:
 
@@ -43,12 +44,13 @@ from torch import Tensor
 
 from kronegp.models import costs, memory
 from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
-from kronegp.models._few_missing import MAX_FORM_ELEMENTS, FewMissing, MissingBox, box_pays, few_missing_limit
+from kronegp.models._few_missing import (MAX_FORM_ELEMENTS, FewMissing, MissingBox, box_pays, few_missing_limit,
+                                         rows_through_box, variance_columns)
 from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
                                     refresh_two_level, solve_observed)
 from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
 from kronegp.models._separable_mask import (MAX_POINTS_ANY, SeparableMask, lml_surrogate, mask_axes,
-                                            separable_mask_limit)
+                                            separable_mask_limit, variance_rows)
 
 __all__ = ["InferencePath", "ExactPath", "ExactMissingPath", "SeparableMaskPath", "CGPath", "choose_path", "check_mask",
            "PATHS"]
@@ -176,8 +178,6 @@ class InferencePath:
 
     #: the name :attr:`GridGP.path` reports
     name: ClassVar[str] = ""
-    #: whether the work runs in slabs of a chunk the memory plan chooses (else the CG blocks' plan)
-    chunked: ClassVar[bool] = False
 
     def __init__(self, layout):
         self.layout = layout
@@ -189,6 +189,13 @@ class InferencePath:
 
     def lml(self, gp) -> Tensor:
         """``log p(y_O)`` in model units (without the standardisation's Jacobian), as a surrogate."""
+        raise NotImplementedError
+
+    def memory_plan(self, gp, operation: str, samples: int, budget: Optional[float]) -> memory.MemoryPlan:
+        """The :class:`~kronegp.models.memory.MemoryPlan` of ``operation`` (``"step"``, ``"predict"`` on the
+        grid or ``"sample"`` of ``samples`` draws; checked by :func:`~kronegp.models.memory.plan_for_model`,
+        which calls this) on this path, with its chunk the largest within ``budget`` bytes (``None``: no
+        limit) where the path chunks its work."""
         raise NotImplementedError
 
     def graph_obstacle(self, gp) -> Optional[str]:
@@ -274,7 +281,6 @@ class ExactPath(InferencePath):
     (:mod:`kronegp.models._exact`), chunked by the memory plan."""
 
     name = "exact"
-    chunked = True
 
     @staticmethod
     def _mean(gp) -> Tensor:
@@ -286,6 +292,11 @@ class ExactPath(InferencePath):
         _report(gp, 0, gp.cg_inner_iterations, gp.cg_residual, {})
         return self.layout.exact_lml(gp.y, gp.noise, gp.outputscale, factors, mean=self._mean(gp),
                                      chunk=self.layout.step_chunk(gp))
+
+    def memory_plan(self, gp, operation, samples, budget):
+        # the slabs' chunk: the largest within the budget
+        return memory.choose_exact_plan(gp.shape, gp.y.dtype, operation, samples=samples, user_mean=gp.user_mean,
+                                        device_type=gp.y.device.type, budget=budget)
 
     def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
         chunk = memory.operation_chunk(gp, "predict")
@@ -351,9 +362,13 @@ class _FactoredPath(InferencePath):
     def graph_obstacle(self, gp) -> Optional[str]:
         return self.eager_because
 
-    def step_plan(self, gp) -> memory.MemoryPlan:
-        """The training step's memory plan (:mod:`kronegp.models.memory`; not chunked)."""
-        raise NotImplementedError
+    def posterior_grid(self, gp, variance: str) -> tuple[Tensor, Tensor]:
+        memory.operation_chunk(gp, "predict")  # MemoryPlanError before any work when it cannot fit (not chunked)
+        return super().posterior_grid(gp, variance)
+
+    def sample(self, gp, n: int, generator: torch.Generator) -> Tensor:
+        memory.operation_chunk(gp, "sample", samples=n)
+        return super().sample(gp, n, generator)
 
     def _grid_variance(self, gp, system, factors, variance):
         return system.grid_variance()
@@ -377,12 +392,20 @@ class ExactMissingPath(_FactoredPath):
     # its Cholesky factorisation's check (and the box's index maps) read the device
     eager_because = "the exact-missing path (few missing cells) runs eagerly"
 
-    def step_plan(self, gp) -> memory.MemoryPlan:
-        shape = list(gp.shape)
+    def memory_plan(self, gp, operation, samples, budget):
+        # not chunked: the mask's box (or the rows) decides the counts, not the budget
+        shape, dtype, device = list(gp.shape), gp.y.dtype, gp.y.device.type
         hole = _missing_box(gp, shape)
-        return memory.plan_few_missing_step(shape, gp.y.dtype, hole.m, hole.box_sizes,
-                                            boxed=box_pays(hole.box, hole.m, math.prod(shape)),
-                                            device_type=gp.y.device.type)
+        boxed = box_pays(hole.box, hole.m, gp.n_cells)
+        if operation == "step":
+            return memory.plan_few_missing_step(shape, dtype, hole.m, hole.box_sizes, boxed=boxed, device_type=device)
+        through_box = rows_through_box(hole.m, shape, hole.box_sizes)
+        if operation == "predict":
+            return memory.plan_few_missing_predict(shape, dtype, hole.m, hole.box_sizes, boxed=boxed,
+                                                   through_box=through_box, device_type=device,
+                                                   columns=variance_columns(hole.m, gp.n_cells))
+        return memory.plan_few_missing_sample(shape, dtype, hole.m, hole.box_sizes, samples, boxed=boxed,
+                                              through_box=through_box, device_type=device)
 
     def lml(self, gp) -> Tensor:
         factors, resid = _checked_inputs(gp)
@@ -429,10 +452,17 @@ class SeparableMaskPath(_FactoredPath):
     # its dense eigh over the observed points synchronises
     eager_because = "the separable-mask path runs eagerly"
 
-    def step_plan(self, gp) -> memory.MemoryPlan:
-        shape = list(gp.shape)
-        points = mask_axes(gp.observed, shape)[1]  # the observed points of the masked axes
-        return memory.plan_separable_step(shape, gp.y.dtype, points, device_type=gp.y.device.type)
+    def memory_plan(self, gp, operation, samples, budget):
+        # not chunked: the observed points of the masked axes decide the counts, not the budget
+        shape, dtype, device = list(gp.shape), gp.y.dtype, gp.y.device.type
+        points = mask_axes(gp.observed, shape)[1]
+        if operation == "step":
+            return memory.plan_separable_step(shape, dtype, points, device_type=device)
+        n_b = math.prod(n for k, n in enumerate(shape) if k not in self.masked_axes)
+        if operation == "predict":
+            rows = min(gp.n_cells // n_b, variance_rows(points, n_b))  # points of the masked axes per block
+            return memory.plan_separable_predict(shape, dtype, points, n_b, rows, device_type=device)
+        return memory.plan_separable_sample(shape, dtype, points, n_b, samples, device_type=device)
 
     def lml(self, gp) -> Tensor:
         factors, resid = _checked_inputs(gp)
@@ -455,6 +485,13 @@ class CGPath(InferencePath):
     covariance (:mod:`kronegp.models._masked`), stochastic log-determinant and traces."""
 
     name = "cg"
+
+    def memory_plan(self, gp, operation, samples, budget):
+        # the step's CG blocks, the longest CG run within the budget (a prediction's or a sample's solves
+        # hold no more columns than the step's probes: labelled with the operation, the step's count)
+        plan = memory.plan_cg_model(gp, gp.num_probes, budget)
+        plan.operation = f"cg {operation} ({gp.num_probes} probes)"
+        return plan
 
     def covariance(self, gp, factors: list[Tensor]) -> FullGridCovariance:
         """``C = K + diag(d̃)`` at the current hyperparameters (no autograd)."""
