@@ -523,7 +523,7 @@ def run_cell_noise_missing(args, dtype: torch.dtype, dev: torch.device) -> list[
                 if ref is None and gp.n_observed <= args.dense_max:
                     ref = dense_lml(gp)
                 row[route] = {"step_s": statistics.median(times), "iterations": info.iterations,
-                              "inner_iterations": info.inner_iterations, "missing_solve": gp._last_extra.get("missing_solve"),
+                              "inner_iterations": info.inner_iterations, "missing_solve": info.missing_solve,
                               "observed_residual": info.observed_residual, "lml": lml, "estimate": info.estimate,
                               "lml_std_error": info.lml_std_error, "lml_rel_err": None if ref is None else abs(lml - ref) / abs(ref),
                               "warnings": len([w for w in caught if issubclass(w.category, RuntimeWarning)])}
