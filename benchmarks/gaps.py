@@ -510,7 +510,7 @@ def run_cell_noise_missing(args, dtype: torch.dtype, dev: torch.device) -> list[
             for route, flag in (("factored", True), ("nested", False)):
                 if route == "nested" and not args.cnm_nested:
                     continue
-                masked._DENSE_MISSING = flag
+                masked.DENSE_MISSING = flag
                 try:
                     gp = build(y, axes, missing, noise, num_probes=args.num_probes)
                     with warnings.catch_warnings(record=True) as caught:
@@ -518,7 +518,7 @@ def run_cell_noise_missing(args, dtype: torch.dtype, dev: torch.device) -> list[
                         times = time_call(gp.loss_backward, dev, repeats=args.repeats)
                         lml = float(gp.log_marginal_likelihood())
                 finally:
-                    masked._DENSE_MISSING = True
+                    masked.DENSE_MISSING = True
                 info = gp.last_solve
                 if ref is None and gp.n_observed <= args.dense_max:
                     ref = dense_lml(gp)

@@ -563,7 +563,7 @@ def test_cg_path_with_gaps_matches_dense_through_the_two_level_preconditioner(na
     if cell_noise:
         # the nested route (CG on G), whose preconditioner this checks; so few missing cells would
         # otherwise factor G (test_cell_noise_with_few_missing_factors_g_and_matches_dense)
-        monkeypatch.setattr(masked, "_DENSE_MISSING", False)
+        monkeypatch.setattr(masked, "DENSE_MISSING", False)
         g = torch.Generator().manual_seed(3)
         noise = (0.02 * 10 ** (2 * torch.rand(SHAPE, generator=g, dtype=torch.float64) - 1)).to(dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -931,7 +931,7 @@ def test_cell_noise_with_many_missing_keeps_the_nested_route_and_both_agree(monk
     gp = _cell_noise_cg("scatter", SHAPE, monkeypatch, cg_tol=1e-8)
     dense_route = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     assert gp.last_solve.missing_solve == "dense"
-    monkeypatch.setattr(masked, "_DENSE_MISSING", False)
+    monkeypatch.setattr(masked, "DENSE_MISSING", False)
     nested = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     assert gp.last_solve.missing_solve == "cg" and gp._last_extra["missing_iterations"] > 0
     assert abs(dense_route[0] - nested[0]) <= 1e-8 * abs(nested[0])

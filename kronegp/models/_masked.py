@@ -93,7 +93,7 @@ _EIGEN_PAIRS = True
 
 #: Whether :func:`cg_lml_pieces` may take ``dense_missing`` (tests and ``benchmarks/gaps.py
 #: --cell-noise-missing`` switch it off to run the nested route on the same model).
-_DENSE_MISSING = True
+DENSE_MISSING = True
 
 
 @dataclass
@@ -977,7 +977,7 @@ def cg_lml_pieces(
         raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
     dt = resid.dtype
     lay = _Layout(cov, inner)
-    dense_missing = _DENSE_MISSING and dense_missing and observed is not None and not cov.homoskedastic and lay.rows
+    dense_missing = DENSE_MISSING and dense_missing and observed is not None and not cov.homoskedastic and lay.rows
     with torch.no_grad():
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
         r = obs_f * resid
