@@ -9,7 +9,8 @@ Data: a draw from the model itself (Matérn-5/2 per axis, lengthscales 1/6 of ea
 * ``holes3-1``: three far-apart cube-shaped holes of that percentage of the cells each;
 * ``time-mask-30``: a random 30 % of space missing at every time step (a land mask);
 * ``cell-noise``: full grid, per-cell noise variances spread over a 1e4 range;
-* ``block-1+cell-noise``: the 1 % hole with that per-cell noise.
+* ``block-1+cell-noise``: the 1 % hole with that per-cell noise;
+* ``scatter-1+cell-noise``: 1 % of cells missing at random, with that per-cell noise.
 
 Per pattern: the path GridGP chose, the training step (``loss_backward``, median), its CG
 iterations and probes, the likelihood's relative error against a reference (a dense Cholesky up to
@@ -51,6 +52,13 @@ and median of ``--repeats`` each, and their ratio (issue 22's target: ≤ 5×). 
 process CPU time per step (with one thread the step's own compute time, which other processes on
 the machine do not lengthen; with more threads their sum, not a wall time).
 
+``--cell-noise-missing``: per-cell noise with a few missing cells (``--cnm-patterns``) on grids of
+``--cnm-sides``: the cg path's step with ``G = [C⁻¹]_MM`` factored from the ``C`` run's columns (where the
+missing cells take unit probes) against the nested route (CG on ``G``, a CG solve with ``C`` in each
+product; ``--no-cnm-nested`` skips it), in the same run: step (median), the ``C`` run's iterations, the
+inner ones, which route ran, the observed residual, the likelihood of both (their relative difference)
+and, up to ``--dense-max`` observed cells, each one's relative error against a dense Cholesky.
+
 ``--limit``: the exact-missing path's step against the cg path's (random probes, and exact traces)
 for growing m (one contiguous hole, and m scattered cells) on the same grid (``--grid air``: the
 shipped 435k-cell air grid), each predicted by the cost rule of :mod:`kronegp.models.costs` and
@@ -70,6 +78,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/gaps.py --air --repeats 9 --out air_hole.json  # hole vs full, air grid
     python benchmarks/gaps.py --holes --hole-patterns clouds-20 holes3-1 --n 48 --repeats 1
     OMP_NUM_THREADS=1 python benchmarks/gaps.py --holes --hole-fit --n 48 --repeats 2 --no-jacobi
+    OMP_NUM_THREADS=1 python benchmarks/gaps.py --cell-noise-missing --cnm-sides 12 16 20 24 --repeats 2
 """
 
 from __future__ import annotations
@@ -110,7 +119,7 @@ def pattern(name: str, n: int, seed: int = 1):
     missing, noise = None, None
     kind, _, frac = name.partition("-")
     if kind == "scatter":
-        missing = torch.rand(shape, generator=g) < float(frac) / 100
+        missing = torch.rand(shape, generator=g) < float(frac.split("+")[0]) / 100
     elif kind == "block":
         pct = float(frac.split("+")[0])
         side = max(1, round(n * (pct / 100) ** (1 / 3)))
@@ -487,6 +496,56 @@ def run_holes(y, axes, args) -> list[dict]:
 AIR_GRIDS = {"full": (slice(None), slice(None), slice(None)), "corner": (slice(0, 20), slice(0, 25), slice(None))}
 
 
+def run_cell_noise_missing(args, dtype: torch.dtype, dev: torch.device) -> list[dict]:
+    """``--cell-noise-missing``: the factored-G route against the nested one (module docstring)."""
+    import kronegp.models._masked as masked
+
+    rows = []
+    for n in args.cnm_sides:
+        y, axes = draw(n, dtype, dev)
+        for pat in args.cnm_patterns:
+            missing, noise = pattern(pat, n)
+            row = {"pattern": pat, "n": n, "cells": n**3, "missing": int(missing.sum())}
+            ref = None
+            for route, flag in (("factored", True), ("nested", False)):
+                if route == "nested" and not args.cnm_nested:
+                    continue
+                masked.DENSE_MISSING = flag
+                try:
+                    gp = build(y, axes, missing, noise, num_probes=args.num_probes)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        times = time_call(gp.loss_backward, dev, repeats=args.repeats)
+                        lml = float(gp.log_marginal_likelihood())
+                finally:
+                    masked.DENSE_MISSING = True
+                info = gp.last_solve
+                if ref is None and gp.n_observed <= args.dense_max:
+                    ref = dense_lml(gp)
+                row[route] = {"step_s": statistics.median(times), "iterations": info.iterations,
+                              "inner_iterations": info.inner_iterations, "missing_solve": info.missing_solve,
+                              "observed_residual": info.observed_residual, "lml": lml, "estimate": info.estimate,
+                              "lml_std_error": info.lml_std_error, "lml_rel_err": None if ref is None else abs(lml - ref) / abs(ref),
+                              "warnings": len([w for w in caught if issubclass(w.category, RuntimeWarning)])}
+            f, nst = row["factored"], row.get("nested")
+            if nst is not None:
+                row["speedup"] = nst["step_s"] / f["step_s"]
+                row["lml_rel_diff"] = abs(f["lml"] - nst["lml"]) / abs(nst["lml"])
+            rows.append(row)
+            fmt = lambda d, k, spec: "-" if d is None or d.get(k) is None else format(d[k], spec)  # noqa: E731
+            print(f"{pat:22s} {n:3d} {row['missing']:5d} {f['missing_solve'] or '-':>6s} {f['step_s']:8.3f} {f['iterations']:5d} "
+                  f"{f['inner_iterations']:6d} {fmt(f, 'observed_residual', '9.1e')} {fmt(f, 'lml_rel_err', '9.1e')} | "
+                  f"{fmt(nst, 'missing_solve', '>6s')} {fmt(nst, 'step_s', '8.3f')} {fmt(nst, 'iterations', '5d')} "
+                  f"{fmt(nst, 'inner_iterations', '6d')} {fmt(nst, 'lml_rel_err', '9.1e')} | {fmt(row, 'speedup', '7.1f')} "
+                  f"{fmt(row, 'lml_rel_diff', '9.1e')} {f['warnings']}/{fmt(nst, 'warnings', 'd')}", flush=True)
+    return rows
+
+
+CNM_HEAD = (f"{'pattern':22s} {'n':>3s} {'m':>5s} {'G':>6s} {'step s':>8s} {'iters':>5s} {'inner':>6s} {'obs res':>9s} "
+            f"{'lml err':>9s} | {'G':>6s} {'step s':>8s} {'iters':>5s} {'inner':>6s} {'lml err':>9s} | {'speedup':>7s} "
+            f"{'lml diff':>9s} warn\n# (factored | nested; lml err against a dense Cholesky, lml diff between the routes)")
+
+
 def run_air(args) -> list[dict]:
     """The air grid's exact step against the exact-missing step with one 6 × 8 × 12 hole, alternating."""
     from kronegp.datasets import load_air_temperature
@@ -578,6 +637,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--hole-fit-lbfgs", type=int, default=1, help="--hole-fit: L-BFGS steps (up to 10 updates each)")
     ap.add_argument("--air", action="store_true", help="the air grid: hole vs full grid, exact paths")
     ap.add_argument("--air-grids", nargs="*", default=["full", "corner"], choices=sorted(AIR_GRIDS))
+    ap.add_argument("--cell-noise-missing", action="store_true",
+                    help="per-cell noise with few missing cells: G factored against the nested CG route")
+    ap.add_argument("--cnm-sides", type=int, nargs="*", default=[12, 16, 20, 24], help="--cell-noise-missing: n of n³")
+    ap.add_argument("--cnm-patterns", nargs="*", default=["block-1+cell-noise", "scatter-1+cell-noise"])
+    ap.add_argument("--cnm-nested", action=argparse.BooleanOptionalAction, default=True,
+                    help="--cell-noise-missing: also time the nested route")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.small:
@@ -590,6 +655,14 @@ def main(argv=None) -> dict:
         meta.pop("n")
         print(f"# gaps: the air grid's hole, {args.dtype}, {name}, {meta['date']}", flush=True)
         out = {"meta": meta, "air": run_air(args)}
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(out, fh, indent=1)
+        return out
+    if args.cell_noise_missing:
+        meta.pop("n")
+        print(f"# gaps: per-cell noise with few missing cells, {args.dtype}, {name}, {meta['date']}\n{CNM_HEAD}", flush=True)
+        out = {"meta": meta, "cell_noise_missing": run_cell_noise_missing(args, dtype, dev)}
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(out, fh, indent=1)

@@ -561,6 +561,9 @@ def test_cg_path_with_gaps_matches_dense_through_the_two_level_preconditioner(na
     monkeypatch.setattr(masked, "two_level", spy)
     noise = None
     if cell_noise:
+        # the nested route (CG on G), whose preconditioner this checks; so few missing cells would
+        # otherwise factor G (test_cell_noise_with_few_missing_factors_g_and_matches_dense)
+        monkeypatch.setattr(masked, "DENSE_MISSING", False)
         g = torch.Generator().manual_seed(3)
         noise = (0.02 * 10 ** (2 * torch.rand(SHAPE, generator=g, dtype=torch.float64) - 1)).to(dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -864,6 +867,106 @@ def test_cell_noise_above_the_dense_limit_runs_cg_and_agrees(monkeypatch):
     ref, ref_grads = lml_and_grads(gp, dense_lml)
     assert abs(lml - ref) <= 1e-6 * abs(ref) and abs(exact - ref) <= 1e-10 * abs(ref)
     assert rel(grads, ref_grads) <= 1e-5
+
+
+def _cell_noise_cg(name, shape, monkeypatch, dtype=torch.float64, **kw):
+    """Per-cell noise over a 1e4 range with ``name``'s missing cells on ``shape``, on the cg path's
+    iterative likelihood (the dense one switched off below its observed count), away from the initial
+    hyperparameters."""
+    v, axes = field(shape, dtype=dtype)
+    v = v.clone()
+    v[pattern(name, shape)] = float("nan")
+    g = torch.Generator().manual_seed(7)
+    noise = 0.01 * 10 ** (4 * torch.rand(shape, generator=g, dtype=torch.float64) - 2)
+    gp = GridGP(v, axes, noise=noise.to(dtype), path="cg", **kw)
+    with torch.no_grad():
+        for k, kern in enumerate(gp.kernels):
+            kern.lengthscale = kern.lengthscale * (0.6 + 0.3 * k)
+        gp.raw_outputscale.add_(0.3)
+        gp.mean_module.constant.add_(0.2)
+    monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", gp.n_observed - 1)
+    assert not gp.inference.dense(gp)
+    return gp
+
+
+@pytest.mark.parametrize("name,shape", [("hole", (7, 8, 9)), ("scatter", (7, 8, 9)), ("clouds", (7, 8, 9)),
+                                        pytest.param("hole", (9, 10, 11), marks=pytest.mark.slow)])  # ~25 s, loaded
+def test_cell_noise_with_few_missing_factors_g_and_matches_dense(name, shape, monkeypatch):
+    """Per-cell noise and a few missing cells (unit probes): ``G = [C⁻¹]_MM`` from the ``C`` run's
+    columns, factored; no CG on ``G``. Likelihood, every gradient and the posterior mean against a
+    dense Cholesky."""
+    gp = _cell_noise_cg(name, shape, monkeypatch, cg_tol=1e-8)
+    lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    extra = gp._last_extra
+    assert gp.last_solve.missing_solve == "dense" and extra["missing_iterations"] == 0
+    assert gp.last_solve.probes == gp.n_cells + gp.n_cells - gp.n_observed  # unit probes: exact traces
+    assert not gp.last_solve.estimate and gp.last_solve.observed_residual <= gp.cg_tol
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    assert abs(lml - ref) <= 1e-6 * abs(ref), (lml, ref)
+    assert rel(grads, ref_grads) <= 1e-6, rel(grads, ref_grads)
+    gp.variance_samples = 1  # the mean is what is checked here (an exact variance: one solve per cell)
+    mean, _ = gp.predict(variance="mc")
+    assert rel(mean.reshape(-1), dense_grid_posterior(gp)[0]) <= 1e-6
+
+
+def test_cell_noise_with_few_missing_float32_is_within_its_bound(monkeypatch):
+    """float32: ``G`` formed and factored in float64, α refined in mixed precision by the same factored
+    ``G``; against the float64 dense Cholesky."""
+    gp = _cell_noise_cg("hole", SHAPE, monkeypatch, dtype=torch.float32, cg_tol=1e-5)
+    lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    assert gp.last_solve.missing_solve == "dense"
+    ref64 = _cell_noise_cg("hole", SHAPE, monkeypatch, cg_tol=1e-10)
+    ref, ref_grads = lml_and_grads(ref64, dense_lml)
+    assert abs(lml - ref) <= 1e-4 * abs(ref), (lml, ref)
+    assert rel(grads.double(), ref_grads) <= 1e-3, rel(grads.double(), ref_grads)
+    assert gp.last_solve.observed_residual <= gp.cg_tol
+
+
+def test_cell_noise_with_many_missing_keeps_the_nested_route_and_both_agree(monkeypatch):
+    """Above ``exact_trace_limit`` missing cells the nested route (CG on ``G``) runs as before; on the
+    same model with unit probes both routes give the same likelihood and gradient."""
+    gp = _cell_noise_cg("hole", SHAPE, monkeypatch, cg_tol=1e-6, exact_trace_limit=59, num_probes=4)  # m = 60
+    gp.log_marginal_likelihood()
+    assert gp.last_solve.missing_solve == "cg" and gp.last_solve.iterations > 0 and gp.last_solve.estimate
+    gp = _cell_noise_cg("scatter", SHAPE, monkeypatch, cg_tol=1e-8)
+    dense_route = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    assert gp.last_solve.missing_solve == "dense"
+    monkeypatch.setattr(masked, "DENSE_MISSING", False)
+    nested = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    assert gp.last_solve.missing_solve == "cg" and gp._last_extra["missing_iterations"] > 0
+    assert abs(dense_route[0] - nested[0]) <= 1e-8 * abs(nested[0])
+    assert rel(dense_route[1], nested[1]) <= 1e-6
+
+
+def test_cell_noise_g_that_does_not_factor_falls_back_with_a_warning(monkeypatch):
+    """A ``G`` that is not positive definite (here made so) is reported with its eigenvalues, and the
+    nested route gives the right answer."""
+    real = masked._schur_by_columns
+    monkeypatch.setattr(masked, "_schur_by_columns", lambda cov, w, x_r, obs: real(cov, -w, x_r, obs))
+    gp = _cell_noise_cg("hole", SHAPE, monkeypatch, cg_tol=1e-8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1 and "not positive definite" in said[0] and "eigenvalues -" in said[0], said
+    assert gp.last_solve.missing_solve == "cg"
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    assert abs(lml - ref) <= 1e-6 * abs(ref) and rel(grads, ref_grads) <= 1e-6
+
+
+def test_cell_noise_ill_conditioned_with_few_missing_meets_1e3_or_warns(monkeypatch):
+    """Tiny noise (1e-8) and a long lengthscale (cond(C_OO) ≈ 2e10) on the factored-G route."""
+    monkeypatch.setattr(dense_module, "DENSE_MAX_CPU", 0)
+    gp = ill_conditioned()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+    ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    ref, ref_grads = lml_and_grads(gp, dense_lml)
+    if abs(lml - ref) > 1e-3 * abs(ref) or rel(grads, ref_grads) > 1e-3:
+        assert ours, (lml, ref)
+    else:
+        assert gp.last_solve.missing_solve == "dense" and not ours, ours
 
 
 @pytest.mark.parametrize("sizes", [[3], [2, 3], [3, 1, 4], [2, 2, 2, 2]])

@@ -41,6 +41,15 @@ the gradient's trace estimate exact in expectation, and nothing differentiates t
 
     ∂ log det G = −tr(G⁻¹ [X ∂C X]_MM) ≈ −(1/S) Σ_s (X G⁻¹ z_s)ᵀ ∂C (X P⁻¹ z_s)
 
+**Few missing cells with per-cell noise** (``dense_missing``). There every product with ``G`` is a
+CG solve with ``C`` (nested CG: 7 outer iterations, 2316 inner, 8–9 s a step on 16³ with m = 27).
+Where the ``m`` missing cells take unit probes anyway, their unit vectors ``e_M`` instead join the
+``C`` run as more right-hand sides: ``W = X e_M``, ``G = W_M`` (``m × m``, factored ``L Lᵀ`` in
+float64), and exactly up to that run's tolerance ``log det G`` (Cholesky), ``α = [X r − W G⁻¹[X r]_M]_O``
+and ``−½ ∂ log det G = ½ Σ_k (W L⁻ᵀ)_kᵀ ∂C (W L⁻ᵀ)_k``; ``α`` is refined on the observed cells by the
+same factored ``G`` (one solve with ``C`` a round: :func:`_schur_by_columns`, :func:`refine_observed`'s
+``correct``). A ``G`` that does not factor falls back to the nested route, with a warning.
+
 **Gradient** of ``log p = −½ r_Oᵀα − ½ log det C_OO − (n/2) log 2π``::
 
     ∂ log p = ½ αᵀ ∂C α − ½ ∂ log det C − ½ ∂ log det G + αᵀ ∂μ
@@ -71,7 +80,7 @@ from kronegp.ops import kron_matmul
 from kronegp.solvers import block_cg, local_inner, row_inner, slq_logdet_correction, solve_with_logdet
 from kronegp.solvers.cg import active_schedule
 from kronegp.solvers.lanczos import LanczosOnHost
-from kronegp.solvers.report import note, shortfall
+from kronegp.solvers.report import finding, note, shortfall
 
 __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "ObservedSolve", "ProbeDraws", "refine_observed",
            "refresh_two_level", "solve_observed"]
@@ -81,6 +90,10 @@ Inner = Callable[[Tensor, Tensor], Tensor]
 #: Whether :func:`cg_lml_pieces` may return the missing-cell pairs in eigen-coordinates (tests
 #: switch it off to compare with the grid-coordinate pairs on the same solves).
 _EIGEN_PAIRS = True
+
+#: Whether :func:`cg_lml_pieces` may take ``dense_missing`` (tests and ``benchmarks/gaps.py
+#: --cell-noise-missing`` switch it off to run the nested route on the same model).
+DENSE_MISSING = True
 
 
 @dataclass
@@ -289,7 +302,7 @@ class CGLMLPieces:
             (per-cell noise preconditioned by ``P``, the control variate), must be added with its
             exact gradient (not with the square-root preconditioner, whose pairs hold all of it).
         iterations: CG iterations of the outermost solve (the ``G`` system with missing
-            cells, else the ``C`` system).
+            cells, else the ``C`` system; the ``C`` run where ``G`` was factored, ``dense_missing``).
         inner_iterations: total CG iterations spent in solves with ``C`` (per-cell noise).
         residual: largest final relative residual of the outermost solve.
         Under a fixed :class:`~kronegp.solvers.CGSchedule` (which does not read the device) the
@@ -516,6 +529,8 @@ def refine_observed(
     inner: Inner = local_inner,
     precond=None,
     frozen: Optional[FrozenTwoLevel] = None,
+    start_solution: Optional[Tensor] = None,
+    correct: Optional[Callable[[Tensor, float], Tensor]] = None,
 ) -> ObservedSolve:
     """Solve ``C_OO x_O = b_O`` through the missing cells' system ``G v = [X b]_M`` until the
     observed residual reaches ``tol`` (see :func:`solve_observed`), from ``start`` (a solution
@@ -524,7 +539,14 @@ def refine_observed(
     short) or from zero. A result short of ``tol`` after :data:`REFINE_ROUNDS` rounds, or at
     the dtype's limit, is reported through :func:`kronegp.solvers.report.shortfall`. ``precond``:
     ``G``'s preconditioner on columns (default: the likelihood's, Jacobi or two-level, the one ``frozen``
-    keeps where given).
+    keeps where given; built only where ``G`` is solved). ``start_solution``: the caller's ``x`` for
+    ``start`` (eager runs; e.g. from ``G`` factored, :func:`_schur_by_columns`): its residual is measured
+    first, without the solve with ``C`` that ``x = X(b − v)`` costs. ``correct``: ``(ρ, tight) ↦ d ≈ C_OO⁻¹ ρ``
+    for columns zero at missing cells, cheaper than a ``G`` solve (``G`` factored: one solve with ``C``
+    to ``tight``, :meth:`_SchurByColumns.correct`): in float64, rounds ``x ← x − d(C x − b)`` from
+    ``start_solution`` (up to :data:`REFINE_ROUNDS`, while each gains 2×) come before any ``G`` solve;
+    below float64 the mixed-precision rounds take it as their correction. Only where they fall short is
+    ``x`` formed from ``start`` and ``G`` solved as above.
 
     **Below float64** (a float32 model) solving ``G`` again does not help: the float32
     application of ``X = C⁻¹`` (relative error ~2e-5 on a 32³ grid) and the float32 product
@@ -569,28 +591,29 @@ def refine_observed(
             if schedule is not None:
                 schedule.note_plan("refine_mixed_fits", mixed)
     g_rounds = 0 if mixed else REFINE_ROUNDS  # in float32 the mixed rounds take over after the first
-    # the likelihood's preconditioner of G (its columns as rows for the two-level one)
-    if precond is None:
-        precond = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype, frozen))
+    # the likelihood's preconditioner of G (its columns as rows for the two-level one), at the first solve
+    given = [precond]
 
     def solve_g(v: Optional[Tensor], tol_g: float, tight: float, b: Tensor = rhs):
+        if given[0] is None:
+            given[0] = _columns_precond(*_g_preconditioner(cov, observed, rhs.dtype, frozen))
         rhs_g = missing.unsqueeze(-1) * cov.solve(b, tol=tight)
-        return block_cg(_missing_matvec(cov, missing, tight), rhs_g, precond, inner=inner, tol=tol_g,
+        return block_cg(_missing_matvec(cov, missing, tight), rhs_g, given[0], inner=inner, tol=tol_g,
                         max_iters=max_iters, x0=v)
 
     def back(v: Tensor, tight: float, b: Tensor = rhs) -> Tensor:
         """``x = X(b − v)`` on the observed cells."""
         return obs * cov.solve(b - missing.unsqueeze(-1) * v, tol=tight)
 
-    def measure(v: Tensor, tight: float) -> tuple[Tensor, Tensor, Tensor]:
-        """``x = X(b − v)`` on the observed cells, its residual there, and the largest relative one
-        (0-dim, not read)."""
-        out = back(v, tight)
+    def measure(v: Optional[Tensor], tight: float, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``x = X(b − v)`` on the observed cells (or the given ``out``), its residual there, and the
+        largest relative one (0-dim, not read)."""
+        out = back(v, tight) if out is None else out
         r = obs * (cov.matvec(out) - rhs)
         rel = torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(tiny), torch.zeros_like(b_norm))
         return out, r, rel.max()
 
-    rounds_m = _MixedRounds(cov, rhs, obs, inner, solve_g, back, tol=tol) if mixed else None
+    rounds_m = _MixedRounds(cov, rhs, obs, inner, solve_g, back, tol=tol, correct=correct) if mixed else None
     if schedule is not None and schedule.is_fixed:
         return _refine_planned(schedule, solve_g, measure, start, rhs, tol=tol, tight=tight, mixed=rounds_m)
     tol_g, v, iterations, rounds, plan = tol, start, 0, 0, []
@@ -606,7 +629,23 @@ def refine_observed(
             v, iterations, rounds = res.solution, iterations + res.iterations, rounds + 1
             plan.append((tol_g, tight))
             del res
-        out, r, reached = measure(v, tight)
+        if round_ == 0 and start_solution is not None:
+            out, r, reached = measure(None, tight, start_solution)
+            made = 0
+            while correct is not None and not mixed and float(reached) > tol and made < REFINE_ROUNDS:
+                made += 1
+                new_out, new_r, new_reached = measure(None, tight, out - correct(r, tight))  # r = (C x − b)_O
+                gained = float(new_reached) < 0.5 * float(reached)
+                if float(new_reached) < float(reached):  # a round that made it worse is undone
+                    out, r, reached = new_out, new_r, new_reached
+                del new_out, new_r
+                if not gained:
+                    break
+            if float(reached) > tol and not (mixed and correct is not None):  # from v: x = X(b − v), tight
+                out = r = None
+                out, r, reached = measure(v, tight)
+        else:
+            out, r, reached = measure(v, tight)
         reached = float(reached)
         if reached <= tol or tol_g <= floor or round_ == g_rounds:
             break
@@ -629,8 +668,10 @@ class _MixedRounds:
     """The mixed-precision rounds of :func:`refine_observed` (a dtype below float64), eager or on
     the device only (a fixed schedule); one round is :meth:`step`."""
 
-    def __init__(self, cov: FullGridCovariance, rhs: Tensor, obs: Tensor, inner: Inner, solve_g, back, *, tol: float):
+    def __init__(self, cov: FullGridCovariance, rhs: Tensor, obs: Tensor, inner: Inner, solve_g, back, *, tol: float,
+                 correct=None):
         self.cov, self.obs, self.inner, self.solve_g, self.back = cov, obs.double(), inner, solve_g, back
+        self.correct = correct  # refine_observed's: C_OO⁻¹ without a G solve, where given
         self.rhs, self.b64, self.tol = rhs, rhs.double(), tol
         self.b_norm = inner(self.b64, self.b64).sqrt()
         # The correction's G solve to the dtype's floor: G's error is amplified into the observed
@@ -649,11 +690,14 @@ class _MixedRounds:
         relative residual, and the correction solve's CG iterations."""
         scale = self.inner(r, r).sqrt().clamp_min(torch.finfo(self.rhs.dtype).tiny)  # per column
         unit = (r / scale).to(self.rhs.dtype)  # ‖unit‖ = 1: the float32 solve's range is not a concern
-        res = self.solve_g(None, self.tol_c, self.tight, unit)
-        d = self.back(res.solution, self.tight, unit)
+        if self.correct is not None:
+            d, its = self.correct(unit, self.tight), torch.zeros((), dtype=torch.long, device=unit.device)
+        else:
+            res = self.solve_g(None, self.tol_c, self.tight, unit)
+            d, its = self.back(res.solution, self.tight, unit), res.iterations_needed
         x = torch.addcmul(x, scale, d.double())  # x stays float64 (rounding it each round stalls
         r, rel = self.residual(x)                 # at a float32 x's own residual: 1.3e-5 on 64³)
-        return x, r, rel, res.iterations_needed
+        return x, r, rel, its
 
     def result(self, x: Tensor, r: Tensor):
         """``(x, (C x − b)_O)`` in the model's dtype (``x`` rounded once, at the end)."""
@@ -748,6 +792,91 @@ def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Te
     return ObservedSolve(out, r, reached, iterations, rounds, said)
 
 
+def _report_observed(check: "ObservedSolve", alpha: Tensor, tol: float, inner: Inner, extra: dict) -> None:
+    """The data term's check (:func:`refine_observed`'s result for ``α``) into the likelihood's report:
+    the observed residual, the refinement's iterations and the data term's error estimate, with a note
+    on the warning where it falls short of ``tol``."""
+    # rᵀα̂ − rᵀα = α̂ᵀ(Cα̂ − r) to first order: the data term's error, in nats.
+    lml_error = 0.5 * _total(inner, alpha * check.residual[:, 0]).abs()
+    read = not isinstance(check.reached, Tensor)  # a fixed schedule's numbers stay on the device
+    extra["lml_error"] = float(lml_error) if read else lml_error
+    extra["observed_residual"] = check.reached
+    extra["refine_iterations"] = check.iterations
+    if read and check.reached > tol:
+        note("lml_error", f"the log likelihood's data term may be off by ~{extra['lml_error']:.2g} "
+                          "(first-order estimate from that residual)")
+
+
+def _missing_units(observed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The unit vectors of the missing cells as rows ``(m, N)``, in the grid's order."""
+    idx = torch.nonzero(~observed.reshape(-1)).squeeze(-1)
+    out = torch.zeros(idx.numel(), observed.numel(), dtype=dtype, device=observed.device)
+    out[torch.arange(idx.numel(), device=idx.device), idx] = 1
+    return out
+
+
+@dataclass
+class _SchurByColumns:
+    """:func:`_schur_by_columns`' result: ``α`` (``(N, 1)``, zero at missing cells), the start ``v`` of
+    :func:`refine_observed` (``G⁻¹[X r]_M`` on the grid), ``log det G`` and the gradient's pairs
+    ``W L⁻ᵀ`` (``(N, m)``, ``G = L Lᵀ``)."""
+
+    alpha: Tensor
+    v: Tensor
+    logdet: Tensor
+    pairs: Tensor
+    w: Tensor
+    chol: Tensor
+    idx: Tensor
+    cov: FullGridCovariance
+
+    def correct(self, rho: Tensor, tight: float) -> Tensor:
+        """``C_OO⁻¹ ρ`` zero-filled for columns ``ρ`` zero at missing cells, by the same formula as ``α``
+        (:func:`_schur_by_columns`) with ``X ρ`` solved to ``tight``: a round of refinement of ``α`` for
+        one solve with ``C`` (:func:`refine_observed`'s ``correct``); its error is that of ``W``."""
+        x = self.cov.solve(rho, tol=tight)
+        y = torch.cholesky_solve(x[self.idx].double(), self.chol).to(x.dtype)
+        return (x - self.w @ y).index_fill_(0, self.idx, 0)
+
+
+def _schur_by_columns(cov: FullGridCovariance, w: Tensor, x_r: Tensor, observed: Tensor) -> Optional[_SchurByColumns]:
+    """The Schur complement of the missing cells from ``W = X e_M`` (``(N, m)``, the ``C`` run's columns
+    at the missing cells' unit vectors) and ``X r`` (``(N, 1)``), exactly up to those solves' tolerance:
+    ``G = W_M`` (``m × m``, symmetrised, factored in float64 whatever the model's dtype)::
+
+        log det C_OO = log det C + log det G        α = [X r − W G⁻¹ [X r]_M]_O
+
+    and ``−½ ∂ log det G = ½ tr(G⁻¹ [X ∂C X]_MM)`` as the pairs ``(W L⁻ᵀ, W L⁻ᵀ)`` at weight ½. One
+    Cholesky of ``m × m`` where the nested route ran CG on ``G`` with a CG solve with ``C`` in each
+    product (8–9 s a step on 16³, m = 27: NOTES.md). ``C W = E_M + ρ`` and ``C X r = r + ρ_r`` leave
+    ``α``'s observed residual at ``ρ_r − ρ G⁻¹[X r]_M``, of the run's tolerance.
+
+    ``None`` where ``G`` is not positive definite in float64 (the solves' error larger than its smallest
+    eigenvalue): reported as a finding with its extreme eigenvalues, and the caller takes the nested
+    route."""
+    dt = w.dtype
+    idx = torch.nonzero(~observed.reshape(-1)).squeeze(-1)
+    wm = w[idx].double()
+    g = 0.5 * (wm + wm.mT)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info):
+        ev = torch.linalg.eigvalsh(g)
+        finding("dense_missing",
+                f"G = [C⁻¹]_MM of the {idx.numel()} missing cells, from CG solves with C in {dt}, is not positive "
+                f"definite in float64 (eigenvalues {float(ev[0]):.3g} … {float(ev[-1]):.3g}): the likelihood took "
+                "the nested CG route on G instead (float64, a tighter cg_tol or more noise condition it better)")
+        return None
+    v_m = torch.cholesky_solve(x_r[idx].double(), chol)
+    v = torch.zeros_like(x_r)
+    v[idx] = v_m.to(dt)
+    obs = observed.reshape(-1, 1).to(dt)
+    alpha = obs * (x_r - w @ v_m.to(dt))
+    eye = torch.eye(idx.numel(), dtype=torch.float64, device=w.device)
+    l_inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).mT
+    return _SchurByColumns(alpha, v, 2 * torch.log(chol.diagonal()).sum().to(dt), w @ l_inv_t.to(dt), w, chol, idx,
+                           cov)
+
+
 class _Layout:
     """How :func:`cg_lml_pieces` holds its blocks of vectors: as rows ``(t, N)`` when the whole
     grid is local (:attr:`FullGridCovariance.rows`: Kronecker products of rows need no transpose
@@ -806,6 +935,7 @@ def cg_lml_pieces(
     inner: Inner = local_inner,
     probe_chunk: Optional[int] = None,
     frozen: Optional[FrozenTwoLevel] = None,
+    dense_missing: bool = False,
 ) -> CGLMLPieces:
     """Estimate ``log N(r_O | 0, C_OO)`` and the pieces of its gradient (see module docstring).
 
@@ -836,11 +966,18 @@ def cg_lml_pieces(
             (:class:`~kronegp.models._two_level.FrozenTwoLevel`): reused across steps until the
             hyperparameters drift, and under a CUDA graph's schedule too; ``None``: one built for this
             call (Jacobi under a schedule).
+        dense_missing: with per-cell noise, missing cells and the whole grid local, solve ``X e_M`` (the
+            missing cells' unit vectors) as more columns of the ``C`` run and factor ``G = X_MM``
+            (:func:`_schur_by_columns`) instead of CG on ``G`` with a CG solve inside each product: for
+            a few missing cells (the caller's rule: where they take unit probes, ``CGPath.exact_trace``).
+            ``probes_g`` stays required: the nested route's, taken where ``G`` does not factor
+            (:class:`ProbeDraws` draw nothing until then). Ignored otherwise.
     """
     if not cov.precondition:
         raise ValueError("cg_lml_pieces needs cov with precondition=True; use plain_cg_lml_pieces without a preconditioner")
     dt = resid.dtype
     lay = _Layout(cov, inner)
+    dense_missing = DENSE_MISSING and dense_missing and observed is not None and not cov.homoskedastic and lay.rows
     with torch.no_grad():
         obs_f = observed.to(dt) if observed is not None else torch.ones_like(resid)
         r = obs_f * resid
@@ -851,6 +988,7 @@ def cg_lml_pieces(
         inner_before = cov.solve_iterations
         iterations, residual = 0, 0.0
         extra: dict = {}
+        w = None  # X e_M (dense_missing)
 
         # ---- log det C and the C-system probes
         if cov.homoskedastic:
@@ -865,6 +1003,12 @@ def cg_lml_pieces(
             # caller's ξ on the grid: with ±1 entries the estimate's variance is only the
             # off-diagonal part of log H, H = M^{-½}CM^{-½} being nearly diagonal there.
             xi = lay.from_columns(probes_c)
+            # With dense_missing the unit vectors of the missing cells ride in this run as more
+            # right-hand sides (X's columns there: G = X_MM is then factored, _schur_by_columns).
+            units = _missing_units(observed, dt) if dense_missing else None
+            rhs = lay.block(r) if units is None else lay.cat([lay.block(r), units])
+            t = lay.count(rhs)  # the data column and the unit vectors
+            del units
             pre = cov.solve_precond(rows=lay.rows)
             square_root = not isinstance(pre, Tensor)
             if square_root:
@@ -874,7 +1018,7 @@ def cg_lml_pieces(
             del xi
             out = solve_with_logdet(
                 lay.eig_matvec,
-                lay.to_eig(lay.block(r)),
+                lay.to_eig(rhs),
                 zt,
                 precond=pre,
                 precond_logdet=log_m,
@@ -893,7 +1037,7 @@ def cg_lml_pieces(
                 # Control variate for SLQ: with H = P^{-½} C P^{-½} = I + E, tr E = tr(P⁻¹(D − σ̄²I))
                 # is exact (diag P⁻¹ is a Kronecker product) and each probe's z̃ᵀEz̃ = vᵀCv − zᵀv
                 # (v = P⁻¹z; vᵀCv = ṽᵀ(λ∘ṽ) + vᵀ(d̃∘v), zᵀv = z̃ᵀṽ: no further matmul) is known.
-                v_grid = lay.take(back, slice(1 + s, None))
+                v_grid = lay.take(back, slice(t + s, None))
                 per_probe = (
                     lay.inner(vt, lay.d(cov.lam) * vt)
                     + lay.inner(v_grid, lay.d(cov.fill_noise) * v_grid)
@@ -907,7 +1051,8 @@ def cg_lml_pieces(
                 extra["lml_std_error"] = 0.5 * samples.std() / math.sqrt(s)
             extra["preconditioner"] = "square-root" if square_root else "P"
             back = lay.columns(back)
-            x_r, u, v = back[:, :1], back[:, 1 : 1 + s], back[:, 1 + s :]
+            x_r, u, v = back[:, :1], back[:, t : t + s], back[:, t + s :]
+            w = back[:, 1:t] if t > 1 else None  # X e_M
             cov.solve_iterations = cov.solve_iterations + out.cg.iterations_needed
             iterations = out.cg.iterations_needed
             residual = out.residual_max()
@@ -924,9 +1069,27 @@ def cg_lml_pieces(
             rights.append(v)
             weights.append(resid.new_full((s,), -0.5 / s))
 
+        schur = None if w is None else _schur_by_columns(cov, w, x_r, observed)
+        w = None
         if observed is None:
             alpha = cov.solve(r.unsqueeze(-1)).squeeze(-1) if cov.homoskedastic else x_r.squeeze(-1)
+        elif schur is not None:
+            # G = X_MM factored (module docstring, "Few missing cells with per-cell noise"): no CG on G. The data term's
+            # check as on the nested route: α's observed residual, G solved again only if short.
+            check = refine_observed(cov, r.unsqueeze(-1), observed, schur.v, tol=tol, max_iters=max_iters,
+                                    inner=inner, frozen=frozen, start_solution=schur.alpha, correct=schur.correct)
+            alpha = check.solution[:, 0]
+            _report_observed(check, alpha, tol, inner, extra)
+            del check
+            # −½ ∂ log det G = +½ tr(G⁻¹[X ∂C X]_MM) = +½ Σ_k (W L⁻ᵀ)_kᵀ ∂C (W L⁻ᵀ)_k
+            lefts.append(schur.pairs)
+            rights.append(schur.pairs)
+            weights.append(resid.new_full((schur.pairs.shape[-1],), 0.5))
+            logdet = logdet + schur.logdet
+            extra["missing_solve"], extra["missing_iterations"] = "dense", 0
+            schur = None
         else:
+            extra["missing_solve"] = "cg"
             if probes_g is None:
                 raise ValueError("probes_g is required when cells are missing")
             missing = 1 - obs_f
@@ -1020,15 +1183,7 @@ def cg_lml_pieces(
                                             tol=tol, max_iters=max_iters, inner=inner,
                                             precond=_columns_precond(g_diag, coarse))
                     alpha = check.solution[:, 0]
-                    # rᵀα̂ − rᵀα = α̂ᵀ(Cα̂ − r) to first order: the data term's error, in nats.
-                    lml_error = 0.5 * _total(inner, alpha * check.residual[:, 0]).abs()
-                    read = not isinstance(check.reached, Tensor)  # a fixed schedule's numbers stay on the device
-                    extra["lml_error"] = float(lml_error) if read else lml_error
-                    extra["observed_residual"] = check.reached
-                    extra["refine_iterations"] = check.iterations
-                    if read and check.reached > tol:
-                        note("lml_error", f"the log likelihood's data term may be off by ~{extra['lml_error']:.2g} "
-                                          "(first-order estimate from that residual)")
+                    _report_observed(check, alpha, tol, inner, extra)
                     del check
                 del g
                 if eig_pairs:

@@ -88,6 +88,10 @@ class SolveInfo:
             the model keeps from an earlier step, ``False`` where it was built or rebuilt for this step
             (the first step, hyperparameters moved past ``REFRESH_DRIFT``, CG iterations grown:
             :class:`~kronegp.models._two_level.FrozenTwoLevel`); ``None`` where none applies (Jacobi).
+        missing_solve: on the cg path with missing cells, how ``G = [C⁻¹]_MM`` was solved: ``"cg"`` (CG on
+            ``G``; with per-cell noise each of its products a CG solve with ``C``) or ``"dense"`` (per-cell
+            noise with few missing cells, :mod:`kronegp.models._masked`: their columns of ``C⁻¹`` solved in
+            the likelihood's ``C`` run and ``G`` factored; then ``iterations`` are that run's); else ``None``.
     """
 
     path: str
@@ -101,6 +105,7 @@ class SolveInfo:
     lml_std_error: Optional[float] = None
     coarse_modes: Optional[int] = None
     preconditioner_reused: Optional[bool] = None
+    missing_solve: Optional[str] = None
 
     @classmethod
     def of(cls, model) -> "SolveInfo":
@@ -118,6 +123,7 @@ class SolveInfo:
             lml_std_error=None if extra.get("lml_std_error") is None else float(extra["lml_std_error"]),
             coarse_modes=None if extra.get("coarse_modes") is None else int(extra["coarse_modes"]),
             preconditioner_reused=None if extra.get("two_level_reused") is None else bool(extra["two_level_reused"]),
+            missing_solve=extra.get("missing_solve"),
         )
 
 def _warns_once(where: str):
@@ -370,7 +376,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
                 half its time issuing ~350 launches from the host). ``None`` (default): on CUDA
                 models except on the exact-missing path (eager: its factorisation checks
                 read the device), with both missing cells and per-cell noise (nested CG solves,
-                whose number follows the outer CG's) or with a grid axis longer than the GPU
+                whose number follows the outer CG's, or ``G`` factored: its Cholesky check reads the device) or with a grid axis longer than the GPU
                 eigensolver takes (:data:`kronegp.linalg.DEVICE_JACOBI_MAX_ROWS`, 168 points
                 on an H100: larger factors are decomposed by synchronising paths), which run
                 eagerly, as does a step whose CG runs need more than

@@ -510,8 +510,9 @@ class CGPath(InferencePath):
         if self.dense(gp):
             return "the dense likelihood of a small grid with per-cell noise (its Cholesky check reads the device)"
         if gp.observed is not None and gp.cell_noise is not None:
-            # every outer iteration solves with C by CG: the number of runs follows the outer count
-            return "missing cells with per-cell noise (nested CG solves)"
+            # every outer iteration solves with C by CG: the number of runs follows the outer count; or,
+            # with few missing cells, G = X_MM is factored (its Cholesky check reads the device)
+            return "missing cells with per-cell noise (nested CG solves, or G = X_MM factored)"
         run = self.cg_run(gp)
         if gp.observed is not None and run is not None and run <= gp.num_probes:
             # a graph keeps its probes as inputs: all of them, where the runs hold one run's
@@ -632,12 +633,20 @@ class CGPath(InferencePath):
                 return value
         cov = self.covariance(gp, factors)
         if gp.precondition:
+            # Per-cell noise and missing cells few enough for unit probes: G = X_MM from X's columns
+            # there, solved in the C run, and factored (no CG on G, whose every product is a CG solve
+            # with C); the unit probes only where G does not factor (drawn then).
+            dense_missing = (gp.observed is not None and not cov.homoskedastic
+                             and self.exact_trace(gp, _missing(gp)) > 0)
+            probes_g = None if gp.observed is None else self.missing_probes(gp) if not dense_missing else \
+                ProbeDraws(gp.n_cells - gp.n_observed, lambda a, b: self.missing_probes(gp)[:, a:b])
             pieces = cg_lml_pieces(
                 cov, resid.detach(), gp.observed, gp.n_observed,
                 probes_c=None if cov.homoskedastic else self.cell_noise_probes(gp),
-                probes_g=None if gp.observed is None else self.missing_probes(gp),
+                probes_g=probes_g,
                 tol=gp.cg_tol, max_iters=gp.cg_max_iters, inner=self.layout.inner,
                 probe_chunk=None if gp.observed is None else self.cg_run(gp), frozen=gp._two_level,
+                dense_missing=dense_missing,
             )
         else:
             pieces = plain_cg_lml_pieces(
