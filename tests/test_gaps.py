@@ -906,6 +906,7 @@ def test_cell_noise_with_few_missing_factors_g_and_matches_dense(name, shape, mo
     assert rel(grads, ref_grads) <= 1e-6, rel(grads, ref_grads)
     gp.variance_samples = 1  # the mean is what is checked here (an exact variance: one solve per cell)
     mean, _ = gp.predict(variance="mc")
+    assert gp.cg_iterations == 0  # the prediction's solves factor G too: no CG on G
     assert rel(mean.reshape(-1), dense_grid_posterior(gp)[0]) <= 1e-6
 
 
@@ -920,6 +921,10 @@ def test_cell_noise_with_few_missing_float32_is_within_its_bound(monkeypatch):
     assert abs(lml - ref) <= 1e-4 * abs(ref), (lml, ref)
     assert rel(grads.double(), ref_grads) <= 1e-3, rel(grads.double(), ref_grads)
     assert gp.last_solve.observed_residual <= gp.cg_tol
+    gp.variance_samples = 1
+    mean, _ = gp.predict(variance="mc")
+    assert gp.cg_iterations == 0
+    assert rel(mean.reshape(-1).double(), dense_grid_posterior(ref64)[0]) <= 1e-4
 
 
 def test_cell_noise_with_many_missing_keeps_the_nested_route_and_both_agree(monkeypatch):

@@ -447,6 +447,7 @@ def solve_observed(
     max_iters: int,
     inner: Inner = local_inner,
     frozen: Optional[FrozenTwoLevel] = None,
+    dense_missing: bool = False,
 ) -> tuple[Tensor, int]:
     """``C_OO⁻¹ b_O`` zero-filled on the grid, for columns ``b`` (``(N, t)``, zero at missing),
     to a relative residual ``‖(C x − b)_O‖ / ‖b_O‖ ≤ tol`` in every column.
@@ -463,13 +464,29 @@ def solve_observed(
 
     ``frozen``: a model's kept two-level preconditioner (:func:`_g_preconditioner`).
 
-    Returns the solution and the outer CG iterations (all rounds).
+    ``dense_missing`` (per-cell noise, few missing cells: the likelihood's rule, :func:`cg_lml_pieces`):
+    ``X b`` and ``W = X e_M`` in one solve with ``C``, ``G = W_M`` factored (:func:`_schur_by_columns`), and
+    the observed residual refined through that factored ``G`` (one solve with ``C`` a round) instead of CG
+    on ``G`` with a CG solve in each product; where ``G`` does not factor, the nested route, with a warning.
+
+    Returns the solution and the outer CG iterations (all rounds; 0 where ``G`` was factored and no round
+    of CG on ``G`` was needed).
     """
     if observed is None:
         if cov.homoskedastic:
             return cov.solve(rhs), 0
         before = cov.solve_iterations
         return cov.solve(rhs), cov.solve_iterations - before
+    schur = None
+    if dense_missing and DENSE_MISSING and not cov.homoskedastic:
+        t = rhs.shape[-1]
+        both = cov.solve(torch.cat([rhs, _missing_units(observed, rhs.dtype).mT], dim=-1), tol=tol)
+        schur = _schur_by_columns(cov, both[:, t:], both[:, :t], observed)
+        del both
+    if schur is not None:
+        ref = refine_observed(cov, rhs, observed, schur.v, tol=tol, max_iters=max_iters, inner=inner, frozen=frozen,
+                              start_solution=schur.alpha, correct=schur.correct)
+        return ref.solution, ref.iterations
     ref = refine_observed(cov, rhs, observed, None, tol=tol, max_iters=max_iters, inner=inner, frozen=frozen)
     return ref.solution, ref.iterations
 
@@ -817,7 +834,7 @@ def _missing_units(observed: Tensor, dtype: torch.dtype) -> Tensor:
 
 @dataclass
 class _SchurByColumns:
-    """:func:`_schur_by_columns`' result: ``α`` (``(N, 1)``, zero at missing cells), the start ``v`` of
+    """:func:`_schur_by_columns`' result: ``α`` (``(N, t)``, zero at missing cells), the start ``v`` of
     :func:`refine_observed` (``G⁻¹[X r]_M`` on the grid), ``log det G`` and the gradient's pairs
     ``W L⁻ᵀ`` (``(N, m)``, ``G = L Lᵀ``)."""
 
@@ -841,7 +858,8 @@ class _SchurByColumns:
 
 def _schur_by_columns(cov: FullGridCovariance, w: Tensor, x_r: Tensor, observed: Tensor) -> Optional[_SchurByColumns]:
     """The Schur complement of the missing cells from ``W = X e_M`` (``(N, m)``, the ``C`` run's columns
-    at the missing cells' unit vectors) and ``X r`` (``(N, 1)``), exactly up to those solves' tolerance:
+    at the missing cells' unit vectors) and ``X r`` (``(N, t)``: the likelihood's data column, or a prediction's
+    right-hand sides, :func:`solve_observed`), exactly up to those solves' tolerance:
     ``G = W_M`` (``m × m``, symmetrised, factored in float64 whatever the model's dtype)::
 
         log det C_OO = log det C + log det G        α = [X r − W G⁻¹ [X r]_M]_O
@@ -863,7 +881,7 @@ def _schur_by_columns(cov: FullGridCovariance, w: Tensor, x_r: Tensor, observed:
         ev = torch.linalg.eigvalsh(g)
         finding("dense_missing",
                 f"G = [C⁻¹]_MM of the {idx.numel()} missing cells, from CG solves with C in {dt}, is not positive "
-                f"definite in float64 (eigenvalues {float(ev[0]):.3g} … {float(ev[-1]):.3g}): the likelihood took "
+                f"definite in float64 (eigenvalues {float(ev[0]):.3g} … {float(ev[-1]):.3g}): the solve took "
                 "the nested CG route on G instead (float64, a tighter cg_tol or more noise condition it better)")
         return None
     v_m = torch.cholesky_solve(x_r[idx].double(), chol)

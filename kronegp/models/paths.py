@@ -636,8 +636,7 @@ class CGPath(InferencePath):
             # Per-cell noise and missing cells few enough for unit probes: G = X_MM from X's columns
             # there, solved in the C run, and factored (no CG on G, whose every product is a CG solve
             # with C); the unit probes only where G does not factor (drawn then).
-            dense_missing = (gp.observed is not None and not cov.homoskedastic
-                             and self.exact_trace(gp, _missing(gp)) > 0)
+            dense_missing = self._dense_missing(gp, cov)
             probes_g = None if gp.observed is None else self.missing_probes(gp) if not dense_missing else \
                 ProbeDraws(gp.n_cells - gp.n_observed, lambda a, b: self.missing_probes(gp)[:, a:b])
             pieces = cg_lml_pieces(
@@ -666,8 +665,15 @@ class CGPath(InferencePath):
     def _solve_observed(self, gp, cov: FullGridCovariance, rhs: Tensor, tol: Optional[float] = None) -> Tensor:
         """``C_OO⁻¹ b_O`` zero-filled, for ``(N, t)`` columns zero at missing cells."""
         out, gp.cg_iterations = solve_observed(cov, rhs, gp.observed, tol=gp.cg_tol if tol is None else tol,
-                                               max_iters=gp.cg_max_iters, frozen=gp._two_level)
+                                               max_iters=gp.cg_max_iters, frozen=gp._two_level,
+                                               dense_missing=self._dense_missing(gp, cov))
         return out
+
+    def _dense_missing(self, gp, cov: FullGridCovariance) -> bool:
+        """Per-cell noise and missing cells few enough for unit probes (:meth:`exact_trace`): ``G = X_MM``
+        is formed from ``X``'s columns at the missing cells and factored (:func:`~kronegp.models._masked.cg_lml_pieces`'s
+        and :func:`~kronegp.models._masked.solve_observed`'s ``dense_missing``), no CG on ``G``."""
+        return gp.observed is not None and not cov.homoskedastic and self.exact_trace(gp, _missing(gp)) > 0
 
     def _system(self, gp, factors):
         return self.covariance(gp, factors)
