@@ -189,3 +189,22 @@ def test_forced_exact_missing_refuses_rows_that_cannot_be_held(monkeypatch):
     with pytest.raises(ValueError, match=r"path='exact-missing' holds blocks of m × N rows.*m = 8 missing cells"):
         GridGP(v, path="exact-missing")
     assert GridGP(v).path != "exact-missing"
+
+
+@pytest.mark.parametrize("shape,frac", [((5, 6, 7), 0.1), ((9, 4, 3), 0.5), ((4, 4, 4), 1.0)])
+def test_unit_probes_are_the_scaled_unit_vectors_of_the_cells(shape, frac):
+    """``LocalLayout.unit_probes`` (built without a boolean index, so a CUDA graph's checked pass may call it)
+    gives ``√S`` times the unit vectors of the cells, in the grid's order, and nothing elsewhere."""
+    lay = LocalLayout(shape)
+    n = lay.n_cells
+    g = torch.Generator().manual_seed(int(frac * 10))
+    cells = torch.rand(n, generator=g) < frac
+    count = int(cells.sum())
+    like = torch.zeros(1, dtype=torch.float64)
+    got = lay.unit_probes(cells, count, like)
+    want = torch.zeros(n, count, dtype=torch.float64)
+    want[torch.nonzero(cells).squeeze(-1), torch.arange(count)] = count**0.5
+    assert got.shape == (n, count)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    every = lay.unit_probes(None, n, like)
+    torch.testing.assert_close(every, n**0.5 * torch.eye(n, dtype=torch.float64), rtol=1e-15, atol=0)

@@ -239,9 +239,13 @@ class LocalLayout:
     def unit_probes(self, cells: Optional[Tensor], count: int, like: Tensor) -> Tensor:
         """``√S`` times the ``S = count`` unit vectors of ``cells`` (``None``: every cell), as
         ``(N, S)`` columns: ``(1/S) Σ_s z_sᵀ A z_s = tr A`` over those cells exactly."""
-        idx = torch.arange(self.n_cells, device=like.device)
-        if cells is not None:
-            idx = idx[cells]
-        out = torch.zeros(self.n_cells, count, dtype=like.dtype, device=like.device)
-        out[idx, torch.arange(count, device=like.device)] = math.sqrt(count)
-        return out
+        dev = like.device
+        if cells is None:  # every cell: count is N
+            return math.sqrt(count) * torch.eye(self.n_cells, count, dtype=like.dtype, device=dev)
+        # Without reading the device (a boolean index would: a CUDA graph's checked pass forbids it):
+        # each cell's rank among ``cells`` by a cumulative sum, the other cells sent to a spare row.
+        flat = cells.reshape(-1)
+        rank = torch.where(flat, torch.cumsum(flat, 0) - 1, count)
+        rows = torch.zeros(count + 1, self.n_cells, dtype=like.dtype, device=dev)
+        rows[rank, torch.arange(self.n_cells, device=dev)] = math.sqrt(count)
+        return rows[:count].mT  # (N, S) columns of rows, as draw_normal's
