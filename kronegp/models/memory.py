@@ -168,6 +168,15 @@ SEPARABLE_BUILD_VECTORS = 1.0
 SEPARABLE_PREDICT = (3.0, 3.0)
 #: ... sample(n): ``(grid vectors per sample, grid vectors)`` (as :data:`FEW_MISSING_SAMPLE`)
 SEPARABLE_SAMPLE = (8.0, 2.0)
+#: On CUDA, ``m × N`` blocks that the exact-missing rows' Kronecker product through the box does not hold
+#: against the CPU counts above (the fused kernel's passes; H100, 2026-12-07, 216 scattered cells on
+#: 96×90×80 float32, ``torch.cuda.max_memory_allocated``: step 4.49 and predict 3.55 blocks where the CPU
+#: counts give 4.9 and 4.0, plans 10–13 % over). One measurement: rerun the cuda tests of tests/test_memory_plan.py.
+FEW_MISSING_CUDA_SAVES = 0.4
+#: On CUDA, ``|S|²`` elements of cuSOLVER's ``syevd`` workspace that ``K_S``'s ``eigh`` allocates through torch
+#: (its lwork ``1 + 6|S| + 2|S|²``; LAPACK's on the CPU is not torch's): the H100's predict peak of a land mask
+#: with |S| = 5336 float32 was 2.6·|S|² above the CPU-fitted plan (2026-12-07; 491 MiB planned, 771 measured).
+SEPARABLE_EIGH_CUDA = 2.0
 
 
 class MemoryPlanError(MemoryError):
@@ -326,6 +335,7 @@ def plan_few_missing_step(shape: Sequence[int], dtype: torch.dtype, m: int, box_
         parts["log det G gradient's modes"] = int(max(n * b * (3 + b / k) for b, k in zip(box_sizes, shape)) * item)
     else:
         rows, squares = FEW_MISSING_ROWS
+        rows -= FEW_MISSING_CUDA_SAVES if device_type == "cuda" else 0.0
         parts[f"G, its factor and inverse ({squares:g} × {m}²)"] = int(squares * m * m * item)
         parts[f"rows ({rows:g} × {m} × N)"] = int(rows * m * n * item)
     return _factored(f"exact-missing step ({m} missing cells)", shape, dtype, device_type, parts)
@@ -342,7 +352,7 @@ def plan_separable_step(shape: Sequence[int], dtype: torch.dtype, points: int, *
 
 
 def _few_missing_phases(shape: Sequence[int], dtype: torch.dtype, m: int, box_sizes: Sequence[int], *, boxed: bool,
-                        through_box: bool, vectors: float) -> tuple[dict, dict]:
+                        through_box: bool, vectors: float, device_type: str) -> tuple[dict, dict]:
     """``(held, build)``: the parts the exact-missing system holds once built, and those of its build's
     peak (``held`` included; ``vectors`` grid vectors of the caller beside)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
@@ -353,8 +363,9 @@ def _few_missing_phases(shape: Sequence[int], dtype: torch.dtype, m: int, box_si
         extra = {} if box == m else {f"the box's gram and its rows ({box}² + {m} × {box})": (box * box + m * box) * item}
     else:
         held[f"rows U ({m} × N)"] = m * n * item
-        blocks = 3 if through_box else 1  # Y, and the Kronecker product's two intermediates
-        extra = {f"Y{' and a product through the box' if through_box else ''} ({blocks} × {m} × N)": blocks * m * n * item}
+        # Y, and the Kronecker product's two intermediates (fewer on CUDA)
+        blocks = 3 - (FEW_MISSING_CUDA_SAVES if device_type == "cuda" else 0.0) if through_box else 1
+        extra = {f"Y{' and a product through the box' if through_box else ''} ({blocks:g} × {m} × N)": int(blocks * m * n * item)}
     build = {**held, **extra, "grid vectors": int((FEW_MISSING_BUILD_VECTORS + vectors) * n * item)}
     return held, build
 
@@ -365,7 +376,8 @@ def plan_few_missing_predict(shape: Sequence[int], dtype: torch.dtype, m: int, b
     ``through_box``: :func:`~kronegp.models._few_missing.rows_through_box`) or the variance's blocks of ``columns``
     (:func:`~kronegp.models._few_missing.variance_columns`), whichever holds more. :attr:`MemoryPlan.chunk`: ``N``."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
-    held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box, vectors=0)
+    held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box, vectors=0,
+                                      device_type=device_type)
     blocks, vectors = FEW_MISSING_PREDICT
     variance = {**held, f"L⁻ᵀ ({m}²)": m * m * item,
                 f"variance blocks ({blocks:g} × N × {columns} columns)": int(blocks * n * columns * item),
@@ -378,18 +390,21 @@ def plan_few_missing_sample(shape: Sequence[int], dtype: torch.dtype, m: int, bo
     """``sample(samples)``, exact-missing path: ``G``'s build (beside the draws' ``ξ``) or Matheron's rule
     on ``(N, samples)`` blocks, whichever holds more (:func:`plan_few_missing_predict`'s arguments)."""
     held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box,
-                                      vectors=samples)
+                                      vectors=samples, device_type=device_type)
     return _factored(f"exact-missing sample({samples}) ({m} missing cells)", shape, dtype, device_type, build,
                      _draws(held, shape, dtype, samples, FEW_MISSING_SAMPLE))
 
 
-def _separable_phases(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, vectors: float) -> tuple[dict, dict]:
+def _separable_phases(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, vectors: float,
+                      device_type: str) -> tuple[dict, dict]:
     """``(held, build)`` of the separable-mask system (as :func:`_few_missing_phases`)."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     held = {f"K_S and its eigenvectors (2 × {points}²)": 2 * points**2 * item,
             f"D and P (2 × {points} × {n_b})": 2 * points * n_b * item}
     build = {f"K_S, its symmetrised copy and eigenvectors (3 × {points}²)": 3 * points**2 * item,
              "grid vectors": int((SEPARABLE_BUILD_VECTORS + vectors) * n * item)}
+    if device_type == "cuda":
+        build[f"eigh workspace ({SEPARABLE_EIGH_CUDA:g} × {points}²)"] = int(SEPARABLE_EIGH_CUDA * points**2 * item)
     return held, build
 
 
@@ -400,7 +415,7 @@ def plan_separable_predict(shape: Sequence[int], dtype: torch.dtype, points: int
     of the masked axes (:func:`~kronegp.models._separable_mask.variance_rows`, at most their count),
     whichever holds more. :attr:`MemoryPlan.chunk`: ``N``."""
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
-    held, build = _separable_phases(shape, dtype, points, n_b, 0)
+    held, build = _separable_phases(shape, dtype, points, n_b, 0, device_type)
     blocks, vectors = SEPARABLE_PREDICT
     variance = {**held, f"variance blocks ({blocks:g} × {rows} × {points})": int(blocks * rows * points * item),
                 "grid vectors": int(vectors * n * item)}
@@ -411,7 +426,7 @@ def plan_separable_sample(shape: Sequence[int], dtype: torch.dtype, points: int,
                           device_type: str = "cuda") -> MemoryPlan:
     """``sample(samples)``, separable-mask path: ``K_S``'s ``eigh`` (beside the draws' ``ξ``) or Matheron's
     rule on ``(N, samples)`` blocks, whichever holds more (:func:`plan_separable_predict`'s arguments)."""
-    held, build = _separable_phases(shape, dtype, points, n_b, samples)
+    held, build = _separable_phases(shape, dtype, points, n_b, samples, device_type)
     return _factored(f"separable-mask sample({samples}) ({points} points)", shape, dtype, device_type, build,
                      _draws(held, shape, dtype, samples, SEPARABLE_SAMPLE))
 
