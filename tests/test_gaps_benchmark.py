@@ -98,3 +98,35 @@ def test_the_predictions_warnings_are_counted_in_the_row(gaps, monkeypatch, caps
     assert row["path"] == "cg" and row["predict_warnings"] >= 1
     assert any("observed cells reached a relative residual" in t for t in row["predict_warning_text"])
     assert f"{row['warnings']}/{row['predict_warnings']}" in capsys.readouterr().out
+
+
+def test_a_setting_slower_than_its_estimate_is_timed_once(monkeypatch):
+    """``fastest_setting`` times the warm-up step: a setting whose first step shows that the repeats would
+    overrun the budget (its estimate was short) keeps that one step, with a note, instead of running them."""
+    import time
+
+    import torch
+
+    gm = benchmark_module("gpytorch_models")
+    calls = {"slow": 0, "fast": 0}
+
+    class Setting:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def estimate(self):
+            return 1e-4, 1  # both estimated fast
+
+        def step(self):
+            calls[self.name] += 1
+            time.sleep(self.seconds)
+
+        def lml(self):
+            return 1.0
+
+    out = gm.fastest_setting([("slow", lambda: Setting("slow", 0.3)), ("fast", lambda: Setting("fast", 0.01))],
+                             torch.device("cpu"), repeats=3, budget_s=0.5, lml_ref=1.0)
+    slow, fast = out["settings"]["slow"], out["settings"]["fast"]
+    assert calls == {"slow": 1, "fast": 4}
+    assert slow["step_s"] >= 0.3 and "one step only" in slow["note"]
+    assert "note" not in fast and fast["step_s"] < 0.3 and out["best"] == "fast"
