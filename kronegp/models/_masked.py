@@ -83,7 +83,7 @@ from kronegp.solvers.lanczos import LanczosOnHost
 from kronegp.solvers.report import finding, note, shortfall
 
 __all__ = ["FullGridCovariance", "cg_lml_pieces", "CGLMLPieces", "ObservedSolve", "ProbeDraws", "refine_observed",
-           "refresh_two_level", "solve_observed"]
+           "refresh_two_level", "solve_observed", "unit_rows"]
 
 Inner = Callable[[Tensor, Tensor], Tensor]
 
@@ -824,28 +824,44 @@ def _report_observed(check: "ObservedSolve", alpha: Tensor, tol: float, inner: I
                           "(first-order estimate from that residual)")
 
 
+def unit_rows(cells: Tensor, count: int, dtype: torch.dtype, value: float = 1.0) -> Tensor:
+    """``value`` times the unit vectors of the ``count`` cells of ``cells`` (bool, the grid's) as rows
+    ``(count, N)``, in the grid's order, without reading the device (a boolean index would; a CUDA graph's
+    checked pass forbids it): each cell's rank among ``cells`` by a cumulative sum, the others sent to a
+    spare row. The probes of exact traces (``LocalLayout.unit_probes``) and the missing cells' columns of
+    ``C⁻¹`` (``dense_missing``)."""
+    flat = cells.reshape(-1)
+    rank = torch.where(flat, torch.cumsum(flat, 0) - 1, count)
+    rows = torch.zeros(count + 1, flat.numel(), dtype=dtype, device=flat.device)
+    rows[rank, torch.arange(flat.numel(), device=flat.device)] = value
+    return rows[:count]
+
+
 def _missing_units(observed: Tensor, dtype: torch.dtype) -> Tensor:
     """The unit vectors of the missing cells as rows ``(m, N)``, in the grid's order."""
-    idx = torch.nonzero(~observed.reshape(-1)).squeeze(-1)
-    out = torch.zeros(idx.numel(), observed.numel(), dtype=dtype, device=observed.device)
-    out[torch.arange(idx.numel(), device=idx.device), idx] = 1
-    return out
+    missing = ~observed.reshape(-1)
+    return unit_rows(missing, int(missing.sum()), dtype)
 
 
 @dataclass
 class _SchurByColumns:
     """:func:`_schur_by_columns`' result: ``α`` (``(N, t)``, zero at missing cells), the start ``v`` of
-    :func:`refine_observed` (``G⁻¹[X r]_M`` on the grid), ``log det G`` and the gradient's pairs
-    ``W L⁻ᵀ`` (``(N, m)``, ``G = L Lᵀ``)."""
+    :func:`refine_observed` (``G⁻¹[X r]_M`` on the grid), ``log det G``, and ``W`` with ``G``'s factor
+    ``L`` (``G = L Lᵀ``) for :meth:`pairs` and :meth:`correct`."""
 
     alpha: Tensor
     v: Tensor
     logdet: Tensor
-    pairs: Tensor
     w: Tensor
     chol: Tensor
     idx: Tensor
     cov: FullGridCovariance
+
+    def pairs(self) -> Tensor:
+        """The gradient's pairs ``W L⁻ᵀ`` (``(N, m)``): ``−½ ∂ log det G = ½ Σ_k (W L⁻ᵀ)_kᵀ ∂C (W L⁻ᵀ)_k``
+        (the likelihood's only; a prediction does not form them)."""
+        eye = torch.eye(self.chol.shape[0], dtype=self.chol.dtype, device=self.chol.device)
+        return self.w @ torch.linalg.solve_triangular(self.chol, eye, upper=False).mT.to(self.w.dtype)
 
     def correct(self, rho: Tensor, tight: float) -> Tensor:
         """``C_OO⁻¹ ρ`` zero-filled for columns ``ρ`` zero at missing cells, by the same formula as ``α``
@@ -889,10 +905,7 @@ def _schur_by_columns(cov: FullGridCovariance, w: Tensor, x_r: Tensor, observed:
     v[idx] = v_m.to(dt)
     obs = observed.reshape(-1, 1).to(dt)
     alpha = obs * (x_r - w @ v_m.to(dt))
-    eye = torch.eye(idx.numel(), dtype=torch.float64, device=w.device)
-    l_inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).mT
-    return _SchurByColumns(alpha, v, 2 * torch.log(chol.diagonal()).sum().to(dt), w @ l_inv_t.to(dt), w, chol, idx,
-                           cov)
+    return _SchurByColumns(alpha, v, 2 * torch.log(chol.diagonal()).sum().to(dt), w, chol, idx, cov)
 
 
 class _Layout:
@@ -1100,9 +1113,11 @@ def cg_lml_pieces(
             _report_observed(check, alpha, tol, inner, extra)
             del check
             # −½ ∂ log det G = +½ tr(G⁻¹[X ∂C X]_MM) = +½ Σ_k (W L⁻ᵀ)_kᵀ ∂C (W L⁻ᵀ)_k
-            lefts.append(schur.pairs)
-            rights.append(schur.pairs)
-            weights.append(resid.new_full((schur.pairs.shape[-1],), 0.5))
+            pairs = schur.pairs()
+            lefts.append(pairs)
+            rights.append(pairs)
+            weights.append(resid.new_full((pairs.shape[-1],), 0.5))
+            del pairs
             logdet = logdet + schur.logdet
             extra["missing_solve"], extra["missing_iterations"] = "dense", 0
             schur = None

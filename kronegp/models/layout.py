@@ -77,7 +77,7 @@ from kronegp.models._data import ParsedGrid, parse_grid_data
 from kronegp.models._dense import dense_limit, dense_lml
 from kronegp.models._exact import exact_lml
 from kronegp.models._kron import KronEigen, bilinear_form
-from kronegp.models._masked import FullGridCovariance
+from kronegp.models._masked import FullGridCovariance, unit_rows
 from kronegp.ops import kron_matmul
 from kronegp.solvers import local_inner
 
@@ -239,13 +239,7 @@ class LocalLayout:
     def unit_probes(self, cells: Optional[Tensor], count: int, like: Tensor) -> Tensor:
         """``√S`` times the ``S = count`` unit vectors of ``cells`` (``None``: every cell), as
         ``(N, S)`` columns: ``(1/S) Σ_s z_sᵀ A z_s = tr A`` over those cells exactly."""
-        dev = like.device
         if cells is None:  # every cell: count is N
-            return math.sqrt(count) * torch.eye(self.n_cells, count, dtype=like.dtype, device=dev)
-        # Without reading the device (a boolean index would: a CUDA graph's checked pass forbids it):
-        # each cell's rank among ``cells`` by a cumulative sum, the other cells sent to a spare row.
-        flat = cells.reshape(-1)
-        rank = torch.where(flat, torch.cumsum(flat, 0) - 1, count)
-        rows = torch.zeros(count + 1, self.n_cells, dtype=like.dtype, device=dev)
-        rows[rank, torch.arange(self.n_cells, device=dev)] = math.sqrt(count)
-        return rows[:count].mT  # (N, S) columns of rows, as draw_normal's
+            return math.sqrt(count) * torch.eye(self.n_cells, count, dtype=like.dtype, device=like.device)
+        # (N, S) columns of rows, as draw_normal's; built without reading the device
+        return unit_rows(cells, count, like.dtype, math.sqrt(count)).mT
