@@ -833,7 +833,8 @@ def unit_rows(cells: Tensor, count: int, dtype: torch.dtype, value: float = 1.0)
     flat = cells.reshape(-1)
     rank = torch.where(flat, torch.cumsum(flat, 0) - 1, count)
     rows = torch.zeros(count + 1, flat.numel(), dtype=dtype, device=flat.device)
-    rows[rank, torch.arange(flat.numel(), device=flat.device)] = value
+    # scatter_, not an advanced-index assignment: index_put_ on CUDA synchronises (round 16, H100)
+    rows.scatter_(0, rank.unsqueeze(0), value)
     return rows[:count]
 
 
