@@ -148,13 +148,19 @@ from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
-__all__ = ["CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
+__all__ = ["COARSE_DTYPE", "coarse_dtype", "CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
            "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
            "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
+#: The coarse solves of a float32 (or narrower) grid are built and applied in this dtype: ``E`` of a piece that
+#: does not fill its box is a difference (:func:`truncated_galerkin`) whose small eigenvalues float32 loses, and
+#: a cloud's ``E`` fails its Cholesky there (measured, ``clouds-20`` 48³ float32, 2-core CPU, 2026-12-07: 670
+#: modes and 97 iterations a step in float32, 1182 and 18 with the coarse solves in float64, as a float64 grid
+#: gets; 4.7 → 1.4 s a step. At 128³ on an H100 the float32 step took 618 iterations, 9.0 s). ``None``: the grid's.
+COARSE_DTYPE: Optional[torch.dtype] = torch.float64
 #: A box mode enters the coarse space when its prior variance ``s²Πμ`` is at least this times ``σ²``.
 MODE_SCORE = 1.0
 #: At most this many coarse modes (the largest scores first).
@@ -470,8 +476,8 @@ class _Padded:
     def wt(self, rows: Tensor) -> Tensor:
         """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes)."""
         t, b = rows.shape[0], self.batch
-        box = rows.new_zeros(len(b.members) * b.size, t)
-        box[b.slots] = rows[:, b.cells].mT
+        box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.L.dtype)
+        box[b.slots] = rows[:, b.cells].mT.to(self.L.dtype)
         y = kron_matmul(self.vecs_t, box.view(len(b.members), b.size, t))  # (B, Πr, t): (⊗V_kᵀ) box
         return torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t)) * self.mask
 
@@ -481,7 +487,7 @@ class _Padded:
         t, b = coef.shape[-1], self.batch
         full = coef.new_zeros(coef.shape[0], self.full, t).scatter_add_(1, self.sel.unsqueeze(-1).expand(-1, -1, t), coef)
         box = kron_matmul(self.vecs, full).reshape(-1, t)  # (B·Πb, t): (⊗V_k) S c over each box
-        return out.index_add_(1, b.cells, box[b.slots].mT)
+        return out.index_add_(1, b.cells, box[b.slots].mT.to(out.dtype))
 
 
 class TwoLevel:
@@ -495,8 +501,10 @@ class TwoLevel:
     version's loop over pieces took as many per piece)."""
 
     def __init__(self, pieces: list[CoarsePiece], g_diag: Tensor, piece_set: Optional[PieceSet] = None,
-                 like: Optional["TwoLevel"] = None):
+                 like: Optional["TwoLevel"] = None, dtype: Optional[torch.dtype] = None):
         self.pieces = pieces
+        #: the coarse solves' dtype (:func:`coarse_dtype` of ``g_diag``'s; the rows keep theirs)
+        self.dtype = coarse_dtype(g_diag.dtype) if dtype is None else dtype
         self.modes = sum(pc.modes for pc in pieces)
         self.g_diag = g_diag
         self.j_inv = 1.0 / g_diag
@@ -510,7 +518,7 @@ class TwoLevel:
         #: the coarse pieces by their index in the piece set (what :func:`two_level`'s ``like`` follows)
         self.by_piece = built
         old = {id(pb.batch): pb for pb in like.batches} if like is not None else {}
-        self.batches = [_Padded(b, built, g_diag, old.get(id(b))) for b in piece_set.batches
+        self.batches = [_Padded(b, built, g_diag.new_zeros((), dtype=self.dtype), old.get(id(b))) for b in piece_set.batches
                         if any(i in built for i in b.members)]
 
     def scaled(self, log_scale: Tensor) -> "TwoLevel":
@@ -546,7 +554,7 @@ class TwoLevel:
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        out = (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches)
+        out = (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches).to(self.g_diag.dtype)
         return out if self.log_scale is None else out - missing.sum() * self.log_scale
 
     def _buffers(self) -> list[Tensor]:
@@ -568,6 +576,13 @@ class TwoLevel:
             a.copy_(b)
         self.pieces, self.modes, self.by_piece = other.pieces, other.modes, other.by_piece
         return True
+
+
+def coarse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the coarse solves for a grid of ``dtype``: :data:`COARSE_DTYPE` where it is wider."""
+    if COARSE_DTYPE is None or torch.finfo(dtype).bits >= torch.finfo(COARSE_DTYPE).bits:
+        return dtype
+    return COARSE_DTYPE
 
 
 def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], list[Tensor]]:
@@ -603,15 +618,16 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     half of that at ``ϑ₁``). The box rows are formed once where ``|S|·box ≤`` :data:`MAX_BOX_ELEMENTS`,
     else that many elements at a time, again for each block of coordinates."""
     h = basis.hole
+    work = eig.vecs[0].dtype
     level_f = float(level)
     t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
     floor = GALERKIN_TOL * level_f / (1.0 + top)  # ϑ₀, certified a priori
     trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
-    inside = p.new_zeros(h.box)
+    inside = torch.zeros(h.box, dtype=work, device=p.device)
     inside[h.pos] = 1.0
     ww = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
     E = ww.clone()
-    eye = torch.eye(basis.modes, dtype=p.dtype, device=p.device)
+    eye = torch.eye(basis.modes, dtype=work, device=p.device)
     if basis.modes * h.box <= MAX_BOX_ELEMENTS:  # W over the box, formed once
         whole = basis.box_rows(eye).mul_(inside)
         wbox = lambda: (whole,)  # noqa: E731
@@ -657,7 +673,8 @@ def _subtract_band(E: Tensor, wbox, basis: CoarseBasis, eig: KronEigen, outputsc
         if chosen.numel() == 0:
             continue
         Y = torch.cat([matmul_kron(w, [q1[:, k1]] + mats)[:, chosen] for w in wbox()])  # (|S|, kept): Wᵀ q_j
-        omega = (1.0 / level - p[flat[chosen]]).clamp_min(0)
+        lam = lam[chosen]
+        omega = lam / (level * (lam + level))  # 1/σ² − p, without the cancellation of a difference
         E -= (Y * omega) @ Y.mT
 
 
@@ -686,8 +703,16 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
     if not ENABLED:
         return None
     pieces = cached_pieces(observed, eig.sizes) if observed is not None else PieceSet(pieces_of(missing, eig.sizes))
+    if not pieces.pieces:
+        return None
     built, budget = [], MAX_TOTAL_MODES
     scale = float(outputscale / level)
+    work = coarse_dtype(g_diag.dtype)
+    if work != g_diag.dtype:  # the coarse solve in float64 (COARSE_DTYPE); the grid's vectors stay as they are
+        factors = [f.detach().to(work) for f in factors]
+        eig = KronEigen(factors)
+        outputscale = torch.as_tensor(outputscale, device=g_diag.device).to(work)
+        level = torch.as_tensor(level, device=g_diag.device).to(work)
     for index, hole in enumerate(pieces.pieces):
         if budget <= 0:
             break
@@ -706,12 +731,12 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         sel = sel.to(g_diag.device)
         basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
         # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
-        jbox = g_diag.new_zeros(hole.box)
-        jbox[hole.pos] = g_diag[hole.idx]
+        jbox = torch.zeros(hole.box, dtype=work, device=g_diag.device)
+        jbox[hole.pos] = g_diag[hole.idx].to(work)
         EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
         if hole.fills:
             R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
-            E = selected_gram(R, p, sel, full)
+            E = selected_gram(R, p.to(work), sel, full)
         else:
             E = truncated_galerkin(basis, eig, outputscale, level, p, scale * math.prod(float(mu[0]) for mu in mus))
         try:
@@ -719,7 +744,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         except torch.linalg.LinAlgError:
             continue
         budget -= basis.modes
-    return TwoLevel(built, g_diag, pieces, like=like) if built else None
+    return TwoLevel(built, g_diag, pieces, like=like, dtype=work) if built else None
 
 
 class FrozenTwoLevel:
@@ -782,7 +807,7 @@ class FrozenTwoLevel:
     def _key(observed: Tensor, g_diag: Tensor) -> tuple:
         return (observed._version, g_diag.shape, g_diag.dtype, g_diag.device, ENABLED, MODE_SCORE, MAX_MODES,
                 MAX_TOTAL_MODES, MAX_PIECES, MAX_GRAM_ELEMENTS, GALERKIN_TOL, MAX_TRUNCATED_MODES, MAX_BOX_ELEMENTS,
-                MIN_MISSING, MIN_INTERIOR)
+                MIN_MISSING, MIN_INTERIOR, COARSE_DTYPE)
 
     def holds(self, observed: Tensor, g_diag: Tensor) -> bool:
         """Whether it was built for this mask (the same tensor, unchanged), grid, dtype, device and rules."""
@@ -896,9 +921,14 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
     more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
     (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest
     ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets. ``pieces``: the
-    :class:`PieceSet` of ``missing`` where the caller has it (:func:`cached_pieces`), else found here."""
+    :class:`PieceSet` of ``missing`` where the caller has it (:func:`cached_pieces`), else found here.
+    All of it in :func:`coarse_dtype`'s elements (float64 for a float32 grid), which for a piece that fills
+    its box adds a grid vector of ``p`` in that dtype to the build."""
     if not ENABLED or missing is None:
         return 0
+    widened = torch.finfo(coarse_dtype({2: torch.float16, 4: torch.float32, 8: torch.float64}[itemsize])).bits // 8
+    grid = math.prod(sizes) if widened > itemsize else 0
+    itemsize = widened
     kept, peak, budget = 0, 0, MAX_TOTAL_MODES
     if pieces is None:
         pieces = PieceSet(pieces_of(missing, sizes))
@@ -909,7 +939,7 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
             break
         if piece.fills:
             modes = min(piece.box, MAX_MODES, budget)
-            work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes
+            work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes + grid
         else:  # the box rows (MAX_BOX_ELEMENTS at a time), their gram's partial H, truncated_galerkin's blocks
             # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor
             modes = min(piece.box, MAX_TRUNCATED_MODES, budget)
