@@ -173,10 +173,19 @@ SEPARABLE_SAMPLE = (8.0, 2.0)
 #: 96×90×80 float32, ``torch.cuda.max_memory_allocated``: step 4.49 and predict 3.55 blocks where the CPU
 #: counts give 4.9 and 4.0, plans 10–13 % over). One measurement: rerun the cuda tests of tests/test_memory_plan.py.
 FEW_MISSING_CUDA_SAVES = 0.4
-#: On CUDA, ``|S|²`` elements of cuSOLVER's ``syevd`` workspace that ``K_S``'s ``eigh`` allocates through torch
-#: (its lwork ``1 + 6|S| + 2|S|²``; LAPACK's on the CPU is not torch's): the H100's predict peak of a land mask
-#: with |S| = 5336 float32 was 2.6·|S|² above the CPU-fitted plan (2026-12-07; 491 MiB planned, 771 measured).
-SEPARABLE_EIGH_CUDA = 2.0
+#: On CUDA, ``|S|²`` elements that ``K_S``'s ``eigh`` holds beyond the CPU's count (the symmetrised input and
+#: the eigenvectors): cuSOLVER's ``syevd`` workspace (its lwork ``1 + 6|S| + 2|S|²``) and torch's copies around it.
+#: Traced on the H100 (``torch.cuda.memory`` history, 2026-12-07 16:17 UTC, land mask, |S| = 5336 float32): at the
+#: predict's peak the ``eigh`` line held 6.03·|S|² and ``K_S`` one more (771 MiB measured; 2 here planned 615).
+SEPARABLE_EIGH_CUDA = 4.0
+#: On CUDA, ``N × c`` blocks more than :data:`FEW_MISSING_PREDICT`'s for the exact-missing variance: its
+#: Kronecker product of ``(N, c)`` blocks runs through the axis GEMMs, which hold three of them at once (traced,
+#: H100, same run: 216 cells on 120×110×90 float32, ``c`` = 56: five blocks live at the peak, 1310 MiB against
+#: 1119 planned with four).
+FEW_MISSING_CUDA_VARIANCE = 1.0
+#: ... and ``(N, n)`` blocks per sample more than :data:`FEW_MISSING_SAMPLE`'s (same trace, sample(8): 10.6 blocks
+#: per sample live at the peak, the Kronecker product's passes holding five).
+FEW_MISSING_CUDA_DRAWS = 1.0
 
 
 class MemoryPlanError(MemoryError):
@@ -379,6 +388,7 @@ def plan_few_missing_predict(shape: Sequence[int], dtype: torch.dtype, m: int, b
     held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box, vectors=0,
                                       device_type=device_type)
     blocks, vectors = FEW_MISSING_PREDICT
+    blocks += FEW_MISSING_CUDA_VARIANCE if device_type == "cuda" else 0.0
     variance = {**held, f"L⁻ᵀ ({m}²)": m * m * item,
                 f"variance blocks ({blocks:g} × N × {columns} columns)": int(blocks * n * columns * item),
                 "grid vectors": int(vectors * n * item)}
@@ -391,8 +401,10 @@ def plan_few_missing_sample(shape: Sequence[int], dtype: torch.dtype, m: int, bo
     on ``(N, samples)`` blocks, whichever holds more (:func:`plan_few_missing_predict`'s arguments)."""
     held, build = _few_missing_phases(shape, dtype, m, box_sizes, boxed=boxed, through_box=through_box,
                                       vectors=samples, device_type=device_type)
+    per_sample, vectors = FEW_MISSING_SAMPLE
+    per_sample += FEW_MISSING_CUDA_DRAWS if device_type == "cuda" else 0.0
     return _factored(f"exact-missing sample({samples}) ({m} missing cells)", shape, dtype, device_type, build,
-                     _draws(held, shape, dtype, samples, FEW_MISSING_SAMPLE))
+                     _draws(held, shape, dtype, samples, (per_sample, vectors)))
 
 
 def _separable_phases(shape: Sequence[int], dtype: torch.dtype, points: int, n_b: int, vectors: float,
