@@ -8,7 +8,8 @@ import torch
 import kronegp.models._masked as masked
 import kronegp.models._two_level as two_level_mod
 from kronegp import GridGP
-from test_gaps import _coarse_dense, _coarse_for, assert_posterior_matches_dense, dense_lml, lml_and_grads, model, rel
+from test_gaps import (_coarse_dense, _coarse_for, assert_float32_agrees_with_float64, assert_posterior_matches_dense,
+                       dense_lml, lml_and_grads, model, rel)
 
 
 @pytest.fixture
@@ -108,6 +109,28 @@ def test_clouds_on_the_cg_path_match_dense_with_certified_truncation(bands, monk
     assert abs(lml - ref) <= 1e-6 * abs(ref)
     assert rel(grads, ref_grads) <= 1e-6
     assert_posterior_matches_dense(gp, 1e-6, variance="exact")
+
+
+def test_float32_clouds_with_float64_coarse_solves_match_dense(bands, monkeypatch):
+    """A float32 grid's coarse solves run in float64 beside its float32 rows (apply, probes, log det P):
+    likelihood within 1e-4 and gradient within 1e-3 of a dense float64 Cholesky and of the float64 model,
+    posterior mean within 1e-4 (assert_float32_agrees_with_float64's bounds)."""
+    built = []
+    real = two_level_mod.two_level
+
+    def spy(*a, **k):
+        built.append(real(*a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(masked, "two_level", spy)
+    m32 = model("clouds", path="cg", dtype=torch.float32)
+    lml, grads = lml_and_grads(m32, lambda m: m.log_marginal_likelihood())
+    assert built and built[-1] is not None and built[-1].dtype == torch.float64 and built[-1].g_diag.dtype == torch.float32
+    m64 = model("clouds", path="cg", cg_tol=1e-10)
+    ref, ref_grads = lml_and_grads(m64, dense_lml)
+    assert abs(lml - ref) <= 1e-4 * abs(ref), (lml, ref)
+    assert rel(grads.double(), ref_grads) <= 1e-3
+    assert_float32_agrees_with_float64(m64, m32)
 
 
 def _clouds(n: int, frac: float = 0.2, seed: int = 1) -> torch.Tensor:
