@@ -180,15 +180,29 @@ def test_paths_work_through_the_layout(case, monkeypatch):
 def test_forced_exact_missing_refuses_rows_that_cannot_be_held(monkeypatch):
     """path='exact-missing' with more m·N than one block of rows may hold is a clear error before any
     work (on the H100, gaps.py --limit forced it at 64³ with 13,824 scattered cells: a 15.6 GiB
-    allocation failed mid-step); auto never takes it there."""
+    allocation failed mid-step); auto never takes it there. A compact hole with the same m·N goes through
+    its box and never forms the rows: it is taken, forced or by auto, and matches a dense Cholesky."""
     import kronegp.models.paths as paths_module
+    from kronegp.models._few_missing import MissingBox, forms_rows
+    from test_gaps import dense_lml, lml_and_grads, rel
 
     monkeypatch.setattr(paths_module, "MAX_FORM_ELEMENTS", 1000)
-    v = torch.randn(10, 10, 10, dtype=torch.float64)
-    v[:2, :2, :2] = float("nan")  # m = 8, m·N = 8000 > 1000
+    v = torch.randn(10, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    scattered = v.clone()
+    scattered.view(-1)[torch.tensor([3, 97, 211, 358, 402, 555, 781, 996])] = float("nan")  # m = 8, m·N = 8000 > 1000
     with pytest.raises(ValueError, match=r"path='exact-missing' holds blocks of m × N rows.*m = 8 missing cells"):
-        GridGP(v, path="exact-missing")
-    assert GridGP(v).path != "exact-missing"
+        GridGP(scattered, path="exact-missing")
+    assert GridGP(scattered).path != "exact-missing"
+    hole = v.clone()
+    hole[3:5, 3:5, 3:5] = float("nan")  # m = 8 too, in a box of 8 cells
+    assert not forms_rows(MissingBox(torch.isnan(hole).reshape(-1), (10, 10, 10)), (10, 10, 10))
+    assert forms_rows(MissingBox(torch.isnan(scattered).reshape(-1), (10, 10, 10)), (10, 10, 10))
+    for path in ("exact-missing", "auto"):
+        gp = GridGP(hole, path=path)
+        assert gp.path == "exact-missing"
+        lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
+        ref, ref_grads = lml_and_grads(gp, dense_lml)
+        assert abs(lml - ref) <= 1e-10 * abs(ref) and rel(grads, ref_grads) <= 1e-10
 
 
 @pytest.mark.parametrize("shape,frac", [((5, 6, 7), 0.1), ((9, 4, 3), 0.5), ((4, 4, 4), 1.0)])

@@ -86,7 +86,7 @@ from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["FewMissing", "MissingBox", "khatri_square", "khatri_gram", "pair_maps", "BoxPairs", "box_pairs",
-           "TAYLOR_RATIOS", "taylor_terms", "inverse_from_cholesky", "INVERSE_LEAF", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS",
+           "TAYLOR_RATIOS", "taylor_terms", "inverse_from_cholesky", "INVERSE_LEAF", "series_plan", "MAX_MISSING_CPU", "MAX_MISSING_CUDA", "MAX_FORM_ELEMENTS", "MAX_BOX_CELLS", "forms_rows",
            "few_missing_limit", "box_pays", "rows_through_box", "VARIANCE_CHUNK", "variance_columns"]
 
 #: Most missing cells for the exact few-missing path on a CPU. Measured (2-core CPU, one thread,
@@ -127,6 +127,14 @@ def box_pays(box: int, m: int, n_cells: int) -> bool:
     cells span the whole grid), and at most :data:`MAX_BOX_CELLS` (also the cost model's,
     :mod:`kronegp.models.costs`)."""
     return box <= MAX_BOX_CELLS and box * box <= 4 * m * n_cells
+
+
+def forms_rows(hole: "MissingBox", sizes) -> bool:
+    """Whether :class:`FewMissing` for ``hole`` on a grid of ``sizes`` forms ``m × N`` rows of ``Q`` (``U``,
+    ``Y`` and the products with them): through the rows (:func:`box_pays` false), or through the box with
+    its products by the rows (:func:`rows_through_box` false). A compact hole does neither: its ``G`` and
+    gradient live on the box and its products go through the box factors, ``(t, N)`` at a time."""
+    return not box_pays(hole.box, hole.m, math.prod(sizes)) or not rows_through_box(hole.m, sizes, hole.box_sizes)
 
 
 def few_missing_limit(device: torch.device) -> int:

@@ -44,8 +44,8 @@ from torch import Tensor
 
 from kronegp.models import costs, memory
 from kronegp.models._exact import eigen_bilinear_form, exact_posterior_grid, exact_posterior_samples
-from kronegp.models._few_missing import (MAX_FORM_ELEMENTS, FewMissing, MissingBox, box_pays, few_missing_limit,
-                                         rows_through_box, variance_columns)
+from kronegp.models._few_missing import (MAX_BOX_CELLS, MAX_FORM_ELEMENTS, FewMissing, MissingBox, box_pays,
+                                         few_missing_limit, forms_rows, rows_through_box, variance_columns)
 from kronegp.models._masked import (CGLMLPieces, FullGridCovariance, ProbeDraws, cg_lml_pieces, plain_cg_lml_pieces,
                                     refresh_two_level, solve_observed)
 from kronegp.models._points import CHUNK_ELEMENTS, cross_factors, rowwise_kron_columns, rowwise_kron_dot
@@ -778,10 +778,14 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(
             "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
             f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
-    if requested == "exact-missing" and n_missing * n_cells > MAX_FORM_ELEMENTS:
+    # the m × N rows of C⁻¹ (three blocks at once): only holes that do not go through their box form them
+    too_many_rows = (n_missing * n_cells > MAX_FORM_ELEMENTS and layout.whole_grid
+                     and forms_rows(MissingBox(~observed, shape), shape))
+    if requested == "exact-missing" and too_many_rows:
         raise ValueError(
             f"path='exact-missing' holds blocks of m × N rows of C⁻¹ (three at once, for the gradient and the "
-            f"posterior): m = {n_missing} missing cells × N = {n_cells} cells = {n_missing * n_cells:.3g} elements "
+            f"posterior) for missing cells that do not fit a box of at most {MAX_BOX_CELLS} cells: m = {n_missing} "
+            f"missing cells × N = {n_cells} cells = {n_missing * n_cells:.3g} elements "
             f"({3 * n_missing * n_cells * torch.finfo(dtype).bits / 8 / 2**30:.1f} GiB), more than "
             f"{MAX_FORM_ELEMENTS:.3g} per block; use path='auto' or 'cg'")
     masked, n_points = mask_axes(observed, shape) if n_missing and layout.whole_grid else ([], 0)
@@ -804,7 +808,7 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
             name = "exact"
         elif not layout.whole_grid:
             name = "cg"
-        elif (n_missing <= few_missing_limit(device) and n_missing * n_cells <= MAX_FORM_ELEMENTS
+        elif (n_missing <= few_missing_limit(device) and not too_many_rows
               and (not separable or n_missing <= n_points)
               and exact_missing_pays(layout, observed, device, dtype, num_probes)):
             name = "exact-missing"
