@@ -163,10 +163,15 @@ ENABLED = True
 COARSE_DTYPE: Optional[torch.dtype] = torch.float64
 #: A box mode enters the coarse space when its prior variance ``s²Πμ`` is at least this times ``σ²``.
 MODE_SCORE = 1.0
-#: At most this many coarse modes (the largest scores first).
-MAX_MODES = 1024
-#: At most this many elements in the partial gram ``H`` (``n_1 · (Π_{k>1} r_k)²``, see :func:`selected_gram`).
-MAX_GRAM_ELEMENTS = 1 << 24
+#: At most this many coarse modes (the largest scores first). The mode rule asks 584 / 1212 / 1569 / 1966 for the
+#: 10 % hole of 64³ / 96³ / 112³ / 128³ (``gaps.py``'s ``block-10``, GridGP's initial hyperparameters); 1024 (and
+#: ``MAX_GRAM_ELEMENTS`` 2²⁴, which cut it to 768) left 128³ at 25 CG iterations on an H100 (RESULTS round 15/16).
+#: 96³ float32, 2-core CPU, 2026-12-07: 768 / 1024 / 1212 modes took 14 / 11 / 10 iterations, 13.7 / 11.0 / 9.6 s a
+#: steady step (rebuilt 14.5 / 11.9 / 12.8 s).
+MAX_MODES = 2048
+#: At most this many elements in the partial gram ``H`` (``n_1 · (Π_{k>1} r_k)²``, see :func:`selected_gram`):
+#: 0.5 GiB in float64, transient, during a build.
+MAX_GRAM_ELEMENTS = 1 << 26
 #: At most this many coarse modes over all pieces together (the largest pieces first).
 MAX_TOTAL_MODES = 4096
 #: At most this many pieces get a coarse space (the largest first; the others keep Jacobi).
