@@ -89,19 +89,25 @@ def test_a_trial_constant_no_piece_meets_falls_back_to_the_a_priori_threshold(ba
         assert rel(a.L @ a.L.mT, b.L @ b.L.mT) <= 1e-12
 
 
-def test_clouds_on_the_cg_path_match_dense_with_certified_truncation(bands, monkeypatch):
+@pytest.fixture
+def built(monkeypatch):
+    """The two-level preconditioners the cg path builds (a list, in build order)."""
+    out = []
+    real = two_level_mod.two_level
+
+    def spy(*a, **k):
+        out.append(real(*a, **k))
+        return out[-1]
+
+    monkeypatch.setattr(masked, "two_level", spy)
+    return out
+
+
+def test_clouds_on_the_cg_path_match_dense_with_certified_truncation(bands, built, monkeypatch):
     """Likelihood, gradient and posterior with pieces whose Galerkin matrices took the trial threshold
     (float64; 1e-6 relative against a dense Cholesky): the preconditioner only sets the iterations."""
     calls, floors = bands
     monkeypatch.setattr(two_level_mod, "GALERKIN_TRIAL_C", 0.1)
-    built = []
-    real = two_level_mod.two_level
-
-    def spy(*a, **k):
-        built.append(real(*a, **k))
-        return built[-1]
-
-    monkeypatch.setattr(masked, "two_level", spy)
     gp = model("clouds", path="cg", cg_tol=1e-10)
     lml, grads = lml_and_grads(gp, lambda m: m.log_marginal_likelihood())
     assert built and built[-1] is not None and "trial" in _branches(calls, floors)
@@ -111,18 +117,10 @@ def test_clouds_on_the_cg_path_match_dense_with_certified_truncation(bands, monk
     assert_posterior_matches_dense(gp, 1e-6, variance="exact")
 
 
-def test_float32_clouds_with_float64_coarse_solves_match_dense(bands, monkeypatch):
+def test_float32_clouds_with_float64_coarse_solves_match_dense(bands, built):
     """A float32 grid's coarse solves run in float64 beside its float32 rows (apply, probes, log det P):
     likelihood within 1e-4 and gradient within 1e-3 of a dense float64 Cholesky and of the float64 model,
     posterior mean within 1e-4 (assert_float32_agrees_with_float64's bounds)."""
-    built = []
-    real = two_level_mod.two_level
-
-    def spy(*a, **k):
-        built.append(real(*a, **k))
-        return built[-1]
-
-    monkeypatch.setattr(masked, "two_level", spy)
     m32 = model("clouds", path="cg", dtype=torch.float32)
     lml, grads = lml_and_grads(m32, lambda m: m.log_marginal_likelihood())
     assert built and built[-1] is not None and built[-1].dtype == torch.float64 and built[-1].g_diag.dtype == torch.float32
@@ -146,16 +144,22 @@ def _clouds(n: int, frac: float = 0.2, seed: int = 1) -> torch.Tensor:
     return miss
 
 
+def _cloudy_field(n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A smooth field plus noise on an n³ unit grid (float64) with :func:`_clouds` missing (NaN), and its axes."""
+    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    v = sum(torch.sin(4 * m) for m in mesh) + 0.1 * torch.randn(n, n, n, generator=torch.Generator().manual_seed(0),
+                                                                   dtype=torch.float64)
+    v[_clouds(n)] = float("nan")
+    return v, axes
+
+
 def test_two_level_cuts_the_iterations_of_clouds(monkeypatch):
     """24³, 20 % clouds (2794 cells; the blobs merge into one component over most of the grid, plus a
     few): CG on G takes 43 iterations with Jacobi and 24 with the two-level preconditioner (415 modes
     with the merged cloud's cap at 256, 671 at 512: 24 either way; measured 2026-12-07). Asserted: at least 1.4× fewer, with the preconditioner's modes present."""
     n = 24
-    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
-    g = torch.Generator().manual_seed(0)
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    v = sum(torch.sin(4 * m) for m in mesh) + 0.1 * torch.randn(n, n, n, generator=g, dtype=torch.float64)
-    v[_clouds(n)] = float("nan")
+    v, axes = _cloudy_field(n)
     runs = {}
     for on in (False, True):
         monkeypatch.setattr(two_level_mod, "ENABLED", on)
@@ -174,11 +178,7 @@ def test_a_float32_grid_solves_its_coarse_problems_in_float64(monkeypatch):
     (measured 2026-12-07). The apply returns the grid's dtype; the likelihood stays within float32's reach
     of the float64 grid's."""
     n = 24
-    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    v = sum(torch.sin(4 * m) for m in mesh) + 0.1 * torch.randn(n, n, n, generator=torch.Generator().manual_seed(0),
-                                                                   dtype=torch.float64)
-    v[_clouds(n)] = float("nan")
+    v, axes = _cloudy_field(n)
     runs = {}
     for name, dt, coarse in (("64", torch.float64, torch.float64), ("32 wide", torch.float32, torch.float64),
                              ("32 narrow", torch.float32, None)):
@@ -202,11 +202,7 @@ def test_the_merged_cloud_takes_the_cap_and_the_memory_plan_counts_it(monkeypatc
     512 since the clouds2 branch), and :func:`coarse_bytes` (the memory plan's part) covers the kept
     matrices of what the step built and follows the cap: a halved cap halves that piece and shrinks it."""
     n = 24
-    axes = [torch.linspace(0, 1, n, dtype=torch.float64) for _ in range(3)]
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    v = sum(torch.sin(4 * m) for m in mesh) + 0.1 * torch.randn(n, n, n, generator=torch.Generator().manual_seed(0),
-                                                                   dtype=torch.float64)
-    v[_clouds(n)] = float("nan")
+    v, axes = _cloudy_field(n)
     missing = torch.isnan(v).reshape(-1)
     found = {}
     for cap in (two_level_mod.MAX_TRUNCATED_MODES, two_level_mod.MAX_TRUNCATED_MODES // 2):
