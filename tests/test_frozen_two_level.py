@@ -164,13 +164,18 @@ def test_a_scaled_preconditioner_is_kappa_m_with_its_log_det_and_probes():
     assert ref.rel(Z.mT @ Z, torch.linalg.inv(Mk)) <= 1e-10
 
 
-def test_a_refresh_goes_into_the_same_tensors_when_the_shapes_hold():
+@pytest.mark.parametrize("name", ["hole", "clouds"])
+def test_a_refresh_goes_into_the_same_tensors_when_the_shapes_hold(name, monkeypatch):
     """Between CUDA-graph replays (``CGPath.between_replays``): a reported drift past REFRESH_DRIFT
     rebuilds the preconditioner at the current hyperparameters into the tensors it had (what a recorded
-    graph reads), keeping each piece's count of modes; the values are those of a fresh build there."""
-    gp = ref.model("hole", path="cg", cg_tol=1e-10)
+    graph reads), keeping each piece's count of modes (and a cloud's candidates and mass filter's U);
+    the values are those of a fresh build there."""
+    monkeypatch.setattr(two_level_mod, "MIN_MISSING", 1)  # the clouds' small blobs get pieces
+    monkeypatch.setattr(two_level_mod, "MIN_INTERIOR", 0)
+    gp = ref.model(name, path="cg", cg_tol=1e-10)
     _step(gp)
     frozen = gp._two_level
+    assert (name == "clouds") == any(pc.basis.mix is not None for pc in frozen.pre.pieces)
     before = [t.data_ptr() for t in frozen.pre._buffers()]
     modes, version = frozen.pre.modes, frozen.version
     assert gp.inference.between_replays(gp) == (False, {"two_level_reused": True})  # nothing moved

@@ -130,6 +130,14 @@ A fit's early evaluations rebuild it (Adam ``BrrrrBrB``, L-BFGS ``BBBBBrrrrrrr``
 is 512: the cheapest short fits at 48³ and 64³, +11 % at 32³, and the fastest step short of 1024. The
 ≤ 3× target holds at 32³; at 48³ only 1024 reaches it (2.6–3.1×), at 64³ no cap does (1024: 3.9×).
 
+**Mass filter** (:func:`mass_filter`). A piece that does not fill its box takes up to :data:`MAX_CANDIDATE_MODES`
+box modes and keeps only the directions of their span with at least :data:`MASS_SHARE` of their mass on its
+cells: restricted to a ragged piece the box modes are very redundant, and the kept count follows the piece's
+unpinned directions (about the wanted modes times the share of the box that is missing) instead of the box's.
+``W = E_M (⊗V_k) S U`` with ``U`` from the candidates' gram over the piece (orthonormal on its cells); the
+apply multiplies by ``Uᵀ`` / ``U`` beside the Kronecker products. Measured in the constants' comments and
+NOTES.md: at 64³ 30 → 15 iterations and a 1.7× faster steady step.
+
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
 """
@@ -150,7 +158,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["COARSE_DTYPE", "coarse_dtype", "CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
+           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_CANDIDATE_MODES", "MASS_SHARE", "mass_filter", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
            "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
@@ -188,6 +196,22 @@ GALERKIN_TRIAL_C = 2e-3
 #: preconditioner at 48³ and 64³ (256: as cheap / 14 % dearer, 1024: 1.7× / ≥ 1.5×) and a steady step 20–35 %
 #: under 256's (measured 2026-12-07: the module docstring's "clouds with the frozen preconditioner").
 MAX_TRUNCATED_MODES = 512
+#: A piece that does not fill its box takes up to this many candidate box modes (score ≥ :data:`MODE_SCORE`) and
+#: keeps the directions of their span whose share of mass on the piece's cells is at least :data:`MASS_SHARE`
+#: (:func:`mass_filter`), at most :data:`MAX_TRUNCATED_MODES` of them.
+#: Training step, ``clouds-20`` float32, one thread, same process (2-core CPU, 2026-12-07; iterations, steady /
+#: rebuilt step): 48³ 512 candidates unfiltered (the span before the filter) 18, 1.80 / 5.4 s; 1024 / 2048 / 4096
+#: filtered at 0.3: 17, 2.31 / 3.9 s; 10, 1.48 / 11.1 s; 9, 1.87 / 21.4 s. 64³: 30, 10.6 / 25.0 s; 27, 9.9 / 16.4 s;
+#: 15, 6.3 / 29.7 s; 11, 7.1 / 51.0 s. 2048: the steady step 1.7× faster at 64³, the rebuild 1.2–2× dearer (a
+#: short fit rebuilds at ~3 of 8 evaluations: even at 64³, dearer at 48³); the GPU, where an iteration's grid
+#: products dominate and 128³ took 146 iterations with 512, is to be measured (``benchmarks/scratch/roundI.sh``).
+MAX_CANDIDATE_MODES = 2048
+#: The smallest share of a kept direction's mass (over the box, where the candidates are orthonormal) that lies
+#: on the piece's cells. Measured (``benchmarks/scratch/cloud_union.py``, NOTES.md "Clouds: which coarse space",
+#: CG on ``G`` for ``clouds-20``'s merged component, float64, 2026-12-07): 0.3 kept 181 / 436 / 649 of 1201 / 2593
+#: / 4209 candidates at 32³ / 48³ / 64³ and took 17 / 14 / 15 iterations, where the 512 best candidates took
+#: 17 / 30 / 51; 0.5 kept 124 / 315 / 486 for 17 / 17 / 17. 0 keeps the candidates' whole span (as before the filter).
+MASS_SHARE = 0.3
 #: ... whose ``|S|`` box rows :func:`truncated_galerkin` holds at most this many elements of at a time (it
 #: capped ``|S|`` at ``MAX_BOX_ELEMENTS / box`` before: 150 modes for the merged cloud of 64³, whose step took
 #: 65–73 s and 64 iterations against 43–49 s and 50 with 256 modes, same process, 2026-12-07).
@@ -215,7 +239,7 @@ REFRESH_MODES = 0.25
 
 
 def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int,
-                  like: Optional[tuple[int, list[int]]] = None) -> Optional[tuple[Tensor, list[int]]]:
+                  like: Optional[tuple[int, list[int]]] = None, cap: Optional[int] = None) -> Optional[tuple[Tensor, list[int]]]:
     """Flat indices (row-major over ``Π r_k``, the leading ``r_k`` modes per axis) of the tensor modes
     with ``scale·Πμ ≥ MODE_SCORE``, best first, at most :data:`MAX_MODES` and ``limit``, fewer where
     their gram over ``first`` cells of axis 1 would pass :data:`MAX_GRAM_ELEMENTS`, and per axis how
@@ -238,7 +262,8 @@ def _tensor_modes(mus: list[Tensor], scale: float, limit: int, first: int,
         score = (score.unsqueeze(-1) * mu).reshape(-1)
     score = scale * score
     order = torch.argsort(score, descending=True)
-    count = min(int((score >= MODE_SCORE).sum()), MAX_MODES, limit) if like is None else min(like[0], score.numel())
+    count = min(int((score >= MODE_SCORE).sum()), MAX_MODES if cap is None else cap, limit) if like is None \
+        else min(like[0], score.numel())
     sizes = [m.numel() for m in mus]
     while count > 0:
         sel = order[:count]
@@ -320,15 +345,24 @@ def pieces_of(missing: Tensor, sizes) -> list[MissingBox]:
 class CoarseBasis:
     """``W = E_M (⊗V_k) S``: the coarse modes over one piece's box, restricted to its missing cells."""
 
-    def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int]):
+    def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int],
+                 mix: Optional[Tensor] = None):
         self.hole = hole
         self.vecs = vecs  # V_k (b_k, r_k)
         self.vecs_t = [v.mT.contiguous() for v in vecs]
         self.sel, self.full = sel, full
-        self.modes = sel.numel()
+        #: ``U`` (``|S| × k``): the basis is ``E_M (⊗V_k) S U`` (:func:`mass_filter`), or ``None``: ``U = I``
+        self.mix = mix
+        self.modes = sel.numel() if mix is None else mix.shape[1]
+
+    def project(self, gram: Tensor) -> Tensor:
+        """``Uᵀ A U`` for a gram ``A`` over the selected modes (``A`` itself without a mix)."""
+        return gram if self.mix is None else self.mix.mT @ gram @ self.mix
 
     def box_rows(self, coef: Tensor) -> Tensor:
-        """``(⊗V_k) S c`` over the whole box for coefficients ``(t, |S|)``: ``(t, box)``."""
+        """``(⊗V_k) S U c`` over the whole box for coefficients ``(t, k)``: ``(t, box)``."""
+        if self.mix is not None:
+            coef = coef @ self.mix.mT
         full = coef.new_zeros(coef.shape[0], math.prod(self.full))
         full[:, self.sel] = coef
         return matmul_kron(full, self.vecs_t)
@@ -447,13 +481,18 @@ class _Padded:
         dt, dev = like.dtype, like.device
         ranks = [max([pc.basis.full[k] for pc in members if pc is not None] + [1]) for k in range(d)]
         S = max([pc.modes for pc in members if pc is not None] + [1])
+        picked = max([pc.basis.sel.numel() for pc in members if pc is not None] + [1])
+        mixed = any(pc is not None and pc.basis.mix is not None for pc in members)
         if at_least is not None:  # padded to a frozen preconditioner's shapes (FrozenTwoLevel.refresh)
             ranks = [max(r, v.shape[-1]) for r, v in zip(ranks, at_least.vecs)]
-            S = max(S, at_least.sel.shape[-1])
+            S, picked = max(S, at_least.L.shape[-1]), max(picked, at_least.sel.shape[-1])
+            mixed = mixed or at_least.mix is not None
         B = len(members)
         self.batch, self.full = batch, math.prod(ranks)
         self.vecs = [like.new_zeros(B, e, r) for e, r in zip(batch.extent, ranks)]
-        self.sel = torch.zeros(B, S, dtype=torch.long, device=dev)
+        # the selected candidates (picked of them) and, where a piece filters them (mass_filter), U: (B, picked, S)
+        self.sel = torch.zeros(B, picked if mixed else S, dtype=torch.long, device=dev)
+        self.mix = like.new_zeros(B, picked, S) if mixed else None
         self.mask = like.new_zeros(B, S, 1)
         eye = torch.eye(S, dtype=dt, device=dev).expand(B, S, S)
         self.L, self.U = eye.clone(), eye.clone()
@@ -472,8 +511,10 @@ class _Padded:
                 rest = torch.div(rest, r, rounding_mode="floor")
             for digit, r in zip(reversed(digits), ranks):
                 flat = flat * r + digit
-            self.sel[at, :k] = flat
+            self.sel[at, : flat.numel()] = flat
             self.mask[at, :k] = 1.0
+            if self.mix is not None:
+                self.mix[at, : flat.numel(), :k] = basis.mix if basis.mix is not None else torch.eye(k, dtype=dt, device=dev)
             self.L[at, :k, :k], self.U[at, :k, :k] = pc.L, pc.U
             self.f[at, :k, 0], self.s[at, :k] = pc.f, pc.s
         self.vecs_t = [v.mT.contiguous() for v in self.vecs]
@@ -484,12 +525,15 @@ class _Padded:
         box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.L.dtype)
         box[b.slots] = rows[:, b.cells].mT.to(self.L.dtype)
         y = kron_matmul(self.vecs_t, box.view(len(b.members), b.size, t))  # (B, Πr, t): (⊗V_kᵀ) box
-        return torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t)) * self.mask
+        y = torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t))
+        return y * self.mask if self.mix is None else self.mix.mT @ y  # U's padding is zero
 
     def add_w(self, coef: Tensor, out: Tensor) -> Tensor:
         """``out += Σ_i W_i c_i`` for coefficients ``(B, S, t)`` (zero past each piece's modes) and rows
         ``out`` ``(t, N)``, in place (the pieces' cells are disjoint)."""
         t, b = coef.shape[-1], self.batch
+        if self.mix is not None:
+            coef = self.mix @ coef  # (B, picked, t), zero past each piece's candidates
         full = coef.new_zeros(coef.shape[0], self.full, t).scatter_add_(1, self.sel.unsqueeze(-1).expand(-1, -1, t), coef)
         box = kron_matmul(self.vecs, full).reshape(-1, t)  # (B·Πb, t): (⊗V_k) S c over each box
         return out.index_add_(1, b.cells, box[b.slots].mT.to(out.dtype))
@@ -566,7 +610,7 @@ class TwoLevel:
         """Every tensor an apply, a probe or ``log det P`` reads (what a CUDA graph's recording holds)."""
         out = [self.g_diag, self.j_inv]
         for pb in self.batches:
-            out += pb.vecs + pb.vecs_t + [pb.sel, pb.mask, pb.L, pb.U, pb.f, pb.s]
+            out += pb.vecs + pb.vecs_t + [pb.sel, pb.mask, pb.L, pb.U, pb.f, pb.s] + ([] if pb.mix is None else [pb.mix])
         return out
 
     def copy_(self, other: "TwoLevel") -> bool:
@@ -581,6 +625,25 @@ class TwoLevel:
             a.copy_(b)
         self.pieces, self.modes, self.by_piece = other.pieces, other.modes, other.by_piece
         return True
+
+
+def mass_filter(basis: CoarseBasis, limit: int, count: Optional[int] = None) -> Optional[Tensor]:
+    """``U`` (``|S| × k``) for a piece that does not fill its box: the eigenvectors of the candidates' gram
+    over the piece's cells, ``Vᵀ diag(1_M) V`` (the candidates are orthonormal over the box, so an eigenvalue is
+    the share of that direction's mass on the piece), with eigenvalue at least :data:`MASS_SHARE`, at most
+    ``limit`` (the largest first), scaled to be orthonormal on the piece's cells; or the ``count`` largest
+    (a refresh that keeps the shapes). ``None`` where none is kept. The candidates' span restricted to a ragged
+    piece is very redundant (the 2593 candidates of 48³'s merged cloud keep 436 at 0.3, NOTES.md), and the
+    Galerkin matrix costs ``k²`` per eigen-coordinate (:func:`truncated_galerkin`). One read of the device."""
+    h = basis.hole
+    inside = torch.zeros(h.box, dtype=basis.vecs[0].dtype, device=basis.sel.device)
+    inside[h.pos] = 1.0
+    share, vecs = torch.linalg.eigh(selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full))
+    share, vecs = share.flip(0), vecs.flip(-1)
+    k = min(int((share >= MASS_SHARE).sum()), limit) if count is None else min(count, share.numel())
+    if k <= 0 or float(share[k - 1]) <= 0:
+        return None
+    return vecs[:, :k] / torch.sqrt(share[:k])
 
 
 def coarse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -630,7 +693,7 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
     inside = torch.zeros(h.box, dtype=work, device=p.device)
     inside[h.pos] = 1.0
-    ww = selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full) / level  # WᵀW / σ²
+    ww = basis.project(selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full)) / level  # WᵀW / σ²
     E = ww.clone()
     eye = torch.eye(basis.modes, dtype=work, device=p.device)
     if basis.modes * h.box <= MAX_BOX_ELEMENTS:  # W over the box, formed once
@@ -725,20 +788,30 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         mus = torch.cat(mus).cpu().split([v.shape[-1] for v in vecs])  # one read: the choice below is the host's
         limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget)
         first = eig.sizes[0] if hole.fills else hole.box_sizes[0]
-        chosen = _tensor_modes(mus, scale, limit, first) if limit > 0 else None
+        # a ragged piece: candidates, filtered below by their mass on the piece (mass_filter)
+        cap, candidates = (None, limit) if hole.fills else (MAX_CANDIDATE_MODES, MAX_CANDIDATE_MODES)
+        chosen = _tensor_modes(mus, scale, candidates, first, cap=cap) if limit > 0 else None
         old = like.by_piece.get(index) if like is not None else None
+        kept = None if old is None else old.basis.sel.numel()
         if old is not None and old.modes <= limit and chosen is not None \
-                and abs(chosen[0].numel() - old.modes) <= REFRESH_MODES * old.modes:
-            chosen = _tensor_modes(mus, scale, limit, first, like=(old.modes, old.basis.full))
+                and abs(chosen[0].numel() - kept) <= REFRESH_MODES * kept:
+            chosen = _tensor_modes(mus, scale, candidates, first, like=(kept, old.basis.full), cap=cap)
+        else:
+            old = None
         if chosen is None:
             continue
         sel, full = chosen
         sel = sel.to(g_diag.device)
         basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
+        if not hole.fills:
+            mix = mass_filter(basis, limit, None if old is None else old.modes)
+            if mix is None:
+                continue
+            basis = CoarseBasis(hole, basis.vecs, sel, full, mix)
         # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
         jbox = torch.zeros(hole.box, dtype=work, device=g_diag.device)
         jbox[hole.pos] = g_diag[hole.idx].to(work)
-        EJ = selected_gram([v.mT for v in basis.vecs], jbox, sel, full)
+        EJ = basis.project(selected_gram([v.mT for v in basis.vecs], jbox, sel, full))
         if hole.fills:
             R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
             E = selected_gram(R, p.to(work), sel, full)
@@ -812,6 +885,7 @@ class FrozenTwoLevel:
     def _key(observed: Tensor, g_diag: Tensor) -> tuple:
         return (observed._version, g_diag.shape, g_diag.dtype, g_diag.device, ENABLED, MODE_SCORE, MAX_MODES,
                 MAX_TOTAL_MODES, MAX_PIECES, MAX_GRAM_ELEMENTS, GALERKIN_TOL, MAX_TRUNCATED_MODES, MAX_BOX_ELEMENTS,
+                MAX_CANDIDATE_MODES, MASS_SHARE,
                 MIN_MISSING, MIN_INTERIOR, COARSE_DTYPE)
 
     def holds(self, observed: Tensor, g_diag: Tensor) -> bool:
@@ -938,6 +1012,7 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
     if pieces is None:
         pieces = PieceSet(pieces_of(missing, sizes))
     count: dict[int, int] = {}
+    cand: dict[int, int] = {}  # a ragged piece's candidates (mass_filter's U: candidates × modes, kept)
     index = 3 * 8 // itemsize  # selected_gram's three long (k, k) index maps, in elements
     for i, piece in enumerate(pieces.pieces):
         if budget <= 0:
@@ -946,16 +1021,19 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
             modes = min(piece.box, MAX_MODES, budget)
             work = 2 * min(sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) + index * modes * modes + grid
         else:  # the box rows (MAX_BOX_ELEMENTS at a time), their gram's partial H, truncated_galerkin's blocks
-            # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor
+            # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor;
+            # before them mass_filter's gram of the candidates, its eigenvectors and eigh's workspace
             modes = min(piece.box, MAX_TRUNCATED_MODES, budget)
+            cand[i] = min(piece.box, MAX_CANDIDATE_MODES)
             rows = min(modes, max(1, MAX_BOX_ELEMENTS // piece.box))
             work = rows * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
-                + (index + 3) * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
+                + (index + 3) * cand[i] ** 2 + 3 * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
         count[i] = modes
         budget -= modes
         kept += 6 * modes * modes
         peak = max(peak, work + 8 * modes * modes)
     for batch in pieces.batches:
         most = max([count.get(i, 0) for i in batch.members])
-        kept += 2 * len(batch.members) * most * most + len(batch.members) * batch.size
+        picked = max([cand.get(i, 0) for i in batch.members])
+        kept += len(batch.members) * (2 * most * most + batch.size + picked * most)
     return (kept + peak) * itemsize
