@@ -19,13 +19,13 @@ def bands(monkeypatch):
     calls, floors = [], []
     real_band, real_tg = two_level_mod._subtract_band, two_level_mod.truncated_galerkin
 
-    def band(E, wbox, basis, eig, s2, level, p, lo, hi):
+    def band(E, wbox, basis, eig, s2, level, lo, hi):
         calls.append((basis.hole.m, lo, hi))
-        return real_band(E, wbox, basis, eig, s2, level, p, lo, hi)
+        return real_band(E, wbox, basis, eig, s2, level, lo, hi)
 
-    def tg(basis, eig, s2, level, p, top):
+    def tg(basis, eig, s2, level, top):
         floors.append((basis.hole.m, two_level_mod.GALERKIN_TOL * float(level) / (1 + top)))
-        return real_tg(basis, eig, s2, level, p, top)
+        return real_tg(basis, eig, s2, level, top)
 
     monkeypatch.setattr(two_level_mod, "_subtract_band", band)
     monkeypatch.setattr(two_level_mod, "truncated_galerkin", tg)
@@ -283,7 +283,7 @@ def test_box_rows_in_blocks_give_the_same_galerkin_matrix(monkeypatch):
         for pc in ragged:
             mus, _ = two_level_mod._box_eigs(cov.factors, pc.hole)
             top = scale * float(torch.stack([mu[0] for mu in mus]).prod())
-            args = (pc.basis, cov.eig, cov.outputscale, cov.sigma_bar2, cov.p_inv, top)
+            args = (pc.basis, cov.eig, cov.outputscale, cov.sigma_bar2, top)
             whole = two_level_mod.truncated_galerkin(*args)
             with monkeypatch.context() as m:
                 m.setattr(two_level_mod, "MAX_BOX_ELEMENTS", 3 * pc.hole.box)  # three modes a block

@@ -346,7 +346,7 @@ class CoarseBasis:
     """``W = E_M (⊗V_k) S``: the coarse modes over one piece's box, restricted to its missing cells."""
 
     def __init__(self, hole: MissingBox, vecs: list[Tensor], sel: Tensor, full: list[int],
-                 mix: Optional[Tensor] = None):
+                 mix: Optional[Tensor] = None, piece_gram: Optional[Tensor] = None):
         self.hole = hole
         self.vecs = vecs  # V_k (b_k, r_k)
         self.vecs_t = [v.mT.contiguous() for v in vecs]
@@ -354,6 +354,16 @@ class CoarseBasis:
         #: ``U`` (``|S| × k``): the basis is ``E_M (⊗V_k) S U`` (:func:`mass_filter`), or ``None``: ``U = I``
         self.mix = mix
         self.modes = sel.numel() if mix is None else mix.shape[1]
+        self._piece_gram = piece_gram
+
+    def piece_gram(self) -> Tensor:
+        """``WᵀW`` (``k × k``): the basis' gram over the piece's cells (:func:`mass_filter` hands its own in)."""
+        if self._piece_gram is None:
+            h = self.hole
+            inside = torch.zeros(h.box, dtype=self.vecs[0].dtype, device=self.sel.device)
+            inside[h.pos] = 1.0
+            self._piece_gram = self.project(selected_gram([v.mT for v in self.vecs], inside, self.sel, self.full))
+        return self._piece_gram
 
     def project(self, gram: Tensor) -> Tensor:
         """``Uᵀ A U`` for a gram ``A`` over the selected modes (``A`` itself without a mix)."""
@@ -627,23 +637,24 @@ class TwoLevel:
         return True
 
 
-def mass_filter(basis: CoarseBasis, limit: int, count: Optional[int] = None) -> Optional[Tensor]:
-    """``U`` (``|S| × k``) for a piece that does not fill its box: the eigenvectors of the candidates' gram
+def mass_filter(basis: CoarseBasis, limit: int, count: Optional[int] = None) -> Optional[CoarseBasis]:
+    """The basis ``E_M (⊗V_k) S U`` of a piece that does not fill its box, ``U`` (``|S| × k``) the eigenvectors of
+    the candidates' (``basis``) gram
     over the piece's cells, ``Vᵀ diag(1_M) V`` (the candidates are orthonormal over the box, so an eigenvalue is
     the share of that direction's mass on the piece), with eigenvalue at least :data:`MASS_SHARE`, at most
     ``limit`` (the largest first), scaled to be orthonormal on the piece's cells; or the ``count`` largest
     (a refresh that keeps the shapes). ``None`` where none is kept. The candidates' span restricted to a ragged
     piece is very redundant (the 2593 candidates of 48³'s merged cloud keep 436 at 0.3, NOTES.md), and the
-    Galerkin matrix costs ``k²`` per eigen-coordinate (:func:`truncated_galerkin`). One read of the device."""
-    h = basis.hole
-    inside = torch.zeros(h.box, dtype=basis.vecs[0].dtype, device=basis.sel.device)
-    inside[h.pos] = 1.0
-    share, vecs = torch.linalg.eigh(selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full))
+    Galerkin matrix costs ``k²`` per eigen-coordinate (:func:`truncated_galerkin`). The new basis keeps its
+    gram over the piece, ``UᵀAU``, for :func:`truncated_galerkin`. One read of the device."""
+    gram = basis.piece_gram()
+    share, vecs = torch.linalg.eigh(gram)
     share, vecs = share.flip(0), vecs.flip(-1)
     k = min(int((share >= MASS_SHARE).sum()), limit) if count is None else min(count, share.numel())
     if k <= 0 or float(share[k - 1]) <= 0:
         return None
-    return vecs[:, :k] / torch.sqrt(share[:k])
+    mix = vecs[:, :k] / torch.sqrt(share[:k])
+    return CoarseBasis(basis.hole, basis.vecs, basis.sel, basis.full, mix, mix.mT @ gram @ mix)
 
 
 def coarse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -663,8 +674,7 @@ def _box_eigs(factors: list[Tensor], piece: MissingBox) -> tuple[list[Tensor], l
     return mus, vecs
 
 
-def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, p: Tensor,
-                       top: float) -> Tensor:
+def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor, top: float) -> Tensor:
     """``Ẽ = Wᵀ X̃ W`` for a piece that does not fill its box, with ``X = I/σ² − Q diag(ω) Qᵀ``
     (``ω = 1/σ² − p``) truncated to the eigen-coordinates whose prior variance ``λ`` is at least a
     threshold ``ϑ``, chosen so that ``E ⪯ Ẽ ⪯ (1 + GALERKIN_TOL) E``.
@@ -691,11 +701,11 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
     floor = GALERKIN_TOL * level_f / (1.0 + top)  # ϑ₀, certified a priori
     trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
-    inside = torch.zeros(h.box, dtype=work, device=p.device)
+    inside = torch.zeros(h.box, dtype=work, device=basis.sel.device)
     inside[h.pos] = 1.0
-    ww = basis.project(selected_gram([v.mT for v in basis.vecs], inside, basis.sel, basis.full)) / level  # WᵀW / σ²
+    ww = basis.piece_gram() / level  # WᵀW / σ²
     E = ww.clone()
-    eye = torch.eye(basis.modes, dtype=work, device=p.device)
+    eye = torch.eye(basis.modes, dtype=work, device=basis.sel.device)
     if basis.modes * h.box <= MAX_BOX_ELEMENTS:  # W over the box, formed once
         whole = basis.box_rows(eye).mul_(inside)
         wbox = lambda: (whole,)  # noqa: E731
@@ -703,20 +713,20 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
         rows = max(1, MAX_BOX_ELEMENTS // h.box)
         wbox = lambda: (basis.box_rows(eye[a : a + rows]).mul_(inside) for a in range(0, basis.modes, rows))  # noqa: E731
     if trial > floor:
-        _subtract_band(E, wbox, basis, eig, outputscale, level, p, trial, math.inf)
+        _subtract_band(E, wbox, basis, eig, outputscale, level, trial, math.inf)
         try:  # Ẽ₁ − (ϑ₁/(σ² t)) WᵀW/σ² ≻ 0 certifies Ẽ₁ ⪯ (1 + GALERKIN_TOL) E
             torch.linalg.cholesky(E - (trial / (level_f * t)) * ww)
             return E
         except torch.linalg.LinAlgError:
             pass
-        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, trial)
+        _subtract_band(E, wbox, basis, eig, outputscale, level, floor, trial)
     else:
-        _subtract_band(E, wbox, basis, eig, outputscale, level, p, floor, math.inf)
+        _subtract_band(E, wbox, basis, eig, outputscale, level, floor, math.inf)
     return E
 
 
 def _subtract_band(E: Tensor, wbox, basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, level: Tensor,
-                   p: Tensor, lo: float, hi: float) -> None:
+                   lo: float, hi: float) -> None:
     """``E −= Σ_j ω_j (Wᵀq_j)(Wᵀq_j)ᵀ`` over the eigen-coordinates ``j`` with prior variance ``lo ≤ λ_j < hi``
     (in place; ``wbox()``: ``W``'s ``|S|`` box rows, in blocks of modes)."""
     h = basis.hole
@@ -728,15 +738,11 @@ def _subtract_band(E: Tensor, wbox, basis: CoarseBasis, eig: KronEigen, outputsc
     rest = math.prod(k.numel() for k in keep[1:])
     step = max(1, MAX_GRAM_ELEMENTS // (basis.modes * rest))  # axis-1 coordinates per block of Y
     lam_rest = s2 * kron_vector([v[k] for v, k in zip(eig.vals[1:], keep[1:])]) if len(keep) > 1 else None
-    flat_rest = torch.zeros(1, dtype=torch.long, device=p.device)  # grid (eigen-coordinate) index over axes 2…d
-    for k, n in zip(keep[1:], eig.sizes[1:]):
-        flat_rest = (flat_rest.unsqueeze(-1) * n + k).reshape(-1)
     mats = [q[ax][:, k] for q, ax, k in zip(eig.vecs[1:], h.axes[1:], keep[1:])]
     q1 = eig.vecs[0][h.axes[0]]
     for a in range(0, keep[0].numel(), step):
         k1 = keep[0][a : a + step]
         lam = (eig.vals[0][k1].unsqueeze(-1) * (lam_rest if lam_rest is not None else s2)).reshape(-1)
-        flat = (k1.unsqueeze(-1) * (eig.size // eig.sizes[0]) + flat_rest).reshape(-1)
         chosen = torch.nonzero((lam >= lo) & (lam < hi)).reshape(-1)
         if chosen.numel() == 0:
             continue
@@ -804,10 +810,9 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         sel = sel.to(g_diag.device)
         basis = CoarseBasis(hole, [v[:, :r].contiguous() for v, r in zip(vecs, full)], sel, full)
         if not hole.fills:
-            mix = mass_filter(basis, limit, None if old is None else old.modes)
-            if mix is None:
+            basis = mass_filter(basis, limit, None if old is None else old.modes)
+            if basis is None:
                 continue
-            basis = CoarseBasis(hole, basis.vecs, sel, full, mix)
         # Wᵀ J W over the box (J at the missing cells, 0 at the box's observed cells)
         jbox = torch.zeros(hole.box, dtype=work, device=g_diag.device)
         jbox[hole.pos] = g_diag[hole.idx].to(work)
@@ -816,7 +821,7 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
             R = [v.mT @ q[ax] for v, q, ax in zip(basis.vecs, eig.vecs, hole.axes)]  # R_k = V_kᵀ Q_k[I_k, :]
             E = selected_gram(R, p.to(work), sel, full)
         else:
-            E = truncated_galerkin(basis, eig, outputscale, level, p, scale * math.prod(float(mu[0]) for mu in mus))
+            E = truncated_galerkin(basis, eig, outputscale, level, scale * math.prod(float(mu[0]) for mu in mus))
         try:
             built.append(CoarsePiece(basis, E, EJ))
         except torch.linalg.LinAlgError:
