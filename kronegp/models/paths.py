@@ -35,6 +35,7 @@ model's buffers and hyperparameters at every call (they follow ``.to()``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import ClassVar, Optional
@@ -738,15 +739,17 @@ class CGPath(InferencePath):
 PATHS = {cls.name: cls for cls in (ExactPath, ExactMissingPath, SeparableMaskPath, CGPath)}
 
 
-def exact_missing_pays(layout, observed: Tensor, device: torch.device, dtype: torch.dtype, num_probes: int) -> bool:
+def exact_missing_pays(layout, observed: Tensor, device: torch.device, dtype: torch.dtype, num_probes: int,
+                       hole: Optional[MissingBox] = None) -> bool:
     """Whether the exact-missing path's predicted step (:func:`kronegp.models.costs.exact_missing_seconds`,
     through the box or the rows as :class:`~kronegp.models._few_missing.FewMissing` will go) is
     within the exact budget or no slower than the cg path's with ``num_probes`` random probes
     (:func:`kronegp.models.costs.prefer_exact`). The rows cost ``~m·N`` where a full grid's step
     costs ``~N·Σn_k``: 576 scattered cells on the 435k-cell air grid took 50 s against cg's 3.9 s,
-    while on 20³ every ``m`` up to the limit stays exact (NOTES.md)."""
+    while on 20³ every ``m`` up to the limit stays exact (NOTES.md). ``hole``: the missing cells' box where
+    the caller has it."""
     shape = layout.shape
-    hole = MissingBox(~observed, shape)
+    hole = MissingBox(~observed, shape) if hole is None else hole
     rates = costs.rates_for(device, dtype)
     box = hole.box_sizes if box_pays(hole.box, hole.m, layout.n_cells) else None
     exact = costs.exact_missing_seconds(hole.m, shape, box, rates)
@@ -778,10 +781,16 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
         raise ValueError(
             "path='exact-missing' needs missing cells and a homoskedastic (learned) noise; this grid has "
             f"{n_missing} missing cells{' and per-cell noise' if per_cell else ''} (use path='auto')")
-    # the m × N rows of C⁻¹ (three blocks at once): only holes that do not go through their box form them
-    too_many_rows = (n_missing * n_cells > MAX_FORM_ELEMENTS and layout.whole_grid
-                     and forms_rows(MissingBox(~observed, shape), shape))
-    if requested == "exact-missing" and too_many_rows:
+    @functools.lru_cache(maxsize=1)
+    def missing_box() -> MissingBox:  # a scan of the whole mask: once, and only where a rule below needs it
+        return MissingBox(~observed, shape)
+
+    def too_many_rows() -> bool:
+        """The m × N rows of C⁻¹ (three blocks at once) past MAX_FORM_ELEMENTS: only missing cells that do
+        not go through their box form them (more than MAX_BOX_CELLS never do)."""
+        return n_missing * n_cells > MAX_FORM_ELEMENTS and (n_missing > MAX_BOX_CELLS or forms_rows(missing_box(), shape))
+
+    if requested == "exact-missing" and too_many_rows():
         raise ValueError(
             f"path='exact-missing' holds blocks of m × N rows of C⁻¹ (three at once, for the gradient and the "
             f"posterior) for missing cells that do not fit a box of at most {MAX_BOX_CELLS} cells: m = {n_missing} "
@@ -808,9 +817,9 @@ def choose_path(requested: str, layout, observed: Optional[Tensor], n_observed: 
             name = "exact"
         elif not layout.whole_grid:
             name = "cg"
-        elif (n_missing <= few_missing_limit(device) and not too_many_rows
+        elif (n_missing <= few_missing_limit(device) and not too_many_rows()
               and (not separable or n_missing <= n_points)
-              and exact_missing_pays(layout, observed, device, dtype, num_probes)):
+              and exact_missing_pays(layout, observed, device, dtype, num_probes, missing_box())):
             name = "exact-missing"
         else:
             name = "separable-mask" if separable else "cg"
