@@ -622,8 +622,8 @@ def test_plan_for_model_names_a_bad_operation_or_sample_count():
 def _cuda_factored_model(kind: str):
     """A float32 :func:`_factored_model` of ``kind`` on the GPU, on a grid large enough that the 64 MiB
     runtime term is a few %, and the bytes allocated before it (besides its buffers)."""
-    # the hole's grid within the forced exact-missing path's m·N ≤ MAX_FORM_ELEMENTS (216 · 1.19M cells; 160×150×140
-    # was refused on the H100, 2026-12-07)
+    # the hole's grid: 120×110×90 since the m·N rule refused 160×150×140's 6³ hole on the H100 (2026-12-07); that
+    # rule now lets box holes through on any grid (forms_rows), and the GPU's measured plans are on this grid
     shape = {"hole": (120, 110, 90), "scatter": (96, 90, 80), "land": (96, 80, 100)}[kind]
     _warm_cuda_libraries()
     cpu = _factored_model(shape, torch.float32, kind, lengthscale=0.5)
@@ -696,9 +696,9 @@ def test_cg_plans_reuse_the_masks_pieces(monkeypatch):
 
 
 def test_factored_plans_count_cuda_workspaces_and_the_fused_products():
-    """On CUDA the separable-mask build counts cuSOLVER's eigh workspace (2|S|²) and the exact-missing rows'
-    products through the box hold FEW_MISSING_CUDA_SAVES fewer m × N blocks than the CPU counts (the H100's
-    measured peaks, 2026-12-07)."""
+    """On CUDA the separable-mask build counts cuSOLVER's eigh workspace (SEPARABLE_EIGH_CUDA × |S|²), the
+    exact-missing rows' products through the box hold FEW_MISSING_CUDA_SAVES fewer m × N blocks than the CPU
+    counts, and a hole's variance and draws one block more (the H100's measured peaks, 2026-12-07)."""
     shape, dt, n, item = (30, 28, 26), torch.float32, 30 * 28 * 26, 4
     # few variance rows: K_S's eigh is the larger phase on both devices
     cpu = memory.plan_separable_predict(shape, dt, 600, 26, 10, device_type="cpu")
