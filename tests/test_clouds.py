@@ -215,7 +215,7 @@ def test_the_merged_cloud_keeps_its_massive_directions_and_the_memory_plan_count
         merged = max((pc for pc in pieces if not pc.hole.fills), key=lambda pc: pc.hole.m)
         U = merged.basis.mix
         assert U is not None and U.shape == (merged.basis.sel.numel(), merged.modes)
-        assert U.shape[0] <= two_level_mod.MAX_CANDIDATE_MODES and U.shape[1] <= cap
+        assert U.shape[0] <= two_level_mod.candidate_modes(v.device) and U.shape[1] <= cap
         inside = torch.zeros(merged.hole.box, dtype=torch.float64)
         inside[merged.hole.pos] = 1.0
         W = merged.basis.box_rows(torch.eye(merged.modes, dtype=torch.float64)) * inside  # orthonormal on the piece
@@ -289,3 +289,25 @@ def test_box_rows_in_blocks_give_the_same_galerkin_matrix(monkeypatch):
                 m.setattr(two_level_mod, "MAX_BOX_ELEMENTS", 3 * pc.hole.box)  # three modes a block
                 blocks = two_level_mod.truncated_galerkin(*args)
             assert rel(blocks, whole) <= 1e-12
+
+
+def test_the_candidates_follow_the_device_rule(monkeypatch):
+    """A ragged piece takes candidate_modes(device) candidates: MAX_CANDIDATE_MODES on the CPU (a small cap binds
+    here, and the memory plan follows it), MAX_CANDIDATE_MODES_CUDA on a CUDA device."""
+    assert two_level_mod.candidate_modes(torch.device("cpu")) == two_level_mod.MAX_CANDIDATE_MODES
+    assert two_level_mod.candidate_modes(torch.device("cuda")) == two_level_mod.MAX_CANDIDATE_MODES_CUDA
+    assert two_level_mod.candidate_modes("cuda:1") == two_level_mod.MAX_CANDIDATE_MODES_CUDA
+    n = 24
+    v, axes = _cloudy_field(n)
+    missing = torch.isnan(v).reshape(-1)
+    rows, planned = {}, {}
+    for most in (40, 400):
+        monkeypatch.setattr(two_level_mod, "MAX_CANDIDATE_MODES", most)
+        gp = GridGP(v, axes, path="cg", cg_tol=1e-8)
+        with torch.no_grad():
+            gp.log_marginal_likelihood()
+        merged = max((pc for pc in gp._two_level.pre.pieces if not pc.hole.fills), key=lambda pc: pc.hole.m)
+        rows[most] = merged.basis.mix.shape[0]
+        planned[most] = two_level_mod.coarse_bytes(missing, (n, n, n), 8)
+    assert rows[40] <= 40 < rows[400] <= 400, rows
+    assert planned[40] < planned[400], planned

@@ -131,12 +131,13 @@ is 512: the cheapest short fits at 48³ and 64³, +11 % at 32³, and the fastest
 ≤ 3× target holds at 32³; at 48³ only 1024 reaches it (2.6–3.1×), at 64³ no cap does (1024: 3.9×).
 
 **Mass filter** (:func:`mass_filter`). A piece that does not fill its box takes up to :data:`MAX_CANDIDATE_MODES`
-box modes and keeps only the directions of their span with at least :data:`MASS_SHARE` of their mass on its
+(:data:`MAX_CANDIDATE_MODES_CUDA` on a CUDA device) box modes and keeps only the directions of their span with at least :data:`MASS_SHARE` of their mass on its
 cells: restricted to a ragged piece the box modes are very redundant, and the kept count follows the piece's
 unpinned directions (about the wanted modes times the share of the box that is missing) instead of the box's.
 ``W = E_M (⊗V_k) S U`` with ``U`` from the candidates' gram over the piece (orthonormal on its cells); the
 apply multiplies by ``Uᵀ`` / ``U`` beside the Kronecker products. Measured in the constants' comments and
-NOTES.md: at 64³ 30 → 15 iterations and a 1.7× faster steady step.
+NOTES.md: at 64³ (CPU) 30 → 15 iterations and a 1.7× faster steady step; at 128³ on an H100 146 → 45
+iterations and 2.37 → 0.50 s a step with 4096 candidates (RESULTS.md round 17).
 
 Applies to a grid held whole (the rows layout of :mod:`kronegp.models._masked`), to each piece of
 :func:`pieces_of`: scattered cells (no piece) keep plain Jacobi, which already pins them.
@@ -158,7 +159,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 
 __all__ = ["COARSE_DTYPE", "coarse_dtype", "CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
-           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_CANDIDATE_MODES", "MASS_SHARE", "mass_filter", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
+           "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_CANDIDATE_MODES", "MAX_CANDIDATE_MODES_CUDA", "candidate_modes", "MASS_SHARE", "mass_filter", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
            "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
@@ -203,9 +204,15 @@ MAX_TRUNCATED_MODES = 512
 #: rebuilt step): 48³ 512 candidates unfiltered (the span before the filter) 18, 1.80 / 5.4 s; 1024 / 2048 / 4096
 #: filtered at 0.3: 17, 2.31 / 3.9 s; 10, 1.48 / 11.1 s; 9, 1.87 / 21.4 s. 64³: 30, 10.6 / 25.0 s; 27, 9.9 / 16.4 s;
 #: 15, 6.3 / 29.7 s; 11, 7.1 / 51.0 s. 2048: the steady step 1.7× faster at 64³, the rebuild 1.2–2× dearer (a
-#: short fit rebuilds at ~3 of 8 evaluations: even at 64³, dearer at 48³); the GPU, where an iteration's grid
-#: products dominate and 128³ took 146 iterations with 512, is to be measured (``benchmarks/scratch/roundI.sh``).
+#: short fit rebuilds at ~3 of 8 evaluations: even at 64³, dearer at 48³; a second run at 48³: 2048 10 its,
+#: 1.53 / 11.1 s, 4096 9 its, 1.71 / 19.9 s). A CUDA device takes :data:`MAX_CANDIDATE_MODES_CUDA`.
 MAX_CANDIDATE_MODES = 2048
+#: The same on a CUDA device (:func:`candidate_modes`), where an iteration's grid products dominate and the rebuild's
+#: grams are cheap. Measured (128³ ``clouds-20`` float32, one H100, ``gaps.py --holes``, 2026-12-07, RESULTS.md round 17;
+#: candidates: iterations, steady / rebuilt step): 512 unfiltered 146, 2.37 / 3.49 s; 2048: 68, 0.99 / 1.75 s; 4096:
+#: 45, 0.50 / 1.57 s; 8192: 40, 0.45 / 1.49 s. 4096 halves the step; 8192 adds 10 % for a gram four times larger
+#: (``(index + 3)·candidates²`` float64 elements in the build's plan, :func:`coarse_bytes`).
+MAX_CANDIDATE_MODES_CUDA = 4096
 #: The smallest share of a kept direction's mass (over the box, where the candidates are orthonormal) that lies
 #: on the piece's cells. Measured (``benchmarks/scratch/cloud_union.py``, NOTES.md "Clouds: which coarse space",
 #: CG on ``G`` for ``clouds-20``'s merged component, float64, 2026-12-07): 0.3 kept 181 / 436 / 649 of 1201 / 2593
@@ -637,6 +644,12 @@ class TwoLevel:
         return True
 
 
+def candidate_modes(device) -> int:
+    """How many candidate box modes a ragged piece takes on ``device`` (:data:`MAX_CANDIDATE_MODES`, or
+    :data:`MAX_CANDIDATE_MODES_CUDA` on a CUDA device)."""
+    return MAX_CANDIDATE_MODES_CUDA if torch.device(device).type == "cuda" else MAX_CANDIDATE_MODES
+
+
 def mass_filter(basis: CoarseBasis, limit: int, count: Optional[int] = None) -> Optional[CoarseBasis]:
     """The basis ``E_M (⊗V_k) S U`` of a piece that does not fill its box, ``U`` (``|S| × k``) the eigenvectors of
     the candidates' (``basis``) gram
@@ -795,7 +808,8 @@ def two_level(eig: KronEigen, factors: list[Tensor], outputscale: Tensor, level:
         limit = min(MAX_MODES, budget) if hole.fills else min(MAX_TRUNCATED_MODES, budget)
         first = eig.sizes[0] if hole.fills else hole.box_sizes[0]
         # a ragged piece: candidates, filtered below by their mass on the piece (mass_filter)
-        cap, candidates = (None, limit) if hole.fills else (MAX_CANDIDATE_MODES, MAX_CANDIDATE_MODES)
+        most = candidate_modes(g_diag.device)
+        cap, candidates = (None, limit) if hole.fills else (most, most)
         chosen = _tensor_modes(mus, scale, candidates, first, cap=cap) if limit > 0 else None
         old = like.by_piece.get(index) if like is not None else None
         kept = None if old is None else old.basis.sel.numel()
@@ -890,7 +904,7 @@ class FrozenTwoLevel:
     def _key(observed: Tensor, g_diag: Tensor) -> tuple:
         return (observed._version, g_diag.shape, g_diag.dtype, g_diag.device, ENABLED, MODE_SCORE, MAX_MODES,
                 MAX_TOTAL_MODES, MAX_PIECES, MAX_GRAM_ELEMENTS, GALERKIN_TOL, MAX_TRUNCATED_MODES, MAX_BOX_ELEMENTS,
-                MAX_CANDIDATE_MODES, MASS_SHARE,
+                MAX_CANDIDATE_MODES, MAX_CANDIDATE_MODES_CUDA, MASS_SHARE,
                 MIN_MISSING, MIN_INTERIOR, COARSE_DTYPE)
 
     def holds(self, observed: Tensor, g_diag: Tensor) -> bool:
@@ -1029,7 +1043,7 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
             # of Y (an axis-1 slab at least), and its WᵀW/σ² with the a posteriori check's matrix and factor;
             # before them mass_filter's gram of the candidates, its eigenvectors and eigh's workspace
             modes = min(piece.box, MAX_TRUNCATED_MODES, budget)
-            cand[i] = min(piece.box, MAX_CANDIDATE_MODES)
+            cand[i] = min(piece.box, candidate_modes(missing.device))
             rows = min(modes, max(1, MAX_BOX_ELEMENTS // piece.box))
             work = rows * piece.box + 2 * min(piece.box_sizes[0] * piece.box**2, MAX_GRAM_ELEMENTS) \
                 + (index + 3) * cand[i] ** 2 + 3 * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
