@@ -476,7 +476,9 @@ def solve_observed(
         if cov.homoskedastic:
             return cov.solve(rhs), 0
         before = cov.solve_iterations
-        return cov.solve(rhs), cov.solve_iterations - before
+        x = cov.solve(rhs, tol=tol)
+        x = refine_full(cov, rhs, x, tol=tol, inner=inner).solution  # CG's own residual is not the true one
+        return x, cov.solve_iterations - before
     schur = None
     if dense_missing and DENSE_MISSING and not cov.homoskedastic:
         t = rhs.shape[-1]
@@ -753,6 +755,63 @@ class _MixedRounds:
             x, r, rel = torch.where(take, new_x, x), torch.where(take, new_r, r), torch.where(take, new_rel, rel)
             del new_x, new_r
         return (*self.result(x, r), rel, iterations, rounds)
+
+
+def refine_full(cov: FullGridCovariance, rhs: Tensor, x: Tensor, *, tol: float, inner: Inner = local_inner) -> ObservedSolve:
+    """Check ``x ≈ C⁻¹ b`` (columns ``(N, t)``, every cell observed, per-cell noise) by its true residual and refine
+    it where that misses ``tol``: the likelihood's data column after its block CG with the probes.
+
+    CG's recursive residual is not the true one below float64: at 64³ float32 with ``benchmarks/gaps.py``'s
+    ``cell-noise`` (1e4 range, 126 iterations to 1e-5) the data term was 120 nats off the float64 model's with the
+    same probes, and at 128³ on an H100 2000 nats (2.9e-4 of the likelihood, 30 of its reported standard errors),
+    with no warning. The rounds are :class:`_MixedRounds`' (Wilkinson's refinement, residuals in float64 by
+    :meth:`FullGridCovariance.matvec_float64`), each correction ``C d = ρ`` solved with ``C`` to the dtype's floor;
+    up to :data:`MIXED_ROUNDS`, stopping at ``tol`` or when a round gains less than 2×; a shortfall warns with
+    every round's residual. In float64 the same check (one product with ``C``) rarely finds work.
+
+    Under a :class:`~kronegp.solvers.CGSchedule`: a recording notes the rounds made, a fixed one makes as many
+    without reading the device (the rounds past where the eager loop stopped discarded there) and leaves the
+    final residual to the schedule's checks."""
+    mixed = _mixed(rhs.dtype)
+    schedule = active_schedule()
+    fixed = schedule is not None and schedule.is_fixed
+    fits = schedule.next_plan("refine_full_fits") if fixed else (_mixed_fits(rhs) if mixed else True)
+    if schedule is not None and not fixed:
+        schedule.note_plan("refine_full_fits", fits)
+
+    def correct(rho: Tensor, tight: float) -> Tensor:
+        return cov.solve(rho, tol=tight)
+
+    rounds_m = _MixedRounds(cov, rhs, torch.ones_like(rhs[:, :1]), inner, None, None, tol=tol, correct=correct)
+    if not fits:  # the float64 vectors do not fit (noted): the residual of x as it is, measured in the dtype
+        r = cov.matvec(x) - rhs
+        b_norm = inner(rhs, rhs).sqrt()
+        reached = torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),
+                              torch.zeros_like(b_norm)).max()
+        if fixed:
+            schedule.add_check(reached, tol, final=True, warn=lambda value, stacklevel: _observed_shortfall(
+                value, tol, tol, rhs.dtype, stacklevel + 1, mixed="no refinement: its float64 vectors did not fit"))
+            return ObservedSolve(x, r, reached, torch.zeros((), dtype=torch.long, device=x.device),
+                                 torch.zeros((), dtype=torch.long, device=x.device), tol)
+        reached = float(reached)
+        if reached > tol:
+            _observed_shortfall(reached, tol, tol, rhs.dtype, stacklevel=3, mixed="no refinement: its float64 vectors did not fit")
+        return ObservedSolve(x, r, reached, 0, 0, tol)
+    if fixed:
+        count, short = schedule.next_plan("refine_full")
+        zero = torch.zeros((), dtype=torch.long, device=x.device)
+        out, r, reached, iterations, rounds = rounds_m.planned(x, count, zero, zero)
+        how = f"{count} round{'s' * (count != 1)}, as recorded"
+        schedule.add_check(reached, tol, final=short, warn=lambda value, stacklevel: _observed_shortfall(
+            value, tol, rounds_m.tight, rhs.dtype, stacklevel + 1, mixed=how))
+        return ObservedSolve(out, r, reached, iterations, rounds, rounds_m.tight)
+    out, r, reached, iterations, made, history = rounds_m.eager(x)
+    if schedule is not None:
+        schedule.note_plan("refine_full", (made, reached > tol))
+    if reached > tol:
+        said = " → ".join(f"{h:.1e}" for h in history) + f" in {made} round{'s' * (made != 1)}"
+        _observed_shortfall(reached, tol, rounds_m.tight, rhs.dtype, stacklevel=3, mixed=said)
+    return ObservedSolve(out, r, reached, iterations, made, rounds_m.tight)
 
 
 def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Tensor, *, tol: float,
@@ -1104,7 +1163,13 @@ def cg_lml_pieces(
         schur = None if w is None else _schur_by_columns(cov, w, x_r, observed)
         w = None
         if observed is None:
-            alpha = cov.solve(r.unsqueeze(-1)).squeeze(-1) if cov.homoskedastic else x_r.squeeze(-1)
+            if cov.homoskedastic:
+                alpha = cov.solve(r.unsqueeze(-1)).squeeze(-1)
+            else:  # the data column's true residual, refined where CG's recursive one misled (float32)
+                check = refine_full(cov, r.unsqueeze(-1), x_r, tol=tol, inner=inner)
+                alpha = check.solution[:, 0]
+                _report_observed(check, alpha, tol, inner, extra)
+                del check
         elif schur is not None:
             # G = X_MM factored (module docstring, "Few missing cells with per-cell noise"): no CG on G. The data term's
             # check as on the nested route: α's observed residual, G solved again only if short.

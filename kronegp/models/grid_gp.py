@@ -69,7 +69,8 @@ class SolveInfo:
         inner_iterations: CG iterations inside products with ``C`` (per-cell noise).
         residual: the outermost CG's largest final relative residual.
         observed_residual: the observed cells' system's relative residual after refinement
-            (cg path with missing cells), else ``None``.
+            (cg path with missing cells, or with per-cell noise on a full grid: the data column's
+            true residual, measured in float64), else ``None``.
         lml_error: first-order estimate of the likelihood's error from that residual (nats,
             model units), else ``None``.
         probes: probe vectors of the traces (0 on the exact paths; on the cg path random probes, or
