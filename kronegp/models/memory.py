@@ -110,6 +110,11 @@ CG_REFINE = (3.0, 18.4)
 #: 16.75 float32 vectors). They run only where they fit (on CUDA, the free memory when they start):
 #: :func:`choose_cg_run` plans with them where they fit the budget, else without.
 CG_REFINE_MIXED = 8.375
+#: "per-cell" (a full grid), below float64: the data column's true-residual refinement after the run
+#: (:func:`kronegp.models._masked.refine_full`) holds ``(blocks per column of the run, grid vectors)`` beside the
+#: mixed rounds' :data:`CG_REFINE_MIXED` float64 vectors: the peak with one to three probes (28×24×20 float32,
+#: :class:`LiveBytes`, 2026-12-07: 30.67 + 5 per probe float32 vectors against the run's 10 per column + 3.5).
+CG_REFINE_CELL = (5.0, 8.92)
 #: the cg plan's part for a hole's two-level preconditioner (:func:`kronegp.models._two_level.coarse_bytes`)
 COARSE_PART = "two-level coarse space"
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
@@ -464,8 +469,11 @@ def plan_cg_step(shape: Sequence[int], dtype: torch.dtype, probes: int, *, missi
     if mixed is None:  # ``mixed``: the refinement's mixed-precision rounds (default: below float64)
         mixed = item < 8
     refine = CG_REFINE[1] + (CG_REFINE_MIXED * 8 / item if mixed else 0.0)
+    cell_refine = CG_REFINE_CELL[1] + CG_REFINE_MIXED * 8 / item
     if kind == "missing" and CG_REFINE[0] * run + refine > blocks * run + vectors:
         blocks, vectors, phase = CG_REFINE[0], refine, "refine, "  # the data column's refinement
+    elif kind == "per-cell" and mixed and CG_REFINE_CELL[0] * run + cell_refine > blocks * run + vectors:
+        blocks, vectors, phase = CG_REFINE_CELL[0], cell_refine, "refine, "  # few probes: the data column's check
     else:
         phase = ""
     runs = -(-cols // run)
