@@ -761,10 +761,10 @@ def refine_full(cov: FullGridCovariance, rhs: Tensor, x: Tensor, *, tol: float, 
     """Check ``x ≈ C⁻¹ b`` (columns ``(N, t)``, every cell observed, per-cell noise) by its true residual and refine
     it where that misses ``tol``: the likelihood's data column after its block CG with the probes.
 
-    CG's recursive residual is not the true one below float64: at 64³ float32 with ``benchmarks/gaps.py``'s
-    ``cell-noise`` (1e4 range, 126 iterations to 1e-5) the data term was 120 nats off the float64 model's with the
-    same probes, and at 128³ on an H100 2000 nats (2.9e-4 of the likelihood, 30 of its reported standard errors),
-    with no warning. The rounds are :class:`_MixedRounds`' (Wilkinson's refinement, residuals in float64 by
+    CG's recursive residual is not the true one below float64: on a 16³ float32 grid with per-cell noise over
+    1e4 (cond(C) ~ 1e7) CG stopped at 1e-5 by its own residual where the true one was 8e-5 (the solution 3e-5 off a
+    dense solve of the same C; 3e-8 after one round), and at cond 1.5e13 it reported convergence at a true
+    residual of ~1e2, silently (``tests/test_mixed_refinement.py``). The rounds are :class:`_MixedRounds`' (Wilkinson's refinement, residuals in float64 by
     :meth:`FullGridCovariance.matvec_float64`), each correction ``C d = ρ`` solved with ``C`` to the dtype's floor;
     up to :data:`MIXED_ROUNDS`, stopping at ``tol`` or when a round gains less than 2×; a shortfall warns with
     every round's residual. In float64 the same check (one product with ``C``) rarely finds work.
