@@ -489,8 +489,8 @@ def cached_pieces(observed: Tensor, sizes) -> PieceSet:
 class _Padded:
     """One :class:`PieceBatch` at this step's modes: the pieces' ``V_k`` (zero-padded to ``(B, b_k, r_k)``),
     their selections flat over the padded ``Πr_k`` (``(B, S)``, ``S`` the most modes of a piece; a
-    missing mode points at 0 and is masked), and ``L``, ``U``, ``f`` padded with the identity (and
-    ``f = 0``), so the padding stays zero through every solve."""
+    missing mode points at 0 and is masked), and the pieces' ``E⁻¹`` and probe matrices, formed from their ``L``,
+    ``U``, ``f`` padded with the identity (and ``f = 0``), so the padding stays zero through every solve."""
 
     def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None):
         members = [built.get(i) for i in batch.members]
@@ -502,7 +502,7 @@ class _Padded:
         mixed = any(pc is not None and pc.basis.mix is not None for pc in members)
         if at_least is not None:  # padded to a frozen preconditioner's shapes (FrozenTwoLevel.refresh)
             ranks = [max(r, v.shape[-1]) for r, v in zip(ranks, at_least.vecs)]
-            S, picked = max(S, at_least.L.shape[-1]), max(picked, at_least.sel.shape[-1])
+            S, picked = max(S, at_least.e_inv.shape[-1]), max(picked, at_least.sel.shape[-1])
             mixed = mixed or at_least.mix is not None
         B = len(members)
         self.batch, self.full = batch, math.prod(ranks)
@@ -512,8 +512,8 @@ class _Padded:
         self.mix = like.new_zeros(B, picked, S) if mixed else None
         self.mask = like.new_zeros(B, S, 1)
         eye = torch.eye(S, dtype=dt, device=dev).expand(B, S, S)
-        self.L, self.U = eye.clone(), eye.clone()
-        self.f = like.new_zeros(B, S, 1)
+        L, U = eye.clone(), eye.clone()  # only to form e_inv and f_mat below: not kept
+        f = like.new_zeros(B, S, 1)
         self.s = like.new_zeros(B, S)
         for at, pc in enumerate(members):
             if pc is None:  # no coarse space this step: its cells keep Jacobi (coefficients masked to 0)
@@ -532,23 +532,23 @@ class _Padded:
             self.mask[at, :k] = 1.0
             if self.mix is not None:
                 self.mix[at, : flat.numel(), :k] = basis.mix if basis.mix is not None else torch.eye(k, dtype=dt, device=dev)
-            self.L[at, :k, :k], self.U[at, :k, :k] = pc.L, pc.U
-            self.f[at, :k, 0], self.s[at, :k] = pc.f, pc.s
+            L[at, :k, :k], U[at, :k, :k] = pc.L, pc.U
+            f[at, :k, 0], self.s[at, :k] = pc.f, pc.s
         self.vecs_t = [v.mT.contiguous() for v in self.vecs]
         # The apply's E⁻¹ = L⁻ᵀL⁻¹ and the probes' L⁻ᵀ U diag(f) Uᵀ L⁻¹, formed once per build: each CG
         # iteration then multiplies by one (B, S, S) matrix. Two triangular solves per apply (cuBLAS trsm, latency-
         # bound at a few columns) took 24.6 of a 128³ block-10 step's 80 ms of GPU time (H100, 2026-12-07, 1474
         # modes, 58 solves); the padding stays zero (identity in E⁻¹, zero in F).
-        l_inv = torch.linalg.solve_triangular(self.L, eye, upper=False)
+        l_inv = torch.linalg.solve_triangular(L, eye, upper=False)
         self.e_inv = l_inv.mT @ l_inv
-        self.f_mat = l_inv.mT @ (self.U @ (self.f * self.U.mT)) @ l_inv
-        del l_inv
+        self.f_mat = l_inv.mT @ (U @ (f * U.mT)) @ l_inv
+        del l_inv, L, U, f
 
     def wt(self, rows: Tensor) -> Tensor:
         """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes)."""
         t, b = rows.shape[0], self.batch
-        box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.L.dtype)
-        box[b.slots] = rows[:, b.cells].mT.to(self.L.dtype)
+        box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.e_inv.dtype)
+        box[b.slots] = rows[:, b.cells].mT.to(self.e_inv.dtype)
         y = kron_matmul(self.vecs_t, box.view(len(b.members), b.size, t))  # (B, Πr, t): (⊗V_kᵀ) box
         y = torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t))
         return y * self.mask if self.mix is None else self.mix.mT @ y  # U's padding is zero
@@ -629,7 +629,7 @@ class TwoLevel:
         """Every tensor an apply, a probe or ``log det P`` reads (what a CUDA graph's recording holds)."""
         out = [self.g_diag, self.j_inv]
         for pb in self.batches:
-            out += pb.vecs + pb.vecs_t + [pb.sel, pb.mask, pb.L, pb.U, pb.f, pb.s, pb.e_inv, pb.f_mat] + ([] if pb.mix is None else [pb.mix])
+            out += pb.vecs + pb.vecs_t + [pb.sel, pb.mask, pb.s, pb.e_inv, pb.f_mat] + ([] if pb.mix is None else [pb.mix])
         return out
 
     def copy_(self, other: "TwoLevel") -> bool:
@@ -1013,13 +1013,13 @@ class FrozenTwoLevel:
 
 def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Optional[PieceSet] = None) -> int:
     """Bytes the two-level preconditioner may hold for ``missing`` (bool grid, flat) at its peak, 0 where
-    it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, eight
+    it does not apply (for :mod:`kronegp.models.memory`): per piece of :func:`pieces_of`, six
     ``|S_i| × |S_i|`` matrices kept (between steps too: :class:`FrozenTwoLevel`; the old one is dropped
     before a new one is built) and eight more while it is built, plus the partial gram ``H`` of
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
     fills) or the ``|S_i|`` box rows (:data:`MAX_BOX_ELEMENTS` at a time), eigen-coordinates and three
     more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
-    (one that it does not); per batch of :class:`PieceSet`, ``L`` and ``U`` padded to its largest
+    (one that it does not); per batch of :class:`PieceSet`, the apply's ``E⁻¹`` and the probes' matrix padded to its largest
     ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets. ``pieces``: the
     :class:`PieceSet` of ``missing`` where the caller has it (:func:`cached_pieces`), else found here.
     All of it in :func:`coarse_dtype`'s elements (float64 for a float32 grid), which for a piece that fills
@@ -1051,7 +1051,7 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
                 + (index + 3) * cand[i] ** 2 + 3 * modes * modes + max(MAX_GRAM_ELEMENTS, modes * math.prod(sizes[1:]))
         count[i] = modes
         budget -= modes
-        kept += 8 * modes * modes
+        kept += 6 * modes * modes
         peak = max(peak, work + 8 * modes * modes)
     for batch in pieces.batches:
         most = max([count.get(i, 0) for i in batch.members])
