@@ -673,7 +673,7 @@ def refine_observed(
     if mixed:
         out, r, reached, its, made, history = rounds_m.eager(out)
         iterations, rounds = iterations + its, rounds + made
-        said = " → ".join(f"{h:.1e}" for h in history) + f" in {made} round{'s' * (made != 1)}"
+        said = _rounds_said(history, made)
     if schedule is not None:  # recording: what a fixed run (a CUDA graph) makes again
         schedule.note_plan("refine_observed", (plan, reached > tol))
         if mixed:
@@ -683,13 +683,21 @@ def refine_observed(
     return ObservedSolve(out, r, reached, iterations, rounds, tol_g)
 
 
+def _rounds_said(history: Optional[list[float]], made: int) -> str:
+    """The mixed-precision rounds for a shortfall's warning: each round's residual and the count (``history``),
+    or the count a fixed schedule replayed (``None``)."""
+    count = f"{made} round{'s' * (made != 1)}"
+    return f"{count}, as recorded" if history is None else " → ".join(f"{h:.1e}" for h in history) + f" in {count}"
+
+
 class _MixedRounds:
     """The mixed-precision rounds of :func:`refine_observed` (a dtype below float64), eager or on
     the device only (a fixed schedule); one round is :meth:`step`."""
 
-    def __init__(self, cov: FullGridCovariance, rhs: Tensor, obs: Tensor, inner: Inner, solve_g, back, *, tol: float,
+    def __init__(self, cov: FullGridCovariance, rhs: Tensor, obs: Optional[Tensor], inner: Inner, solve_g, back, *, tol: float,
                  correct=None):
-        self.cov, self.obs, self.inner, self.solve_g, self.back = cov, obs.double(), inner, solve_g, back
+        self.cov, self.inner, self.solve_g, self.back = cov, inner, solve_g, back
+        self.obs = None if obs is None else obs.double()  # None: every cell observed (refine_full)
         self.correct = correct  # refine_observed's: C_OO⁻¹ without a G solve, where given
         self.rhs, self.b64, self.tol = rhs, rhs.double(), tol
         self.b_norm = inner(self.b64, self.b64).sqrt()
@@ -699,7 +707,9 @@ class _MixedRounds:
 
     def residual(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``r = (b − C x)_O`` in float64 and the largest relative residual (0-dim, not read)."""
-        r = self.cov.matvec_float64(x).neg_().add_(self.b64).mul_(self.obs)  # in place, as above
+        r = self.cov.matvec_float64(x).neg_().add_(self.b64)  # in place, as above
+        if self.obs is not None:
+            r.mul_(self.obs)
         rel = torch.where(self.b_norm > 0, self.inner(r, r).sqrt() / self.b_norm.clamp_min(torch.finfo(r.dtype).tiny),
                           torch.zeros_like(self.b_norm))
         return r, rel.max()
@@ -782,26 +792,27 @@ def refine_full(cov: FullGridCovariance, rhs: Tensor, x: Tensor, *, tol: float, 
     def correct(rho: Tensor, tight: float) -> Tensor:
         return cov.solve(rho, tol=tight)
 
-    rounds_m = _MixedRounds(cov, rhs, torch.ones_like(rhs[:, :1]), inner, None, None, tol=tol, correct=correct)
     if not fits:  # the float64 vectors do not fit (noted): the residual of x as it is, measured in the dtype
+        unrefined = "no refinement: its float64 vectors did not fit"
         r = cov.matvec(x) - rhs
         b_norm = inner(rhs, rhs).sqrt()
         reached = torch.where(b_norm > 0, inner(r, r).sqrt() / b_norm.clamp_min(torch.finfo(rhs.dtype).tiny),
                               torch.zeros_like(b_norm)).max()
         if fixed:
             schedule.add_check(reached, tol, final=True, warn=lambda value, stacklevel: _observed_shortfall(
-                value, tol, tol, rhs.dtype, stacklevel + 1, mixed="no refinement: its float64 vectors did not fit"))
+                value, tol, tol, rhs.dtype, stacklevel + 1, mixed=unrefined))
             return ObservedSolve(x, r, reached, torch.zeros((), dtype=torch.long, device=x.device),
                                  torch.zeros((), dtype=torch.long, device=x.device), tol)
         reached = float(reached)
         if reached > tol:
-            _observed_shortfall(reached, tol, tol, rhs.dtype, stacklevel=3, mixed="no refinement: its float64 vectors did not fit")
+            _observed_shortfall(reached, tol, tol, rhs.dtype, stacklevel=3, mixed=unrefined)
         return ObservedSolve(x, r, reached, 0, 0, tol)
+    rounds_m = _MixedRounds(cov, rhs, None, inner, None, None, tol=tol, correct=correct)
     if fixed:
         count, short = schedule.next_plan("refine_full")
         zero = torch.zeros((), dtype=torch.long, device=x.device)
         out, r, reached, iterations, rounds = rounds_m.planned(x, count, zero, zero)
-        how = f"{count} round{'s' * (count != 1)}, as recorded"
+        how = _rounds_said(None, count)
         schedule.add_check(reached, tol, final=short, warn=lambda value, stacklevel: _observed_shortfall(
             value, tol, rounds_m.tight, rhs.dtype, stacklevel + 1, mixed=how))
         return ObservedSolve(out, r, reached, iterations, rounds, rounds_m.tight)
@@ -809,7 +820,7 @@ def refine_full(cov: FullGridCovariance, rhs: Tensor, x: Tensor, *, tol: float, 
     if schedule is not None:
         schedule.note_plan("refine_full", (made, reached > tol))
     if reached > tol:
-        said = " → ".join(f"{h:.1e}" for h in history) + f" in {made} round{'s' * (made != 1)}"
+        said = _rounds_said(history, made)
         _observed_shortfall(reached, tol, rounds_m.tight, rhs.dtype, stacklevel=3, mixed=said)
     return ObservedSolve(out, r, reached, iterations, made, rounds_m.tight)
 
@@ -861,7 +872,7 @@ def _refine_planned(schedule, solve_g, measure, start: Optional[Tensor], rhs: Te
     if mixed is not None:
         out, r, reached, iterations, rounds = mixed.planned(out, count_m, iterations, rounds)
     said = plan[-1][0] if plan else tol  # the recording's last G tolerance, for the report
-    how = f"{count_m} round{'s' * (count_m != 1)}, as recorded" if mixed is not None else None
+    how = _rounds_said(None, count_m) if mixed is not None else None
     schedule.add_check(reached, tol, final=short,
                        warn=lambda value, stacklevel: _observed_shortfall(value, tol, said, rhs.dtype, stacklevel + 1,
                                                                           mixed=how))

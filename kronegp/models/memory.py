@@ -113,8 +113,8 @@ CG_REFINE_MIXED = 8.375
 #: "per-cell" (a full grid), below float64: the data column's true-residual refinement after the run
 #: (:func:`kronegp.models._masked.refine_full`) holds ``(blocks per column of the run, grid vectors)`` beside the
 #: mixed rounds' :data:`CG_REFINE_MIXED` float64 vectors: the peak with one to three probes (28×24×20 float32,
-#: :class:`LiveBytes`, 2026-12-07: 30.67 + 5 per probe float32 vectors against the run's 10 per column + 3.5).
-CG_REFINE_CELL = (5.0, 8.92)
+#: :class:`LiveBytes`, 2026-12-07: 28.67 + 5 per probe float32 vectors against the run's 10 per column + 3.5).
+CG_REFINE_CELL = (5.0, 6.92)
 #: the cg plan's part for a hole's two-level preconditioner (:func:`kronegp.models._two_level.coarse_bytes`)
 COARSE_PART = "two-level coarse space"
 #: blocks the fused CUDA CG iteration does not hold (no ``z = M r`` block; two CGs nest in "both")
