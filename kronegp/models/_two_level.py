@@ -366,11 +366,14 @@ class CoarseBasis:
     def piece_gram(self) -> Tensor:
         """``WᵀW`` (``k × k``): the basis' gram over the piece's cells (:func:`mass_filter` hands its own in)."""
         if self._piece_gram is None:
-            h = self.hole
-            inside = torch.zeros(h.box, dtype=self.vecs[0].dtype, device=self.sel.device)
-            inside[h.pos] = 1.0
-            self._piece_gram = self.project(selected_gram([v.mT for v in self.vecs], inside, self.sel, self.full))
+            self._piece_gram = self.project(selected_gram([v.mT for v in self.vecs], self.inside(), self.sel, self.full))
         return self._piece_gram
+
+    def inside(self) -> Tensor:
+        """The piece's cells on its box: 1 there, 0 at the box's observed cells (``(box,)``, the basis' dtype)."""
+        out = torch.zeros(self.hole.box, dtype=self.vecs[0].dtype, device=self.sel.device)
+        out[self.hole.pos] = 1.0
+        return out
 
     def project(self, gram: Tensor) -> Tensor:
         """``Uᵀ A U`` for a gram ``A`` over the selected modes (``A`` itself without a mix)."""
@@ -716,8 +719,7 @@ def truncated_galerkin(basis: CoarseBasis, eig: KronEigen, outputscale: Tensor, 
     t = GALERKIN_TOL / (1.0 + GALERKIN_TOL)
     floor = GALERKIN_TOL * level_f / (1.0 + top)  # ϑ₀, certified a priori
     trial = t * level_f * GALERKIN_TRIAL_C  # ϑ₁, certified a posteriori
-    inside = torch.zeros(h.box, dtype=work, device=basis.sel.device)
-    inside[h.pos] = 1.0
+    inside = basis.inside()
     ww = basis.piece_gram() / level  # WᵀW / σ²
     E = ww.clone()
     eye = torch.eye(basis.modes, dtype=work, device=basis.sel.device)
