@@ -203,29 +203,43 @@ class GridHyperparameters:
         return self.noise_constraint.transform(self.raw_noise) if self.learn_noise else None
 
     def _factors(self) -> list[Tensor]:
-        """``K_k = k_k(axis_k, axis_k)``, symmetrised (the eigendecomposition assumes it).
+        """``K_k = k_k(axis_k, axis_k)`` (:func:`kernel_factors` of the model's kernels and axes).
 
-        Plain Matérn and RBF kernels with one lengthscale are computed in one fused step
-        from the exact axis distances, all axes of one kind and size together
-        (:func:`kronegp.kernels.stationary.stationary_factors`).
-        Any other kernel without ``active_dims`` is evaluated through its ``forward`` on the
-        ``(n_k, 1)`` axis: what ``Kernel.__call__`` ends up computing there, without the
-        lazy kernel tensor and its checks (~0.2 ms of host time per factor on a GPU).
-        """
-        out = []
-        axes = self.axes
-        for kern, ax, fast in zip(self.kernels, axes, stationary_factors(self.kernels, axes)):
-            if fast is not None:  # exactly symmetric already
-                out.append(fast)
-                continue
-            x = ax.unsqueeze(-1)
-            if getattr(kern, "active_dims", None) is None:
-                mat = kern.forward(x, x)
-                mat = mat if isinstance(mat, Tensor) else mat.to_dense()
-            else:
-                mat = kern(x, x).to_dense()
-            out.append(0.5 * (mat + mat.mT))
+        While a :func:`kronegp.models._representation.watch_factors` block is open on the model, the
+        factors are also appended to its list (``_factor_watch``): the likelihood's gradient with
+        respect to them gives its representation error (:mod:`kronegp.models._representation`)."""
+        out = kernel_factors(self.kernels, self.axes)
+        watch = self.__dict__.get("_factor_watch")
+        if watch is not None:
+            # a factor without gradient (frozen kernels, or no_grad outside) becomes a leaf that has one
+            out = [f if f.requires_grad else f.detach().requires_grad_() for f in out]
+            watch.append(out)
         return out
+
+
+def kernel_factors(kernels, axes: list[Tensor]) -> list[Tensor]:
+    """``K_k = k_k(axis_k, axis_k)`` per axis, symmetrised (the eigendecomposition assumes it).
+
+    Plain Matérn and RBF kernels with one lengthscale are computed in one fused step
+    from the exact axis distances, all axes of one kind and size together
+    (:func:`kronegp.kernels.stationary.stationary_factors`).
+    Any other kernel without ``active_dims`` is evaluated through its ``forward`` on the
+    ``(n_k, 1)`` axis: what ``Kernel.__call__`` ends up computing there, without the
+    lazy kernel tensor and its checks (~0.2 ms of host time per factor on a GPU).
+    """
+    out = []
+    for kern, ax, fast in zip(kernels, axes, stationary_factors(kernels, axes)):
+        if fast is not None:  # exactly symmetric already
+            out.append(fast)
+            continue
+        x = ax.unsqueeze(-1)
+        if getattr(kern, "active_dims", None) is None:
+            mat = kern.forward(x, x)
+            mat = mat if isinstance(mat, Tensor) else mat.to_dense()
+        else:
+            mat = kern(x, x).to_dense()
+        out.append(0.5 * (mat + mat.mT))
+    return out
 
 
 def _finite_number(name: str, value: Any) -> float:

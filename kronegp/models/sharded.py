@@ -601,7 +601,7 @@ class DistributedGridGP(GridGP):
 
     def loss(self) -> Tensor:
         """``−log p(y_O) / n_observed``, :meth:`fit`'s objective (replicated, differentiable)."""
-        return -self.log_marginal_likelihood() / self.n_observed
+        return self._loss()
 
     def _not_distributed(self, what: str):
         raise NotImplementedError(
