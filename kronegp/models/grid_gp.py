@@ -376,6 +376,12 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         Exact on the exact paths; on the cg path an estimate whose log-determinant is
         stochastic (SLQ with ``num_probes`` probes) and whose gradient is the stochastic
         trace estimate (see :mod:`kronegp.models._masked`).
+
+        Below float64 it also estimates how far the same model in float64 would be
+        (:attr:`last_solve` ``.representation_error``; it warns, once per model, where that exceeds the
+        solver's reported error and 1 nat): one backward pass to the kernel factors, made even under
+        ``torch.no_grad()`` (the value is then returned detached); the training step
+        (:meth:`loss_backward`) does not make it.
         """
         check_mask(self)
         with one_warning("GridGP.log_marginal_likelihood", stacklevel=4):
@@ -389,7 +395,7 @@ class GridGP(GridHyperparameters, torch.nn.Module):
         """The training loss ``−log p(y_O) / n_observed`` (differentiable), as the training step evaluates
         it: without the representation error's estimate (:meth:`fit` makes it once, at its end)."""
         check_mask(self)
-        with one_warning("GridGP.log_marginal_likelihood", stacklevel=5):
+        with one_warning("GridGP.log_marginal_likelihood", stacklevel=4):
             return -self._lml() / self.n_observed
 
     def loss_backward(self, cuda_graph: Optional[bool] = None) -> Tensor:
@@ -454,6 +460,10 @@ class GridGP(GridHyperparameters, torch.nn.Module):
             progress: show a tqdm progress bar with the loss.
             cuda_graph: evaluate each step from a recorded CUDA graph (see :meth:`loss_backward`;
                 default: on CUDA models where it can be recorded).
+
+        Below float64, one more evaluation at the fitted hyperparameters estimates the likelihood's
+        representation error (:attr:`last_solve` ``.representation_error``) and warns, in the fit's one
+        warning, where it exceeds the solver's reported error and 1 nat.
 
         Returns:
             :attr:`history`, the loss after every step of every fit so far.
