@@ -492,10 +492,13 @@ def test_a_graph_refreshes_a_drifted_preconditioner_between_replays(graph_device
     buffers = [t.data_ptr() for t in frozen.pre._buffers()]
     recordings = graphed._graphed.recordings
     assert recordings >= 1  # the premise: the steps are replays of a recorded graph
+    # a move whose stale replay and refreshed replay both meet the recording's checks (the data column's observed
+    # residual after the recorded refinement: at ×1.1–1.15 the stale replay misses it, at ×1.2–1.25 the refreshed
+    # one, and either is recorded again, correctly, which is not what this test follows)
     for m in (graphed, eager):
         with torch.no_grad():
             for k in m.kernels:
-                k.lengthscale = k.lengthscale * 1.2
+                k.lengthscale = k.lengthscale * 1.3
     loss_g = graphed.loss_backward(cuda_graph=True)  # the stale one, its drift reported
     loss_e = eager.loss_backward(cuda_graph=False)  # eager: rebuilt at once
     _assert_close_step(graphed, eager, dtype, loss_g, loss_e)
@@ -507,16 +510,20 @@ def test_a_graph_refreshes_a_drifted_preconditioner_between_replays(graph_device
     assert [t.data_ptr() for t in frozen.pre._buffers()] == buffers and graphed._graphed.recordings == recordings
     graphed.loss_backward(cuda_graph=True)
     assert graphed.last_solve.preconditioner_reused is True
-    # a refresh whose shapes change: recorded again
+    # a refresh whose shapes change: recorded again. The stale replay reports the drift and the next call rebuilds
+    # between the replays, or, where the stale replay misses the recording's observed-residual check, its result is
+    # discarded and the eager step rebuilds: either way one build with new shapes (not in place) and one recording
     monkeypatch.setattr(two_level_mod, "REFRESH_MODES", -1.0)
+    recordings, builds = graphed._graphed.recordings, frozen.builds
     for m in (graphed, eager):
         with torch.no_grad():
             m.raw_noise.sub_(2.0)  # less noise: more modes score
-    graphed.loss_backward(cuda_graph=True)  # reports the drift
-    recordings = graphed._graphed.recordings
-    loss_g = graphed.loss_backward(cuda_graph=True)
-    assert graphed._graphed.recordings == recordings + 1 and frozen.refreshes == 1
-    assert graphed.last_solve.preconditioner_reused is False  # built between the replays for this recording
+    for _ in range(2):
+        loss_g = graphed.loss_backward(cuda_graph=True)
+        if frozen.builds > builds:
+            break
+    assert frozen.builds == builds + 1 and frozen.refreshes == 1 and graphed._graphed.recordings == recordings + 1
+    assert graphed.last_solve.preconditioner_reused is False  # built for this recording
     _assert_close_step(graphed, eager, dtype, loss_g, eager.loss_backward(cuda_graph=False))
     # an eager step between two replays that rebuilds it (new tensors, the graph reads the old ones)
     graphed.loss_backward(cuda_graph=True)

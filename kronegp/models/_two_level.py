@@ -23,10 +23,20 @@ kernel restricted to the piece's bounding box, which is a Kronecker product: wit
 ``K_k[I_k, I_k] = V_k diag(μ_k) V_kᵀ`` (``I_k`` the box's indices on axis ``k``), the columns of
 ``W = E_M (⊗V_k) S`` are the tensor modes ``(j_1, …, j_d)`` with ``s² Π_k μ_k[j_k] ≥`` :data:`MODE_SCORE`
 ``· σ²`` (``S`` selects them, at most :data:`MAX_MODES`, :data:`MAX_TOTAL_MODES` over all pieces;
-``E_M`` restricts the box to the piece's cells). The preconditioner is additive two-level
-(Jacobi plus a Galerkin coarse solve per piece)::
+``E_M`` restricts the box to the piece's cells). The preconditioner is two-level (Jacobi plus a
+Galerkin coarse solve per piece), with Jacobi's own share of the coarse space taken out::
 
-    M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ,     E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   R_k = V_kᵀ Q_k[I_k, :]
+    M = J⁻¹ + Σ_i W_i (E_i⁻¹ − F_i⁻¹) W_iᵀ,   E = Wᵀ G W = Sᵀ (⊗R_k) diag(p) (⊗R_k)ᵀ S,   F = Wᵀ J W,
+                                                R_k = V_kᵀ Q_k[I_k, :]
+
+that is ``M = Π J⁻¹ Πᵀ + W E⁻¹ Wᵀ`` with ``Π = I − W F⁻¹ Wᵀ J`` (the ``J``-orthogonal projector off
+``span W``): balancing Neumann–Neumann (Mandel 1993) with ``J`` standing in for ``G`` in the projector,
+which needs no product with ``G``. The additive form ``J⁻¹ + W E⁻¹ Wᵀ`` (before 2026-12-07) counted the
+smooth directions twice, by Jacobi and by the coarse solve: ``M G``'s spectrum [0.63, 1.79] against this
+one's [0.60, 1.25] on a 24³ grid's 10 % hole, 9–10 → 7–8 CG iterations on 5 % and 10 % holes of 24³–64³
+grids, 11 → 8–9 on clouds (NOTES.md, "Balanced two-level"). Balancing with ``G`` itself (``Y = G W``
+formed per build) took 5–6 but costs ``m × k`` dense products per iteration and ``k`` grid products per
+build, and stale (a frozen preconditioner) 7–9: not built.
 
 ``E`` costs one Kronecker matmul of ``n_1`` grid slabs with factors of ``r_k² × n_k`` (the
 Khatri–Rao squares of ``R_k``, :func:`kronegp.models._few_missing.khatri_gram`, axis 1 summed
@@ -74,14 +84,17 @@ for holes (9–11), 5–6 more for clouds (23 against 17). The GPU, where the se
 
 **Exact log det and probes.** The SLQ estimate of ``log det G`` (:mod:`kronegp.solvers.lanczos`)
 needs ``log det P`` of ``P = M⁻¹`` exactly and probes ``z ~ N(0, P)``. With
-``B = J^{½} W L⁻ᵀ`` (``E = L Lᵀ``), ``J^{½} M J^{½} = I + B Bᵀ`` and ``T = BᵀB = L⁻¹ (Wᵀ J W) L⁻ᵀ``
-(``|S| × |S|``, ``WᵀJW`` again one Khatri–Rao gram over the box) ``= U diag(s) Uᵀ``::
+``B = J^{½} W L⁻ᵀ`` (``E = L Lᵀ``) and ``T = BᵀB = L⁻¹ F L⁻ᵀ`` (``|S| × |S|``, ``F = WᵀJW`` again one
+Khatri–Rao gram over the box) ``= U diag(s) Uᵀ``, the columns of ``B̂ = B U diag(s)^{−½}`` are orthonormal
+and ``J^{½} M J^{½} = I + B U diag(1 − 1/s) Uᵀ Bᵀ = I + B̂ diag(s − 1) B̂ᵀ``: eigenvalues ``s`` on the
+coarse space (``s = vᵀJv / vᵀẼv``, between ~0.3 and ``s²/σ²``-large), 1 elsewhere. So::
 
-    log det P = Σ_M log J − Σ log(1 + s)
-    z = J^{½} ξ + J W L⁻ᵀ U diag(f(s)) Uᵀ L⁻¹ Wᵀ J^{½} ξ,   f(s) = ((1 + s)^{−½} − 1) / s
+    M's coarse part   W L⁻ᵀ U diag(g(s)) Uᵀ L⁻¹ Wᵀ,   g(s) = 1 − 1/s
+    log det P = Σ_M log J − Σ log s
+    z = J^{½} ξ + J W L⁻ᵀ U diag(f(s)) Uᵀ L⁻¹ Wᵀ J^{½} ξ,   f(s) = (s^{−½} − 1) / s
 
-(``(I + BBᵀ)^{−½} = I + B U diag(f(s)) Uᵀ Bᵀ``, so ``Cov z = J^{½}(I + BBᵀ)⁻¹J^{½} = M⁻¹``; ``f`` is
-finite at ``s → 0``). With unit probes ``ξ = √S e_i`` the trace estimates stay exact.
+(``(I + B̂ diag(s − 1) B̂ᵀ)^{−½} = I + B U diag(f(s)) Uᵀ Bᵀ``, so ``Cov z = M⁻¹``). With unit probes
+``ξ = √S e_i`` the trace estimates stay exact.
 
 **Measured** (2-core CPU, loaded, one thread, 2026-12-07, Jacobi → two-level CG iterations on
 ``G`` with 17 columns, model at GridGP's initial hyperparameters, ``σ²/s² = 0.1``): 40³ grid,
@@ -401,7 +414,9 @@ class CoarseBasis:
 
 
 class CoarsePiece:
-    """One piece's coarse solve: its basis ``W_i``, ``E_i = L Lᵀ`` and ``L⁻¹ (W_iᵀ J W_i) L⁻ᵀ = U diag(s) Uᵀ``."""
+    """One piece's coarse solve: its basis ``W_i``, ``E_i = L Lᵀ`` and ``L⁻¹ (W_iᵀ J W_i) L⁻ᵀ = U diag(s) Uᵀ``;
+    ``g = 1 − 1/s`` weighs the coarse correction ``W L⁻ᵀ U diag(g) Uᵀ L⁻¹ Wᵀ = W (E⁻¹ − (WᵀJW)⁻¹) Wᵀ`` and
+    ``f = (s^{−½} − 1)/s`` the probes' (module docstring)."""
 
     def __init__(self, basis: CoarseBasis, E: Tensor, EJ: Tensor):
         self.basis, self.hole, self.modes = basis, basis.hole, basis.modes
@@ -409,10 +424,12 @@ class CoarsePiece:
         linv_ej = torch.linalg.solve_triangular(self.L, EJ, upper=False)
         T = torch.linalg.solve_triangular(self.L, linv_ej.mT, upper=False)  # L⁻¹ EJ L⁻ᵀ
         s, self.U = torch.linalg.eigh(0.5 * (T + T.mT))
-        self.s = s.clamp_min(0)
-        # f(s) = ((1+s)^{-½} − 1)/s = −1 / (√(1+s) (1 + √(1+s))): no cancellation at s → 0
-        root = torch.sqrt(1 + self.s)
-        self.f = -1.0 / (root * (1 + root))
+        # s = vᵀJv / vᵀẼv over the coarse directions: bounded below by 1/λ_max(J⁻¹G)/(1 + GALERKIN_TOL) (~0.3);
+        # the floor only keeps a rounding-level s finite in 1/s
+        self.s = s.clamp_min(torch.finfo(s.dtype).eps * s.abs().max().clamp_min(1))  # no host read
+        self.g = 1 - 1 / self.s
+        root = torch.sqrt(self.s)  # f(s) = (s^{-½} − 1)/s = (1 − √s) / (s √s)
+        self.f = (1 - root) / (self.s * root)
 
 
 class PieceBatch:
@@ -492,7 +509,7 @@ def cached_pieces(observed: Tensor, sizes) -> PieceSet:
 class _Padded:
     """One :class:`PieceBatch` at this step's modes: the pieces' ``V_k`` (zero-padded to ``(B, b_k, r_k)``),
     their selections flat over the padded ``Πr_k`` (``(B, S)``, ``S`` the most modes of a piece; a
-    missing mode points at 0 and is masked), and the pieces' ``E⁻¹`` and probe matrices, formed from their ``L``,
+    missing mode points at 0 and is masked), and the pieces' ``E⁻¹ − F⁻¹`` and probe matrices, formed from their ``L``,
     ``U``, ``f`` padded with the identity (and ``f = 0``), so the padding stays zero through every solve."""
 
     def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None):
@@ -516,8 +533,8 @@ class _Padded:
         self.mask = like.new_zeros(B, S, 1)
         eye = torch.eye(S, dtype=dt, device=dev).expand(B, S, S)
         L, U = eye.clone(), eye.clone()  # only to form e_inv and f_mat below: not kept
-        f = like.new_zeros(B, S, 1)
-        self.s = like.new_zeros(B, S)
+        f, g = like.new_zeros(B, S, 1), like.new_ones(B, S, 1)
+        self.s = like.new_ones(B, S)  # log s = 0 on the padding
         for at, pc in enumerate(members):
             if pc is None:  # no coarse space this step: its cells keep Jacobi (coefficients masked to 0)
                 continue
@@ -536,16 +553,16 @@ class _Padded:
             if self.mix is not None:
                 self.mix[at, : flat.numel(), :k] = basis.mix if basis.mix is not None else torch.eye(k, dtype=dt, device=dev)
             L[at, :k, :k], U[at, :k, :k] = pc.L, pc.U
-            f[at, :k, 0], self.s[at, :k] = pc.f, pc.s
+            f[at, :k, 0], g[at, :k, 0], self.s[at, :k] = pc.f, pc.g, pc.s
         self.vecs_t = [v.mT.contiguous() for v in self.vecs]
-        # The apply's E⁻¹ = L⁻ᵀL⁻¹ and the probes' L⁻ᵀ U diag(f) Uᵀ L⁻¹, formed once per build: each CG
-        # iteration then multiplies by one (B, S, S) matrix. Two triangular solves per apply (cuBLAS trsm, latency-
-        # bound at a few columns) took 24.6 of a 128³ block-10 step's 80 ms of GPU time (H100, 2026-12-07, 1474
-        # modes, 58 solves); the padding stays zero (identity in E⁻¹, zero in F).
+        # The apply's E⁻¹ − (WᵀJW)⁻¹ = L⁻ᵀ U diag(g) Uᵀ L⁻¹ and the probes' L⁻ᵀ U diag(f) Uᵀ L⁻¹, formed once per
+        # build: each CG iteration then multiplies by one (B, S, S) matrix. Two triangular solves per apply (cuBLAS
+        # trsm, latency-bound at a few columns) took 24.6 of a 128³ block-10 step's 80 ms of GPU time (H100,
+        # 2026-12-07, 1474 modes, 58 solves); the padding stays zero (identity in the first, zero in the second).
         l_inv = torch.linalg.solve_triangular(L, eye, upper=False)
-        self.e_inv = l_inv.mT @ l_inv
+        self.e_inv = l_inv.mT @ (U @ (g * U.mT)) @ l_inv
         self.f_mat = l_inv.mT @ (U @ (f * U.mT)) @ l_inv
-        del l_inv, L, U, f
+        del l_inv, L, U, f, g
 
     def wt(self, rows: Tensor) -> Tensor:
         """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes)."""
@@ -568,12 +585,12 @@ class _Padded:
 
 
 class TwoLevel:
-    """``M = J⁻¹ + Σ_i W_i E_i⁻¹ W_iᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells
+    """``M = J⁻¹ + Σ_i W_i (E_i⁻¹ − F_i⁻¹) W_iᵀ`` on blocks of rows ``(t, N)`` that vanish off the missing cells
     (module docstring), from the pieces' coarse solves and ``J`` on the grid. The pieces' cells are
     disjoint, so ``M`` is block diagonal over them. Build with :func:`two_level`.
 
     The pieces are applied a batch at a time (:class:`PieceSet`: one batch for equal holes): per batch
-    a gather, a Kronecker product of ``(B, b_k, r_k)`` factors, one batched product with ``E⁻¹`` (formed at the build), a product back
+    a gather, a Kronecker product of ``(B, b_k, r_k)`` factors, one batched product with ``E⁻¹ − F⁻¹`` (formed at the build), a product back
     and a scatter, whatever the number of pieces in it (a dozen ops and two products; the first
     version's loop over pieces took as many per piece)."""
 
@@ -611,7 +628,7 @@ class TwoLevel:
         """``M v`` for rows ``(t, N)`` zero off the missing cells (the result is too)."""
         out = rows * self.j_inv
         for pb in self.batches:
-            pb.add_w(pb.e_inv @ pb.wt(rows), out)  # E⁻¹ formed at the build (_Padded)
+            pb.add_w(pb.e_inv @ pb.wt(rows), out)  # E⁻¹ − (WᵀJW)⁻¹, formed at the build (_Padded)
         return out if self.log_scale is None else out.mul_(torch.exp(self.log_scale))
 
     def sample(self, xi: Tensor) -> Tensor:
@@ -625,7 +642,7 @@ class TwoLevel:
 
     def logdet_p(self, missing: Tensor) -> Tensor:
         """``log det P = −log det M`` over the missing cells (``missing``: 0/1 grid vector)."""
-        out = (missing * torch.log(self.g_diag)).sum() - sum(torch.log1p(pb.s).sum() for pb in self.batches).to(self.g_diag.dtype)
+        out = (missing * torch.log(self.g_diag)).sum() - sum(torch.log(pb.s).sum() for pb in self.batches).to(self.g_diag.dtype)
         return out if self.log_scale is None else out - missing.sum() * self.log_scale
 
     def _buffers(self) -> list[Tensor]:
@@ -1021,7 +1038,7 @@ def coarse_bytes(missing: Optional[Tensor], sizes, itemsize: int, pieces: Option
     :func:`selected_gram`, its block of axis-1 pairs and its three ``|S_i|²`` index maps (a box it
     fills) or the ``|S_i|`` box rows (:data:`MAX_BOX_ELEMENTS` at a time), eigen-coordinates and three
     more ``|S_i|²`` (``WᵀW/σ²``, the a posteriori check and its factor) of :func:`truncated_galerkin`
-    (one that it does not); per batch of :class:`PieceSet`, the apply's ``E⁻¹`` and the probes' matrix padded to its largest
+    (one that it does not); per batch of :class:`PieceSet`, the apply's ``E⁻¹ − F⁻¹`` and the probes' matrix padded to its largest
     ``|S_i|`` and the boxes' padded block; ``|S_i|`` at most the box and the budgets. ``pieces``: the
     :class:`PieceSet` of ``missing`` where the caller has it (:func:`cached_pieces`), else found here.
     All of it in :func:`coarse_dtype`'s elements (float64 for a float32 grid), which for a piece that fills
