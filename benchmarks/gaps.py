@@ -392,15 +392,21 @@ def _fit_refreshes(gp: GridGP, optimizer: str, iters: int) -> dict:
     """A few steps of ``gp.fit`` with ``optimizer``, each evaluation's time, CG iterations and whether it
     reused the frozen two-level preconditioner (``last_solve.preconditioner_reused``): how often a fit
     rebuilds it, and the evaluations' medians either way."""
-    evals: list[tuple[float, bool, int]] = []
+    evals: list[tuple[float, bool, int, bool]] = []
     step = gp.loss_backward
 
+    def recordings() -> int:
+        graphed = getattr(gp, "_graphed", None)
+        return 0 if graphed is None else graphed.recordings
+
     def counted(*a, **k):
+        before = recordings()
         t0 = time.perf_counter()
         out = step(*a, **k)
         if gp.y.device.type == "cuda":
             torch.cuda.synchronize(gp.y.device)
-        evals.append((time.perf_counter() - t0, bool(gp.last_solve.preconditioner_reused), int(gp.last_solve.iterations)))
+        evals.append((time.perf_counter() - t0, bool(gp.last_solve.preconditioner_reused), int(gp.last_solve.iterations),
+                      recordings() > before))
         return out
 
     gp.loss_backward = counted
@@ -416,7 +422,10 @@ def _fit_refreshes(gp: GridGP, optimizer: str, iters: int) -> dict:
     return {"optimizer": optimizer, "evaluations": len(evals), "rebuilds": len(built),
             "reused_step_s": med(reused, 0), "rebuilt_step_s": med(built, 0),
             "reused_iterations": med(reused, 2), "rebuilt_iterations": med(built, 2),
-            "sequence": "".join("r" if e[1] else "B" for e in evals)}
+            # a CUDA-graph step recorded (again) at an evaluation: "R" (an eager step and a recording), else "."
+            "recordings": sum(e[3] for e in evals), "fit_s": sum(e[0] for e in evals),
+            "sequence": "".join("r" if e[1] else "B" for e in evals),
+            "recorded": "".join("R" if e[3] else "." for e in evals)}
 
 
 def _step_times(gp: GridGP, device: torch.device, repeats: int) -> tuple[list[float], list[float]]:
@@ -484,7 +493,8 @@ def run_holes(y, axes, args) -> list[dict]:
                         fresh = build(y, axes, missing, None, path="cg")
                         row["fits"].append(_fit_refreshes(fresh, opt, iters))
                         f = row["fits"][-1]
-                        extra += f"  {opt}: {f['rebuilds']}/{f['evaluations']} rebuilt ({f['sequence']})"
+                        extra += (f"  {opt}: {f['rebuilds']}/{f['evaluations']} rebuilt ({f['sequence']}), "
+                                  f"{f['recordings']} recorded ({f['recorded']}), {f['fit_s']:.2f} s")
                 rows.append(row)
                 print(f"{pat:10s} {kind:8s} m={m:6d} two-level={str(on):5s} step {row['step_s']:8.3f} s  "
                       f"iters {row['iterations']:4d}  modes {row['coarse_modes']}{extra}", flush=True)

@@ -5,13 +5,14 @@
 #   bash benchmarks/gaps_round.sh holes     # 128³ holes and clouds against as many scattered cells (~2 min)
 #   bash benchmarks/gaps_round.sh gpytorch  # 128³ patterns against GPyTorch's fastest setting ($PATTERNS; ~30 s each,
 #                                           # cell-noise patterns minutes)
+#   bash benchmarks/gaps_round.sh holefit   # 128³ holes' short fits: rebuilds, CUDA-graph recordings, fit time (~4 min)
 #   bash benchmarks/gaps_round.sh profile   # torch.profiler tables of the steady 128³ step ($PROFILE_PATTERNS; ~30 s)
 #   bash benchmarks/gaps_round.sh scale     # 1024³ with 20 % missing (needs an H200: the plan is 112 GiB; ~3 min
 #                                           # with --no-check-lml, ~7 min with the likelihood check: SCALE_CHECK=1)
 #   several stages in one call: bash benchmarks/gaps_round.sh tests holes profile
 #
 # Logs and JSON go to $OUT (the device tool's output folder; else ./round_out); stdout gets the short end. Each stage
-# has its own time limit (env: TESTS_T, HOLES_T, GPYTORCH_T, PROFILE_T, SCALE_T, seconds) so that one call of the
+# has its own time limit (env: TESTS_T, HOLES_T, HOLEFIT_T, GPYTORCH_T, PROFILE_T, SCALE_T, seconds) so that one call of the
 # device tool (600 s at most) can hold several.
 set -u
 out=${OUT:-./round_out}
@@ -37,6 +38,10 @@ for stage in "${@:-tests}"; do
       --gpytorch-timeout 15 --patterns ${PATTERNS:-block-0.1 block-1 block-5 block-10 clouds-20} \
       --out "$out/gpytorch128.json" > "$out/gpytorch.log" 2>&1
     echo "gpytorch rc=$?"; grep -vE "^#|compiling" "$out/gpytorch.log" | cut -c1-250 ;;
+  holefit)
+    timeout "${HOLEFIT_T:-300}" python benchmarks/gaps.py --holes --device cuda --n 128 --dtype float32 --no-jacobi \
+      --hole-fit --hole-patterns ${HOLE_PATTERNS:-block-10 clouds-20} --out "$out/holefit128.json" > "$out/holefit.log" 2>&1
+    echo "holefit rc=$?"; grep -E "hole |scatter " "$out/holefit.log" | cut -c1-400 ;;
   profile)
     PROFILE_PATTERNS=${PROFILE_PATTERNS:-block-10 scatter-10} timeout "${PROFILE_T:-90}" python - > "$out/profile.log" 2>&1 <<'PY'
 import json, os, statistics, time, warnings
@@ -76,7 +81,7 @@ PY
       --scale-missing-sizes ${SCALE_SIZES:-1024} --scale-repeats 1 $check --out "$out/scale_missing.json" \
       > "$out/scale.log" 2>&1
     echo "scale rc=$?"; grep -v "^{" "$out/scale.log" | tail -n 12 | cut -c1-300 ;;
-  *) echo "unknown stage $stage (tests, holes, gpytorch, profile, scale)"; exit 2 ;;
+  *) echo "unknown stage $stage (tests, holes, holefit, gpytorch, profile, scale)"; exit 2 ;;
   esac
 done
 date -u
