@@ -80,6 +80,15 @@ __all__ = ["GraphedLoss", "MAX_RECORDED_ITERATIONS", "graph_reason", "loss_backw
 #: A100); the step runs eagerly instead, and recording is tried again at the next call.
 MAX_RECORDED_ITERATIONS = 128
 
+#: Spare CG iterations a recording gives each run of the data column's refinement
+#: (:func:`~kronegp.models._masked.refine_observed`: its ``G`` rounds, below float64 its mixed-precision
+#: rounds; the runs a :class:`~kronegp.solvers.CGSchedule` tags ``"refine"``) beyond
+#: :attr:`GraphedLoss.margin`. Their counts drift more than the main block's between nearby
+#: hyperparameters (a round from where the main CG stopped: 3 → 5–6 over three Adam steps of 24³ with a
+#: 20 % clouds hole), and each ran out of its one spare iteration as often as the main block did; each
+#: costs one 1-column ``G`` iteration per replay, the main block's a (probes + 1)-column one.
+REFINE_MARGIN = 2
+
 
 class _ProbeStore:
     """The probe blocks of one recorded evaluation, by ``(rows, cols, offset)``."""
@@ -150,14 +159,16 @@ class GraphedLoss:
     makes every drift of the count a re-recording).
     """
 
-    def __init__(self, model, margin: int = 1):
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+    def __init__(self, model, margin: int = 1, refine_margin: int = REFINE_MARGIN):
+        if margin < 0 or refine_margin < 0:
+            raise ValueError(f"margin and refine_margin must be >= 0, got {margin}, {refine_margin}")
         # weak: the model holds this object, and a reference cycle would leave the graph's
         # destruction (and its memory pool's release) to Python's cyclic collector, which may
         # run in the middle of another recording and invalidate it
         self._model = weakref.ref(model)
         self.margin = int(margin)
+        #: more spare iterations for the refinement's runs (:data:`REFINE_MARGIN`)
+        self.refine_margin = int(refine_margin)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.recordings = 0  # how many times the step was recorded (for tests and reports)
         self._signature = None
@@ -181,7 +192,7 @@ class GraphedLoss:
         tensors = [(p.data_ptr(), tuple(p.shape), p.dtype, p.requires_grad) for p in m.parameters()]
         tensors += [(b.data_ptr(), tuple(b.shape), b.dtype) for b in m.buffers()]
         settings = (m.num_probes, m.cg_tol, m.cg_max_iters, m.precondition, m.exact_trace_limit,
-                    m.resample_probes, m.seed, m.path, self.margin)
+                    m.resample_probes, m.seed, m.path, self.margin, self.refine_margin)
         return tuple(tensors), settings, m.inference.graph_state(m)
 
     # ------------------------------------------------------------------ evaluation
@@ -218,7 +229,8 @@ class GraphedLoss:
                 loss = self._evaluate(schedule).detach()
                 # not recorded: a non-finite loss (the caller reports it), or more CG iterations
                 # than a graph should unroll (this step was then an ordinary eager one)
-                counts = [c + self.margin for c in schedule.counts]
+                margins = self._margins_of(schedule)
+                counts = [c + k for c, k in zip(schedule.counts, margins)]
                 if bool(torch.isfinite(loss)) and sum(counts) <= MAX_RECORDED_ITERATIONS:
                     for p in params:
                         p.grad = None
@@ -231,6 +243,7 @@ class GraphedLoss:
                     report = _Report(m)
                     numbers = report.read()
                     grads = [p.grad for p in params]
+                    self._margins = margins
                     self._record(counts, schedule.plans, stream)
                     report.apply(m, numbers)  # this call's step is the eager fixed pass
                 else:
@@ -241,6 +254,11 @@ class GraphedLoss:
         for p, g in zip(params, grads):
             p.grad = g
         return loss
+
+    def _margins_of(self, schedule: CGSchedule) -> list[int]:
+        """Per run of a recording: the spare iterations the graph gives it (:attr:`margin`, plus
+        :attr:`refine_margin` for the refinement's runs)."""
+        return [self.margin + (self.refine_margin if tag == "refine" else 0) for tag in schedule.tags]
 
     def _recorded_step(self, counts: list[int], plans: list):
         """What the graph records: the step under ``CGSchedule.fixed(counts, plans)`` (gradients
@@ -322,9 +340,10 @@ class GraphedLoss:
         for (_, above, value), c in zip(checks, self._checks):
             if above:
                 c.warn(value, 3)
-        # Every run needed 2+ iterations fewer than recorded beyond the margin: record again,
+        # Every run needed 2+ iterations fewer than recorded beyond its margin: record again,
         # shorter, at the next call.
-        if runs and all(limit - needed > self.margin + 1 for (needed, _, _), limit in zip(runs, self._limits)):
+        if runs and all(limit - needed > margin + 1
+                        for (needed, _, _), limit, margin in zip(runs, self._limits, self._margins)):
             self.graph = None
         return self._loss.detach().clone()
 

@@ -152,6 +152,9 @@ class CGSchedule:
         self.plans: list[tuple[str, object]] = [] if plans is None else list(plans)
         #: the checks a fixed computation added (:meth:`add_check`), in order
         self.checks: list[ScheduleCheck] = []
+        #: per run started, the tag it started under (:meth:`tagged`; ``None``: none)
+        self.tags: list[Optional[str]] = []
+        self._tag: Optional[str] = None
         self._next = 0
         self._next_plan = 0
         # per fixed run: (column_iterations, residual, active), None until it has finished
@@ -173,6 +176,7 @@ class CGSchedule:
         nested runs end in) and, on a fixed schedule, its iteration count."""
         slot = self._next
         self._next += 1
+        self.tags.append(self._tag)
         if not self.is_fixed:
             self.counts.append(0)
             return slot, None
@@ -194,6 +198,17 @@ class CGSchedule:
     def runs(self) -> int:
         """Runs started so far under this schedule."""
         return self._next
+
+    @contextlib.contextmanager
+    def tagged(self, tag: str):
+        """The runs started in the block are ``tag``'s (:attr:`tags`): a CUDA graph's recording gives
+        the data column's refinement runs (``"refine"``, :func:`kronegp.models._masked.refine_observed`)
+        more spare iterations than the others (:mod:`kronegp.models._graph`)."""
+        before, self._tag = self._tag, tag
+        try:
+            yield self
+        finally:
+            self._tag = before
 
     def note_plan(self, key: str, plan) -> None:
         """Recording: the computation ``key`` decided ``plan`` on the host (what a fixed run of it
