@@ -293,6 +293,61 @@ def test_models_that_cannot_be_recorded_run_eagerly_by_default(kind, jacobi_rows
         m.loss_backward(cuda_graph=True)
 
 
+def _adam_fit(m, steps, eager):
+    """``steps`` Adam steps (lr 0.05) of ``m``'s graphed loss; each step's loss and gradients checked
+    against ``eager`` (set to the same hyperparameters first), and its data column at tol."""
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(steps):
+        with torch.no_grad():
+            for a, b in zip(eager.parameters(), m.parameters()):
+                a.copy_(b)
+        opt.zero_grad()
+        loss = m.loss_backward(cuda_graph=True)
+        _assert_same_step(m, eager, torch.float64, loss, eager.loss_backward(cuda_graph=False))
+        assert m.last_solve.observed_residual <= m.cg_tol
+        opt.step()
+    return m._graphed.recordings
+
+
+def test_a_fit_stays_on_its_recording_where_the_refinement_drifts(monkeypatch, graph_device):
+    """An Adam fit whose data column's refinement drifts between steps: its G rounds need a few more
+    iterations than recorded, or its observed residual ends just above tol after the recorded rounds
+    at the next hyperparameters. Each was a re-recording (3 recordings in 8 steps with one spare
+    iteration per refinement run and the rounds planned to tol); with REFINE_MARGIN's spare iterations
+    and a spare round planned to PLAN_HEADROOM·tol, the replays stay replays, with the eager step's
+    loss and gradients and the data column at tol at every step."""
+    m = _model("missing", torch.float64, graph_device)
+    eager = copy.deepcopy(m)
+    old = copy.deepcopy(m)
+    assert _adam_fit(m, 8, eager) == 1
+    # the premise: without the headroom the same fit records again
+    monkeypatch.setattr(masked, "PLAN_HEADROOM", 1.0)
+    old._graphed = _graph.GraphedLoss(old, refine_margin=0)
+    assert _adam_fit(old, 8, eager) >= 3
+
+
+def test_a_recording_plans_a_spare_refinement_round_it_does_not_take():
+    """The recording pass plans the float64 refinement down to PLAN_HEADROOM·tol (one spare round
+    where the eager loop stops between that and tol) and notes it, but returns the eager step's result;
+    the fixed pass runs the spare round and discards it on the device (same loss and gradients), and the
+    spare round's CG runs are tagged as the refinement's (REFINE_MARGIN)."""
+    m = _model("missing", torch.float64, "cpu")
+    loss_e, grads_e, extra_e = _scheduled_step(m, None)
+    assert m.cg_tol * masked.PLAN_HEADROOM < extra_e["observed_residual"] <= m.cg_tol  # the premise
+    rec = CGSchedule.record()
+    loss_r, grads_r, extra_r = _scheduled_step(m, rec)
+    (rounds, short), = [plan for key, plan in rec.plans if key == "refine_observed"]
+    assert len(rounds) == 2 and not short  # the round the eager loop made, and the spare one
+    assert rec.tags == [None, "refine", "refine"]
+    fixed = CGSchedule.fixed(rec.counts, rec.plans)
+    loss_f, grads_f, extra_f = _scheduled_step(m, fixed)
+    for loss, grads, extra in ((loss_r, grads_r, extra_r), (loss_f, grads_f, extra_f)):
+        assert float(loss) == pytest.approx(float(loss_e), rel=1e-12)
+        assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, grads_e))
+        assert float(extra["observed_residual"]) == pytest.approx(extra_e["observed_residual"], rel=1e-12)
+        assert int(extra["refine_iterations"]) == extra_e["refine_iterations"]
+
+
 def test_steps_with_many_cg_iterations_are_not_recorded(monkeypatch, graph_device):
     monkeypatch.setattr(_graph, "MAX_RECORDED_ITERATIONS", 1)
     m = _model("missing", torch.float64, graph_device)
