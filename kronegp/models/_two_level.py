@@ -510,7 +510,8 @@ class _Padded:
     """One :class:`PieceBatch` at this step's modes: the pieces' ``V_k`` (zero-padded to ``(B, b_k, r_k)``),
     their selections flat over the padded ``Πr_k`` (``(B, S)``, ``S`` the most modes of a piece; a
     missing mode points at 0 and is masked), and the pieces' ``E⁻¹ − F⁻¹`` and probe matrices, formed from their ``L``,
-    ``U``, ``f`` padded with the identity (and ``f = 0``), so the padding stays zero through every solve."""
+    ``U`` padded with the identity, ``g`` with 1 and ``f`` with 0 (``s`` with 1: ``log s = 0``), so the padding stays
+    zero through every product."""
 
     def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None):
         members = [built.get(i) for i in batch.members]
