@@ -696,7 +696,7 @@ def test_cg_plans_reuse_the_masks_pieces(monkeypatch):
 
 
 def test_factored_plans_count_cuda_workspaces_and_the_fused_products():
-    """On CUDA the separable-mask build counts cuSOLVER's eigh workspace (SEPARABLE_EIGH_CUDA × |S|²), the
+    """On CUDA the separable-mask build counts cuSOLVER's eigh workspace (SEPARABLE_EIGH_CUDA × |S|², float64), the
     exact-missing rows' products through the box hold FEW_MISSING_CUDA_SAVES fewer m × N blocks than the CPU
     counts, and a hole's variance and draws one block more (the H100's measured peaks, 2026-12-07)."""
     shape, dt, n, item = (30, 28, 26), torch.float32, 30 * 28 * 26, 4
@@ -704,7 +704,7 @@ def test_factored_plans_count_cuda_workspaces_and_the_fused_products():
     cpu = memory.plan_separable_predict(shape, dt, 600, 26, 10, device_type="cpu")
     gpu = memory.plan_separable_predict(shape, dt, 600, 26, 10, device_type="cuda")
     work = [v for k, v in gpu.parts.items() if k.startswith("eigh workspace")]
-    assert work == [int(memory.SEPARABLE_EIGH_CUDA * 600**2 * item)]
+    assert work == [int(memory.SEPARABLE_EIGH_CUDA * 600**2 * 8)]  # K_S is decomposed in float64 (a float32 model too)
     assert not any(k.startswith("eigh workspace") for k in cpu.parts)
     kw = dict(boxed=False, through_box=True)
     step_cpu = memory.plan_few_missing_step(shape, dt, 216, list(shape), boxed=False, device_type="cpu")

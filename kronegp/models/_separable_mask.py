@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kronegp.linalg import kron_vector, symmetric_eig
+from kronegp.linalg import kron_vector
 from kronegp.models._kron import KronEigen
 from kronegp.ops import kron_matmul, matmul_kron
 
@@ -127,11 +127,18 @@ class SeparableMask:
         f = [x.detach() for x in factors]
         self.factors = f
         self.k_s = self.gram_s(f)
-        # decomposed in float64 (symmetric_eig, as KronEigen's factors), whatever the model's dtype: a float32
+        # decomposed in float64 (as KronEigen's factors are, by symmetric_eig), whatever the model's dtype: a float32
         # eigh misplaces K_S's small eigenvalues by ~eps·‖K_S‖, which a small σ² magnifies (8×9×10, 20 % of the
         # points masked, noise 1e-5: the float32 likelihood 1e-3 to 2e-3 off the float64 one of the same float32
         # factors, 1e-6 to 2e-5 after; tests/test_separable_mask.py)
-        mu, self.V = symmetric_eig([0.5 * (self.k_s + self.k_s.mT)])[0]
+        sym = 0.5 * (self.k_s + self.k_s.mT)
+        if sym.dtype == torch.float64:
+            mu, self.V = torch.linalg.eigh(sym)
+        else:
+            mu, vecs = torch.linalg.eigh(sym.to(torch.float64))
+            mu, self.V = mu.to(self.k_s.dtype), vecs.to(self.k_s.dtype)
+            del vecs
+        del sym
         self.mu = mu.clamp_min(0)
         self.eig_b = KronEigen([f[k] for k in self.B])
         self.lam_b = self.eig_b.eigvals()

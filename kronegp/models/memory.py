@@ -418,10 +418,17 @@ def _separable_phases(shape: Sequence[int], dtype: torch.dtype, points: int, n_b
     n, item = _cells(shape), torch.finfo(dtype).bits // 8
     held = {f"K_S and its eigenvectors (2 × {points}²)": 2 * points**2 * item,
             f"D and P (2 × {points} × {n_b})": 2 * points * n_b * item}
-    build = {f"K_S, its symmetrised copy and eigenvectors (3 × {points}²)": 3 * points**2 * item,
-             "grid vectors": int((SEPARABLE_BUILD_VECTORS + vectors) * n * item)}
+    # K_S is decomposed in float64 whatever the model's dtype (SeparableMask): below it, eigh's input is a float64
+    # copy of the symmetrised K_S and its eigenvectors float64 too (rounded to the model's dtype after)
+    wide = 8
+    if item >= wide:
+        build = {f"K_S, its symmetrised copy and eigenvectors (3 × {points}²)": 3 * points**2 * item}
+    else:
+        build = {f"K_S and its symmetrised copy (2 × {points}²)": 2 * points**2 * item,
+                 f"their float64 copy and eigenvectors (2 × {points}², float64)": 2 * points**2 * wide}
+    build["grid vectors"] = int((SEPARABLE_BUILD_VECTORS + vectors) * n * item)
     if device_type == "cuda":
-        build[f"eigh workspace ({SEPARABLE_EIGH_CUDA:g} × {points}²)"] = int(SEPARABLE_EIGH_CUDA * points**2 * item)
+        build[f"eigh workspace ({SEPARABLE_EIGH_CUDA:g} × {points}², float64)"] = int(SEPARABLE_EIGH_CUDA * points**2 * max(item, wide))
     return held, build
 
 
