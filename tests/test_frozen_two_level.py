@@ -198,3 +198,24 @@ def test_a_refresh_goes_into_the_same_tensors_when_the_shapes_hold(name, monkeyp
     assert gp.last_solve.preconditioner_reused is True
     dense = float(ref.dense_lml(gp).detach())
     assert abs(value - dense) <= 1e-6 * abs(dense)
+
+
+@pytest.mark.parametrize("name", ["hole", "clouds"])
+def test_a_float32_grid_applies_its_basis_in_float32_and_its_coarse_solves_in_float64(name):
+    """A float32 model's two-level preconditioner multiplies by its basis (``V_k``, ``U``) in float32 and by
+    its small matrices in float64 (``COARSE_DTYPE``): CG takes at most one iteration more than the float64
+    model's, and the likelihood stays within float32's bound of the dense Cholesky."""
+    gp32 = ref.model(name, path="cg", dtype=torch.float32, cg_tol=1e-5)
+    gp64 = ref.model(name, path="cg", dtype=torch.float64, cg_tol=1e-5)
+    with torch.no_grad():
+        a = float(gp32.log_marginal_likelihood())
+        gp64.log_marginal_likelihood()
+        want = float(ref.dense_lml(gp64))
+    pre = gp32._two_level.pre
+    assert pre is not None and pre.batches
+    for pb in pre.batches:
+        assert all(v.dtype == torch.float32 for v in pb.vecs + pb.vecs_t)
+        assert pb.mix is None or pb.mix.dtype == torch.float32
+        assert pb.e_inv.dtype == pb.f_mat.dtype == pb.s.dtype == torch.float64
+    assert gp32.last_solve.iterations <= gp64.last_solve.iterations + 1
+    assert abs(a - want) <= 1e-4 * abs(want)

@@ -177,11 +177,12 @@ __all__ = ["COARSE_DTYPE", "coarse_dtype", "CoarseBasis", "CoarsePiece", "Frozen
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
-#: The coarse solves of a float32 (or narrower) grid are built and applied in this dtype: ``E`` of a piece that
-#: does not fill its box is a difference (:func:`truncated_galerkin`) whose small eigenvalues float32 loses, and
-#: a cloud's ``E`` fails its Cholesky there (measured, ``clouds-20`` 48³ float32, 2-core CPU, 2026-12-07: 670
-#: modes and 97 iterations a step in float32, 1182 and 18 with the coarse solves in float64, as a float64 grid
-#: gets; 4.7 → 1.4 s a step. At 128³ on an H100 the float32 step took 618 iterations, 9.0 s). ``None``: the grid's.
+#: The coarse solves of a float32 (or narrower) grid are built in this dtype, and their small matrices (``E⁻¹ − F⁻¹``,
+#: the probes') applied in it: ``E`` of a piece that does not fill its box is a difference (:func:`truncated_galerkin`)
+#: whose small eigenvalues float32 loses, and a cloud's ``E`` fails its Cholesky there (measured, ``clouds-20`` 48³
+#: float32, 2-core CPU, 2026-12-07: 670 modes and 97 iterations a step in float32, 1182 and 18 with the coarse solves
+#: in float64, as a float64 grid gets; 4.7 → 1.4 s a step. At 128³ on an H100 the float32 step took 618 iterations,
+#: 9.0 s). The basis' products (``V_k``, ``U``) run in the grid's dtype (:class:`TwoLevel`). ``None``: the grid's.
 COARSE_DTYPE: Optional[torch.dtype] = torch.float64
 #: A box mode enters the coarse space when its prior variance ``s²Πμ`` is at least this times ``σ²``.
 MODE_SCORE = 1.0
@@ -513,10 +514,13 @@ class _Padded:
     ``U`` padded with the identity, ``g`` with 1 and ``f`` with 0 (``s`` with 1: ``log s = 0``), so the padding stays
     zero through every product."""
 
-    def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None):
+    def __init__(self, batch: PieceBatch, built: dict, like: Tensor, at_least: Optional["_Padded"] = None,
+                 basis_dtype: Optional[torch.dtype] = None):
         members = [built.get(i) for i in batch.members]
         d = len(batch.extent)
         dt, dev = like.dtype, like.device
+        # the basis (V_k, U) in the rows' dtype (``basis_dtype``), the small (B, S, S) matrices and s in ``like``'s
+        bt = dt if basis_dtype is None else basis_dtype
         ranks = [max([pc.basis.full[k] for pc in members if pc is not None] + [1]) for k in range(d)]
         S = max([pc.modes for pc in members if pc is not None] + [1])
         picked = max([pc.basis.sel.numel() for pc in members if pc is not None] + [1])
@@ -527,11 +531,11 @@ class _Padded:
             mixed = mixed or at_least.mix is not None
         B = len(members)
         self.batch, self.full = batch, math.prod(ranks)
-        self.vecs = [like.new_zeros(B, e, r) for e, r in zip(batch.extent, ranks)]
+        self.vecs = [like.new_zeros(B, e, r, dtype=bt) for e, r in zip(batch.extent, ranks)]
         # the selected candidates (picked of them) and, where a piece filters them (mass_filter), U: (B, picked, S)
         self.sel = torch.zeros(B, picked if mixed else S, dtype=torch.long, device=dev)
-        self.mix = like.new_zeros(B, picked, S) if mixed else None
-        self.mask = like.new_zeros(B, S, 1)
+        self.mix = like.new_zeros(B, picked, S, dtype=bt) if mixed else None
+        self.mask = like.new_zeros(B, S, 1, dtype=bt)
         eye = torch.eye(S, dtype=dt, device=dev).expand(B, S, S)
         L, U = eye.clone(), eye.clone()  # only to form e_inv and f_mat below: not kept
         f, g = like.new_zeros(B, S, 1), like.new_ones(B, S, 1)
@@ -552,7 +556,7 @@ class _Padded:
             self.sel[at, : flat.numel()] = flat
             self.mask[at, :k] = 1.0
             if self.mix is not None:
-                self.mix[at, : flat.numel(), :k] = basis.mix if basis.mix is not None else torch.eye(k, dtype=dt, device=dev)
+                self.mix[at, : flat.numel(), :k] = basis.mix if basis.mix is not None else torch.eye(k, dtype=bt, device=dev)
             L[at, :k, :k], U[at, :k, :k] = pc.L, pc.U
             f[at, :k, 0], g[at, :k, 0], self.s[at, :k] = pc.f, pc.g, pc.s
         self.vecs_t = [v.mT.contiguous() for v in self.vecs]
@@ -566,18 +570,21 @@ class _Padded:
         del l_inv, L, U, f, g
 
     def wt(self, rows: Tensor) -> Tensor:
-        """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes)."""
+        """``W_iᵀ v`` of every piece for rows ``(t, N)``: ``(B, S, t)`` (zero past each piece's modes), in the
+        coarse solves' dtype; the products with the basis run in the basis' own (the rows')."""
         t, b = rows.shape[0], self.batch
-        box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.e_inv.dtype)
-        box[b.slots] = rows[:, b.cells].mT.to(self.e_inv.dtype)
+        box = rows.new_zeros(len(b.members) * b.size, t, dtype=self.vecs[0].dtype)
+        box[b.slots] = rows[:, b.cells].mT.to(box.dtype)
         y = kron_matmul(self.vecs_t, box.view(len(b.members), b.size, t))  # (B, Πr, t): (⊗V_kᵀ) box
         y = torch.gather(y, 1, self.sel.unsqueeze(-1).expand(-1, -1, t))
-        return y * self.mask if self.mix is None else self.mix.mT @ y  # U's padding is zero
+        y = y * self.mask if self.mix is None else self.mix.mT @ y  # U's padding is zero
+        return y.to(self.e_inv.dtype)
 
     def add_w(self, coef: Tensor, out: Tensor) -> Tensor:
         """``out += Σ_i W_i c_i`` for coefficients ``(B, S, t)`` (zero past each piece's modes) and rows
         ``out`` ``(t, N)``, in place (the pieces' cells are disjoint)."""
         t, b = coef.shape[-1], self.batch
+        coef = coef.to(self.vecs[0].dtype)
         if self.mix is not None:
             coef = self.mix @ coef  # (B, picked, t), zero past each piece's candidates
         full = coef.new_zeros(coef.shape[0], self.full, t).scatter_add_(1, self.sel.unsqueeze(-1).expand(-1, -1, t), coef)
@@ -613,8 +620,12 @@ class TwoLevel:
         #: the coarse pieces by their index in the piece set (what :func:`two_level`'s ``like`` follows)
         self.by_piece = built
         old = {id(pb.batch): pb for pb in like.batches} if like is not None else {}
-        self.batches = [_Padded(b, built, g_diag.new_zeros((), dtype=self.dtype), old.get(id(b))) for b in piece_set.batches
-                        if any(i in built for i in b.members)]
+        # The basis' products run in the grid's dtype (the rows'), its small matrices in the coarse one: rounding
+        # V_k and U to float32 perturbs M by ~eps32 relative where J^{½}MJ^{½}'s eigenvalues are ≥ ~0.3, so M
+        # stays SPD, while E, its Cholesky and L⁻ᵀU diag(g) UᵀL⁻¹ need float64 (COARSE_DTYPE). On a 2-core CPU
+        # the float64 batched products took most of a 48³ cloud's step (NOTES.md, twenty-first session).
+        self.batches = [_Padded(b, built, g_diag.new_zeros((), dtype=self.dtype), old.get(id(b)), basis_dtype=g_diag.dtype)
+                        for b in piece_set.batches if any(i in built for i in b.members)]
 
     def scaled(self, log_scale: Tensor) -> "TwoLevel":
         """``κ M`` (``κ = exp(log_scale)``, a 0-dim device tensor: nothing read), sharing this one's
