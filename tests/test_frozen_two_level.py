@@ -79,6 +79,9 @@ def test_a_stale_preconditioner_keeps_likelihood_gradient_and_posterior_on_the_d
 
 
 def test_the_refresh_rule_fires_on_drift_grown_iterations_and_a_new_mask_or_dtype(monkeypatch):
+    # the drift rule of a CUDA graph's step, here on eager steps (which by default rebuild only on iterations:
+    # test_an_eager_step_rebuilds_on_iterations_not_on_drift)
+    monkeypatch.setattr(two_level_mod, "REFRESH_DRIFT_EAGER", two_level_mod.REFRESH_DRIFT)
     gp = ref.model("hole", path="cg")
     frozen = gp._two_level
     _step(gp)
@@ -219,3 +222,23 @@ def test_a_float32_grid_applies_its_basis_in_float32_and_its_coarse_solves_in_fl
         assert pb.e_inv.dtype == pb.f_mat.dtype == pb.s.dtype == torch.float64
     assert gp32.last_solve.iterations <= gp64.last_solve.iterations + 1
     assert abs(a - want) <= 1e-4 * abs(want)
+
+
+def test_an_eager_step_rebuilds_on_iterations_not_on_drift():
+    """By default (REFRESH_DRIFT_EAGER = inf) an eager step keeps its preconditioner however far the
+    hyperparameters moved, until CG slows past REFRESH_ITERATIONS; the likelihood is the fresh one's."""
+    assert two_level_mod.REFRESH_DRIFT_EAGER == math.inf
+    gp = ref.model("clouds", path="cg", cg_tol=1e-10)
+    frozen = gp._two_level
+    _step(gp)
+    assert frozen.builds == 1
+    _move(gp, lengthscale=1.5, noise=0.5)  # far past REFRESH_DRIFT
+    stale = _step(gp)
+    assert gp.last_solve.preconditioner_reused is True and frozen.builds == 1
+    assert gp._last_extra["two_level_drift"] > two_level_mod.REFRESH_DRIFT
+    fresh = ref.model("clouds", path="cg", cg_tol=1e-10)
+    _move(fresh, lengthscale=1.5, noise=0.5)
+    assert abs(stale - _step(fresh)) <= 1e-7 * abs(stale)
+    frozen.note_iterations(int(two_level_mod.REFRESH_ITERATIONS * frozen.iterations) + 3)
+    _step(gp)
+    assert gp.last_solve.preconditioner_reused is False and frozen.builds == 2

@@ -536,6 +536,7 @@ def test_a_graph_refreshes_a_drifted_preconditioner_between_replays(graph_device
     import kronegp.models._two_level as two_level_mod
 
     monkeypatch.setattr(two_level_mod, "REFRESH_DRIFT", 0.05)
+    monkeypatch.setattr(two_level_mod, "REFRESH_DRIFT_EAGER", 0.05)  # the eager twin rebuilds on the same drift
     dtype = torch.float64
     graphed = _hole_model(dtype, graph_device)
     graphed._graphed = _graph.GraphedLoss(graphed, margin=4)  # the stale replay stays within its iterations

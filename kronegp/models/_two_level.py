@@ -65,8 +65,8 @@ and two products per batch). That setup runs only when the model's kept precondi
 rebuilt (below); a step that reuses it reads the device once, for its drift.
 
 **Frozen across steps** (:class:`FrozenTwoLevel`). A model keeps its preconditioner, with the
-hyperparameters it was built at, and reuses it until they drift past :data:`REFRESH_DRIFT` or CG
-slows past :data:`REFRESH_ITERATIONS`: any fixed SPD ``M`` keeps CG, the SLQ estimate (its
+hyperparameters it was built at, and reuses it until CG slows past :data:`REFRESH_ITERATIONS` or, in a
+CUDA graph's step, the hyperparameters drift past :data:`REFRESH_DRIFT`: any fixed SPD ``M`` keeps CG, the SLQ estimate (its
 ``log det P`` and probes from the same ``M``) and the gradient's trace estimate exact, and nothing
 differentiates through it, so a stale one costs iterations, never accuracy. Each step applies ``κM``
 (:meth:`TwoLevel.scaled`) with ``κ`` keeping the Jacobi part on the current ``diag(G)``. A CUDA graph's
@@ -173,7 +173,7 @@ from kronegp.ops import kron_matmul, matmul_kron
 __all__ = ["COARSE_DTYPE", "coarse_dtype", "CoarseBasis", "CoarsePiece", "FrozenTwoLevel", "TwoLevel", "two_level", "pieces_of", "selected_gram", "truncated_galerkin",
            "coarse_bytes", "ENABLED", "MODE_SCORE", "MAX_MODES", "MAX_TOTAL_MODES", "MAX_PIECES", "MAX_GRAM_ELEMENTS",
            "GALERKIN_TOL", "GALERKIN_TRIAL_C", "MAX_TRUNCATED_MODES", "MAX_CANDIDATE_MODES", "MAX_CANDIDATE_MODES_CUDA", "candidate_modes", "MASS_SHARE", "mass_filter", "MAX_BOX_ELEMENTS", "MIN_MISSING", "MIN_INTERIOR", "FREEZE",
-           "REFRESH_DRIFT", "REFRESH_ITERATIONS", "REFRESH_MODES"]
+           "REFRESH_DRIFT", "REFRESH_DRIFT_EAGER", "REFRESH_ITERATIONS", "REFRESH_MODES"]
 
 #: Use the two-level preconditioner where it applies (tests and benchmarks switch it off to compare).
 ENABLED = True
@@ -251,6 +251,15 @@ FREEZE = True
 #: 8 / 9 / 11 / 14 iterations at drifts 0.06 / 0.11 / 0.20 / 0.34 of the lengthscales (fresh: 9), and
 #: 8–9 / 11 with σ² doubled / halved (drift 0.69); a rebuild costs about as much as a few iterations.
 REFRESH_DRIFT = 0.2
+#: The same for an eager step (no CUDA graph): ``inf``, so that only :data:`REFRESH_ITERATIONS` rebuilds it. An eager
+#: step sees its own iterations, and a stale preconditioner costs iterations, never accuracy; a graph's replays run
+#: a recorded number of iterations, so they keep :data:`REFRESH_DRIFT`. Measured (``clouds-20`` 48³ float32, 2-core
+#: CPU, one thread, process time, 2026-12-08; ``benchmarks/scratch/refresh_fit.py``, the same fits, same losses):
+#: 16 Adam steps 60.2 / 44.0 / 32.3 s with 6 / 4 / 3 builds at 0.2 / 0.5 / inf (the later rebuilds at drift 0.2
+#: changed nothing: 7 iterations before and after); 3 L-BFGS steps 100.6 / 66.6 / 52.7 s (30 / 27 / 25 evaluations,
+#: 6 / 3 / 2 builds) at 0.2 / 1.0 / inf, where one evaluation at drift 4.2 took 27 iterations stale against 13
+#: after a rebuild that costs ~10× a step there.
+REFRESH_DRIFT_EAGER = math.inf
 #: ... or once the missing cells' CG needs more than this many times (plus 2) the iterations of the
 #: first step it served.
 REFRESH_ITERATIONS = 1.25
@@ -896,8 +905,9 @@ class FrozenTwoLevel:
     CG unchanged but keeps the Jacobi part on the current ``diag(G)``, so the probes' log-spectrum
     stays centred (a uniform shift ``c`` of it adds ``c²·2m/S`` to the SLQ variance).
 
-    **When it is rebuilt** (:meth:`needs_refresh`): the hyperparameters moved by more than
-    :data:`REFRESH_DRIFT` (:meth:`drift`), or the missing cells' CG took more than
+    **When it is rebuilt** (:meth:`needs_refresh`): in a CUDA graph's step, the hyperparameters moved by more
+    than :data:`REFRESH_DRIFT` (:meth:`drift`; an eager step: :data:`REFRESH_DRIFT_EAGER`, by default never), or
+    the missing cells' CG took more than
     :data:`REFRESH_ITERATIONS` times the iterations of the first step it served (plus 2), or
     :data:`FREEZE` is off. An eager step decides at its start (one read of the drift); a CUDA graph's
     step computes the drift on the device and reports it, and the refresh happens eagerly between two
@@ -957,15 +967,17 @@ class FrozenTwoLevel:
     def _log_ratio(outputscale, level: Tensor) -> Tensor:
         return torch.log(torch.as_tensor(outputscale, device=level.device) / level).to(level.dtype).reshape(())
 
-    def needs_refresh(self, drift) -> Optional[str]:
+    def needs_refresh(self, drift, *, eager: bool = False) -> Optional[str]:
         """Why the kept preconditioner must be rebuilt before the next step (``drift``: :meth:`drift`'s
-        value, a number), or ``None``."""
+        value, a number), or ``None``; ``eager``: for an eager step (:data:`REFRESH_DRIFT_EAGER`), else for a
+        CUDA graph's (:data:`REFRESH_DRIFT`)."""
         if not FREEZE:
             return "FREEZE is off"
         if self.stale is not None:
             return self.stale
-        if drift is not None and drift > REFRESH_DRIFT:
-            return f"the hyperparameters moved by {drift:.3g} > REFRESH_DRIFT = {REFRESH_DRIFT}"
+        limit, name = (REFRESH_DRIFT_EAGER, "REFRESH_DRIFT_EAGER") if eager else (REFRESH_DRIFT, "REFRESH_DRIFT")
+        if drift is not None and drift > limit:
+            return f"the hyperparameters moved by {drift:.3g} > {name} = {limit}"
         return None
 
     def note_iterations(self, iterations: int) -> None:
@@ -1007,7 +1019,7 @@ class FrozenTwoLevel:
             rebuilt = self.rebuilt  # the recording pass's (a replay's report comes from between_replays)
         else:
             drift = float(self.drift(factors, outputscale, level)) if holds else None
-            if not holds or self.needs_refresh(drift) is not None:
+            if not holds or self.needs_refresh(drift, eager=schedule is None) is not None:
                 self.pre = None  # the old one's tensors go before the new one is built
                 self._keep(build(), observed, g_diag, factors, outputscale, level)
                 rebuilt, drift = True, 0.0
