@@ -242,3 +242,7 @@ def test_an_eager_step_rebuilds_on_iterations_not_on_drift():
     frozen.note_iterations(int(two_level_mod.REFRESH_ITERATIONS * frozen.iterations) + 3)
     _step(gp)
     assert gp.last_solve.preconditioner_reused is False and frozen.builds == 2
+    # a posterior's solves note no iterations: they rebuild on drift (REFRESH_DRIFT), as a graph's step does
+    _move(gp, lengthscale=1.5)
+    gp.predict(as_xarray=False)
+    assert frozen.builds == 3

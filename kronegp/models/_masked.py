@@ -365,7 +365,7 @@ def _build_two_level(cov: FullGridCovariance, observed: Tensor, g_diag: Tensor, 
 
 
 def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dtype,
-                      frozen: Optional[FrozenTwoLevel] = None, report: Optional[dict] = None):
+                      frozen: Optional[FrozenTwoLevel] = None, report: Optional[dict] = None, *, training: bool = False):
     """``(g_diag, coarse)``: ``diag(G)`` on the grid (:func:`_g_diag`) and the two-level preconditioner of
     the connected pieces of missing cells (:mod:`kronegp.models._two_level`; found once per mask) where
     it applies to this grid, else ``None`` (Jacobi). A sharded grid keeps Jacobi.
@@ -375,7 +375,9 @@ def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dt
     ``two_level_drift`` go to ``report``), also under a :class:`~kronegp.solvers.CGSchedule` (a CUDA
     graph's step: the recording pass builds it, the fixed passes and the replays read its tensors).
     Without it, one is built for this call, and a run under a schedule keeps Jacobi (the setup reads
-    the device)."""
+    the device). ``training``: an eager training step (its kept preconditioner is rebuilt when its CG slows,
+    not on drift: :data:`~kronegp.models._two_level.REFRESH_DRIFT_EAGER`); a posterior's solves rebuild on
+    drift, since nothing notes their iterations."""
     g_diag = _g_diag(cov, observed, dtype)
     if not cov.rows:
         return g_diag, None
@@ -383,7 +385,7 @@ def _g_preconditioner(cov: FullGridCovariance, observed: Tensor, dtype: torch.dt
     if frozen is None:
         return g_diag, _build_two_level(cov, observed, g_diag) if schedule is None else None
     coarse = frozen.get(lambda: _build_two_level(cov, observed, g_diag), observed, g_diag, cov.factors,
-                        cov.outputscale, cov.sigma_bar2, schedule, {} if report is None else report)
+                        cov.outputscale, cov.sigma_bar2, schedule, {} if report is None else report, training=training)
     return g_diag, coarse
 
 
@@ -1231,7 +1233,7 @@ def cg_lml_pieces(
             # variance small (unscaled, log g ≈ log(1/σ²) on every eigenvalue). Holes and clouds
             # add a coarse space of their smooth modes (kronegp.models._two_level): P = M⁻¹ is then
             # no longer diagonal, but its log det is exact and the probes are drawn from N(0, P).
-            g_diag, coarse = _g_preconditioner(cov, observed, dt, frozen, extra)
+            g_diag, coarse = _g_preconditioner(cov, observed, dt, frozen, extra, training=True)
             if coarse is None:
                 g_scale = missing * g_diag.sqrt()
                 precond_g, log_p = 1.0 / g_diag, _total(inner, missing * torch.log(g_diag))

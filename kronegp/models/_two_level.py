@@ -251,9 +251,9 @@ FREEZE = True
 #: 8 / 9 / 11 / 14 iterations at drifts 0.06 / 0.11 / 0.20 / 0.34 of the lengthscales (fresh: 9), and
 #: 8–9 / 11 with σ² doubled / halved (drift 0.69); a rebuild costs about as much as a few iterations.
 REFRESH_DRIFT = 0.2
-#: The same for an eager step (no CUDA graph): ``inf``, so that only :data:`REFRESH_ITERATIONS` rebuilds it. An eager
-#: step sees its own iterations, and a stale preconditioner costs iterations, never accuracy; a graph's replays run
-#: a recorded number of iterations, so they keep :data:`REFRESH_DRIFT`. Measured (``clouds-20`` 48³ float32, 2-core
+#: The same for an eager training step (no CUDA graph): ``inf``, so that only :data:`REFRESH_ITERATIONS` rebuilds it.
+#: An eager step notes its own iterations, and a stale preconditioner costs iterations, never accuracy; a graph's
+#: replays run a recorded number of iterations, and a posterior's solves note none, so they keep :data:`REFRESH_DRIFT`. Measured (``clouds-20`` 48³ float32, 2-core
 #: CPU, one thread, process time, 2026-12-08; ``benchmarks/scratch/refresh_fit.py``, the same fits, same losses):
 #: 16 Adam steps 60.2 / 44.0 / 32.3 s with 6 / 4 / 3 builds at 0.2 / 0.5 / inf (the later rebuilds at drift 0.2
 #: changed nothing: 7 iterations before and after); 3 L-BFGS steps 100.6 / 66.6 / 52.7 s (30 / 27 / 25 evaluations,
@@ -905,9 +905,9 @@ class FrozenTwoLevel:
     CG unchanged but keeps the Jacobi part on the current ``diag(G)``, so the probes' log-spectrum
     stays centred (a uniform shift ``c`` of it adds ``c²·2m/S`` to the SLQ variance).
 
-    **When it is rebuilt** (:meth:`needs_refresh`): in a CUDA graph's step, the hyperparameters moved by more
-    than :data:`REFRESH_DRIFT` (:meth:`drift`; an eager step: :data:`REFRESH_DRIFT_EAGER`, by default never), or
-    the missing cells' CG took more than
+    **When it is rebuilt** (:meth:`needs_refresh`): the hyperparameters moved by more than :data:`REFRESH_DRIFT`
+    (:meth:`drift`; in an eager training step :data:`REFRESH_DRIFT_EAGER`, by default never), or the missing cells'
+    CG took more than
     :data:`REFRESH_ITERATIONS` times the iterations of the first step it served (plus 2), or
     :data:`FREEZE` is off. An eager step decides at its start (one read of the drift); a CUDA graph's
     step computes the drift on the device and reports it, and the refresh happens eagerly between two
@@ -1001,10 +1001,11 @@ class FrozenTwoLevel:
         self.builds += 1
 
     def get(self, build, observed: Tensor, g_diag: Tensor, factors: list[Tensor], outputscale, level,
-            schedule, report: dict) -> Optional[TwoLevel]:
+            schedule, report: dict, *, training: bool = False) -> Optional[TwoLevel]:
         """The preconditioner of this step (``κM``, :meth:`TwoLevel.scaled`; ``None``: Jacobi), rebuilt
         first by ``build()`` (→ :class:`TwoLevel` or ``None``) where it must be (:meth:`needs_refresh`).
-        ``g_diag``: this step's ``diag(G)``. Under a fixed :class:`~kronegp.solvers.CGSchedule` (a CUDA
+        ``g_diag``: this step's ``diag(G)``; ``training``: an eager training step (which notes its iterations:
+        :data:`REFRESH_DRIFT_EAGER`; else :data:`REFRESH_DRIFT`). Under a fixed :class:`~kronegp.solvers.CGSchedule` (a CUDA
         graph's step) nothing is read or rebuilt: the recording pass's preconditioner is used, and the
         drift goes to ``report`` as a device tensor. ``report`` gets ``two_level_reused`` (and
         ``two_level_drift``) where a two-level preconditioner applies."""
@@ -1019,7 +1020,7 @@ class FrozenTwoLevel:
             rebuilt = self.rebuilt  # the recording pass's (a replay's report comes from between_replays)
         else:
             drift = float(self.drift(factors, outputscale, level)) if holds else None
-            if not holds or self.needs_refresh(drift, eager=schedule is None) is not None:
+            if not holds or self.needs_refresh(drift, eager=training and schedule is None) is not None:
                 self.pre = None  # the old one's tensors go before the new one is built
                 self._keep(build(), observed, g_diag, factors, outputscale, level)
                 rebuilt, drift = True, 0.0
