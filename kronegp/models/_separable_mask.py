@@ -132,13 +132,9 @@ class SeparableMask:
         # points masked, noise 1e-5: the float32 likelihood 1e-3 to 2e-3 off the float64 one of the same float32
         # factors, 1e-6 to 2e-5 after; tests/test_separable_mask.py)
         sym = 0.5 * (self.k_s + self.k_s.mT)
-        if sym.dtype == torch.float64:
-            mu, self.V = torch.linalg.eigh(sym)
-        else:
-            mu, vecs = torch.linalg.eigh(sym.to(torch.float64))
-            mu, self.V = mu.to(self.k_s.dtype), vecs.to(self.k_s.dtype)
-            del vecs
-        del sym
+        mu, vecs = torch.linalg.eigh(sym.to(torch.float64))  # (no copy of a float64 one)
+        mu, self.V = mu.to(self.k_s.dtype), vecs.to(self.k_s.dtype)
+        del sym, vecs
         self.mu = mu.clamp_min(0)
         self.eig_b = KronEigen([f[k] for k in self.B])
         self.lam_b = self.eig_b.eigvals()

@@ -66,7 +66,8 @@ rebuilt (below); a step that reuses it reads the device once, for its drift.
 
 **Frozen across steps** (:class:`FrozenTwoLevel`). A model keeps its preconditioner, with the
 hyperparameters it was built at, and reuses it until CG slows past :data:`REFRESH_ITERATIONS` or, in a
-CUDA graph's step, the hyperparameters drift past :data:`REFRESH_DRIFT`: any fixed SPD ``M`` keeps CG, the SLQ estimate (its
+CUDA graph's step or a posterior's solves, the hyperparameters drift past :data:`REFRESH_DRIFT`: any fixed
+SPD ``M`` keeps CG, the SLQ estimate (its
 ``log det P`` and probes from the same ``M``) and the gradient's trace estimate exact, and nothing
 differentiates through it, so a stale one costs iterations, never accuracy. Each step applies ``κM``
 (:meth:`TwoLevel.scaled`) with ``κ`` keeping the Jacobi part on the current ``diag(G)``. A CUDA graph's
@@ -253,8 +254,9 @@ FREEZE = True
 REFRESH_DRIFT = 0.2
 #: The same for an eager training step (no CUDA graph): ``inf``, so that only :data:`REFRESH_ITERATIONS` rebuilds it.
 #: An eager step notes its own iterations, and a stale preconditioner costs iterations, never accuracy; a graph's
-#: replays run a recorded number of iterations, and a posterior's solves note none, so they keep :data:`REFRESH_DRIFT`. Measured (``clouds-20`` 48³ float32, 2-core
-#: CPU, one thread, process time, 2026-12-08; ``benchmarks/scratch/refresh_fit.py``, the same fits, same losses):
+#: replays run a recorded number of iterations, and a posterior's solves note none, so they keep
+#: :data:`REFRESH_DRIFT`. Measured (``clouds-20`` 48³ float32, 2-core CPU, one thread, process time, 2026-12-08;
+#: ``benchmarks/scratch/refresh_fit.py``, the same fits, same losses):
 #: 16 Adam steps 60.2 / 44.0 / 32.3 s with 6 / 4 / 3 builds at 0.2 / 0.5 / inf (the later rebuilds at drift 0.2
 #: changed nothing: 7 iterations before and after); 3 L-BFGS steps 100.6 / 66.6 / 52.7 s (30 / 27 / 25 evaluations,
 #: 6 / 3 / 2 builds) at 0.2 / 1.0 / inf, where one evaluation at drift 4.2 took 27 iterations stale against 13
@@ -967,15 +969,15 @@ class FrozenTwoLevel:
     def _log_ratio(outputscale, level: Tensor) -> Tensor:
         return torch.log(torch.as_tensor(outputscale, device=level.device) / level).to(level.dtype).reshape(())
 
-    def needs_refresh(self, drift, *, eager: bool = False) -> Optional[str]:
+    def needs_refresh(self, drift, *, training: bool = False) -> Optional[str]:
         """Why the kept preconditioner must be rebuilt before the next step (``drift``: :meth:`drift`'s
-        value, a number), or ``None``; ``eager``: for an eager step (:data:`REFRESH_DRIFT_EAGER`), else for a
-        CUDA graph's (:data:`REFRESH_DRIFT`)."""
+        value, a number), or ``None``; ``training``: for an eager training step (:data:`REFRESH_DRIFT_EAGER`),
+        else for a CUDA graph's step or a posterior's solves (:data:`REFRESH_DRIFT`)."""
         if not FREEZE:
             return "FREEZE is off"
         if self.stale is not None:
             return self.stale
-        limit, name = (REFRESH_DRIFT_EAGER, "REFRESH_DRIFT_EAGER") if eager else (REFRESH_DRIFT, "REFRESH_DRIFT")
+        limit, name = (REFRESH_DRIFT_EAGER, "REFRESH_DRIFT_EAGER") if training else (REFRESH_DRIFT, "REFRESH_DRIFT")
         if drift is not None and drift > limit:
             return f"the hyperparameters moved by {drift:.3g} > {name} = {limit}"
         return None
@@ -1004,7 +1006,7 @@ class FrozenTwoLevel:
             schedule, report: dict, *, training: bool = False) -> Optional[TwoLevel]:
         """The preconditioner of this step (``κM``, :meth:`TwoLevel.scaled`; ``None``: Jacobi), rebuilt
         first by ``build()`` (→ :class:`TwoLevel` or ``None``) where it must be (:meth:`needs_refresh`).
-        ``g_diag``: this step's ``diag(G)``; ``training``: an eager training step (which notes its iterations:
+        ``g_diag``: this step's ``diag(G)``; ``training``: a training step's (eager, it notes its iterations:
         :data:`REFRESH_DRIFT_EAGER`; else :data:`REFRESH_DRIFT`). Under a fixed :class:`~kronegp.solvers.CGSchedule` (a CUDA
         graph's step) nothing is read or rebuilt: the recording pass's preconditioner is used, and the
         drift goes to ``report`` as a device tensor. ``report`` gets ``two_level_reused`` (and
@@ -1020,7 +1022,7 @@ class FrozenTwoLevel:
             rebuilt = self.rebuilt  # the recording pass's (a replay's report comes from between_replays)
         else:
             drift = float(self.drift(factors, outputscale, level)) if holds else None
-            if not holds or self.needs_refresh(drift, eager=training and schedule is None) is not None:
+            if not holds or self.needs_refresh(drift, training=training and schedule is None) is not None:
                 self.pre = None  # the old one's tensors go before the new one is built
                 self._keep(build(), observed, g_diag, factors, outputscale, level)
                 rebuilt, drift = True, 0.0
